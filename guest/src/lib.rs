@@ -1,0 +1,128 @@
+//! The contract between the host (`xtask`) and the guest helper that runs as PID 1 in
+//! the VM: where things are mounted, what the host asks for, and how the guest answers.
+//!
+//! 1. The kernel starts `/init` (the helper) from the initrd. The initrd holds the kernel
+//!    modules to load in [`MODULE_ORDER`], one file name per line, in dependency order.
+//! 2. The helper mounts `/proc`, `/sys`, `/dev`, the host's store read-only at
+//!    [`STORE_MOUNT`] and the exchange directory read-write at [`XCHG_MOUNT`], both over 9p.
+//! 3. It reads a [`Request`] (JSON) from [`REQUEST_FILE`] in the exchange directory and
+//!    runs it.
+//! 4. It writes a [`Status`] line to [`STATUS_FILE`] in the exchange directory, syncs and
+//!    powers the VM off (`reboot(2)`; the host runs QEMU with `-no-reboot`). A missing
+//!    status file means the guest never finished: the host reports that as an error.
+
+use serde::{Deserialize, Serialize};
+
+/// Version of the request format; bumped on every incompatible change.
+pub const PROTOCOL_VERSION: u32 = 1;
+/// Where the host's store appears in the guest (read-only).
+pub const STORE_MOUNT: &str = "/store";
+/// Where the exchange directory appears in the guest (read-write).
+pub const XCHG_MOUNT: &str = "/xchg";
+/// 9p mount tag of the store share.
+pub const STORE_TAG: &str = "store";
+/// 9p mount tag of the exchange share.
+pub const XCHG_TAG: &str = "xchg";
+/// The request, relative to the exchange directory.
+pub const REQUEST_FILE: &str = "request.json";
+/// The status, relative to the exchange directory.
+pub const STATUS_FILE: &str = "status";
+/// Directory of kernel modules inside the initrd.
+pub const MODULE_DIR: &str = "/lib/vm-modules";
+/// File listing the modules in [`MODULE_DIR`] in load order.
+pub const MODULE_ORDER: &str = "/lib/vm-modules/order";
+
+/// What the guest is asked to do.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Request {
+    /// Must equal [`PROTOCOL_VERSION`].
+    pub version: u32,
+    /// Run one command, or a shell on the serial console.
+    pub mode: Mode,
+    /// The program and its arguments; the program is looked up in `PATH` from `env`.
+    pub argv: Vec<String>,
+    /// The whole environment of the program.
+    pub env: Vec<(String, String)>,
+    /// Working directory of the program.
+    pub cwd: String,
+    /// Symbolic links to create before running (`link`, `target`), e.g. `/bin`.
+    pub links: Vec<(String, String)>,
+    /// Directories to create before running.
+    pub dirs: Vec<String>,
+    /// Host name of the guest.
+    pub hostname: String,
+    /// Name of the virtio serial port that receives the program's stdout
+    /// (`None`: the console).
+    pub stdout_port: Option<String>,
+    /// Name of the virtio serial port that receives the program's stderr.
+    pub stderr_port: Option<String>,
+}
+
+/// How the request runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    /// Run `argv` with stdin from `/dev/null`; its exit status is the VM's.
+    Command,
+    /// Run `argv` (a shell) on the serial console as its controlling terminal.
+    Interactive,
+}
+
+/// How the request ended, as written to [`STATUS_FILE`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Status {
+    /// The program exited with this code.
+    Exited(i32),
+    /// The program was killed by this signal.
+    Signaled(i32),
+    /// The helper itself failed; the message says why.
+    Error(String),
+}
+
+impl Status {
+    /// The one-line encoding written to the status file.
+    pub fn encode(&self) -> String {
+        match self {
+            Status::Exited(code) => format!("exit {code}\n"),
+            Status::Signaled(sig) => format!("signal {sig}\n"),
+            Status::Error(msg) => format!("error {}\n", msg.replace('\n', " ")),
+        }
+    }
+
+    /// Parses what [`Status::encode`] wrote; `None` for anything else.
+    pub fn decode(text: &str) -> Option<Status> {
+        let line = text.strip_suffix('\n')?;
+        let (kind, rest) = line.split_once(' ')?;
+        match kind {
+            "exit" => rest.parse().ok().map(Status::Exited),
+            "signal" => rest.parse().ok().map(Status::Signaled),
+            "error" => Some(Status::Error(rest.to_string())),
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_round_trips() {
+        for s in [
+            Status::Exited(0),
+            Status::Exited(7),
+            Status::Signaled(9),
+            Status::Error("cannot mount /xchg: no such device".into()),
+        ] {
+            assert_eq!(Status::decode(&s.encode()), Some(s));
+        }
+    }
+
+    #[test]
+    fn truncated_or_junk_status_is_rejected() {
+        assert_eq!(Status::decode("exit 0"), None, "no newline: write was cut short");
+        assert_eq!(Status::decode("exit x\n"), None);
+        assert_eq!(Status::decode(""), None);
+        assert_eq!(Status::decode("done 0\n"), None);
+    }
+}

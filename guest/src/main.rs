@@ -1,0 +1,259 @@
+//! The guest helper: PID 1 inside the VM. It loads the initrd's kernel modules, mounts
+//! the shares, runs what the host asked for, writes the exit status back and powers the
+//! VM off. Whatever goes wrong, it reports and powers off: it never leaves the VM hanging.
+
+use std::ffi::CString;
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use guest::{Mode, Request, Status};
+use nix::mount::{mount, MsFlags};
+use nix::sys::reboot::{reboot, RebootMode};
+use nix::sys::signal::{kill, SigSet, Signal};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
+
+fn main() {
+    log("started");
+    let status = match run() {
+        Ok(status) => status,
+        Err(err) => {
+            log(&format!("error: {err}"));
+            Status::Error(err)
+        }
+    };
+    finish(&status);
+}
+
+type Result<T> = std::result::Result<T, String>;
+
+fn run() -> Result<Status> {
+    mount_basics()?;
+    load_modules()?;
+    mount_9p(guest::XCHG_TAG, guest::XCHG_MOUNT, MsFlags::empty(), "cache=none")?;
+    mount_9p(guest::STORE_TAG, guest::STORE_MOUNT, MsFlags::MS_RDONLY, "cache=loose")?;
+    let request = read_request()?;
+    log("shares mounted");
+    prepare(&request)?;
+    execute(&request)
+}
+
+fn log(msg: &str) {
+    let uptime = fs::read_to_string("/proc/uptime")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().map(str::to_string))
+        .unwrap_or_else(|| "?".to_string());
+    // The console is the only place this can go; a failed write has nowhere to be reported.
+    let _ = writeln!(std::io::stderr(), "guest[{uptime}]: {msg}");
+}
+
+fn mount_basics() -> Result<()> {
+    for (src, target, fstype) in [
+        ("proc", "/proc", "proc"),
+        ("sysfs", "/sys", "sysfs"),
+        ("devtmpfs", "/dev", "devtmpfs"),
+        ("tmpfs", "/tmp", "tmpfs"),
+        ("tmpfs", "/run", "tmpfs"),
+    ] {
+        fs::create_dir_all(target).map_err(|e| format!("cannot create {target}: {e}"))?;
+        mount(Some(src), target, Some(fstype), MsFlags::MS_NOSUID, None::<&str>)
+            .map_err(|e| format!("cannot mount {fstype} on {target}: {e}"))?;
+    }
+    Ok(())
+}
+
+fn load_modules() -> Result<()> {
+    let order = match fs::read_to_string(guest::MODULE_ORDER) {
+        Ok(order) => order,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(format!("cannot read {}: {e}", guest::MODULE_ORDER)),
+    };
+    let params = CString::default();
+    for name in order.lines().filter(|l| !l.is_empty()) {
+        let path = Path::new(guest::MODULE_DIR).join(name);
+        let file = File::open(&path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+        match nix::kmod::finit_module(&file, &params, nix::kmod::ModuleInitFlags::empty()) {
+            Ok(()) | Err(nix::errno::Errno::EEXIST) => {}
+            Err(e) => return Err(format!("cannot load module {}: {e}", path.display())),
+        }
+    }
+    log("modules loaded");
+    Ok(())
+}
+
+fn mount_9p(tag: &str, target: &str, flags: MsFlags, cache: &str) -> Result<()> {
+    fs::create_dir_all(target).map_err(|e| format!("cannot create {target}: {e}"))?;
+    let options = format!("trans=virtio,version=9p2000.L,msize=512000,{cache}");
+    // The virtio transport may still be probing its devices; give it a moment.
+    let mut last = None;
+    for _ in 0..200 {
+        match mount(Some(tag), target, Some("9p"), flags, Some(options.as_str())) {
+            Ok(()) => return Ok(()),
+            Err(e @ (nix::errno::Errno::ENOENT | nix::errno::Errno::ENODEV)) => {
+                last = Some(e);
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => return Err(format!("cannot mount 9p share `{tag}` on {target}: {e}")),
+        }
+    }
+    Err(format!(
+        "cannot mount 9p share `{tag}` on {target}: {} (is the share passed to QEMU?)",
+        last.map(|e| e.to_string()).unwrap_or_default()
+    ))
+}
+
+fn read_request() -> Result<Request> {
+    let path = Path::new(guest::XCHG_MOUNT).join(guest::REQUEST_FILE);
+    let text = fs::read_to_string(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let request: Request = serde_json::from_str(&text).map_err(|e| format!("bad request {}: {e}", path.display()))?;
+    if request.version != guest::PROTOCOL_VERSION {
+        return Err(format!(
+            "request version {} but this helper speaks {}; rebuild the initrd",
+            request.version,
+            guest::PROTOCOL_VERSION
+        ));
+    }
+    if request.argv.is_empty() {
+        return Err("request has an empty argv".to_string());
+    }
+    Ok(request)
+}
+
+fn prepare(request: &Request) -> Result<()> {
+    for dir in &request.dirs {
+        fs::create_dir_all(dir).map_err(|e| format!("cannot create {dir}: {e}"))?;
+    }
+    for (link, target) in &request.links {
+        if let Some(parent) = Path::new(link).parent() {
+            fs::create_dir_all(parent).map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
+        }
+        std::os::unix::fs::symlink(target, link).map_err(|e| format!("cannot link {link} -> {target}: {e}"))?;
+    }
+    nix::unistd::sethostname(&request.hostname)
+        .map_err(|e| format!("cannot set host name {}: {e}", request.hostname))?;
+    Ok(())
+}
+
+/// Finds `/dev/vportNpM` for the virtio serial port called `name`.
+fn port_device(name: &str) -> Result<PathBuf> {
+    let class = Path::new("/sys/class/virtio-ports");
+    let entries = fs::read_dir(class).map_err(|e| format!("cannot list {}: {e}", class.display()))?;
+    for entry in entries.flatten() {
+        let port_name = fs::read_to_string(entry.path().join("name")).unwrap_or_default();
+        if port_name.trim_end() == name {
+            return Ok(Path::new("/dev").join(entry.file_name()));
+        }
+    }
+    Err(format!("no virtio serial port named `{name}`"))
+}
+
+fn output(port: &Option<String>) -> Result<Stdio> {
+    match port {
+        None => Ok(Stdio::inherit()),
+        Some(name) => {
+            let dev = port_device(name)?;
+            let file =
+                OpenOptions::new().write(true).open(&dev).map_err(|e| format!("cannot open {}: {e}", dev.display()))?;
+            Ok(Stdio::from(file))
+        }
+    }
+}
+
+/// Signals that ask PID 1 to shut down (busybox `poweroff` sends SIGUSR2, `reboot`
+/// SIGTERM, `halt` SIGUSR1; Ctrl-Alt-Del is SIGINT).
+const SHUTDOWN_SIGNALS: [Signal; 5] =
+    [Signal::SIGUSR1, Signal::SIGUSR2, Signal::SIGTERM, Signal::SIGINT, Signal::SIGPWR];
+
+fn execute(request: &Request) -> Result<Status> {
+    let mut signals = SigSet::empty();
+    signals.add(Signal::SIGCHLD);
+    for s in SHUTDOWN_SIGNALS {
+        signals.add(s);
+    }
+    // Blocked here and received with sigwait below; the child starts with an empty mask.
+    signals.thread_block().map_err(|e| format!("cannot block signals: {e}"))?;
+
+    let mut cmd = Command::new(&request.argv[0]);
+    cmd.args(&request.argv[1..]).env_clear().envs(request.env.iter().map(|(k, v)| (k, v))).current_dir(&request.cwd);
+    match request.mode {
+        Mode::Command => {
+            cmd.stdin(Stdio::null()).stdout(output(&request.stdout_port)?).stderr(output(&request.stderr_port)?);
+        }
+        Mode::Interactive => {
+            let tty = "/dev/ttyS0";
+            let open =
+                || OpenOptions::new().read(true).write(true).open(tty).map_err(|e| format!("cannot open {tty}: {e}"));
+            cmd.stdin(open()?).stdout(open()?).stderr(open()?);
+            // SAFETY: only async-signal-safe calls (setsid, ioctl) between fork and exec.
+            unsafe {
+                cmd.pre_exec(|| {
+                    nix::unistd::setsid()?;
+                    if nix::libc::ioctl(0, nix::libc::TIOCSCTTY, 1) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+    }
+    let child = cmd.spawn().map_err(|e| format!("cannot run `{}`: {e}", request.argv[0]))?;
+    let main_pid = Pid::from_raw(child.id() as i32);
+    log(&format!("running {:?}", request.argv));
+
+    loop {
+        let signal = signals.wait().map_err(|e| format!("sigwait: {e}"))?;
+        if signal == Signal::SIGCHLD {
+            if let Some(status) = reap(main_pid) {
+                return Ok(status);
+            }
+        } else if SHUTDOWN_SIGNALS.contains(&signal) {
+            log(&format!("{signal} received: shutting down"));
+            return Ok(match request.mode {
+                Mode::Interactive => Status::Exited(0),
+                Mode::Command => Status::Error(format!(
+                    "the guest was shut down ({signal} to init) before `{}` exited",
+                    request.argv[0]
+                )),
+            });
+        }
+    }
+}
+
+/// Reaps every exited child (PID 1 adopts orphans); returns the main child's status
+/// once it has exited.
+fn reap(main_pid: Pid) -> Option<Status> {
+    let mut found = None;
+    loop {
+        match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::Exited(pid, code)) if pid == main_pid => found = Some(Status::Exited(code)),
+            Ok(WaitStatus::Signaled(pid, sig, _)) if pid == main_pid => found = Some(Status::Signaled(sig as i32)),
+            Ok(WaitStatus::StillAlive) | Err(_) => return found,
+            Ok(_) => {}
+        }
+    }
+}
+
+fn finish(status: &Status) -> ! {
+    // Stop whatever the program left behind so nothing writes after the status.
+    let _ = kill(Pid::from_raw(-1), Signal::SIGKILL);
+    nix::unistd::sync();
+    let path = Path::new(guest::XCHG_MOUNT).join(guest::STATUS_FILE);
+    let written = File::create(&path).and_then(|mut f| {
+        f.write_all(status.encode().as_bytes())?;
+        f.sync_all()
+    });
+    match written {
+        Ok(()) => log(&format!("status written: {}", status.encode().trim_end())),
+        Err(e) => log(&format!("cannot write {}: {e}", path.display())),
+    }
+    nix::unistd::sync();
+    // The host runs QEMU with -no-reboot, so a reboot ends the VM at once.
+    let _ = reboot(RebootMode::RB_AUTOBOOT);
+    // Unreachable unless reboot failed: exiting PID 1 panics the kernel, and the kernel
+    // runs with panic=-1, which reboots too.
+    std::process::exit(1)
+}

@@ -1,0 +1,12 @@
+//! End-to-end tests: each boots real VMs through the `xtask` binary and checks what the
+//! guest did. They need QEMU (installed by xtask itself when running as root) and
+//! reach Debian's archive on first use to fetch the kernel and busybox.
+
+mod build_in_vm;
+mod run_vm;
+
+/// A string unique to this test run, so builds are fresh rather than cache hits.
+pub fn nonce() -> String {
+    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap();
+    format!("{}-{}", std::process::id(), t.as_nanos())
+}

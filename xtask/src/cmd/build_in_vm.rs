@@ -1,0 +1,256 @@
+//! `cargo xtask build-in-vm`: run a build step inside a VM and store what it writes to
+//! `$out` as a store item keyed by everything that went in (the reference's
+//! `expression->derivation-in-linux-vm`). Same inputs again: the stored item, no VM.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+use guest::{Mode, Request, Status};
+
+use super::{is_env_name, parse_key_value, parse_size, usage_error, VmOpts};
+use crate::qemu::{self, Disk, DiskFormat};
+use crate::store::{self, Item, Recipe, Store};
+use crate::vm::{Failure, Sink, VmRun};
+use crate::{host, system, Workspace};
+
+/// Default size of the fresh disk given with `--disk-image` (as in the reference).
+const DEFAULT_DISK_SIZE: u64 = 100 << 20;
+/// Names the build's environment sets itself.
+const RESERVED_ENV: &[&str] = &["out", "PATH", "HOME", "TMPDIR"];
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct BuildInVm {
+    /// Name of the resulting store item.
+    #[arg(long)]
+    pub name: String,
+    /// Add PATH to the store by content; the guest finds it read-only at `$NAME`.
+    #[arg(long = "input", value_name = "NAME=PATH", value_parser = parse_key_value)]
+    pub inputs: Vec<(String, String)>,
+    /// Set an environment variable for the build command.
+    #[arg(long = "env", value_name = "KEY=VALUE", value_parser = parse_key_value)]
+    pub env: Vec<(String, String)>,
+    /// Give the guest a fresh disk of this format as /dev/vda; it becomes `disk.FORMAT`
+    /// in the output.
+    #[arg(long, value_enum)]
+    pub disk_image: Option<DiskFormat>,
+    /// Size of the --disk-image disk (e.g. 100MiB, 2GiB).
+    #[arg(long, value_parser = parse_size, requires = "disk_image")]
+    pub disk_size: Option<u64>,
+    #[command(flatten)]
+    pub vm: VmOpts,
+    /// The build command; it writes its results into `$out`.
+    #[arg(last = true, required = true)]
+    pub command: Vec<String>,
+}
+
+impl BuildInVm {
+    pub fn run(self, ws: &Workspace) -> Result<i32> {
+        self.validate()?;
+        let system = self.vm.system()?;
+        let store = self.vm.open_store(ws)?;
+        let inputs = self.add_inputs(&store)?;
+        let lowered = system::lower(&store, ws, &system, self.vm.verbose)?;
+        let mut env: Vec<(String, String)> = vec![
+            ("PATH".into(), lowered.path.clone()),
+            ("HOME".into(), "/tmp".into()),
+            ("TMPDIR".into(), "/tmp".into()),
+            ("out".into(), format!("{}/out", guest::XCHG_MOUNT)),
+        ];
+        env.extend(inputs.iter().map(|(name, item, rel)| (name.clone(), guest_input_path(item, rel))));
+        env.extend(self.env.iter().cloned());
+        env.sort();
+        let disk = self.disk_image.map(|f| (f, self.disk_size.unwrap_or(DEFAULT_DISK_SIZE)));
+
+        let mut recipe = Recipe::new("build-in-vm", &self.name)
+            .param("argv", serde_json::to_string(&self.command)?)
+            .param("env", serde_json::to_string(&env)?)
+            .param("memory-mib", self.vm.memory.to_string())
+            .param("kernel-args", lowered.kernel_args.join(" "))
+            .param("disk", disk.map(|(f, s)| format!("{}:{s}", f.name())).unwrap_or_default());
+        for (label, item) in lowered.items() {
+            recipe = recipe.input_item(label, item);
+        }
+        for (name, item, _) in &inputs {
+            recipe = recipe.input_item(&format!("input:{name}"), item);
+        }
+
+        let item = store.realise(&recipe, |out| {
+            let accel = qemu::choose_accel(self.vm.accel)?;
+            let xchg = store.scratch("xchg")?;
+            let runtime = store.scratch("run")?;
+            let out_dir = xchg.path().join("out");
+            fs::create_dir(&out_dir)?;
+            let mut spec = self.vm.spec(accel, &store, &lowered, xchg.path().to_path_buf());
+            let disk_path = match disk {
+                Some((format, size)) => {
+                    let path = runtime.path().join(format!("disk.{}", format.name()));
+                    create_disk(&path, format, size)?;
+                    spec.disks.push(Disk { path: path.clone(), format, readonly: false });
+                    Some((path, format))
+                }
+                None => None,
+            };
+            let request = Request {
+                version: guest::PROTOCOL_VERSION,
+                mode: Mode::Command,
+                argv: self.command.clone(),
+                env: env.clone(),
+                cwd: "/tmp".into(),
+                links: lowered.links.clone(),
+                dirs: Vec::new(),
+                hostname: "builder".into(),
+                stdout_port: None,
+                stderr_port: None,
+            };
+            if self.vm.explain {
+                eprintln!("vm: booting to build `{}`", self.name);
+            }
+            let status = VmRun {
+                spec,
+                request,
+                xchg: xchg.path().to_path_buf(),
+                runtime: runtime.path().to_path_buf(),
+                log_dir: ws.log_dir(),
+                label: format!("build-{}", recipe.name()),
+                timeout: self.vm.timeout,
+                verbose: self.vm.verbose,
+                // stdout carries only the result's path.
+                stdout: Sink::Stderr,
+                stderr: Sink::Stderr,
+            }
+            .run()?;
+            match status {
+                Status::Exited(0) => {}
+                Status::Exited(code) => {
+                    return Err(Failure {
+                        code,
+                        message: format!("the build command exited with status {code}; nothing was stored"),
+                    }
+                    .into())
+                }
+                Status::Signaled(sig) => {
+                    return Err(Failure {
+                        code: 128 + sig,
+                        message: format!("the build command was killed by signal {sig}; nothing was stored"),
+                    }
+                    .into())
+                }
+                Status::Error(msg) => bail!("the guest helper failed: {msg}"),
+            }
+            if let Some((path, format)) = disk_path {
+                let dest = out_dir.join(format!("disk.{}", format.name()));
+                if fs::symlink_metadata(&dest).is_ok() {
+                    bail!("the build wrote `$out/disk.{}`, where the disk image goes", format.name());
+                }
+                fs::rename(&path, &dest).with_context(|| format!("moving the disk image into `{}`", dest.display()))?;
+            }
+            fs::rename(&out_dir, out).with_context(|| format!("moving `{}` into the store", out_dir.display()))?;
+            Ok(())
+        })?;
+        println!("{}", item.path.display());
+        Ok(0)
+    }
+
+    fn validate(&self) -> Result<()> {
+        if self.name.is_empty() || self.name.contains('/') {
+            return Err(usage_error(format!("--name `{}`: give a non-empty name without `/`", self.name)));
+        }
+        for (name, path) in &self.inputs {
+            if !is_env_name(name) || RESERVED_ENV.contains(&name.as_str()) {
+                return Err(usage_error(format!(
+                    "--input {name}={path}: `{name}` must be an environment variable name other than {}",
+                    RESERVED_ENV.join(", ")
+                )));
+            }
+            if fs::symlink_metadata(path).is_err() {
+                return Err(usage_error(format!("--input {name}={path}: `{path}` does not exist")));
+            }
+        }
+        for (key, _) in &self.env {
+            if !is_env_name(key) || RESERVED_ENV.contains(&key.as_str()) {
+                return Err(usage_error(format!(
+                    "--env {key}=...: `{key}` must be an environment variable name other than {}",
+                    RESERVED_ENV.join(", ")
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Adds every `--input` to the store by content. Returns (name, item, path of the
+    /// content inside the item).
+    fn add_inputs(&self, store: &Store) -> Result<Vec<(String, Item, Option<String>)>> {
+        self.inputs
+            .iter()
+            .map(|(name, path)| {
+                let (item, rel) = add_path(store, Path::new(path))
+                    .with_context(|| format!("adding input `{name}` (`{path}`) to the store"))?;
+                Ok((name.clone(), item, rel))
+            })
+            .collect()
+    }
+}
+
+/// Adds a file or directory to the store by content. A file keeps its name inside the
+/// item directory, which is returned as the second value.
+pub fn add_path(store: &Store, path: &Path) -> Result<(Item, Option<String>)> {
+    let meta = fs::metadata(path).with_context(|| format!("reading `{}`", path.display()))?;
+    let file_name = path
+        .canonicalize()?
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "input".to_string());
+    let sha = store::hash_path(path)?;
+    let rel = meta.is_file().then(|| file_name.clone());
+    let recipe =
+        Recipe::new("input", &file_name).param("file", rel.clone().unwrap_or_default()).input_content("content", &sha);
+    let item = store.realise(&recipe, |out| {
+        if let Some(rel) = &rel {
+            fs::create_dir(out)?;
+            fs::copy(path, out.join(rel)).with_context(|| format!("copying `{}`", path.display()))?;
+        } else {
+            copy_tree(path, out)?;
+        }
+        Ok(())
+    })?;
+    Ok((item, rel))
+}
+
+fn guest_input_path(item: &Item, rel: &Option<String>) -> String {
+    match rel {
+        Some(rel) => format!("{}/{rel}", item.guest_path()),
+        None => item.guest_path(),
+    }
+}
+
+/// Copies a tree with `cp -a`'s semantics for what the store accepts (files, dirs,
+/// symlinks).
+fn copy_tree(src: &Path, dst: &Path) -> Result<()> {
+    let status =
+        Command::new("cp").arg("-a").arg("--no-preserve=ownership").arg(src).arg(dst).status().context("running cp")?;
+    if !status.success() {
+        bail!("copying `{}` failed ({status})", src.display());
+    }
+    Ok(())
+}
+
+fn create_disk(path: &PathBuf, format: DiskFormat, size: u64) -> Result<()> {
+    host::ensure(&[host::QEMU_IMG])?;
+    let out = Command::new(host::QEMU_IMG.program)
+        .args(["create", "-q", "-f", format.name()])
+        .arg(path)
+        .arg(size.to_string())
+        .output()
+        .context("running qemu-img create")?;
+    if !out.status.success() {
+        bail!(
+            "`qemu-img create -f {} {} {size}` failed: {}",
+            format.name(),
+            path.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,115 @@
+//! The host's own tools (QEMU, apt, dpkg-deb): finding them, and installing the missing
+//! ones from Debian's packages when running as root, or saying exactly what to run.
+
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+
+use anyhow::{bail, Context, Result};
+
+/// A program the toolkit runs, and the Debian package that ships it.
+#[derive(Debug, Clone, Copy)]
+pub struct Tool {
+    pub program: &'static str,
+    pub package: &'static str,
+}
+
+pub const QEMU_SYSTEM: Tool = Tool { program: "qemu-system-x86_64", package: "qemu-system-x86" };
+pub const QEMU_IMG: Tool = Tool { program: "qemu-img", package: "qemu-utils" };
+pub const APT_GET: Tool = Tool { program: "apt-get", package: "apt" };
+pub const DPKG_DEB: Tool = Tool { program: "dpkg-deb", package: "dpkg" };
+
+/// Finds `program` on `PATH`.
+pub fn which(program: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path).map(|dir| dir.join(program)).find(|p| is_executable(p))
+}
+
+fn is_executable(path: &std::path::Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    path.metadata().map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0).unwrap_or(false)
+}
+
+pub fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+/// Makes sure every tool is on `PATH`. Missing ones are installed with `apt-get` when
+/// running as root (saying so on stderr); otherwise the error names the command to run.
+pub fn ensure(tools: &[Tool]) -> Result<()> {
+    let missing: Vec<Tool> = tools.iter().copied().filter(|t| which(t.program).is_none()).collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let programs: Vec<&str> = missing.iter().map(|t| t.program).collect();
+    let mut packages: Vec<String> = missing.iter().map(|t| t.package.to_string()).collect();
+    packages.dedup();
+    if !is_root() || which("apt-get").is_none() {
+        bail!(
+            "missing host program(s): {}; install them with:\n    sudo apt-get install --no-install-recommends {}",
+            programs.join(", "),
+            packages.join(" ")
+        );
+    }
+    if packages.iter().any(|p| p == QEMU_SYSTEM.package) {
+        // qemu-system-x86 and qemu-utils must come from the same QEMU release (a newer
+        // qemu-utils from backports "Breaks" Debian 12's qemu-system-common).
+        let version = candidate_version(QEMU_SYSTEM.package)?;
+        packages.retain(|p| p != QEMU_IMG.package);
+        packages.push(format!("{}={version}", QEMU_IMG.package));
+    }
+    eprintln!("installing missing host program(s) {}: apt-get install {}", programs.join(", "), packages.join(" "));
+    apt_update_once()?;
+    let status = Command::new("apt-get")
+        .args(["install", "-y", "-q", "--no-install-recommends", "--allow-downgrades"])
+        .args(&packages)
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .stdout(Stdio::null())
+        .status()
+        .context("running apt-get install")?;
+    if !status.success() {
+        bail!("`apt-get install {}` failed ({status}); install them by hand and retry", packages.join(" "));
+    }
+    for t in &missing {
+        if which(t.program).is_none() {
+            bail!("`{}` is still missing after installing `{}`", t.program, t.package);
+        }
+    }
+    Ok(())
+}
+
+fn candidate_version(package: &str) -> Result<String> {
+    apt_update_once()?;
+    let out = Command::new("apt-cache").args(["policy", package]).output().context("running apt-cache policy")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .find_map(|l| l.trim().strip_prefix("Candidate:").map(|v| v.trim().to_string()))
+        .filter(|v| v != "(none)")
+        .with_context(|| format!("Debian package `{package}` is not available from apt's sources"))
+}
+
+/// Runs `apt-get update` at most once per process, and only as root when apt has no
+/// package lists yet (a fresh machine).
+pub fn apt_update_once() -> Result<()> {
+    static DONE: OnceLock<()> = OnceLock::new();
+    if DONE.get().is_some() || !is_root() || has_package_lists() {
+        return Ok(());
+    }
+    eprintln!("apt has no package lists yet: running apt-get update");
+    let status = Command::new("apt-get")
+        .args(["update", "-q"])
+        .stdout(Stdio::null())
+        .status()
+        .context("running apt-get update")?;
+    if !status.success() {
+        bail!("`apt-get update` failed ({status})");
+    }
+    let _ = DONE.set(());
+    Ok(())
+}
+
+fn has_package_lists() -> bool {
+    std::fs::read_dir("/var/lib/apt/lists")
+        .map(|d| d.flatten().any(|e| e.file_name().to_string_lossy().contains("_Packages")))
+        .unwrap_or(false)
+}

@@ -1,0 +1,292 @@
+//! Kernels: where a system's kernel image and modules come from, the uncompressed
+//! `vmlinux` that boots fast, and kernel-module dependency closures read from each
+//! module's `.modinfo` (Debian ships no `modules.dep`).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use object::{Object, ObjectSection};
+use os_configs::Kernel;
+
+use crate::debian;
+use crate::store::{self, Item, Recipe, Store};
+
+/// A kernel on disk: its image, its modules tree, and what identifies it in recipes.
+#[derive(Debug, Clone)]
+pub struct KernelTree {
+    /// The bzImage (`vmlinuz`).
+    pub image: PathBuf,
+    /// The directory holding `kernel/` and `modules.builtin`.
+    pub modules_dir: PathBuf,
+    /// The kernel release (`uname -r`), the modules directory's name.
+    pub release: String,
+    /// The store item the tree lives in, when it came from the store.
+    pub item: Option<Item>,
+}
+
+impl KernelTree {
+    /// Adds what identifies this kernel to a recipe: the store item it lives in, or,
+    /// for a kernel on the host, the image's content.
+    pub fn identify(&self, recipe: Recipe) -> Result<Recipe> {
+        Ok(match &self.item {
+            Some(item) => recipe.input_item("kernel", item),
+            None => recipe.input_content("kernel", &store::sha256_file(&self.image)?),
+        })
+    }
+}
+
+/// Finds (fetching if needed) the kernel a system asks for.
+pub fn resolve(store: &Store, kernel: &Kernel) -> Result<KernelTree> {
+    match kernel {
+        Kernel::Debian { package } => {
+            let pin = debian::pin(store, package, |name| {
+                let stanza = debian::show(name)?;
+                // A metapackage (linux-image-amd64) names the real image in its Depends.
+                match stanza.depends.iter().find(|d| is_versioned_image_package(d)) {
+                    Some(real) if !is_versioned_image_package(&stanza.package) => debian::show(real),
+                    _ => Ok(stanza),
+                }
+            })?;
+            let item = debian::unpacked(store, &pin)?;
+            let modules_root = item.path.join("lib/modules");
+            let release = single_dir_name(&modules_root)
+                .with_context(|| format!("Debian package {} has no kernel modules", pin.package))?;
+            let image = item.path.join(format!("boot/vmlinuz-{release}"));
+            if !image.is_file() {
+                bail!("Debian package {} has no `boot/vmlinuz-{release}`", pin.package);
+            }
+            Ok(KernelTree { image, modules_dir: modules_root.join(&release), release, item: Some(item) })
+        }
+        Kernel::Path { image, modules } => {
+            if !image.is_file() {
+                bail!("kernel image `{}` does not exist; give the path of a bzImage (vmlinuz)", image.display());
+            }
+            if !modules.join("kernel").is_dir() {
+                bail!(
+                    "kernel modules directory `{}` has no `kernel/` subdirectory; give a `/lib/modules/RELEASE` tree",
+                    modules.display()
+                );
+            }
+            let release = modules
+                .canonicalize()?
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .context("kernel modules directory has no name")?;
+            Ok(KernelTree { image: image.clone(), modules_dir: modules.clone(), release, item: None })
+        }
+    }
+}
+
+fn is_versioned_image_package(name: &str) -> bool {
+    name.strip_prefix("linux-image-").is_some_and(|rest| rest.starts_with(|c: char| c.is_ascii_digit()))
+}
+
+fn single_dir_name(dir: &Path) -> Result<String> {
+    let names: Vec<String> = fs::read_dir(dir)
+        .with_context(|| format!("listing `{}`", dir.display()))?
+        .flatten()
+        .filter(|e| e.path().is_dir())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    match names.as_slice() {
+        [one] => Ok(one.clone()),
+        _ => bail!("expected one kernel release in `{}`, found {:?}", dir.display(), names),
+    }
+}
+
+/// The image QEMU boots: the uncompressed ELF `vmlinux` (booted through PVH, which
+/// skips the in-guest decompression that costs seconds under TCG) when it can be
+/// extracted, else the bzImage itself.
+pub fn boot_image(store: &Store, tree: &KernelTree) -> Result<PathBuf> {
+    let image = fs::read(&tree.image).with_context(|| format!("reading `{}`", tree.image.display()))?;
+    if find_xz(&image).is_none() {
+        return Ok(tree.image.clone());
+    }
+    let recipe = tree.identify(Recipe::new("vmlinux", &format!("vmlinux-{}", tree.release)))?;
+    let item = store.realise(&recipe, |out| {
+        let vmlinux = extract_vmlinux(&image)?;
+        fs::create_dir(out)?;
+        fs::write(out.join("vmlinux"), vmlinux)?;
+        Ok(())
+    })?;
+    Ok(item.path.join("vmlinux"))
+}
+
+const XZ_MAGIC: &[u8] = b"\xfd7zXZ\x00";
+
+fn find_xz(image: &[u8]) -> Option<usize> {
+    image.windows(XZ_MAGIC.len()).position(|w| w == XZ_MAGIC)
+}
+
+/// Decompresses the XZ stream inside a bzImage: the kernel's ELF image.
+pub fn extract_vmlinux(image: &[u8]) -> Result<Vec<u8>> {
+    use xz2::stream::{Action, Status, Stream};
+    let start = find_xz(image).context("the kernel image holds no XZ stream")?;
+    let mut input = &image[start..];
+    let mut stream = Stream::new_stream_decoder(u64::MAX, 0).context("creating an XZ decoder")?;
+    let mut out = Vec::with_capacity(64 << 20);
+    // Decode exactly one stream: what follows it is the rest of the bzImage.
+    loop {
+        if out.len() == out.capacity() {
+            out.reserve(out.capacity());
+        }
+        let before = stream.total_in();
+        let status =
+            stream.process_vec(input, &mut out, Action::Run).context("decompressing the kernel image's XZ stream")?;
+        input = &input[(stream.total_in() - before) as usize..];
+        match status {
+            Status::StreamEnd => break,
+            _ if input.is_empty() && out.len() < out.capacity() => {
+                bail!("the kernel image's XZ stream is truncated")
+            }
+            _ => {}
+        }
+    }
+    if !out.starts_with(b"\x7fELF") {
+        bail!("the kernel image's XZ stream is not an ELF vmlinux");
+    }
+    Ok(out)
+}
+
+/// A loadable module and its file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Module {
+    pub name: String,
+    pub path: PathBuf,
+}
+
+/// Module names use `_`; file names may use `-`.
+pub fn normalize(name: &str) -> String {
+    name.replace('-', "_")
+}
+
+/// Reads the `key=value` strings of a module's `.modinfo` section.
+pub fn modinfo(path: &Path) -> Result<Vec<(String, String)>> {
+    let data = fs::read(path).with_context(|| format!("reading module `{}`", path.display()))?;
+    parse_modinfo(&data).with_context(|| format!("reading .modinfo of `{}`", path.display()))
+}
+
+fn parse_modinfo(elf: &[u8]) -> Result<Vec<(String, String)>> {
+    let file = object::File::parse(elf).context("not an ELF file")?;
+    let section = file.section_by_name(".modinfo").context("no .modinfo section")?;
+    let data = section.data().context("unreadable .modinfo section")?;
+    Ok(data
+        .split(|b| *b == 0)
+        .filter(|s| !s.is_empty())
+        .filter_map(|s| {
+            let s = String::from_utf8_lossy(s);
+            s.split_once('=').map(|(k, v)| (k.to_string(), v.to_string()))
+        })
+        .collect())
+}
+
+/// The modules named in `depends=`.
+pub fn depends(info: &[(String, String)]) -> Vec<String> {
+    info.iter()
+        .filter(|(k, _)| k == "depends")
+        .flat_map(|(_, v)| v.split(',').filter(|d| !d.is_empty()).map(normalize).collect::<Vec<_>>())
+        .collect()
+}
+
+/// The modules of a kernel tree, by normalized name, and the names built into the kernel.
+pub struct ModuleIndex {
+    files: BTreeMap<String, PathBuf>,
+    builtin: BTreeSet<String>,
+    release: String,
+}
+
+impl ModuleIndex {
+    pub fn read(tree: &KernelTree) -> Result<ModuleIndex> {
+        let mut files = BTreeMap::new();
+        walk_modules(&tree.modules_dir.join("kernel"), &mut files)?;
+        let builtin_path = tree.modules_dir.join("modules.builtin");
+        let builtin = fs::read_to_string(&builtin_path)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| Path::new(l).file_stem())
+            .map(|s| normalize(&s.to_string_lossy()))
+            .collect();
+        Ok(ModuleIndex { files, builtin, release: tree.release.clone() })
+    }
+
+    /// `wanted` and everything they depend on, dependencies first. Modules built into
+    /// the kernel are left out; a name that is neither a module nor built in is an error.
+    pub fn closure(&self, wanted: &[String]) -> Result<Vec<Module>> {
+        let mut order = Vec::new();
+        let mut seen = BTreeSet::new();
+        for name in wanted {
+            self.visit(&normalize(name), &mut seen, &mut order, &mut Vec::new())?;
+        }
+        Ok(order)
+    }
+
+    fn visit(
+        &self,
+        name: &str,
+        seen: &mut BTreeSet<String>,
+        order: &mut Vec<Module>,
+        stack: &mut Vec<String>,
+    ) -> Result<()> {
+        if seen.contains(name) || self.builtin.contains(name) {
+            return Ok(());
+        }
+        if stack.iter().any(|s| s == name) {
+            bail!("kernel modules depend on each other in a cycle: {} -> {name}", stack.join(" -> "));
+        }
+        let path = self.files.get(name).with_context(|| {
+            format!("kernel module `{name}` is neither a module of kernel {} nor built into it", self.release)
+        })?;
+        stack.push(name.to_string());
+        for dep in depends(&modinfo(path)?) {
+            self.visit(&dep, seen, order, stack)?;
+        }
+        stack.pop();
+        seen.insert(name.to_string());
+        order.push(Module { name: name.to_string(), path: path.clone() });
+        Ok(())
+    }
+}
+
+fn walk_modules(dir: &Path, files: &mut BTreeMap<String, PathBuf>) -> Result<()> {
+    for entry in fs::read_dir(dir).with_context(|| format!("listing `{}`", dir.display()))? {
+        let entry = entry?;
+        let path = entry.path();
+        if entry.file_type()?.is_dir() {
+            walk_modules(&path, files)?;
+        } else if let Some(stem) = path.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_suffix(".ko")) {
+            files.insert(normalize(stem), path);
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_depends_from_modinfo_strings() {
+        let info = vec![
+            ("license".to_string(), "GPL".to_string()),
+            ("depends".to_string(), "virtio_ring,virtio,virtio_pci-modern-dev".to_string()),
+            ("name".to_string(), "virtio_pci".to_string()),
+        ];
+        assert_eq!(depends(&info), vec!["virtio_ring", "virtio", "virtio_pci_modern_dev"]);
+        let none = vec![("depends".to_string(), String::new())];
+        assert!(depends(&none).is_empty());
+    }
+
+    #[test]
+    fn recognises_versioned_kernel_packages() {
+        assert!(is_versioned_image_package("linux-image-6.1.0-56-amd64"));
+        assert!(!is_versioned_image_package("linux-image-amd64"));
+        assert!(!is_versioned_image_package("linux-headers-6.1.0-56-amd64"));
+    }
+
+    #[test]
+    fn no_xz_stream_is_an_error() {
+        assert!(extract_vmlinux(b"MZ not a kernel").is_err());
+    }
+}

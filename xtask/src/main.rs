@@ -1,0 +1,50 @@
+//! `cargo xtask`: parses flags and dispatches to the subcommands in `xtask::cmd`.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use xtask::cmd::{build_in_vm::BuildInVm, run_vm::RunVm, EXIT_USAGE};
+use xtask::vm::Failure;
+use xtask::Workspace;
+
+/// Build Linux VM images and run code in real VMs, from cargo.
+#[derive(Debug, Parser)]
+#[command(name = "cargo xtask", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Boot a system and run COMMAND in it (exit status = COMMAND's), or a shell.
+    RunVm(RunVm),
+    /// Run a build command in a VM; store what it writes to $out and print the path.
+    BuildInVm(BuildInVm),
+    /// List the named systems.
+    Systems,
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { EXIT_USAGE as u8 } else { 0 });
+        }
+    };
+    let ws = Workspace::current();
+    let result = match cli.command {
+        Cmd::RunVm(cmd) => cmd.run(&ws),
+        Cmd::BuildInVm(cmd) => cmd.run(&ws),
+        Cmd::Systems => Ok(xtask::cmd::systems::run()),
+    };
+    match result {
+        Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            let code = err.downcast_ref::<Failure>().map(|f| f.code).unwrap_or(1);
+            ExitCode::from(code.clamp(1, 255) as u8)
+        }
+    }
+}

@@ -1,0 +1,396 @@
+//! QEMU command lines, built from small pure functions over a [`VmSpec`], and the choice
+//! of accelerator.
+
+use std::ffi::OsString;
+use std::fs::OpenOptions;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Result};
+
+/// `--accel`: what the user asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Default)]
+pub enum AccelChoice {
+    /// KVM when it works here, else TCG.
+    #[default]
+    Auto,
+    Kvm,
+    Tcg,
+}
+
+/// The accelerator a VM runs with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Accel {
+    Kvm,
+    Tcg,
+}
+
+impl Accel {
+    pub fn name(self) -> &'static str {
+        match self {
+            Accel::Kvm => "kvm",
+            Accel::Tcg => "tcg",
+        }
+    }
+}
+
+/// Why KVM cannot be used here, or `None` when it can: `/dev/kvm` must open read-write
+/// and the CPU must advertise hardware virtualization (vmx or svm).
+pub fn kvm_unusable_reason() -> Option<String> {
+    kvm_unusable_reason_from(Path::new("/dev/kvm"), &std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default())
+}
+
+fn kvm_unusable_reason_from(dev: &Path, cpuinfo: &str) -> Option<String> {
+    if let Err(e) = OpenOptions::new().read(true).write(true).open(dev) {
+        return Some(format!("{} cannot be opened read-write ({e})", dev.display()));
+    }
+    let virt = cpuinfo
+        .lines()
+        .filter(|l| l.starts_with("flags"))
+        .any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"));
+    if !virt {
+        return Some("the CPU does not advertise vmx or svm".to_string());
+    }
+    None
+}
+
+/// Picks the accelerator. `auto` falls back to TCG with one line on stderr; `kvm` fails
+/// when KVM cannot work, saying why.
+pub fn choose_accel(choice: AccelChoice) -> Result<Accel> {
+    match choice {
+        AccelChoice::Tcg => Ok(Accel::Tcg),
+        AccelChoice::Kvm => match kvm_unusable_reason() {
+            None => Ok(Accel::Kvm),
+            Some(why) => bail!("--accel kvm: KVM is not usable here: {why}; use --accel tcg or auto"),
+        },
+        AccelChoice::Auto => match kvm_unusable_reason() {
+            None => Ok(Accel::Kvm),
+            Some(why) => {
+                eprintln!("note: using TCG (software emulation): {why}");
+                Ok(Accel::Tcg)
+            }
+        },
+    }
+}
+
+/// Where the serial console goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Console {
+    /// Written to this file (or FIFO) by QEMU.
+    File(PathBuf),
+    /// On QEMU's stdin/stdout, multiplexed with the monitor (Ctrl-a x quits).
+    Stdio,
+}
+
+/// A host directory shared over 9p.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Share {
+    pub tag: String,
+    pub path: PathBuf,
+    pub readonly: bool,
+}
+
+/// Disk image formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DiskFormat {
+    Qcow2,
+    Raw,
+}
+
+impl DiskFormat {
+    pub fn name(self) -> &'static str {
+        match self {
+            DiskFormat::Qcow2 => "qcow2",
+            DiskFormat::Raw => "raw",
+        }
+    }
+}
+
+/// A disk on the virtio block bus (the guest's `/dev/vda`, `/dev/vdb`, ...).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Disk {
+    pub path: PathBuf,
+    pub format: DiskFormat,
+    pub readonly: bool,
+}
+
+/// A named virtio serial port whose output QEMU writes to `path` (a FIFO the host reads).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Port {
+    pub name: String,
+    pub path: PathBuf,
+}
+
+/// Everything that determines a QEMU command line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmSpec {
+    pub accel: Accel,
+    pub memory_mib: u32,
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    /// Extra kernel arguments, after the ones this module always passes.
+    pub kernel_args: Vec<String>,
+    /// The host's TSC frequency: microvm has no timer to calibrate the TSC against, and
+    /// without this a boot now and then hangs calibrating it.
+    pub tsc_khz: Option<u64>,
+    pub console: Console,
+    pub shares: Vec<Share>,
+    pub disks: Vec<Disk>,
+    pub ports: Vec<Port>,
+}
+
+fn os(args: &[&str]) -> Vec<OsString> {
+    args.iter().map(OsString::from).collect()
+}
+
+/// `prefix` followed by `path`, with commas doubled as QEMU's option syntax requires.
+fn path_arg(prefix: &str, path: &Path) -> OsString {
+    use std::os::unix::ffi::{OsStrExt, OsStringExt};
+    let mut bytes = prefix.as_bytes().to_vec();
+    for &b in path.as_os_str().as_bytes() {
+        bytes.push(b);
+        if b == b',' {
+            bytes.push(b',');
+        }
+    }
+    OsString::from_vec(bytes)
+}
+
+/// The machine: microvm (no PCI, no firmware tables to scan, virtio over MMIO), with
+/// nothing QEMU would add by default, and a guest reboot ending QEMU.
+pub fn machine_args() -> Vec<OsString> {
+    os(&["-machine", "microvm", "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot", "-smp", "1"])
+}
+
+pub fn accel_args(accel: Accel) -> Vec<OsString> {
+    match accel {
+        Accel::Kvm => os(&["-accel", "kvm", "-cpu", "host"]),
+        Accel::Tcg => os(&["-accel", "tcg"]),
+    }
+}
+
+pub fn memory_args(mib: u32) -> Vec<OsString> {
+    os(&["-m", &mib.to_string()])
+}
+
+/// The kernel command line, as a list joined by spaces.
+pub fn kernel_cmdline(spec: &VmSpec) -> Vec<String> {
+    // reboot=t: a triple fault, which QEMU turns into an exit under -no-reboot; panic=-1:
+    // reboot at once on a panic, so a dying guest ends the VM instead of hanging it;
+    // pci=off: microvm has no PCI bus, and probing for one only costs time.
+    let mut cmdline: Vec<String> = ["console=ttyS0", "reboot=t", "panic=-1", "quiet", "pci=off", "rdinit=/init"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    if let Some(khz) = spec.tsc_khz {
+        cmdline.push(format!("tsc_early_khz={khz}"));
+    }
+    cmdline.extend(spec.kernel_args.iter().cloned());
+    cmdline
+}
+
+pub fn kernel_args(spec: &VmSpec) -> Vec<OsString> {
+    vec![
+        "-kernel".into(),
+        spec.kernel.clone().into(),
+        "-initrd".into(),
+        spec.initrd.clone().into(),
+        "-append".into(),
+        kernel_cmdline(spec).join(" ").into(),
+    ]
+}
+
+pub fn console_args(console: &Console) -> Vec<OsString> {
+    match console {
+        Console::File(path) => {
+            vec!["-chardev".into(), path_arg("file,id=console,path=", path), "-serial".into(), "chardev:console".into()]
+        }
+        Console::Stdio => os(&["-serial", "mon:stdio"]),
+    }
+}
+
+pub fn share_args(shares: &[Share]) -> Vec<OsString> {
+    let mut args = Vec::new();
+    for (i, share) in shares.iter().enumerate() {
+        let mut fsdev = path_arg(&format!("local,id=fs{i},security_model=none,path="), &share.path);
+        if share.readonly {
+            fsdev.push(",readonly=on");
+        }
+        args.extend(["-fsdev".into(), fsdev]);
+        args.extend(os(&["-device", &format!("virtio-9p-device,fsdev=fs{i},mount_tag={}", share.tag)]));
+    }
+    args
+}
+
+pub fn disk_args(disks: &[Disk]) -> Vec<OsString> {
+    let mut args = Vec::new();
+    for (i, disk) in disks.iter().enumerate() {
+        // The format is always explicit, so a guest that writes a qcow2 header into a raw
+        // disk cannot change how QEMU opens it next time.
+        let mut drive = path_arg(&format!("if=none,id=disk{i},format={},file=", disk.format.name()), &disk.path);
+        if disk.readonly {
+            drive.push(",readonly=on");
+        }
+        args.extend(["-drive".into(), drive]);
+        args.extend(os(&["-device", &format!("virtio-blk-device,drive=disk{i}")]));
+    }
+    args
+}
+
+pub fn port_args(ports: &[Port]) -> Vec<OsString> {
+    if ports.is_empty() {
+        return Vec::new();
+    }
+    let mut args = os(&["-device", "virtio-serial-device"]);
+    for (i, port) in ports.iter().enumerate() {
+        args.extend(["-chardev".into(), path_arg(&format!("file,id=port{i},path="), &port.path)]);
+        args.extend(os(&["-device", &format!("virtserialport,chardev=port{i},name={}", port.name)]));
+    }
+    args
+}
+
+/// The whole argument list (without the program name).
+pub fn args(spec: &VmSpec) -> Vec<OsString> {
+    [
+        machine_args(),
+        accel_args(spec.accel),
+        memory_args(spec.memory_mib),
+        kernel_args(spec),
+        console_args(&spec.console),
+        share_args(&spec.shares),
+        disk_args(&spec.disks),
+        port_args(&spec.ports),
+    ]
+    .concat()
+}
+
+/// The host's TSC frequency in kHz, from `/proc/cpuinfo`.
+pub fn host_tsc_khz() -> Option<u64> {
+    parse_cpu_mhz(&std::fs::read_to_string("/proc/cpuinfo").ok()?)
+}
+
+fn parse_cpu_mhz(cpuinfo: &str) -> Option<u64> {
+    let line = cpuinfo.lines().find(|l| l.starts_with("cpu MHz"))?;
+    let mhz: f64 = line.split(':').nth(1)?.trim().parse().ok()?;
+    Some((mhz * 1000.0).round() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> VmSpec {
+        VmSpec {
+            accel: Accel::Tcg,
+            memory_mib: 256,
+            kernel: "/s/vmlinux".into(),
+            initrd: "/s/initrd".into(),
+            kernel_args: vec!["foo=1".into()],
+            tsc_khz: Some(2596122),
+            console: Console::File("/r/console".into()),
+            shares: vec![
+                Share { tag: "store".into(), path: "/s".into(), readonly: true },
+                Share { tag: "xchg".into(), path: "/x".into(), readonly: false },
+            ],
+            disks: vec![Disk { path: "/x/disk.raw".into(), format: DiskFormat::Raw, readonly: false }],
+            ports: vec![Port { name: "stdout".into(), path: "/r/out".into() }],
+        }
+    }
+
+    fn strings(args: Vec<OsString>) -> Vec<String> {
+        args.into_iter().map(|a| a.into_string().unwrap()).collect()
+    }
+
+    #[test]
+    fn tcg_command_line_with_shares_disk_and_port() {
+        let args = strings(args(&spec()));
+        let expected = [
+            "-machine",
+            "microvm",
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-no-reboot",
+            "-smp",
+            "1",
+            "-accel",
+            "tcg",
+            "-m",
+            "256",
+            "-kernel",
+            "/s/vmlinux",
+            "-initrd",
+            "/s/initrd",
+            "-append",
+            "console=ttyS0 reboot=t panic=-1 quiet pci=off rdinit=/init tsc_early_khz=2596122 foo=1",
+            "-chardev",
+            "file,id=console,path=/r/console",
+            "-serial",
+            "chardev:console",
+            "-fsdev",
+            "local,id=fs0,security_model=none,path=/s,readonly=on",
+            "-device",
+            "virtio-9p-device,fsdev=fs0,mount_tag=store",
+            "-fsdev",
+            "local,id=fs1,security_model=none,path=/x",
+            "-device",
+            "virtio-9p-device,fsdev=fs1,mount_tag=xchg",
+            "-drive",
+            "if=none,id=disk0,format=raw,file=/x/disk.raw",
+            "-device",
+            "virtio-blk-device,drive=disk0",
+            "-device",
+            "virtio-serial-device",
+            "-chardev",
+            "file,id=port0,path=/r/out",
+            "-device",
+            "virtserialport,chardev=port0,name=stdout",
+        ];
+        assert_eq!(args, expected);
+    }
+
+    #[test]
+    fn kvm_and_interactive_console() {
+        let mut s = spec();
+        s.accel = Accel::Kvm;
+        s.console = Console::Stdio;
+        s.shares.clear();
+        s.disks.clear();
+        s.ports.clear();
+        s.tsc_khz = None;
+        let args = strings(args(&s));
+        assert_eq!(args[9..13], ["-accel", "kvm", "-cpu", "host"]);
+        assert!(args.ends_with(&["-serial".to_string(), "mon:stdio".to_string()]));
+        assert!(!args.iter().any(|a| a.contains("virtio")));
+        assert!(!args.iter().any(|a| a.contains("tsc_early_khz")));
+    }
+
+    #[test]
+    fn commas_in_paths_are_escaped() {
+        let args = strings(console_args(&Console::File("/a,b/log".into())));
+        assert_eq!(args[1], "file,id=console,path=/a,,b/log");
+    }
+
+    #[test]
+    fn readonly_disk() {
+        let args = strings(disk_args(&[Disk { path: "/i.qcow2".into(), format: DiskFormat::Qcow2, readonly: true }]));
+        assert_eq!(args[1], "if=none,id=disk0,format=qcow2,file=/i.qcow2,readonly=on");
+    }
+
+    #[test]
+    fn kvm_needs_device_and_cpu_flags() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("kvm");
+        assert!(kvm_unusable_reason_from(&missing, "flags : vmx").unwrap().contains("cannot be opened"));
+        let present = dir.path().join("kvm-file");
+        std::fs::write(&present, "").unwrap();
+        assert!(kvm_unusable_reason_from(&present, "flags\t: fpu sse").unwrap().contains("vmx or svm"));
+        assert_eq!(kvm_unusable_reason_from(&present, "flags\t: fpu svm sse"), None);
+    }
+
+    #[test]
+    fn tsc_from_cpuinfo() {
+        assert_eq!(parse_cpu_mhz("model name: x\ncpu MHz\t\t: 2596.122\n"), Some(2596122));
+        assert_eq!(parse_cpu_mhz("nothing"), None);
+    }
+}

@@ -1,0 +1,503 @@
+//! The store: every artifact is an item under `target/vmstore/<hash>-<name>`, where the
+//! hash covers a canonical encoding of the recipe that made it (see [`Recipe`]).
+//!
+//! Items are built in `.tmp/` inside the store and renamed into place, then a `.meta`
+//! file is written beside them; an item counts as present only when both exist. A
+//! `flock` per item makes concurrent runs build it once. Leftovers of a killed run are
+//! removed by the next run that takes the item's lock, and are never served.
+
+use std::fs::{self, File};
+use std::io::{self, Read};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// Version tag of the recipe encoding; changing the encoding changes every hash.
+const RECIPE_ENCODING: &[u8] = b"vmstore-recipe-v1\n";
+/// Version tag of the tree-content encoding.
+const TREE_ENCODING: &[u8] = b"vmstore-tree-v1\n";
+/// Modification time given to everything in an item (for reproducible images).
+const FIXED_MTIME_SECS: i64 = 1;
+
+/// A description of how to make an item: kind, name, parameters and inputs. Two recipes
+/// with the same encoding make the same item; host paths must never be put in one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Recipe {
+    kind: String,
+    name: String,
+    params: Vec<(String, String)>,
+    inputs: Vec<(String, String)>,
+}
+
+impl Recipe {
+    /// A recipe of `kind` (what builds it) producing an item called `name`.
+    pub fn new(kind: &str, name: &str) -> Recipe {
+        Recipe { kind: kind.into(), name: sanitize_name(name), params: Vec::new(), inputs: Vec::new() }
+    }
+
+    /// Adds a parameter (part of the hash).
+    pub fn param(mut self, key: &str, value: impl Into<String>) -> Recipe {
+        self.params.push((key.into(), value.into()));
+        self
+    }
+
+    /// Adds another item as an input, identified by its hash and name.
+    pub fn input_item(mut self, label: &str, item: &Item) -> Recipe {
+        self.inputs.push((label.into(), format!("item:{}", item.file_name())));
+        self
+    }
+
+    /// Adds content (a file or a tree) identified by its sha256 from [`hash_path`].
+    pub fn input_content(mut self, label: &str, sha256: &str) -> Recipe {
+        self.inputs.push((label.into(), format!("sha256:{sha256}")));
+        self
+    }
+
+    /// The item's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The canonical encoding: a version tag, then length-prefixed fields, parameters
+    /// and inputs sorted by key so the order they were added in does not matter.
+    pub fn encode(&self) -> Vec<u8> {
+        fn field(out: &mut Vec<u8>, s: &str) {
+            out.extend_from_slice(&(s.len() as u64).to_le_bytes());
+            out.extend_from_slice(s.as_bytes());
+        }
+        let mut out = RECIPE_ENCODING.to_vec();
+        field(&mut out, &self.kind);
+        field(&mut out, &self.name);
+        for list in [&self.params, &self.inputs] {
+            let mut sorted = list.clone();
+            sorted.sort();
+            out.extend_from_slice(&(sorted.len() as u64).to_le_bytes());
+            for (k, v) in &sorted {
+                field(&mut out, k);
+                field(&mut out, v);
+            }
+        }
+        out
+    }
+
+    /// The hash naming the item: the first 32 hex digits of sha256 over [`Recipe::encode`].
+    pub fn hash(&self) -> String {
+        let digest = hex(&Sha256::digest(self.encode()));
+        digest[..32].to_string()
+    }
+}
+
+/// Keeps store names to characters that are safe in paths, URLs and kernel command lines.
+fn sanitize_name(name: &str) -> String {
+    name.chars().map(|c| if c.is_ascii_alphanumeric() || "+-._".contains(c) { c } else { '_' }).collect()
+}
+
+pub(crate) fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// An item present in the store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Item {
+    pub hash: String,
+    pub name: String,
+    /// Absolute path on the host.
+    pub path: PathBuf,
+}
+
+impl Item {
+    /// `<hash>-<name>`: the item's file name in the store.
+    pub fn file_name(&self) -> String {
+        format!("{}-{}", self.hash, self.name)
+    }
+
+    /// Where the guest sees this item (the store is shared at a fixed mount point).
+    pub fn guest_path(&self) -> String {
+        format!("{}/{}", guest::STORE_MOUNT, self.file_name())
+    }
+}
+
+/// What the store records beside each item.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Meta {
+    pub kind: String,
+    pub name: String,
+    /// sha256 of the item's content (see [`hash_path`]).
+    pub content_sha256: String,
+    pub params: Vec<(String, String)>,
+    pub inputs: Vec<(String, String)>,
+}
+
+/// Whether an item came from the store or was just made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Hit,
+    Built,
+}
+
+/// The store directory and its conventions.
+#[derive(Debug, Clone)]
+pub struct Store {
+    root: PathBuf,
+    explain: bool,
+}
+
+impl Store {
+    /// Opens (creating if needed) the store at `root`. With `explain`, every lookup says
+    /// on stderr whether it was a hit or a build.
+    pub fn open(root: &Path, explain: bool) -> Result<Store> {
+        for sub in [".tmp", ".locks", ".pins"] {
+            let dir = root.join(sub);
+            fs::create_dir_all(&dir).with_context(|| format!("creating store directory `{}`", dir.display()))?;
+        }
+        Ok(Store { root: root.to_path_buf(), explain })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Directory for recorded pins (resolved package versions and their hashes).
+    pub fn pins_dir(&self) -> PathBuf {
+        self.root.join(".pins")
+    }
+
+    /// Directory for scratch space that is not an item (e.g. a VM's exchange directory).
+    pub fn scratch(&self, name: &str) -> Result<tempfile::TempDir> {
+        tempfile::Builder::new()
+            .prefix(&format!("scratch-{}.", sanitize_name(name)))
+            .tempdir_in(self.root.join(".tmp"))
+            .with_context(|| format!("creating a scratch directory in `{}`", self.root.display()))
+    }
+
+    /// Where `recipe`'s item lives, whether or not it exists.
+    pub fn item_for(&self, recipe: &Recipe) -> Item {
+        let hash = recipe.hash();
+        let path = self.root.join(format!("{hash}-{}", recipe.name));
+        Item { hash, name: recipe.name.clone(), path }
+    }
+
+    fn meta_path(&self, item: &Item) -> PathBuf {
+        self.root.join(format!("{}.meta", item.file_name()))
+    }
+
+    /// Whether the item is complete: its content and its `.meta` are both in place.
+    pub fn is_present(&self, item: &Item) -> bool {
+        fs::symlink_metadata(&item.path).is_ok() && self.meta_path(item).is_file()
+    }
+
+    /// Reads an item's recorded metadata.
+    pub fn meta(&self, item: &Item) -> Result<Meta> {
+        let path = self.meta_path(item);
+        let text = fs::read_to_string(&path).with_context(|| format!("reading `{}`", path.display()))?;
+        serde_json::from_str(&text).with_context(|| format!("parsing `{}`", path.display()))
+    }
+
+    /// Returns the item for `recipe`, running `build` to make it when it is not present.
+    /// `build` gets a path that does not exist yet and must create it (a file or a
+    /// directory). On error nothing is stored.
+    pub fn realise(&self, recipe: &Recipe, build: impl FnOnce(&Path) -> Result<()>) -> Result<Item> {
+        self.realise_with_outcome(recipe, build).map(|(item, _)| item)
+    }
+
+    /// Like [`Store::realise`], also saying whether it was a hit.
+    pub fn realise_with_outcome(
+        &self,
+        recipe: &Recipe,
+        build: impl FnOnce(&Path) -> Result<()>,
+    ) -> Result<(Item, Outcome)> {
+        let item = self.item_for(recipe);
+        if self.is_present(&item) {
+            self.say("hit", &item);
+            return Ok((item, Outcome::Hit));
+        }
+        let _lock = self.lock(&item)?;
+        if self.is_present(&item) {
+            self.say("hit", &item);
+            return Ok((item, Outcome::Hit));
+        }
+        self.clear_leftovers(&item)?;
+        let tmp = self.root.join(".tmp").join(format!("{}.{}", item.file_name(), std::process::id()));
+        self.say("building", &item);
+        let built = build(&tmp)
+            .with_context(|| format!("building store item `{}`", item.name))
+            .and_then(|()| self.commit(recipe, &item, &tmp));
+        if let Err(err) = built {
+            remove_tree(&tmp).ok();
+            return Err(err);
+        }
+        self.say("built", &item);
+        Ok((item, Outcome::Built))
+    }
+
+    fn commit(&self, recipe: &Recipe, item: &Item, tmp: &Path) -> Result<()> {
+        if fs::symlink_metadata(tmp).is_err() {
+            bail!("the build of `{}` produced nothing", item.name);
+        }
+        canonicalize(tmp)?;
+        let content_sha256 = hash_path(tmp)?;
+        fs::rename(tmp, &item.path)
+            .with_context(|| format!("moving `{}` to `{}`", tmp.display(), item.path.display()))?;
+        if item.path.is_dir() {
+            fs::set_permissions(&item.path, fs::Permissions::from_mode(0o555))
+                .with_context(|| format!("making `{}` read-only", item.path.display()))?;
+        }
+        let meta = Meta {
+            kind: recipe.kind.clone(),
+            name: recipe.name.clone(),
+            content_sha256,
+            params: recipe.params.clone(),
+            inputs: recipe.inputs.clone(),
+        };
+        let meta_path = self.meta_path(item);
+        let meta_tmp = meta_path.with_extension(format!("meta.{}", std::process::id()));
+        fs::write(&meta_tmp, serde_json::to_vec_pretty(&meta)?)
+            .with_context(|| format!("writing `{}`", meta_tmp.display()))?;
+        fs::rename(&meta_tmp, &meta_path).with_context(|| format!("writing `{}`", meta_path.display()))?;
+        Ok(())
+    }
+
+    /// Takes the item's build lock, waiting (and saying so) while another process has it.
+    fn lock(&self, item: &Item) -> Result<File> {
+        let path = self.root.join(".locks").join(format!("{}.lock", item.file_name()));
+        let file = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .with_context(|| format!("opening lock `{}`", path.display()))?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(fs::TryLockError::WouldBlock) => {
+                eprintln!("waiting for another process building `{}`", item.name);
+                file.lock().with_context(|| format!("locking `{}`", path.display()))?;
+            }
+            Err(fs::TryLockError::Error(e)) => return Err(e).with_context(|| format!("locking `{}`", path.display())),
+        }
+        Ok(file)
+    }
+
+    /// With the lock held: removes an incomplete item at the final path and temporary
+    /// directories left by killed builds of the same item.
+    fn clear_leftovers(&self, item: &Item) -> Result<()> {
+        if fs::symlink_metadata(&item.path).is_ok() {
+            eprintln!("removing incomplete store item `{}`", item.path.display());
+            remove_tree(&item.path)?;
+        }
+        let prefix = format!("{}.", item.file_name());
+        let tmp_dir = self.root.join(".tmp");
+        for entry in fs::read_dir(&tmp_dir).with_context(|| format!("listing `{}`", tmp_dir.display()))? {
+            let entry = entry?;
+            if entry.file_name().to_string_lossy().starts_with(&prefix) {
+                remove_tree(&entry.path())?;
+            }
+        }
+        Ok(())
+    }
+
+    fn say(&self, what: &str, item: &Item) {
+        if self.explain {
+            eprintln!("store: {what} {}", item.file_name());
+        }
+    }
+}
+
+/// Makes a built tree canonical: no write bits, no setuid/setgid/sticky, fixed times.
+fn canonicalize(path: &Path) -> Result<()> {
+    let meta = fs::symlink_metadata(path).with_context(|| format!("reading `{}`", path.display()))?;
+    let ft = meta.file_type();
+    if ft.is_dir() {
+        for entry in fs::read_dir(path).with_context(|| format!("listing `{}`", path.display()))? {
+            canonicalize(&entry?.path())?;
+        }
+    }
+    if !ft.is_symlink() {
+        let exec = meta.mode() & 0o111 != 0 || ft.is_dir();
+        let mode = if exec { 0o555 } else { 0o444 };
+        // Directories stay writable until the whole item has been moved into place.
+        let mode = if ft.is_dir() { mode | 0o200 } else { mode };
+        fs::set_permissions(path, fs::Permissions::from_mode(mode))
+            .with_context(|| format!("setting permissions of `{}`", path.display()))?;
+    }
+    let t = nix::sys::time::TimeSpec::new(FIXED_MTIME_SECS, 0);
+    nix::sys::stat::utimensat(None, path, &t, &t, nix::sys::stat::UtimensatFlags::NoFollowSymlink)
+        .with_context(|| format!("setting times of `{}`", path.display()))?;
+    Ok(())
+}
+
+/// Removes a file or tree, first making read-only directories writable.
+pub fn remove_tree(path: &Path) -> Result<()> {
+    let meta = match fs::symlink_metadata(path) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e).with_context(|| format!("reading `{}`", path.display())),
+    };
+    if meta.is_dir() {
+        fs::set_permissions(path, fs::Permissions::from_mode(0o755))
+            .with_context(|| format!("making `{}` writable", path.display()))?;
+        for entry in fs::read_dir(path).with_context(|| format!("listing `{}`", path.display()))? {
+            remove_tree(&entry?.path())?;
+        }
+        fs::remove_dir(path).with_context(|| format!("removing `{}`", path.display()))
+    } else {
+        fs::remove_file(path).with_context(|| format!("removing `{}`", path.display()))
+    }
+}
+
+/// sha256 of a file's bytes, as hex.
+pub fn sha256_file(path: &Path) -> Result<String> {
+    let mut file = File::open(path).with_context(|| format!("opening `{}`", path.display()))?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buf).with_context(|| format!("reading `{}`", path.display()))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(hex(&hasher.finalize()))
+}
+
+/// sha256 of a file or tree's content: names, types, the executable bit, file contents
+/// and link targets. Owners, times and other mode bits do not count. Special files
+/// (devices, FIFOs, sockets) are refused.
+pub fn hash_path(path: &Path) -> Result<String> {
+    let mut hasher = Sha256::new();
+    hasher.update(TREE_ENCODING);
+    hash_entry(path, Path::new(""), &mut hasher)?;
+    Ok(hex(&hasher.finalize()))
+}
+
+fn hash_entry(path: &Path, rel: &Path, hasher: &mut Sha256) -> Result<()> {
+    let meta = fs::symlink_metadata(path).with_context(|| format!("reading `{}`", path.display()))?;
+    let ft = meta.file_type();
+    let rel_bytes = rel.as_os_str().as_encoded_bytes();
+    hasher.update((rel_bytes.len() as u64).to_le_bytes());
+    hasher.update(rel_bytes);
+    if ft.is_symlink() {
+        let target = fs::read_link(path)?;
+        let t = target.as_os_str().as_encoded_bytes();
+        hasher.update(b"l");
+        hasher.update((t.len() as u64).to_le_bytes());
+        hasher.update(t);
+    } else if ft.is_file() {
+        hasher.update(if meta.mode() & 0o111 != 0 { b"x" } else { b"f" });
+        hasher.update(sha256_file(path)?.as_bytes());
+    } else if ft.is_dir() {
+        hasher.update(b"d");
+        let mut names: Vec<_> = fs::read_dir(path)
+            .with_context(|| format!("listing `{}`", path.display()))?
+            .map(|e| e.map(|e| e.file_name()))
+            .collect::<io::Result<_>>()?;
+        names.sort();
+        for name in names {
+            hash_entry(&path.join(&name), &rel.join(&name), hasher)?;
+        }
+    } else {
+        bail!("`{}` is a special file (device, FIFO or socket); the store holds none", path.display());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn encoding_is_versioned_length_prefixed_and_order_independent() {
+        let a = Recipe::new("k", "n").param("x", "1").param("y", "2");
+        let b = Recipe::new("k", "n").param("y", "2").param("x", "1");
+        assert_eq!(a.encode(), b.encode());
+        assert_eq!(a.hash(), b.hash());
+        let enc = Recipe::new("k", "n").encode();
+        let mut expected = RECIPE_ENCODING.to_vec();
+        for s in ["k", "n"] {
+            expected.extend_from_slice(&(s.len() as u64).to_le_bytes());
+            expected.extend_from_slice(s.as_bytes());
+        }
+        expected.extend_from_slice(&0u64.to_le_bytes());
+        expected.extend_from_slice(&0u64.to_le_bytes());
+        assert_eq!(enc, expected);
+        // Length prefixes keep ("ab", "c") and ("a", "bc") apart.
+        assert_ne!(Recipe::new("k", "n").param("ab", "c").hash(), Recipe::new("k", "n").param("a", "bc").hash());
+        assert_ne!(Recipe::new("k", "n").param("a", "1").hash(), Recipe::new("k", "n").input_content("a", "1").hash());
+        assert_eq!(a.hash().len(), 32);
+    }
+
+    #[test]
+    fn names_are_sanitized() {
+        assert_eq!(Recipe::new("k", "busybox-static_1:1.35/x").name(), "busybox-static_1_1.35_x");
+    }
+
+    #[test]
+    fn realise_builds_once_then_hits_and_cleans_leftovers() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), false).unwrap();
+        let recipe = Recipe::new("test", "thing").param("v", "1");
+        let item = store.item_for(&recipe);
+        // A leftover from a killed build, and junk at the final path without a .meta.
+        fs::create_dir_all(dir.path().join(".tmp").join(format!("{}.999", item.file_name()))).unwrap();
+        fs::create_dir_all(&item.path).unwrap();
+        fs::write(item.path.join("junk"), "x").unwrap();
+        assert!(!store.is_present(&item));
+
+        let (built, outcome) = store
+            .realise_with_outcome(&recipe, |out| {
+                fs::create_dir(out)?;
+                fs::write(out.join("file"), "hello")?;
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!(outcome, Outcome::Built);
+        assert_eq!(fs::read_to_string(built.path.join("file")).unwrap(), "hello");
+        assert!(!built.path.join("junk").exists());
+        assert_eq!(fs::read_dir(dir.path().join(".tmp")).unwrap().count(), 0);
+        let mode = fs::metadata(built.path.join("file")).unwrap().mode();
+        assert_eq!(mode & 0o777, 0o444);
+        assert_eq!(store.meta(&built).unwrap().content_sha256, hash_path(&built.path).unwrap());
+
+        let (_, outcome) = store.realise_with_outcome(&recipe, |_| panic!("must not rebuild")).unwrap();
+        assert_eq!(outcome, Outcome::Hit);
+    }
+
+    #[test]
+    fn failed_build_stores_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), false).unwrap();
+        let recipe = Recipe::new("test", "broken");
+        let err = store
+            .realise(&recipe, |out| {
+                fs::create_dir(out)?;
+                fs::write(out.join("half"), "x")?;
+                bail!("boom")
+            })
+            .unwrap_err();
+        assert!(format!("{err:#}").contains("boom"));
+        assert!(!store.is_present(&store.item_for(&recipe)));
+        assert!(!store.item_for(&recipe).path.exists());
+        assert_eq!(fs::read_dir(dir.path().join(".tmp")).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn tree_hash_covers_names_content_exec_bit_and_links() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = dir.path().join("t");
+        fs::create_dir(&t).unwrap();
+        fs::write(t.join("a"), "1").unwrap();
+        let h1 = hash_path(&t).unwrap();
+        fs::set_permissions(t.join("a"), fs::Permissions::from_mode(0o755)).unwrap();
+        let h2 = hash_path(&t).unwrap();
+        assert_ne!(h1, h2);
+        std::os::unix::fs::symlink("a", t.join("b")).unwrap();
+        let h3 = hash_path(&t).unwrap();
+        assert_ne!(h2, h3);
+        fs::write(t.join("a"), "2").unwrap();
+        assert_ne!(h3, hash_path(&t).unwrap());
+        nix::unistd::mkfifo(&t.join("fifo"), nix::sys::stat::Mode::from_bits_truncate(0o644)).unwrap();
+        assert!(hash_path(&t).is_err());
+    }
+}

@@ -1,0 +1,393 @@
+//! Running one VM: writes the request into the exchange directory, starts QEMU under a
+//! guard that kills and reaps it (on timeout, Ctrl-C, SIGTERM, and xtask's own death),
+//! relays the guest's output, and reads back the status the guest helper wrote.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::{mpsc, Arc, Mutex, OnceLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use guest::{Mode, Request, Status};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+use crate::host;
+use crate::qemu::{self, Console, Port, VmSpec};
+
+/// An error that ends xtask with a particular exit status.
+#[derive(Debug)]
+pub struct Failure {
+    pub code: i32,
+    pub message: String,
+}
+
+impl fmt::Display for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for Failure {}
+
+/// Exit status when a VM is killed for running past `--timeout` (as `timeout(1)`).
+pub const EXIT_TIMEOUT: i32 = 124;
+
+/// Where a guest stream ends up on the host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sink {
+    Stdout,
+    Stderr,
+}
+
+/// One VM run.
+pub struct VmRun {
+    /// QEMU's configuration; the console and ports are filled in by [`VmRun::run`].
+    pub spec: VmSpec,
+    pub request: Request,
+    /// The directory shared read-write as `/xchg`.
+    pub xchg: PathBuf,
+    /// Scratch space for FIFOs.
+    pub runtime: PathBuf,
+    /// Where console logs are kept.
+    pub log_dir: PathBuf,
+    /// Names the log file.
+    pub label: String,
+    pub timeout: Option<Duration>,
+    /// Copy the console (kernel and helper messages) to stderr, and print QEMU's command.
+    pub verbose: bool,
+    /// Where the guest command's stdout and stderr go.
+    pub stdout: Sink,
+    pub stderr: Sink,
+}
+
+/// How many bytes of console output are kept for error messages.
+const CONSOLE_TAIL_BYTES: usize = 16 * 1024;
+const CONSOLE_TAIL_LINES: usize = 25;
+
+impl VmRun {
+    /// Boots the VM, waits for it to end and returns the status the guest reported.
+    /// Every way of ending without a status is an error carrying the console's tail.
+    pub fn run(mut self) -> Result<Status> {
+        host::ensure(&[host::QEMU_SYSTEM])?;
+        let interactive = self.request.mode == Mode::Interactive;
+        fs::create_dir_all(&self.log_dir).with_context(|| format!("creating `{}`", self.log_dir.display()))?;
+        let log_path = self.log_dir.join(format!("{}-{}.log", self.label, std::process::id()));
+
+        let mut relays = Vec::new();
+        let tail = Arc::new(Mutex::new(VecDeque::new()));
+        if interactive {
+            self.spec.console = Console::Stdio;
+        } else {
+            let fifo = self.fifo("console")?;
+            let log = File::create(&log_path).with_context(|| format!("creating `{}`", log_path.display()))?;
+            let mut sinks: Vec<Box<dyn Write + Send>> = vec![Box::new(log)];
+            if self.verbose {
+                sinks.push(Box::new(std::io::stderr()));
+            }
+            relays.push(Relay::start(fifo.clone(), sinks, Some(tail.clone())));
+            self.spec.console = Console::File(fifo);
+            for (name, sink) in [("stdout", self.stdout), ("stderr", self.stderr)] {
+                let fifo = self.fifo(name)?;
+                let out: Box<dyn Write + Send> = match sink {
+                    Sink::Stdout => Box::new(std::io::stdout()),
+                    Sink::Stderr => Box::new(std::io::stderr()),
+                };
+                relays.push(Relay::start(fifo.clone(), vec![out], None));
+                self.spec.ports.push(Port { name: name.to_string(), path: fifo });
+            }
+            self.request.stdout_port = Some("stdout".to_string());
+            self.request.stderr_port = Some("stderr".to_string());
+        }
+
+        let request_path = self.xchg.join(guest::REQUEST_FILE);
+        fs::write(&request_path, serde_json::to_vec_pretty(&self.request)?)
+            .with_context(|| format!("writing `{}`", request_path.display()))?;
+        let status_path = self.xchg.join(guest::STATUS_FILE);
+        let _ = fs::remove_file(&status_path);
+
+        let args = qemu::args(&self.spec);
+        if self.verbose {
+            let shown: Vec<String> = args.iter().map(|a| shell_quote(&a.to_string_lossy())).collect();
+            eprintln!("+ {} {}", host::QEMU_SYSTEM.program, shown.join(" "));
+        }
+        let saved_tty = interactive.then(save_terminal).flatten();
+        let started = Instant::now();
+        let ended = run_qemu(&args, interactive, self.timeout);
+        if let Some(t) = saved_tty {
+            restore_terminal(&t);
+        }
+        for relay in relays {
+            relay.finish();
+        }
+        let tail_text = console_tail(&tail);
+        let (qemu_status, qemu_stderr) = match ended {
+            Ok(QemuEnd::Exited(status, stderr)) => (status, stderr),
+            Ok(QemuEnd::TimedOut) => {
+                return Err(Failure {
+                    code: EXIT_TIMEOUT,
+                    message: format!(
+                        "the VM ran past its timeout of {}s and was killed{}",
+                        self.timeout.map(|t| t.as_secs_f64()).unwrap_or_default(),
+                        self.console_note(&tail_text, &log_path)
+                    ),
+                }
+                .into())
+            }
+            Ok(QemuEnd::Interrupted(sig)) => {
+                let _ = fs::remove_file(&log_path);
+                return Err(Failure {
+                    code: 128 + sig as i32,
+                    message: format!("interrupted by {sig}: the VM was stopped"),
+                }
+                .into());
+            }
+            Err(e) => return Err(e),
+        };
+        let elapsed = started.elapsed();
+        match fs::read_to_string(&status_path) {
+            Ok(text) => match Status::decode(&text) {
+                Some(Status::Error(msg)) => bail!(
+                    "the guest helper failed: {msg}{}",
+                    self.console_note(&tail_text, &log_path)
+                ),
+                Some(status) => {
+                    let _ = fs::remove_file(&log_path);
+                    if self.verbose {
+                        eprintln!("vm: {} in {:.2}s", status.encode().trim_end(), elapsed.as_secs_f64());
+                    }
+                    Ok(status)
+                }
+                None => bail!(
+                    "the guest wrote a garbled status {text:?}{}",
+                    self.console_note(&tail_text, &log_path)
+                ),
+            },
+            Err(_) if interactive && qemu_status.success() => {
+                eprintln!("the VM ended without the guest reporting a status (Ctrl-a x, or a guest crash)");
+                Ok(Status::Exited(0))
+            }
+            Err(_) if !qemu_status.success() => bail!(
+                "QEMU failed ({qemu_status}): {}\n(is the `{}` package installed and working?){}",
+                qemu_stderr.trim(),
+                host::QEMU_SYSTEM.package,
+                self.console_note(&tail_text, &log_path)
+            ),
+            Err(_) => bail!(
+                "the guest stopped without reporting a status (kernel panic, a crash of the guest helper, or out of memory?){}",
+                self.console_note(&tail_text, &log_path)
+            ),
+        }
+    }
+
+    fn fifo(&self, name: &str) -> Result<PathBuf> {
+        let path = self.runtime.join(name);
+        nix::unistd::mkfifo(&path, nix::sys::stat::Mode::from_bits_truncate(0o600))
+            .with_context(|| format!("creating FIFO `{}`", path.display()))?;
+        Ok(path)
+    }
+
+    fn console_note(&self, tail: &str, log: &Path) -> String {
+        if self.request.mode == Mode::Interactive {
+            return String::new();
+        }
+        format!("\nlast console lines (full log: {}):\n{tail}", log.display())
+    }
+}
+
+fn console_tail(tail: &Mutex<VecDeque<u8>>) -> String {
+    let bytes: Vec<u8> = tail.lock().map(|t| t.iter().copied().collect()).unwrap_or_default();
+    let text = String::from_utf8_lossy(&bytes);
+    let lines: Vec<&str> = text.lines().collect();
+    let start = lines.len().saturating_sub(CONSOLE_TAIL_LINES);
+    lines[start..].iter().map(|l| format!("  | {}", l.trim_end_matches('\r'))).collect::<Vec<_>>().join("\n")
+}
+
+/// Copies what QEMU writes into a FIFO to the given sinks, on a thread.
+struct Relay {
+    fifo: PathBuf,
+    thread: JoinHandle<()>,
+}
+
+impl Relay {
+    fn start(fifo: PathBuf, mut sinks: Vec<Box<dyn Write + Send>>, tail: Option<Arc<Mutex<VecDeque<u8>>>>) -> Relay {
+        let path = fifo.clone();
+        let thread = std::thread::spawn(move || {
+            // Blocks until QEMU opens the write end (or `finish` does, if QEMU never did).
+            let Ok(mut file) = File::open(&path) else { return };
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                let n = match file.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => n,
+                };
+                // A sink that fails (a closed pipe) is dropped; the others go on.
+                sinks.retain_mut(|s| s.write_all(&buf[..n]).and_then(|()| s.flush()).is_ok());
+                if let Some(tail) = &tail {
+                    if let Ok(mut t) = tail.lock() {
+                        t.extend(&buf[..n]);
+                        let excess = t.len().saturating_sub(CONSOLE_TAIL_BYTES);
+                        t.drain(..excess);
+                    }
+                }
+            }
+        });
+        Relay { fifo, thread }
+    }
+
+    /// Waits for the relay to drain. QEMU has exited: if it never opened the FIFO, open
+    /// the write end here so the reader's `open` returns and it sees end-of-file.
+    fn finish(self) {
+        if let Ok(f) = OpenOptions::new().write(true).custom_flags(nix::libc::O_NONBLOCK).open(&self.fifo) {
+            drop(f);
+        }
+        let _ = self.thread.join();
+    }
+}
+
+enum QemuEnd {
+    Exited(ExitStatus, String),
+    TimedOut,
+    Interrupted(Signal),
+}
+
+/// The signal that asked xtask to stop (0 = none), set by the handlers below.
+static STOP_SIGNAL: AtomicI32 = AtomicI32::new(0);
+
+fn install_signal_handlers() -> Result<()> {
+    static INSTALLED: OnceLock<std::result::Result<(), String>> = OnceLock::new();
+    INSTALLED
+        .get_or_init(|| {
+            for sig in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
+                let n = sig as i32;
+                // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+                unsafe { signal_hook::low_level::register(n, move || STOP_SIGNAL.store(n, Ordering::SeqCst)) }
+                    .map_err(|e| format!("installing a handler for {sig}: {e}"))?;
+            }
+            Ok(())
+        })
+        .clone()
+        .map_err(anyhow::Error::msg)
+}
+
+/// Kills and reaps QEMU when dropped, unless it has already been reaped.
+struct QemuGuard {
+    pid: Pid,
+    done: mpsc::Receiver<std::io::Result<ExitStatus>>,
+    reaped: bool,
+}
+
+impl Drop for QemuGuard {
+    fn drop(&mut self) {
+        if !self.reaped {
+            let _ = kill(self.pid, Signal::SIGKILL);
+            let _ = self.done.recv();
+        }
+    }
+}
+
+fn run_qemu(args: &[std::ffi::OsString], interactive: bool, timeout: Option<Duration>) -> Result<QemuEnd> {
+    install_signal_handlers()?;
+    let mut cmd = Command::new(host::QEMU_SYSTEM.program);
+    cmd.args(args).stderr(Stdio::piped());
+    if !interactive {
+        cmd.stdin(Stdio::null()).stdout(Stdio::null());
+    }
+    // SAFETY: prctl and setpgid are async-signal-safe.
+    unsafe {
+        cmd.pre_exec(move || {
+            // QEMU dies with xtask, even when xtask is SIGKILLed.
+            if nix::libc::prctl(nix::libc::PR_SET_PDEATHSIG, nix::libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // Off the terminal's process group, Ctrl-C reaches only xtask, which then
+            // stops QEMU (QEMU itself would exit 0 on SIGINT, as if all went well).
+            if !interactive && nix::libc::setpgid(0, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().with_context(|| {
+        format!("starting `{}` (install Debian's `{}`)", host::QEMU_SYSTEM.program, host::QEMU_SYSTEM.package)
+    })?;
+    let mut stderr_pipe = child.stderr.take().context("QEMU's stderr")?;
+    let stderr_thread = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stderr_pipe.read_to_string(&mut s);
+        s
+    });
+    let (tx, rx) = mpsc::channel();
+    let mut guard = QemuGuard { pid: Pid::from_raw(child.id() as i32), done: rx, reaped: false };
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait());
+    });
+    let deadline = timeout.map(|t| Instant::now() + t);
+    loop {
+        match guard.done.recv_timeout(Duration::from_millis(20)) {
+            Ok(status) => {
+                guard.reaped = true;
+                let status = status.context("waiting for QEMU")?;
+                let stderr = stderr_thread.join().unwrap_or_default();
+                return Ok(QemuEnd::Exited(status, stderr));
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => bail!("lost track of the QEMU process"),
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+        }
+        let sig = STOP_SIGNAL.load(Ordering::SeqCst);
+        if sig != 0 {
+            drop(guard);
+            return Ok(QemuEnd::Interrupted(Signal::try_from(sig).unwrap_or(Signal::SIGINT)));
+        }
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            drop(guard);
+            return Ok(QemuEnd::TimedOut);
+        }
+    }
+}
+
+fn save_terminal() -> Option<nix::sys::termios::Termios> {
+    nix::sys::termios::tcgetattr(std::io::stdin()).ok()
+}
+
+fn restore_terminal(t: &nix::sys::termios::Termios) {
+    let _ = nix::sys::termios::tcsetattr(std::io::stdin(), nix::sys::termios::SetArg::TCSANOW, t);
+}
+
+/// Quotes an argument for display as a shell word.
+pub fn shell_quote(s: &str) -> String {
+    if !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_./=:,+@%".contains(c)) {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', r"'\''"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quotes_shell_words() {
+        assert_eq!(shell_quote("-m"), "-m");
+        assert_eq!(shell_quote("a b"), "'a b'");
+        assert_eq!(shell_quote("it's"), r"'it'\''s'");
+        assert_eq!(shell_quote(""), "''");
+    }
+
+    #[test]
+    fn console_tail_keeps_last_lines() {
+        let tail = Mutex::new((0..40).flat_map(|i| format!("line {i}\r\n").into_bytes()).collect::<VecDeque<u8>>());
+        let text = console_tail(&tail);
+        assert_eq!(text.lines().count(), CONSOLE_TAIL_LINES);
+        assert!(text.ends_with("  | line 39"));
+    }
+}
