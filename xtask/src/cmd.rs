@@ -1,5 +1,6 @@
 //! The subcommands, one module each, and the options they share.
 
+pub mod bench;
 pub mod build_in_vm;
 pub mod run_vm;
 pub mod systems;

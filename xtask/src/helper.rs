@@ -1,11 +1,14 @@
 //! Builds the guest helper (the `guest` crate) as a static binary and adds it to the
-//! store by content.
+//! store by content. A fingerprint of its sources (paths, sizes, mtimes) lets an
+//! unchanged helper skip the cargo invocation altogether on the hot path.
 
-use std::path::Path;
+use std::fs;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 use object::Object;
+use sha2::{Digest, Sha256};
 
 use crate::store::{self, Item, Recipe, Store};
 use crate::Workspace;
@@ -13,16 +16,26 @@ use crate::Workspace;
 /// The target the helper is built for: explicit, so `+crt-static` applies to it alone and
 /// not to build scripts and proc-macros.
 const TARGET: &str = "x86_64-unknown-linux-gnu";
+const RUSTFLAGS: &str = "-C target-feature=+crt-static -C strip=symbols";
 
 pub fn build(store: &Store, ws: &Workspace, verbose: bool) -> Result<Item> {
     let target_dir = ws.target_dir.join("guest-helper");
+    let memo = target_dir.join("last-build");
+    let fingerprint = source_fingerprint(ws)?;
+    if let Some(item) = fs::read_to_string(&memo)
+        .ok()
+        .and_then(|m| m.strip_prefix(&format!("{fingerprint} ")).map(str::to_string))
+        .and_then(|name| store.lookup(name.trim_end()))
+    {
+        return Ok(item);
+    }
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut cmd = Command::new(cargo);
     cmd.args(["build", "--release", "--package", "guest", "--bin", "guest", "--target", TARGET])
         .arg("--target-dir")
         .arg(&target_dir)
         .current_dir(&ws.root)
-        .env("RUSTFLAGS", "-C target-feature=+crt-static");
+        .env("RUSTFLAGS", RUSTFLAGS);
     if !verbose {
         cmd.arg("--quiet");
     }
@@ -33,18 +46,53 @@ pub fn build(store: &Store, ws: &Workspace, verbose: bool) -> Result<Item> {
     let binary = target_dir.join(TARGET).join("release/guest");
     check_static(&binary)?;
     let recipe = Recipe::new("file", "guest-helper").input_content("content", &store::sha256_file(&binary)?);
-    store.realise(&recipe, |out| {
-        std::fs::copy(&binary, out).with_context(|| format!("copying `{}`", binary.display()))?;
+    let item = store.realise(&recipe, |out| {
+        fs::copy(&binary, out).with_context(|| format!("copying `{}`", binary.display()))?;
         Ok(())
-    })
+    })?;
+    // Best effort: without the memo the next run just asks cargo again.
+    let _ = fs::write(&memo, format!("{fingerprint} {}\n", item.file_name()));
+    Ok(item)
+}
+
+/// Paths, sizes and modification times of everything cargo reads to build the helper.
+fn source_fingerprint(ws: &Workspace) -> Result<String> {
+    let mut files = vec![ws.root.join("Cargo.lock"), ws.root.join("Cargo.toml"), ws.root.join(".cargo/config.toml")];
+    collect_files(&ws.root.join("guest"), &mut files)?;
+    files.sort();
+    let mut hasher = Sha256::new();
+    hasher.update(RUSTFLAGS);
+    for file in files {
+        let (len, mtime) = match fs::metadata(&file) {
+            Ok(m) => (m.len(), m.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())),
+            Err(_) => (u64::MAX, None),
+        };
+        hasher.update(file.as_os_str().as_encoded_bytes());
+        hasher.update(format!("\0{len}\0{}\n", mtime.map(|d| d.as_nanos()).unwrap_or(0)));
+    }
+    Ok(store::hex(&hasher.finalize()))
+}
+
+fn collect_files(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
+    for entry in fs::read_dir(dir).with_context(|| format!("listing `{}`", dir.display()))? {
+        let entry = entry?;
+        let path = entry.path();
+        if entry.file_type()?.is_dir() {
+            if entry.file_name() != "target" {
+                collect_files(&path, out)?;
+            }
+        } else {
+            out.push(path);
+        }
+    }
+    Ok(())
 }
 
 /// The helper runs before any library exists in the guest: it must have no interpreter.
 fn check_static(binary: &Path) -> Result<()> {
-    let data = std::fs::read(binary).with_context(|| format!("reading `{}`", binary.display()))?;
+    let data = fs::read(binary).with_context(|| format!("reading `{}`", binary.display()))?;
     let file = object::File::parse(&*data).with_context(|| format!("parsing `{}`", binary.display()))?;
-    let dynamic = file.section_by_name_bytes(b".interp").is_some();
-    if dynamic {
+    if file.section_by_name_bytes(b".interp").is_some() {
         bail!("the guest helper `{}` is dynamically linked; it must be static", binary.display());
     }
     Ok(())

@@ -100,11 +100,15 @@ fn single_dir_name(dir: &Path) -> Result<String> {
 /// skips the in-guest decompression that costs seconds under TCG) when it can be
 /// extracted, else the bzImage itself.
 pub fn boot_image(store: &Store, tree: &KernelTree) -> Result<PathBuf> {
+    let recipe = tree.identify(Recipe::new("vmlinux", &format!("vmlinux-{}", tree.release)))?;
+    let item = store.item_for(&recipe);
+    if store.is_present(&item) {
+        return Ok(item.path.join("vmlinux"));
+    }
     let image = fs::read(&tree.image).with_context(|| format!("reading `{}`", tree.image.display()))?;
     if find_xz(&image).is_none() {
         return Ok(tree.image.clone());
     }
-    let recipe = tree.identify(Recipe::new("vmlinux", &format!("vmlinux-{}", tree.release)))?;
     let item = store.realise(&recipe, |out| {
         let vmlinux = extract_vmlinux(&image)?;
         fs::create_dir(out)?;

@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use xtask::cmd::{build_in_vm::BuildInVm, run_vm::RunVm, EXIT_USAGE};
+use xtask::cmd::{bench::Bench, build_in_vm::BuildInVm, run_vm::RunVm, EXIT_USAGE};
 use xtask::vm::Failure;
 use xtask::Workspace;
 
@@ -23,6 +23,8 @@ enum Cmd {
     BuildInVm(BuildInVm),
     /// List the named systems.
     Systems,
+    /// Measure against floors measured in the same run; write target/bench/latest.json.
+    Bench(Bench),
 }
 
 fn main() -> ExitCode {
@@ -38,6 +40,7 @@ fn main() -> ExitCode {
         Cmd::RunVm(cmd) => cmd.run(&ws),
         Cmd::BuildInVm(cmd) => cmd.run(&ws),
         Cmd::Systems => Ok(xtask::cmd::systems::run()),
+        Cmd::Bench(cmd) => cmd.run(&ws),
     };
     match result {
         Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),

@@ -180,6 +180,13 @@ impl Store {
         Item { hash, name: recipe.name.clone(), path }
     }
 
+    /// The present item called `file_name` (`<hash>-<name>`), if there is one.
+    pub fn lookup(&self, file_name: &str) -> Option<Item> {
+        let (hash, name) = file_name.split_once('-')?;
+        let item = Item { hash: hash.to_string(), name: name.to_string(), path: self.root.join(file_name) };
+        self.is_present(&item).then_some(item)
+    }
+
     fn meta_path(&self, item: &Item) -> PathBuf {
         self.root.join(format!("{}.meta", item.file_name()))
     }

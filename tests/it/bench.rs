@@ -1,0 +1,25 @@
+//! `bench --quick` runs end to end and writes the JSON report (no timing is asserted).
+
+use vm_tests::xtask;
+
+#[test]
+fn quick_bench_writes_a_valid_report() {
+    let run = xtask(&["bench", "--quick"]);
+    run.expect_code(0);
+    let path = run.stdout.lines().last().expect("no report path printed");
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+    assert!(matches!(report["accel"].as_str(), Some("tcg" | "kvm")), "{report}");
+    let figures = report["figures"].as_array().expect("figures");
+    let names: Vec<&str> = figures.iter().filter_map(|f| f["name"].as_str()).collect();
+    for name in ["boot-to-result", "cache-hit"] {
+        assert!(names.contains(&name), "figure {name} missing: {names:?}");
+    }
+    for f in figures {
+        for key in ["ours_s", "floor_s", "ratio"] {
+            let v = f[key].as_f64().unwrap_or(-1.0);
+            assert!(v > 0.0 && v.is_finite(), "{key} of {} is {v}", f["name"]);
+        }
+        // The printed table has a line per figure.
+        assert!(run.stdout.contains(f["name"].as_str().unwrap()));
+    }
+}
