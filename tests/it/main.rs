@@ -4,6 +4,7 @@
 
 mod bench;
 mod build_in_vm;
+mod faults;
 mod run_vm;
 
 /// A string unique to this test run, so builds are fresh rather than cache hits.

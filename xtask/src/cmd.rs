@@ -11,6 +11,7 @@ use std::time::Duration;
 use anyhow::Result;
 use os_configs::{Kernel, System};
 
+use crate::host;
 use crate::qemu::{self, Accel, AccelChoice, Console, Share, VmSpec};
 use crate::store::Store;
 use crate::system::Lowered;
@@ -87,6 +88,7 @@ impl VmOpts {
             ],
             disks: Vec::new(),
             ports: Vec::new(),
+            sandbox: host::qemu_supports_sandbox(&store.cache_dir()),
         }
     }
 }

@@ -5,7 +5,7 @@
 
 use std::fs;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 
 use anyhow::{bail, ensure, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -62,7 +62,7 @@ pub fn parse_stanza(text: &str) -> Option<Stanza> {
 pub fn show(package: &str) -> Result<Stanza> {
     host::ensure(&[host::APT_GET])?;
     host::apt_update_once()?;
-    let out = Command::new("apt-cache")
+    let out = host::command("apt-cache")
         .args(["show", "--no-all-versions", package])
         .output()
         .context("running apt-cache show")?;
@@ -107,7 +107,7 @@ pub fn unpacked(store: &Store, pin: &Pin) -> Result<Item> {
         host::ensure(&[host::APT_GET, host::DPKG_DEB])?;
         let scratch = store.scratch(&pin.package)?;
         let deb = download(pin, scratch.path())?;
-        let status = Command::new("dpkg-deb").arg("-x").arg(&deb).arg(out).status().context("running dpkg-deb")?;
+        let status = host::command("dpkg-deb").arg("-x").arg(&deb).arg(out).status().context("running dpkg-deb")?;
         ensure!(status.success(), "`dpkg-deb -x {}` failed ({status})", deb.display());
         Ok(())
     })
@@ -116,7 +116,7 @@ pub fn unpacked(store: &Store, pin: &Pin) -> Result<Item> {
 /// Fetches the pinned `.deb` into `dir` and checks its sha256.
 fn download(pin: &Pin, dir: &Path) -> Result<std::path::PathBuf> {
     eprintln!("fetching Debian package {} {} ({:.1} MB)", pin.package, pin.version, pin.size as f64 / 1e6);
-    let mut cmd = Command::new("apt-get");
+    let mut cmd = host::command("apt-get");
     cmd.args(["download", "-q"]);
     if host::is_root() {
         // apt's download sandbox user cannot write into a root-owned directory.

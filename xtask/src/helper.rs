@@ -4,7 +4,6 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 use object::Object;
@@ -30,7 +29,7 @@ pub fn build(store: &Store, ws: &Workspace, verbose: bool) -> Result<Item> {
         return Ok(item);
     }
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let mut cmd = Command::new(cargo);
+    let mut cmd = crate::host::command(cargo);
     cmd.args(["build", "--release", "--package", "guest", "--bin", "guest", "--target", TARGET])
         .arg("--target-dir")
         .arg(&target_dir)

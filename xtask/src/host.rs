@@ -19,6 +19,26 @@ pub const QEMU_IMG: Tool = Tool { program: "qemu-img", package: "qemu-utils" };
 pub const APT_GET: Tool = Tool { program: "apt-get", package: "apt" };
 pub const DPKG_DEB: Tool = Tool { program: "dpkg-deb", package: "dpkg" };
 
+/// When set, missing host programs are reported instead of installed.
+pub const NO_INSTALL_ENV: &str = "XTASK_NO_INSTALL";
+
+/// A command for a host tool that dies with xtask (`PR_SET_PDEATHSIG`), so a killed
+/// xtask leaves no download or unpack running into a directory the next run removes.
+pub fn command(program: impl AsRef<std::ffi::OsStr>) -> Command {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = Command::new(program);
+    // SAFETY: prctl is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            if nix::libc::prctl(nix::libc::PR_SET_PDEATHSIG, nix::libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd
+}
+
 /// Finds `program` on `PATH`.
 pub fn which(program: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
@@ -44,7 +64,7 @@ pub fn ensure(tools: &[Tool]) -> Result<()> {
     let programs: Vec<&str> = missing.iter().map(|t| t.program).collect();
     let mut packages: Vec<String> = missing.iter().map(|t| t.package.to_string()).collect();
     packages.dedup();
-    if !is_root() || which("apt-get").is_none() {
+    if !is_root() || which("apt-get").is_none() || std::env::var_os(NO_INSTALL_ENV).is_some() {
         bail!(
             "missing host program(s): {}; install them with:\n    sudo apt-get install --no-install-recommends {}",
             programs.join(", "),
@@ -60,7 +80,7 @@ pub fn ensure(tools: &[Tool]) -> Result<()> {
     }
     eprintln!("installing missing host program(s) {}: apt-get install {}", programs.join(", "), packages.join(" "));
     apt_update_once()?;
-    let status = Command::new("apt-get")
+    let status = command("apt-get")
         .args(["install", "-y", "-q", "--no-install-recommends", "--allow-downgrades"])
         .args(&packages)
         .env("DEBIAN_FRONTEND", "noninteractive")
@@ -80,7 +100,7 @@ pub fn ensure(tools: &[Tool]) -> Result<()> {
 
 fn candidate_version(package: &str) -> Result<String> {
     apt_update_once()?;
-    let out = Command::new("apt-cache").args(["policy", package]).output().context("running apt-cache policy")?;
+    let out = command("apt-cache").args(["policy", package]).output().context("running apt-cache policy")?;
     let text = String::from_utf8_lossy(&out.stdout);
     text.lines()
         .find_map(|l| l.trim().strip_prefix("Candidate:").map(|v| v.trim().to_string()))
@@ -96,11 +116,8 @@ pub fn apt_update_once() -> Result<()> {
         return Ok(());
     }
     eprintln!("apt has no package lists yet: running apt-get update");
-    let status = Command::new("apt-get")
-        .args(["update", "-q"])
-        .stdout(Stdio::null())
-        .status()
-        .context("running apt-get update")?;
+    let status =
+        command("apt-get").args(["update", "-q"]).stdout(Stdio::null()).status().context("running apt-get update")?;
     if !status.success() {
         bail!("`apt-get update` failed ({status})");
     }
@@ -112,4 +129,30 @@ fn has_package_lists() -> bool {
     std::fs::read_dir("/var/lib/apt/lists")
         .map(|d| d.flatten().any(|e| e.file_name().to_string_lossy().contains("_Packages")))
         .unwrap_or(false)
+}
+
+/// Whether the host's QEMU accepts [`crate::qemu::SANDBOX`] (it needs seccomp support).
+/// The answer is remembered in `cache_dir`, keyed by the QEMU binary's size and mtime.
+pub fn qemu_supports_sandbox(cache_dir: &std::path::Path) -> bool {
+    let Some(qemu) = which(QEMU_SYSTEM.program) else { return false };
+    let key = std::fs::metadata(&qemu)
+        .ok()
+        .and_then(|m| Some(format!("{}:{}:{:?}\n", qemu.display(), m.len(), m.modified().ok()?)))
+        .unwrap_or_default();
+    let memo = cache_dir.join("qemu-sandbox");
+    if let Ok(text) = std::fs::read_to_string(&memo) {
+        if let Some(answer) = text.strip_prefix(&key) {
+            return answer.trim() == "yes";
+        }
+    }
+    // Options are parsed in order: an unsupported -sandbox fails before -version exits.
+    let supported = Command::new(&qemu)
+        .args(["-sandbox", crate::qemu::SANDBOX, "-version"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    let _ = std::fs::write(&memo, format!("{key}{}\n", if supported { "yes" } else { "no" }));
+    supported
 }

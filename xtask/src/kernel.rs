@@ -282,6 +282,50 @@ mod tests {
         assert!(depends(&none).is_empty());
     }
 
+    fn fake_module(modinfo: &[u8]) -> Vec<u8> {
+        use object::write::Object as Writer;
+        use object::{Architecture, BinaryFormat, Endianness, SectionKind};
+        let mut obj = Writer::new(BinaryFormat::Elf, Architecture::X86_64, Endianness::Little);
+        let section = obj.add_section(Vec::new(), b".modinfo".to_vec(), SectionKind::ReadOnlyData);
+        obj.append_section_data(section, modinfo, 1);
+        obj.write().unwrap()
+    }
+
+    #[test]
+    fn reads_modinfo_section_of_an_elf_module() {
+        let elf = fake_module(b"license=GPL\0depends=virtio,virtio_ring\0name=virtio_mmio\0\0");
+        let info = parse_modinfo(&elf).unwrap();
+        assert_eq!(info[0], ("license".to_string(), "GPL".to_string()));
+        assert_eq!(depends(&info), vec!["virtio", "virtio_ring"]);
+        assert!(parse_modinfo(b"not an elf").is_err());
+    }
+
+    #[test]
+    fn closure_orders_dependencies_first_and_skips_builtins() {
+        let dir = tempfile::tempdir().unwrap();
+        let release = dir.path().join("6.1.0-test");
+        let kdir = release.join("kernel/drivers");
+        fs::create_dir_all(&kdir).unwrap();
+        fs::write(kdir.join("a.ko"), fake_module(b"depends=b,c\0")).unwrap();
+        fs::write(kdir.join("b.ko"), fake_module(b"depends=c-d\0")).unwrap();
+        fs::write(kdir.join("c-d.ko"), fake_module(b"depends=\0")).unwrap();
+        fs::write(kdir.join("loop.ko"), fake_module(b"depends=loop2\0")).unwrap();
+        fs::write(kdir.join("loop2.ko"), fake_module(b"depends=loop\0")).unwrap();
+        fs::write(release.join("modules.builtin"), "kernel/lib/c.ko\n").unwrap();
+        let tree = KernelTree {
+            image: dir.path().join("vmlinuz"),
+            modules_dir: release,
+            release: "6.1.0-test".into(),
+            item: None,
+        };
+        let index = ModuleIndex::read(&tree).unwrap();
+        let names: Vec<String> = index.closure(&["a".to_string()]).unwrap().into_iter().map(|m| m.name).collect();
+        assert_eq!(names, vec!["c_d", "b", "a"]);
+        let err = index.closure(&["nope".to_string()]).unwrap_err().to_string();
+        assert!(err.contains("`nope` is neither a module of kernel 6.1.0-test nor built into it"), "{err}");
+        assert!(index.closure(&["loop".to_string()]).unwrap_err().to_string().contains("cycle"));
+    }
+
     #[test]
     fn recognises_versioned_kernel_packages() {
         assert!(is_versioned_image_package("linux-image-6.1.0-56-amd64"));

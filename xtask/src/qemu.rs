@@ -136,6 +136,8 @@ pub struct VmSpec {
     pub shares: Vec<Share>,
     pub disks: Vec<Disk>,
     pub ports: Vec<Port>,
+    /// Run QEMU under its seccomp sandbox (when the host's QEMU supports it).
+    pub sandbox: bool,
 }
 
 fn os(args: &[&str]) -> Vec<OsString> {
@@ -165,6 +167,18 @@ pub fn accel_args(accel: Accel) -> Vec<OsString> {
     match accel {
         Accel::Kvm => os(&["-accel", "kvm", "-cpu", "host"]),
         Accel::Tcg => os(&["-accel", "tcg"]),
+    }
+}
+
+/// The options of `-sandbox`: seccomp filters that deny obsolete system calls,
+/// privilege changes, spawning processes and resource control to QEMU.
+pub const SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
+
+pub fn sandbox_args(sandbox: bool) -> Vec<OsString> {
+    if sandbox {
+        os(&["-sandbox", SANDBOX])
+    } else {
+        Vec::new()
     }
 }
 
@@ -253,6 +267,7 @@ pub fn args(spec: &VmSpec) -> Vec<OsString> {
     [
         machine_args(),
         accel_args(spec.accel),
+        sandbox_args(spec.sandbox),
         memory_args(spec.memory_mib),
         kernel_args(spec),
         console_args(&spec.console),
@@ -293,6 +308,7 @@ mod tests {
             ],
             disks: vec![Disk { path: "/x/disk.raw".into(), format: DiskFormat::Raw, readonly: false }],
             ports: vec![Port { name: "stdout".into(), path: "/r/out".into() }],
+            sandbox: true,
         }
     }
 
@@ -301,50 +317,26 @@ mod tests {
     }
 
     #[test]
+    #[rustfmt::skip]
     fn tcg_command_line_with_shares_disk_and_port() {
         let args = strings(args(&spec()));
         let expected = [
-            "-machine",
-            "microvm",
-            "-nodefaults",
-            "-no-user-config",
-            "-display",
-            "none",
-            "-no-reboot",
-            "-smp",
-            "1",
-            "-accel",
-            "tcg",
-            "-m",
-            "256",
-            "-kernel",
-            "/s/vmlinux",
-            "-initrd",
-            "/s/initrd",
-            "-append",
-            "console=ttyS0 reboot=t panic=-1 quiet pci=off rdinit=/init tsc_early_khz=2596122 foo=1",
-            "-chardev",
-            "file,id=console,path=/r/console",
-            "-serial",
-            "chardev:console",
-            "-fsdev",
-            "local,id=fs0,security_model=none,path=/s,readonly=on",
-            "-device",
-            "virtio-9p-device,fsdev=fs0,mount_tag=store",
-            "-fsdev",
-            "local,id=fs1,security_model=none,path=/x",
-            "-device",
-            "virtio-9p-device,fsdev=fs1,mount_tag=xchg",
-            "-drive",
-            "if=none,id=disk0,format=raw,file=/x/disk.raw",
-            "-device",
-            "virtio-blk-device,drive=disk0",
-            "-device",
-            "virtio-serial-device",
-            "-chardev",
-            "file,id=port0,path=/r/out",
-            "-device",
-            "virtserialport,chardev=port0,name=stdout",
+            "-machine", "microvm", "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot", "-smp", "1",
+            "-accel", "tcg",
+            "-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
+            "-m", "256",
+            "-kernel", "/s/vmlinux", "-initrd", "/s/initrd",
+            "-append", "console=ttyS0 reboot=t panic=-1 quiet pci=off rdinit=/init tsc_early_khz=2596122 foo=1",
+            "-chardev", "file,id=console,path=/r/console", "-serial", "chardev:console",
+            "-fsdev", "local,id=fs0,security_model=none,path=/s,readonly=on",
+            "-device", "virtio-9p-device,fsdev=fs0,mount_tag=store",
+            "-fsdev", "local,id=fs1,security_model=none,path=/x",
+            "-device", "virtio-9p-device,fsdev=fs1,mount_tag=xchg",
+            "-drive", "if=none,id=disk0,format=raw,file=/x/disk.raw",
+            "-device", "virtio-blk-device,drive=disk0",
+            "-device", "virtio-serial-device",
+            "-chardev", "file,id=port0,path=/r/out",
+            "-device", "virtserialport,chardev=port0,name=stdout",
         ];
         assert_eq!(args, expected);
     }
@@ -358,11 +350,25 @@ mod tests {
         s.disks.clear();
         s.ports.clear();
         s.tsc_khz = None;
+        s.sandbox = false;
         let args = strings(args(&s));
+        assert!(!args.iter().any(|a| a == "-sandbox"));
         assert_eq!(args[9..13], ["-accel", "kvm", "-cpu", "host"]);
         assert!(args.ends_with(&["-serial".to_string(), "mon:stdio".to_string()]));
         assert!(!args.iter().any(|a| a.contains("virtio")));
         assert!(!args.iter().any(|a| a.contains("tsc_early_khz")));
+    }
+
+    #[test]
+    fn every_drive_names_its_format() {
+        let disks = [
+            Disk { path: "/a".into(), format: DiskFormat::Raw, readonly: false },
+            Disk { path: "/b".into(), format: DiskFormat::Qcow2, readonly: false },
+        ];
+        let args = strings(disk_args(&disks));
+        let drives: Vec<&String> = args.iter().filter(|a| a.contains("file=")).collect();
+        assert_eq!(drives.len(), 2);
+        assert!(drives.iter().all(|d| d.contains(",format=raw,") || d.contains(",format=qcow2,")));
     }
 
     #[test]

@@ -149,11 +149,28 @@ impl Store {
     /// Opens (creating if needed) the store at `root`. With `explain`, every lookup says
     /// on stderr whether it was a hit or a build.
     pub fn open(root: &Path, explain: bool) -> Result<Store> {
-        for sub in [".tmp", ".locks", ".pins"] {
+        for sub in [".tmp", ".locks", ".pins", ".cache"] {
             let dir = root.join(sub);
             fs::create_dir_all(&dir).with_context(|| format!("creating store directory `{}`", dir.display()))?;
         }
-        Ok(Store { root: root.to_path_buf(), explain })
+        let store = Store { root: root.to_path_buf(), explain };
+        store.remove_dead_scratch()?;
+        Ok(store)
+    }
+
+    /// Removes scratch directories of processes that no longer exist (killed runs).
+    fn remove_dead_scratch(&self) -> Result<()> {
+        let tmp = self.root.join(".tmp");
+        for entry in fs::read_dir(&tmp).with_context(|| format!("listing `{}`", tmp.display()))?.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let pid = name.strip_prefix("scratch-").and_then(|r| r.split('-').next()).and_then(|p| p.parse().ok());
+            if let Some(pid) = pid {
+                if !process_alive(pid) {
+                    remove_tree(&entry.path())?;
+                }
+            }
+        }
+        Ok(())
     }
 
     pub fn root(&self) -> &Path {
@@ -165,10 +182,16 @@ impl Store {
         self.root.join(".pins")
     }
 
-    /// Directory for scratch space that is not an item (e.g. a VM's exchange directory).
+    /// Directory for small memos that are not items (probes of host tools).
+    pub fn cache_dir(&self) -> PathBuf {
+        self.root.join(".cache")
+    }
+
+    /// Directory for scratch space that is not an item (e.g. a VM's exchange directory),
+    /// removed when dropped, or by a later run if this process is killed.
     pub fn scratch(&self, name: &str) -> Result<tempfile::TempDir> {
         tempfile::Builder::new()
-            .prefix(&format!("scratch-{}.", sanitize_name(name)))
+            .prefix(&format!("scratch-{}-{}.", std::process::id(), sanitize_name(name)))
             .tempdir_in(self.root.join(".tmp"))
             .with_context(|| format!("creating a scratch directory in `{}`", self.root.display()))
     }
@@ -312,6 +335,11 @@ impl Store {
     }
 }
 
+fn process_alive(pid: i32) -> bool {
+    // Signal 0 checks existence; EPERM means it exists but belongs to someone else.
+    !matches!(nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None), Err(nix::errno::Errno::ESRCH))
+}
+
 /// Makes a built tree canonical: no write bits, no setuid/setgid/sticky, fixed times.
 fn canonicalize(path: &Path) -> Result<()> {
     let meta = fs::symlink_metadata(path).with_context(|| format!("reading `{}`", path.display()))?;
@@ -332,6 +360,56 @@ fn canonicalize(path: &Path) -> Result<()> {
     let t = nix::sys::time::TimeSpec::new(FIXED_MTIME_SECS, 0);
     nix::sys::stat::utimensat(None, path, &t, &t, nix::sys::stat::UtimensatFlags::NoFollowSymlink)
         .with_context(|| format!("setting times of `{}`", path.display()))?;
+    Ok(())
+}
+
+/// Checks a tree written by an untrusted guest before it enters the store: no special
+/// files, no symbolic link that is absolute or climbs out of the tree, and no hard link
+/// shared with anything else (each such file gets its own copy). Setuid and setgid bits
+/// and times are dealt with when the item is committed.
+pub fn check_untrusted_tree(root: &Path) -> Result<()> {
+    check_untrusted_entry(root, Path::new(""))
+}
+
+fn check_untrusted_entry(path: &Path, rel: &Path) -> Result<()> {
+    let meta = fs::symlink_metadata(path).with_context(|| format!("reading `{}`", path.display()))?;
+    let ft = meta.file_type();
+    let shown = Path::new("$out").join(rel);
+    if ft.is_symlink() {
+        let target = fs::read_link(path)?;
+        if target.is_absolute() {
+            bail!(
+                "`{}` is a symbolic link to the absolute path `{}`; links must stay inside $out",
+                shown.display(),
+                target.display()
+            );
+        }
+        // Depth of the link's directory below the root, then walk the target lexically.
+        let mut depth = rel.components().count() as i64 - 1;
+        for c in target.components() {
+            match c {
+                std::path::Component::ParentDir => depth -= 1,
+                std::path::Component::Normal(_) => depth += 1,
+                _ => {}
+            }
+            if depth < 0 {
+                bail!("`{}` is a symbolic link to `{}`, outside $out", shown.display(), target.display());
+            }
+        }
+    } else if ft.is_dir() {
+        for entry in fs::read_dir(path).with_context(|| format!("listing `{}`", path.display()))? {
+            let entry = entry?;
+            check_untrusted_entry(&entry.path(), &rel.join(entry.file_name()))?;
+        }
+    } else if ft.is_file() {
+        if meta.nlink() > 1 {
+            let copy = path.with_file_name(format!(".unlink-{}", std::process::id()));
+            fs::copy(path, &copy).with_context(|| format!("copying `{}`", path.display()))?;
+            fs::rename(&copy, path).with_context(|| format!("replacing `{}`", path.display()))?;
+        }
+    } else {
+        bail!("`{}` is a special file (device, FIFO or socket); the store takes none", shown.display());
+    }
     Ok(())
 }
 
@@ -487,6 +565,32 @@ mod tests {
         assert!(!store.is_present(&store.item_for(&recipe)));
         assert!(!store.item_for(&recipe).path.exists());
         assert_eq!(fs::read_dir(dir.path().join(".tmp")).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn untrusted_trees_keep_links_inside_and_lose_shared_inodes() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("out");
+        fs::create_dir_all(out.join("sub")).unwrap();
+        fs::write(out.join("f"), "x").unwrap();
+        std::os::unix::fs::symlink("../f", out.join("sub/ok")).unwrap();
+        fs::write(dir.path().join("outside"), "secret").unwrap();
+        fs::hard_link(dir.path().join("outside"), out.join("hard")).unwrap();
+        check_untrusted_tree(&out).unwrap();
+        assert_eq!(fs::metadata(out.join("hard")).unwrap().nlink(), 1);
+        assert_eq!(fs::read_to_string(out.join("hard")).unwrap(), "secret");
+
+        std::os::unix::fs::symlink("../../outside", out.join("sub/escape")).unwrap();
+        let err = check_untrusted_tree(&out).unwrap_err().to_string();
+        assert!(err.contains("$out/sub/escape") && err.contains("outside $out"), "{err}");
+        fs::remove_file(out.join("sub/escape")).unwrap();
+
+        std::os::unix::fs::symlink("/etc/passwd", out.join("abs")).unwrap();
+        assert!(check_untrusted_tree(&out).unwrap_err().to_string().contains("absolute path"));
+        fs::remove_file(out.join("abs")).unwrap();
+
+        nix::unistd::mkfifo(&out.join("fifo"), nix::sys::stat::Mode::from_bits_truncate(0o644)).unwrap();
+        assert!(check_untrusted_tree(&out).unwrap_err().to_string().contains("`$out/fifo` is a special file"));
     }
 
     #[test]

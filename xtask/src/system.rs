@@ -3,7 +3,6 @@
 
 use std::fs;
 use std::path::PathBuf;
-use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 use os_configs::{Package, System};
@@ -98,7 +97,7 @@ pub fn busybox(store: &Store) -> Result<Item> {
         let bin = out.join("bin");
         fs::create_dir_all(&bin)?;
         fs::copy(&src, bin.join("busybox")).with_context(|| format!("copying `{}`", src.display()))?;
-        let list = Command::new(&src).arg("--list").output().context("running busybox --list")?;
+        let list = crate::host::command(&src).arg("--list").output().context("running busybox --list")?;
         if !list.status.success() {
             bail!("`busybox --list` failed ({})", list.status);
         }

@@ -6,6 +6,7 @@ use std::collections::VecDeque;
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -93,7 +94,7 @@ impl VmRun {
             if self.verbose {
                 sinks.push(Box::new(std::io::stderr()));
             }
-            relays.push(Relay::start(fifo.clone(), sinks, Some(tail.clone())));
+            relays.push(Relay::start(&fifo, sinks, Some(tail.clone()))?);
             self.spec.console = Console::File(fifo);
             for (name, sink) in [("stdout", self.stdout), ("stderr", self.stderr)] {
                 let fifo = self.fifo(name)?;
@@ -101,7 +102,7 @@ impl VmRun {
                     Sink::Stdout => Box::new(std::io::stdout()),
                     Sink::Stderr => Box::new(std::io::stderr()),
                 };
-                relays.push(Relay::start(fifo.clone(), vec![out], None));
+                relays.push(Relay::start(&fifo, vec![out], None)?);
                 self.spec.ports.push(Port { name: name.to_string(), path: fifo });
             }
             self.request.stdout_port = Some("stdout".to_string());
@@ -212,20 +213,36 @@ fn console_tail(tail: &Mutex<VecDeque<u8>>) -> String {
 }
 
 /// Copies what QEMU writes into a FIFO to the given sinks, on a thread.
+///
+/// Both ends are opened here, before QEMU starts: the read end without blocking, then
+/// a write end that xtask keeps until QEMU has exited. So QEMU's own open never waits,
+/// the reader never sees end-of-file before QEMU has written everything, and it does
+/// see it once QEMU is gone, whether or not QEMU ever opened the FIFO.
 struct Relay {
-    fifo: PathBuf,
+    keeper: File,
     thread: JoinHandle<()>,
 }
 
 impl Relay {
-    fn start(fifo: PathBuf, mut sinks: Vec<Box<dyn Write + Send>>, tail: Option<Arc<Mutex<VecDeque<u8>>>>) -> Relay {
-        let path = fifo.clone();
+    fn start(
+        fifo: &Path,
+        mut sinks: Vec<Box<dyn Write + Send>>,
+        tail: Option<Arc<Mutex<VecDeque<u8>>>>,
+    ) -> Result<Relay> {
+        let mut reader = OpenOptions::new()
+            .read(true)
+            .custom_flags(nix::libc::O_NONBLOCK)
+            .open(fifo)
+            .with_context(|| format!("opening FIFO `{}`", fifo.display()))?;
+        let keeper =
+            OpenOptions::new().write(true).open(fifo).with_context(|| format!("opening FIFO `{}`", fifo.display()))?;
+        let flags = nix::fcntl::fcntl(reader.as_raw_fd(), nix::fcntl::FcntlArg::F_GETFL)?;
+        let blocking = nix::fcntl::OFlag::from_bits_truncate(flags) & !nix::fcntl::OFlag::O_NONBLOCK;
+        nix::fcntl::fcntl(reader.as_raw_fd(), nix::fcntl::FcntlArg::F_SETFL(blocking))?;
         let thread = std::thread::spawn(move || {
-            // Blocks until QEMU opens the write end (or `finish` does, if QEMU never did).
-            let Ok(mut file) = File::open(&path) else { return };
             let mut buf = vec![0u8; 64 * 1024];
             loop {
-                let n = match file.read(&mut buf) {
+                let n = match reader.read(&mut buf) {
                     Ok(0) | Err(_) => break,
                     Ok(n) => n,
                 };
@@ -240,15 +257,12 @@ impl Relay {
                 }
             }
         });
-        Relay { fifo, thread }
+        Ok(Relay { keeper, thread })
     }
 
-    /// Waits for the relay to drain. QEMU has exited: if it never opened the FIFO, open
-    /// the write end here so the reader's `open` returns and it sees end-of-file.
+    /// Call once QEMU has exited: drains what is left and waits for the thread.
     fn finish(self) {
-        if let Ok(f) = OpenOptions::new().write(true).custom_flags(nix::libc::O_NONBLOCK).open(&self.fifo) {
-            drop(f);
-        }
+        drop(self.keeper);
         let _ = self.thread.join();
     }
 }

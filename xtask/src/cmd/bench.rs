@@ -77,6 +77,7 @@ impl Bench {
             shares: vec![Share { tag: guest::XCHG_TAG.into(), path: xchg.to_path_buf(), readonly: false }],
             disks: Vec::new(),
             ports: Vec::new(),
+            sandbox: host::qemu_supports_sandbox(&store.cache_dir()),
         };
         let scratch = store.scratch("bench")?;
         let floor = measure(warmup, runs, || {

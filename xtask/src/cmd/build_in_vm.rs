@@ -4,7 +4,6 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 use guest::{Mode, Request, Status};
@@ -139,6 +138,7 @@ impl BuildInVm {
                 }
                 Status::Error(msg) => bail!("the guest helper failed: {msg}"),
             }
+            store::check_untrusted_tree(&out_dir).context("checking what the build wrote to $out")?;
             if let Some((path, format)) = disk_path {
                 let dest = out_dir.join(format!("disk.{}", format.name()));
                 if fs::symlink_metadata(&dest).is_ok() {
@@ -228,8 +228,13 @@ fn guest_input_path(item: &Item, rel: &Option<String>) -> String {
 /// Copies a tree with `cp -a`'s semantics for what the store accepts (files, dirs,
 /// symlinks).
 fn copy_tree(src: &Path, dst: &Path) -> Result<()> {
-    let status =
-        Command::new("cp").arg("-a").arg("--no-preserve=ownership").arg(src).arg(dst).status().context("running cp")?;
+    let status = host::command("cp")
+        .arg("-a")
+        .arg("--no-preserve=ownership")
+        .arg(src)
+        .arg(dst)
+        .status()
+        .context("running cp")?;
     if !status.success() {
         bail!("copying `{}` failed ({status})", src.display());
     }
@@ -238,7 +243,7 @@ fn copy_tree(src: &Path, dst: &Path) -> Result<()> {
 
 fn create_disk(path: &PathBuf, format: DiskFormat, size: u64) -> Result<()> {
     host::ensure(&[host::QEMU_IMG])?;
-    let out = Command::new(host::QEMU_IMG.program)
+    let out = host::command(host::QEMU_IMG.program)
         .args(["create", "-q", "-f", format.name()])
         .arg(path)
         .arg(size.to_string())
