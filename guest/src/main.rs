@@ -17,6 +17,8 @@ use nix::sys::signal::{kill, SigSet, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 
+mod disk;
+
 fn main() {
     log("started");
     let status = match run() {
@@ -34,6 +36,10 @@ type Result<T> = std::result::Result<T, String>;
 fn run() -> Result<Status> {
     mount_basics()?;
     load_modules()?;
+    // Booted from a disk image (`vm-image`): no shares, no status file; never returns.
+    if let Some(args) = fs::read_to_string("/proc/cmdline").ok().and_then(|l| guest::image::BootArgs::parse(&l)) {
+        disk::boot(&args);
+    }
     mount_9p(guest::XCHG_TAG, guest::XCHG_MOUNT, MsFlags::empty(), "cache=none")?;
     mount_9p(guest::STORE_TAG, guest::STORE_MOUNT, MsFlags::MS_RDONLY, "cache=loose")?;
     let request = read_request()?;
