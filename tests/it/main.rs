@@ -4,6 +4,7 @@
 
 mod build_in_vm;
 mod run_vm;
+mod vm_image;
 
 /// A string unique to this test run, so builds are fresh rather than cache hits.
 pub fn nonce() -> String {

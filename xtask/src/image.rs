@@ -25,8 +25,9 @@ use crate::qemu::DiskFormat;
 use crate::store::{self, Item, Recipe, Store};
 use crate::{host, system, vm::shell_quote, Workspace};
 
-/// Version of the image layout; part of every image recipe.
-const LAYOUT_VERSION: &str = "vm-image-v1";
+/// Version of the image layout and of the way it is built; part of every image recipe,
+/// so a change to the builder makes new items instead of passing for the old ones.
+const LAYOUT_VERSION: &str = "vm-image-v2";
 /// Modules the initrd of an image loads besides the base ones: the disk on QEMU's
 /// default `pc` machine (IDE: ata_piix, and sd for `/dev/sda`), virtio disks on PCI,
 /// ext4 (with crc32c, which it asks the crypto API for rather than depending on it) and
@@ -270,7 +271,9 @@ pub fn tool_versions(format: DiskFormat) -> Result<String> {
 
 /// The recipe of an image of `closure`.
 pub fn recipe(closure: &Closure, opts: &ImageOptions, tool_versions: &str) -> Recipe {
-    let mut recipe = Recipe::new("vm-image", &format!("vm-image-{}", closure.system_name))
+    let volatile = if opts.volatile { "-volatile" } else { "" };
+    let name = format!("vm-image-{}-{}{volatile}", closure.system_name, opts.format.name());
+    let mut recipe = Recipe::new("vm-image", &name)
         .param("layout", LAYOUT_VERSION)
         .param("builder", "host")
         .param("format", opts.format.name())
@@ -535,11 +538,12 @@ fn write_raw(
         )
     })?;
 
-    // mke2fs copies ctime and owners from the staging tree; make them fixed.
+    // mke2fs copies ctime, atime (which its own reading may have just updated) and
+    // owners from the staging tree; make them fixed.
     let fs_spec = format!("{}?offset={PARTITION_OFFSET}", raw.display());
     let mut script = String::new();
     for path in std::iter::once("").chain(entries.iter().map(String::as_str)) {
-        for (field, value) in [("ctime", "@1"), ("uid", "0"), ("gid", "0")] {
+        for (field, value) in [("ctime", "@1"), ("atime", "@1"), ("uid", "0"), ("gid", "0")] {
             script.push_str(&format!("sif \"/{path}\" {field} {value}\n"));
         }
     }
