@@ -257,8 +257,10 @@ fn finish(status: &Status) -> ! {
         Err(e) => log(&format!("cannot write {}: {e}", path.display())),
     }
     nix::unistd::sync();
-    // The host runs QEMU with -no-reboot, so a reboot ends the VM at once.
-    let _ = reboot(RebootMode::RB_AUTOBOOT);
+    // The host runs QEMU with -no-reboot, so a reboot ends the VM at once. A disk image
+    // that failed before its root was mounted is booted by anyone's QEMU: power off.
+    let disk_boot = fs::read_to_string("/proc/cmdline").ok().and_then(|l| guest::image::BootArgs::parse(&l)).is_some();
+    let _ = reboot(if disk_boot { RebootMode::RB_POWER_OFF } else { RebootMode::RB_AUTOBOOT });
     // Unreachable unless reboot failed: exiting PID 1 panics the kernel, and the kernel
     // runs with panic=-1, which reboots too.
     std::process::exit(1)
