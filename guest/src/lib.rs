@@ -13,6 +13,8 @@
 
 use serde::{Deserialize, Serialize};
 
+pub mod image;
+
 /// Version of the request format; bumped on every incompatible change.
 pub const PROTOCOL_VERSION: u32 = 1;
 /// Where the host's store appears in the guest (read-only).

@@ -17,6 +17,8 @@ use nix::sys::signal::{kill, SigSet, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 
+mod disk;
+
 fn main() {
     log("started");
     let status = match run() {
@@ -34,6 +36,10 @@ type Result<T> = std::result::Result<T, String>;
 fn run() -> Result<Status> {
     mount_basics()?;
     load_modules()?;
+    // Booted from a disk image (`vm-image`): no shares, no status file; never returns.
+    if let Some(args) = fs::read_to_string("/proc/cmdline").ok().and_then(|l| guest::image::BootArgs::parse(&l)) {
+        disk::boot(&args);
+    }
     mount_9p(guest::XCHG_TAG, guest::XCHG_MOUNT, MsFlags::empty(), "cache=none")?;
     mount_9p(guest::STORE_TAG, guest::STORE_MOUNT, MsFlags::MS_RDONLY, "cache=loose")?;
     let request = read_request()?;
@@ -251,8 +257,10 @@ fn finish(status: &Status) -> ! {
         Err(e) => log(&format!("cannot write {}: {e}", path.display())),
     }
     nix::unistd::sync();
-    // The host runs QEMU with -no-reboot, so a reboot ends the VM at once.
-    let _ = reboot(RebootMode::RB_AUTOBOOT);
+    // The host runs QEMU with -no-reboot, so a reboot ends the VM at once. A disk image
+    // that failed before its root was mounted is booted by anyone's QEMU: power off.
+    let disk_boot = fs::read_to_string("/proc/cmdline").ok().and_then(|l| guest::image::BootArgs::parse(&l)).is_some();
+    let _ = reboot(if disk_boot { RebootMode::RB_POWER_OFF } else { RebootMode::RB_AUTOBOOT });
     // Unreachable unless reboot failed: exiting PID 1 panics the kernel, and the kernel
     // runs with panic=-1, which reboots too.
     std::process::exit(1)

@@ -64,9 +64,21 @@ pub fn minimal() -> System {
     }
 }
 
+/// `minimal`, which, booted from a disk image, counts the boot on its root file system,
+/// prints a marker line (`vm-image boot-check: ok ...`) and powers off: for tests of
+/// `cargo xtask vm-image`.
+pub fn boot_check() -> System {
+    System {
+        name: "boot-check".to_string(),
+        description: "minimal; from a disk image: print a boot marker and power off (for tests)".to_string(),
+        kernel_args: vec!["vm.boot-check".to_string()],
+        ..minimal()
+    }
+}
+
 /// Every named system, in the order `cargo xtask systems` lists them.
 pub fn all() -> Vec<System> {
-    vec![minimal()]
+    vec![minimal(), boot_check()]
 }
 
 /// Looks a named system up.

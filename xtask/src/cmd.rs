@@ -4,6 +4,7 @@ pub mod bench;
 pub mod build_in_vm;
 pub mod run_vm;
 pub mod systems;
+pub mod vm_image;
 
 use std::path::PathBuf;
 use std::time::Duration;

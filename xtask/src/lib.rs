@@ -7,6 +7,7 @@ pub mod cpio;
 pub mod debian;
 pub mod helper;
 pub mod host;
+pub mod image;
 pub mod initrd;
 pub mod kernel;
 pub mod qemu;

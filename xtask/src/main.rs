@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use xtask::cmd::{bench::Bench, build_in_vm::BuildInVm, run_vm::RunVm, EXIT_USAGE};
+use xtask::cmd::{bench::Bench, build_in_vm::BuildInVm, run_vm::RunVm, vm_image::VmImage, EXIT_USAGE};
 use xtask::vm::Failure;
 use xtask::Workspace;
 
@@ -21,6 +21,8 @@ enum Cmd {
     RunVm(RunVm),
     /// Run a build command in a VM; store what it writes to $out and print the path.
     BuildInVm(BuildInVm),
+    /// Build a bootable disk image of a system; print its path.
+    VmImage(VmImage),
     /// List the named systems.
     Systems,
     /// Measure against floors measured in the same run; write target/bench/latest.json.
@@ -39,6 +41,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Cmd::RunVm(cmd) => cmd.run(&ws),
         Cmd::BuildInVm(cmd) => cmd.run(&ws),
+        Cmd::VmImage(cmd) => cmd.run(&ws),
         Cmd::Systems => Ok(xtask::cmd::systems::run()),
         Cmd::Bench(cmd) => cmd.run(&ws),
     };

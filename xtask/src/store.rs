@@ -7,7 +7,7 @@
 //! removed by the next run that takes the item's lock, and are never served.
 
 use std::fs::{self, File};
-use std::io::{self, Read};
+use std::io;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
@@ -17,8 +17,6 @@ use sha2::{Digest, Sha256};
 
 /// Version tag of the recipe encoding; changing the encoding changes every hash.
 const RECIPE_ENCODING: &[u8] = b"vmstore-recipe-v1\n";
-/// Version tag of the tree-content encoding.
-const TREE_ENCODING: &[u8] = b"vmstore-tree-v1\n";
 /// Modification time given to everything in an item (for reproducible images).
 const FIXED_MTIME_SECS: i64 = 1;
 
@@ -434,58 +432,15 @@ pub fn remove_tree(path: &Path) -> Result<()> {
 
 /// sha256 of a file's bytes, as hex.
 pub fn sha256_file(path: &Path) -> Result<String> {
-    let mut file = File::open(path).with_context(|| format!("opening `{}`", path.display()))?;
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = file.read(&mut buf).with_context(|| format!("reading `{}`", path.display()))?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-    }
-    Ok(hex(&hasher.finalize()))
+    guest::image::file_hash(path).with_context(|| format!("reading `{}`", path.display()))
 }
 
-/// sha256 of a file or tree's content: names, types, the executable bit, file contents
-/// and link targets. Owners, times and other mode bits do not count. Special files
-/// (devices, FIFOs, sockets) are refused.
+/// sha256 of a file or tree's content ([`guest::image::tree_hash`], which the guest
+/// helper uses to verify an image's store): names, types, the executable bit, file
+/// contents and link targets. Owners, times and other mode bits do not count. Special
+/// files (devices, FIFOs, sockets) are refused.
 pub fn hash_path(path: &Path) -> Result<String> {
-    let mut hasher = Sha256::new();
-    hasher.update(TREE_ENCODING);
-    hash_entry(path, Path::new(""), &mut hasher)?;
-    Ok(hex(&hasher.finalize()))
-}
-
-fn hash_entry(path: &Path, rel: &Path, hasher: &mut Sha256) -> Result<()> {
-    let meta = fs::symlink_metadata(path).with_context(|| format!("reading `{}`", path.display()))?;
-    let ft = meta.file_type();
-    let rel_bytes = rel.as_os_str().as_encoded_bytes();
-    hasher.update((rel_bytes.len() as u64).to_le_bytes());
-    hasher.update(rel_bytes);
-    if ft.is_symlink() {
-        let target = fs::read_link(path)?;
-        let t = target.as_os_str().as_encoded_bytes();
-        hasher.update(b"l");
-        hasher.update((t.len() as u64).to_le_bytes());
-        hasher.update(t);
-    } else if ft.is_file() {
-        hasher.update(if meta.mode() & 0o111 != 0 { b"x" } else { b"f" });
-        hasher.update(sha256_file(path)?.as_bytes());
-    } else if ft.is_dir() {
-        hasher.update(b"d");
-        let mut names: Vec<_> = fs::read_dir(path)
-            .with_context(|| format!("listing `{}`", path.display()))?
-            .map(|e| e.map(|e| e.file_name()))
-            .collect::<io::Result<_>>()?;
-        names.sort();
-        for name in names {
-            hash_entry(&path.join(&name), &rel.join(&name), hasher)?;
-        }
-    } else {
-        bail!("`{}` is a special file (device, FIFO or socket); the store holds none", path.display());
-    }
-    Ok(())
+    guest::image::tree_hash(path).with_context(|| format!("hashing `{}`", path.display()))
 }
 
 #[cfg(test)]

@@ -1,0 +1,271 @@
+//! `vm-image`: images that boot with a plain `qemu-system-x86_64 -drive file=...` (no
+//! `-kernel`, nothing from the host), checked with `qemu-img check` and `e2fsck`,
+//! persistent and volatile roots, the store verification, size errors, caching and
+//! `--check`. The `boot-check` system prints a marker line and powers off.
+
+use std::fs;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use vm_tests::{store_dir, store_entries_named, xtask};
+
+/// How long one boot may take under TCG (BIOS, GRUB, kernel, helper: ~10 s here).
+const BOOT_TIMEOUT: Duration = Duration::from_secs(240);
+const MARKER: &str = "vm-image boot-check: ok";
+
+/// `xtask vm-image ARGS`; returns the image path (the last stdout line).
+fn vm_image(args: &[&str]) -> (PathBuf, vm_tests::Run) {
+    let mut all = vec!["vm-image", "--explain"];
+    all.extend_from_slice(args);
+    let run = xtask(&all);
+    run.expect_code(0);
+    let path = PathBuf::from(run.stdout.lines().last().expect("vm-image printed no path"));
+    assert!(path.is_file(), "vm-image printed `{}`, which is not a file: {run:#?}", path.display());
+    (path, run)
+}
+
+/// A writable copy of a stored image in `dir` (the store's copy is read-only).
+fn copy_image(image: &Path, dir: &Path) -> PathBuf {
+    let copy = dir.join(image.file_name().unwrap());
+    let status = Command::new("cp").arg("--sparse=always").arg(image).arg(&copy).status().unwrap();
+    assert!(status.success());
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(&copy, fs::Permissions::from_mode(0o644)).unwrap();
+    copy
+}
+
+/// Kills and reaps QEMU when dropped.
+struct Qemu(Child);
+
+impl Drop for Qemu {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The plain command line a user types: no -kernel, the disk on QEMU's default bus.
+fn qemu(image: &Path, format: &str) -> Command {
+    let mut cmd = Command::new("qemu-system-x86_64");
+    cmd.args(["-m", "512", "-display", "none", "-no-reboot", "-monitor", "none"])
+        .arg("-drive")
+        .arg(format!("file={},format={format}", image.display()));
+    cmd
+}
+
+/// Boots the image with the serial console in a file; waits (with a timeout) for QEMU
+/// to end and returns the console text.
+fn boot(image: &Path, format: &str) -> String {
+    let log = image.with_extension("console.log");
+    let _ = fs::remove_file(&log);
+    let child = qemu(image, format)
+        .arg("-serial")
+        .arg(format!("file:{}", log.display()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting qemu-system-x86_64");
+    let mut qemu = Qemu(child);
+    let deadline = Instant::now() + BOOT_TIMEOUT;
+    loop {
+        if let Some(status) = qemu.0.try_wait().unwrap() {
+            let console = fs::read_to_string(&log).unwrap_or_default();
+            let stderr = vm_tests::read_all(qemu.0.stderr.take().unwrap());
+            assert!(status.success(), "QEMU failed ({status}): {stderr}\nconsole:\n{console}");
+            return console;
+        }
+        if Instant::now() >= deadline {
+            let console = fs::read_to_string(&log).unwrap_or_default();
+            panic!("the VM did not power off within {BOOT_TIMEOUT:?}; console:\n{console}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn marker_line(console: &str) -> &str {
+    console.lines().find(|l| l.contains(MARKER)).unwrap_or_else(|| panic!("no boot marker on the console:\n{console}"))
+}
+
+fn sha256(path: &Path) -> String {
+    let out = Command::new("sha256sum").arg(path).output().unwrap();
+    assert!(out.status.success());
+    String::from_utf8_lossy(&out.stdout).split_whitespace().next().unwrap().to_string()
+}
+
+fn e2fsck_root(raw: &Path) {
+    let out = Command::new("e2fsck").arg("-fn").arg(format!("{}?offset=1048576", raw.display())).output().unwrap();
+    assert!(
+        out.status.success(),
+        "e2fsck -fn on the root partition of `{}` failed: {}{}",
+        raw.display(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn qemu_img_check(image: &Path) {
+    let out = Command::new("qemu-img").args(["check", "-f", "qcow2"]).arg(image).output().unwrap();
+    assert!(out.status.success(), "qemu-img check `{}`: {}", image.display(), String::from_utf8_lossy(&out.stdout));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("No errors were found"));
+}
+
+#[test]
+fn qcow2_image_boots_keeps_its_writes_and_passes_checks() {
+    let (image, first) = vm_image(&["--system", "boot-check", "--format", "qcow2"]);
+    assert!(image.to_string_lossy().ends_with("-vm-image-boot-check-qcow2/disk.qcow2"), "{}", image.display());
+    // The same inputs again: a cache hit, with the same path at once.
+    let started = Instant::now();
+    let (again, second) = vm_image(&["--system", "boot-check", "--format", "qcow2"]);
+    assert_eq!(again, image, "{first:#?}");
+    assert!(!second.stderr.contains("store: building"), "the second run built something: {second:#?}");
+    assert!(started.elapsed() < Duration::from_secs(30));
+
+    qemu_img_check(&image);
+    let dir = tempfile::tempdir().unwrap();
+    let raw = dir.path().join("root.raw");
+    let status = Command::new("qemu-img").args(["convert", "-f", "qcow2", "-O", "raw"]).arg(&image).arg(&raw).status();
+    assert!(status.unwrap().success());
+    e2fsck_root(&raw);
+
+    let copy = copy_image(&image, dir.path());
+    let line = marker_line(&boot(&copy, "qcow2")).to_string();
+    assert!(line.contains("root=persistent boots=1"), "{line}");
+    assert!(line.contains("-system-boot-check"), "{line}");
+    // The count written at the first boot is on the disk at the second.
+    let line = marker_line(&boot(&copy, "qcow2")).to_string();
+    assert!(line.contains("root=persistent boots=2"), "{line}");
+    qemu_img_check(&copy);
+}
+
+#[test]
+fn volatile_raw_image_is_never_written() {
+    let (image, _) = vm_image(&["--system", "boot-check", "--format", "raw", "--volatile"]);
+    e2fsck_root(&image);
+    let dir = tempfile::tempdir().unwrap();
+    let copy = copy_image(&image, dir.path());
+    let before = sha256(&copy);
+    assert_eq!(before, sha256(&image));
+    for _ in 0..2 {
+        let console = boot(&copy, "raw");
+        let line = marker_line(&console);
+        // Each boot starts from the image as built: the previous boot's count is gone.
+        assert!(line.contains("root=volatile boots=1"), "{line}");
+    }
+    assert_eq!(sha256(&copy), before, "booting the volatile image changed the image file");
+}
+
+#[test]
+fn default_system_image_gives_a_root_shell_and_poweroff_ends_it() {
+    let (image, _) = vm_image(&["--format", "qcow2"]);
+    let dir = tempfile::tempdir().unwrap();
+    let copy = copy_image(&image, dir.path());
+    let mut child = qemu(&copy, "qcow2")
+        .args(["-serial", "stdio"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = stdout.read(&mut buf) {
+            if n == 0 || tx.send(buf[..n].to_vec()).is_err() {
+                break;
+            }
+        }
+    });
+    let mut stdin = child.stdin.take().unwrap();
+    let mut qemu = Qemu(child);
+    let mut seen = String::new();
+    let deadline = Instant::now() + BOOT_TIMEOUT;
+    let mut step = 0;
+    let mut ended = None;
+    while Instant::now() < deadline && ended.is_none() {
+        match rx.recv_timeout(Duration::from_millis(200)) {
+            Ok(bytes) => seen.push_str(&String::from_utf8_lossy(&bytes)),
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => std::thread::sleep(Duration::from_millis(100)),
+            Err(_) => {}
+        }
+        if step == 0 && seen.contains("[minimal:/root]# ") {
+            stdin.write_all(b"echo answer-$((6*7)) $(grep -c ' / ext4 rw' /proc/mounts)\n").unwrap();
+            step = 1;
+        } else if step == 1 && seen.contains("answer-42 1") {
+            stdin.write_all(b"poweroff\n").unwrap();
+            step = 2;
+        }
+        ended = qemu.0.try_wait().unwrap();
+    }
+    assert_eq!(step, 2, "the shell did not answer; console:\n{seen}");
+    let status = ended.unwrap_or_else(|| panic!("`poweroff` did not end the VM; console:\n{seen}"));
+    assert!(status.success(), "QEMU failed ({status}); console:\n{seen}");
+}
+
+#[test]
+fn too_small_size_is_a_clear_error_and_stores_nothing() {
+    // A combination no other test builds, so its absence afterwards means something.
+    let name = "vm-image-boot-check-qcow2-volatile";
+    assert!(store_entries_named(name).is_empty(), "another test built `{name}`; pick another combination");
+    let run = xtask(&["vm-image", "--system", "boot-check", "--volatile", "--size", "64MiB"]);
+    run.expect_code(2);
+    assert!(run.stderr.contains("--size 64 MiB is too small for system `boot-check`"), "{run:#?}");
+    let needs = run.stderr.split("needs at least ").nth(1).and_then(|s| s.split(' ').next()).expect("no minimum");
+    assert!(needs.parse::<u64>().unwrap() > 64, "{run:#?}");
+    assert!(run.stderr.contains("its closure is "), "the closure's size is not named: {run:#?}");
+    assert!(run.stdout.is_empty(), "{run:#?}");
+    assert!(store_entries_named(name).is_empty(), "a refused image left something in the store");
+}
+
+/// Flips one byte of busybox inside the image's store: a boot that verifies the store
+/// must name the damaged item and stop, where the intact image boots.
+#[test]
+fn store_verification_detects_a_flipped_byte() {
+    let (image, _) = vm_image(&["--system", "boot-check", "--format", "raw", "--verify-store"]);
+    let dir = tempfile::tempdir().unwrap();
+    let copy = copy_image(&image, dir.path());
+    let console = boot(&copy, "raw");
+    assert!(console.contains("store verified: 4 items match their registered hashes"), "{console}");
+    marker_line(&console);
+
+    let copy = copy_image(&image, dir.path());
+    let busybox = fs::read_dir(store_dir())
+        .unwrap()
+        .flatten()
+        .map(|e| e.path().join("bin/busybox"))
+        .find(|p| p.is_file() && !p.to_string_lossy().contains("busybox-static"))
+        .expect("no busybox item in the store");
+    let mut block = vec![0u8; 4096];
+    fs::File::open(&busybox).unwrap().read_exact(&mut block).unwrap();
+    // Files start on 4 KiB blocks, and the partition on a 1 MiB boundary.
+    let mut file = fs::File::options().read(true).write(true).open(&copy).unwrap();
+    let mut buf = vec![0u8; 4096];
+    let mut offset = 0u64;
+    let found = loop {
+        match file.read_exact(&mut buf) {
+            Ok(()) if buf == block => break offset,
+            Ok(()) => offset += 4096,
+            Err(_) => panic!("busybox's first block is not in the image"),
+        }
+    };
+    use std::io::{Seek, SeekFrom};
+    file.seek(SeekFrom::Start(found + 1000)).unwrap();
+    file.write_all(&[block[1000] ^ 0x01]).unwrap();
+    drop(file);
+    let console = boot(&copy, "raw");
+    assert!(console.contains("store verification failed for 1 of 4 items"), "{console}");
+    let failure = console.lines().find(|l| l.contains("store verification failed")).unwrap();
+    assert!(failure.contains("-busybox-"), "the damaged item is not named: {failure}");
+    assert!(!console.contains(MARKER), "the damaged system booted anyway:\n{console}");
+}
+
+#[test]
+fn check_rebuilds_bit_for_bit() {
+    let run = xtask(&["vm-image", "--system", "boot-check", "--format", "raw", "--volatile", "--check"]);
+    run.expect_code(0);
+    assert!(run.stderr.contains("the rebuilt image is identical to"), "{run:#?}");
+    assert!(run.stdout.trim_end().ends_with("/disk.raw"), "{run:#?}");
+}

@@ -1,0 +1,152 @@
+//! `cargo xtask vm-image`: a stand-alone bootable disk image of a system, as a store
+//! item (the reference's `system-qemu-image` and, with `--volatile`, `system-disk-image`).
+//! `--check` rebuilds a stored image and compares it bit for bit.
+
+use anyhow::{Context, Result};
+
+use super::{parse_size, usage_error};
+use crate::image::{self, ImageOptions, Layout, Progress};
+use crate::qemu::DiskFormat;
+use crate::store::{Outcome, Store};
+use crate::vm::Failure;
+use crate::{host, Workspace};
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct VmImage {
+    /// The system to make an image of (see `cargo xtask systems`).
+    #[arg(long, default_value = os_configs::DEFAULT_SYSTEM)]
+    pub system: String,
+    /// The image's format.
+    #[arg(long, value_enum, default_value = "qcow2")]
+    pub format: DiskFormat,
+    /// The whole disk's size (e.g. 2GiB); default: the closure plus a quarter of it (at
+    /// least 64 MiB) of free space.
+    #[arg(long, value_parser = parse_size)]
+    pub size: Option<u64>,
+    /// Mount the root read-only with a tmpfs overlay: writes vanish at power-off and the
+    /// image is never written (a USB-stick image).
+    #[arg(long)]
+    pub volatile: bool,
+    /// Have the guest hash every store item against the image's store database at each
+    /// boot, and stop the boot on a mismatch.
+    #[arg(long)]
+    pub verify_store: bool,
+    /// Rebuild the image (building it first if it is not stored yet) and compare the two
+    /// bit for bit; exit non-zero naming the first differing offset.
+    #[arg(long)]
+    pub check: bool,
+    /// Print the commands run.
+    #[arg(short, long)]
+    pub verbose: bool,
+    /// Say for every store item whether it was found or built.
+    #[arg(long)]
+    pub explain: bool,
+}
+
+impl VmImage {
+    pub fn run(self, ws: &Workspace) -> Result<i32> {
+        let system = os_configs::by_name(&self.system).ok_or_else(|| {
+            let names: Vec<String> = os_configs::all().into_iter().map(|s| s.name).collect();
+            usage_error(format!("unknown system `{}`; known systems: {}", self.system, names.join(", ")))
+        })?;
+        let mut tools = vec![host::SFDISK, host::MKE2FS, host::E2FSCK, host::GRUB_MKIMAGE];
+        if self.format == DiskFormat::Qcow2 {
+            tools.push(host::QEMU_IMG);
+        }
+        host::ensure(&tools)?;
+        let store = Store::open(&ws.store_dir, self.explain)?;
+        let closure = image::closure(&store, ws, &system, self.verbose)
+            .with_context(|| format!("lowering system `{}` for a disk image", system.name))?;
+        let footprint = image::footprint(&closure)?;
+        let minimum = Layout::minimum(&footprint);
+        let layout = match self.size {
+            None => Layout::default_for(&footprint),
+            Some(size) => {
+                let layout = Layout::new(size, &footprint);
+                if layout.size < minimum.size {
+                    return Err(usage_error(format!(
+                        "--size {} is too small for system `{}`: its closure is {} ({} files and directories), \
+                         and an image of it needs at least {}; give --size {} or more, or leave --size out \
+                         (default {})",
+                        mib(layout.size),
+                        system.name,
+                        mib(footprint.bytes),
+                        footprint.entries,
+                        mib(minimum.size),
+                        size_arg(minimum.size),
+                        mib(Layout::default_for(&footprint).size)
+                    )));
+                }
+                layout
+            }
+        };
+        let opts =
+            ImageOptions { format: self.format, layout, volatile: self.volatile, verify_store: self.verify_store };
+        let versions = image::tool_versions(self.format)?;
+        let recipe = image::recipe(&closure, &opts, &versions);
+        let uuid = image::uuid_for(&recipe.hash());
+        let progress = Progress::for_stderr(self.verbose);
+        let build = |out: &std::path::Path| image::build_on_host(&store, &closure, &opts, &uuid, out, progress);
+        let (item, outcome) = store.realise_with_outcome(&recipe, build)?;
+        let path = image::image_path(&item, self.format);
+        if self.check {
+            self.check(&store, &item, outcome, &path, build)?;
+        }
+        println!("{}", path.display());
+        Ok(0)
+    }
+
+    /// Rebuilds the image in scratch space and compares it with the stored one.
+    fn check(
+        &self,
+        store: &Store,
+        item: &crate::store::Item,
+        outcome: Outcome,
+        stored: &std::path::Path,
+        build: impl Fn(&std::path::Path) -> Result<()>,
+    ) -> Result<()> {
+        if outcome == Outcome::Built {
+            eprintln!("vm-image --check: `{}` was not in the store; built it, now rebuilding it", item.file_name());
+        }
+        let scratch = store.scratch("vm-image-check")?;
+        let out = scratch.path().join("out");
+        build(&out).context("rebuilding the image for --check")?;
+        let rebuilt = image::image_path(item, self.format);
+        let rebuilt = out.join(rebuilt.file_name().context("image file name")?);
+        match image::first_difference(stored, &rebuilt)? {
+            None => {
+                let len = std::fs::metadata(stored)?.len();
+                eprintln!("vm-image --check: the rebuilt image is identical to `{}` ({len} bytes)", stored.display());
+                Ok(())
+            }
+            Some(offset) => {
+                let kept = store.root().join(".tmp").join(format!("{}.check-{}", item.file_name(), std::process::id()));
+                let kept_note = match std::fs::rename(&rebuilt, &kept) {
+                    Ok(()) => format!("; the rebuilt image is kept at `{}`", kept.display()),
+                    Err(_) => String::new(),
+                };
+                let region = match self.format {
+                    DiskFormat::Raw => format!(" ({})", image::region(offset)),
+                    DiskFormat::Qcow2 => String::new(),
+                };
+                Err(Failure {
+                    code: 1,
+                    message: format!(
+                        "vm-image --check: the rebuilt image differs from `{}`: first difference at byte offset \
+                         {offset}{region}{kept_note}",
+                        stored.display()
+                    ),
+                }
+                .into())
+            }
+        }
+    }
+}
+
+fn mib(bytes: u64) -> String {
+    format!("{} MiB", bytes.div_ceil(1 << 20))
+}
+
+fn size_arg(bytes: u64) -> String {
+    format!("{}MiB", bytes.div_ceil(1 << 20))
+}
