@@ -144,17 +144,22 @@ fn prepare(request: &Request) -> Result<()> {
     Ok(())
 }
 
-/// Finds `/dev/vportNpM` for the virtio serial port called `name`.
+/// Finds `/dev/vportNpM` for the virtio serial port called `name`. Ports are announced
+/// by the host after the device is up and added by the driver asynchronously, so this
+/// waits for them (a few seconds at most, for a loaded host).
 fn port_device(name: &str) -> Result<PathBuf> {
     let class = Path::new("/sys/class/virtio-ports");
-    let entries = fs::read_dir(class).map_err(|e| format!("cannot list {}: {e}", class.display()))?;
-    for entry in entries.flatten() {
-        let port_name = fs::read_to_string(entry.path().join("name")).unwrap_or_default();
-        if port_name.trim_end() == name {
-            return Ok(Path::new("/dev").join(entry.file_name()));
+    for _ in 0..1000 {
+        for entry in fs::read_dir(class).into_iter().flatten().flatten() {
+            let port_name = fs::read_to_string(entry.path().join("name")).unwrap_or_default();
+            let dev = Path::new("/dev").join(entry.file_name());
+            if port_name.trim_end() == name && dev.exists() {
+                return Ok(dev);
+            }
         }
+        std::thread::sleep(Duration::from_millis(10));
     }
-    Err(format!("no virtio serial port named `{name}`"))
+    Err(format!("no virtio serial port named `{name}` appeared in {}", class.display()))
 }
 
 fn output(port: &Option<String>) -> Result<Stdio> {
