@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod build_in_vm;
 pub mod run_vm;
+pub mod store;
 pub mod systems;
 pub mod vm_image;
 

@@ -115,7 +115,8 @@ pub fn unpacked(store: &Store, pin: &Pin) -> Result<Item> {
 
 /// Fetches the pinned `.deb` into `dir` and checks its sha256.
 fn download(pin: &Pin, dir: &Path) -> Result<std::path::PathBuf> {
-    eprintln!("fetching Debian package {} {} ({:.1} MB)", pin.package, pin.version, pin.size as f64 / 1e6);
+    let size = if pin.size > 0 { format!(" ({:.1} MB)", pin.size as f64 / 1e6) } else { String::new() };
+    eprintln!("fetching Debian package {} {}{size}", pin.package, pin.version);
     let mut cmd = host::command("apt-get");
     cmd.args(["download", "-q"]);
     if host::is_root() {

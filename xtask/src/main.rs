@@ -25,6 +25,9 @@ enum Cmd {
     VmImage(VmImage),
     /// List the named systems.
     Systems,
+    /// Inspect the store.
+    #[command(subcommand)]
+    Store(xtask::cmd::store::StoreCmd),
     /// Measure against floors measured in the same run; write target/bench/latest.json.
     Bench(Bench),
 }
@@ -43,6 +46,7 @@ fn main() -> ExitCode {
         Cmd::BuildInVm(cmd) => cmd.run(&ws),
         Cmd::VmImage(cmd) => cmd.run(&ws),
         Cmd::Systems => Ok(xtask::cmd::systems::run()),
+        Cmd::Store(cmd) => cmd.run(&ws),
         Cmd::Bench(cmd) => cmd.run(&ws),
     };
     match result {

@@ -129,6 +129,14 @@ pub struct Meta {
     pub inputs: Vec<(String, String)>,
 }
 
+/// Something wrong with a store entry, found by [`Store::verify`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// The entry's file name in the store.
+    pub entry: String,
+    pub what: String,
+}
+
 /// Whether an item came from the store or was just made.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
@@ -265,7 +273,7 @@ impl Store {
         if fs::symlink_metadata(tmp).is_err() {
             bail!("the build of `{}` produced nothing", item.name);
         }
-        canonicalize(tmp)?;
+        canonicalize(tmp, true)?;
         let content_sha256 = hash_path(tmp)?;
         fs::rename(tmp, &item.path)
             .with_context(|| format!("moving `{}` to `{}`", tmp.display(), item.path.display()))?;
@@ -326,6 +334,71 @@ impl Store {
         Ok(())
     }
 
+    /// Re-hashes every item against its recorded hash and looks for anything that is
+    /// not a complete item. Returns the problems found (none: the store is sound).
+    pub fn verify(&self) -> Result<Vec<Problem>> {
+        let mut names: Vec<String> = fs::read_dir(&self.root)
+            .with_context(|| format!("listing `{}`", self.root.display()))?
+            .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
+            .collect::<io::Result<_>>()?;
+        names.sort();
+        let mut problems = Vec::new();
+        for name in &names {
+            if [".tmp", ".locks", ".pins", ".cache"].contains(&name.as_str()) {
+                continue;
+            }
+            if let Some(item_name) = name.strip_suffix(".meta") {
+                if !names.iter().any(|n| n == item_name) {
+                    problems.push(Problem { entry: name.clone(), what: "a .meta without its item".into() });
+                }
+                continue;
+            }
+            let Some(item) = self.parse_entry(name) else {
+                problems.push(Problem { entry: name.clone(), what: "not a store item (stray entry)".into() });
+                continue;
+            };
+            if !self.is_present(&item) {
+                problems
+                    .push(Problem { entry: name.clone(), what: "incomplete: no .meta (an interrupted build?)".into() });
+                continue;
+            }
+            let recorded = self.meta(&item)?.content_sha256;
+            match hash_path(&item.path) {
+                Ok(actual) if actual == recorded => {}
+                Ok(actual) => problems.push(Problem {
+                    entry: name.clone(),
+                    what: format!("content changed: recorded sha256 {recorded}, found {actual}"),
+                }),
+                Err(e) => problems.push(Problem { entry: name.clone(), what: format!("unreadable: {e:#}") }),
+            }
+            if let Some(w) = first_writable(&item.path)? {
+                problems.push(Problem { entry: name.clone(), what: format!("`{}` is writable", w.display()) });
+            }
+        }
+        Ok(problems)
+    }
+
+    fn parse_entry(&self, file_name: &str) -> Option<Item> {
+        let (hash, name) = file_name.split_once('-')?;
+        (hash.len() == 32 && hash.chars().all(|c| c.is_ascii_hexdigit()) && !name.is_empty()).then(|| Item {
+            hash: hash.to_string(),
+            name: name.to_string(),
+            path: self.root.join(file_name),
+        })
+    }
+
+    /// Removes a store entry (an item and its `.meta`, or a stray entry), under the
+    /// item's lock.
+    pub fn remove_entry(&self, entry: &str) -> Result<()> {
+        let base = entry.strip_suffix(".meta").unwrap_or(entry);
+        let _lock = match self.parse_entry(base) {
+            Some(item) => Some(self.lock(&item)?),
+            None => None,
+        };
+        remove_tree(&self.root.join(format!("{base}.meta")))?;
+        remove_tree(&self.root.join(base))
+    }
+
     fn say(&self, what: &str, item: &Item) {
         if self.explain {
             eprintln!("store: {what} {}", item.file_name());
@@ -338,20 +411,40 @@ fn process_alive(pid: i32) -> bool {
     !matches!(nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None), Err(nix::errno::Errno::ESRCH))
 }
 
+/// The first file or directory in a tree that has a write bit set.
+fn first_writable(path: &Path) -> Result<Option<PathBuf>> {
+    let meta = fs::symlink_metadata(path).with_context(|| format!("reading `{}`", path.display()))?;
+    if meta.file_type().is_symlink() {
+        return Ok(None);
+    }
+    if meta.mode() & 0o222 != 0 {
+        return Ok(Some(path.to_path_buf()));
+    }
+    if meta.is_dir() {
+        for entry in fs::read_dir(path).with_context(|| format!("listing `{}`", path.display()))? {
+            if let Some(w) = first_writable(&entry?.path())? {
+                return Ok(Some(w));
+            }
+        }
+    }
+    Ok(None)
+}
+
 /// Makes a built tree canonical: no write bits, no setuid/setgid/sticky, fixed times.
-fn canonicalize(path: &Path) -> Result<()> {
+fn canonicalize(path: &Path, top: bool) -> Result<()> {
     let meta = fs::symlink_metadata(path).with_context(|| format!("reading `{}`", path.display()))?;
     let ft = meta.file_type();
     if ft.is_dir() {
         for entry in fs::read_dir(path).with_context(|| format!("listing `{}`", path.display()))? {
-            canonicalize(&entry?.path())?;
+            canonicalize(&entry?.path(), false)?;
         }
     }
     if !ft.is_symlink() {
         let exec = meta.mode() & 0o111 != 0 || ft.is_dir();
         let mode = if exec { 0o555 } else { 0o444 };
-        // Directories stay writable until the whole item has been moved into place.
-        let mode = if ft.is_dir() { mode | 0o200 } else { mode };
+        // The item's own directory stays writable until it has been moved into place
+        // (moving a directory to another parent rewrites its `..`).
+        let mode = if top && ft.is_dir() { mode | 0o200 } else { mode };
         fs::set_permissions(path, fs::Permissions::from_mode(mode))
             .with_context(|| format!("setting permissions of `{}`", path.display()))?;
     }
@@ -487,7 +580,7 @@ mod tests {
 
         let (built, outcome) = store
             .realise_with_outcome(&recipe, |out| {
-                fs::create_dir(out)?;
+                fs::create_dir_all(out.join("sub/dir"))?;
                 fs::write(out.join("file"), "hello")?;
                 Ok(())
             })
@@ -498,10 +591,54 @@ mod tests {
         assert_eq!(fs::read_dir(dir.path().join(".tmp")).unwrap().count(), 0);
         let mode = fs::metadata(built.path.join("file")).unwrap().mode();
         assert_eq!(mode & 0o777, 0o444);
+        assert_eq!(store.verify().unwrap(), vec![], "a fresh item is sound and read-only");
         assert_eq!(store.meta(&built).unwrap().content_sha256, hash_path(&built.path).unwrap());
 
         let (_, outcome) = store.realise_with_outcome(&recipe, |_| panic!("must not rebuild")).unwrap();
         assert_eq!(outcome, Outcome::Hit);
+    }
+
+    #[test]
+    fn verify_finds_changed_missing_stray_and_incomplete_entries() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), false).unwrap();
+        let build = |name: &str| {
+            store
+                .realise(&Recipe::new("test", name), |out| {
+                    fs::create_dir(out)?;
+                    fs::write(out.join("a"), "aaaa")?;
+                    fs::write(out.join("b"), "bbbb")?;
+                    Ok(())
+                })
+                .unwrap()
+        };
+        let (flipped, deleted, stray) = (build("flipped"), build("deleted"), build("stray"));
+        let _sound = build("sound");
+        assert_eq!(store.verify().unwrap(), vec![]);
+
+        let writable = |p: &Path| fs::set_permissions(p, fs::Permissions::from_mode(0o755)).unwrap();
+        fs::set_permissions(flipped.path.join("a"), fs::Permissions::from_mode(0o644)).unwrap();
+        fs::write(flipped.path.join("a"), "aaab").unwrap();
+        fs::set_permissions(flipped.path.join("a"), fs::Permissions::from_mode(0o444)).unwrap();
+        writable(&deleted.path);
+        fs::remove_file(deleted.path.join("b")).unwrap();
+        fs::set_permissions(&deleted.path, fs::Permissions::from_mode(0o555)).unwrap();
+        writable(&stray.path);
+        fs::write(stray.path.join("extra"), "x").unwrap();
+        fs::create_dir(dir.path().join("junk")).unwrap();
+
+        let problems = store.verify().unwrap();
+        let entries: Vec<&str> = problems.iter().map(|p| p.entry.as_str()).collect();
+        assert!(entries.contains(&flipped.file_name().as_str()), "{problems:?}");
+        assert!(entries.contains(&deleted.file_name().as_str()), "{problems:?}");
+        assert!(entries.contains(&stray.file_name().as_str()), "{problems:?}");
+        assert!(entries.contains(&"junk"), "{problems:?}");
+        assert!(problems.iter().any(|p| p.what.contains("is writable")), "{problems:?}");
+        assert!(!entries.iter().any(|e| e.ends_with("-sound")), "{problems:?}");
+        for e in ["junk".to_string(), flipped.file_name(), deleted.file_name(), stray.file_name()] {
+            store.remove_entry(&e).unwrap();
+        }
+        assert_eq!(store.verify().unwrap(), vec![]);
     }
 
     #[test]

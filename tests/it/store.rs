@@ -1,0 +1,73 @@
+//! `store verify`: damage found in a copy of real store items, and repaired.
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::process::Command;
+
+use vm_tests::{store_dir, xtask_env};
+
+#[test]
+fn verify_reports_a_flipped_byte_a_deleted_file_and_a_stray_file_and_repair_rebuilds() {
+    vm_tests::run_vm(&["true"]).expect_code(0);
+    // A private store with real copies (not links) of the busybox items and their pins.
+    let store = tempfile::tempdir_in(store_dir().parent().unwrap()).unwrap();
+    fs::create_dir_all(store.path().join(".pins")).unwrap();
+    fs::copy(
+        store_dir().join(".pins/debian-busybox-static.json"),
+        store.path().join(".pins/debian-busybox-static.json"),
+    )
+    .unwrap();
+    for entry in fs::read_dir(store_dir()).unwrap().flatten() {
+        if entry.file_name().to_string_lossy().contains("-busybox") {
+            assert!(Command::new("cp").arg("-a").arg(entry.path()).arg(store.path()).status().unwrap().success());
+        }
+    }
+    let env = [("XTASK_VMSTORE", store.path().as_os_str())];
+    let clean = xtask_env(&["store", "verify"], &env);
+    clean.expect_code(0);
+    assert!(clean.stdout.contains("store verified"), "{clean:#?}");
+
+    let item = |suffix: &str| {
+        fs::read_dir(store.path())
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p.is_dir() && p.file_name().unwrap().to_string_lossy().contains(suffix))
+            .unwrap()
+    };
+    let busybox = item("-busybox-1");
+    let deb = item("-busybox-static-");
+    let writable = |p: &std::path::Path, mode: u32| fs::set_permissions(p, fs::Permissions::from_mode(mode)).unwrap();
+    // Flip one byte of the busybox binary.
+    let bin = busybox.join("bin/busybox");
+    let mut bytes = fs::read(&bin).unwrap();
+    bytes[1000] ^= 0x01;
+    writable(&bin, 0o755);
+    fs::write(&bin, &bytes).unwrap();
+    writable(&bin, 0o555);
+    // Delete a file from the unpacked package, and add a stray one.
+    let usr = deb.join("usr");
+    writable(&deb, 0o755);
+    fs::write(deb.join("stray"), "x").unwrap();
+    writable(&deb, 0o555);
+    let copyright = fs::read_dir(usr.join("share/doc")).unwrap().flatten().next().unwrap().path();
+    let doc_file = fs::read_dir(&copyright).unwrap().flatten().next().unwrap().path();
+    writable(&copyright, 0o755);
+    fs::remove_file(&doc_file).unwrap();
+    writable(&copyright, 0o555);
+
+    let damaged = xtask_env(&["store", "verify"], &env);
+    damaged.expect_code(1);
+    for dir in [&busybox, &deb] {
+        let name = dir.file_name().unwrap().to_string_lossy().into_owned();
+        assert!(damaged.stdout.contains(&format!("{name}: content changed")), "{name} not reported: {damaged:#?}");
+    }
+
+    let repaired = xtask_env(&["store", "verify", "--repair"], &env);
+    repaired.expect_code(0);
+    assert!(repaired.stdout.contains("removed and rebuilt"), "{repaired:#?}");
+    assert_eq!(fs::read(busybox.join("bin/busybox")).unwrap().len(), bytes.len());
+    assert_ne!(fs::read(busybox.join("bin/busybox")).unwrap(), bytes, "the flipped byte survived");
+    assert!(!deb.join("stray").exists());
+    xtask_env(&["store", "verify"], &env).expect_code(0);
+}
