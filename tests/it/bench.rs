@@ -11,13 +11,17 @@ fn quick_bench_writes_a_valid_report() {
     assert!(matches!(report["accel"].as_str(), Some("tcg" | "kvm")), "{report}");
     let figures = report["figures"].as_array().expect("figures");
     let names: Vec<&str> = figures.iter().filter_map(|f| f["name"].as_str()).collect();
-    for name in ["boot-to-result", "cache-hit"] {
+    for name in ["boot-to-result", "cache-hit", "cache-hit-vm-image", "image-build", "scaling-64MiB", "scaling-256MiB"]
+    {
         assert!(names.contains(&name), "figure {name} missing: {names:?}");
     }
     for f in figures {
         for key in ["ours_s", "floor_s", "ratio"] {
             let v = f[key].as_f64().unwrap_or(-1.0);
             assert!(v > 0.0 && v.is_finite(), "{key} of {} is {v}", f["name"]);
+        }
+        if f["name"].as_str().unwrap().starts_with("scaling-") {
+            assert!(f["mib_per_s"].as_f64().unwrap_or(0.0) > 0.0, "{f}");
         }
         // The printed table has a line per figure.
         assert!(run.stdout.contains(f["name"].as_str().unwrap()));

@@ -23,7 +23,6 @@ pub const SFDISK: Tool = Tool { program: "sfdisk", package: "fdisk" };
 /// Makes the ext4 root file system straight into the image file (`-d`, `-E offset=`).
 pub const MKE2FS: Tool = Tool { program: "mke2fs", package: "e2fsprogs" };
 /// Checks a built root file system.
-pub const E2FSCK: Tool = Tool { program: "e2fsck", package: "e2fsprogs" };
 /// Makes GRUB's BIOS `core.img`; the package also brings `boot.img` and the modules
 /// in [`GRUB_I386_PC_DIR`] (`grub-mkimage` itself is in its dependency grub-common).
 pub const GRUB_MKIMAGE: Tool = Tool { program: "grub-mkimage", package: "grub-pc-bin" };

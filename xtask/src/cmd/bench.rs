@@ -13,9 +13,11 @@ use serde::Serialize;
 
 use super::VmOpts;
 use crate::cpio::CpioWriter;
+use crate::image::{self, Closure, ImageOptions, Layout, Progress};
 use crate::kernel::ModuleIndex;
+use crate::qemu::DiskFormat;
 use crate::qemu::{self, Accel, Console, Share, VmSpec};
-use crate::store::{Item, Recipe, Store};
+use crate::store::{self, Item, Recipe, Store};
 use crate::{host, initrd, system, Workspace};
 
 #[derive(Debug, Clone, clap::Args)]
@@ -38,6 +40,9 @@ pub struct Figure {
     /// What "ours" and the floor are.
     pub ours: String,
     pub floor: String,
+    /// For the scaling figures: closure MiB per second of image building.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mib_per_s: Option<f64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -63,7 +68,7 @@ impl Bench {
         // share, writes a file there and powers off.
         let accel_flag = ["--accel", accel.name()];
         let ours = measure(warmup, runs, || {
-            run_quiet(Command::new(&xtask).arg("run-vm").args(accel_flag).args(["--", "true"]))
+            run_quiet(Command::new(&xtask).arg("run-vm").args(accel_flag).args(["--timeout", "300", "--", "true"]))
         })?;
         let floor_initrd = floor_initrd(&store, &lowered.kernel)?;
         let floor_spec = |xchg: &Path| VmSpec {
@@ -73,7 +78,7 @@ impl Bench {
             initrd: floor_initrd.path.join("initrd"),
             kernel_args: Vec::new(),
             tsc_khz: if accel == Accel::Tcg { qemu::host_tsc_khz() } else { None },
-            console: Console::File("/dev/null".into()),
+            console: Console::File(xchg.join("console")),
             shares: vec![Share { tag: guest::XCHG_TAG.into(), path: xchg.to_path_buf(), readonly: false }],
             disks: Vec::new(),
             ports: Vec::new(),
@@ -83,9 +88,17 @@ impl Bench {
         let floor = measure(warmup, runs, || {
             let marker = scratch.path().join("done");
             let _ = fs::remove_file(&marker);
-            run_quiet(Command::new(host::QEMU_SYSTEM.program).args(qemu::args(&floor_spec(scratch.path()))))?;
-            if !marker.exists() {
-                bail!("the bare QEMU floor did not write its marker: its boot failed");
+            let mut qemu = Command::new("timeout");
+            qemu.args(["300", host::QEMU_SYSTEM.program]).args(qemu::args(&floor_spec(scratch.path())));
+            let ran = run_quiet(&mut qemu);
+            if ran.is_err() || !marker.exists() {
+                let console = fs::read_to_string(scratch.path().join("console")).unwrap_or_default();
+                let tail: Vec<&str> = console.lines().rev().take(20).collect();
+                let tail: Vec<&str> = tail.into_iter().rev().collect();
+                bail!(
+                    "the bare QEMU floor failed or did not write its marker ({ran:?}); console:\n{}",
+                    tail.join("\n")
+                );
             }
             Ok(())
         })?;
@@ -100,6 +113,8 @@ impl Bench {
 
         // cache-hit: a build-in-vm whose result is stored, timed as the xtask binary
         // alone and through cargo, against `true`.
+        run_quiet(Command::new(&xtask).args(["vm-image"]))?;
+        let image_hit = measure(warmup, runs.max(5), || run_quiet(Command::new(&xtask).args(["vm-image"])))?;
         let build = ["build-in-vm", "--name", "bench-cache-hit", "--", "sh", "-c", "echo hit > $out/f"];
         run_quiet(Command::new(&xtask).args(build))?;
         let hit = measure(warmup, runs.max(5), || run_quiet(Command::new(&xtask).args(build)))?;
@@ -109,12 +124,59 @@ impl Bench {
         })?;
         let t = measure(warmup, runs.max(5), || run_quiet(&mut Command::new("true")))?;
         figures.push(figure("cache-hit", hit, t, accel, "xtask build-in-vm (stored)", "true"));
+        figures.push(figure("cache-hit-vm-image", image_hit, t, accel, "xtask vm-image (stored)", "true"));
         figures.push(figure("cache-hit-cargo", hit_cargo, t, accel, "cargo xtask build-in-vm (stored)", "true"));
+
+        // image-build: a cold qcow2 image of the system (host builder, built outside the
+        // store so nothing is a hit), against mke2fs -d of the same items plus
+        // qemu-img convert.
+        let closure = image::closure(&store, ws, &system, false)?;
+        let (ours, floor) = image_build(&store, &closure, warmup.min(1), runs.min(3))?;
+        figures.push(figure(
+            "image-build",
+            ours,
+            floor,
+            accel,
+            "image::build_on_host, qcow2",
+            "mke2fs -d + qemu-img convert",
+        ));
+
+        // scaling: the same with a package of random data added to the closure.
+        let sizes: &[u64] = if self.quick { &[64, 256] } else { &[64, 256, 1024] };
+        let mut rates = Vec::new();
+        for &mib in sizes {
+            let mut big = closure.clone();
+            big.items.insert(0, random_item(&store, mib)?);
+            let (ours, floor) = image_build(&store, &big, 0, 1)?;
+            let bytes = image::footprint(&big)?.bytes as f64 / f64::from(1 << 20);
+            rates.push((mib, bytes / ours));
+            let mut f = figure(
+                &format!("scaling-{mib}MiB"),
+                ours,
+                floor,
+                accel,
+                "image-build, closure + random data",
+                "mke2fs -d + qemu-img convert",
+            );
+            f.mib_per_s = Some(bytes / ours);
+            figures.push(f);
+        }
 
         for f in &figures {
             println!(
                 "{:<18} ours {:>8.3}s  floor {:>8.3}s  ratio {:>6.2}  [{}]",
                 f.name, f.ours_s, f.floor_s, f.ratio, f.accel
+            );
+        }
+        for (mib, rate) in &rates {
+            println!("scaling: closure with {mib:>4} MiB of data: {rate:.1} MiB/s");
+        }
+        if let (Some(first), Some(last)) = (rates.iter().find(|(m, _)| *m >= 256), rates.last()) {
+            println!(
+                "scaling: throughput at {} MiB is {:.0}% of that at {} MiB",
+                last.0,
+                100.0 * last.1 / first.1,
+                first.0
             );
         }
         let report = Report { accel: accel.name().into(), runs, machine: machine_description(), figures };
@@ -135,6 +197,7 @@ fn figure(name: &str, ours: f64, floor: f64, accel: Accel, what: &str, floor_wha
         accel: accel.name().into(),
         ours: what.into(),
         floor: floor_what.into(),
+        mib_per_s: None,
     }
 }
 
@@ -218,4 +281,66 @@ fn machine_description() -> String {
 /// Where `latest.json` goes.
 pub fn report_path(ws: &Workspace) -> PathBuf {
     ws.target_dir.join("bench/latest.json")
+}
+
+/// Times building a qcow2 image of `closure` outside the store, and the floor: the same
+/// items put in a tree of hard links, `mke2fs -d` into a raw file of the same size, and
+/// `qemu-img convert` to qcow2. Returns (ours, floor) medians in seconds.
+fn image_build(store: &Store, closure: &Closure, warmup: usize, runs: usize) -> Result<(f64, f64)> {
+    let footprint = image::footprint(closure)?;
+    let layout = Layout::default_for(&footprint);
+    let opts = ImageOptions { format: DiskFormat::Qcow2, layout, volatile: false, verify_store: false };
+    let uuid = image::uuid_for(&"0".repeat(32));
+    let quiet = Progress { steps: false, verbose: false };
+    let ours = measure(warmup, runs, || {
+        let scratch = store.scratch("bench-image")?;
+        image::build_on_host(store, closure, &opts, &uuid, &scratch.path().join("out"), quiet)
+    })?;
+    let floor = measure(warmup, runs, || {
+        let scratch = store.scratch("bench-floor-image")?;
+        let root = scratch.path().join("root/store");
+        fs::create_dir_all(&root)?;
+        for item in &closure.items {
+            run_quiet(Command::new("cp").arg("-al").arg(&item.path).arg(&root))?;
+        }
+        let raw = scratch.path().join("disk.raw");
+        run_quiet(
+            Command::new(host::MKE2FS.program)
+                .args(["-q", "-F", "-t", "ext4", "-b", "4096", "-d"])
+                .arg(scratch.path().join("root"))
+                .arg(&raw)
+                .arg(format!("{}k", layout.fs_blocks * 4)),
+        )?;
+        run_quiet(
+            Command::new(host::QEMU_IMG.program)
+                .args(["convert", "-f", "raw", "-O", "qcow2"])
+                .arg(&raw)
+                .arg(scratch.path().join("disk.qcow2")),
+        )?;
+        store::remove_tree(&scratch.path().join("root"))
+    })?;
+    Ok((ours, floor))
+}
+
+/// A store item holding `mib` MiB of pseudo-random (incompressible, deterministic) data.
+fn random_item(store: &Store, mib: u64) -> Result<Item> {
+    let recipe = Recipe::new("bench-data", &format!("bench-data-{mib}MiB")).param("mib", mib.to_string());
+    store.realise(&recipe, |out| {
+        fs::create_dir(out)?;
+        let mut file = BufWriter::new(fs::File::create(out.join("data"))?);
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15 ^ mib;
+        let mut block = vec![0u8; 1 << 20];
+        for _ in 0..mib {
+            for chunk in block.chunks_exact_mut(8) {
+                // xorshift64*: fast, and enough to defeat compression and deduplication.
+                x ^= x >> 12;
+                x ^= x << 25;
+                x ^= x >> 27;
+                chunk.copy_from_slice(&x.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes());
+            }
+            std::io::Write::write_all(&mut file, &block)?;
+        }
+        std::io::Write::flush(&mut file)?;
+        Ok(())
+    })
 }

@@ -49,7 +49,7 @@ impl VmImage {
             let names: Vec<String> = os_configs::all().into_iter().map(|s| s.name).collect();
             usage_error(format!("unknown system `{}`; known systems: {}", self.system, names.join(", ")))
         })?;
-        let mut tools = vec![host::SFDISK, host::MKE2FS, host::E2FSCK, host::GRUB_MKIMAGE];
+        let mut tools = vec![host::SFDISK, host::MKE2FS, host::GRUB_MKIMAGE];
         if self.format == DiskFormat::Qcow2 {
             tools.push(host::QEMU_IMG);
         }
