@@ -258,7 +258,7 @@ pub enum Builder {
 /// host through their own dynamic loader to ask their versions.
 pub trait DiskTools {
     /// A command running `program` (`mke2fs`, `debugfs`, `e2fsck`, `sfdisk`).
-    fn command(&self, program: &str) -> Command;
+    fn command(&self, program: &str) -> Result<Command>;
     /// The `mke2fs.conf` that `mke2fs` reads.
     fn mke2fs_conf(&self) -> PathBuf;
 }
@@ -267,8 +267,8 @@ pub trait DiskTools {
 pub struct HostTools;
 
 impl DiskTools for HostTools {
-    fn command(&self, program: &str) -> Command {
-        Command::new(program)
+    fn command(&self, program: &str) -> Result<Command> {
+        Ok(Command::new(program))
     }
 
     fn mke2fs_conf(&self) -> PathBuf {
@@ -281,9 +281,9 @@ impl DiskTools for HostTools {
 /// builder runs them is not: both write the same bytes with the same versions.
 pub fn tool_versions(format: DiskFormat, disk_tools: &dyn DiskTools) -> Result<String> {
     let mut tools = vec![
-        (disk_tools.command(host::MKE2FS.program), "-V"),
-        (disk_tools.command("debugfs"), "-V"),
-        (disk_tools.command(host::SFDISK.program), "--version"),
+        (disk_tools.command(host::MKE2FS.program)?, "-V"),
+        (disk_tools.command("debugfs")?, "-V"),
+        (disk_tools.command(host::SFDISK.program)?, "--version"),
         (Command::new(host::GRUB_MKIMAGE.program), "--version"),
     ];
     if format == DiskFormat::Qcow2 {

@@ -60,12 +60,17 @@ const INPUT_DIR: &str = "in";
 /// The disk tools from Debian's packages: the unpacked packages, and an item with a
 /// wrapper script per program for the guest's `PATH`.
 pub struct StoreTools {
-    packages: Vec<(String, Item)>,
+    packages: ToolPackages,
     /// `bin/<program>`: runs the program through libc6's loader.
     pub wrappers: Item,
 }
 
-impl StoreTools {
+/// The unpacked [`TOOL_PACKAGES`], by name.
+struct ToolPackages {
+    packages: Vec<(String, Item)>,
+}
+
+impl ToolPackages {
     fn package(&self, name: &str) -> &Item {
         &self.packages.iter().find(|(p, _)| p == name).expect("a package of TOOL_PACKAGES").1
     }
@@ -104,16 +109,19 @@ impl StoreTools {
             .env("MKE2FS_CONFIG", self.mke2fs_conf());
         Ok(cmd)
     }
-}
-
-impl DiskTools for StoreTools {
-    fn command(&self, program: &str) -> Command {
-        // Only called with TOOL_PROGRAMS; anything else fails when run, naming it.
-        self.host_command(program).unwrap_or_else(|_| Command::new(format!("{program}-is-not-a-vm-builder-tool")))
-    }
 
     fn mke2fs_conf(&self) -> PathBuf {
         self.package("e2fsprogs").path.join(MKE2FS_CONF)
+    }
+}
+
+impl DiskTools for StoreTools {
+    fn command(&self, program: &str) -> Result<Command> {
+        self.packages.host_command(program)
+    }
+
+    fn mke2fs_conf(&self) -> PathBuf {
+        self.packages.mke2fs_conf()
     }
 }
 
@@ -125,8 +133,7 @@ pub fn tools(store: &Store) -> Result<StoreTools> {
         let item = debian::unpacked(store, &pin).with_context(|| format!("unpacking Debian package `{name}`"))?;
         packages.push((name.to_string(), item));
     }
-    let mut tools =
-        StoreTools { packages, wrappers: Item { hash: String::new(), name: String::new(), path: PathBuf::new() } };
+    let tools = ToolPackages { packages };
     let mut recipe =
         Recipe::new("image-tools", "vm-image-tools").param("loader", LOADER).param("lib-dirs", LIB_DIRS.join(":"));
     for (name, item) in &tools.packages {
@@ -135,7 +142,7 @@ pub fn tools(store: &Store) -> Result<StoreTools> {
     let guest_loader = format!("{}/{LOADER}", tools.package("libc6").guest_path());
     let guest_lib_path = tools.lib_path(Item::guest_path);
     let guest_conf = format!("{}/{MKE2FS_CONF}", tools.package("e2fsprogs").guest_path());
-    tools.wrappers = store.realise(&recipe, |out| {
+    let wrappers = store.realise(&recipe, |out| {
         let bin = out.join("bin");
         fs::create_dir_all(&bin)?;
         for (program, _) in TOOL_PROGRAMS {
@@ -155,12 +162,12 @@ pub fn tools(store: &Store) -> Result<StoreTools> {
         }
         Ok(())
     })?;
-    Ok(tools)
+    Ok(StoreTools { packages: tools, wrappers })
 }
 
 /// Checks that the loader finds every library `program` needs among the packages (and
 /// not on the host, which the guest does not have).
-fn check_libraries(tools: &StoreTools, program: &str) -> Result<()> {
+fn check_libraries(tools: &ToolPackages, program: &str) -> Result<()> {
     let mut cmd = tools.host_command(program)?;
     // `ld.so --list PROGRAM` prints the libraries it would load.
     let args: Vec<_> = cmd.get_args().map(|a| a.to_os_string()).collect();
