@@ -1,7 +1,8 @@
 //! `vm-image`: images that boot with a plain `qemu-system-x86_64 -drive file=...` (no
 //! `-kernel`, nothing from the host), checked with `qemu-img check` and `e2fsck`,
 //! persistent and volatile roots, the store verification, size errors, caching and
-//! `--check`. The `boot-check` system prints a marker line and powers off.
+//! `--check`. The `boot-check` system prints a marker line and powers off. The boot,
+//! check and volatile tests run for both builders (`--builder host|vm`).
 
 use std::fs;
 use std::io::{Read, Write};
@@ -15,11 +16,61 @@ use vm_tests::{store_dir, store_entries_named, xtask};
 const BOOT_TIMEOUT: Duration = Duration::from_secs(240);
 const MARKER: &str = "vm-image boot-check: ok";
 
-/// `xtask vm-image ARGS`; returns the image path (the last stdout line).
+/// Which builder a test uses, and how.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Builder {
+    Host,
+    /// `--builder vm`, with a `--size` no host-built test uses: both builders write the
+    /// same bytes, so the same recipe would find the host's image in the store instead of
+    /// building one in a VM. And with no `/sbin` on `PATH`: the VM builder must not need
+    /// the host's e2fsprogs or fdisk.
+    Vm,
+}
+
+/// The size of the VM-built test images.
+const VM_BUILDER_SIZE: &str = "640MiB";
+
+impl Builder {
+    fn args(self) -> Vec<&'static str> {
+        match self {
+            Builder::Host => Vec::new(),
+            Builder::Vm => vec!["--builder", "vm", "--size", VM_BUILDER_SIZE],
+        }
+    }
+}
+
+/// `xtask vm-image ARGS` with the host builder; returns the image path (the last stdout
+/// line).
 fn vm_image(args: &[&str]) -> (PathBuf, vm_tests::Run) {
+    vm_image_with(Builder::Host, args)
+}
+
+/// Builds an image with `builder`, which really runs: an image the VM builder stored in
+/// an earlier run of the tests is rebuilt in a VM with `--check` and compared.
+fn build_image(builder: Builder, args: &[&str]) -> (PathBuf, vm_tests::Run) {
+    let before: Vec<_> = fs::read_dir(store_dir()).map(|d| d.flatten().map(|e| e.path()).collect()).unwrap_or_default();
+    let (image, run) = vm_image_with(builder, args);
+    let item = image.parent().unwrap().to_path_buf();
+    if builder == Builder::Vm && before.contains(&item) {
+        let mut check = args.to_vec();
+        check.push("--check");
+        let (again, checked) = vm_image_with(builder, &check);
+        assert_eq!(again, image);
+        assert!(checked.stderr.contains("the rebuilt image is identical to"), "{checked:#?}");
+    } else if builder == Builder::Vm {
+        assert!(run.stderr.contains("store: building"), "the image was found in the store: {run:#?}");
+    }
+    (image, run)
+}
+
+fn vm_image_with(builder: Builder, args: &[&str]) -> (PathBuf, vm_tests::Run) {
     let mut all = vec!["vm-image", "--explain"];
     all.extend_from_slice(args);
-    let run = xtask(&all);
+    all.extend(builder.args());
+    let run = match builder {
+        Builder::Host => xtask(&all),
+        Builder::Vm => vm_tests::xtask_env(&all, &[("PATH", std::ffi::OsStr::new("/usr/local/bin:/usr/bin:/bin"))]),
+    };
     run.expect_code(0);
     let path = PathBuf::from(run.stdout.lines().last().expect("vm-image printed no path"));
     assert!(path.is_file(), "vm-image printed `{}`, which is not a file: {run:#?}", path.display());
@@ -114,11 +165,20 @@ fn qemu_img_check(image: &Path) {
 
 #[test]
 fn qcow2_image_boots_keeps_its_writes_and_passes_checks() {
-    let (image, first) = vm_image(&["--system", "boot-check", "--format", "qcow2"]);
+    qcow2_image_boots(Builder::Host);
+}
+
+#[test]
+fn vm_built_qcow2_image_boots_keeps_its_writes_and_passes_checks() {
+    qcow2_image_boots(Builder::Vm);
+}
+
+fn qcow2_image_boots(builder: Builder) {
+    let (image, first) = build_image(builder, &["--system", "boot-check", "--format", "qcow2"]);
     assert!(image.to_string_lossy().ends_with("-vm-image-boot-check-qcow2/disk.qcow2"), "{}", image.display());
     // The same inputs again: a cache hit, with the same path at once.
     let started = Instant::now();
-    let (again, second) = vm_image(&["--system", "boot-check", "--format", "qcow2"]);
+    let (again, second) = vm_image_with(builder, &["--system", "boot-check", "--format", "qcow2"]);
     assert_eq!(again, image, "{first:#?}");
     assert!(!second.stderr.contains("store: building"), "the second run built something: {second:#?}");
     assert!(started.elapsed() < Duration::from_secs(30));
@@ -142,7 +202,25 @@ fn qcow2_image_boots_keeps_its_writes_and_passes_checks() {
 
 #[test]
 fn volatile_raw_image_is_never_written() {
-    let (image, _) = vm_image(&["--system", "boot-check", "--format", "raw", "--volatile"]);
+    volatile_raw_image(Builder::Host);
+}
+
+/// Also checks that the host builder rebuilds the VM-built image bit for bit.
+#[test]
+fn vm_built_volatile_raw_image_is_never_written_and_equals_the_host_builders() {
+    let args = ["--system", "boot-check", "--format", "raw", "--volatile"];
+    let (image, _) = build_image(Builder::Vm, &args);
+    let mut check = vec!["vm-image", "--builder", "host", "--size", VM_BUILDER_SIZE, "--check"];
+    check.extend(args);
+    let run = xtask(&check);
+    run.expect_code(0);
+    assert!(run.stderr.contains("the rebuilt image is identical to"), "{run:#?}");
+    assert_eq!(run.stdout.lines().last().map(PathBuf::from), Some(image));
+    volatile_raw_image(Builder::Vm);
+}
+
+fn volatile_raw_image(builder: Builder) {
+    let (image, _) = vm_image_with(builder, &["--system", "boot-check", "--format", "raw", "--volatile"]);
     e2fsck_root(&image);
     let dir = tempfile::tempdir().unwrap();
     let copy = copy_image(&image, dir.path());

@@ -27,7 +27,7 @@ use crate::{host, system, vm::shell_quote, Workspace};
 
 /// Version of the image layout and of the way it is built; part of every image recipe,
 /// so a change to the builder makes new items instead of passing for the old ones.
-const LAYOUT_VERSION: &str = "vm-image-v2";
+const LAYOUT_VERSION: &str = "vm-image-v3";
 /// Modules the initrd of an image loads besides the base ones: the disk on QEMU's
 /// default `pc` machine (IDE: ata_piix, and sd for `/dev/sda`), virtio disks on PCI,
 /// ext4 (with crc32c, which it asks the crypto API for rather than depending on it) and
@@ -38,14 +38,14 @@ pub const IMAGE_MODULES: &[&str] =
 const GRUB_MODULES: &[&str] =
     &["biosdisk", "part_msdos", "ext2", "normal", "linux", "configfile", "search", "serial", "terminal", "echo"];
 /// The partition starts at 1 MiB; GRUB's core.img goes into the gap before it.
-const PARTITION_OFFSET: u64 = 1 << 20;
-const SECTOR: u64 = 512;
+pub(crate) const PARTITION_OFFSET: u64 = 1 << 20;
+pub(crate) const SECTOR: u64 = 512;
 const BLOCK: u64 = 4096;
 const INODE_SIZE: u64 = 256;
 /// The root file system's label.
 const LABEL: &str = "vmroot";
 /// The time every inode and the file system itself carry (as the store's items do).
-const FIXED_TIME: &str = "1";
+pub(crate) const FIXED_TIME: &str = "1";
 
 /// A system's closure as it goes into an image: every store item, and the system item
 /// that ties them together.
@@ -244,21 +244,55 @@ pub struct ImageOptions {
     pub verify_store: bool,
 }
 
-/// The versions of the host tools that write the image: part of the recipe, so a new
-/// e2fsprogs or GRUB makes a new image rather than passing for the old one.
-pub fn tool_versions(format: DiskFormat) -> Result<String> {
+/// Which builder writes the partition table and the file system (`--builder`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Builder {
+    /// On the host, rootless, with the host's e2fsprogs and fdisk.
+    Host,
+    /// Inside a VM, with e2fsprogs and fdisk from Debian packages in the store.
+    Vm,
+}
+
+/// Where the programs that write the file system and partition table come from: the
+/// host's `PATH`, or (for the VM builder) Debian's packages in the store, run on the
+/// host through their own dynamic loader to ask their versions.
+pub trait DiskTools {
+    /// A command running `program` (`mke2fs`, `debugfs`, `e2fsck`, `sfdisk`).
+    fn command(&self, program: &str) -> Result<Command>;
+    /// The `mke2fs.conf` that `mke2fs` reads.
+    fn mke2fs_conf(&self) -> PathBuf;
+}
+
+/// The host's tools.
+pub struct HostTools;
+
+impl DiskTools for HostTools {
+    fn command(&self, program: &str) -> Result<Command> {
+        Ok(Command::new(program))
+    }
+
+    fn mke2fs_conf(&self) -> PathBuf {
+        std::env::var_os("MKE2FS_CONFIG").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/etc/mke2fs.conf"))
+    }
+}
+
+/// The versions of the tools that write the image: part of the recipe, so a new
+/// e2fsprogs or GRUB makes a new image rather than passing for the old one. Which
+/// builder runs them is not: both write the same bytes with the same versions.
+pub fn tool_versions(format: DiskFormat, disk_tools: &dyn DiskTools) -> Result<String> {
     let mut tools = vec![
-        (host::MKE2FS.program, "-V"),
-        ("debugfs", "-V"),
-        (host::SFDISK.program, "--version"),
-        (host::GRUB_MKIMAGE.program, "--version"),
+        (disk_tools.command(host::MKE2FS.program)?, "-V"),
+        (disk_tools.command("debugfs")?, "-V"),
+        (disk_tools.command(host::SFDISK.program)?, "--version"),
+        (Command::new(host::GRUB_MKIMAGE.program), "--version"),
     ];
     if format == DiskFormat::Qcow2 {
-        tools.push((host::QEMU_IMG.program, "--version"));
+        tools.push((Command::new(host::QEMU_IMG.program), "--version"));
     }
     let mut versions = Vec::new();
-    for (program, flag) in tools {
-        let out = Command::new(program).arg(flag).output().with_context(|| format!("running `{program} {flag}`"))?;
+    for (mut cmd, flag) in tools {
+        let program = describe(&cmd);
+        let out = cmd.arg(flag).output().with_context(|| format!("running `{program} {flag}`"))?;
         let text = if out.stdout.is_empty() { out.stderr } else { out.stdout };
         let first = String::from_utf8_lossy(&text).lines().next().unwrap_or_default().to_string();
         ensure!(out.status.success() && !first.is_empty(), "`{program} {flag}` failed ({})", out.status);
@@ -266,6 +300,9 @@ pub fn tool_versions(format: DiskFormat) -> Result<String> {
     }
     let boot_img = Path::new(host::GRUB_I386_PC_DIR).join("boot.img");
     versions.push(format!("boot.img sha256 {}", store::sha256_file(&boot_img)?));
+    let conf = disk_tools.mke2fs_conf();
+    let conf_hash = store::sha256_file(&conf).with_context(|| format!("reading `{}`", conf.display()))?;
+    versions.push(format!("mke2fs.conf sha256 {conf_hash}"));
     Ok(versions.join("; "))
 }
 
@@ -275,7 +312,6 @@ pub fn recipe(closure: &Closure, opts: &ImageOptions, tool_versions: &str) -> Re
     let name = format!("vm-image-{}-{}{volatile}", closure.system_name, opts.format.name());
     let mut recipe = Recipe::new("vm-image", &name)
         .param("layout", LAYOUT_VERSION)
-        .param("builder", "host")
         .param("format", opts.format.name())
         .param("size", opts.layout.size.to_string())
         .param("inodes", opts.layout.inodes.to_string())
@@ -359,7 +395,7 @@ impl Progress {
         Progress { steps: std::io::stderr().is_terminal() || verbose, verbose }
     }
 
-    fn step(&self, msg: &str) {
+    pub(crate) fn step(&self, msg: &str) {
         if self.steps {
             eprintln!("vm-image: {msg}");
         }
@@ -385,10 +421,16 @@ pub fn build_on_host(
     // The staging tree has read-only directories; remove it before the TempDir tries.
     store::remove_tree(&root)?;
     built?;
+    store_disk(&raw, out, opts.format, progress)
+}
+
+/// Puts the finished raw image into the item directory `out` (created): moved as it is,
+/// or converted to qcow2.
+pub(crate) fn store_disk(raw: &Path, out: &Path, format: DiskFormat, progress: Progress) -> Result<()> {
     fs::create_dir(out).with_context(|| format!("creating `{}`", out.display()))?;
-    let dest = out.join(file_name(opts.format));
-    match opts.format {
-        DiskFormat::Raw => fs::rename(&raw, &dest).with_context(|| format!("moving the image to `{}`", dest.display())),
+    let dest = out.join(file_name(format));
+    match format {
+        DiskFormat::Raw => fs::rename(raw, &dest).with_context(|| format!("moving the image to `{}`", dest.display())),
         DiskFormat::Qcow2 => {
             progress.step("converting to qcow2");
             let mut cmd = Command::new(host::QEMU_IMG.program);
@@ -396,7 +438,7 @@ pub fn build_on_host(
             if progress.steps && std::io::stderr().is_terminal() {
                 cmd.arg("-p");
             }
-            cmd.arg(&raw).arg(&dest);
+            cmd.arg(raw).arg(&dest);
             run(cmd, progress)
         }
     }
@@ -405,7 +447,13 @@ pub fn build_on_host(
 /// Makes the image's root tree in `root`: the store items (hard links to the store's
 /// files), `grub.cfg`, the store database, the system's links and the usual top-level
 /// directories. Returns every path in it (relative, sorted), for fixing their inodes.
-fn stage(store: &Store, closure: &Closure, opts: &ImageOptions, uuid: &str, root: &Path) -> Result<Vec<String>> {
+pub(crate) fn stage(
+    store: &Store,
+    closure: &Closure,
+    opts: &ImageOptions,
+    uuid: &str,
+    root: &Path,
+) -> Result<Vec<String>> {
     let mut dirs: BTreeSet<String> =
         ["dev", "proc", "sys", "tmp", "run", "root", "etc", "mnt", "boot", "boot/grub", "var", "var/lib", "store"]
             .iter()
@@ -419,6 +467,10 @@ fn stage(store: &Store, closure: &Closure, opts: &ImageOptions, uuid: &str, root
     for dir in &dirs {
         fs::create_dir_all(root.join(dir)).with_context(|| format!("creating `{dir}` in the staging tree"))?;
     }
+    // Modes set explicitly: what create_dir leaves depends on the caller's umask.
+    for dir in std::iter::once(root.to_path_buf()).chain(dirs.iter().map(|d| root.join(d))) {
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o755))?;
+    }
     fs::set_permissions(root.join("tmp"), fs::Permissions::from_mode(0o1777))?;
     fs::set_permissions(root.join("root"), fs::Permissions::from_mode(0o700))?;
     fs::write(root.join("boot/grub/grub.cfg"), grub_cfg(closure, opts, uuid)).context("writing grub.cfg")?;
@@ -427,7 +479,10 @@ fn stage(store: &Store, closure: &Closure, opts: &ImageOptions, uuid: &str, root
     for (link, target) in &closure.links {
         let path = root.join(link.trim_start_matches('/'));
         if let Some(parent) = path.parent() {
-            fs::create_dir_all(parent)?;
+            if !parent.exists() {
+                fs::create_dir_all(parent)?;
+                fs::set_permissions(parent, fs::Permissions::from_mode(0o755))?;
+            }
         }
         std::os::unix::fs::symlink(target, &path).with_context(|| format!("linking `{link}` in the staging tree"))?;
     }
@@ -472,7 +527,7 @@ fn link_tree(src: &Path, dst: &Path) -> Result<()> {
 }
 
 /// Every path under `dir`, relative, parents before children, in sorted order.
-fn list(dir: &Path, rel: &Path, out: &mut Vec<String>) -> Result<()> {
+pub(crate) fn list(dir: &Path, rel: &Path, out: &mut Vec<String>) -> Result<()> {
     let mut names: Vec<_> = fs::read_dir(dir)
         .with_context(|| format!("listing `{}`", dir.display()))?
         .map(|e| e.map(|e| e.file_name()))
@@ -508,23 +563,14 @@ fn write_raw(
     file.set_len(layout.size).with_context(|| format!("sizing `{}`", raw.display()))?;
     drop(file);
 
-    // The disk identifier comes from the UUID too: sfdisk would pick a random one.
-    let table = format!(
-        "label: dos\nlabel-id: 0x{}\nunit: sectors\n{},,L,*\n",
-        &uuid.replace('-', "")[..8],
-        PARTITION_OFFSET / SECTOR
-    );
     let mut sfdisk = Command::new(host::SFDISK.program);
-    sfdisk.args(["--no-tell-kernel", "--no-reread", "--quiet"]).arg(raw);
-    run_with_input(sfdisk, table.as_bytes(), progress).context("writing the partition table")?;
+    sfdisk.args(SFDISK_ARGS).arg(raw);
+    run_with_input(sfdisk, partition_table(uuid).as_bytes(), progress).context("writing the partition table")?;
 
     progress.step(&format!("making the ext4 file system ({} MiB) with the closure", (layout.fs_blocks * BLOCK) >> 20));
     let mut mke2fs = Command::new(host::MKE2FS.program);
     mke2fs
-        .args(["-q", "-F", "-t", "ext4", "-b", &BLOCK.to_string(), "-I", &INODE_SIZE.to_string()])
-        .args(["-N", &layout.inodes.to_string(), "-L", LABEL, "-U", uuid])
-        .arg("-E")
-        .arg(format!("offset={PARTITION_OFFSET},hash_seed={uuid},root_owner=0:0"))
+        .args(mke2fs_options(&layout, uuid))
         .arg("-d")
         .arg(root)
         .arg(raw)
@@ -540,12 +586,7 @@ fn write_raw(
     // mke2fs copies ctime, atime (which its own reading may have just updated) and
     // owners from the staging tree; make them fixed.
     let fs_spec = format!("{}?offset={PARTITION_OFFSET}", raw.display());
-    let mut script = String::new();
-    for path in std::iter::once("").chain(entries.iter().map(String::as_str)) {
-        for (field, value) in [("ctime", "@1"), ("atime", "@1"), ("uid", "0"), ("gid", "0")] {
-            script.push_str(&format!("sif \"/{path}\" {field} {value}\n"));
-        }
-    }
+    let script = debugfs_script(entries);
     let mut debugfs = Command::new("debugfs");
     debugfs.args(["-w", "-f", "-"]).arg(&fs_spec).env("E2FSPROGS_FAKE_TIME", FIXED_TIME);
     let errors = run_with_input(debugfs, script.as_bytes(), progress).context("fixing inode times and owners")?;
@@ -554,27 +595,75 @@ fn write_raw(
         bail!("debugfs could not fix inode times and owners: {}", errors.join("; "));
     }
 
+    let (mbr, core) = grub_boot_code(&raw.with_file_name("core.img"), progress)?;
+    let mut file = File::options().write(true).open(raw).with_context(|| format!("opening `{}`", raw.display()))?;
+    file.write_all(&mbr).context("writing GRUB's boot.img into the MBR")?;
+    file.seek(SeekFrom::Start(SECTOR))?;
+    file.write_all(&core).context("writing GRUB's core.img after the MBR")?;
+    file.sync_all()?;
+    drop(file);
+
     // No e2fsck here: it would cost as much as making the file system; the end-to-end
     // tests run `e2fsck -fn` on every image they build.
-    install_grub(raw, progress)
+    Ok(())
 }
 
-/// GRUB for BIOS without `grub-install` (which refuses image files): the first 440
-/// bytes of `boot.img` in the MBR (the disk identifier and partition table after them
-/// stay), and `core.img` from sector 1, where boot.img and core.img's own first sector
-/// look for it by default.
-fn install_grub(raw: &Path, progress: Progress) -> Result<()> {
+/// sfdisk's options: it writes into the file or disk it is given and nothing else.
+pub(crate) const SFDISK_ARGS: [&str; 3] = ["--no-tell-kernel", "--no-reread", "--quiet"];
+
+/// The sfdisk script of the partition table: one bootable Linux partition from 1 MiB to
+/// the end. The disk identifier comes from the UUID too: sfdisk would pick a random one.
+pub(crate) fn partition_table(uuid: &str) -> String {
+    format!(
+        "label: dos\nlabel-id: 0x{}\nunit: sectors\n{},,L,*\n",
+        &uuid.replace('-', "")[..8],
+        PARTITION_OFFSET / SECTOR
+    )
+}
+
+/// mke2fs's options for the root file system, before `-d DIR DEVICE BLOCKS`; it runs
+/// with `E2FSPROGS_FAKE_TIME` set to [`FIXED_TIME`].
+pub(crate) fn mke2fs_options(layout: &Layout, uuid: &str) -> Vec<String> {
+    let mut args: Vec<String> = ["-q", "-F", "-t", "ext4", "-b", &BLOCK.to_string(), "-I", &INODE_SIZE.to_string()]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    args.extend(["-N".into(), layout.inodes.to_string(), "-L".into(), LABEL.into(), "-U".into(), uuid.into()]);
+    // The disk is fresh (zeros) in both builders. Saying so makes mke2fs mark the inode
+    // tables zeroed whatever it writes to: it would for a file (where discarding zeroes)
+    // but not for a block device.
+    args.push("-E".into());
+    args.push(format!("offset={PARTITION_OFFSET},hash_seed={uuid},root_owner=0:0,assume_storage_prezeroed=1"));
+    args
+}
+
+/// The debugfs script that fixes what mke2fs copies from the staging tree and cannot be
+/// set there: ctime, atime and owners of the root and every entry.
+pub(crate) fn debugfs_script(entries: &[String]) -> String {
+    let mut script = String::new();
+    for path in std::iter::once("").chain(entries.iter().map(String::as_str)) {
+        for (field, value) in [("ctime", "@1"), ("atime", "@1"), ("uid", "0"), ("gid", "0")] {
+            script.push_str(&format!("sif \"/{path}\" {field} {value}\n"));
+        }
+    }
+    script
+}
+
+/// GRUB for BIOS without `grub-install` (which refuses image files): returns the first
+/// 440 bytes of `boot.img`, for the MBR (the disk identifier and partition table after
+/// them stay), and `core.img` (made at `core` by grub-mkimage), for sector 1, where
+/// boot.img and core.img's own first sector look for it by default.
+pub(crate) fn grub_boot_code(core: &Path, progress: Progress) -> Result<(Vec<u8>, Vec<u8>)> {
     let dir = Path::new(host::GRUB_I386_PC_DIR);
-    let core = raw.with_file_name("core.img");
     let mut mkimage = Command::new(host::GRUB_MKIMAGE.program);
     mkimage
         .args(["-O", "i386-pc", "-p", "(hd0,msdos1)/boot/grub", "-d"])
         .arg(dir)
         .arg("-o")
-        .arg(&core)
+        .arg(core)
         .args(GRUB_MODULES);
     run(mkimage, progress).context("making GRUB's core.img")?;
-    let core_bytes = fs::read(&core).with_context(|| format!("reading `{}`", core.display()))?;
+    let core_bytes = fs::read(core).with_context(|| format!("reading `{}`", core.display()))?;
     let gap = PARTITION_OFFSET - SECTOR;
     ensure!(
         core_bytes.len() as u64 <= gap,
@@ -589,22 +678,17 @@ fn install_grub(raw: &Path, progress: Progress) -> Result<()> {
     // drive number only for floppies.
     mbr[0x66] = 0x90;
     mbr[0x67] = 0x90;
-    let mut file = File::options().write(true).open(raw).with_context(|| format!("opening `{}`", raw.display()))?;
-    file.write_all(&mbr).context("writing GRUB's boot.img into the MBR")?;
-    file.seek(SeekFrom::Start(SECTOR))?;
-    file.write_all(&core_bytes).context("writing GRUB's core.img after the MBR")?;
-    file.sync_all()?;
-    Ok(())
+    Ok((mbr, core_bytes))
 }
 
-fn describe(cmd: &Command) -> String {
+pub(crate) fn describe(cmd: &Command) -> String {
     let mut words = vec![cmd.get_program().to_string_lossy().into_owned()];
     words.extend(cmd.get_args().map(|a| shell_quote(&a.to_string_lossy())));
     words.join(" ")
 }
 
 /// Runs a command; a failure names it and carries its stderr.
-fn run(cmd: Command, progress: Progress) -> Result<()> {
+pub(crate) fn run(cmd: Command, progress: Progress) -> Result<()> {
     run_with_input(cmd, &[], progress).map(drop)
 }
 

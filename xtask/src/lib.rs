@@ -8,6 +8,7 @@ pub mod debian;
 pub mod helper;
 pub mod host;
 pub mod image;
+pub mod image_vm;
 pub mod initrd;
 pub mod kernel;
 pub mod qemu;

@@ -5,11 +5,11 @@
 use anyhow::{Context, Result};
 
 use super::{parse_size, usage_error};
-use crate::image::{self, ImageOptions, Layout, Progress};
+use crate::image::{self, Builder, DiskTools, HostTools, ImageOptions, Layout, Progress};
 use crate::qemu::DiskFormat;
 use crate::store::{Outcome, Store};
 use crate::vm::Failure;
-use crate::{host, Workspace};
+use crate::{host, image_vm, Workspace};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct VmImage {
@@ -31,6 +31,10 @@ pub struct VmImage {
     /// boot, and stop the boot on a mismatch.
     #[arg(long)]
     pub verify_store: bool,
+    /// Where the image is built: on the host (rootless, fast) or inside a VM with
+    /// Debian's tools from the store (the reference's way). Both write the same bytes.
+    #[arg(long, value_enum, default_value = "host")]
+    pub builder: Builder,
     /// Rebuild the image (building it first if it is not stored yet) and compare the two
     /// bit for bit; exit non-zero naming the first differing offset.
     #[arg(long)]
@@ -49,7 +53,10 @@ impl VmImage {
             let names: Vec<String> = os_configs::all().into_iter().map(|s| s.name).collect();
             usage_error(format!("unknown system `{}`; known systems: {}", self.system, names.join(", ")))
         })?;
-        let mut tools = vec![host::SFDISK, host::MKE2FS, host::GRUB_MKIMAGE];
+        let mut tools = match self.builder {
+            Builder::Host => vec![host::SFDISK, host::MKE2FS, host::GRUB_MKIMAGE],
+            Builder::Vm => vec![host::GRUB_MKIMAGE, host::QEMU_SYSTEM],
+        };
         if self.format == DiskFormat::Qcow2 {
             tools.push(host::QEMU_IMG);
         }
@@ -82,11 +89,22 @@ impl VmImage {
         };
         let opts =
             ImageOptions { format: self.format, layout, volatile: self.volatile, verify_store: self.verify_store };
-        let versions = image::tool_versions(self.format)?;
+        let store_tools = match self.builder {
+            Builder::Host => None,
+            Builder::Vm => Some(image_vm::tools(&store).context("getting the VM builder's tools")?),
+        };
+        let disk_tools: &dyn DiskTools = match &store_tools {
+            Some(tools) => tools,
+            None => &HostTools,
+        };
+        let versions = image::tool_versions(self.format, disk_tools)?;
         let recipe = image::recipe(&closure, &opts, &versions);
         let uuid = image::uuid_for(&recipe.hash());
         let progress = Progress::for_stderr(self.verbose);
-        let build = |out: &std::path::Path| image::build_on_host(&store, &closure, &opts, &uuid, out, progress);
+        let build = |out: &std::path::Path| match &store_tools {
+            None => image::build_on_host(&store, &closure, &opts, &uuid, out, progress),
+            Some(tools) => image_vm::build(&store, ws, &closure, &opts, &uuid, tools, out, progress),
+        };
         let (item, outcome) = store.realise_with_outcome(&recipe, build)?;
         let path = image::image_path(&item, self.format);
         if self.check {
