@@ -17,6 +17,8 @@ use sha2::{Digest, Sha256};
 
 /// Version tag of the recipe encoding; changing the encoding changes every hash.
 const RECIPE_ENCODING: &[u8] = b"vmstore-recipe-v1\n";
+/// The input label of references ([`Recipe::reference`]).
+const REFERENCE: &str = "ref";
 /// Modification time given to everything in an item (for reproducible images).
 const FIXED_MTIME_SECS: i64 = 1;
 
@@ -46,6 +48,12 @@ impl Recipe {
     pub fn input_item(mut self, label: &str, item: &Item) -> Recipe {
         self.inputs.push((label.into(), format!("item:{}", item.file_name())));
         self
+    }
+
+    /// Adds another item as a reference: an input the new item points to at run time,
+    /// so it belongs to the new item's closure ([`Store::closure`]).
+    pub fn reference(self, item: &Item) -> Recipe {
+        self.input_item(REFERENCE, item)
     }
 
     /// Adds content (a file or a tree) identified by its sha256 from [`hash_path`].
@@ -222,6 +230,40 @@ impl Store {
         let path = self.meta_path(item);
         let text = fs::read_to_string(&path).with_context(|| format!("reading `{}`", path.display()))?;
         serde_json::from_str(&text).with_context(|| format!("parsing `{}`", path.display()))
+    }
+
+    /// The items `roots` refer to, directly or not, and the roots themselves: each once,
+    /// references before the items that refer to them.
+    pub fn closure(&self, roots: &[Item]) -> Result<Vec<Item>> {
+        let mut seen = std::collections::BTreeSet::new();
+        let mut order = Vec::new();
+        for root in roots {
+            self.visit_references(root, &mut seen, &mut order)?;
+        }
+        Ok(order)
+    }
+
+    fn visit_references(
+        &self,
+        item: &Item,
+        seen: &mut std::collections::BTreeSet<String>,
+        order: &mut Vec<Item>,
+    ) -> Result<()> {
+        if !seen.insert(item.file_name()) {
+            return Ok(());
+        }
+        for (label, value) in self.meta(item)?.inputs {
+            if label != REFERENCE {
+                continue;
+            }
+            let file_name = value.strip_prefix("item:").unwrap_or(&value);
+            let referenced = self
+                .lookup(file_name)
+                .with_context(|| format!("store item `{}` refers to `{file_name}`, which is missing", item.name))?;
+            self.visit_references(&referenced, seen, order)?;
+        }
+        order.push(item.clone());
+        Ok(())
     }
 
     /// Returns the item for `recipe`, running `build` to make it when it is not present.
