@@ -387,6 +387,15 @@ pub fn hello() -> System {
     }
 }
 
+/// `minimal` plus a program from the host with its shared libraries: `sfdisk` (from
+/// util-linux's `fdisk` package, which `vm-image` needs on the host anyway).
+pub fn host_sfdisk() -> System {
+    System {
+        packages: vec![Package::Busybox, Package::Host { path: PathBuf::from("/usr/sbin/sfdisk") }],
+        ..System::base("host-sfdisk", "minimal plus the host's /usr/sbin/sfdisk with its shared-library closure")
+    }
+}
+
 /// A system that cannot work: it has no root file system (for tests of validation).
 pub fn invalid_no_root() -> System {
     System {
@@ -410,7 +419,7 @@ pub fn invalid_module() -> System {
 
 /// Every named system, in the order `cargo xtask systems` lists them.
 pub fn all() -> Vec<System> {
-    vec![minimal(), hello(), boot_check(), invalid_no_root(), invalid_module()]
+    vec![minimal(), hello(), host_sfdisk(), boot_check(), invalid_no_root(), invalid_module()]
 }
 
 /// Looks a named system up.

@@ -6,6 +6,7 @@ mod bench;
 mod build_in_vm;
 mod faults;
 mod run_vm;
+mod systems;
 mod vm_image;
 
 /// A string unique to this test run, so builds are fresh rather than cache hits.
