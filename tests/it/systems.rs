@@ -188,6 +188,12 @@ fn edited_service_shows_new_behaviour_and_only_small_items_are_rebuilt() {
     // The changed package and the system item that refers to it; the kernel and the
     // initrd (the boot image) are hits.
     assert_eq!(built(&after), ["hello-service-hello-service", "system-hello"], "{after:#?}");
+    // With why: the binary's content, and the system item's reference to it.
+    let why = |name: &str| {
+        after.stderr.lines().find(|l| l.starts_with("store: building ") && l.contains(name)).unwrap_or("").to_string()
+    };
+    assert!(why("-hello-service-hello-service (was ").contains("changed input `binary` (new content)"), "{after:#?}");
+    assert!(why("-system-hello (was ").contains("input `ref` (hello-service-hello-service)"), "{after:#?}");
     for big in ["-initrd-", "-linux-image-"] {
         assert!(
             after.stderr.lines().any(|l| l.starts_with("store: hit ") && l.contains(big)),

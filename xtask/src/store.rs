@@ -291,7 +291,9 @@ impl Store {
         }
         self.clear_leftovers(&item)?;
         let tmp = self.root.join(".tmp").join(format!("{}.{}", item.file_name(), std::process::id()));
-        self.say("building", &item);
+        if self.explain {
+            eprintln!("store: building {} ({})", item.file_name(), self.why(recipe, &item));
+        }
         let built = build(&tmp)
             .with_context(|| format!("building store item `{}`", item.name))
             .and_then(|()| self.commit(recipe, &item, &tmp));
@@ -366,6 +368,51 @@ impl Store {
             }
         }
         Ok(())
+    }
+
+    /// Why `recipe` is being built: how it differs from the newest other item of the
+    /// same name, if there is one (for `--explain`).
+    fn why(&self, recipe: &Recipe, item: &Item) -> String {
+        let suffix = format!("-{}.meta", recipe.name);
+        let mut newest: Option<(std::time::SystemTime, PathBuf)> = None;
+        for entry in fs::read_dir(&self.root).into_iter().flatten().flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let is_same_name = name.strip_suffix(&suffix).is_some_and(|h| h.len() == 32 && h != item.hash);
+            let modified = entry.metadata().and_then(|m| m.modified()).ok();
+            if let (true, Some(modified)) = (is_same_name, modified) {
+                if newest.as_ref().is_none_or(|(t, _)| modified > *t) {
+                    newest = Some((modified, entry.path()));
+                }
+            }
+        }
+        let Some((_, path)) = newest else { return "no earlier item of this name".to_string() };
+        let Ok(old) =
+            fs::read_to_string(&path).map_err(anyhow::Error::from).and_then(|t| Ok(serde_json::from_str::<Meta>(&t)?))
+        else {
+            return "an earlier item's record is unreadable".to_string();
+        };
+        let mut changes = Vec::new();
+        for (key, value) in &recipe.params {
+            if !old.params.iter().any(|(k, v)| k == key && v == value) {
+                changes.push(format!("parameter `{key}`"));
+            }
+        }
+        let shown = |v: &str| match v.strip_prefix("item:") {
+            Some(file) => file.split_once('-').map(|(_, n)| n.to_string()).unwrap_or_else(|| file.to_string()),
+            None => "new content".to_string(),
+        };
+        for (label, value) in &recipe.inputs {
+            if !old.inputs.iter().any(|(l, v)| l == label && v == value) {
+                changes.push(format!("input `{label}` ({})", shown(value)));
+            }
+        }
+        changes.dedup();
+        let old_name = path.file_name().map(|n| n.to_string_lossy().trim_end_matches(".meta").to_string());
+        format!(
+            "was {}: changed {}",
+            old_name.unwrap_or_default(),
+            if changes.is_empty() { "nothing recorded".to_string() } else { changes.join(", ") }
+        )
     }
 
     fn say(&self, what: &str, item: &Item) {
