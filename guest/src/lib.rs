@@ -5,8 +5,13 @@
 //!    modules to load in [`MODULE_ORDER`], one file name per line, in dependency order.
 //! 2. The helper mounts `/proc`, `/sys`, `/dev`, the host's store read-only at
 //!    [`STORE_MOUNT`] and the exchange directory read-write at [`XCHG_MOUNT`], both over 9p.
-//! 3. It reads a [`Request`] (JSON) from [`REQUEST_FILE`] in the exchange directory and
-//!    runs it.
+//! 3. It reads a [`Request`] (JSON) from [`REQUEST_FILE`] in the exchange directory.
+//!    When the request names a system item, the helper applies that item's
+//!    [`SYSTEM_CONFIG_FILE`] ([`SystemConfig`]): host name, mounts, `/etc` files, home
+//!    directories, links, then starts the services and waits until each is up (a service
+//!    that exits before it is up, or is not up within [`SERVICE_READY_SECS`], is an
+//!    error). Then it runs the request's command (or shell). Services run on until the
+//!    end; their output goes to `/var/log/NAME.log`.
 //! 4. It writes a [`Status`] line to [`STATUS_FILE`] in the exchange directory, syncs and
 //!    powers the VM off (`reboot(2)`; the host runs QEMU with `-no-reboot`). A missing
 //!    status file means the guest never finished: the host reports that as an error.
@@ -16,7 +21,16 @@ use serde::{Deserialize, Serialize};
 pub mod image;
 
 /// Version of the request format; bumped on every incompatible change.
-pub const PROTOCOL_VERSION: u32 = 1;
+///
+/// - 1: the command, environment, links, directories, host name, output ports.
+/// - 2: adds `system` (a system item to apply, with services) and `argv_file`.
+pub const PROTOCOL_VERSION: u32 = 2;
+/// The system configuration, relative to a system item.
+pub const SYSTEM_CONFIG_FILE: &str = "system.json";
+/// How long the helper waits for a service to be up.
+pub const SERVICE_READY_SECS: u64 = 60;
+/// Where a service's stdout and stderr go (`NAME` replaced by its name).
+pub const SERVICE_LOG: &str = "/var/log/NAME.log";
 /// Where the host's store appears in the guest (read-only).
 pub const STORE_MOUNT: &str = "/store";
 /// Where the exchange directory appears in the guest (read-write).
@@ -58,6 +72,93 @@ pub struct Request {
     pub stdout_port: Option<String>,
     /// Name of the virtio serial port that receives the program's stderr.
     pub stderr_port: Option<String>,
+    /// The system item (its path in the guest) whose [`SYSTEM_CONFIG_FILE`] is applied
+    /// before running `argv`.
+    #[serde(default)]
+    pub system: Option<String>,
+    /// A file in the exchange directory holding the arguments, each ended by a NUL byte,
+    /// used instead of `argv` when present: written by `run-vm.sh`, which has no JSON
+    /// encoder. Empty: `argv` stands.
+    #[serde(default)]
+    pub argv_file: Option<String>,
+}
+
+/// What a system item asks the helper to set up (the file [`SYSTEM_CONFIG_FILE`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SystemConfig {
+    /// Must equal [`PROTOCOL_VERSION`].
+    pub version: u32,
+    pub hostname: String,
+    /// Mounted in order, after the store and exchange shares.
+    pub mounts: Vec<MountSpec>,
+    /// Written in order (parents created): `/etc/passwd`, `/etc/group`, the system's files.
+    pub files: Vec<FileSpec>,
+    /// Home directories, created with their owners and mode 0700.
+    pub homes: Vec<HomeSpec>,
+    /// Symbolic links (`link`, `target`), e.g. `/bin` to busybox's.
+    pub links: Vec<(String, String)>,
+    /// Started in order; each must be up before the next starts.
+    pub services: Vec<ServiceSpec>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MountSpec {
+    pub source: String,
+    pub target: String,
+    pub fs_type: String,
+    /// Comma-separated; `ro` makes a read-only mount.
+    pub options: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileSpec {
+    /// Absolute.
+    pub path: String,
+    pub contents: String,
+    pub mode: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HomeSpec {
+    pub path: String,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceSpec {
+    pub name: String,
+    /// The program (looked up in `PATH` from `env`) and its arguments.
+    pub argv: Vec<String>,
+    /// The whole environment.
+    pub env: Vec<(String, String)>,
+    pub uid: u32,
+    pub gid: u32,
+    pub groups: Vec<u32>,
+    pub cwd: String,
+    /// Started again when it exits (at most [`MAX_RESTARTS`] times, a second apart).
+    pub restart: bool,
+    pub ready: Readiness,
+}
+
+/// How many times a restarting service is started again before the helper gives up on it.
+pub const MAX_RESTARTS: u32 = 5;
+
+/// When a service counts as up.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Readiness {
+    Started,
+    File(String),
+    TcpPort(u16),
+}
+
+/// Parses an [`Request::argv_file`]: arguments each ended by a NUL byte.
+pub fn parse_argv_file(bytes: &[u8]) -> Vec<String> {
+    match bytes.strip_suffix(&[0]) {
+        None => Vec::new(),
+        Some(args) => args.split(|&b| b == 0).map(|a| String::from_utf8_lossy(a).into_owned()).collect(),
+    }
 }
 
 /// How the request runs.
@@ -118,6 +219,13 @@ mod tests {
         ] {
             assert_eq!(Status::decode(&s.encode()), Some(s));
         }
+    }
+
+    #[test]
+    fn argv_files_split_on_nul() {
+        assert_eq!(parse_argv_file(b"sh\0-c\0echo a b\0"), ["sh", "-c", "echo a b"]);
+        assert_eq!(parse_argv_file(b"sh\0-c\0\0"), ["sh", "-c", ""]);
+        assert!(parse_argv_file(b"").is_empty());
     }
 
     #[test]

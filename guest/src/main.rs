@@ -18,6 +18,7 @@ use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 
 mod disk;
+mod services;
 
 fn main() {
     log("started");
@@ -42,10 +43,26 @@ fn run() -> Result<Status> {
     }
     mount_9p(guest::XCHG_TAG, guest::XCHG_MOUNT, MsFlags::empty(), "cache=none")?;
     mount_9p(guest::STORE_TAG, guest::STORE_MOUNT, MsFlags::MS_RDONLY, "cache=loose")?;
-    let request = read_request()?;
+    let mut request = read_request()?;
     log("shares mounted");
     prepare(&request)?;
-    execute(&request)
+    let mut supervisor = services::Supervisor::default();
+    if let Some(system) = &request.system {
+        block_signals()?;
+        let config = services::read_config(system)?;
+        services::apply(&config)?;
+        supervisor.start_all(&config.services)?;
+        log("services up");
+    }
+    if let Some(file) = &request.argv_file {
+        let path = Path::new(guest::XCHG_MOUNT).join(file);
+        let bytes = fs::read(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        let argv = guest::parse_argv_file(&bytes);
+        if !argv.is_empty() {
+            request.argv = argv;
+        }
+    }
+    execute_supervised(&request, &mut supervisor)
 }
 
 fn log(msg: &str) {
@@ -179,14 +196,29 @@ fn output(port: &Option<String>) -> Result<Stdio> {
 const SHUTDOWN_SIGNALS: [Signal; 5] =
     [Signal::SIGUSR1, Signal::SIGUSR2, Signal::SIGTERM, Signal::SIGINT, Signal::SIGPWR];
 
-fn execute(request: &Request) -> Result<Status> {
+fn handled_signals() -> SigSet {
     let mut signals = SigSet::empty();
     signals.add(Signal::SIGCHLD);
     for s in SHUTDOWN_SIGNALS {
         signals.add(s);
     }
-    // Blocked here and received with sigwait below; the child starts with an empty mask.
-    signals.thread_block().map_err(|e| format!("cannot block signals: {e}"))?;
+    signals
+}
+
+/// Blocks the signals PID 1 handles, to receive them with sigwait; children start with
+/// an empty mask.
+fn block_signals() -> Result<()> {
+    handled_signals().thread_block().map_err(|e| format!("cannot block signals: {e}"))
+}
+
+fn execute(request: &Request) -> Result<Status> {
+    execute_supervised(request, &mut services::Supervisor::default())
+}
+
+/// Runs the request's program; services that exit meanwhile are restarted when asked.
+fn execute_supervised(request: &Request, supervisor: &mut services::Supervisor) -> Result<Status> {
+    let signals = handled_signals();
+    block_signals()?;
 
     let mut cmd = Command::new(&request.argv[0]);
     cmd.args(&request.argv[1..]).env_clear().envs(request.env.iter().map(|(k, v)| (k, v))).current_dir(&request.cwd);
@@ -218,7 +250,11 @@ fn execute(request: &Request) -> Result<Status> {
     loop {
         let signal = signals.wait().map_err(|e| format!("sigwait: {e}"))?;
         if signal == Signal::SIGCHLD {
-            if let Some(status) = reap(main_pid) {
+            let (status, others) = reap(main_pid);
+            for (pid, how) in others {
+                supervisor.exited(pid, &how);
+            }
+            if let Some(status) = status {
                 return Ok(status);
             }
         } else if SHUTDOWN_SIGNALS.contains(&signal) {
@@ -235,15 +271,21 @@ fn execute(request: &Request) -> Result<Status> {
 }
 
 /// Reaps every exited child (PID 1 adopts orphans); returns the main child's status
-/// once it has exited.
-fn reap(main_pid: Pid) -> Option<Status> {
+/// once it has exited, and how the other children ended.
+fn reap(main_pid: Pid) -> (Option<Status>, Vec<(Pid, Status)>) {
     let mut found = None;
+    let mut others = Vec::new();
     loop {
-        match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
-            Ok(WaitStatus::Exited(pid, code)) if pid == main_pid => found = Some(Status::Exited(code)),
-            Ok(WaitStatus::Signaled(pid, sig, _)) if pid == main_pid => found = Some(Status::Signaled(sig as i32)),
-            Ok(WaitStatus::StillAlive) | Err(_) => return found,
-            Ok(_) => {}
+        let (pid, status) = match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::Exited(pid, code)) => (pid, Status::Exited(code)),
+            Ok(WaitStatus::Signaled(pid, sig, _)) => (pid, Status::Signaled(sig as i32)),
+            Ok(WaitStatus::StillAlive) | Err(_) => return (found, others),
+            Ok(_) => continue,
+        };
+        if pid == main_pid {
+            found = Some(status);
+        } else {
+            others.push((pid, status));
         }
     }
 }

@@ -1,15 +1,24 @@
-//! The vocabulary for describing a virtual machine's system as plain Rust values, and
-//! the named systems that `cargo xtask --system NAME` can boot.
+//! The vocabulary for describing a virtual machine's system as plain Rust values (the
+//! reference's `operating-system` and `file-system` records), and the named systems
+//! that `cargo xtask --system NAME` can boot.
+//!
+//! A system is data: [`System`] and the records it holds have public fields and no
+//! behaviour beyond small constructors and [`System::virtualized`]. Checking that a
+//! system can work (packages exist, modules are in the kernel, ...) is done by `xtask`
+//! before anything is built.
 
 use std::path::PathBuf;
 
-/// A whole system: what kernel boots, what the guest needs loaded, and what userland it has.
+/// A whole system: what kernel boots it, what the guest needs loaded, which file systems
+/// it mounts, what software, services, users and `/etc` files it has.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct System {
     /// Name used on the command line (`--system NAME`) and in store item names.
     pub name: String,
     /// One line saying what the system is for.
     pub description: String,
+    /// The guest's host name.
+    pub hostname: String,
     /// The kernel that boots the system.
     pub kernel: Kernel,
     /// Extra arguments appended to the kernel command line.
@@ -17,8 +26,23 @@ pub struct System {
     /// Kernel modules loaded by the guest helper before anything else, besides the ones
     /// the VM's devices need (virtio transport, 9p, console, block).
     pub initrd_modules: Vec<String>,
-    /// Packages whose `bin/` directories make up the guest's `PATH` (`/bin`).
+    /// How the kernel gets loaded.
+    pub bootloader: Bootloader,
+    /// File systems; exactly one has the mount point `/`.
+    pub file_systems: Vec<FileSystem>,
+    /// Whether the root file system is volatile: writes go to memory and vanish at
+    /// power-off.
+    pub volatile_root: bool,
+    /// Software: their `bin/` directories make up the guest's `PATH`.
     pub packages: Vec<Package>,
+    /// Programs the guest helper starts at boot, in order, before the shell or command.
+    pub services: Vec<Service>,
+    /// Accounts besides `root` (uid 0), which every system has.
+    pub users: Vec<User>,
+    /// Groups besides `root` (gid 0), which every system has.
+    pub groups: Vec<Group>,
+    /// Files under `/etc` besides `passwd`, `group` and `hostname`, which are generated.
+    pub etc_files: Vec<EtcFile>,
 }
 
 /// Where the kernel image and its modules come from.
@@ -33,13 +57,137 @@ pub enum Kernel {
     Path { image: PathBuf, modules: PathBuf },
 }
 
-/// Software installed into the guest.
+/// How the kernel gets loaded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Bootloader {
+    /// GRUB for BIOS (i386-pc) in the MBR of a disk image (`cargo xtask vm-image`).
+    GrubBios,
+    /// No bootloader: QEMU loads the kernel and initrd itself (`cargo xtask run-vm`).
+    Direct,
+}
+
+/// A file system to mount (the reference's `file-system` record).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileSystem {
+    /// An absolute path in the guest.
+    pub mount_point: String,
+    pub device: Device,
+    /// The file system type, as `mount -t` takes it: `ext4`, `tmpfs`, `9p`, ...
+    pub fs_type: String,
+    /// Mount options, as `mount -o` takes them (comma-separated; may be empty).
+    pub options: String,
+    /// Mounted by the initrd, before the system's services start.
+    pub needed_for_boot: bool,
+    /// Checked (`fsck`) before mounting; only meaningful for block devices.
+    pub check: bool,
+}
+
+/// What a file system lives on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Device {
+    /// A block device by path, e.g. `/dev/vda1`.
+    Path(String),
+    /// A block device holding a file system with this label.
+    Label(String),
+    /// A block device holding a file system with this UUID.
+    Uuid(String),
+    /// A directory shared by the host over 9p, by mount tag (e.g. `store`).
+    Share(String),
+    /// No device: a virtual file system (`tmpfs`, `proc`, ...); the name is what
+    /// `mount` shows as its source.
+    Virtual(String),
+}
+
+impl Device {
+    /// Whether the device is real hardware (a disk) rather than a share or memory.
+    pub fn is_block(&self) -> bool {
+        matches!(self, Device::Path(_) | Device::Label(_) | Device::Uuid(_))
+    }
+}
+
+/// Software installed into the guest. Each becomes a store item with its references
+/// recorded (shared libraries of a host program, for instance).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Package {
     /// Debian's `busybox-static`: one static binary providing `sh`, `ls`, `uname`, ...
     Busybox,
     /// Any Debian package, fetched with `apt-get download` and pinned by sha256.
     Debian { package: String },
+    /// A binary target of a package in this cargo workspace, built statically by cargo.
+    Crate { package: String, bin: String },
+    /// A program on the host with its shared libraries (read from the ELF's needed
+    /// libraries and resolved as the dynamic loader would) and its interpreter.
+    Host { path: PathBuf },
+}
+
+/// A program the guest helper starts at boot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Service {
+    /// Names the service in logs (`/var/log/NAME.log` holds its output).
+    pub name: String,
+    /// The program: a name found in one of the system's packages, or an absolute path.
+    pub program: String,
+    pub args: Vec<String>,
+    /// Environment besides `PATH`, `HOME` and `USER`.
+    pub env: Vec<(String, String)>,
+    /// The account it runs as (`root` or one of [`System::users`]).
+    pub user: String,
+    /// Whether the helper starts it again when it exits.
+    pub restart: Restart,
+    /// What "up" means: the command (or shell) starts once every service is up.
+    pub ready: Ready,
+}
+
+/// Whether a service is started again when it exits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Restart {
+    Never,
+    /// Started again (at most a few times in a row, a second apart).
+    Always,
+}
+
+/// When a service counts as up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ready {
+    /// As soon as it is started.
+    Started,
+    /// Once this file exists.
+    File(String),
+    /// Once it accepts TCP connections on this port of 127.0.0.1.
+    TcpPort(u16),
+}
+
+/// A user account (a line of `/etc/passwd`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct User {
+    pub name: String,
+    pub uid: u32,
+    /// The primary group's name: `root` or one of [`System::groups`].
+    pub group: String,
+    /// Supplementary groups, by name.
+    pub supplementary_groups: Vec<String>,
+    /// Full name or purpose (the GECOS field).
+    pub comment: String,
+    /// Created at boot, owned by the user, mode 0700.
+    pub home: String,
+    pub shell: String,
+}
+
+/// A group (a line of `/etc/group`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Group {
+    pub name: String,
+    pub gid: u32,
+}
+
+/// A file under `/etc`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EtcFile {
+    /// Relative to `/etc`, e.g. `motd` or `hello/config`.
+    pub path: String,
+    pub contents: String,
+    /// Permission bits, e.g. `0o644`.
+    pub mode: u32,
 }
 
 impl Kernel {
@@ -49,18 +197,135 @@ impl Kernel {
     }
 }
 
+impl FileSystem {
+    /// A file system on a block device.
+    pub fn block(mount_point: &str, device: Device, fs_type: &str) -> FileSystem {
+        FileSystem {
+            mount_point: mount_point.to_string(),
+            device,
+            fs_type: fs_type.to_string(),
+            options: String::new(),
+            needed_for_boot: false,
+            check: true,
+        }
+    }
+
+    /// A `tmpfs` at `mount_point`.
+    pub fn tmpfs(mount_point: &str) -> FileSystem {
+        FileSystem {
+            mount_point: mount_point.to_string(),
+            device: Device::Virtual("tmpfs".to_string()),
+            fs_type: "tmpfs".to_string(),
+            options: String::new(),
+            needed_for_boot: false,
+            check: false,
+        }
+    }
+}
+
+impl Service {
+    /// A service running `program` as root, never restarted, up once started.
+    pub fn new(name: &str, program: &str) -> Service {
+        Service {
+            name: name.to_string(),
+            program: program.to_string(),
+            args: Vec::new(),
+            env: Vec::new(),
+            user: "root".to_string(),
+            restart: Restart::Never,
+            ready: Ready::Started,
+        }
+    }
+}
+
+impl User {
+    /// An account with its own home under `/home`, and `sh` as its shell.
+    pub fn new(name: &str, uid: u32, group: &str) -> User {
+        User {
+            name: name.to_string(),
+            uid,
+            group: group.to_string(),
+            supplementary_groups: Vec::new(),
+            comment: String::new(),
+            home: format!("/home/{name}"),
+            shell: "/bin/sh".to_string(),
+        }
+    }
+}
+
+impl System {
+    /// A system with Debian's kernel, a volatile `tmpfs` root and nothing else: the
+    /// starting point of the named systems (fill in the rest with struct update syntax).
+    pub fn base(name: &str, description: &str) -> System {
+        System {
+            name: name.to_string(),
+            description: description.to_string(),
+            hostname: name.to_string(),
+            kernel: Kernel::debian_default(),
+            kernel_args: Vec::new(),
+            initrd_modules: Vec::new(),
+            bootloader: Bootloader::GrubBios,
+            file_systems: vec![FileSystem::block("/", Device::Label("vmroot".to_string()), "ext4")],
+            volatile_root: false,
+            packages: Vec::new(),
+            services: Vec::new(),
+            users: Vec::new(),
+            groups: Vec::new(),
+            etc_files: Vec::new(),
+        }
+    }
+
+    /// The file system mounted on `/`, if there is one.
+    pub fn root_file_system(&self) -> Option<&FileSystem> {
+        self.file_systems.iter().find(|fs| fs.mount_point == "/")
+    }
+
+    /// The system as it runs in a VM that shares the host's store (the reference's
+    /// `virtualized-operating-system`): root on `/dev/vda1`, the store over 9p
+    /// (read-only) at `/store`, a volatile root, and no bootloader (QEMU loads the
+    /// kernel). File systems bound to real devices are dropped: the VM has none of them.
+    ///
+    /// `run-vm` gives the VM no disk: the volatile root's `/dev/vda1` is satisfied by
+    /// the initramfs the kernel unpacks into memory, which the guest helper fills from
+    /// the system item (`/etc`, homes, links) — what an empty ext4 image under a tmpfs
+    /// overlay would give, without the disk.
+    pub fn virtualized(&self) -> System {
+        let mut file_systems = vec![
+            FileSystem {
+                needed_for_boot: true,
+                check: false,
+                ..FileSystem::block("/", Device::Path("/dev/vda1".to_string()), "ext4")
+            },
+            FileSystem {
+                mount_point: "/store".to_string(),
+                device: Device::Share("store".to_string()),
+                fs_type: "9p".to_string(),
+                options: "trans=virtio,ro".to_string(),
+                needed_for_boot: true,
+                check: false,
+            },
+        ];
+        file_systems.extend(
+            self.file_systems
+                .iter()
+                .filter(|fs| fs.mount_point != "/" && fs.mount_point != "/store" && !fs.device.is_block())
+                .cloned(),
+        );
+        System { bootloader: Bootloader::Direct, volatile_root: true, file_systems, ..self.clone() }
+    }
+}
+
 /// The system used when no `--system` is given.
 pub const DEFAULT_SYSTEM: &str = "minimal";
+
+/// The port the `hello` system's service listens on.
+pub const HELLO_PORT: u16 = 7878;
 
 /// The smallest useful system: Debian's kernel and a busybox userland.
 pub fn minimal() -> System {
     System {
-        name: "minimal".to_string(),
-        description: "Debian's kernel with a busybox userland (sh, ls, uname, ...)".to_string(),
-        kernel: Kernel::debian_default(),
-        kernel_args: Vec::new(),
-        initrd_modules: Vec::new(),
         packages: vec![Package::Busybox],
+        ..System::base("minimal", "Debian's kernel with a busybox userland (sh, ls, uname, ...)")
     }
 }
 
@@ -76,9 +341,85 @@ pub fn boot_check() -> System {
     }
 }
 
+/// A system running a service built from this workspace (`examples/hello-service`):
+/// it answers on TCP port [`HELLO_PORT`] with its greeting, runs as the user `hello`,
+/// and has a user `alice` to log in as.
+pub fn hello() -> System {
+    let mut service = Service::new("hello", "hello-service");
+    service.args = vec![HELLO_PORT.to_string()];
+    service.env = vec![("HELLO_GREETING_FILE".to_string(), "/etc/hello/greeting".to_string())];
+    service.user = "hello".to_string();
+    service.restart = Restart::Always;
+    service.ready = Ready::TcpPort(HELLO_PORT);
+    System {
+        hostname: "hello-vm".to_string(),
+        packages: vec![
+            Package::Busybox,
+            Package::Crate { package: "hello-service".to_string(), bin: "hello-service".to_string() },
+        ],
+        services: vec![service],
+        groups: vec![Group { name: "users".to_string(), gid: 100 }, Group { name: "hello".to_string(), gid: 900 }],
+        users: vec![
+            User {
+                comment: "the hello service".to_string(),
+                home: "/var/lib/hello".to_string(),
+                ..User::new("hello", 900, "hello")
+            },
+            User {
+                comment: "Alice".to_string(),
+                supplementary_groups: vec!["hello".to_string()],
+                ..User::new("alice", 1000, "users")
+            },
+        ],
+        etc_files: vec![EtcFile {
+            path: "hello/greeting".to_string(),
+            contents: "hello from the VM".to_string(),
+            mode: 0o644,
+        }],
+        file_systems: vec![
+            FileSystem::block("/", Device::Label("vmroot".to_string()), "ext4"),
+            FileSystem::tmpfs("/var/cache/hello"),
+        ],
+        ..System::base(
+            "hello",
+            "minimal plus a service built from this workspace (examples/hello-service) on port 7878",
+        )
+    }
+}
+
+/// `minimal` plus a program from the host with its shared libraries: `sfdisk` (from
+/// util-linux's `fdisk` package, which `vm-image` needs on the host anyway).
+pub fn host_sfdisk() -> System {
+    System {
+        packages: vec![Package::Busybox, Package::Host { path: PathBuf::from("/usr/sbin/sfdisk") }],
+        ..System::base("host-sfdisk", "minimal plus the host's /usr/sbin/sfdisk with its shared-library closure")
+    }
+}
+
+/// A system that cannot work: it has no root file system (for tests of validation).
+pub fn invalid_no_root() -> System {
+    System {
+        file_systems: vec![FileSystem::tmpfs("/scratch")],
+        packages: vec![Package::Busybox],
+        ..System::base("invalid-no-root", "(for tests) no root file system: refused before anything is built")
+    }
+}
+
+/// A system that cannot work: its initrd module is not in the kernel (for tests).
+pub fn invalid_module() -> System {
+    System {
+        initrd_modules: vec!["no_such_module".to_string()],
+        packages: vec![Package::Busybox],
+        ..System::base(
+            "invalid-module",
+            "(for tests) an initrd module the kernel lacks: refused before anything is built",
+        )
+    }
+}
+
 /// Every named system, in the order `cargo xtask systems` lists them.
 pub fn all() -> Vec<System> {
-    vec![minimal(), boot_check()]
+    vec![minimal(), hello(), host_sfdisk(), boot_check(), invalid_no_root(), invalid_module()]
 }
 
 /// Looks a named system up.
@@ -99,5 +440,22 @@ mod tests {
         assert_eq!(names.len(), systems.len());
         assert!(by_name(DEFAULT_SYSTEM).is_some());
         assert!(by_name("no-such-system").is_none());
+    }
+
+    #[test]
+    fn virtualized_roots_on_vda1_shares_the_store_and_drops_disks() {
+        let mut system = hello();
+        system.file_systems.push(FileSystem::block("/data", Device::Uuid("1234".into()), "ext4"));
+        let v = system.virtualized();
+        let root = v.root_file_system().unwrap();
+        assert_eq!(root.device, Device::Path("/dev/vda1".into()));
+        assert!(v.volatile_root);
+        assert_eq!(v.bootloader, Bootloader::Direct);
+        let store = v.file_systems.iter().find(|f| f.mount_point == "/store").unwrap();
+        assert_eq!((store.device.clone(), store.fs_type.as_str()), (Device::Share("store".into()), "9p"));
+        assert!(store.options.split(',').any(|o| o == "ro"));
+        let points: Vec<&str> = v.file_systems.iter().map(|f| f.mount_point.as_str()).collect();
+        assert_eq!(points, ["/", "/store", "/var/cache/hello"]);
+        assert_eq!(v.services, system.services);
     }
 }

@@ -7,6 +7,7 @@ mod build_in_vm;
 mod faults;
 mod run_vm;
 mod store;
+mod systems;
 mod vm_image;
 
 /// A string unique to this test run, so builds are fresh rather than cache hits.

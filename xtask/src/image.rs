@@ -102,6 +102,8 @@ pub fn closure(store: &Store, ws: &Workspace, system: &System, verbose: bool) ->
         hostname: system.name.clone(),
         stdout_port: None,
         stderr_port: None,
+        system: None,
+        argv_file: None,
     };
     let request_json = serde_json::to_string_pretty(&request)?;
     let mut recipe = Recipe::new("system", &format!("system-{}", system.name))

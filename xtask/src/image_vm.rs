@@ -269,6 +269,8 @@ pub fn build(
         hostname: "image-builder".into(),
         stdout_port: None,
         stderr_port: None,
+        system: None,
+        argv_file: None,
     };
     progress.step(&format!(
         "booting a VM to partition the disk, make the file system ({} MiB) with the closure and install GRUB",

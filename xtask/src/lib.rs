@@ -11,9 +11,12 @@ pub mod image;
 pub mod image_vm;
 pub mod initrd;
 pub mod kernel;
+pub mod packages;
 pub mod qemu;
+pub mod script;
 pub mod store;
 pub mod system;
+pub mod validate;
 pub mod vm;
 
 use std::path::{Path, PathBuf};

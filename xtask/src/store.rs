@@ -17,6 +17,8 @@ use sha2::{Digest, Sha256};
 
 /// Version tag of the recipe encoding; changing the encoding changes every hash.
 const RECIPE_ENCODING: &[u8] = b"vmstore-recipe-v1\n";
+/// The input label of references ([`Recipe::reference`]).
+const REFERENCE: &str = "ref";
 /// Modification time given to everything in an item (for reproducible images).
 const FIXED_MTIME_SECS: i64 = 1;
 
@@ -46,6 +48,12 @@ impl Recipe {
     pub fn input_item(mut self, label: &str, item: &Item) -> Recipe {
         self.inputs.push((label.into(), format!("item:{}", item.file_name())));
         self
+    }
+
+    /// Adds another item as a reference: an input the new item points to at run time,
+    /// so it belongs to the new item's closure ([`Store::closure`]).
+    pub fn reference(self, item: &Item) -> Recipe {
+        self.input_item(REFERENCE, item)
     }
 
     /// Adds content (a file or a tree) identified by its sha256 from [`hash_path`].
@@ -232,6 +240,40 @@ impl Store {
         serde_json::from_str(&text).with_context(|| format!("parsing `{}`", path.display()))
     }
 
+    /// The items `roots` refer to, directly or not, and the roots themselves: each once,
+    /// references before the items that refer to them.
+    pub fn closure(&self, roots: &[Item]) -> Result<Vec<Item>> {
+        let mut seen = std::collections::BTreeSet::new();
+        let mut order = Vec::new();
+        for root in roots {
+            self.visit_references(root, &mut seen, &mut order)?;
+        }
+        Ok(order)
+    }
+
+    fn visit_references(
+        &self,
+        item: &Item,
+        seen: &mut std::collections::BTreeSet<String>,
+        order: &mut Vec<Item>,
+    ) -> Result<()> {
+        if !seen.insert(item.file_name()) {
+            return Ok(());
+        }
+        for (label, value) in self.meta(item)?.inputs {
+            if label != REFERENCE {
+                continue;
+            }
+            let file_name = value.strip_prefix("item:").unwrap_or(&value);
+            let referenced = self
+                .lookup(file_name)
+                .with_context(|| format!("store item `{}` refers to `{file_name}`, which is missing", item.name))?;
+            self.visit_references(&referenced, seen, order)?;
+        }
+        order.push(item.clone());
+        Ok(())
+    }
+
     /// Returns the item for `recipe`, running `build` to make it when it is not present.
     /// `build` gets a path that does not exist yet and must create it (a file or a
     /// directory). On error nothing is stored.
@@ -257,7 +299,9 @@ impl Store {
         }
         self.clear_leftovers(&item)?;
         let tmp = self.root.join(".tmp").join(format!("{}.{}", item.file_name(), std::process::id()));
-        self.say("building", &item);
+        if self.explain {
+            eprintln!("store: building {} ({})", item.file_name(), self.why(recipe, &item));
+        }
         let built = build(&tmp)
             .with_context(|| format!("building store item `{}`", item.name))
             .and_then(|()| self.commit(recipe, &item, &tmp));
@@ -397,6 +441,51 @@ impl Store {
         };
         remove_tree(&self.root.join(format!("{base}.meta")))?;
         remove_tree(&self.root.join(base))
+    }
+
+    /// Why `recipe` is being built: how it differs from the newest other item of the
+    /// same name, if there is one (for `--explain`).
+    fn why(&self, recipe: &Recipe, item: &Item) -> String {
+        let suffix = format!("-{}.meta", recipe.name);
+        let mut newest: Option<(std::time::SystemTime, PathBuf)> = None;
+        for entry in fs::read_dir(&self.root).into_iter().flatten().flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let is_same_name = name.strip_suffix(&suffix).is_some_and(|h| h.len() == 32 && h != item.hash);
+            let modified = entry.metadata().and_then(|m| m.modified()).ok();
+            if let (true, Some(modified)) = (is_same_name, modified) {
+                if newest.as_ref().is_none_or(|(t, _)| modified > *t) {
+                    newest = Some((modified, entry.path()));
+                }
+            }
+        }
+        let Some((_, path)) = newest else { return "no earlier item of this name".to_string() };
+        let Ok(old) =
+            fs::read_to_string(&path).map_err(anyhow::Error::from).and_then(|t| Ok(serde_json::from_str::<Meta>(&t)?))
+        else {
+            return "an earlier item's record is unreadable".to_string();
+        };
+        let mut changes = Vec::new();
+        for (key, value) in &recipe.params {
+            if !old.params.iter().any(|(k, v)| k == key && v == value) {
+                changes.push(format!("parameter `{key}`"));
+            }
+        }
+        let shown = |v: &str| match v.strip_prefix("item:") {
+            Some(file) => file.split_once('-').map(|(_, n)| n.to_string()).unwrap_or_else(|| file.to_string()),
+            None => "new content".to_string(),
+        };
+        for (label, value) in &recipe.inputs {
+            if !old.inputs.iter().any(|(l, v)| l == label && v == value) {
+                changes.push(format!("input `{label}` ({})", shown(value)));
+            }
+        }
+        changes.dedup();
+        let old_name = path.file_name().map(|n| n.to_string_lossy().trim_end_matches(".meta").to_string());
+        format!(
+            "was {}: changed {}",
+            old_name.unwrap_or_default(),
+            if changes.is_empty() { "nothing recorded".to_string() } else { changes.join(", ") }
+        )
     }
 
     fn say(&self, what: &str, item: &Item) {

@@ -1,15 +1,18 @@
 //! Lowering a [`System`] value to the store items a VM boots from: kernel image, initrd
-//! (guest helper and modules) and the userland packages.
+//! (guest helper and modules), the userland packages, and the system item that ties
+//! them together for the guest helper (`system.json`: `/etc` files, users, mounts,
+//! services).
 
 use std::fs;
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
-use os_configs::{Package, System};
+use guest::{FileSpec, HomeSpec, MountSpec, Readiness, ServiceSpec, SystemConfig};
+use os_configs::{Device, Package, Ready, Restart, System};
 
 use crate::kernel::{self, KernelTree};
 use crate::store::{Item, Recipe, Store};
-use crate::{debian, helper, initrd, Workspace};
+use crate::{debian, helper, initrd, packages, Workspace};
 
 /// Everything needed to boot a system.
 #[derive(Debug, Clone)]
@@ -50,8 +53,28 @@ pub fn lower(store: &Store, ws: &Workspace, system: &System, verbose: bool) -> R
     let mut packages = Vec::new();
     let mut links = Vec::new();
     let mut path = Vec::new();
+    let mut resolver = None;
     for package in &system.packages {
         match package {
+            Package::Crate { package, bin } => {
+                let item = packages::crate_binary(store, ws, package, bin, verbose)
+                    .with_context(|| format!("building package `{package}` of system `{}`", system.name))?;
+                path.push(format!("{}/bin", item.guest_path()));
+                packages.push(item);
+            }
+            Package::Host { path: program } => {
+                let resolver = resolver.get_or_insert_with(packages::LibraryResolver::from_host);
+                let host = packages::host_program(store, resolver, program).with_context(|| {
+                    format!("adding host program `{}` of system `{}`", program.display(), system.name)
+                })?;
+                path.push(format!("{}/bin", host.item.guest_path()));
+                for link in host.links {
+                    if !links.contains(&link) {
+                        links.push(link);
+                    }
+                }
+                packages.extend(store.closure(std::slice::from_ref(&host.item))?);
+            }
             Package::Busybox => {
                 let item = busybox(store)?;
                 let bin = format!("{}/bin", item.guest_path());
@@ -85,6 +108,112 @@ pub fn lower(store: &Store, ws: &Workspace, system: &System, verbose: bool) -> R
         path: path.join(":"),
         kernel_args: system.kernel_args.clone(),
     })
+}
+
+/// The system item: `system.json` ([`SystemConfig`]) for the guest helper, referring to
+/// every package item. Small, and the only item besides the changed package's that a
+/// change to a package makes anew.
+pub fn system_item(store: &Store, system: &System, lowered: &Lowered) -> Result<Item> {
+    let config = system_config(system, lowered);
+    let json = serde_json::to_string_pretty(&config)?;
+    let mut recipe = Recipe::new("system", &format!("system-{}", system.name)).param("config", json.clone());
+    for item in &lowered.packages {
+        recipe = recipe.reference(item);
+    }
+    store
+        .realise(&recipe, |out| {
+            fs::create_dir(out)?;
+            fs::write(out.join(guest::SYSTEM_CONFIG_FILE), &json)?;
+            Ok(())
+        })
+        .with_context(|| format!("making the system item of system `{}`", system.name))
+}
+
+/// What the guest helper sets up for `system` (already validated).
+pub fn system_config(system: &System, lowered: &Lowered) -> SystemConfig {
+    let gid_of = |name: &str| system.groups.iter().find(|g| g.name == name).map(|g| g.gid).unwrap_or(0);
+    let mut passwd = String::from("root:x:0:0:root:/root:/bin/sh\n");
+    let mut homes = vec![HomeSpec { path: "/root".into(), uid: 0, gid: 0 }];
+    for u in &system.users {
+        let gid = gid_of(&u.group);
+        passwd.push_str(&format!("{}:x:{}:{gid}:{}:{}:{}\n", u.name, u.uid, u.comment, u.home, u.shell));
+        homes.push(HomeSpec { path: u.home.clone(), uid: u.uid, gid });
+    }
+    let mut group = String::from("root:x:0:\n");
+    for g in &system.groups {
+        let members: Vec<&str> =
+            system.users.iter().filter(|u| u.supplementary_groups.contains(&g.name)).map(|u| u.name.as_str()).collect();
+        group.push_str(&format!("{}:x:{}:{}\n", g.name, g.gid, members.join(",")));
+    }
+    let mut files = vec![
+        FileSpec { path: "/etc/passwd".into(), contents: passwd, mode: 0o644 },
+        FileSpec { path: "/etc/group".into(), contents: group, mode: 0o644 },
+        FileSpec { path: "/etc/hostname".into(), contents: format!("{}\n", system.hostname), mode: 0o644 },
+    ];
+    files.extend(system.etc_files.iter().map(|f| FileSpec {
+        path: format!("/etc/{}", f.path),
+        contents: f.contents.clone(),
+        mode: f.mode,
+    }));
+    // The root and the store are the helper's own doing; other file systems without a
+    // device (tmpfs, ...) are mounted from here.
+    let mounts = system
+        .file_systems
+        .iter()
+        .filter(|fs| fs.mount_point != "/" && fs.mount_point != guest::STORE_MOUNT)
+        .filter_map(|fs| match &fs.device {
+            Device::Virtual(source) => Some(MountSpec {
+                source: source.clone(),
+                target: fs.mount_point.clone(),
+                fs_type: fs.fs_type.clone(),
+                options: fs.options.clone(),
+            }),
+            _ => None,
+        })
+        .collect();
+    let services = system
+        .services
+        .iter()
+        .map(|s| {
+            let user = system.users.iter().find(|u| u.name == s.user);
+            let (uid, gid, home) = match user {
+                Some(u) => (u.uid, gid_of(&u.group), u.home.clone()),
+                None => (0, 0, "/root".to_string()),
+            };
+            let groups = user.map(|u| u.supplementary_groups.iter().map(|g| gid_of(g)).collect()).unwrap_or_default();
+            let mut env = vec![
+                ("PATH".to_string(), lowered.path.clone()),
+                ("HOME".to_string(), home.clone()),
+                ("USER".to_string(), s.user.clone()),
+                ("LOGNAME".to_string(), s.user.clone()),
+            ];
+            env.extend(s.env.iter().cloned());
+            ServiceSpec {
+                name: s.name.clone(),
+                argv: std::iter::once(s.program.clone()).chain(s.args.iter().cloned()).collect(),
+                env,
+                uid,
+                gid,
+                groups,
+                cwd: home,
+                restart: s.restart == Restart::Always,
+                ready: match &s.ready {
+                    Ready::Started => Readiness::Started,
+                    Ready::File(path) => Readiness::File(path.clone()),
+                    Ready::TcpPort(port) => Readiness::TcpPort(*port),
+                },
+            }
+        })
+        .collect();
+    SystemConfig {
+        version: guest::PROTOCOL_VERSION,
+        hostname: system.hostname.clone(),
+        mounts,
+        files,
+        homes,
+        links: lowered.links.clone(),
+        services,
+    }
 }
 
 /// Debian's static busybox with a link per applet in `bin/`.

@@ -102,6 +102,8 @@ impl BuildInVm {
                 hostname: "builder".into(),
                 stdout_port: None,
                 stderr_port: None,
+                system: None,
+                argv_file: None,
             };
             if self.vm.explain {
                 eprintln!("vm: booting to build `{}`", self.name);

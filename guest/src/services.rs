@@ -1,0 +1,238 @@
+//! A system item's configuration applied at boot (mounts, `/etc` files, home directories,
+//! links, host name), and its services: started in order, waited for until up, and
+//! restarted when they exit if the system asks for it.
+
+use std::fs::{self, OpenOptions};
+use std::net::{SocketAddr, TcpStream};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use guest::{Readiness, ServiceSpec, Status, SystemConfig};
+use nix::mount::{mount, MsFlags};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::{Gid, Pid, Uid};
+
+use crate::{log, Result};
+
+/// Reads `system.json` from the system item at `system` (a path in the guest).
+pub fn read_config(system: &str) -> Result<SystemConfig> {
+    let path = Path::new(system).join(guest::SYSTEM_CONFIG_FILE);
+    let text = fs::read_to_string(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let config: SystemConfig =
+        serde_json::from_str(&text).map_err(|e| format!("bad system configuration {}: {e}", path.display()))?;
+    if config.version != guest::PROTOCOL_VERSION {
+        return Err(format!(
+            "system configuration {} has version {} but this helper speaks {}",
+            path.display(),
+            config.version,
+            guest::PROTOCOL_VERSION
+        ));
+    }
+    Ok(config)
+}
+
+/// Sets the system up in the (volatile, in-memory) root: host name, loopback, mounts,
+/// files, homes and links.
+pub fn apply(config: &SystemConfig) -> Result<()> {
+    nix::unistd::sethostname(&config.hostname).map_err(|e| format!("cannot set host name {}: {e}", config.hostname))?;
+    loopback_up()?;
+    for m in &config.mounts {
+        fs::create_dir_all(&m.target).map_err(|e| format!("cannot create {}: {e}", m.target))?;
+        let mut flags = MsFlags::empty();
+        let mut data = Vec::new();
+        for opt in m.options.split(',').filter(|o| !o.is_empty()) {
+            match opt {
+                "ro" => flags |= MsFlags::MS_RDONLY,
+                "nosuid" => flags |= MsFlags::MS_NOSUID,
+                "nodev" => flags |= MsFlags::MS_NODEV,
+                "noexec" => flags |= MsFlags::MS_NOEXEC,
+                other => data.push(other),
+            }
+        }
+        let data = data.join(",");
+        mount(Some(m.source.as_str()), m.target.as_str(), Some(m.fs_type.as_str()), flags, Some(data.as_str()))
+            .map_err(|e| format!("cannot mount {} ({}) on {}: {e}", m.source, m.fs_type, m.target))?;
+    }
+    for f in &config.files {
+        if let Some(parent) = Path::new(&f.path).parent() {
+            fs::create_dir_all(parent).map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
+        }
+        fs::write(&f.path, &f.contents).map_err(|e| format!("cannot write {}: {e}", f.path))?;
+        fs::set_permissions(&f.path, fs::Permissions::from_mode(f.mode))
+            .map_err(|e| format!("cannot set the mode of {}: {e}", f.path))?;
+    }
+    for h in &config.homes {
+        fs::create_dir_all(&h.path).map_err(|e| format!("cannot create {}: {e}", h.path))?;
+        nix::unistd::chown(h.path.as_str(), Some(Uid::from_raw(h.uid)), Some(Gid::from_raw(h.gid)))
+            .map_err(|e| format!("cannot give {} to {}:{}: {e}", h.path, h.uid, h.gid))?;
+        fs::set_permissions(&h.path, fs::Permissions::from_mode(0o700))
+            .map_err(|e| format!("cannot set the mode of {}: {e}", h.path))?;
+    }
+    for (link, target) in &config.links {
+        if let Some(parent) = Path::new(link).parent() {
+            fs::create_dir_all(parent).map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
+        }
+        std::os::unix::fs::symlink(target, link).map_err(|e| format!("cannot link {link} -> {target}: {e}"))?;
+    }
+    Ok(())
+}
+
+/// Brings `lo` up, so services can listen on 127.0.0.1.
+fn loopback_up() -> Result<()> {
+    use nix::libc;
+    // SAFETY: a plain socket and two ioctls on a zeroed, NUL-terminated `ifreq`.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(format!("cannot open a socket to bring lo up: {}", std::io::Error::last_os_error()));
+        }
+        let mut ifr: libc::ifreq = std::mem::zeroed();
+        for (i, b) in b"lo".iter().enumerate() {
+            ifr.ifr_name[i] = *b as libc::c_char;
+        }
+        let mut result = libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut ifr);
+        if result == 0 {
+            ifr.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
+            result = libc::ioctl(fd, libc::SIOCSIFFLAGS, &ifr);
+        }
+        let err = std::io::Error::last_os_error();
+        libc::close(fd);
+        if result != 0 {
+            return Err(format!("cannot bring lo up: {err}"));
+        }
+    }
+    Ok(())
+}
+
+struct Running {
+    spec: ServiceSpec,
+    pid: Pid,
+    restarts: u32,
+}
+
+/// The running services.
+#[derive(Default)]
+pub struct Supervisor {
+    running: Vec<Running>,
+}
+
+impl Supervisor {
+    /// Starts every service in order, each up before the next starts.
+    pub fn start_all(&mut self, specs: &[ServiceSpec]) -> Result<()> {
+        for spec in specs {
+            let pid = spawn(spec)?;
+            self.running.push(Running { spec: spec.clone(), pid, restarts: 0 });
+            self.wait_ready(self.running.len() - 1)?;
+            log(&format!("service {} up (pid {pid})", spec.name));
+        }
+        Ok(())
+    }
+
+    fn wait_ready(&mut self, index: usize) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(guest::SERVICE_READY_SECS);
+        loop {
+            let r = &self.running[index];
+            let up = match &r.spec.ready {
+                Readiness::Started => true,
+                Readiness::File(path) => Path::new(path).exists(),
+                Readiness::TcpPort(port) => {
+                    let addr = SocketAddr::from(([127, 0, 0, 1], *port));
+                    TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+                }
+            };
+            if up {
+                return Ok(());
+            }
+            match waitpid(r.pid, Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::Exited(_, code)) => return Err(self.died(index, &Status::Exited(code))),
+                Ok(WaitStatus::Signaled(_, sig, _)) => return Err(self.died(index, &Status::Signaled(sig as i32))),
+                _ => {}
+            }
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "service {} is not up after {}s ({:?}); its log: {}",
+                    r.spec.name,
+                    guest::SERVICE_READY_SECS,
+                    r.spec.ready,
+                    log_tail(&r.spec.name)
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn died(&self, index: usize, how: &Status) -> String {
+        let name = &self.running[index].spec.name;
+        format!("service {name} ended ({}) before it was up; its log: {}", how.encode().trim_end(), log_tail(name))
+    }
+
+    /// Called for a reaped child that is not the main program: restarts the service it
+    /// was, when asked to and under the limit.
+    pub fn exited(&mut self, pid: Pid, how: &Status) {
+        let Some(r) = self.running.iter_mut().find(|r| r.pid == pid) else { return };
+        log(&format!("service {} ended ({})", r.spec.name, how.encode().trim_end()));
+        if !r.spec.restart {
+            return;
+        }
+        if r.restarts >= guest::MAX_RESTARTS {
+            log(&format!("service {} ended {} times; not restarting it", r.spec.name, r.restarts + 1));
+            return;
+        }
+        std::thread::sleep(Duration::from_secs(1));
+        match spawn(&r.spec) {
+            Ok(pid) => {
+                r.pid = pid;
+                r.restarts += 1;
+                log(&format!("service {} restarted (pid {pid})", r.spec.name));
+            }
+            Err(e) => log(&format!("cannot restart service {}: {e}", r.spec.name)),
+        }
+    }
+}
+
+fn log_path(name: &str) -> String {
+    guest::SERVICE_LOG.replace("NAME", name)
+}
+
+fn log_tail(name: &str) -> String {
+    let text = fs::read_to_string(log_path(name)).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(5)..].join(" | ")
+}
+
+fn spawn(spec: &ServiceSpec) -> Result<Pid> {
+    let log = log_path(&spec.name);
+    if let Some(dir) = Path::new(&log).parent() {
+        fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    }
+    let open =
+        || OpenOptions::new().create(true).append(true).open(&log).map_err(|e| format!("cannot open {log}: {e}"));
+    let groups: Vec<Gid> = spec.groups.iter().map(|g| Gid::from_raw(*g)).collect();
+    let mut cmd = Command::new(&spec.argv[0]);
+    cmd.args(&spec.argv[1..])
+        .env_clear()
+        .envs(spec.env.iter().map(|(k, v)| (k, v)))
+        .current_dir(&spec.cwd)
+        .stdin(Stdio::null())
+        .stdout(open()?)
+        .stderr(open()?);
+    let (uid, gid) = (Uid::from_raw(spec.uid), Gid::from_raw(spec.gid));
+    // The groups, then the group, then the user: std's own `uid` and `gid` would drop
+    // root before a `pre_exec` could set the supplementary groups.
+    // SAFETY: setsid, setgroups, setgid and setuid are async-signal-safe; `groups` is
+    // allocated before fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            nix::unistd::setsid()?;
+            nix::unistd::setgroups(&groups)?;
+            nix::unistd::setgid(gid)?;
+            nix::unistd::setuid(uid)?;
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().map_err(|e| format!("cannot start service {} (`{}`): {e}", spec.name, spec.argv[0]))?;
+    Ok(Pid::from_raw(child.id() as i32))
+}

@@ -1,0 +1,204 @@
+//! Systems declared in `os-configs`: a service built from this workspace answering a
+//! command, the inner loop (edit the service, run again: only small items rebuilt),
+//! `run-vm.sh` without cargo, users and host name, a host program with its libraries,
+//! and validation errors.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+use crate::nonce;
+use vm_tests::{store_dir, workspace_root, xtask, Run, TIMEOUT};
+
+/// The query the tests send to the `hello` system's service (busybox's nc).
+const ASK_HELLO: &str = "nc 127.0.0.1 7878 </dev/null";
+
+fn run_system(system: &str, command: &[&str]) -> Run {
+    let mut args = vec!["run-vm", "--system", system, "--timeout", TIMEOUT, "--"];
+    args.extend_from_slice(command);
+    xtask(&args)
+}
+
+#[test]
+fn systems_are_listed_one_line_each() {
+    let run = xtask(&["systems"]);
+    run.expect_code(0);
+    for name in ["minimal", "hello", "host-sfdisk", "boot-check", "invalid-no-root"] {
+        let line = run.stdout.lines().find(|l| l.split_whitespace().next() == Some(name));
+        let line = line.unwrap_or_else(|| panic!("`{name}` not listed: {}", run.stdout));
+        assert!(line.len() > name.len() + 10, "no description for {name}: {line:?}");
+    }
+}
+
+#[test]
+fn workspace_service_answers_a_command() {
+    let run = run_system("hello", &["sh", "-c", ASK_HELLO]);
+    run.expect_code(0);
+    assert_eq!(run.stdout, "hello-service v1: hello from the VM\n");
+}
+
+#[test]
+fn users_groups_homes_and_hostname_are_as_declared() {
+    let script = "hostname; cat /etc/hostname; id alice; id hello; stat -c '%n %U:%G %a' /home/alice /var/lib/hello /root; \
+                  ps -o user,args | grep '[h]ello-service' | sed 's/ .*//'; mount | grep -c ' /var/cache/hello type tmpfs'";
+    let run = run_system("hello", &["sh", "-c", script]);
+    run.expect_code(0);
+    let expected = "hello-vm\nhello-vm\n\
+        uid=1000(alice) gid=100(users) groups=100(users),900(hello)\n\
+        uid=900(hello) gid=900(hello) groups=900(hello)\n\
+        /home/alice alice:users 700\n/var/lib/hello hello:hello 700\n/root root:root 700\n\
+        hello\n1\n";
+    assert_eq!(run.stdout, expected, "{run:#?}");
+}
+
+#[test]
+fn host_program_runs_with_its_shared_libraries() {
+    let run = run_system("host-sfdisk", &["sh", "-c", "sfdisk --version; ls /lib/x86_64-linux-gnu"]);
+    run.expect_code(0);
+    assert!(run.stdout.starts_with("sfdisk from util-linux"), "{run:#?}");
+    for lib in ["libc.so.6", "libfdisk.so.1", "libreadline.so.8"] {
+        assert!(run.stdout.lines().any(|l| l == lib), "{lib} not linked in the guest: {run:#?}");
+    }
+}
+
+#[test]
+fn run_vm_sh_runs_without_cargo() {
+    let made = xtask(&["run-vm", "--system", "hello", "--script"]);
+    made.expect_code(0);
+    let script = PathBuf::from(made.stdout.trim_end());
+    assert!(script.starts_with(store_dir()) && made.stdout.ends_with("-run-vm-hello.sh\n"), "{made:#?}");
+    // Same inputs, same item.
+    assert_eq!(xtask(&["run-vm", "--system", "hello", "--script"]).stdout, made.stdout);
+    // No cargo, no xtask, no environment to speak of: only the script.
+    let out = Command::new("timeout")
+        .arg(TIMEOUT)
+        .arg(&script)
+        .args(["--", "sh", "-c", &format!("{ASK_HELLO}; echo to-stderr >&2; exit 5")])
+        .env_clear()
+        .env("PATH", "/usr/bin:/bin")
+        .current_dir("/")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(5), "stdout: {stdout}\nstderr: {stderr}");
+    assert_eq!(stdout, "hello-service v1: hello from the VM\n", "stderr: {stderr}");
+    assert_eq!(stderr, "to-stderr\n");
+}
+
+#[test]
+fn no_root_file_system_is_refused_before_building() {
+    let run = xtask(&["run-vm", "--system", "invalid-no-root", "--explain", "--", "true"]);
+    run.expect_code(2);
+    assert!(
+        run.stderr.contains("system `invalid-no-root`, field `file_systems`: no file system is mounted on `/`; fix: "),
+        "{run:#?}"
+    );
+    assert!(run.stderr.contains("nothing was built") && !run.stderr.contains("store: build"), "{run:#?}");
+}
+
+#[test]
+fn module_not_in_the_kernel_is_refused_before_building() {
+    let run = xtask(&["run-vm", "--system", "invalid-module", "--explain", "--", "true"]);
+    run.expect_code(2);
+    assert!(run.stderr.contains("system `invalid-module`, field `initrd_modules[0]`: kernel module `no_such_module`"));
+    assert!(run.stderr.contains("fix: remove it, or choose a `kernel` that has it"), "{run:#?}");
+    assert!(!run.stderr.contains("store: build"), "something was built: {run:#?}");
+}
+
+/// A copy of the workspace without its build outputs, as a developer's checkout.
+fn copy_workspace(dest: &Path) {
+    std::fs::create_dir_all(dest).unwrap();
+    for entry in std::fs::read_dir(workspace_root()).unwrap().flatten() {
+        let name = entry.file_name();
+        if name == "target" || name == ".git" {
+            continue;
+        }
+        let status = Command::new("cp").arg("-a").arg(entry.path()).arg(dest).status().unwrap();
+        assert!(status.success(), "cp -a {}", entry.path().display());
+    }
+}
+
+/// `cargo xtask ARGS` in `dir`, with its own target directory (kept between test runs so
+/// the copy's xtask compiles once) and the store the other tests use.
+fn cargo_xtask_in(dir: &Path, args: &[&str]) -> Run {
+    let target = store_dir().parent().unwrap().join("systems-inner-loop");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
+    let out = Command::new(cargo)
+        .arg("xtask")
+        .args(args)
+        .current_dir(dir)
+        .env("CARGO_TARGET_DIR", &target)
+        .env("XTASK_VMSTORE", store_dir())
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    Run {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// Names of the items `--explain` says were built.
+fn built(run: &Run) -> Vec<String> {
+    let mut names: Vec<String> = run
+        .stderr
+        .lines()
+        .filter_map(|l| l.strip_prefix("store: built "))
+        .map(|f| f.split_once('-').map(|(_, name)| name.to_string()).unwrap_or_default())
+        .collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn edited_service_shows_new_behaviour_and_only_small_items_are_rebuilt() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ws = tmp.path().join("ws");
+    copy_workspace(&ws);
+    // `cp -a` keeps the sources' times, and the copy's target directory is kept between
+    // test runs (so dependencies compile once): without new times, cargo would take the
+    // builds of an earlier run's copy for fresh (it compares times, and the copy's path
+    // does not count), including an xtask that names that copy as its workspace.
+    let status = Command::new("find").arg(&ws).args(["-type", "f", "-exec", "touch", "{}", "+"]).status().unwrap();
+    assert!(status.success());
+    let args = ["run-vm", "--system", "hello", "--explain", "--timeout", TIMEOUT, "--", "sh", "-c", ASK_HELLO];
+
+    // As a developer would: run once (this compiles the copy's xtask), edit, run again.
+    let before = cargo_xtask_in(&ws, &args);
+    before.expect_code(0);
+    assert_eq!(before.stdout, "hello-service v1: hello from the VM\n", "{before:#?}");
+
+    let version = format!("v2-{}", nonce());
+    let main_rs = ws.join("examples/hello-service/src/main.rs");
+    let source = std::fs::read_to_string(&main_rs).unwrap();
+    assert!(source.contains("const VERSION: &str = \"v1\";"));
+    std::fs::write(
+        &main_rs,
+        source.replace("const VERSION: &str = \"v1\";", &format!("const VERSION: &str = \"{version}\";")),
+    )
+    .unwrap();
+    let started = Instant::now();
+    let after = cargo_xtask_in(&ws, &args);
+    let elapsed = started.elapsed();
+    after.expect_code(0);
+    assert_eq!(after.stdout, format!("hello-service {version}: hello from the VM\n"), "{after:#?}");
+    // The changed package and the system item that refers to it; the kernel and the
+    // initrd (the boot image) are hits.
+    assert_eq!(built(&after), ["hello-service-hello-service", "system-hello"], "{after:#?}");
+    // With why: the binary's content, and the system item's reference to it.
+    let why = |name: &str| {
+        after.stderr.lines().find(|l| l.starts_with("store: building ") && l.contains(name)).unwrap_or("").to_string()
+    };
+    assert!(why("-hello-service-hello-service (was ").contains("changed input `binary` (new content)"), "{after:#?}");
+    assert!(why("-system-hello (was ").contains("input `ref` (hello-service-hello-service)"), "{after:#?}");
+    for big in ["-initrd-", "-linux-image-"] {
+        assert!(
+            after.stderr.lines().any(|l| l.starts_with("store: hit ") && l.contains(big)),
+            "`{big}` item is not a hit: {after:#?}"
+        );
+    }
+    eprintln!("inner loop (edit -> result): {:.1}s", elapsed.as_secs_f64());
+}
