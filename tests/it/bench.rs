@@ -11,8 +11,15 @@ fn quick_bench_writes_a_valid_report() {
     assert!(matches!(report["accel"].as_str(), Some("tcg" | "kvm")), "{report}");
     let figures = report["figures"].as_array().expect("figures");
     let names: Vec<&str> = figures.iter().filter_map(|f| f["name"].as_str()).collect();
-    for name in ["boot-to-result", "cache-hit", "cache-hit-vm-image", "image-build", "scaling-64MiB", "scaling-256MiB"]
-    {
+    for name in [
+        "boot-to-result",
+        "inner-loop",
+        "cache-hit",
+        "cache-hit-vm-image",
+        "image-build",
+        "scaling-64MiB",
+        "scaling-256MiB",
+    ] {
         assert!(names.contains(&name), "figure {name} missing: {names:?}");
     }
     for f in figures {

@@ -12,9 +12,8 @@ use sha2::{Digest, Sha256};
 use crate::store::{self, Item, Recipe, Store};
 use crate::Workspace;
 
-/// The target the helper is built for: explicit, so `+crt-static` applies to it alone and
-/// not to build scripts and proc-macros.
-const TARGET: &str = "x86_64-unknown-linux-gnu";
+use crate::packages::TARGET;
+
 const RUSTFLAGS: &str = "-C target-feature=+crt-static -C strip=symbols";
 
 pub fn build(store: &Store, ws: &Workspace, verbose: bool) -> Result<Item> {

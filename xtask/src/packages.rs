@@ -17,7 +17,7 @@ use crate::Workspace;
 /// The target crate packages are built for: explicit, so `+crt-static` applies to it
 /// alone and not to build scripts and proc-macros (as for the guest helper).
 pub const TARGET: &str = "x86_64-unknown-linux-gnu";
-const RUSTFLAGS: &str = "-C target-feature=+crt-static";
+pub const RUSTFLAGS: &str = "-C target-feature=+crt-static";
 
 /// The workspace's packages and their binary targets, from `cargo metadata`.
 pub fn workspace_bins(ws: &Workspace) -> Result<BTreeMap<String, Vec<String>>> {

@@ -110,6 +110,43 @@ impl Bench {
             "xtask run-vm -- true",
             "bare qemu + busybox initramfs",
         ));
+        let floor_boot = floor;
+
+        // inner-loop: touch the `hello` system's service source, then ask the service in
+        // a VM, against cargo building that crate the same way plus the floor's boot.
+        let service_src = ws.root.join("examples/hello-service/src/main.rs");
+        if os_configs::by_name("hello").is_none() || !service_src.is_file() {
+            bail!("the inner-loop figure needs the `hello` system and `{}`", service_src.display());
+        }
+        let touch = || -> Result<()> {
+            let file = fs::File::options().append(true).open(&service_src)?;
+            file.set_modified(std::time::SystemTime::now()).context("touching the service's source")?;
+            Ok(())
+        };
+        let ask = ["--timeout", "300", "--", "sh", "-c", "nc 127.0.0.1 7878 </dev/null"];
+        let ours = measure(warmup, runs, || {
+            touch()?;
+            run_quiet(Command::new(&xtask).args(["run-vm", "--system", "hello"]).args(accel_flag).args(ask))
+        })?;
+        let cargo_build = measure(warmup, runs, || {
+            touch()?;
+            run_quiet(
+                Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+                    .args(["build", "--quiet", "--release", "-p", "hello-service", "--bin", "hello-service"])
+                    .args(["--target", crate::packages::TARGET, "--target-dir"])
+                    .arg(ws.target_dir.join("vm-packages"))
+                    .current_dir(&ws.root)
+                    .env("RUSTFLAGS", crate::packages::RUSTFLAGS),
+            )
+        })?;
+        figures.push(figure(
+            "inner-loop",
+            ours,
+            cargo_build + floor_boot,
+            accel,
+            "touch service source; xtask run-vm --system hello -- nc ...",
+            "cargo build of the crate + bare qemu boot",
+        ));
 
         // cache-hit: a build-in-vm whose result is stored, timed as the xtask binary
         // alone and through cargo, against `true`.
