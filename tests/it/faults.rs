@@ -588,3 +588,23 @@ fn a_guest_writing_a_qcow2_header_into_a_raw_disk_stays_raw() {
     assert_eq!(disk.len(), 1 << 20, "the raw disk must stay a 1 MiB raw file");
     assert!(disk.starts_with(b"QFI\xfb"));
 }
+
+#[test]
+fn a_command_killed_by_the_out_of_memory_killer_fails() {
+    // The shell holds the whole output of the pipeline in memory: more than the guest has.
+    let run = xtask(&[
+        "run-vm",
+        "--memory",
+        "128",
+        "--timeout",
+        TIMEOUT,
+        "--",
+        "sh",
+        "-c",
+        "x=$(head -c 300000000 /dev/zero | tr '\\0' a); echo survived",
+    ]);
+    assert_ne!(run.code, 0, "{run:#?}");
+    assert!(!run.stdout.contains("survived"), "{run:#?}");
+    // Either the OOM killer's SIGKILL is reported, or the guest died without a status.
+    assert!(run.stderr.contains("signal 9") || run.stderr.contains("without reporting a status"), "{run:#?}");
+}

@@ -347,3 +347,29 @@ fn check_rebuilds_bit_for_bit() {
     assert!(run.stderr.contains("the rebuilt image is identical to"), "{run:#?}");
     assert!(run.stdout.trim_end().ends_with("/disk.raw"), "{run:#?}");
 }
+
+/// The same image built in a store at another path is byte-identical: no host path gets
+/// into an image (the recipe has none, and the builder writes none).
+#[test]
+fn a_store_elsewhere_builds_a_byte_identical_raw_image() {
+    let (image, _) = vm_image(&["--system", "boot-check", "--format", "raw", "--size", "600MiB"]);
+    // Another store: hard links to every item but the images, under another directory.
+    let other = tempfile::tempdir_in(store_dir().parent().unwrap()).unwrap();
+    let store = other.path().join("somewhere/else/store");
+    fs::create_dir_all(&store).unwrap();
+    for entry in fs::read_dir(store_dir()).unwrap().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.contains("-vm-image-") || name.starts_with('.') && name != ".pins" {
+            continue;
+        }
+        assert!(Command::new("cp").arg("-al").arg(entry.path()).arg(&store).status().unwrap().success());
+    }
+    let args = ["vm-image", "--explain", "--system", "boot-check", "--format", "raw", "--size", "600MiB"];
+    let run = vm_tests::xtask_env(&args, &[("XTASK_VMSTORE", store.as_os_str())]);
+    run.expect_code(0);
+    assert!(run.stderr.contains("store: building"), "the image must be built anew: {run:#?}");
+    let again = PathBuf::from(run.stdout.lines().last().unwrap());
+    assert_eq!(again.parent().unwrap().file_name(), image.parent().unwrap().file_name(), "same recipe, same item");
+    assert_ne!(again, image);
+    assert!(fs::read(&again).unwrap() == fs::read(&image).unwrap(), "the two raw images differ");
+}
