@@ -12,8 +12,6 @@ use sha2::{Digest, Sha256};
 use crate::store::{self, Item, Recipe, Store};
 use crate::Workspace;
 
-use crate::packages::TARGET;
-
 const RUSTFLAGS: &str = "-C target-feature=+crt-static -C strip=symbols";
 
 pub fn build(store: &Store, ws: &Workspace, verbose: bool) -> Result<Item> {
@@ -27,21 +25,8 @@ pub fn build(store: &Store, ws: &Workspace, verbose: bool) -> Result<Item> {
     {
         return Ok(item);
     }
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let mut cmd = crate::host::command(cargo);
-    cmd.args(["build", "--release", "--package", "guest", "--bin", "guest", "--target", TARGET])
-        .arg("--target-dir")
-        .arg(&target_dir)
-        .current_dir(&ws.root)
-        .env("RUSTFLAGS", RUSTFLAGS);
-    if !verbose {
-        cmd.arg("--quiet");
-    }
-    let status = cmd.status().context("running cargo to build the guest helper")?;
-    if !status.success() {
-        bail!("building the guest helper (`cargo build -p guest --target {TARGET}`) failed ({status})");
-    }
-    let binary = target_dir.join(TARGET).join("release/guest");
+    let binary = crate::packages::cargo_build_static(ws, "guest", "guest", &target_dir, RUSTFLAGS, verbose)
+        .context("building the guest helper")?;
     check_static(&binary)?;
     let recipe = Recipe::new("file", "guest-helper").input_content("content", &store::sha256_file(&binary)?);
     let item = store.realise(&recipe, |out| {

@@ -40,21 +40,7 @@ pub fn workspace_bins(ws: &Workspace) -> Result<BTreeMap<String, Vec<String>>> {
 /// binary and so the same item (cargo's own incremental build decides what to compile).
 pub fn crate_binary(store: &Store, ws: &Workspace, package: &str, bin: &str, verbose: bool) -> Result<Item> {
     let target_dir = ws.target_dir.join("vm-packages");
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let mut cmd = crate::host::command(cargo);
-    cmd.args(["build", "--release", "--package", package, "--bin", bin, "--target", TARGET])
-        .arg("--target-dir")
-        .arg(&target_dir)
-        .current_dir(&ws.root)
-        .env("RUSTFLAGS", RUSTFLAGS);
-    if !verbose {
-        cmd.arg("--quiet");
-    }
-    let status = cmd.status().with_context(|| format!("running cargo to build `{bin}` of package `{package}`"))?;
-    if !status.success() {
-        bail!("building `{bin}` of package `{package}` (`cargo build -p {package} --bin {bin}`) failed ({status})");
-    }
-    let binary = target_dir.join(TARGET).join("release").join(bin);
+    let binary = cargo_build_static(ws, package, bin, &target_dir, RUSTFLAGS, verbose)?;
     if elf_info(&binary)?.interpreter.is_some() {
         bail!("`{}` is dynamically linked; packages of this workspace must be static", binary.display());
     }
@@ -66,6 +52,34 @@ pub fn crate_binary(store: &Store, ws: &Workspace, package: &str, bin: &str, ver
         fs::copy(&binary, out.join("bin").join(bin)).with_context(|| format!("copying `{}`", binary.display()))?;
         Ok(())
     })
+}
+
+/// Builds `bin` of workspace package `package` for [`TARGET`] in release mode with
+/// `rustflags` (which, with an explicit target, reach neither build scripts nor
+/// proc-macros) into `target_dir`; returns the binary's path.
+pub fn cargo_build_static(
+    ws: &Workspace,
+    package: &str,
+    bin: &str,
+    target_dir: &Path,
+    rustflags: &str,
+    verbose: bool,
+) -> Result<PathBuf> {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut cmd = crate::host::command(cargo);
+    cmd.args(["build", "--release", "--package", package, "--bin", bin, "--target", TARGET])
+        .arg("--target-dir")
+        .arg(target_dir)
+        .current_dir(&ws.root)
+        .env("RUSTFLAGS", rustflags);
+    if !verbose {
+        cmd.arg("--quiet");
+    }
+    let status = cmd.status().with_context(|| format!("running cargo to build `{bin}` of package `{package}`"))?;
+    if !status.success() {
+        bail!("building `{bin}` of package `{package}` (`cargo build -p {package} --bin {bin} --target {TARGET}`) failed ({status})");
+    }
+    Ok(target_dir.join(TARGET).join("release").join(bin))
 }
 
 /// What the dynamic loader needs to know about an ELF file.

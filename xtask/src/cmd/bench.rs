@@ -130,14 +130,16 @@ impl Bench {
         })?;
         let cargo_build = measure(warmup, runs, || {
             touch()?;
-            run_quiet(
-                Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
-                    .args(["build", "--quiet", "--release", "-p", "hello-service", "--bin", "hello-service"])
-                    .args(["--target", crate::packages::TARGET, "--target-dir"])
-                    .arg(ws.target_dir.join("vm-packages"))
-                    .current_dir(&ws.root)
-                    .env("RUSTFLAGS", crate::packages::RUSTFLAGS),
+            let dir = ws.target_dir.join("vm-packages");
+            crate::packages::cargo_build_static(
+                ws,
+                "hello-service",
+                "hello-service",
+                &dir,
+                crate::packages::RUSTFLAGS,
+                false,
             )
+            .map(drop)
         })?;
         figures.push(figure(
             "inner-loop",
