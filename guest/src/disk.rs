@@ -41,7 +41,7 @@ pub fn boot(args: &BootArgs) -> ! {
 fn run(args: &BootArgs) -> Result<Status> {
     let device = find_root(&args.root_uuid)?;
     mount_root(&device, args.volatile)?;
-    switch_root()?;
+    switch_root(&[])?;
     log(&format!("root file system {} mounted{}", device.display(), if args.volatile { " (volatile)" } else { "" }));
     if args.verify_store {
         verify_store()?;
@@ -89,6 +89,23 @@ fn mkdir(path: &str) -> Result<()> {
     fs::create_dir_all(path).map_err(|e| format!("cannot create {path}: {e}"))
 }
 
+/// The shared-store image as the root (a request's `root_device`): waits for `device`,
+/// mounts it read-only under a tmpfs overlay and makes it `/`, the shares moved along.
+pub fn shared_store_root(device: &str) -> Result<()> {
+    let path = Path::new(device);
+    let deadline = Instant::now() + ROOT_WAIT;
+    while !path.exists() {
+        if Instant::now() >= deadline {
+            return Err(format!(
+                "the root device {device} did not appear (waited {ROOT_WAIT:?}); is the image attached?"
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    mount_root(path, true)?;
+    switch_root(&[guest::STORE_MOUNT, guest::XCHG_MOUNT])
+}
+
 fn mount_root(device: &Path, volatile: bool) -> Result<()> {
     mkdir(NEW_ROOT)?;
     let dev = device.to_string_lossy();
@@ -113,8 +130,8 @@ fn mount_root(device: &Path, volatile: bool) -> Result<()> {
 
 /// Moves the initrd's mounts into the new root and makes it `/` (the initrd is the
 /// kernel's rootfs, which cannot be pivoted away: move the new root over it and chroot).
-fn switch_root() -> Result<()> {
-    for dir in ["/proc", "/sys", "/dev", "/tmp", "/run"] {
+fn switch_root(extra: &[&str]) -> Result<()> {
+    for &dir in ["/proc", "/sys", "/dev", "/tmp", "/run"].iter().chain(extra) {
         let target = format!("{NEW_ROOT}{dir}");
         mkdir(&target)?;
         mount(Some(dir), target.as_str(), None::<&str>, MsFlags::MS_MOVE, None::<&str>)

@@ -6,9 +6,14 @@
 //! 2. The helper mounts `/proc`, `/sys`, `/dev`, the host's store read-only at
 //!    [`STORE_MOUNT`] and the exchange directory read-write at [`XCHG_MOUNT`], both over 9p.
 //! 3. It reads a [`Request`] (JSON) from [`REQUEST_FILE`] in the exchange directory.
+//!    When the request names a [`Request::root_device`] (the shared-store image), the
+//!    helper waits for that block device, mounts its ext4 file system read-only under a
+//!    tmpfs overlay (a volatile root: writes vanish at power-off), moves `/proc`, `/sys`,
+//!    `/dev`, `/tmp`, `/run` and both shares into it and makes it `/`. That root already
+//!    holds what does not depend on packages (`/etc` files, home directories).
 //!    When the request names a system item, the helper applies that item's
 //!    [`SYSTEM_CONFIG_FILE`] ([`SystemConfig`]): host name, mounts, `/etc` files, home
-//!    directories, links, then starts the services and waits until each is up (a service
+//!    directories (both skipped when they come from the root device), links, then starts the services and waits until each is up (a service
 //!    that exits before it is up, or is not up within [`SERVICE_READY_SECS`], is an
 //!    error). Then it runs the request's command (or shell). Services run on until the
 //!    end; their output goes to `/var/log/NAME.log`.
@@ -24,7 +29,9 @@ pub mod image;
 ///
 /// - 1: the command, environment, links, directories, host name, output ports.
 /// - 2: adds `system` (a system item to apply, with services) and `argv_file`.
-pub const PROTOCOL_VERSION: u32 = 2;
+/// - 3: adds `root_device` (the shared-store image as a volatile root); a disk image's
+///   boot request may name a system item too, applied as over 9p.
+pub const PROTOCOL_VERSION: u32 = 3;
 /// The system configuration, relative to a system item.
 pub const SYSTEM_CONFIG_FILE: &str = "system.json";
 /// How long the helper waits for a service to be up.
@@ -81,6 +88,12 @@ pub struct Request {
     /// encoder. Empty: `argv` stands.
     #[serde(default)]
     pub argv_file: Option<String>,
+    /// A block device (e.g. `/dev/vda1`) whose ext4 file system becomes the root,
+    /// read-only under a tmpfs overlay, before anything else is set up. Its `/etc` files
+    /// and home directories stand for the system item's [`SystemConfig::files`] and
+    /// [`SystemConfig::homes`], which are then not written again.
+    #[serde(default)]
+    pub root_device: Option<String>,
 }
 
 /// What a system item asks the helper to set up (the file [`SYSTEM_CONFIG_FILE`]).

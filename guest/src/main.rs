@@ -45,15 +45,13 @@ fn run() -> Result<Status> {
     mount_9p(guest::STORE_TAG, guest::STORE_MOUNT, MsFlags::MS_RDONLY, "cache=loose")?;
     let mut request = read_request()?;
     log("shares mounted");
+    if let Some(device) = &request.root_device {
+        disk::shared_store_root(device)?;
+        log(&format!("root file system {device} mounted (volatile)"));
+    }
     prepare(&request)?;
     let mut supervisor = services::Supervisor::default();
-    if let Some(system) = &request.system {
-        block_signals()?;
-        let config = services::read_config(system)?;
-        services::apply(&config)?;
-        supervisor.start_all(&config.services)?;
-        log("services up");
-    }
+    start_system(&request, request.root_device.is_some(), &mut supervisor)?;
     if let Some(file) = &request.argv_file {
         let path = Path::new(guest::XCHG_MOUNT).join(file);
         let bytes = fs::read(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
@@ -63,6 +61,19 @@ fn run() -> Result<Status> {
         }
     }
     execute_supervised(&request, &mut supervisor)
+}
+
+/// Applies the request's system item, if it names one, and starts its services.
+/// `root_has_files`: the root file system already holds its `/etc` files and homes.
+fn start_system(request: &Request, root_has_files: bool, supervisor: &mut services::Supervisor) -> Result<()> {
+    if let Some(system) = &request.system {
+        block_signals()?;
+        let config = services::read_config(system)?;
+        services::apply(&config, root_has_files)?;
+        supervisor.start_all(&config.services)?;
+        log("services up");
+    }
+    Ok(())
 }
 
 fn log(msg: &str) {

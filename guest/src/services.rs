@@ -34,9 +34,10 @@ pub fn read_config(system: &str) -> Result<SystemConfig> {
     Ok(config)
 }
 
-/// Sets the system up in the (volatile, in-memory) root: host name, loopback, mounts,
-/// files, homes and links.
-pub fn apply(config: &SystemConfig) -> Result<()> {
+/// Sets the system up in the (volatile) root: host name, loopback, mounts, files, homes
+/// and links. With `root_has_files`, the root file system came with the files and homes
+/// (the shared-store image): they are not written again.
+pub fn apply(config: &SystemConfig, root_has_files: bool) -> Result<()> {
     nix::unistd::sethostname(&config.hostname).map_err(|e| format!("cannot set host name {}: {e}", config.hostname))?;
     loopback_up()?;
     for m in &config.mounts {
@@ -56,7 +57,8 @@ pub fn apply(config: &SystemConfig) -> Result<()> {
         mount(Some(m.source.as_str()), m.target.as_str(), Some(m.fs_type.as_str()), flags, Some(data.as_str()))
             .map_err(|e| format!("cannot mount {} ({}) on {}: {e}", m.source, m.fs_type, m.target))?;
     }
-    for f in &config.files {
+    let (files, homes) = if root_has_files { (&[][..], &[][..]) } else { (&config.files[..], &config.homes[..]) };
+    for f in files {
         if let Some(parent) = Path::new(&f.path).parent() {
             fs::create_dir_all(parent).map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
         }
@@ -64,7 +66,7 @@ pub fn apply(config: &SystemConfig) -> Result<()> {
         fs::set_permissions(&f.path, fs::Permissions::from_mode(f.mode))
             .map_err(|e| format!("cannot set the mode of {}: {e}", f.path))?;
     }
-    for h in &config.homes {
+    for h in homes {
         fs::create_dir_all(&h.path).map_err(|e| format!("cannot create {}: {e}", h.path))?;
         nix::unistd::chown(h.path.as_str(), Some(Uid::from_raw(h.uid)), Some(Gid::from_raw(h.gid)))
             .map_err(|e| format!("cannot give {} to {}:{}: {e}", h.path, h.uid, h.gid))?;
@@ -74,6 +76,10 @@ pub fn apply(config: &SystemConfig) -> Result<()> {
     for (link, target) in &config.links {
         if let Some(parent) = Path::new(link).parent() {
             fs::create_dir_all(parent).map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
+        }
+        // A disk image's root may have the link already.
+        if fs::read_link(link).is_ok_and(|t| t == Path::new(target)) {
+            continue;
         }
         std::os::unix::fs::symlink(target, link).map_err(|e| format!("cannot link {link} -> {target}: {e}"))?;
     }

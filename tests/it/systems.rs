@@ -69,11 +69,24 @@ fn run_vm_sh_runs_without_cargo() {
     assert!(script.starts_with(store_dir()) && made.stdout.ends_with("-run-vm-hello.sh\n"), "{made:#?}");
     // Same inputs, same item.
     assert_eq!(xtask(&["run-vm", "--system", "hello", "--script"]).stdout, made.stdout);
+    // The shared-store image is attached by its absolute path, read-only.
+    let text = std::fs::read_to_string(&script).unwrap();
+    let image = text
+        .split_whitespace()
+        .find(|w| w.contains("-shared-store-image-hello/disk.raw"))
+        .unwrap_or_else(|| panic!("no shared-store image in the script: {text}"));
+    assert!(image.contains(&format!("file={}/", store_dir().display())), "{image}");
+    assert!(image.contains("format=raw") && image.ends_with(",readonly=on"), "{image}");
     // No cargo, no xtask, no environment to speak of: only the script.
     let out = Command::new("timeout")
         .arg(TIMEOUT)
         .arg(&script)
-        .args(["--", "sh", "-c", &format!("{ASK_HELLO}; echo to-stderr >&2; exit 5")])
+        .args([
+            "--",
+            "sh",
+            "-c",
+            &format!("{ASK_HELLO}; grep -c '^/dev/vda1 ' /proc/mounts; echo to-stderr >&2; exit 5"),
+        ])
         .env_clear()
         .env("PATH", "/usr/bin:/bin")
         .current_dir("/")
@@ -83,7 +96,7 @@ fn run_vm_sh_runs_without_cargo() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(5), "stdout: {stdout}\nstderr: {stderr}");
-    assert_eq!(stdout, "hello-service v1: hello from the VM\n", "stderr: {stderr}");
+    assert_eq!(stdout, "hello-service v1: hello from the VM\n1\n", "stderr: {stderr}");
     assert_eq!(stderr, "to-stderr\n");
 }
 
@@ -164,12 +177,16 @@ fn edited_service_shows_new_behaviour_and_only_small_items_are_rebuilt() {
     // does not count), including an xtask that names that copy as its workspace.
     let status = Command::new("find").arg(&ws).args(["-type", "f", "-exec", "touch", "{}", "+"]).status().unwrap();
     assert!(status.success());
-    let args = ["run-vm", "--system", "hello", "--explain", "--timeout", TIMEOUT, "--", "sh", "-c", ASK_HELLO];
+    // The answer, then where the root comes from: the shared-store image's partition,
+    // read-only under the overlay.
+    let ask = format!("{ASK_HELLO}; grep -c '^overlay / overlay ' /proc/mounts; grep '^/dev/vda1 ' /proc/mounts | cut -d' ' -f1,3,4 | cut -d, -f1");
+    let args = ["run-vm", "--system", "hello", "--explain", "--timeout", TIMEOUT, "--", "sh", "-c", &ask];
+    let root = "1\n/dev/vda1 ext4 ro\n";
 
     // As a developer would: run once (this compiles the copy's xtask), edit, run again.
     let before = cargo_xtask_in(&ws, &args);
     before.expect_code(0);
-    assert_eq!(before.stdout, "hello-service v1: hello from the VM\n", "{before:#?}");
+    assert_eq!(before.stdout, format!("hello-service v1: hello from the VM\n{root}"), "{before:#?}");
 
     let version = format!("v2-{}", nonce());
     let main_rs = ws.join("examples/hello-service/src/main.rs");
@@ -184,9 +201,9 @@ fn edited_service_shows_new_behaviour_and_only_small_items_are_rebuilt() {
     let after = cargo_xtask_in(&ws, &args);
     let elapsed = started.elapsed();
     after.expect_code(0);
-    assert_eq!(after.stdout, format!("hello-service {version}: hello from the VM\n"), "{after:#?}");
-    // The changed package and the system item that refers to it; the kernel and the
-    // initrd (the boot image) are hits.
+    assert_eq!(after.stdout, format!("hello-service {version}: hello from the VM\n{root}"), "{after:#?}");
+    // The changed package and the system item that refers to it; the kernel, the
+    // initrd (the boot image) and the shared-store image are hits.
     assert_eq!(built(&after), ["hello-service-hello-service", "system-hello"], "{after:#?}");
     // With why: the binary's content, and the system item's reference to it.
     let why = |name: &str| {
@@ -194,7 +211,7 @@ fn edited_service_shows_new_behaviour_and_only_small_items_are_rebuilt() {
     };
     assert!(why("-hello-service-hello-service (was ").contains("changed input `binary` (new content)"), "{after:#?}");
     assert!(why("-system-hello (was ").contains("input `ref` (hello-service-hello-service)"), "{after:#?}");
-    for big in ["-initrd-", "-linux-image-"] {
+    for big in ["-initrd-", "-linux-image-", "-shared-store-image-hello"] {
         assert!(
             after.stderr.lines().any(|l| l.starts_with("store: hit ") && l.contains(big)),
             "`{big}` item is not a hit: {after:#?}"

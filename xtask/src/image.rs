@@ -104,6 +104,7 @@ pub fn closure(store: &Store, ws: &Workspace, system: &System, verbose: bool) ->
         stderr_port: None,
         system: None,
         argv_file: None,
+        root_device: None,
     };
     let request_json = serde_json::to_string_pretty(&request)?;
     let mut recipe = Recipe::new("system", &format!("system-{}", system.name))
@@ -132,6 +133,128 @@ pub fn closure(store: &Store, ws: &Workspace, system: &System, verbose: bool) ->
         initrd,
         kernel_args: lowered.kernel_args,
     })
+}
+
+/// The shared-store image's smallest size (the reference's `system-qemu-image/shared-store`).
+pub const SHARED_STORE_IMAGE_SIZE: u64 = 16 << 20;
+/// Version of the shared-store image's layout; part of its recipe.
+const SHARED_STORE_LAYOUT_VERSION: &str = "shared-store-image-v1";
+/// Top-level directories of the shared-store image's root.
+const SHARED_STORE_DIRS: &[&str] = &["dev", "proc", "sys", "tmp", "run", "root", "etc", "mnt", "var", "store", "xchg"];
+
+/// The small disk image `run-vm` boots a system's root from while the store is shared
+/// over 9p (the reference's `system-qemu-image/shared-store`): an MBR with one ext4
+/// partition (the guest's `/dev/vda1`) holding the root skeleton that does not depend on
+/// any package: the top-level directories, the system's `/etc` files (`passwd`, `group`,
+/// `hostname`, ...) and the home directories with their owners. No store items, no
+/// links into them, no GRUB (QEMU boots the kernel directly): a change to a package
+/// leaves it as it is. An item holding `disk.raw`.
+pub fn shared_store_image(store: &Store, system_name: &str, config: &guest::SystemConfig) -> Result<Item> {
+    let skeleton = serde_json::json!({ "dirs": SHARED_STORE_DIRS, "files": config.files, "homes": config.homes });
+    let skeleton = serde_json::to_string_pretty(&skeleton)?;
+    let mut fp = Footprint {
+        entries: (SHARED_STORE_DIRS.len() + config.files.len() + config.homes.len() * 3) as u64,
+        ..Footprint::default()
+    };
+    for f in &config.files {
+        fp.bytes += f.contents.len() as u64;
+        fp.blocks += (f.contents.len() as u64).div_ceil(BLOCK);
+    }
+    // Directories: the top-level ones, and those the files and homes add.
+    fp.blocks += fp.entries;
+    let layout = Layout::new(Layout::minimum(&fp).size.max(SHARED_STORE_IMAGE_SIZE), &fp);
+    let versions = shared_store_tool_versions()?;
+    let recipe = Recipe::new("shared-store-image", &format!("shared-store-image-{system_name}"))
+        .param("layout", SHARED_STORE_LAYOUT_VERSION)
+        .param("size", layout.size.to_string())
+        .param("inodes", layout.inodes.to_string())
+        .param("skeleton", skeleton)
+        .param("tools", versions);
+    let uuid = uuid_for(&recipe.hash());
+    store.realise(&recipe, |out| {
+        let scratch = store.scratch("shared-store-image")?;
+        let root = scratch.path().join("root");
+        let owners = stage_skeleton(config, &root)?;
+        let mut entries = Vec::new();
+        list(&root, Path::new(""), &mut entries)?;
+        fix_times(&root, &entries)?;
+        let raw = scratch.path().join("disk.raw");
+        let progress = Progress { steps: false, verbose: false };
+        let built = write_raw(&raw, &root, &entries, &owners, &layout, &uuid, false, progress);
+        store::remove_tree(&root)?;
+        built?;
+        store_disk(&raw, out, DiskFormat::Raw, progress)
+    })
+}
+
+/// The versions of the tools that write the shared-store image (no GRUB in it).
+fn shared_store_tool_versions() -> Result<String> {
+    let mut versions = Vec::new();
+    for (program, flag) in [(host::MKE2FS.program, "-V"), ("debugfs", "-V"), (host::SFDISK.program, "--version")] {
+        let out = Command::new(program).arg(flag).output().with_context(|| format!("running `{program} {flag}`"))?;
+        let text = if out.stdout.is_empty() { out.stderr } else { out.stdout };
+        let first = String::from_utf8_lossy(&text).lines().next().unwrap_or_default().to_string();
+        ensure!(out.status.success() && !first.is_empty(), "`{program} {flag}` failed ({})", out.status);
+        versions.push(first);
+    }
+    let conf = HostTools.mke2fs_conf();
+    versions.push(format!(
+        "mke2fs.conf sha256 {}",
+        store::sha256_file(&conf).with_context(|| format!("reading `{}`", conf.display()))?
+    ));
+    Ok(versions.join("; "))
+}
+
+/// Makes the shared-store image's root tree in `root`; returns the owners to give the
+/// home directories (relative path, uid, gid).
+fn stage_skeleton(config: &guest::SystemConfig, root: &Path) -> Result<Vec<(String, u32, u32)>> {
+    let mkdirs = |rel: &Path| -> Result<()> {
+        let mut dir = root.to_path_buf();
+        for part in rel.components() {
+            dir.push(part);
+            if !dir.exists() {
+                fs::create_dir(&dir).with_context(|| format!("creating `{}`", dir.display()))?;
+                fs::set_permissions(&dir, fs::Permissions::from_mode(0o755))?;
+            }
+        }
+        Ok(())
+    };
+    fs::create_dir(root).with_context(|| format!("creating `{}`", root.display()))?;
+    fs::set_permissions(root, fs::Permissions::from_mode(0o755))?;
+    for dir in SHARED_STORE_DIRS {
+        mkdirs(Path::new(dir))?;
+    }
+    fs::set_permissions(root.join("tmp"), fs::Permissions::from_mode(0o1777))?;
+    for f in &config.files {
+        let rel = Path::new(f.path.trim_start_matches('/'));
+        if let Some(parent) = rel.parent() {
+            mkdirs(parent)?;
+        }
+        let path = root.join(rel);
+        fs::write(&path, &f.contents).with_context(|| format!("writing `{}`", path.display()))?;
+        fs::set_permissions(&path, fs::Permissions::from_mode(f.mode))?;
+    }
+    let mut owners = Vec::new();
+    for h in &config.homes {
+        let rel = h.path.trim_start_matches('/');
+        mkdirs(Path::new(rel))?;
+        fs::set_permissions(root.join(rel), fs::Permissions::from_mode(0o700))?;
+        owners.push((rel.to_string(), h.uid, h.gid));
+    }
+    Ok(owners)
+}
+
+/// Gives every path under `root` (and `root`) the fixed time: the file system records
+/// them (ctime is fixed later, in the file system: it cannot be set on the host).
+fn fix_times(root: &Path, entries: &[String]) -> Result<()> {
+    let t = nix::sys::time::TimeSpec::new(1, 0);
+    for rel in entries.iter().rev() {
+        let path = root.join(rel);
+        nix::sys::stat::utimensat(None, &path, &t, &t, nix::sys::stat::UtimensatFlags::NoFollowSymlink)
+            .with_context(|| format!("setting times of `{}`", path.display()))?;
+    }
+    nix::sys::stat::utimensat(None, root, &t, &t, nix::sys::stat::UtimensatFlags::NoFollowSymlink)?;
+    Ok(())
 }
 
 /// What the closure takes on an ext4 file system with 4 KiB blocks.
@@ -419,7 +542,7 @@ pub fn build_on_host(
     progress.step(&format!("staging the closure of `{}` ({} items)", closure.system_name, closure.items.len()));
     let entries = stage(store, closure, opts, uuid, &root)?;
     let raw = scratch.path().join("disk.raw");
-    let built = write_raw(&raw, &root, &entries, opts, uuid, progress);
+    let built = write_raw(&raw, &root, &entries, &[], &opts.layout, uuid, true, progress);
     // The staging tree has read-only directories; remove it before the TempDir tries.
     store::remove_tree(&root)?;
     built?;
@@ -495,15 +618,7 @@ pub(crate) fn stage(
     }
     let mut entries = Vec::new();
     list(root, Path::new(""), &mut entries)?;
-    // Every time the file system records comes from here (ctime is fixed later, in the
-    // file system: it cannot be set on the host).
-    let t = nix::sys::time::TimeSpec::new(1, 0);
-    for rel in entries.iter().rev() {
-        let path = root.join(rel);
-        nix::sys::stat::utimensat(None, &path, &t, &t, nix::sys::stat::UtimensatFlags::NoFollowSymlink)
-            .with_context(|| format!("setting times of `{}`", path.display()))?;
-    }
-    nix::sys::stat::utimensat(None, root, &t, &t, nix::sys::stat::UtimensatFlags::NoFollowSymlink)?;
+    fix_times(root, &entries)?;
     Ok(entries)
 }
 
@@ -551,16 +666,20 @@ pub(crate) fn list(dir: &Path, rel: &Path, out: &mut Vec<String>) -> Result<()> 
     Ok(())
 }
 
-/// Writes the raw image: partition table, file system, fixed inodes, GRUB.
+/// Writes the raw image: partition table, file system, fixed inodes (owned by root but
+/// for `owners`: path relative to the root, uid, gid) and, with `grub`, GRUB.
+#[allow(clippy::too_many_arguments)]
 fn write_raw(
     raw: &Path,
     root: &Path,
     entries: &[String],
-    opts: &ImageOptions,
+    owners: &[(String, u32, u32)],
+    layout: &Layout,
     uuid: &str,
+    grub: bool,
     progress: Progress,
 ) -> Result<()> {
-    let layout = opts.layout;
+    let layout = *layout;
     let file = File::create(raw).with_context(|| format!("creating `{}`", raw.display()))?;
     file.set_len(layout.size).with_context(|| format!("sizing `{}`", raw.display()))?;
     drop(file);
@@ -588,7 +707,10 @@ fn write_raw(
     // mke2fs copies ctime, atime (which its own reading may have just updated) and
     // owners from the staging tree; make them fixed.
     let fs_spec = format!("{}?offset={PARTITION_OFFSET}", raw.display());
-    let script = debugfs_script(entries);
+    let mut script = debugfs_script(entries);
+    for (path, uid, gid) in owners {
+        script.push_str(&format!("sif \"/{path}\" uid {uid}\nsif \"/{path}\" gid {gid}\n"));
+    }
     let mut debugfs = Command::new("debugfs");
     debugfs.args(["-w", "-f", "-"]).arg(&fs_spec).env("E2FSPROGS_FAKE_TIME", FIXED_TIME);
     let errors = run_with_input(debugfs, script.as_bytes(), progress).context("fixing inode times and owners")?;
@@ -597,6 +719,9 @@ fn write_raw(
         bail!("debugfs could not fix inode times and owners: {}", errors.join("; "));
     }
 
+    if !grub {
+        return Ok(());
+    }
     let (mbr, core) = grub_boot_code(&raw.with_file_name("core.img"), progress)?;
     let mut file = File::options().write(true).open(raw).with_context(|| format!("opening `{}`", raw.display()))?;
     file.write_all(&mbr).context("writing GRUB's boot.img into the MBR")?;

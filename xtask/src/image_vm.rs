@@ -271,6 +271,7 @@ pub fn build(
         stderr_port: None,
         system: None,
         argv_file: None,
+        root_device: None,
     };
     progress.step(&format!(
         "booting a VM to partition the disk, make the file system ({} MiB) with the closure and install GRUB",

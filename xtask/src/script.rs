@@ -200,6 +200,7 @@ mod tests {
             stderr_port: None,
             system: Some("/store/x-system-h".into()),
             argv_file: None,
+            root_device: None,
         }
     }
 

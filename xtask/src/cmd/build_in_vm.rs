@@ -104,6 +104,7 @@ impl BuildInVm {
                 stderr_port: None,
                 system: None,
                 argv_file: None,
+                root_device: None,
             };
             if self.vm.explain {
                 eprintln!("vm: booting to build `{}`", self.name);

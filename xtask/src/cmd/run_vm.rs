@@ -3,15 +3,18 @@
 //! a shell on the serial console; or, with `--script`, make `run-vm.sh`, which does the
 //! same without cargo.
 
-use anyhow::Result;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
 use guest::{Mode, Request, Status};
-use os_configs::System;
+use os_configs::{Device, System};
 
 use super::VmOpts;
+use crate::qemu::{Disk, DiskFormat};
 use crate::store::Item;
 use crate::system::Lowered;
 use crate::vm::{Sink, VmRun};
-use crate::{qemu, script, system, validate, Workspace};
+use crate::{image, qemu, script, system, validate, Workspace};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct RunVm {
@@ -26,8 +29,28 @@ pub struct RunVm {
     pub command: Vec<String>,
 }
 
+/// Modules the initrd needs to mount the shared-store image as a volatile root: ext4
+/// (with crc32c, which it asks the crypto API for) and overlayfs.
+pub const SHARED_STORE_MODULES: &[&str] = &["crc32c_generic", "ext4", "overlay"];
+
+/// Whether `run-vm` boots `system` (virtualized) with the shared-store image as its
+/// root: when its root skeleton has anything beyond what every system has (root's
+/// entries in `/etc/passwd` and `/etc/group`, `/etc/hostname`, `/root`). Without the
+/// image the helper writes those few files into the initramfs instead, and the boot
+/// loads no ext4 or overlay modules.
+pub fn uses_shared_store_image(system: &System) -> bool {
+    !system.users.is_empty() || !system.groups.is_empty() || !system.etc_files.is_empty()
+}
+
 /// The request for `argv` (a shell when interactive) on a lowered system.
-pub fn request(system: &System, lowered: &Lowered, system_item: &Item, mode: Mode, argv: Vec<String>) -> Request {
+pub fn request(
+    system: &System,
+    lowered: &Lowered,
+    system_item: &Item,
+    root_device: Option<&str>,
+    mode: Mode,
+    argv: Vec<String>,
+) -> Request {
     let term = std::env::var("TERM").unwrap_or_else(|_| "linux".to_string());
     Request {
         version: guest::PROTOCOL_VERSION,
@@ -49,6 +72,7 @@ pub fn request(system: &System, lowered: &Lowered, system_item: &Item, mode: Mod
         stderr_port: None,
         system: Some(system_item.guest_path()),
         argv_file: None,
+        root_device: root_device.map(str::to_string),
     }
 }
 
@@ -59,16 +83,42 @@ impl RunVm {
         let store = self.vm.open_store(ws)?;
         // The system as declared: virtualizing it would paper over a missing root.
         validate::check(&declared, &mut validate::HostFacts::new(&store, ws))?;
-        let system = declared.virtualized();
+        let mut system = declared.virtualized();
+        let with_image = uses_shared_store_image(&system);
+        if with_image {
+            system.initrd_modules.extend(SHARED_STORE_MODULES.iter().map(|m| m.to_string()));
+        }
         let accel = qemu::choose_accel(self.vm.accel)?;
         let lowered = system::lower(&store, ws, &system, self.vm.verbose)?;
         let system_item = system::system_item(&store, &system, &lowered)?;
+        // The root skeleton (no packages in it): made once, found on every later run.
+        let root_image = if with_image {
+            let config = system::system_config(&system, &lowered);
+            let item = image::shared_store_image(&store, &system.name, &config)
+                .with_context(|| format!("making the shared-store image of system `{}`", system.name))?;
+            let device = match system.root_file_system().map(|fs| &fs.device) {
+                Some(Device::Path(device)) => device.clone(),
+                other => bail!("the virtualized system `{}` has root device {other:?}, not a path", system.name),
+            };
+            Some((image::image_path(&item, DiskFormat::Raw), device))
+        } else {
+            None
+        };
+        let root_device = root_image.as_ref().map(|(_, device)| device.as_str());
+        let spec = |xchg: PathBuf| {
+            let mut spec = self.vm.spec(accel, &store, &lowered, xchg);
+            if let Some((path, _)) = &root_image {
+                spec.disks.push(Disk { path: path.clone(), format: DiskFormat::Raw, readonly: true });
+            }
+            spec
+        };
+        let request = |mode, argv| request(&system, &lowered, &system_item, root_device, mode, argv);
         let shell = vec!["/bin/sh".to_string()];
         if self.script {
             // The script's exchange directory is made per run; this path is replaced.
-            let spec = self.vm.spec(accel, &store, &lowered, "/xchg".into());
-            let command = request(&system, &lowered, &system_item, Mode::Command, shell.clone());
-            let interactive = request(&system, &lowered, &system_item, Mode::Interactive, shell);
+            let spec = spec("/xchg".into());
+            let command = request(Mode::Command, shell.clone());
+            let interactive = request(Mode::Interactive, shell);
             let item = script::script_item(&store, &system.name, &spec, &command, &interactive)?;
             println!("{}", item.path.display());
             return Ok(0);
@@ -76,16 +126,13 @@ impl RunVm {
         let xchg = store.scratch("xchg")?;
         let runtime = store.scratch("run")?;
         let interactive = self.command.is_empty();
-        let request = if interactive {
-            request(&system, &lowered, &system_item, Mode::Interactive, shell)
-        } else {
-            request(&system, &lowered, &system_item, Mode::Command, self.command.clone())
-        };
+        let request =
+            if interactive { request(Mode::Interactive, shell) } else { request(Mode::Command, self.command.clone()) };
         if interactive {
             eprintln!("booting `{}`: a shell on the serial console; `poweroff` or Ctrl-a x ends it", system.name);
         }
         let run = VmRun {
-            spec: self.vm.spec(accel, &store, &lowered, xchg.path().to_path_buf()),
+            spec: spec(xchg.path().to_path_buf()),
             request,
             xchg: xchg.path().to_path_buf(),
             runtime: runtime.path().to_path_buf(),
@@ -113,5 +160,16 @@ pub fn exit_code(status: &Status, argv: &[String]) -> i32 {
             eprintln!("error: {msg}");
             1
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_systems_with_more_than_root_get_the_shared_store_image() {
+        assert!(!uses_shared_store_image(&os_configs::minimal().virtualized()));
+        assert!(uses_shared_store_image(&os_configs::hello().virtualized()));
     }
 }
