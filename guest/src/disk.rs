@@ -1,7 +1,7 @@
 //! Booting from a disk image (`cargo xtask vm-image`): find the root file system by
 //! UUID, mount it (read-only under a tmpfs overlay when volatile), make it `/`,
-//! optionally verify the store against the image's database, run the system's request
-//! and power off. No shares, no `/xchg`: everything comes from the disk.
+//! optionally verify the store against the image's database, apply the system item's
+//! configuration and start its services, run the system's request and power off. No shares, no `/xchg`: everything comes from the disk.
 
 use std::fs::{self, File};
 use std::io::{Read, Write};
@@ -15,7 +15,8 @@ use nix::sys::reboot::{reboot, RebootMode};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
-use crate::{execute, log, Result};
+use crate::services::{self, Supervisor};
+use crate::{execute_supervised, log, Result};
 
 /// How long the root device may take to appear (the SCSI/ATA scan is asynchronous,
 /// and slow under TCG).
@@ -51,7 +52,12 @@ fn run(args: &BootArgs) -> Result<Status> {
     }
     let request = read_request(&args.system)?;
     crate::prepare(&request)?;
-    execute(&request)
+    // The system item's configuration, as over 9p: files, homes, links, mounts, services.
+    let mut supervisor = Supervisor::default();
+    if Path::new(&args.system).join(guest::SYSTEM_CONFIG_FILE).exists() {
+        crate::start_config(&services::read_config(&args.system)?, false, &mut supervisor)?;
+    }
+    execute_supervised(&request, &mut supervisor)
 }
 
 /// Finds the block device holding the ext4 file system with `uuid`, waiting for it.

@@ -5,7 +5,10 @@
 //! The helper boots from the disk when the kernel command line has [`ROOT_ARG`]: it
 //! finds the ext4 file system with that UUID, mounts it as `/` (read-only under a tmpfs
 //! overlay with [`VOLATILE_ARG`]), reads the [`Request`](crate::Request) in the system
-//! item named by [`SYSTEM_ARG`] ([`BOOT_REQUEST_FILE`]) and runs it; when it ends (or
+//! item named by [`SYSTEM_ARG`] ([`BOOT_REQUEST_FILE`]), applies the item's
+//! [`SystemConfig`](crate::SystemConfig) ([`SYSTEM_CONFIG_FILE`](crate::SYSTEM_CONFIG_FILE):
+//! `/etc` files, homes, links, mounts, services started and up) when it holds one, and
+//! runs the request; when it ends (or
 //! `poweroff`), it syncs, remounts `/` read-only and powers the machine off.
 
 use std::fs::{self, File};

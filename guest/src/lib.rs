@@ -30,7 +30,8 @@ pub mod image;
 /// - 1: the command, environment, links, directories, host name, output ports.
 /// - 2: adds `system` (a system item to apply, with services) and `argv_file`.
 /// - 3: adds `root_device` (the shared-store image as a volatile root); a disk image's
-///   boot request may name a system item too, applied as over 9p.
+///   system item (`vm.system=`) may hold a [`SYSTEM_CONFIG_FILE`] too, which the helper
+///   applies (services started) before running its boot request.
 pub const PROTOCOL_VERSION: u32 = 3;
 /// The system configuration, relative to a system item.
 pub const SYSTEM_CONFIG_FILE: &str = "system.json";

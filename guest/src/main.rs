@@ -67,12 +67,21 @@ fn run() -> Result<Status> {
 /// `root_has_files`: the root file system already holds its `/etc` files and homes.
 fn start_system(request: &Request, root_has_files: bool, supervisor: &mut services::Supervisor) -> Result<()> {
     if let Some(system) = &request.system {
-        block_signals()?;
-        let config = services::read_config(system)?;
-        services::apply(&config, root_has_files)?;
-        supervisor.start_all(&config.services)?;
-        log("services up");
+        start_config(&services::read_config(system)?, root_has_files, supervisor)?;
     }
+    Ok(())
+}
+
+/// Applies a system configuration and starts its services, each up before the next.
+fn start_config(
+    config: &guest::SystemConfig,
+    root_has_files: bool,
+    supervisor: &mut services::Supervisor,
+) -> Result<()> {
+    block_signals()?;
+    services::apply(config, root_has_files)?;
+    supervisor.start_all(&config.services)?;
+    log("services up");
     Ok(())
 }
 
@@ -220,10 +229,6 @@ fn handled_signals() -> SigSet {
 /// an empty mask.
 fn block_signals() -> Result<()> {
     handled_signals().thread_block().map_err(|e| format!("cannot block signals: {e}"))
-}
-
-fn execute(request: &Request) -> Result<Status> {
-    execute_supervised(request, &mut services::Supervisor::default())
 }
 
 /// Runs the request's program; services that exit meanwhile are restarted when asked.

@@ -52,8 +52,9 @@ pub(crate) const FIXED_TIME: &str = "1";
 #[derive(Debug, Clone)]
 pub struct Closure {
     pub system_name: String,
-    /// The system item: `boot.json` (the request the helper runs), links to the kernel
-    /// and initrd, and the list of items it refers to.
+    /// The system item: `boot.json` (the request the helper runs), `system.json` (what
+    /// it sets up first: files, homes, links, mounts, services), links to the kernel and
+    /// initrd, and the list of items it refers to.
     pub system: Item,
     /// Every item, the system item last.
     pub items: Vec<Item>,
@@ -99,7 +100,7 @@ pub fn closure(store: &Store, ws: &Workspace, system: &System, verbose: bool) ->
         // The links are part of the image's root file system.
         links: Vec::new(),
         dirs: vec!["/root".into()],
-        hostname: system.name.clone(),
+        hostname: system.hostname.clone(),
         stdout_port: None,
         stderr_port: None,
         system: None,
@@ -107,8 +108,12 @@ pub fn closure(store: &Store, ws: &Workspace, system: &System, verbose: bool) ->
         root_device: None,
     };
     let request_json = serde_json::to_string_pretty(&request)?;
+    // What the helper sets up before the request, as `run-vm` does: /etc files, users'
+    // homes, links, mounts, services.
+    let config_json = serde_json::to_string_pretty(&system::system_config(&disk_system, &lowered))?;
     let mut recipe = Recipe::new("system", &format!("system-{}", system.name))
         .param("request", request_json.clone())
+        .param("config", config_json.clone())
         .param("kernel", kernel.clone())
         .param("initrd", initrd.clone());
     for item in &items {
@@ -118,6 +123,7 @@ pub fn closure(store: &Store, ws: &Workspace, system: &System, verbose: bool) ->
     let system_item = store.realise(&recipe, |out| {
         fs::create_dir(out)?;
         fs::write(out.join(guest::image::BOOT_REQUEST_FILE), &request_json)?;
+        fs::write(out.join(guest::SYSTEM_CONFIG_FILE), &config_json)?;
         std::os::unix::fs::symlink(&kernel, out.join("kernel"))?;
         std::os::unix::fs::symlink(&initrd, out.join("initrd"))?;
         fs::write(out.join("references"), &references)?;
