@@ -160,3 +160,54 @@ pub fn tmp_entries_containing(store: &Path, needle: &str) -> Vec<String> {
         })
         .unwrap_or_default()
 }
+
+/// How a [`converse`] ended.
+#[derive(Debug)]
+pub struct Conversation {
+    /// How many (expect, send) steps were taken.
+    pub steps: usize,
+    /// Everything the program printed, carriage returns dropped (a read may end between
+    /// "\r" and "\n").
+    pub console: String,
+    /// The program's exit status, if it ended before the deadline.
+    pub status: Option<std::process::ExitStatus>,
+}
+
+/// Talks to `child` (started with piped stdin and stdout) like a person at a serial
+/// console: waits until its output contains each step's text, then types the step's
+/// line; returns once the child has ended or `timeout` has passed. The caller kills a
+/// child that is still running.
+pub fn converse(child: &mut std::process::Child, steps: &[(&str, &str)], timeout: std::time::Duration) -> Conversation {
+    use std::io::Write;
+    use std::sync::mpsc::{channel, RecvTimeoutError};
+    let mut stdout = child.stdout.take().expect("the child's stdout must be piped");
+    let mut stdin = child.stdin.take().expect("the child's stdin must be piped");
+    let (tx, rx) = channel();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = stdout.read(&mut buf) {
+            if n == 0 || tx.send(buf[..n].to_vec()).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = std::time::Instant::now() + timeout;
+    let mut console = String::new();
+    let mut done = 0;
+    let mut status = None;
+    while std::time::Instant::now() < deadline && status.is_none() {
+        match rx.recv_timeout(std::time::Duration::from_millis(200)) {
+            Ok(bytes) => console = (console + &String::from_utf8_lossy(&bytes)).replace('\r', ""),
+            Err(RecvTimeoutError::Disconnected) => std::thread::sleep(std::time::Duration::from_millis(100)),
+            Err(RecvTimeoutError::Timeout) => {}
+        }
+        if let Some((expect, send)) = steps.get(done) {
+            if console.contains(expect) {
+                stdin.write_all(send.as_bytes()).expect("typing into the console");
+                done += 1;
+            }
+        }
+        status = child.try_wait().expect("waiting for the child");
+    }
+    Conversation { steps: done, console, status }
+}

@@ -1,6 +1,5 @@
 //! `run-vm`: output, exit statuses, interactive shell, and guests that crash or hang.
 
-use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -101,7 +100,6 @@ fn unknown_system_is_a_usage_error() {
 /// then `poweroff`.
 #[test]
 fn interactive_shell_on_the_console() {
-    use std::io::Read;
     let mut child = Command::new(xtask_bin())
         .args(["run-vm", "--timeout", "300"])
         .stdin(Stdio::piped())
@@ -109,35 +107,10 @@ fn interactive_shell_on_the_console() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut stdout = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut buf = [0u8; 4096];
-        while let Ok(n) = stdout.read(&mut buf) {
-            if n == 0 || tx.send(buf[..n].to_vec()).is_err() {
-                break;
-            }
-        }
-    });
-    let mut stdin = child.stdin.take().unwrap();
-    let mut seen = String::new();
-    let deadline = Instant::now() + Duration::from_secs(300);
-    let mut step = 0;
-    while Instant::now() < deadline {
-        match rx.recv_timeout(Duration::from_millis(200)) {
-            Ok(bytes) => seen.push_str(&String::from_utf8_lossy(&bytes)),
-            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
-            Err(_) => {}
-        }
-        if step == 0 && seen.contains("[minimal:~]# ") {
-            stdin.write_all(b"echo answer-$((6*7))\n").unwrap();
-            step = 1;
-        } else if step == 1 && seen.contains("answer-42") {
-            stdin.write_all(b"poweroff\n").unwrap();
-            step = 2;
-        }
-    }
+    let steps = [("[minimal:~]# ", "echo answer-$((6*7))\n"), ("answer-42", "poweroff\n")];
+    let talk = vm_tests::converse(&mut child, &steps, Duration::from_secs(300));
+    let _ = child.kill();
     let status = child.wait().unwrap();
-    assert_eq!(step, 2, "the shell never answered; console: {seen}");
-    assert_eq!(status.code(), Some(0), "console: {seen}");
+    assert_eq!(talk.steps, 2, "the shell never answered; console: {}", talk.console);
+    assert_eq!(talk.status.and_then(|s| s.code()), Some(0), "{status}; console: {}", talk.console);
 }

@@ -235,109 +235,49 @@ fn volatile_raw_image(builder: Builder) {
     assert_eq!(sha256(&copy), before, "booting the volatile image changed the image file");
 }
 
-#[test]
-fn default_system_image_gives_a_root_shell_and_poweroff_ends_it() {
-    let (image, _) = vm_image(&["--format", "qcow2"]);
+/// Boots a copy of `image` with the serial console on QEMU's stdio and runs `steps` on
+/// it; the last step is expected to power the VM off.
+fn converse_with_image(image: &Path, steps: &[(&str, &str)]) -> vm_tests::Conversation {
     let dir = tempfile::tempdir().unwrap();
-    let copy = copy_image(&image, dir.path());
-    let mut child = qemu(&copy, "qcow2")
+    let copy = copy_image(image, dir.path());
+    let child = qemu(&copy, "qcow2")
         .args(["-serial", "stdio"])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut stdout = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut buf = [0u8; 4096];
-        while let Ok(n) = stdout.read(&mut buf) {
-            if n == 0 || tx.send(buf[..n].to_vec()).is_err() {
-                break;
-            }
-        }
-    });
-    let mut stdin = child.stdin.take().unwrap();
     let mut qemu = Qemu(child);
-    let mut seen = String::new();
-    let deadline = Instant::now() + BOOT_TIMEOUT;
-    let mut step = 0;
-    let mut ended = None;
-    while Instant::now() < deadline && ended.is_none() {
-        match rx.recv_timeout(Duration::from_millis(200)) {
-            Ok(bytes) => seen.push_str(&String::from_utf8_lossy(&bytes)),
-            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => std::thread::sleep(Duration::from_millis(100)),
-            Err(_) => {}
-        }
-        if step == 0 && seen.contains("[minimal:~]# ") {
-            stdin.write_all(b"echo answer-$((6*7)) $(grep -c ' / ext4 rw' /proc/mounts)\n").unwrap();
-            step = 1;
-        } else if step == 1 && seen.contains("answer-42 1") {
-            stdin.write_all(b"poweroff\n").unwrap();
-            step = 2;
-        }
-        ended = qemu.0.try_wait().unwrap();
-    }
-    assert_eq!(step, 2, "the shell did not answer; console:\n{seen}");
-    let status = ended.unwrap_or_else(|| panic!("`poweroff` did not end the VM; console:\n{seen}"));
+    vm_tests::converse(&mut qemu.0, steps, BOOT_TIMEOUT)
+}
+
+fn assert_powered_off(talk: &vm_tests::Conversation, steps: usize) {
+    let seen = &talk.console;
+    assert_eq!(talk.steps, steps, "the shell did not answer as expected; console:\n{seen}");
+    let status = talk.status.unwrap_or_else(|| panic!("`poweroff` did not end the VM; console:\n{seen}"));
     assert!(status.success(), "QEMU failed ({status}); console:\n{seen}");
+}
+
+#[test]
+fn default_system_image_gives_a_root_shell_and_poweroff_ends_it() {
+    let (image, _) = vm_image(&["--format", "qcow2"]);
+    let steps = [
+        ("[minimal:~]# ", "echo answer-$((6*7)) $(grep -c ' / ext4 rw' /proc/mounts)\n"),
+        ("answer-42 1", "poweroff\n"),
+    ];
+    assert_powered_off(&converse_with_image(&image, &steps), 2);
 }
 
 #[test]
 fn hello_system_image_starts_its_service_at_boot() {
     let (image, _) = vm_image(&["--system", "hello", "--format", "qcow2"]);
-    let dir = tempfile::tempdir().unwrap();
-    let copy = copy_image(&image, dir.path());
-    let mut child = qemu(&copy, "qcow2")
-        .args(["-serial", "stdio"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdout = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut buf = [0u8; 4096];
-        while let Ok(n) = stdout.read(&mut buf) {
-            if n == 0 || tx.send(buf[..n].to_vec()).is_err() {
-                break;
-            }
-        }
-    });
-    let mut stdin = child.stdin.take().unwrap();
-    let mut qemu = Qemu(child);
-    let mut seen = String::new();
-    let deadline = Instant::now() + BOOT_TIMEOUT;
-    let mut step = 0;
-    let mut ended = None;
     // The service (started by the helper from the system item, as the user `hello`)
     // answers on its port; the host name and a user's home come from the system too.
-    let expected = "hello-service v1: hello from the VM\nhello-vm hello alice:users\n";
-    while Instant::now() < deadline && ended.is_none() {
-        match rx.recv_timeout(Duration::from_millis(200)) {
-            // Carriage returns dropped from the whole text: a chunk may end between "\r" and "\n".
-            Ok(bytes) => seen = (seen + &String::from_utf8_lossy(&bytes)).replace('\r', ""),
-            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => std::thread::sleep(Duration::from_millis(100)),
-            Err(_) => {}
-        }
-        if step == 0 && seen.contains("[hello:~]# ") {
-            stdin
-                .write_all(
-                    b"nc 127.0.0.1 7878 </dev/null; echo $(hostname) \
-                      $(ps -o user,args | grep '[h]ello-service' | cut -d' ' -f1) $(stat -c %U:%G /home/alice)\n",
-                )
-                .unwrap();
-            step = 1;
-        } else if step == 1 && seen.contains(expected) {
-            stdin.write_all(b"poweroff\n").unwrap();
-            step = 2;
-        }
-        ended = qemu.0.try_wait().unwrap();
-    }
-    assert_eq!(step, 2, "the service did not answer as expected ({expected:?}); console:\n{seen}");
-    let status = ended.unwrap_or_else(|| panic!("`poweroff` did not end the VM; console:\n{seen}"));
-    assert!(status.success(), "QEMU failed ({status}); console:\n{seen}");
+    let ask = "nc 127.0.0.1 7878 </dev/null; echo $(hostname) \
+               $(ps -o user,args | grep '[h]ello-service' | cut -d' ' -f1) $(stat -c %U:%G /home/alice)\n";
+    let steps =
+        [("[hello:~]# ", ask), ("hello-service v1: hello from the VM\nhello-vm hello alice:users\n", "poweroff\n")];
+    assert_powered_off(&converse_with_image(&image, &steps), 2);
 }
 
 #[test]
