@@ -18,7 +18,7 @@ use std::process::{Command, Stdio};
 
 use anyhow::{bail, ensure, Context, Result};
 use guest::image::{Registration, StoreDb};
-use guest::{Mode, Request};
+use guest::Mode;
 use os_configs::System;
 
 use crate::qemu::DiskFormat;
@@ -85,28 +85,9 @@ pub fn closure(store: &Store, ws: &Workspace, system: &System, verbose: bool) ->
     let mut items = vec![kernel_item, lowered.initrd.clone()];
     items.extend(lowered.packages.iter().cloned());
 
-    let request = Request {
-        version: guest::PROTOCOL_VERSION,
-        mode: Mode::Interactive,
-        argv: vec!["/bin/sh".into()],
-        env: vec![
-            ("PATH".into(), lowered.path.clone()),
-            ("HOME".into(), "/root".into()),
-            ("USER".into(), "root".into()),
-            ("TERM".into(), "linux".into()),
-            ("PS1".into(), format!("[{}:\\w]# ", system.name)),
-        ],
-        cwd: "/root".into(),
-        // The links are part of the image's root file system.
-        links: Vec::new(),
-        dirs: vec!["/root".into()],
-        hostname: system.hostname.clone(),
-        stdout_port: None,
-        stderr_port: None,
-        system: None,
-        argv_file: None,
-        root_device: None,
-    };
+    // TERM is fixed: the image must not depend on the terminal it was built from. The
+    // links are part of the image's root file system.
+    let request = system::root_request(system, &lowered, Mode::Interactive, vec!["/bin/sh".into()], "linux".into());
     let request_json = serde_json::to_string_pretty(&request)?;
     // What the helper sets up before the request, as `run-vm` does: /etc files, users'
     // homes, links, mounts, services.

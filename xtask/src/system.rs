@@ -7,7 +7,7 @@ use std::fs;
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
-use guest::{FileSpec, HomeSpec, MountSpec, Readiness, ServiceSpec, SystemConfig};
+use guest::{FileSpec, HomeSpec, Mode, MountSpec, Readiness, Request, ServiceSpec, SystemConfig};
 use os_configs::{Device, Package, Ready, Restart, System};
 
 use crate::kernel::{self, KernelTree};
@@ -237,4 +237,31 @@ pub fn busybox(store: &Store) -> Result<Item> {
         }
         Ok(())
     })
+}
+
+/// The request that runs `argv` as root on a lowered system (a shell on the console when
+/// interactive), with `TERM` set to `term`. Links come from the system's configuration
+/// or its image, so the request makes none; callers set `system` and `root_device`.
+pub fn root_request(system: &System, lowered: &Lowered, mode: Mode, argv: Vec<String>, term: String) -> Request {
+    Request {
+        version: guest::PROTOCOL_VERSION,
+        mode,
+        argv,
+        env: vec![
+            ("PATH".into(), lowered.path.clone()),
+            ("HOME".into(), "/root".into()),
+            ("USER".into(), "root".into()),
+            ("TERM".into(), term),
+            ("PS1".into(), format!("[{}:\\w]# ", system.name)),
+        ],
+        cwd: "/root".into(),
+        links: Vec::new(),
+        dirs: vec!["/root".into()],
+        hostname: system.hostname.clone(),
+        stdout_port: None,
+        stderr_port: None,
+        system: None,
+        argv_file: None,
+        root_device: None,
+    }
 }

@@ -53,26 +53,10 @@ pub fn request(
 ) -> Request {
     let term = std::env::var("TERM").unwrap_or_else(|_| "linux".to_string());
     Request {
-        version: guest::PROTOCOL_VERSION,
-        mode,
-        argv,
-        env: vec![
-            ("PATH".into(), lowered.path.clone()),
-            ("HOME".into(), "/root".into()),
-            ("USER".into(), "root".into()),
-            ("TERM".into(), term),
-            ("PS1".into(), format!("[{}:\\w]# ", system.name)),
-        ],
-        cwd: "/root".into(),
         // The system item's configuration makes the links.
-        links: Vec::new(),
-        dirs: vec!["/root".into()],
-        hostname: system.hostname.clone(),
-        stdout_port: None,
-        stderr_port: None,
         system: Some(system_item.guest_path()),
-        argv_file: None,
         root_device: root_device.map(str::to_string),
+        ..system::root_request(system, lowered, mode, argv, term)
     }
 }
 
