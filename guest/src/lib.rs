@@ -23,6 +23,7 @@
 
 use serde::{Deserialize, Serialize};
 
+pub mod ext4;
 pub mod image;
 
 /// Version of the request format; bumped on every incompatible change.

@@ -21,6 +21,10 @@ mod disk;
 mod services;
 
 fn main() {
+    // Not PID 1: a tool that the VM image builder's script runs.
+    if std::process::id() != 1 {
+        std::process::exit(tool(&std::env::args().skip(1).collect::<Vec<_>>()));
+    }
     log("started");
     let status = match run() {
         Ok(status) => status,
@@ -33,6 +37,31 @@ fn main() {
 }
 
 type Result<T> = std::result::Result<T, String>;
+
+/// `normalise-inodes IMAGE OFFSET TIME`: gives every inode of the ext4 file system at
+/// byte OFFSET of IMAGE the access and change time TIME and root as owner.
+fn tool(args: &[String]) -> i32 {
+    let usage = "usage: /init normalise-inodes IMAGE OFFSET TIME (as PID 1, this program is the VM's init)";
+    let [cmd, image, offset, time] = args else {
+        eprintln!("{usage}");
+        return 2;
+    };
+    let (Ok(offset), Ok(time)) = (offset.parse(), time.parse()) else {
+        eprintln!("{usage}");
+        return 2;
+    };
+    if cmd != "normalise-inodes" {
+        eprintln!("{usage}");
+        return 2;
+    }
+    match guest::ext4::normalise_inodes(Path::new(image), offset, guest::ext4::Fixed { time, uid: 0, gid: 0 }) {
+        Ok(_) => 0,
+        Err(e) => {
+            eprintln!("normalise-inodes: {e}");
+            1
+        }
+    }
+}
 
 fn run() -> Result<Status> {
     mount_basics()?;

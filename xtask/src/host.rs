@@ -173,3 +173,50 @@ pub fn qemu_supports_sandbox(cache_dir: &std::path::Path) -> bool {
     let _ = std::fs::write(&memo, format!("{key}{}\n", if supported { "yes" } else { "no" }));
     supported
 }
+
+/// Set to `1` to make image builds stage the closure as a tree of hard links instead of
+/// bind-mounting the store's items in a user namespace.
+pub const NO_USERNS_ENV: &str = "XTASK_NO_USERNS";
+
+/// Whether this process may make a user and mount namespace and bind-mount in it
+/// (`unshare --user --map-root-user --mount`, util-linux): unprivileged user namespaces
+/// are allowed, and [`NO_USERNS_ENV`] does not turn them off. Asked once per process.
+pub fn userns_bind_mounts() -> bool {
+    static ANSWER: OnceLock<bool> = OnceLock::new();
+    *ANSWER.get_or_init(|| {
+        if std::env::var_os(NO_USERNS_ENV).is_some_and(|v| v == "1") {
+            return false;
+        }
+        Command::new("unshare")
+            .args(["--user", "--map-root-user", "--mount", "--", "true"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    })
+}
+
+/// A bind mount: the source, and the mount point it is seen at.
+pub type BindMount = (PathBuf, PathBuf);
+
+/// `cmd`, run in a new user and mount namespace after bind-mounting each `(source,
+/// mount point)` pair: the mounts are seen by `cmd` alone and vanish with it. Its
+/// environment is kept.
+pub fn with_bind_mounts(cmd: &Command, mounts: &[BindMount]) -> Command {
+    const SCRIPT: &str = "while [ \"$1\" != -- ]; do mount --bind \"$1\" \"$2\" || exit 125; shift 2; done; \
+                          shift; exec \"$@\"";
+    let mut wrapped = command("unshare");
+    wrapped.args(["--user", "--map-root-user", "--mount", "--", "sh", "-c", SCRIPT, "sh"]);
+    for (source, target) in mounts {
+        wrapped.arg(source).arg(target);
+    }
+    wrapped.arg("--").arg(cmd.get_program()).args(cmd.get_args());
+    for (key, value) in cmd.get_envs() {
+        match value {
+            Some(value) => wrapped.env(key, value),
+            None => wrapped.env_remove(key),
+        };
+    }
+    wrapped
+}

@@ -27,7 +27,7 @@ use crate::{host, system, vm::shell_quote, Workspace};
 
 /// Version of the image layout and of the way it is built; part of every image recipe,
 /// so a change to the builder makes new items instead of passing for the old ones.
-const LAYOUT_VERSION: &str = "vm-image-v3";
+const LAYOUT_VERSION: &str = "vm-image-v4";
 /// Modules the initrd of an image loads besides the base ones: the disk on QEMU's
 /// default `pc` machine (IDE: ata_piix, and sd for `/dev/sda`), virtio disks on PCI,
 /// ext4 (with crc32c, which it asks the crypto API for rather than depending on it) and
@@ -125,7 +125,7 @@ pub fn closure(store: &Store, ws: &Workspace, system: &System, verbose: bool) ->
 /// The shared-store image's smallest size (the reference's `system-qemu-image/shared-store`).
 pub const SHARED_STORE_IMAGE_SIZE: u64 = 16 << 20;
 /// Version of the shared-store image's layout; part of its recipe.
-const SHARED_STORE_LAYOUT_VERSION: &str = "shared-store-image-v1";
+const SHARED_STORE_LAYOUT_VERSION: &str = "shared-store-image-v2";
 /// Top-level directories of the shared-store image's root.
 const SHARED_STORE_DIRS: &[&str] = &["dev", "proc", "sys", "tmp", "run", "root", "etc", "mnt", "var", "store", "xchg"];
 
@@ -167,7 +167,7 @@ pub fn shared_store_image(store: &Store, system_name: &str, config: &guest::Syst
         fix_times(&root, &entries)?;
         let raw = scratch.path().join("disk.raw");
         let progress = Progress { steps: false, verbose: false };
-        let built = write_raw(&raw, &root, &entries, &owners, &layout, &uuid, false, progress);
+        let built = write_raw(&raw, &root, &[], &owners, &layout, &uuid, None, progress);
         store::remove_tree(&root)?;
         built?;
         store_disk(&raw, out, DiskFormat::Raw, progress)
@@ -394,7 +394,6 @@ impl DiskTools for HostTools {
 pub fn tool_versions(format: DiskFormat, disk_tools: &dyn DiskTools) -> Result<String> {
     let mut tools = vec![
         (disk_tools.command(host::MKE2FS.program)?, "-V"),
-        (disk_tools.command("debugfs")?, "-V"),
         (disk_tools.command(host::SFDISK.program)?, "--version"),
         (Command::new(host::GRUB_MKIMAGE.program), "--version"),
     ];
@@ -527,9 +526,21 @@ pub fn build_on_host(
     let scratch = store.scratch("vm-image")?;
     let root = scratch.path().join("root");
     progress.step(&format!("staging the closure of `{}` ({} items)", closure.system_name, closure.items.len()));
-    let entries = stage(store, closure, opts, uuid, &root)?;
+    let started = std::time::Instant::now();
+    // With a user namespace, mke2fs sees the store's items bind-mounted on empty
+    // directories of a small tree; without, the tree holds hard links to their files.
+    let items = if host::userns_bind_mounts() { Staging::MountPoints } else { Staging::HardLinks };
+    let (entries, mounts) = stage(store, closure, opts, uuid, &root, items)?;
+    if progress.verbose {
+        let how = match items {
+            Staging::MountPoints => format!("{} items to bind-mount", mounts.len()),
+            Staging::HardLinks => "items as hard links".into(),
+        };
+        eprintln!("  ({} entries staged, {how}, in {:.2} s)", entries.len(), started.elapsed().as_secs_f64());
+    }
     let raw = scratch.path().join("disk.raw");
-    let built = write_raw(&raw, &root, &entries, &[], &opts.layout, uuid, true, progress);
+    let grub = grub_boot_code(store, progress)?;
+    let built = write_raw(&raw, &root, &mounts, &[], &opts.layout, uuid, Some(grub), progress);
     // The staging tree has read-only directories; remove it before the TempDir tries.
     store::remove_tree(&root)?;
     built?;
@@ -556,16 +567,28 @@ pub(crate) fn store_disk(raw: &Path, out: &Path, format: DiskFormat, progress: P
     }
 }
 
-/// Makes the image's root tree in `root`: the store items (hard links to the store's
-/// files), `grub.cfg`, the store database, the system's links and the usual top-level
-/// directories. Returns every path in it (relative, sorted), for fixing their inodes.
+/// How [`stage`] puts the store's items into the tree.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Staging {
+    /// Recreated, with hard links to the store's files.
+    HardLinks,
+    /// Empty directories, for the items to be bind-mounted on (items that are not
+    /// directories are hard-linked).
+    MountPoints,
+}
+
+/// Makes the image's root tree in `root`: the store items, `grub.cfg`, the store
+/// database, the system's links and the usual top-level directories. Returns every path
+/// made in it (relative, sorted) and, for [`Staging::MountPoints`], the bind mounts to
+/// make (item, mount point).
 pub(crate) fn stage(
     store: &Store,
     closure: &Closure,
     opts: &ImageOptions,
     uuid: &str,
     root: &Path,
-) -> Result<Vec<String>> {
+    staging: Staging,
+) -> Result<(Vec<String>, Vec<host::BindMount>)> {
     let mut dirs: BTreeSet<String> =
         ["dev", "proc", "sys", "tmp", "run", "root", "etc", "mnt", "boot", "boot/grub", "var", "var/lib", "store"]
             .iter()
@@ -600,13 +623,20 @@ pub(crate) fn stage(
     }
     let mut items: Vec<&Item> = closure.items.iter().collect();
     items.sort_by_key(|i| i.file_name());
+    let mut mounts = Vec::new();
     for item in items {
-        link_tree(&item.path, &root.join("store").join(item.file_name()))?;
+        let dst = root.join("store").join(item.file_name());
+        if staging == Staging::MountPoints && item.path.is_dir() {
+            fs::create_dir(&dst).with_context(|| format!("creating `{}`", dst.display()))?;
+            mounts.push((item.path.clone(), dst));
+        } else {
+            link_tree(&item.path, &dst)?;
+        }
     }
     let mut entries = Vec::new();
     list(root, Path::new(""), &mut entries)?;
     fix_times(root, &entries)?;
-    Ok(entries)
+    Ok((entries, mounts))
 }
 
 /// Recreates `src` at `dst`: directories (with the store's modes), symlinks, and files
@@ -653,17 +683,18 @@ pub(crate) fn list(dir: &Path, rel: &Path, out: &mut Vec<String>) -> Result<()> 
     Ok(())
 }
 
-/// Writes the raw image: partition table, file system, fixed inodes (owned by root but
-/// for `owners`: path relative to the root, uid, gid) and, with `grub`, GRUB.
+/// Writes the raw image: partition table, file system of `root` (with `mounts` made
+/// for mke2fs: source, mount point), fixed inodes (owned by root but for `owners`: path
+/// relative to the root, uid, gid) and GRUB's boot code (MBR, core.img) if given.
 #[allow(clippy::too_many_arguments)]
 fn write_raw(
     raw: &Path,
     root: &Path,
-    entries: &[String],
+    mounts: &[host::BindMount],
     owners: &[(String, u32, u32)],
     layout: &Layout,
     uuid: &str,
-    grub: bool,
+    grub: Option<(Vec<u8>, Vec<u8>)>,
     progress: Progress,
 ) -> Result<()> {
     let layout = *layout;
@@ -684,6 +715,9 @@ fn write_raw(
         .arg(raw)
         .arg(layout.fs_blocks.to_string())
         .env("E2FSPROGS_FAKE_TIME", FIXED_TIME);
+    if !mounts.is_empty() {
+        mke2fs = host::with_bind_mounts(&mke2fs, mounts);
+    }
     run(mke2fs, progress).with_context(|| {
         format!(
             "making the root file system ({} MiB); if it ran out of space, give a larger --size",
@@ -692,24 +726,32 @@ fn write_raw(
     })?;
 
     // mke2fs copies ctime, atime (which its own reading may have just updated) and
-    // owners from the staging tree; make them fixed.
-    let fs_spec = format!("{}?offset={PARTITION_OFFSET}", raw.display());
-    let mut script = debugfs_script(entries);
-    for (path, uid, gid) in owners {
-        script.push_str(&format!("sif \"/{path}\" uid {uid}\nsif \"/{path}\" gid {gid}\n"));
+    // owners from the staging tree; make them fixed, then give `owners` theirs.
+    let fixed = guest::ext4::Fixed { time: FIXED_TIME.parse()?, uid: 0, gid: 0 };
+    let started = std::time::Instant::now();
+    let inodes =
+        guest::ext4::normalise_inodes(raw, PARTITION_OFFSET, fixed).context("fixing inode times and owners")?;
+    if progress.verbose {
+        eprintln!("  ({inodes} inodes given fixed times and owners in {:.2} s)", started.elapsed().as_secs_f64());
     }
-    let mut debugfs = Command::new("debugfs");
-    debugfs.args(["-w", "-f", "-"]).arg(&fs_spec).env("E2FSPROGS_FAKE_TIME", FIXED_TIME);
-    let errors = run_with_input(debugfs, script.as_bytes(), progress).context("fixing inode times and owners")?;
-    let errors: Vec<&str> = errors.lines().filter(|l| !l.starts_with("debugfs ")).collect();
-    if !errors.is_empty() {
-        bail!("debugfs could not fix inode times and owners: {}", errors.join("; "));
+    if !owners.is_empty() {
+        let fs_spec = format!("{}?offset={PARTITION_OFFSET}", raw.display());
+        let script: String = owners
+            .iter()
+            .map(|(path, uid, gid)| format!("sif \"/{path}\" uid {uid}\nsif \"/{path}\" gid {gid}\n"))
+            .collect();
+        let mut debugfs = Command::new("debugfs");
+        debugfs.args(["-w", "-f", "-"]).arg(&fs_spec).env("E2FSPROGS_FAKE_TIME", FIXED_TIME);
+        let errors = run_with_input(debugfs, script.as_bytes(), progress).context("setting owners")?;
+        let errors: Vec<&str> = errors.lines().filter(|l| !l.starts_with("debugfs ")).collect();
+        if !errors.is_empty() {
+            bail!("debugfs could not set owners: {}", errors.join("; "));
+        }
     }
 
-    if !grub {
+    let Some((mbr, core)) = grub else {
         return Ok(());
-    }
-    let (mbr, core) = grub_boot_code(&raw.with_file_name("core.img"), progress)?;
+    };
     let mut file = File::options().write(true).open(raw).with_context(|| format!("opening `{}`", raw.display()))?;
     file.write_all(&mbr).context("writing GRUB's boot.img into the MBR")?;
     file.seek(SeekFrom::Start(SECTOR))?;
@@ -751,40 +793,39 @@ pub(crate) fn mke2fs_options(layout: &Layout, uuid: &str) -> Vec<String> {
     args
 }
 
-/// The debugfs script that fixes what mke2fs copies from the staging tree and cannot be
-/// set there: ctime, atime and owners of the root and every entry.
-pub(crate) fn debugfs_script(entries: &[String]) -> String {
-    let mut script = String::new();
-    for path in std::iter::once("").chain(entries.iter().map(String::as_str)) {
-        for (field, value) in [("ctime", "@1"), ("atime", "@1"), ("uid", "0"), ("gid", "0")] {
-            script.push_str(&format!("sif \"/{path}\" {field} {value}\n"));
-        }
-    }
-    script
-}
-
 /// GRUB for BIOS without `grub-install` (which refuses image files): returns the first
 /// 440 bytes of `boot.img`, for the MBR (the disk identifier and partition table after
-/// them stay), and `core.img` (made at `core` by grub-mkimage), for sector 1, where
-/// boot.img and core.img's own first sector look for it by default.
-pub(crate) fn grub_boot_code(core: &Path, progress: Progress) -> Result<(Vec<u8>, Vec<u8>)> {
+/// them stay), and `core.img`, for sector 1, where boot.img and core.img's own first
+/// sector look for it by default. core.img (grub-mkimage's output) is a store item: it
+/// depends only on GRUB's version and the modules built in.
+pub(crate) fn grub_boot_code(store: &Store, progress: Progress) -> Result<(Vec<u8>, Vec<u8>)> {
     let dir = Path::new(host::GRUB_I386_PC_DIR);
-    let mut mkimage = Command::new(host::GRUB_MKIMAGE.program);
-    mkimage
-        .args(["-O", "i386-pc", "-p", "(hd0,msdos1)/boot/grub", "-d"])
-        .arg(dir)
-        .arg("-o")
-        .arg(core)
-        .args(GRUB_MODULES);
-    run(mkimage, progress).context("making GRUB's core.img")?;
-    let core_bytes = fs::read(core).with_context(|| format!("reading `{}`", core.display()))?;
+    let boot_path = dir.join("boot.img");
+    let mut version = Command::new(host::GRUB_MKIMAGE.program);
+    version.arg("--version");
+    let version = String::from_utf8_lossy(&version.output().context("running `grub-mkimage --version`")?.stdout)
+        .trim()
+        .to_string();
+    let recipe = Recipe::new("grub-core", "grub-core-i386-pc")
+        .param("grub-mkimage", version)
+        .param("prefix", GRUB_PREFIX)
+        .param("modules", GRUB_MODULES.join(","))
+        .input_content("moddep.lst", &store::sha256_file(&dir.join("moddep.lst"))?);
+    let item = store.realise(&recipe, |out| {
+        fs::create_dir(out)?;
+        let mut mkimage = Command::new(host::GRUB_MKIMAGE.program);
+        mkimage.args(["-O", "i386-pc", "-p", GRUB_PREFIX, "-d"]).arg(dir).arg("-o").arg(out.join("core.img"));
+        mkimage.args(GRUB_MODULES);
+        run(mkimage, progress).context("making GRUB's core.img")
+    })?;
+    let core = item.path.join("core.img");
+    let core_bytes = fs::read(&core).with_context(|| format!("reading `{}`", core.display()))?;
     let gap = PARTITION_OFFSET - SECTOR;
     ensure!(
         core_bytes.len() as u64 <= gap,
         "GRUB's core.img ({} bytes) does not fit in the {gap}-byte gap",
         core_bytes.len()
     );
-    let boot_path = dir.join("boot.img");
     let boot = fs::read(&boot_path).with_context(|| format!("reading `{}`", boot_path.display()))?;
     ensure!(boot.len() == SECTOR as usize, "`{}` is not one sector long", boot_path.display());
     let mut mbr = boot[..440].to_vec();
@@ -794,6 +835,9 @@ pub(crate) fn grub_boot_code(core: &Path, progress: Progress) -> Result<(Vec<u8>
     mbr[0x67] = 0x90;
     Ok((mbr, core_bytes))
 }
+
+/// Where GRUB's core.img looks for its configuration: the first partition.
+const GRUB_PREFIX: &str = "(hd0,msdos1)/boot/grub";
 
 pub(crate) fn describe(cmd: &Command) -> String {
     let mut words = vec![cmd.get_program().to_string_lossy().into_owned()];
@@ -817,6 +861,7 @@ fn run_with_input(mut cmd: Command, input: &[u8], progress: Progress) -> Result<
     if !interactive_progress {
         cmd.stderr(Stdio::piped());
     }
+    let started = std::time::Instant::now();
     let mut child = cmd.spawn().with_context(|| format!("starting `{shown}`"))?;
     let mut stdin = child.stdin.take().context("stdin")?;
     let input = input.to_vec();
@@ -832,6 +877,9 @@ fn run_with_input(mut cmd: Command, input: &[u8], progress: Progress) -> Result<
         let _ = e.read_to_string(&mut stderr);
     }
     let status = child.wait().with_context(|| format!("waiting for `{shown}`"))?;
+    if progress.verbose {
+        eprintln!("  ({:.2} s)", started.elapsed().as_secs_f64());
+    }
     let _ = writer.join();
     let stdout = String::from_utf8_lossy(&reader.join().unwrap_or_default()).into_owned();
     if !status.success() {

@@ -41,8 +41,7 @@ const TOOL_PACKAGES: &[&str] = &[
     "libtinfo6",
 ];
 /// The programs the guest runs, and the package that has each.
-const TOOL_PROGRAMS: &[(&str, &str)] =
-    &[("mke2fs", "e2fsprogs"), ("debugfs", "e2fsprogs"), ("e2fsck", "e2fsprogs"), ("sfdisk", "fdisk")];
+const TOOL_PROGRAMS: &[(&str, &str)] = &[("mke2fs", "e2fsprogs"), ("e2fsck", "e2fsprogs"), ("sfdisk", "fdisk")];
 /// The dynamic loader, inside libc6.
 const LOADER: &str = "lib/x86_64-linux-gnu/ld-linux-x86-64.so.2";
 /// Where Debian's packages put shared libraries.
@@ -216,17 +215,16 @@ pub fn build(
     progress.step(&format!("staging the closure of `{}` ({} items)", closure.system_name, closure.items.len()));
     let staging = store.scratch("vm-image")?;
     let root = staging.path().join("root");
-    let entries = image::stage(store, closure, opts, uuid, &root)?;
+    let (entries, _) = image::stage(store, closure, opts, uuid, &root, image::Staging::HardLinks)?;
     let item_names: Vec<String> = closure.items.iter().map(Item::file_name).collect();
     let tree = tree_commands(&root, &entries, &item_names, &input.join("files"));
     store::remove_tree(&root)?;
     let tree = tree?;
 
-    let (mbr, core) = image::grub_boot_code(&staging.path().join("core.img"), progress)?;
+    let (mbr, core) = image::grub_boot_code(store, progress)?;
     fs::write(input.join("mbr"), mbr)?;
     fs::write(input.join("core.img"), core)?;
     fs::write(input.join("table"), image::partition_table(uuid))?;
-    fs::write(input.join("debugfs"), image::debugfs_script(&entries))?;
     let script = guest_script(&tree, opts, uuid, &tools.wrappers.guest_path(), progress.verbose);
     fs::write(input.join("build.sh"), script)?;
 
@@ -384,9 +382,7 @@ fn guest_script(tree: &[String], opts: &ImageOptions, uuid: &str, tools: &str, v
          \"$t\"/sfdisk {sfdisk} /tmp/table.img < \"$in\"/table\n\
          dd if=/tmp/table.img of=\"$disk\" bs=512 count=1 conv=notrunc 2>/dev/null\n\
          \"$t\"/mke2fs {mke2fs} -d \"$r\" \"$disk\" {blocks}\n\
-         \"$t\"/debugfs -w -f \"$in\"/debugfs \"$disk?offset={offset}\" >/dev/null 2>/tmp/debugfs.err\n\
-         if grep -v '^debugfs ' /tmp/debugfs.err >&2; then\n  \
-         echo 'debugfs could not fix inode times and owners' >&2\n  exit 1\nfi\n\
+         /init normalise-inodes \"$disk\" {offset} {time}\n\
          dd if=\"$in\"/mbr of=\"$disk\" bs=440 count=1 conv=notrunc 2>/dev/null\n\
          dd if=\"$in\"/core.img of=\"$disk\" bs=512 seek=1 conv=notrunc 2>/dev/null\n\
          sync\n\
@@ -396,6 +392,7 @@ fn guest_script(tree: &[String], opts: &ImageOptions, uuid: &str, tools: &str, v
         sfdisk = image::SFDISK_ARGS.join(" "),
         mke2fs = mke2fs.join(" "),
         blocks = opts.layout.fs_blocks,
+        time = image::FIXED_TIME,
     ));
     s
 }
