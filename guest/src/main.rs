@@ -115,10 +115,10 @@ fn start_config(
 }
 
 fn log(msg: &str) {
-    let uptime = fs::read_to_string("/proc/uptime")
-        .ok()
-        .and_then(|s| s.split_whitespace().next().map(str::to_string))
-        .unwrap_or_else(|| "?".to_string());
+    // Seconds since boot (CLOCK_BOOTTIME, as /proc/uptime, which is not mounted yet at first).
+    let uptime = nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
+        .map(|t| format!("{}.{:02}", t.tv_sec(), t.tv_nsec() / 10_000_000))
+        .unwrap_or_else(|_| "?".to_string());
     // The console is the only place this can go; a failed write has nowhere to be reported.
     let _ = writeln!(std::io::stderr(), "guest[{uptime}]: {msg}");
 }

@@ -14,6 +14,7 @@ fn quick_bench_writes_a_valid_report() {
     for name in [
         "boot-to-result",
         "inner-loop",
+        "inner-loop-vs-run-vm",
         "cache-hit",
         "cache-hit-vm-image",
         "image-build",

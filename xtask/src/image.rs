@@ -150,7 +150,7 @@ pub fn shared_store_image(store: &Store, system_name: &str, config: &guest::Syst
     // Directories: the top-level ones, and those the files and homes add.
     fp.blocks += fp.entries;
     let layout = Layout::new(Layout::minimum(&fp).size.max(SHARED_STORE_IMAGE_SIZE), &fp);
-    let versions = shared_store_tool_versions()?;
+    let versions = shared_store_tool_versions(store)?;
     let recipe = Recipe::new("shared-store-image", &format!("shared-store-image-{system_name}"))
         .param("layout", SHARED_STORE_LAYOUT_VERSION)
         .param("size", layout.size.to_string())
@@ -175,14 +175,10 @@ pub fn shared_store_image(store: &Store, system_name: &str, config: &guest::Syst
 }
 
 /// The versions of the tools that write the shared-store image (no GRUB in it).
-fn shared_store_tool_versions() -> Result<String> {
+fn shared_store_tool_versions(store: &Store) -> Result<String> {
     let mut versions = Vec::new();
     for (program, flag) in [(host::MKE2FS.program, "-V"), ("debugfs", "-V"), (host::SFDISK.program, "--version")] {
-        let out = Command::new(program).arg(flag).output().with_context(|| format!("running `{program} {flag}`"))?;
-        let text = if out.stdout.is_empty() { out.stderr } else { out.stdout };
-        let first = String::from_utf8_lossy(&text).lines().next().unwrap_or_default().to_string();
-        ensure!(out.status.success() && !first.is_empty(), "`{program} {flag}` failed ({})", out.status);
-        versions.push(first);
+        versions.push(version_line(store, Command::new(program), flag)?);
     }
     let conf = HostTools.mke2fs_conf();
     versions.push(format!(
@@ -190,6 +186,37 @@ fn shared_store_tool_versions() -> Result<String> {
         store::sha256_file(&conf).with_context(|| format!("reading `{}`", conf.display()))?
     ));
     Ok(versions.join("; "))
+}
+
+/// The first line `cmd FLAG` prints (a tool's version), remembered in the store's cache
+/// for as long as the program's file keeps its size and modification time: asking
+/// costs a few milliseconds per tool, on every run.
+fn version_line(store: &Store, mut cmd: Command, flag: &str) -> Result<String> {
+    let shown = format!("{} {flag}", describe(&cmd));
+    let program = PathBuf::from(cmd.get_program());
+    let resolved =
+        if program.components().count() > 1 { Some(program) } else { host::which(&program.to_string_lossy()) };
+    let key = resolved.as_ref().and_then(|path| {
+        let meta = fs::metadata(path).ok()?;
+        Some(format!("{shown}\n{}\n{}\n{:?}\n", path.display(), meta.len(), meta.modified().ok()?))
+    });
+    let memo =
+        key.as_ref().map(|k| store.cache_dir().join(format!("version-{}", &store::sha256_bytes(k.as_bytes())[..32])));
+    if let (Some(key), Some(memo)) = (&key, &memo) {
+        if let Some(line) = fs::read_to_string(memo).ok().and_then(|t| t.strip_prefix(key.as_str()).map(str::to_string))
+        {
+            return Ok(line);
+        }
+    }
+    let out = cmd.arg(flag).output().with_context(|| format!("running `{shown}`"))?;
+    let text = if out.stdout.is_empty() { out.stderr } else { out.stdout };
+    let first = String::from_utf8_lossy(&text).lines().next().unwrap_or_default().to_string();
+    ensure!(out.status.success() && !first.is_empty(), "`{shown}` failed ({})", out.status);
+    if let (Some(key), Some(memo)) = (key, memo) {
+        // A memo that cannot be written only costs the next run the same question.
+        let _ = fs::write(memo, format!("{key}{first}"));
+    }
+    Ok(first)
 }
 
 /// Makes the shared-store image's root tree in `root`; returns the owners to give the
@@ -391,7 +418,7 @@ impl DiskTools for HostTools {
 /// The versions of the tools that write the image: part of the recipe, so a new
 /// e2fsprogs or GRUB makes a new image rather than passing for the old one. Which
 /// builder runs them is not: both write the same bytes with the same versions.
-pub fn tool_versions(format: DiskFormat, disk_tools: &dyn DiskTools) -> Result<String> {
+pub fn tool_versions(store: &Store, format: DiskFormat, disk_tools: &dyn DiskTools) -> Result<String> {
     let mut tools = vec![
         (disk_tools.command(host::MKE2FS.program)?, "-V"),
         (disk_tools.command(host::SFDISK.program)?, "--version"),
@@ -401,13 +428,8 @@ pub fn tool_versions(format: DiskFormat, disk_tools: &dyn DiskTools) -> Result<S
         tools.push((Command::new(host::QEMU_IMG.program), "--version"));
     }
     let mut versions = Vec::new();
-    for (mut cmd, flag) in tools {
-        let program = describe(&cmd);
-        let out = cmd.arg(flag).output().with_context(|| format!("running `{program} {flag}`"))?;
-        let text = if out.stdout.is_empty() { out.stderr } else { out.stdout };
-        let first = String::from_utf8_lossy(&text).lines().next().unwrap_or_default().to_string();
-        ensure!(out.status.success() && !first.is_empty(), "`{program} {flag}` failed ({})", out.status);
-        versions.push(first);
+    for (cmd, flag) in tools {
+        versions.push(version_line(store, cmd, flag)?);
     }
     let boot_img = Path::new(host::GRUB_I386_PC_DIR).join("boot.img");
     versions.push(format!("boot.img sha256 {}", store::sha256_file(&boot_img)?));
@@ -538,7 +560,16 @@ pub fn build_on_host(
         };
         eprintln!("  ({} entries staged, {how}, in {:.2} s)", entries.len(), started.elapsed().as_secs_f64());
     }
-    let raw = scratch.path().join("disk.raw");
+    // A qcow2 image's raw intermediate goes to memory when there is room: mke2fs writes
+    // it a third faster there, and it never reaches the disk.
+    let memory = match opts.format {
+        DiskFormat::Qcow2 => store.memory_scratch("vm-image", opts.layout.size),
+        DiskFormat::Raw => None,
+    };
+    let raw = memory.as_ref().map_or(scratch.path(), |m| m.path()).join("disk.raw");
+    if progress.verbose {
+        eprintln!("  (the raw image is written to `{}`)", raw.display());
+    }
     let grub = grub_boot_code(store, progress)?;
     let built = write_raw(&raw, &root, &mounts, &[], &opts.layout, uuid, Some(grub), progress);
     // The staging tree has read-only directories; remove it before the TempDir tries.

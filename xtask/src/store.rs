@@ -159,6 +159,12 @@ pub struct Store {
     explain: bool,
 }
 
+/// The tmpfs for [`Store::memory_scratch`].
+pub const MEMORY_SCRATCH: &str = "/dev/shm";
+const MEMORY_SCRATCH_PREFIX: &str = "xtask-scratch-";
+/// Set to `1` to keep intermediate files on disk, in the store's `.tmp`.
+pub const NO_SHM_ENV: &str = "XTASK_NO_SHM";
+
 impl Store {
     /// Opens (creating if needed) the store at `root`. With `explain`, every lookup says
     /// on stderr whether it was a hit or a build.
@@ -174,6 +180,16 @@ impl Store {
 
     /// Removes scratch directories of processes that no longer exist (killed runs).
     fn remove_dead_scratch(&self) -> Result<()> {
+        // Memory scratch of killed runs: best effort, it may belong to another user.
+        for entry in fs::read_dir(MEMORY_SCRATCH).into_iter().flatten().flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let pid = name.strip_prefix(MEMORY_SCRATCH_PREFIX).and_then(|r| r.split('-').next());
+            if let Some(pid) = pid.and_then(|p| p.parse().ok()) {
+                if !process_alive(pid) {
+                    let _ = remove_tree(&entry.path());
+                }
+            }
+        }
         let tmp = self.root.join(".tmp");
         for entry in fs::read_dir(&tmp).with_context(|| format!("listing `{}`", tmp.display()))?.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
@@ -185,6 +201,31 @@ impl Store {
             }
         }
         Ok(())
+    }
+
+    /// Scratch space in memory (a directory in the tmpfs at [`MEMORY_SCRATCH`]) for
+    /// `needed` bytes of intermediate files that never become an item, when that tmpfs
+    /// and the machine's available memory have room for them with a margin; `None`
+    /// otherwise, or with `XTASK_NO_SHM=1`. Removed when dropped, or by a later run if
+    /// this process is killed.
+    pub fn memory_scratch(&self, name: &str, needed: u64) -> Option<tempfile::TempDir> {
+        if std::env::var_os(NO_SHM_ENV).is_some_and(|v| v == "1") {
+            return None;
+        }
+        let dir = Path::new(MEMORY_SCRATCH);
+        let stat = nix::sys::statvfs::statvfs(dir).ok()?;
+        let free = stat.blocks_available() as u64 * stat.fragment_size() as u64;
+        let available = fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
+            let line = m.lines().find(|l| l.starts_with("MemAvailable:"))?;
+            line.split_whitespace().nth(1)?.parse::<u64>().ok().map(|kib| kib * 1024)
+        })?;
+        if free < needed + (256 << 20) || available < needed + (1 << 30) {
+            return None;
+        }
+        tempfile::Builder::new()
+            .prefix(&format!("{MEMORY_SCRATCH_PREFIX}{}-{}.", std::process::id(), sanitize_name(name)))
+            .tempdir_in(dir)
+            .ok()
     }
 
     pub fn root(&self) -> &Path {
@@ -610,6 +651,11 @@ pub fn remove_tree(path: &Path) -> Result<()> {
     } else {
         fs::remove_file(path).with_context(|| format!("removing `{}`", path.display()))
     }
+}
+
+/// sha256 of some bytes, as hex.
+pub fn sha256_bytes(bytes: &[u8]) -> String {
+    hex(&Sha256::digest(bytes))
 }
 
 /// sha256 of a file's bytes, as hex.

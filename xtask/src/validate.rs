@@ -12,7 +12,7 @@ use std::fmt;
 use anyhow::Result;
 use os_configs::{Package, System};
 
-use crate::store::Store;
+use crate::store::{self, Store};
 use crate::vm::Failure;
 use crate::{debian, kernel, packages, system, Workspace};
 
@@ -36,6 +36,11 @@ impl fmt::Display for Problem {
 pub trait Facts {
     /// The workspace's packages and their binary targets.
     fn workspace_bins(&mut self) -> Result<BTreeMap<String, Vec<String>>>;
+    /// The same, asked afresh: [`Facts::workspace_bins`] may answer from a memo, which
+    /// is trusted where it knows the binary and asked again where it does not.
+    fn fresh_workspace_bins(&mut self) -> Result<BTreeMap<String, Vec<String>>> {
+        self.workspace_bins()
+    }
     /// Whether apt knows a Debian package of this name.
     fn debian_package_exists(&mut self, name: &str) -> Result<bool>;
     /// The program names a (known to exist) package provides.
@@ -131,7 +136,10 @@ pub fn problems(system: &System, facts: &mut dyn Facts) -> Result<Vec<Problem>> 
                 )
             }),
             Package::Crate { package: name, bin } => {
-                let bins = facts.workspace_bins()?;
+                let mut bins = facts.workspace_bins()?;
+                if !bins.get(name).is_some_and(|names| names.contains(bin)) {
+                    bins = facts.fresh_workspace_bins()?;
+                }
                 match bins.get(name) {
                     None => Some((
                         format!(
@@ -207,7 +215,8 @@ pub fn check(system: &System, facts: &mut dyn Facts) -> Result<()> {
 pub struct HostFacts<'a> {
     pub store: &'a Store,
     pub ws: &'a Workspace,
-    bins: Option<BTreeMap<String, Vec<String>>>,
+    /// The workspace's binaries, and whether `cargo metadata` told them in this run.
+    bins: Option<(BTreeMap<String, Vec<String>>, bool)>,
     modules: Option<kernel::ModuleIndex>,
 }
 
@@ -215,14 +224,38 @@ impl<'a> HostFacts<'a> {
     pub fn new(store: &'a Store, ws: &'a Workspace) -> HostFacts<'a> {
         HostFacts { store, ws, bins: None, modules: None }
     }
+
+    /// Where the last answer of `cargo metadata` for this workspace is kept.
+    fn bins_memo(&self) -> std::path::PathBuf {
+        let key = store::sha256_bytes(self.ws.root.as_os_str().as_encoded_bytes());
+        self.store.cache_dir().join(format!("workspace-bins-{}.json", &key[..32]))
+    }
 }
 
 impl Facts for HostFacts<'_> {
+    /// From the memo of an earlier run if there is one (`cargo metadata` costs tens of
+    /// milliseconds on every run); a binary the memo names but the workspace no longer
+    /// has makes `cargo build` fail with cargo's own message.
     fn workspace_bins(&mut self) -> Result<BTreeMap<String, Vec<String>>> {
         if self.bins.is_none() {
-            self.bins = Some(packages::workspace_bins(self.ws)?);
+            let memo = std::fs::read(self.bins_memo()).ok().and_then(|b| serde_json::from_slice(&b).ok());
+            if let Some(memo) = memo {
+                self.bins = Some((memo, false));
+            } else {
+                return self.fresh_workspace_bins();
+            }
         }
-        Ok(self.bins.clone().unwrap_or_default())
+        Ok(self.bins.as_ref().map(|(b, _)| b.clone()).unwrap_or_default())
+    }
+
+    fn fresh_workspace_bins(&mut self) -> Result<BTreeMap<String, Vec<String>>> {
+        if !self.bins.as_ref().is_some_and(|(_, fresh)| *fresh) {
+            let bins = packages::workspace_bins(self.ws)?;
+            // Only a later run's speed depends on the memo being written.
+            let _ = std::fs::write(self.bins_memo(), serde_json::to_vec(&bins)?);
+            self.bins = Some((bins, true));
+        }
+        Ok(self.bins.as_ref().map(|(b, _)| b.clone()).unwrap_or_default())
     }
 
     fn debian_package_exists(&mut self, name: &str) -> Result<bool> {

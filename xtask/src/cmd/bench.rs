@@ -110,7 +110,7 @@ impl Bench {
             "xtask run-vm -- true",
             "bare qemu + busybox initramfs",
         ));
-        let floor_boot = floor;
+        let (floor_boot, our_boot) = (floor, ours);
 
         // inner-loop: touch the `hello` system's service source, then ask the service in
         // a VM, against cargo building that crate the same way plus the floor's boot.
@@ -149,6 +149,16 @@ impl Bench {
             "touch service source; xtask run-vm --system hello -- nc ...",
             "cargo build of the crate + bare qemu boot",
         ));
+        // The same against our own boot-to-result: what the system, its service and the
+        // store cost on top of building the crate and booting.
+        figures.push(figure(
+            "inner-loop-vs-run-vm",
+            ours,
+            cargo_build + our_boot,
+            accel,
+            "touch service source; xtask run-vm --system hello -- nc ...",
+            "cargo build of the crate + xtask run-vm -- true",
+        ));
 
         // cache-hit: a build-in-vm whose result is stored, timed as the xtask binary
         // alone and through cargo, against `true`.
@@ -166,27 +176,44 @@ impl Bench {
         figures.push(figure("cache-hit-vm-image", image_hit, t, accel, "xtask vm-image (stored)", "true"));
         figures.push(figure("cache-hit-cargo", hit_cargo, t, accel, "cargo xtask build-in-vm (stored)", "true"));
 
-        // image-build: a cold qcow2 image of the system (host builder, built outside the
-        // store so nothing is a hit), against mke2fs -d of the same items plus
-        // qemu-img convert.
+        // image-build: `vm-image` of the system, cold (its image removed from the store
+        // before each run, everything else stored), against mke2fs -d of the same tree
+        // (made beforehand) into a raw file plus qemu-img convert to qcow2.
         let closure = image::closure(&store, ws, &system, false)?;
-        let (ours, floor) = image_build(&store, &closure, warmup.min(1), runs.min(3))?;
-        figures.push(figure(
-            "image-build",
-            ours,
-            floor,
-            accel,
-            "image::build_on_host, qcow2",
-            "mke2fs -d + qemu-img convert",
-        ));
+        let image_item = stored_image_item(&xtask, &[])?;
+        let cold_image = |args: &[&str]| -> Result<Duration> {
+            store.remove_entry(&image_item)?;
+            quiesce();
+            let start = Instant::now();
+            run_quiet(Command::new(&xtask).arg("vm-image").args(args))?;
+            Ok(start.elapsed())
+        };
+        let ours = measure_timed(warmup.min(1), runs.min(5), || cold_image(&[]))?;
+        let floor = floor_image_build(&store, &closure, warmup.min(1), runs.min(5))?;
+        figures.push(figure("image-build", ours, floor, accel, "xtask vm-image (cold)", FLOOR_IMAGE));
+        if !self.quick {
+            // The VM builder writes the same bytes, so it makes the same item.
+            let ours = measure_timed(0, 1, || cold_image(&["--builder", "vm"]))?;
+            figures.push(figure(
+                "image-build-vm",
+                ours,
+                floor,
+                accel,
+                "xtask vm-image --builder vm (cold)",
+                FLOOR_IMAGE,
+            ));
+        }
 
-        // scaling: the same with a package of random data added to the closure.
+        // scaling: the same with a package of random data added to the closure, built
+        // through the library (the data is in no system) and stored, as vm-image does.
         let sizes: &[u64] = if self.quick { &[64, 256] } else { &[64, 256, 1024] };
         let mut rates = Vec::new();
         for &mib in sizes {
             let mut big = closure.clone();
             big.items.insert(0, random_item(&store, mib)?);
-            let (ours, floor) = image_build(&store, &big, 0, 1)?;
+            let reps = if self.quick { 1 } else { 3 };
+            let ours = measure_timed(0, reps, || cold_library_image(&store, &big))?;
+            let floor = floor_image_build(&store, &big, 0, reps)?;
             let bytes = image::footprint(&big)?.bytes as f64 / f64::from(1 << 20);
             rates.push((mib, bytes / ours));
             let mut f = figure(
@@ -194,8 +221,8 @@ impl Bench {
                 ours,
                 floor,
                 accel,
-                "image-build, closure + random data",
-                "mke2fs -d + qemu-img convert",
+                "image-build (stored), closure + random data",
+                FLOOR_IMAGE,
             );
             f.mib_per_s = Some(bytes / ours);
             figures.push(f);
@@ -203,7 +230,7 @@ impl Bench {
 
         for f in &figures {
             println!(
-                "{:<18} ours {:>8.3}s  floor {:>8.3}s  ratio {:>6.2}  [{}]",
+                "{:<20} ours {:>8.3}s  floor {:>8.3}s  ratio {:>6.2}  [{}]",
                 f.name, f.ours_s, f.floor_s, f.ratio, f.accel
             );
         }
@@ -242,14 +269,22 @@ fn figure(name: &str, ours: f64, floor: f64, accel: Accel, what: &str, floor_wha
 
 /// Median wall time of `runs` calls after `warmup` unmeasured ones.
 fn measure(warmup: usize, runs: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    measure_timed(warmup, runs, || {
+        let start = Instant::now();
+        f()?;
+        Ok(start.elapsed())
+    })
+}
+
+/// Median of the times `f` reports for `runs` calls after `warmup` unmeasured ones
+/// (for work that needs untimed preparation).
+fn measure_timed(warmup: usize, runs: usize, mut f: impl FnMut() -> Result<Duration>) -> Result<f64> {
     for _ in 0..warmup {
         f()?;
     }
     let mut times = Vec::with_capacity(runs);
     for _ in 0..runs {
-        let start = Instant::now();
-        f()?;
-        times.push(start.elapsed());
+        times.push(f()?);
     }
     times.sort();
     Ok(median(&times).as_secs_f64())
@@ -272,12 +307,14 @@ fn run_quiet(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
-/// The floor's initramfs: busybox and the same modules as the real initrd, and a shell
-/// script as `/init`.
+/// The floor's initramfs: busybox and the same modules as the real initrd (without
+/// their signatures, as there), and a shell script as `/init`.
 fn floor_initrd(store: &Store, kernel: &crate::kernel::KernelTree) -> Result<Item> {
     let busybox = system::busybox(store)?;
-    let recipe =
-        kernel.identify(Recipe::new("bench-floor-initrd", "bench-floor-initrd"))?.input_item("busybox", &busybox);
+    let recipe = kernel
+        .identify(Recipe::new("bench-floor-initrd", "bench-floor-initrd"))?
+        .input_item("busybox", &busybox)
+        .param("module-signatures", "stripped");
     store.realise(&recipe, |out| {
         let wanted: Vec<String> = initrd::BASE_MODULES.iter().map(|m| m.to_string()).collect();
         let modules = ModuleIndex::read(kernel)?.closure(&wanted)?;
@@ -291,7 +328,8 @@ fn floor_initrd(store: &Store, kernel: &crate::kernel::KernelTree) -> Result<Ite
         cpio.file("bin/busybox", 0o755, &fs::read(busybox.path.join("bin/busybox"))?)?;
         let mut script = String::from("#!/bin/busybox sh\n");
         for m in &modules {
-            cpio.file(&format!("m/{}.ko", m.name), 0o644, &fs::read(&m.path)?)?;
+            let module = fs::read(&m.path)?;
+            cpio.file(&format!("m/{}.ko", m.name), 0o644, initrd::strip_signature(&module))?;
             script.push_str(&format!("/bin/busybox insmod /m/{}.ko\n", m.name));
         }
         script.push_str(&format!(
@@ -322,43 +360,83 @@ pub fn report_path(ws: &Workspace) -> PathBuf {
     ws.target_dir.join("bench/latest.json")
 }
 
-/// Times building a qcow2 image of `closure` outside the store, and the floor: the same
-/// items put in a tree of hard links, `mke2fs -d` into a raw file of the same size, and
-/// `qemu-img convert` to qcow2. Returns (ours, floor) medians in seconds.
-fn image_build(store: &Store, closure: &Closure, warmup: usize, runs: usize) -> Result<(f64, f64)> {
+/// Writes dirty pages back before an image build is timed (untimed), so that no build
+/// pays for writing back what an earlier one, or the making of its inputs, left behind.
+fn quiesce() {
+    nix::unistd::sync();
+}
+
+const FLOOR_IMAGE: &str = "mke2fs -d of the staged tree + qemu-img convert";
+
+/// Runs `xtask vm-image ARGS` (building the image if needed) and returns the image
+/// item's store entry name.
+fn stored_image_item(xtask: &Path, args: &[&str]) -> Result<String> {
+    let out = Command::new(xtask).arg("vm-image").args(args).stdin(Stdio::null()).output()?;
+    if !out.status.success() {
+        bail!("xtask vm-image failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr).trim());
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let path = Path::new(stdout.lines().last().unwrap_or_default());
+    let item = path.parent().and_then(Path::file_name).context("vm-image printed no image path")?;
+    Ok(item.to_string_lossy().into_owned())
+}
+
+/// Builds and stores a qcow2 image of `closure` as `vm-image` does (host builder), then
+/// removes it; returns the time it took to build and store.
+fn cold_library_image(store: &Store, closure: &Closure) -> Result<Duration> {
+    let footprint = image::footprint(closure)?;
+    let opts = ImageOptions {
+        format: DiskFormat::Qcow2,
+        layout: Layout::default_for(&footprint),
+        volatile: false,
+        verify_store: false,
+    };
+    let quiet = Progress { steps: false, verbose: false };
+    quiesce();
+    let start = Instant::now();
+    let recipe = image::recipe(closure, &opts, &image::tool_versions(store, opts.format, &image::HostTools)?);
+    let uuid = image::uuid_for(&recipe.hash());
+    let item = store.realise(&recipe, |out| image::build_on_host(store, closure, &opts, &uuid, out, quiet))?;
+    let took = start.elapsed();
+    store.remove_entry(&item.file_name())?;
+    Ok(took)
+}
+
+/// The floor of building an image of `closure`: its tree staged beforehand (as the
+/// image builder stages it), then, timed, `mke2fs -d` into a raw file of the image's
+/// file system size and `qemu-img convert` to qcow2. Returns the median in seconds.
+fn floor_image_build(store: &Store, closure: &Closure, warmup: usize, runs: usize) -> Result<f64> {
     let footprint = image::footprint(closure)?;
     let layout = Layout::default_for(&footprint);
     let opts = ImageOptions { format: DiskFormat::Qcow2, layout, volatile: false, verify_store: false };
     let uuid = image::uuid_for(&"0".repeat(32));
-    let quiet = Progress { steps: false, verbose: false };
-    let ours = measure(warmup, runs, || {
-        let scratch = store.scratch("bench-image")?;
-        image::build_on_host(store, closure, &opts, &uuid, &scratch.path().join("out"), quiet)
-    })?;
-    let floor = measure(warmup, runs, || {
-        let scratch = store.scratch("bench-floor-image")?;
-        let root = scratch.path().join("root/store");
-        fs::create_dir_all(&root)?;
-        for item in &closure.items {
-            run_quiet(Command::new("cp").arg("-al").arg(&item.path).arg(&root))?;
+    let scratch = store.scratch("bench-floor-image")?;
+    let root = scratch.path().join("root");
+    image::stage(store, closure, &opts, &uuid, &root, image::Staging::HardLinks)?;
+    let raw = scratch.path().join("disk.raw");
+    let qcow2 = scratch.path().join("disk.qcow2");
+    let floor = measure_timed(warmup, runs, || {
+        for file in [&raw, &qcow2] {
+            if file.exists() {
+                fs::remove_file(file)?;
+            }
         }
-        let raw = scratch.path().join("disk.raw");
+        quiesce();
+        let start = Instant::now();
         run_quiet(
             Command::new(host::MKE2FS.program)
                 .args(["-q", "-F", "-t", "ext4", "-b", "4096", "-d"])
-                .arg(scratch.path().join("root"))
+                .arg(&root)
                 .arg(&raw)
                 .arg(format!("{}k", layout.fs_blocks * 4)),
         )?;
         run_quiet(
-            Command::new(host::QEMU_IMG.program)
-                .args(["convert", "-f", "raw", "-O", "qcow2"])
-                .arg(&raw)
-                .arg(scratch.path().join("disk.qcow2")),
+            Command::new(host::QEMU_IMG.program).args(["convert", "-f", "raw", "-O", "qcow2"]).arg(&raw).arg(&qcow2),
         )?;
-        store::remove_tree(&scratch.path().join("root"))
-    })?;
-    Ok((ours, floor))
+        Ok(start.elapsed())
+    });
+    store::remove_tree(&root)?;
+    floor
 }
 
 /// A store item holding `mib` MiB of pseudo-random (incompressible, deterministic) data.

@@ -97,7 +97,7 @@ impl VmImage {
             Some(tools) => tools,
             None => &HostTools,
         };
-        let versions = image::tool_versions(self.format, disk_tools)?;
+        let versions = image::tool_versions(&store, self.format, disk_tools)?;
         let recipe = image::recipe(&closure, &opts, &versions);
         let uuid = image::uuid_for(&recipe.hash());
         let progress = Progress::for_stderr(self.verbose);
