@@ -38,6 +38,9 @@ fn main() {
 
 type Result<T> = std::result::Result<T, String>;
 
+/// How long the helper waits for the host's request.
+const REQUEST_WAIT: Duration = Duration::from_secs(3600);
+
 /// `normalise-inodes IMAGE OFFSET TIME`: gives every inode of the ext4 file system at
 /// byte OFFSET of IMAGE the access and change time TIME and root as owner.
 fn tool(args: &[String]) -> i32 {
@@ -178,9 +181,32 @@ fn mount_9p(tag: &str, target: &str, flags: MsFlags, cache: &str) -> Result<()> 
     ))
 }
 
+/// Reads the request, waiting for it: the host may still be building what it names
+/// while the VM boots (it writes the file whole, by renaming it into place). The host
+/// stops the VM if that fails; an hour without a request is an error here too.
 fn read_request() -> Result<Request> {
     let path = Path::new(guest::XCHG_MOUNT).join(guest::REQUEST_FILE);
-    let text = fs::read_to_string(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let started = std::time::Instant::now();
+    let mut waited = false;
+    let text = loop {
+        match fs::read_to_string(&path) {
+            Ok(text) => break text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && started.elapsed() < REQUEST_WAIT => {
+                if !waited {
+                    log("waiting for the request");
+                    waited = true;
+                }
+                // Often at first (a small crate builds in a fraction of a second), then
+                // rarely, so a long build is not slowed by an emulated CPU polling.
+                let pause = if started.elapsed() < Duration::from_secs(2) { 5 } else { 100 };
+                std::thread::sleep(Duration::from_millis(pause));
+            }
+            Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+        }
+    };
+    if waited {
+        log("request received");
+    }
     let request: Request = serde_json::from_str(&text).map_err(|e| format!("bad request {}: {e}", path.display()))?;
     if request.version != guest::PROTOCOL_VERSION {
         return Err(format!(

@@ -218,4 +218,13 @@ fn edited_service_shows_new_behaviour_and_only_small_items_are_rebuilt() {
         );
     }
     eprintln!("inner loop (edit -> result): {:.1}s", elapsed.as_secs_f64());
+
+    // The crate builds while the VM boots: a compile error stops the VM and is the
+    // error, with cargo's message, and the command never runs.
+    std::fs::write(&main_rs, format!("{source}\nfn broken() -> u32 {{ \"not a number\" }}\n")).unwrap();
+    let failed = cargo_xtask_in(&ws, &args);
+    assert_ne!(failed.code, 0, "{failed:#?}");
+    assert_eq!(failed.stdout, "", "{failed:#?}");
+    assert!(failed.stderr.contains("mismatched types"), "cargo's error is shown: {failed:#?}");
+    assert!(failed.stderr.contains("building package `hello-service` of system `hello`"), "{failed:#?}");
 }

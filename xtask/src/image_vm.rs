@@ -278,6 +278,7 @@ pub fn build(
     let status = VmRun {
         spec,
         request,
+        later: None,
         xchg: xchg.path().to_path_buf(),
         runtime: runtime.path().to_path_buf(),
         log_dir: ws.log_dir(),

@@ -44,12 +44,32 @@ impl Lowered {
 
 /// Builds (or finds) everything `system` needs to boot.
 pub fn lower(store: &Store, ws: &Workspace, system: &System, verbose: bool) -> Result<Lowered> {
+    let boot = lower_boot(store, ws, system, verbose)?;
+    lower_packages(store, ws, system, verbose, boot)
+}
+
+/// The part of [`lower`] QEMU needs to start: kernel, boot image and initrd (no
+/// packages yet; `PATH` is `/bin`).
+pub fn lower_boot(store: &Store, ws: &Workspace, system: &System, verbose: bool) -> Result<Lowered> {
     let kernel = kernel::resolve(store, &system.kernel)
         .with_context(|| format!("getting the kernel of system `{}`", system.name))?;
     let boot_image = kernel::boot_image(store, &kernel)?;
     let helper = helper::build(store, ws, verbose)?;
     let initrd = initrd::initrd(store, &kernel, &helper, &system.initrd_modules)
         .with_context(|| format!("building the initrd of system `{}`", system.name))?;
+    Ok(Lowered {
+        kernel,
+        boot_image,
+        initrd,
+        packages: Vec::new(),
+        links: Vec::new(),
+        path: "/bin".to_string(),
+        kernel_args: system.kernel_args.clone(),
+    })
+}
+
+/// The rest of [`lower`]: `system`'s packages, added to what [`lower_boot`] made.
+pub fn lower_packages(store: &Store, ws: &Workspace, system: &System, verbose: bool, boot: Lowered) -> Result<Lowered> {
     let mut packages = Vec::new();
     let mut links = Vec::new();
     let mut path = Vec::new();
@@ -99,15 +119,7 @@ pub fn lower(store: &Store, ws: &Workspace, system: &System, verbose: bool) -> R
     if path.is_empty() {
         path.push("/bin".to_string());
     }
-    Ok(Lowered {
-        kernel,
-        boot_image,
-        initrd,
-        packages,
-        links,
-        path: path.join(":"),
-        kernel_args: system.kernel_args.clone(),
-    })
+    Ok(Lowered { packages, links, path: path.join(":"), ..boot })
 }
 
 /// The system item: `system.json` ([`SystemConfig`]) for the guest helper, referring to

@@ -50,10 +50,15 @@ pub enum Sink {
 }
 
 /// One VM run.
-pub struct VmRun {
+pub struct VmRun<'a> {
     /// QEMU's configuration; the console and ports are filled in by [`VmRun::run`].
     pub spec: VmSpec,
+    /// The request; with [`VmRun::later`], a stand-in that gives only its mode.
     pub request: Request,
+    /// Makes the request while the VM boots: QEMU starts first and the guest helper waits
+    /// for the request file, so building what the request names (a workspace crate, the
+    /// system item) overlaps the boot. A failure stops the VM and is the run's error.
+    pub later: Option<Box<dyn FnOnce() -> Result<Request> + 'a>>,
     /// The directory shared read-write as `/xchg`.
     pub xchg: PathBuf,
     /// Scratch space for FIFOs.
@@ -74,7 +79,7 @@ pub struct VmRun {
 const CONSOLE_TAIL_BYTES: usize = 16 * 1024;
 const CONSOLE_TAIL_LINES: usize = 25;
 
-impl VmRun {
+impl VmRun<'_> {
     /// Boots the VM, waits for it to end and returns the status the guest reported.
     /// Every way of ending without a status is an error carrying the console's tail.
     pub fn run(mut self) -> Result<Status> {
@@ -109,9 +114,10 @@ impl VmRun {
             self.request.stderr_port = Some("stderr".to_string());
         }
 
-        let request_path = self.xchg.join(guest::REQUEST_FILE);
-        fs::write(&request_path, serde_json::to_vec_pretty(&self.request)?)
-            .with_context(|| format!("writing `{}`", request_path.display()))?;
+        let later = self.later.take();
+        if later.is_none() {
+            write_request(&self.xchg, &self.request)?;
+        }
         let status_path = self.xchg.join(guest::STATUS_FILE);
         let _ = fs::remove_file(&status_path);
 
@@ -122,7 +128,16 @@ impl VmRun {
         }
         let saved_tty = interactive.then(save_terminal).flatten();
         let started = Instant::now();
-        let ended = run_qemu(&args, interactive, self.timeout);
+        let ports = (self.request.stdout_port.clone(), self.request.stderr_port.clone());
+        let xchg = self.xchg.clone();
+        let ended = run_qemu(&args, interactive, self.timeout, move || match later {
+            None => Ok(()),
+            Some(make) => {
+                let mut request = make()?;
+                (request.stdout_port, request.stderr_port) = ports;
+                write_request(&xchg, &request)
+            }
+        });
         if let Some(t) = saved_tty {
             restore_terminal(&t);
         }
@@ -308,7 +323,23 @@ impl Drop for QemuGuard {
     }
 }
 
-fn run_qemu(args: &[std::ffi::OsString], interactive: bool, timeout: Option<Duration>) -> Result<QemuEnd> {
+/// Writes the request where the guest helper reads it, whole or not at all (it may be
+/// looking for it already).
+fn write_request(xchg: &Path, request: &Request) -> Result<()> {
+    let path = xchg.join(guest::REQUEST_FILE);
+    let tmp = xchg.join(format!(".{}.tmp", guest::REQUEST_FILE));
+    fs::write(&tmp, serde_json::to_vec_pretty(request)?).with_context(|| format!("writing `{}`", tmp.display()))?;
+    fs::rename(&tmp, &path).with_context(|| format!("writing `{}`", path.display()))
+}
+
+/// Runs QEMU under a guard until it ends, calling `started` once it is running (an
+/// error there stops QEMU); the timeout counts from `started`'s return.
+fn run_qemu(
+    args: &[std::ffi::OsString],
+    interactive: bool,
+    timeout: Option<Duration>,
+    started: impl FnOnce() -> Result<()>,
+) -> Result<QemuEnd> {
     install_signal_handlers()?;
     let mut cmd = Command::new(host::QEMU_SYSTEM.program);
     cmd.args(args).stderr(Stdio::piped());
@@ -344,6 +375,16 @@ fn run_qemu(args: &[std::ffi::OsString], interactive: bool, timeout: Option<Dura
     std::thread::spawn(move || {
         let _ = tx.send(child.wait());
     });
+    // On an error the guard, dropped, stops QEMU; a stop signal that came meanwhile
+    // (Ctrl-C also ends a cargo build in progress) is what it is reported as.
+    if let Err(e) = started() {
+        drop(guard);
+        let sig = STOP_SIGNAL.load(Ordering::SeqCst);
+        if sig != 0 {
+            return Ok(QemuEnd::Interrupted(Signal::try_from(sig).unwrap_or(Signal::SIGINT)));
+        }
+        return Err(e);
+    }
     let deadline = timeout.map(|t| Instant::now() + t);
     loop {
         match guard.done.recv_timeout(Duration::from_millis(20)) {

@@ -204,24 +204,26 @@ impl Bench {
             ));
         }
 
-        // scaling: the same with a package of random data added to the closure, built
+        // scaling: the same with packages of random data added to the closure, built
         // through the library (the data is in no system) and stored, as vm-image does.
         let sizes: &[u64] = if self.quick { &[64, 256] } else { &[64, 256, 1024] };
         let mut rates = Vec::new();
         for &mib in sizes {
             let mut big = closure.clone();
-            big.items.insert(0, random_item(&store, mib)?);
+            for (i, item) in random_packages(&store, mib)?.into_iter().enumerate() {
+                big.items.insert(i, item);
+            }
             let reps = if self.quick { 1 } else { 3 };
             let ours = measure_timed(0, reps, || cold_library_image(&store, &big))?;
             let floor = floor_image_build(&store, &big, 0, reps)?;
             let bytes = image::footprint(&big)?.bytes as f64 / f64::from(1 << 20);
-            rates.push((mib, bytes / ours));
+            rates.push((mib, bytes / ours, ours));
             let mut f = figure(
                 &format!("scaling-{mib}MiB"),
                 ours,
                 floor,
                 accel,
-                "image-build (stored), closure + random data",
+                "image-build (stored), closure + random packages",
                 FLOOR_IMAGE,
             );
             f.mib_per_s = Some(bytes / ours);
@@ -234,10 +236,18 @@ impl Bench {
                 f.name, f.ours_s, f.floor_s, f.ratio, f.accel
             );
         }
-        for (mib, rate) in &rates {
+        for (mib, rate, _) in &rates {
             println!("scaling: closure with {mib:>4} MiB of data: {rate:.1} MiB/s");
         }
-        if let (Some(first), Some(last)) = (rates.iter().find(|(m, _)| *m >= 256), rates.last()) {
+        // What each added MiB costs between two sizes: constant if the cost is linear.
+        for pair in rates.windows(2) {
+            let ((a, _, ta), (b, _, tb)) = (pair[0], pair[1]);
+            println!(
+                "scaling: from {a} to {b} MiB of data: {:.2} ms per added MiB",
+                1000.0 * (tb - ta) / (b - a) as f64
+            );
+        }
+        if let (Some(first), Some(last)) = (rates.iter().find(|(m, _, _)| *m >= 256), rates.last()) {
             println!(
                 "scaling: throughput at {} MiB is {:.0}% of that at {} MiB",
                 last.0,
@@ -439,25 +449,43 @@ fn floor_image_build(store: &Store, closure: &Closure, warmup: usize, runs: usiz
     floor
 }
 
-/// A store item holding `mib` MiB of pseudo-random (incompressible, deterministic) data.
-fn random_item(store: &Store, mib: u64) -> Result<Item> {
-    let recipe = Recipe::new("bench-data", &format!("bench-data-{mib}MiB")).param("mib", mib.to_string());
-    store.realise(&recipe, |out| {
-        fs::create_dir(out)?;
-        let mut file = BufWriter::new(fs::File::create(out.join("data"))?);
-        let mut x: u64 = 0x9e37_79b9_7f4a_7c15 ^ mib;
-        let mut block = vec![0u8; 1 << 20];
-        for _ in 0..mib {
-            for chunk in block.chunks_exact_mut(8) {
-                // xorshift64*: fast, and enough to defeat compression and deduplication.
-                x ^= x >> 12;
-                x ^= x << 25;
-                x ^= x >> 27;
-                chunk.copy_from_slice(&x.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes());
+/// Packages of generated data for the scaling figures: one per [`PACKAGE_MIB`] MiB.
+const PACKAGE_MIB: u64 = 64;
+/// The size of each file in a generated package.
+const FILE_MIB: u64 = 16;
+
+/// Store items holding `mib` MiB of pseudo-random (incompressible, deterministic) data
+/// in all: packages of [`PACKAGE_MIB`] MiB, each of files of [`FILE_MIB`] MiB, as a real
+/// closure has many packages of many files. (`mke2fs -d` copies a single file larger
+/// than 512 MiB several times slower per byte: the file's extents no longer fit in its
+/// inode.)
+fn random_packages(store: &Store, mib: u64) -> Result<Vec<Item>> {
+    let mut items = Vec::new();
+    for package in 0..mib.div_ceil(PACKAGE_MIB) {
+        let size = PACKAGE_MIB.min(mib - package * PACKAGE_MIB);
+        let recipe = Recipe::new("bench-data", &format!("bench-data-{package}"))
+            .param("mib", size.to_string())
+            .param("file-mib", FILE_MIB.to_string());
+        items.push(store.realise(&recipe, |out| {
+            fs::create_dir(out)?;
+            let mut block = vec![0u8; 1 << 20];
+            for file in 0..size.div_ceil(FILE_MIB) {
+                let mut w = BufWriter::new(fs::File::create(out.join(format!("data-{file}")))?);
+                let mut x: u64 = 0x9e37_79b9_7f4a_7c15 ^ (package << 32) ^ file;
+                for _ in 0..FILE_MIB.min(size - file * FILE_MIB) {
+                    for chunk in block.chunks_exact_mut(8) {
+                        // xorshift64*: fast, and enough to defeat compression and deduplication.
+                        x ^= x >> 12;
+                        x ^= x << 25;
+                        x ^= x >> 27;
+                        chunk.copy_from_slice(&x.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes());
+                    }
+                    std::io::Write::write_all(&mut w, &block)?;
+                }
+                std::io::Write::flush(&mut w)?;
             }
-            std::io::Write::write_all(&mut file, &block)?;
-        }
-        std::io::Write::flush(&mut file)?;
-        Ok(())
-    })
+            Ok(())
+        })?);
+    }
+    Ok(items)
 }

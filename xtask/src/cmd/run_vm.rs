@@ -73,11 +73,12 @@ impl RunVm {
             system.initrd_modules.extend(SHARED_STORE_MODULES.iter().map(|m| m.to_string()));
         }
         let accel = qemu::choose_accel(self.vm.accel)?;
-        let lowered = system::lower(&store, ws, &system, self.vm.verbose)?;
-        let system_item = system::system_item(&store, &system, &lowered)?;
+        // What QEMU needs comes first; the packages and the system item (say, a
+        // workspace crate cargo rebuilds) are made while the VM boots.
+        let boot = system::lower_boot(&store, ws, &system, self.vm.verbose)?;
         // The root skeleton (no packages in it): made once, found on every later run.
         let root_image = if with_image {
-            let config = system::system_config(&system, &lowered);
+            let config = system::system_config(&system, &boot);
             let item = image::shared_store_image(&store, &system.name, &config)
                 .with_context(|| format!("making the shared-store image of system `{}`", system.name))?;
             let device = match system.root_file_system().map(|fs| &fs.device) {
@@ -88,36 +89,52 @@ impl RunVm {
         } else {
             None
         };
-        let root_device = root_image.as_ref().map(|(_, device)| device.as_str());
+        let root_device = root_image.as_ref().map(|(_, device)| device.clone());
         let spec = |xchg: PathBuf| {
-            let mut spec = self.vm.spec(accel, &store, &lowered, xchg);
+            let mut spec = self.vm.spec(accel, &store, &boot, xchg);
             if let Some((path, _)) = &root_image {
                 spec.disks.push(Disk { path: path.clone(), format: DiskFormat::Raw, readonly: true });
             }
             spec
         };
-        let request = |mode, argv| request(&system, &lowered, &system_item, root_device, mode, argv);
-        let shell = vec!["/bin/sh".to_string()];
+        let lower = |boot: Lowered| -> Result<(Lowered, Item)> {
+            let lowered = system::lower_packages(&store, ws, &system, self.vm.verbose, boot)?;
+            let system_item = system::system_item(&store, &system, &lowered)?;
+            Ok((lowered, system_item))
+        };
+        let interactive = self.command.is_empty();
+        let (mode, argv) = match interactive {
+            true => (Mode::Interactive, vec!["/bin/sh".to_string()]),
+            false => (Mode::Command, self.command.clone()),
+        };
         if self.script {
+            let (lowered, system_item) = lower(boot.clone())?;
+            let request = |mode| request(&system, &lowered, &system_item, root_device.as_deref(), mode, argv.clone());
             // The script's exchange directory is made per run; this path is replaced.
-            let spec = spec("/xchg".into());
-            let command = request(Mode::Command, shell.clone());
-            let interactive = request(Mode::Interactive, shell);
-            let item = script::script_item(&store, &system.name, &spec, &command, &interactive)?;
+            let item = script::script_item(
+                &store,
+                &system.name,
+                &spec("/xchg".into()),
+                &request(Mode::Command),
+                &request(Mode::Interactive),
+            )?;
             println!("{}", item.path.display());
             return Ok(0);
         }
         let xchg = store.scratch("xchg")?;
         let runtime = store.scratch("run")?;
-        let interactive = self.command.is_empty();
-        let request =
-            if interactive { request(Mode::Interactive, shell) } else { request(Mode::Command, self.command.clone()) };
         if interactive {
             eprintln!("booting `{}`: a shell on the serial console; `poweroff` or Ctrl-a x ends it", system.name);
         }
+        // Only its mode counts until the real request is made.
+        let placeholder = system::root_request(&system, &boot, mode, argv.clone(), String::new());
         let run = VmRun {
             spec: spec(xchg.path().to_path_buf()),
-            request,
+            request: placeholder,
+            later: Some(Box::new(|| {
+                let (lowered, system_item) = lower(boot.clone())?;
+                Ok(request(&system, &lowered, &system_item, root_device.as_deref(), mode, argv))
+            })),
             xchg: xchg.path().to_path_buf(),
             runtime: runtime.path().to_path_buf(),
             log_dir: ws.log_dir(),
