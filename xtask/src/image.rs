@@ -702,7 +702,8 @@ pub(crate) fn list(dir: &Path, rel: &Path, out: &mut Vec<String>) -> Result<()> 
         let path = dir.join(&name);
         let rel = rel.join(&name);
         let text = rel.to_str().with_context(|| format!("`{}` is not UTF-8", path.display()))?;
-        // debugfs reads its script with this quoting; nothing in the store needs more.
+        // The debugfs script that gives the shared-store image's homes their owners
+        // quotes paths so; nothing in the store needs these characters.
         if text.contains(['"', '\n', '\\']) {
             bail!("`{}`: the image builder cannot name files containing `\"`, `\\` or newlines", path.display());
         }

@@ -49,6 +49,9 @@ pub enum Sink {
     Stderr,
 }
 
+/// Makes a request while its VM boots ([`VmRun::later`]).
+pub type LaterRequest<'a> = Box<dyn FnOnce() -> Result<Request> + 'a>;
+
 /// One VM run.
 pub struct VmRun<'a> {
     /// QEMU's configuration; the console and ports are filled in by [`VmRun::run`].
@@ -58,7 +61,7 @@ pub struct VmRun<'a> {
     /// Makes the request while the VM boots: QEMU starts first and the guest helper waits
     /// for the request file, so building what the request names (a workspace crate, the
     /// system item) overlaps the boot. A failure stops the VM and is the run's error.
-    pub later: Option<Box<dyn FnOnce() -> Result<Request> + 'a>>,
+    pub later: Option<LaterRequest<'a>>,
     /// The directory shared read-write as `/xchg`.
     pub xchg: PathBuf,
     /// Scratch space for FIFOs.

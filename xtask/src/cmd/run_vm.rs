@@ -13,7 +13,7 @@ use super::VmOpts;
 use crate::qemu::{Disk, DiskFormat};
 use crate::store::Item;
 use crate::system::Lowered;
-use crate::vm::{Sink, VmRun};
+use crate::vm::{LaterRequest, Sink, VmRun};
 use crate::{image, qemu, script, system, validate, Workspace};
 
 #[derive(Debug, Clone, clap::Args)]
@@ -126,15 +126,24 @@ impl RunVm {
         if interactive {
             eprintln!("booting `{}`: a shell on the serial console; `poweroff` or Ctrl-a x ends it", system.name);
         }
-        // Only its mode counts until the real request is made.
-        let placeholder = system::root_request(&system, &boot, mode, argv.clone(), String::new());
-        let run = VmRun {
-            spec: spec(xchg.path().to_path_buf()),
-            request: placeholder,
-            later: Some(Box::new(|| {
+        // A shell takes the terminal from the start, so nothing is built under it; a
+        // command's VM boots while its packages are built (the request's stand-in gives
+        // only the mode until then).
+        let (first, later): (_, Option<LaterRequest>) = if interactive {
+            let (lowered, system_item) = lower(boot.clone())?;
+            (request(&system, &lowered, &system_item, root_device.as_deref(), mode, argv), None)
+        } else {
+            let placeholder = system::root_request(&system, &boot, mode, argv.clone(), String::new());
+            let later = || {
                 let (lowered, system_item) = lower(boot.clone())?;
                 Ok(request(&system, &lowered, &system_item, root_device.as_deref(), mode, argv))
-            })),
+            };
+            (placeholder, Some(Box::new(later)))
+        };
+        let run = VmRun {
+            spec: spec(xchg.path().to_path_buf()),
+            request: first,
+            later,
             xchg: xchg.path().to_path_buf(),
             runtime: runtime.path().to_path_buf(),
             log_dir: ws.log_dir(),
