@@ -62,6 +62,14 @@ impl Bench {
         let xtask = std::env::current_exe().context("finding the xtask binary")?;
         let lowered = system::lower(&store, ws, &system, false)?;
         let mut figures = Vec::new();
+        // The scaling figures' packages are made first: writing a GiB of them leaves the
+        // disk of a machine like this one slow for a while.
+        let sizes: &[u64] = if self.quick { &[64, 256] } else { &[64, 256, 1024] };
+        let mut packages = Vec::new();
+        for &mib in sizes {
+            packages.push((mib, random_packages(&store, mib)?));
+        }
+        quiesce();
 
         // boot-to-result: `run-vm -- true`, warm, against a bare QEMU booting the same
         // kernel with a busybox initramfs that loads the same modules, mounts a 9p
@@ -181,11 +189,10 @@ impl Bench {
         // built through the library (the data is in no system) and stored, as vm-image
         // does. Before image-build: right after that figure, which deletes many large
         // images, the 1 GiB runs here were often half as long again.
-        let sizes: &[u64] = if self.quick { &[64, 256] } else { &[64, 256, 1024] };
         let mut rates = Vec::new();
-        for &mib in sizes {
+        for (mib, items) in packages {
             let mut big = closure.clone();
-            for (i, item) in random_packages(&store, mib)?.into_iter().enumerate() {
+            for (i, item) in items.into_iter().enumerate() {
                 big.items.insert(i, item);
             }
             let reps = if self.quick { 1 } else { 3 };
