@@ -149,29 +149,48 @@ fn has_package_lists() -> bool {
 }
 
 /// Whether the host's QEMU accepts [`crate::qemu::SANDBOX`] (it needs seccomp support).
-/// The answer is remembered in `cache_dir`, keyed by the QEMU binary's size and mtime.
+/// The answer is remembered in `cache_dir` ([`remembered`]).
 pub fn qemu_supports_sandbox(cache_dir: &std::path::Path) -> bool {
     let Some(qemu) = which(QEMU_SYSTEM.program) else { return false };
-    let key = std::fs::metadata(&qemu)
-        .ok()
-        .and_then(|m| Some(format!("{}:{}:{:?}\n", qemu.display(), m.len(), m.modified().ok()?)))
-        .unwrap_or_default();
-    let memo = cache_dir.join("qemu-sandbox");
-    if let Ok(text) = std::fs::read_to_string(&memo) {
-        if let Some(answer) = text.strip_prefix(&key) {
-            return answer.trim() == "yes";
-        }
+    let question = format!("-sandbox {} -version", crate::qemu::SANDBOX);
+    let answer = remembered(cache_dir, &qemu, &question, || {
+        // Options are parsed in order: an unsupported -sandbox fails before -version exits.
+        let supported = Command::new(&qemu)
+            .args(["-sandbox", crate::qemu::SANDBOX, "-version"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        Ok(if supported { "yes" } else { "no" }.to_string())
+    });
+    answer.is_ok_and(|a| a == "yes")
+}
+
+/// The one-line answer `ask` gives to `question` about the program at `program`,
+/// remembered in `cache_dir` for as long as the program's file keeps its size and
+/// modification time (asking means running the program: milliseconds, on every run).
+/// A memo that cannot be read or written only means asking again.
+pub fn remembered(
+    cache_dir: &std::path::Path,
+    program: &std::path::Path,
+    question: &str,
+    ask: impl FnOnce() -> Result<String>,
+) -> Result<String> {
+    let key = std::fs::metadata(program).ok().and_then(|meta| {
+        Some(format!("{question}\n{}\n{}\n{:?}\n", program.display(), meta.len(), meta.modified().ok()?))
+    });
+    let Some(key) = key else { return ask() };
+    let memo = cache_dir.join(format!("memo-{}", &crate::store::sha256_bytes(key.as_bytes())[..32]));
+    if let Some(answer) = std::fs::read_to_string(&memo).ok().and_then(|t| t.strip_prefix(&key).map(str::to_string)) {
+        return Ok(answer);
     }
-    // Options are parsed in order: an unsupported -sandbox fails before -version exits.
-    let supported = Command::new(&qemu)
-        .args(["-sandbox", crate::qemu::SANDBOX, "-version"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
-    let _ = std::fs::write(&memo, format!("{key}{}\n", if supported { "yes" } else { "no" }));
-    supported
+    let answer = ask()?;
+    // Whole or not at all: another xtask may be reading it.
+    let tmp = memo.with_extension(format!("{}", std::process::id()));
+    if std::fs::write(&tmp, format!("{key}{answer}")).is_err() || std::fs::rename(&tmp, &memo).is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    Ok(answer)
 }
 
 /// Set to `1` to make image builds stage the closure as a tree of hard links instead of

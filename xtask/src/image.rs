@@ -189,34 +189,23 @@ fn shared_store_tool_versions(store: &Store) -> Result<String> {
 }
 
 /// The first line `cmd FLAG` prints (a tool's version), remembered in the store's cache
-/// for as long as the program's file keeps its size and modification time: asking
-/// costs a few milliseconds per tool, on every run.
+/// while the program is unchanged ([`host::remembered`]).
 fn version_line(store: &Store, mut cmd: Command, flag: &str) -> Result<String> {
     let shown = format!("{} {flag}", describe(&cmd));
     let program = PathBuf::from(cmd.get_program());
+    let mut ask = || -> Result<String> {
+        let out = cmd.arg(flag).output().with_context(|| format!("running `{shown}`"))?;
+        let text = if out.stdout.is_empty() { out.stderr } else { out.stdout };
+        let first = String::from_utf8_lossy(&text).lines().next().unwrap_or_default().to_string();
+        ensure!(out.status.success() && !first.is_empty(), "`{shown}` failed ({})", out.status);
+        Ok(first)
+    };
     let resolved =
         if program.components().count() > 1 { Some(program) } else { host::which(&program.to_string_lossy()) };
-    let key = resolved.as_ref().and_then(|path| {
-        let meta = fs::metadata(path).ok()?;
-        Some(format!("{shown}\n{}\n{}\n{:?}\n", path.display(), meta.len(), meta.modified().ok()?))
-    });
-    let memo =
-        key.as_ref().map(|k| store.cache_dir().join(format!("version-{}", &store::sha256_bytes(k.as_bytes())[..32])));
-    if let (Some(key), Some(memo)) = (&key, &memo) {
-        if let Some(line) = fs::read_to_string(memo).ok().and_then(|t| t.strip_prefix(key.as_str()).map(str::to_string))
-        {
-            return Ok(line);
-        }
+    match resolved {
+        Some(path) => host::remembered(&store.cache_dir(), &path, &shown, ask),
+        None => ask(),
     }
-    let out = cmd.arg(flag).output().with_context(|| format!("running `{shown}`"))?;
-    let text = if out.stdout.is_empty() { out.stderr } else { out.stdout };
-    let first = String::from_utf8_lossy(&text).lines().next().unwrap_or_default().to_string();
-    ensure!(out.status.success() && !first.is_empty(), "`{shown}` failed ({})", out.status);
-    if let (Some(key), Some(memo)) = (key, memo) {
-        // A memo that cannot be written only costs the next run the same question.
-        let _ = fs::write(memo, format!("{key}{first}"));
-    }
-    Ok(first)
 }
 
 /// Makes the shared-store image's root tree in `root`; returns the owners to give the
@@ -836,11 +825,7 @@ pub(crate) fn mke2fs_options(layout: &Layout, uuid: &str) -> Vec<String> {
 pub(crate) fn grub_boot_code(store: &Store, progress: Progress) -> Result<(Vec<u8>, Vec<u8>)> {
     let dir = Path::new(host::GRUB_I386_PC_DIR);
     let boot_path = dir.join("boot.img");
-    let mut version = Command::new(host::GRUB_MKIMAGE.program);
-    version.arg("--version");
-    let version = String::from_utf8_lossy(&version.output().context("running `grub-mkimage --version`")?.stdout)
-        .trim()
-        .to_string();
+    let version = version_line(store, Command::new(host::GRUB_MKIMAGE.program), "--version")?;
     let recipe = Recipe::new("grub-core", "grub-core-i386-pc")
         .param("grub-mkimage", version)
         .param("prefix", GRUB_PREFIX)
