@@ -44,19 +44,16 @@ const REQUEST_WAIT: Duration = Duration::from_secs(3600);
 /// `normalise-inodes IMAGE OFFSET TIME`: gives every inode of the ext4 file system at
 /// byte OFFSET of IMAGE the access and change time TIME and root as owner.
 fn tool(args: &[String]) -> i32 {
-    let usage = "usage: /init normalise-inodes IMAGE OFFSET TIME (as PID 1, this program is the VM's init)";
-    let [cmd, image, offset, time] = args else {
-        eprintln!("{usage}");
+    let parsed = match args {
+        [cmd, image, offset, time] if cmd == "normalise-inodes" => {
+            offset.parse().ok().zip(time.parse().ok()).map(|(o, t)| (image, o, t))
+        }
+        _ => None,
+    };
+    let Some((image, offset, time)) = parsed else {
+        eprintln!("usage: /init normalise-inodes IMAGE OFFSET TIME (as PID 1, this program is the VM's init)");
         return 2;
     };
-    let (Ok(offset), Ok(time)) = (offset.parse(), time.parse()) else {
-        eprintln!("{usage}");
-        return 2;
-    };
-    if cmd != "normalise-inodes" {
-        eprintln!("{usage}");
-        return 2;
-    }
     match guest::ext4::normalise_inodes(Path::new(image), offset, guest::ext4::Fixed { time, uid: 0, gid: 0 }) {
         Ok(_) => 0,
         Err(e) => {

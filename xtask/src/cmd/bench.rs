@@ -402,16 +402,16 @@ fn stored_image_item(xtask: &Path, args: &[&str]) -> Result<String> {
     Ok(item.to_string_lossy().into_owned())
 }
 
+/// What `vm-image` builds by default for `closure`: qcow2, the default size.
+fn default_qcow2(closure: &Closure) -> Result<ImageOptions> {
+    let layout = Layout::default_for(&image::footprint(closure)?);
+    Ok(ImageOptions { format: DiskFormat::Qcow2, layout, volatile: false, verify_store: false })
+}
+
 /// Builds and stores a qcow2 image of `closure` as `vm-image` does (host builder), then
 /// removes it; returns the time it took to build and store.
 fn cold_library_image(store: &Store, closure: &Closure) -> Result<Duration> {
-    let footprint = image::footprint(closure)?;
-    let opts = ImageOptions {
-        format: DiskFormat::Qcow2,
-        layout: Layout::default_for(&footprint),
-        volatile: false,
-        verify_store: false,
-    };
+    let opts = default_qcow2(closure)?;
     let quiet = Progress { steps: false, verbose: false };
     quiesce();
     let start = Instant::now();
@@ -427,9 +427,7 @@ fn cold_library_image(store: &Store, closure: &Closure) -> Result<Duration> {
 /// image builder stages it), then, timed, `mke2fs -d` into a raw file of the image's
 /// file system size and `qemu-img convert` to qcow2. Returns the median in seconds.
 fn floor_image_build(store: &Store, closure: &Closure, warmup: usize, runs: usize) -> Result<f64> {
-    let footprint = image::footprint(closure)?;
-    let layout = Layout::default_for(&footprint);
-    let opts = ImageOptions { format: DiskFormat::Qcow2, layout, volatile: false, verify_store: false };
+    let opts = default_qcow2(closure)?;
     let uuid = image::uuid_for(&"0".repeat(32));
     let scratch = store.scratch("bench-floor-image")?;
     let root = scratch.path().join("root");
@@ -449,7 +447,7 @@ fn floor_image_build(store: &Store, closure: &Closure, warmup: usize, runs: usiz
                 .args(["-q", "-F", "-t", "ext4", "-b", "4096", "-d"])
                 .arg(&root)
                 .arg(&raw)
-                .arg(format!("{}k", layout.fs_blocks * 4)),
+                .arg(format!("{}k", opts.layout.fs_blocks * 4)),
         )?;
         run_quiet(
             // As the image builder converts: no flush at the end.
