@@ -634,22 +634,33 @@ fn check_untrusted_entry(path: &Path, rel: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Removes a file or tree, first making read-only directories writable.
+/// Removes a file or tree, first making read-only directories writable. What is already
+/// gone counts as removed, at every step: two xtask processes may clean up the same
+/// leftovers of a killed run at once.
 pub fn remove_tree(path: &Path) -> Result<()> {
+    let gone = |r: io::Result<()>, what: &str| match r {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e).with_context(|| format!("{what} `{}`", path.display())),
+        _ => Ok(()),
+    };
     let meta = match fs::symlink_metadata(path) {
         Ok(meta) => meta,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(e).with_context(|| format!("reading `{}`", path.display())),
+        Err(e) => return gone(Err(e), "reading"),
     };
     if meta.is_dir() {
-        fs::set_permissions(path, fs::Permissions::from_mode(0o755))
-            .with_context(|| format!("making `{}` writable", path.display()))?;
-        for entry in fs::read_dir(path).with_context(|| format!("listing `{}`", path.display()))? {
-            remove_tree(&entry?.path())?;
+        gone(fs::set_permissions(path, fs::Permissions::from_mode(0o755)), "making writable")?;
+        let entries = match fs::read_dir(path) {
+            Ok(entries) => entries,
+            Err(e) => return gone(Err(e), "listing"),
+        };
+        for entry in entries {
+            match entry {
+                Ok(entry) => remove_tree(&entry.path())?,
+                Err(e) => gone(Err(e), "listing")?,
+            }
         }
-        fs::remove_dir(path).with_context(|| format!("removing `{}`", path.display()))
+        gone(fs::remove_dir(path), "removing")
     } else {
-        fs::remove_file(path).with_context(|| format!("removing `{}`", path.display()))
+        gone(fs::remove_file(path), "removing")
     }
 }
 
@@ -837,5 +848,29 @@ mod tests {
         assert_ne!(h3, hash_path(&t).unwrap());
         nix::unistd::mkfifo(&t.join("fifo"), nix::sys::stat::Mode::from_bits_truncate(0o644)).unwrap();
         assert!(hash_path(&t).is_err());
+    }
+
+    /// Two cleaners removing the same leftovers at once both succeed: what the other
+    /// removed first counts as removed.
+    #[test]
+    fn concurrent_removals_of_one_tree_both_succeed() {
+        for _ in 0..5 {
+            let dir = tempfile::tempdir().unwrap();
+            let tree = dir.path().join("leftover");
+            for d in 0..20 {
+                let sub = tree.join(format!("d{d}"));
+                fs::create_dir_all(&sub).unwrap();
+                for f in 0..50 {
+                    fs::write(sub.join(format!("f{f}")), "x").unwrap();
+                }
+                fs::set_permissions(&sub, fs::Permissions::from_mode(0o555)).unwrap();
+            }
+            let (a, b) = (tree.clone(), tree.clone());
+            let one = std::thread::spawn(move || remove_tree(&a));
+            let two = std::thread::spawn(move || remove_tree(&b));
+            one.join().unwrap().unwrap();
+            two.join().unwrap().unwrap();
+            assert!(!tree.exists());
+        }
     }
 }
