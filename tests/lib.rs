@@ -23,6 +23,35 @@ pub fn store_dir() -> PathBuf {
     target_dir().join("vmstore")
 }
 
+/// The store's items (what guests see as `/store`).
+pub fn items_dir() -> PathBuf {
+    store_dir().join("items")
+}
+
+/// The paths of the shared store's items.
+pub fn items() -> Vec<PathBuf> {
+    std::fs::read_dir(items_dir()).map(|d| d.flatten().map(|e| e.path()).collect()).unwrap_or_default()
+}
+
+/// Copies the shared store's items whose file names satisfy `keep`, with their `.meta`
+/// records, into the store at `to`: as hard links (`cp -al`), or as real copies.
+pub fn copy_items(to: &Path, hard_links: bool, keep: impl Fn(&str) -> bool) {
+    for sub in ["items", "meta"] {
+        std::fs::create_dir_all(to.join(sub)).unwrap();
+    }
+    for item in items() {
+        let name = item.file_name().unwrap().to_string_lossy().into_owned();
+        if !keep(&name) {
+            continue;
+        }
+        let flags = if hard_links { "-al" } else { "-a" };
+        let status = Command::new("cp").arg(flags).arg(&item).arg(to.join("items")).status().unwrap();
+        assert!(status.success(), "copying {}", item.display());
+        let meta = format!("{name}.meta");
+        std::fs::copy(store_dir().join("meta").join(&meta), to.join("meta").join(&meta)).unwrap();
+    }
+}
+
 /// Builds `xtask` once per test process and returns its path.
 pub fn xtask_bin() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
@@ -77,14 +106,12 @@ pub fn run_vm(command: &[&str]) -> Run {
 /// Store entries whose name ends with `-NAME` (items and their `.meta` files).
 pub fn store_entries_named(name: &str) -> Vec<String> {
     let suffix = format!("-{name}");
-    std::fs::read_dir(store_dir())
-        .map(|d| {
-            d.flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .filter(|n| n.ends_with(&suffix) || n.ends_with(&format!("{suffix}.meta")))
-                .collect()
-        })
-        .unwrap_or_default()
+    ["items", "meta"]
+        .iter()
+        .flat_map(|sub| std::fs::read_dir(store_dir().join(sub)).into_iter().flatten().flatten())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(&suffix) || n.ends_with(&format!("{suffix}.meta")))
+        .collect()
 }
 
 /// Reads everything from a pipe into a string.

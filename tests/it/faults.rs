@@ -133,11 +133,11 @@ fn sigkill_to_xtask_mid_vm_build_kills_qemu_and_the_rerun_completes() {
 /// A private store holding hard links to the shared store's items, to damage freely.
 fn private_store_copy() -> tempfile::TempDir {
     let dir = tempfile::tempdir_in(store_dir().parent().unwrap()).unwrap();
-    let status =
-        Command::new("cp").arg("-al").arg(format!("{}/.", store_dir().display())).arg(dir.path()).status().unwrap();
-    assert!(status.success());
-    let _ = fs::remove_dir_all(dir.path().join(".tmp"));
-    fs::create_dir(dir.path().join(".tmp")).unwrap();
+    vm_tests::copy_items(dir.path(), true, |_| true);
+    fs::create_dir_all(dir.path().join(".pins")).unwrap();
+    for pin in fs::read_dir(store_dir().join(".pins")).unwrap().flatten() {
+        fs::copy(pin.path(), dir.path().join(".pins").join(pin.file_name())).unwrap();
+    }
     dir
 }
 
@@ -325,12 +325,7 @@ fn a_package_that_does_not_match_its_pin_is_refused() {
     fs::create_dir_all(store.path().join(".pins")).unwrap();
     fs::write(store.path().join(".pins/debian-busybox-static.json"), pin.to_string()).unwrap();
     // The kernel comes from the shared store (hard links), so only busybox is fetched.
-    for entry in fs::read_dir(store_dir()).unwrap().flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if name.contains("linux-image") || name.contains("vmlinux") {
-            Command::new("cp").arg("-al").arg(entry.path()).arg(store.path()).status().unwrap();
-        }
-    }
+    vm_tests::copy_items(store.path(), true, |name| name.contains("linux-image") || name.contains("vmlinux"));
     fs::copy(
         store_dir().join(".pins/debian-linux-image-amd64.json"),
         store.path().join(".pins/debian-linux-image-amd64.json"),
@@ -341,7 +336,7 @@ fn a_package_that_does_not_match_its_pin_is_refused() {
     assert_eq!(run.code, 1, "{run:#?}");
     assert!(run.stderr.contains("sha256 mismatch for Debian package busybox-static"), "{run:#?}");
     assert!(run.stderr.contains(&flipped) && run.stderr.contains(&sha), "both hashes must be named: {run:#?}");
-    let stored: Vec<_> = fs::read_dir(store.path())
+    let stored: Vec<_> = fs::read_dir(store.path().join("items"))
         .unwrap()
         .flatten()
         .filter(|e| e.file_name().to_string_lossy().contains("busybox"))
@@ -356,7 +351,7 @@ fn a_full_file_system_is_a_clear_error_with_nothing_left() {
     // A 20 MiB tmpfs as the store, in a private mount namespace (no root needed with -r).
     let script = format!(
         "mount -t tmpfs -o size=20m tmpfs '{0}' && XTASK_VMSTORE='{0}' '{1}' run-vm --timeout {2} -- true; \
-         code=$?; echo \"exit=$code\"; ls -A '{0}/.tmp'; ls '{0}' | grep -v '^$' | sed 's/^/item:/'; exit 0",
+         code=$?; echo \"exit=$code\"; ls -A '{0}/.tmp'; ls '{0}/items' | grep -v '^$' | sed 's/^/item:/'; exit 0",
         store.path().display(),
         xtask_bin().display(),
         TIMEOUT
@@ -407,10 +402,9 @@ fn a_corrupt_initrd_fails_as_soon_as_qemu_exits() {
 #[test]
 fn a_broken_kernel_image_is_reported_with_qemus_message() {
     vm_tests::run_vm(&["true"]).expect_code(0);
-    let modules = fs::read_dir(store_dir())
-        .unwrap()
-        .flatten()
-        .map(|e| e.path().join("lib/modules"))
+    let modules = vm_tests::items()
+        .into_iter()
+        .map(|p| p.join("lib/modules"))
         .find(|p| p.is_dir())
         .and_then(|p| fs::read_dir(p).unwrap().flatten().next().map(|e| e.path()))
         .expect("no kernel in the store");
@@ -436,12 +430,8 @@ fn a_broken_kernel_image_is_reported_with_qemus_message() {
 #[test]
 fn a_kernel_from_a_host_path_boots() {
     vm_tests::run_vm(&["true"]).expect_code(0);
-    let kernel_item = fs::read_dir(store_dir())
-        .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .find(|p| p.join("lib/modules").is_dir())
-        .expect("no kernel in the store");
+    let kernel_item =
+        vm_tests::items().into_iter().find(|p| p.join("lib/modules").is_dir()).expect("no kernel in the store");
     let release = fs::read_dir(kernel_item.join("lib/modules")).unwrap().flatten().next().unwrap().file_name();
     let release = release.to_string_lossy();
     let image = kernel_item.join(format!("boot/vmlinuz-{release}"));
@@ -520,7 +510,7 @@ fn the_guest_cannot_write_the_store_even_after_remounting() {
     let script = format!("mount -o remount,rw /store; touch /store/{marker} && echo wrote");
     let run = vm_tests::run_vm(&["sh", "-c", &script]);
     assert!(!run.stdout.contains("wrote"), "{run:#?}");
-    assert!(!store_dir().join(&marker).exists());
+    assert!(!vm_tests::items_dir().join(&marker).exists());
 }
 
 #[test]

@@ -5,6 +5,7 @@
 mod bench;
 mod build_in_vm;
 mod faults;
+mod guest_boundary;
 mod run_vm;
 mod store;
 mod systems;

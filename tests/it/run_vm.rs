@@ -17,7 +17,7 @@ fn prints_the_guest_kernel_release_and_nothing_else() {
     );
     assert_eq!(run.stdout.lines().count(), 1, "stdout has more than the command's output: {:?}", run.stdout);
     // The host's kernel is not the guest's: the guest's modules tree names the same release.
-    let modules = vm_tests::store_dir();
+    let modules = vm_tests::items_dir();
     let found =
         std::fs::read_dir(&modules).unwrap().flatten().any(|e| e.path().join("lib/modules").join(release).is_dir());
     assert!(found, "no kernel item in the store has modules for release {release}");

@@ -2,7 +2,6 @@
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
-use std::process::Command;
 
 use vm_tests::{store_dir, xtask_env};
 
@@ -17,18 +16,14 @@ fn verify_reports_a_flipped_byte_a_deleted_file_and_a_stray_file_and_repair_rebu
         store.path().join(".pins/debian-busybox-static.json"),
     )
     .unwrap();
-    for entry in fs::read_dir(store_dir()).unwrap().flatten() {
-        if entry.file_name().to_string_lossy().contains("-busybox") {
-            assert!(Command::new("cp").arg("-a").arg(entry.path()).arg(store.path()).status().unwrap().success());
-        }
-    }
+    vm_tests::copy_items(store.path(), false, |name| name.contains("-busybox"));
     let env = [("XTASK_VMSTORE", store.path().as_os_str())];
     let clean = xtask_env(&["store", "verify"], &env);
     clean.expect_code(0);
     assert!(clean.stdout.contains("store verified"), "{clean:#?}");
 
     let item = |suffix: &str| {
-        fs::read_dir(store.path())
+        fs::read_dir(store.path().join("items"))
             .unwrap()
             .flatten()
             .map(|e| e.path())

@@ -48,7 +48,7 @@ fn vm_image(args: &[&str]) -> (PathBuf, vm_tests::Run) {
 /// Builds an image with `builder`, which really runs: an image the VM builder stored in
 /// an earlier run of the tests is rebuilt in a VM with `--check` and compared.
 fn build_image(builder: Builder, args: &[&str]) -> (PathBuf, vm_tests::Run) {
-    let before: Vec<_> = fs::read_dir(store_dir()).map(|d| d.flatten().map(|e| e.path()).collect()).unwrap_or_default();
+    let before = vm_tests::items();
     let (image, run) = vm_image_with(builder, args);
     let item = image.parent().unwrap().to_path_buf();
     if builder == Builder::Vm && before.contains(&item) {
@@ -317,10 +317,9 @@ fn store_verification_detects_a_flipped_byte() {
     marker_line(&console);
 
     let copy = copy_image(&image, dir.path());
-    let busybox = fs::read_dir(store_dir())
-        .unwrap()
-        .flatten()
-        .map(|e| e.path().join("bin/busybox"))
+    let busybox = vm_tests::items()
+        .into_iter()
+        .map(|p| p.join("bin/busybox"))
         .find(|p| p.is_file() && !p.to_string_lossy().contains("busybox-static"))
         .expect("no busybox item in the store");
     let mut block = vec![0u8; 4096];
@@ -366,13 +365,8 @@ fn a_store_elsewhere_builds_a_byte_identical_raw_image() {
     let other = tempfile::tempdir_in(store_dir().parent().unwrap()).unwrap();
     let store = other.path().join("somewhere/else/store");
     fs::create_dir_all(&store).unwrap();
-    for entry in fs::read_dir(store_dir()).unwrap().flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if name.contains("-vm-image-") || name.starts_with('.') && name != ".pins" {
-            continue;
-        }
-        assert!(Command::new("cp").arg("-al").arg(entry.path()).arg(&store).status().unwrap().success());
-    }
+    vm_tests::copy_items(&store, true, |name| !name.contains("-vm-image-"));
+    assert!(Command::new("cp").arg("-a").arg(store_dir().join(".pins")).arg(&store).status().unwrap().success());
     let args = ["vm-image", "--explain", "--system", "boot-check", "--format", "raw", "--size", "600MiB"];
     let run = vm_tests::xtask_env(&args, &[("XTASK_VMSTORE", store.as_os_str()), ("XTASK_NO_USERNS", "1".as_ref())]);
     run.expect_code(0);

@@ -85,7 +85,7 @@ impl VmOpts {
             tsc_khz: if accel == Accel::Tcg { qemu::host_tsc_khz() } else { None },
             console: Console::Stdio,
             shares: vec![
-                Share { tag: guest::STORE_TAG.into(), path: store.root().to_path_buf(), readonly: true },
+                Share { tag: guest::STORE_TAG.into(), path: store.items_dir(), readonly: true },
                 Share { tag: guest::XCHG_TAG.into(), path: xchg, readonly: false },
             ],
             disks: Vec::new(),

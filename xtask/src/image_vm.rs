@@ -246,7 +246,7 @@ pub fn build(
         tsc_khz: if accel == qemu::Accel::Tcg { qemu::host_tsc_khz() } else { None },
         console: Console::Stdio,
         shares: vec![
-            Share { tag: guest::STORE_TAG.into(), path: store.root().to_path_buf(), readonly: true },
+            Share { tag: guest::STORE_TAG.into(), path: store.items_dir(), readonly: true },
             Share { tag: guest::XCHG_TAG.into(), path: xchg.path().to_path_buf(), readonly: false },
         ],
         disks: vec![Disk { path: disk.clone(), format: DiskFormat::Raw, readonly: false }],

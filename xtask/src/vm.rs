@@ -349,13 +349,16 @@ fn run_qemu(
     if !interactive {
         cmd.stdin(Stdio::null()).stdout(Stdio::null());
     }
-    // SAFETY: prctl and setpgid are async-signal-safe.
+    // SAFETY: prctl, seccomp (with a static filter) and setpgid are async-signal-safe.
     unsafe {
         cmd.pre_exec(move || {
             // QEMU dies with xtask, even when xtask is SIGKILLed.
             if nix::libc::prctl(nix::libc::PR_SET_PDEATHSIG, nix::libc::SIGKILL) != 0 {
                 return Err(std::io::Error::last_os_error());
             }
+            // The guest must not make device nodes, FIFOs or sockets on the host through
+            // its 9p shares, whoever runs QEMU: it never gets to call mknod.
+            deny_mknod()?;
             // Off the terminal's process group, Ctrl-C reaches only xtask, which then
             // stops QEMU (QEMU itself would exit 0 on SIGINT, as if all went well).
             if !interactive && nix::libc::setpgid(0, 0) != 0 {
@@ -412,6 +415,47 @@ fn run_qemu(
     }
 }
 
+/// Installs a seccomp filter on the calling process (and so on what it executes) that
+/// fails `mknod` and `mknodat` with `EPERM`. QEMU's 9p server creates a guest's device
+/// nodes, FIFOs and sockets with `mknodat`, and needs it for nothing else; as root it would
+/// make real device nodes on the host. Async-signal-safe: for `pre_exec`.
+pub fn deny_mknod() -> std::io::Result<()> {
+    use nix::libc::{
+        sock_filter, sock_fprog, BPF_ABS, BPF_JEQ, BPF_JMP, BPF_K, BPF_LD, BPF_RET, BPF_W, SECCOMP_RET_ALLOW,
+        SECCOMP_RET_ERRNO,
+    };
+    const AUDIT_ARCH_X86_64: u32 = 0xc000_003e;
+    const fn stmt(code: u32, k: u32) -> sock_filter {
+        sock_filter { code: code as u16, jt: 0, jf: 0, k }
+    }
+    const fn jump(k: u32, jt: u8, jf: u8) -> sock_filter {
+        sock_filter { code: (BPF_JMP | BPF_JEQ | BPF_K) as u16, jt, jf, k }
+    }
+    static FILTER: [sock_filter; 7] = [
+        // seccomp_data: nr at offset 0, arch at 4.
+        stmt(BPF_LD | BPF_W | BPF_ABS, 4),
+        jump(AUDIT_ARCH_X86_64, 0, 3),
+        stmt(BPF_LD | BPF_W | BPF_ABS, 0),
+        jump(nix::libc::SYS_mknod as u32, 2, 0),
+        jump(nix::libc::SYS_mknodat as u32, 1, 0),
+        stmt(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
+        stmt(BPF_RET | BPF_K, SECCOMP_RET_ERRNO | nix::libc::EPERM as u32),
+    ];
+    let prog = sock_fprog { len: FILTER.len() as u16, filter: FILTER.as_ptr() as *mut sock_filter };
+    // SAFETY: plain system calls; `prog` points to a static filter that outlives them.
+    unsafe {
+        // Lets an unprivileged process install the filter; QEMU gains no privileges anyway.
+        if nix::libc::prctl(nix::libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        if nix::libc::prctl(nix::libc::PR_SET_SECCOMP, nix::libc::SECCOMP_MODE_FILTER, &prog as *const sock_fprog) != 0
+        {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
 fn save_terminal() -> Option<nix::sys::termios::Termios> {
     nix::sys::termios::tcgetattr(std::io::stdin()).ok()
 }
@@ -439,6 +483,53 @@ mod tests {
         assert_eq!(shell_quote("a b"), "'a b'");
         assert_eq!(shell_quote("it's"), r"'it'\''s'");
         assert_eq!(shell_quote(""), "''");
+    }
+
+    /// Under the filter neither root nor an unprivileged user can make a device node, a
+    /// FIFO or a socket node (what QEMU's 9p server would make for a guest); without it
+    /// they can (the control). Each try runs in a child that reports what it made in its
+    /// exit status.
+    #[test]
+    fn the_qemu_filter_denies_special_files_to_root_and_to_other_users() {
+        use nix::libc;
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+        let paths: Vec<std::ffi::CString> = ["dev", "fifo", "sock"]
+            .iter()
+            .map(|n| std::ffi::CString::new(dir.path().join(n).into_os_string().into_encoded_bytes()).unwrap())
+            .collect();
+        let made = |uid: Option<u32>, filtered: bool| -> i32 {
+            let paths = paths.clone();
+            let mut cmd = Command::new("true");
+            // SAFETY: only async-signal-safe calls (setgid, setuid, seccomp, mknod, unlink, _exit).
+            unsafe {
+                cmd.pre_exec(move || {
+                    if let Some(uid) = uid {
+                        if libc::setgid(uid) != 0 || libc::setuid(uid) != 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                    }
+                    if filtered {
+                        deny_mknod()?;
+                    }
+                    let mut mask = 0;
+                    let kinds = [libc::S_IFCHR, libc::S_IFIFO, libc::S_IFSOCK];
+                    for (i, (path, kind)) in paths.iter().zip(kinds).enumerate() {
+                        if libc::mknod(path.as_ptr(), kind | 0o600, libc::makedev(1, 3)) == 0 {
+                            mask |= 1 << i;
+                            libc::unlink(path.as_ptr());
+                        }
+                    }
+                    libc::_exit(mask)
+                });
+            }
+            cmd.status().expect("starting a child").code().unwrap()
+        };
+        assert!(nix::unistd::geteuid().is_root(), "this test runs as root (to try both users)");
+        assert_eq!(made(None, false), 0b111, "the control: root makes all three without the filter");
+        assert_eq!(made(Some(65534), false), 0b110, "the control: a user makes FIFOs and sockets");
+        assert_eq!(made(None, true), 0, "root made a special file under the filter");
+        assert_eq!(made(Some(65534), true), 0, "a user made a special file under the filter");
     }
 
     #[test]

@@ -2,15 +2,17 @@
 //! `$out` as a store item keyed by everything that went in (the reference's
 //! `expression->derivation-in-linux-vm`). Same inputs again: the stored item, no VM.
 
+use std::ffi::OsStr;
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use guest::{Mode, Request, Status};
 
 use super::{is_env_name, parse_key_value, parse_size, usage_error, VmOpts};
 use crate::qemu::{self, Disk, DiskFormat};
-use crate::store::{self, Item, Recipe, Store};
+use crate::store::ingest::{self, Limits};
+use crate::store::{self, DirFd, Item, Recipe, Store};
 use crate::vm::{Failure, Sink, VmRun};
 use crate::{host, system, Workspace};
 
@@ -142,15 +144,20 @@ impl BuildInVm {
                 }
                 Status::Error(msg) => bail!("the guest helper failed: {msg}"),
             }
-            store::check_untrusted_tree(&out_dir).context("checking what the build wrote to $out")?;
+            // The guest is gone: copy what it left, through descriptors, into the new item.
+            let xchg_dir = DirFd::open(xchg.path()).context("opening the exchange directory")?;
+            let out_fd = xchg_dir.open_dir(OsStr::new("out")).map_err(|e| {
+                anyhow!("`$out` is no longer a directory (the build removed it, or put a link or a file there): {e}")
+            })?;
+            ingest::copy_dir(&out_fd, "$out", out, &Limits::output(ingest::DEFAULT_MAX_OUTPUT))
+                .context("taking what the build wrote to $out")?;
             if let Some((path, format)) = disk_path {
-                let dest = out_dir.join(format!("disk.{}", format.name()));
+                let dest = out.join(format!("disk.{}", format.name()));
                 if fs::symlink_metadata(&dest).is_ok() {
                     bail!("the build wrote `$out/disk.{}`, where the disk image goes", format.name());
                 }
                 fs::rename(&path, &dest).with_context(|| format!("moving the disk image into `{}`", dest.display()))?;
             }
-            fs::rename(&out_dir, out).with_context(|| format!("moving `{}` into the store", out_dir.display()))?;
             Ok(())
         })?;
         println!("{}", item.path.display());
@@ -199,25 +206,38 @@ impl BuildInVm {
 
 /// Adds a file or directory to the store by content. A file keeps its name inside the
 /// item directory, which is returned as the second value.
+///
+/// The content is copied into scratch space first (following `path` itself if it is a
+/// link, never a link inside a directory: those are kept, and must resolve inside it),
+/// and the copy is what is hashed and stored: the recipe always matches the content,
+/// even if `path` or what it points to changes meanwhile.
 pub fn add_path(store: &Store, path: &Path) -> Result<(Item, Option<String>)> {
-    let meta = fs::metadata(path).with_context(|| format!("reading `{}`", path.display()))?;
-    let file_name = path
-        .canonicalize()?
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "input".to_string());
-    let sha = store::hash_path(path)?;
-    let rel = meta.is_file().then(|| file_name.clone());
+    let real = path.canonicalize().with_context(|| format!("reading `{}`", path.display()))?;
+    let file_name = real.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "input".to_string());
+    let scratch = store.scratch("input")?;
+    let copy = scratch.path().join("content");
+    let rel = if fs::metadata(&real).with_context(|| format!("reading `{}`", real.display()))?.is_dir() {
+        let dir = DirFd::open(&real).with_context(|| format!("opening `{}`", real.display()))?;
+        ingest::copy_dir(&dir, &path.display().to_string(), &copy, &Limits::host())?;
+        None
+    } else {
+        let mut from = fs::File::open(&real).with_context(|| format!("opening `{}`", real.display()))?;
+        if !from.metadata()?.is_file() {
+            bail!("`{}` is neither a regular file nor a directory", path.display());
+        }
+        fs::create_dir(&copy)?;
+        let mut to = fs::File::create_new(copy.join(&file_name))?;
+        std::io::copy(&mut from, &mut to).with_context(|| format!("copying `{}`", path.display()))?;
+        use std::os::unix::fs::PermissionsExt;
+        let exec = from.metadata()?.permissions().mode() & 0o111 != 0;
+        to.set_permissions(fs::Permissions::from_mode(if exec { 0o755 } else { 0o644 }))?;
+        Some(file_name.clone())
+    };
+    let sha = store::hash_path(&copy)?;
     let recipe =
         Recipe::new("input", &file_name).param("file", rel.clone().unwrap_or_default()).input_content("content", &sha);
     let item = store.realise(&recipe, |out| {
-        if let Some(rel) = &rel {
-            fs::create_dir(out)?;
-            fs::copy(path, out.join(rel)).with_context(|| format!("copying `{}`", path.display()))?;
-        } else {
-            copy_tree(path, out)?;
-        }
-        Ok(())
+        fs::rename(&copy, out).with_context(|| format!("moving the copy of `{}` into the store", path.display()))
     })?;
     Ok((item, rel))
 }
@@ -227,22 +247,6 @@ fn guest_input_path(item: &Item, rel: &Option<String>) -> String {
         Some(rel) => format!("{}/{rel}", item.guest_path()),
         None => item.guest_path(),
     }
-}
-
-/// Copies a tree with `cp -a`'s semantics for what the store accepts (files, dirs,
-/// symlinks).
-fn copy_tree(src: &Path, dst: &Path) -> Result<()> {
-    let status = host::command("cp")
-        .arg("-a")
-        .arg("--no-preserve=ownership")
-        .arg(src)
-        .arg(dst)
-        .status()
-        .context("running cp")?;
-    if !status.success() {
-        bail!("copying `{}` failed ({status})", src.display());
-    }
-    Ok(())
 }
 
 fn create_disk(path: &PathBuf, format: DiskFormat, size: u64) -> Result<()> {

@@ -41,7 +41,7 @@ impl StoreCmd {
         // Read how each was made, remove them all, then rebuild: an item is never rebuilt
         // from a damaged input.
         let metas: Vec<(&str, Option<Meta>)> =
-            entries.iter().map(|e| (*e, store.lookup(e).and_then(|item| store.meta(&item).ok()))).collect();
+            entries.iter().map(|e| (*e, store.item_of_entry(e).and_then(|item| store.meta(&item).ok()))).collect();
         for entry in &entries {
             store.remove_entry(entry)?;
         }

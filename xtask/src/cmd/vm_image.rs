@@ -138,7 +138,7 @@ impl VmImage {
                 Ok(())
             }
             Some(offset) => {
-                let kept = store.root().join(".tmp").join(format!("{}.check-{}", item.file_name(), std::process::id()));
+                let kept = store.tmp_dir().join(format!("{}.check-{}", item.file_name(), std::process::id()));
                 let kept_note = match std::fs::rename(&rebuilt, &kept) {
                     Ok(()) => format!("; the rebuilt image is kept at `{}`", kept.display()),
                     Err(_) => String::new(),
