@@ -33,7 +33,9 @@ pub mod image;
 /// - 3: adds `root_device` (the shared-store image as a volatile root); a disk image's
 ///   system item (`vm.system=`) may hold a [`SYSTEM_CONFIG_FILE`] too, which the helper
 ///   applies (services started) before running its boot request.
-pub const PROTOCOL_VERSION: u32 = 3;
+/// - 4: adds `mounts` (more 9p shares, tmpfs) and `net` (a network interface to bring
+///   up), both applied after the system item, before the command.
+pub const PROTOCOL_VERSION: u32 = 4;
 /// The system configuration, relative to a system item.
 pub const SYSTEM_CONFIG_FILE: &str = "system.json";
 /// How long the helper waits for a service to be up.
@@ -96,6 +98,23 @@ pub struct Request {
     /// [`SystemConfig::homes`], which are then not written again.
     #[serde(default)]
     pub root_device: Option<String>,
+    /// Mounted in order after the system item is applied, before the command runs (a
+    /// 9p share by its tag, with `fs_type` `9p`; a tmpfs over part of it, ...). Each
+    /// target is created first when it is missing and its parent is writable.
+    #[serde(default)]
+    pub mounts: Vec<MountSpec>,
+    /// A network interface to bring up (QEMU's user networking), none when absent.
+    #[serde(default)]
+    pub net: Option<NetConfig>,
+}
+
+/// The guest's one network interface.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetConfig {
+    /// The interface, e.g. `eth0`.
+    pub interface: String,
+    /// Its IPv4 address and prefix length, e.g. `10.0.2.15/24`.
+    pub address: String,
 }
 
 /// What a system item asks the helper to set up (the file [`SYSTEM_CONFIG_FILE`]).

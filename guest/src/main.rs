@@ -81,6 +81,12 @@ fn run() -> Result<Status> {
     prepare(&request)?;
     let mut supervisor = services::Supervisor::default();
     start_system(&request, request.root_device.is_some(), &mut supervisor)?;
+    if let Some(net) = &request.net {
+        services::network_up(net)?;
+    }
+    for m in &request.mounts {
+        services::mount_spec(m)?;
+    }
     if let Some(file) = &request.argv_file {
         let path = Path::new(guest::XCHG_MOUNT).join(file);
         let bytes = fs::read(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;

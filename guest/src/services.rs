@@ -41,21 +41,7 @@ pub fn apply(config: &SystemConfig, root_has_files: bool) -> Result<()> {
     nix::unistd::sethostname(&config.hostname).map_err(|e| format!("cannot set host name {}: {e}", config.hostname))?;
     loopback_up()?;
     for m in &config.mounts {
-        fs::create_dir_all(&m.target).map_err(|e| format!("cannot create {}: {e}", m.target))?;
-        let mut flags = MsFlags::empty();
-        let mut data = Vec::new();
-        for opt in m.options.split(',').filter(|o| !o.is_empty()) {
-            match opt {
-                "ro" => flags |= MsFlags::MS_RDONLY,
-                "nosuid" => flags |= MsFlags::MS_NOSUID,
-                "nodev" => flags |= MsFlags::MS_NODEV,
-                "noexec" => flags |= MsFlags::MS_NOEXEC,
-                other => data.push(other),
-            }
-        }
-        let data = data.join(",");
-        mount(Some(m.source.as_str()), m.target.as_str(), Some(m.fs_type.as_str()), flags, Some(data.as_str()))
-            .map_err(|e| format!("cannot mount {} ({}) on {}: {e}", m.source, m.fs_type, m.target))?;
+        mount_spec(m)?;
     }
     let (files, homes) = if root_has_files { (&[][..], &[][..]) } else { (&config.files[..], &config.homes[..]) };
     for f in files {
@@ -82,6 +68,79 @@ pub fn apply(config: &SystemConfig, root_has_files: bool) -> Result<()> {
             continue;
         }
         std::os::unix::fs::symlink(target, link).map_err(|e| format!("cannot link {link} -> {target}: {e}"))?;
+    }
+    Ok(())
+}
+
+/// Mounts one [`guest::MountSpec`], creating its target first where it is missing.
+pub fn mount_spec(m: &guest::MountSpec) -> Result<()> {
+    if !Path::new(&m.target).is_dir() {
+        fs::create_dir_all(&m.target).map_err(|e| format!("cannot create {}: {e}", m.target))?;
+    }
+    let mut flags = MsFlags::empty();
+    let mut data = Vec::new();
+    for opt in m.options.split(',').filter(|o| !o.is_empty()) {
+        match opt {
+            "ro" => flags |= MsFlags::MS_RDONLY,
+            "nosuid" => flags |= MsFlags::MS_NOSUID,
+            "nodev" => flags |= MsFlags::MS_NODEV,
+            "noexec" => flags |= MsFlags::MS_NOEXEC,
+            other => data.push(other),
+        }
+    }
+    let data = data.join(",");
+    mount(Some(m.source.as_str()), m.target.as_str(), Some(m.fs_type.as_str()), flags, Some(data.as_str()))
+        .map_err(|e| format!("cannot mount {} ({}) on {}: {e}", m.source, m.fs_type, m.target))
+}
+
+/// Brings up `net.interface` with its IPv4 address (and `lo`): QEMU's user network
+/// forwards the host's ports to it.
+pub fn network_up(net: &guest::NetConfig) -> Result<()> {
+    use nix::libc;
+    let (addr, prefix) = net.address.split_once('/').unwrap_or((&net.address, "24"));
+    let addr: std::net::Ipv4Addr = addr.parse().map_err(|e| format!("bad address {}: {e}", net.address))?;
+    let prefix: u32 = prefix.parse().ok().filter(|p| *p <= 32).ok_or(format!("bad prefix in {}", net.address))?;
+    let mask = if prefix == 0 { 0 } else { u32::MAX << (32 - prefix) };
+    loopback_up()?;
+    // The driver names the interface once the device is probed: wait a little for it.
+    let sys = Path::new("/sys/class/net").join(&net.interface);
+    for _ in 0..500 {
+        if sys.exists() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let sockaddr = |ip: u32| {
+        // SAFETY: sockaddr_in is plain data; an all-zero value is valid.
+        let mut sin: libc::sockaddr_in = unsafe { std::mem::zeroed() };
+        sin.sin_family = libc::AF_INET as libc::sa_family_t;
+        sin.sin_addr.s_addr = ip.to_be();
+        // SAFETY: sockaddr_in fits in sockaddr (16 bytes both) and is read as one.
+        unsafe { std::mem::transmute::<libc::sockaddr_in, libc::sockaddr>(sin) }
+    };
+    // SAFETY: a plain socket and ioctls on a zeroed, NUL-terminated `ifreq`.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(format!("cannot open a socket: {}", std::io::Error::last_os_error()));
+        }
+        let mut ifr: libc::ifreq = std::mem::zeroed();
+        for (i, b) in net.interface.bytes().take(libc::IFNAMSIZ - 1).enumerate() {
+            ifr.ifr_name[i] = b as libc::c_char;
+        }
+        let mut steps = Vec::new();
+        ifr.ifr_ifru.ifru_addr = sockaddr(u32::from(addr));
+        steps.push(("set the address of", libc::ioctl(fd, libc::SIOCSIFADDR, &ifr)));
+        ifr.ifr_ifru.ifru_netmask = sockaddr(mask);
+        steps.push(("set the netmask of", libc::ioctl(fd, libc::SIOCSIFNETMASK, &ifr)));
+        let got = libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut ifr);
+        ifr.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
+        steps.push(("bring up", if got == 0 { libc::ioctl(fd, libc::SIOCSIFFLAGS, &ifr) } else { got }));
+        let err = std::io::Error::last_os_error();
+        libc::close(fd);
+        if let Some((what, _)) = steps.iter().find(|(_, r)| *r != 0) {
+            return Err(format!("cannot {what} {}: {err}", net.interface));
+        }
     }
     Ok(())
 }

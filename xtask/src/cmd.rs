@@ -5,6 +5,7 @@ pub mod build_in_vm;
 pub mod run_vm;
 pub mod store;
 pub mod systems;
+pub mod test;
 pub mod vm_image;
 
 use std::path::PathBuf;
@@ -91,6 +92,7 @@ impl VmOpts {
             disks: Vec::new(),
             ports: Vec::new(),
             sandbox: host::qemu_supports_sandbox(&store.cache_dir()),
+            forwards: Vec::new(),
         }
     }
 }

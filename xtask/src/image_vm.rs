@@ -252,6 +252,7 @@ pub fn build(
         disks: vec![Disk { path: disk.clone(), format: DiskFormat::Raw, readonly: false }],
         ports: Vec::new(),
         sandbox: host::qemu_supports_sandbox(&store.cache_dir()),
+        forwards: Vec::new(),
     };
     let request = Request {
         version: guest::PROTOCOL_VERSION,
@@ -270,6 +271,8 @@ pub fn build(
         system: None,
         argv_file: None,
         root_device: None,
+        mounts: Vec::new(),
+        net: None,
     };
     progress.step(&format!(
         "booting a VM to partition the disk, make the file system ({} MiB) with the closure and install GRUB",

@@ -3,6 +3,7 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use xtask::cmd::test::{Test, TestRunner};
 use xtask::cmd::{bench::Bench, build_in_vm::BuildInVm, run_vm::RunVm, vm_image::VmImage, EXIT_USAGE};
 use xtask::vm::Failure;
 use xtask::Workspace;
@@ -30,6 +31,10 @@ enum Cmd {
     Store(xtask::cmd::store::StoreCmd),
     /// Measure against floors measured in the same run; write target/bench/latest.json.
     Bench(Bench),
+    /// Build the workspace's test binaries and run them in a VM of a system.
+    Test(Test),
+    /// Cargo's runner: run one test binary in a VM (`target.<triple>.runner`).
+    TestRunner(TestRunner),
 }
 
 fn main() -> ExitCode {
@@ -48,6 +53,8 @@ fn main() -> ExitCode {
         Cmd::Systems => Ok(xtask::cmd::systems::run()),
         Cmd::Store(cmd) => cmd.run(&ws),
         Cmd::Bench(cmd) => cmd.run(&ws),
+        Cmd::Test(cmd) => cmd.run(&ws),
+        Cmd::TestRunner(cmd) => cmd.run(&ws),
     };
     match result {
         Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),

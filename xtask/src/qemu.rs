@@ -138,6 +138,39 @@ pub struct VmSpec {
     pub ports: Vec<Port>,
     /// Run QEMU under its seccomp sandbox (when the host's QEMU supports it).
     pub sandbox: bool,
+    /// TCP ports of the host's loopback forwarded to the guest. None: no network device
+    /// at all; some: QEMU's user network, restricted (the guest reaches nothing outside),
+    /// with the guest at [`GUEST_ADDRESS`].
+    pub forwards: Vec<Forward>,
+}
+
+/// A TCP port forwarded from the host's 127.0.0.1 to the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Forward {
+    pub host: u16,
+    pub guest: u16,
+}
+
+/// The guest's address on QEMU's user network (its default DHCP address, where
+/// `hostfwd` rules send connections).
+pub const GUEST_ADDRESS: &str = "10.0.2.15/24";
+/// The guest's network interface (the only one, virtio-net).
+pub const GUEST_INTERFACE: &str = "eth0";
+/// The kernel module of the guest's network device.
+pub const NET_MODULE: &str = "virtio_net";
+
+/// The network: QEMU's user network (no root, no bridge), restricted so the guest
+/// reaches neither the host nor anything beyond, with the forwarded ports; nothing
+/// without forwards.
+pub fn net_args(forwards: &[Forward]) -> Vec<OsString> {
+    if forwards.is_empty() {
+        return Vec::new();
+    }
+    let mut netdev = "user,id=net0,restrict=on".to_string();
+    for f in forwards {
+        netdev.push_str(&format!(",hostfwd=tcp:127.0.0.1:{}-:{}", f.host, f.guest));
+    }
+    os(&["-netdev", &netdev, "-device", "virtio-net-device,netdev=net0"])
 }
 
 fn os(args: &[&str]) -> Vec<OsString> {
@@ -277,6 +310,7 @@ pub fn args(spec: &VmSpec) -> Vec<OsString> {
         share_args(&spec.shares),
         disk_args(&spec.disks),
         port_args(&spec.ports),
+        net_args(&spec.forwards),
     ]
     .concat()
 }
@@ -312,6 +346,7 @@ mod tests {
             disks: vec![Disk { path: "/x/disk.raw".into(), format: DiskFormat::Raw, readonly: false }],
             ports: vec![Port { name: "stdout".into(), path: "/r/out".into() }],
             sandbox: true,
+            forwards: Vec::new(),
         }
     }
 
@@ -372,6 +407,21 @@ mod tests {
         let drives: Vec<&String> = args.iter().filter(|a| a.contains("file=")).collect();
         assert_eq!(drives.len(), 2);
         assert!(drives.iter().all(|d| d.contains(",format=raw,") || d.contains(",format=qcow2,")));
+    }
+
+    #[test]
+    fn forwards_give_a_restricted_user_network_and_none_give_no_network() {
+        assert!(net_args(&[]).is_empty());
+        let args = strings(net_args(&[Forward { host: 8080, guest: 7878 }, Forward { host: 2222, guest: 22 }]));
+        assert_eq!(
+            args,
+            [
+                "-netdev",
+                "user,id=net0,restrict=on,hostfwd=tcp:127.0.0.1:8080-:7878,hostfwd=tcp:127.0.0.1:2222-:22",
+                "-device",
+                "virtio-net-device,netdev=net0"
+            ]
+        );
     }
 
     #[test]

@@ -183,6 +183,7 @@ mod tests {
             disks: Vec::new(),
             ports: Vec::new(),
             sandbox: false,
+            forwards: Vec::new(),
         }
     }
 
@@ -201,6 +202,8 @@ mod tests {
             system: Some("/store/x-system-h".into()),
             argv_file: None,
             root_device: None,
+            mounts: Vec::new(),
+            net: None,
         }
     }
 

@@ -661,6 +661,13 @@ impl Store {
                 changes.push(format!("input `{label}` ({})", shown(value)));
             }
         }
+        // An input that is gone, not replaced by a new one of the same name.
+        for (label, value) in &old.inputs {
+            let replaced = recipe.inputs.iter().any(|(l, v)| l == label && shown(v) == shown(value));
+            if !replaced {
+                changes.push(format!("input `{label}` (without {})", shown(value)));
+            }
+        }
         changes.dedup();
         let old_name = path.file_name().map(|n| n.to_string_lossy().trim_end_matches(".meta").to_string());
         format!(

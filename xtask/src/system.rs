@@ -275,5 +275,7 @@ pub fn root_request(system: &System, lowered: &Lowered, mode: Mode, argv: Vec<St
         system: None,
         argv_file: None,
         root_device: None,
+        mounts: Vec::new(),
+        net: None,
     }
 }

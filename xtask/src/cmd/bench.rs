@@ -91,6 +91,7 @@ impl Bench {
             disks: Vec::new(),
             ports: Vec::new(),
             sandbox: host::qemu_supports_sandbox(&store.cache_dir()),
+            forwards: Vec::new(),
         };
         let scratch = store.scratch("bench")?;
         let floor = measure(warmup, runs, || {

@@ -107,6 +107,8 @@ impl BuildInVm {
                 system: None,
                 argv_file: None,
                 root_device: None,
+                mounts: Vec::new(),
+                net: None,
             };
             if self.vm.explain {
                 eprintln!("vm: booting to build `{}`", self.name);

@@ -6,12 +6,12 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
-use guest::{Mode, Request, Status};
+use guest::{Mode, NetConfig, Request, Status};
 use os_configs::{Device, System};
 
 use super::VmOpts;
 use crate::qemu::{Disk, DiskFormat};
-use crate::store::Item;
+use crate::store::{Item, Store};
 use crate::system::Lowered;
 use crate::vm::{LaterRequest, Sink, VmRun};
 use crate::{image, qemu, script, system, validate, Workspace};
@@ -24,6 +24,11 @@ pub struct RunVm {
     /// without cargo (`$(cargo xtask run-vm --script) -- COMMAND`), instead of booting.
     #[arg(long, conflicts_with = "command")]
     pub script: bool,
+    /// Forward the host's TCP port HOST (on 127.0.0.1) to the guest's port GUEST; gives
+    /// the guest a network interface (QEMU's user network, reaching nothing else).
+    /// Repeatable. Without it the guest has no network at all.
+    #[arg(long = "forward", value_name = "HOST:GUEST", value_parser = parse_forward)]
+    pub forwards: Vec<qemu::Forward>,
     /// The command to run in the guest; without one, an interactive shell on the console.
     #[arg(last = true)]
     pub command: Vec<String>,
@@ -60,6 +65,40 @@ pub fn request(
     }
 }
 
+/// Parses `--forward HOST:GUEST` (TCP ports, 1 to 65535).
+fn parse_forward(s: &str) -> std::result::Result<qemu::Forward, String> {
+    let port = |p: &str| p.parse::<u16>().ok().filter(|p| *p > 0);
+    match s.split_once(':').map(|(h, g)| (port(h), port(g))) {
+        Some((Some(host), Some(guest))) => Ok(qemu::Forward { host, guest }),
+        _ => Err(format!("`{s}` is not HOST:GUEST, two TCP ports from 1 to 65535 (e.g. 8080:7878)")),
+    }
+}
+
+/// Adds the modules that mounting the shared-store image takes to `system`'s initrd,
+/// when it boots from one ([`uses_shared_store_image`]).
+pub fn add_root_image_modules(system: &mut System) {
+    if uses_shared_store_image(system) {
+        system.initrd_modules.extend(SHARED_STORE_MODULES.iter().map(|m| m.to_string()));
+    }
+}
+
+/// The shared-store image `run-vm` boots `system` (virtualized) from, and its root
+/// device, when the system needs one ([`uses_shared_store_image`]). The root skeleton
+/// holds no packages: made once, found on every later run.
+pub fn root_image(store: &Store, system: &System, boot: &Lowered) -> Result<Option<(PathBuf, String)>> {
+    if !uses_shared_store_image(system) {
+        return Ok(None);
+    }
+    let config = system::system_config(system, boot);
+    let item = image::shared_store_image(store, &system.name, &config)
+        .with_context(|| format!("making the shared-store image of system `{}`", system.name))?;
+    let device = match system.root_file_system().map(|fs| &fs.device) {
+        Some(Device::Path(device)) => device.clone(),
+        other => bail!("the virtualized system `{}` has root device {other:?}, not a path", system.name),
+    };
+    Ok(Some((image::image_path(&item, DiskFormat::Raw), device)))
+}
+
 impl RunVm {
     /// Returns the exit status for xtask: the command's own.
     pub fn run(self, ws: &Workspace) -> Result<i32> {
@@ -68,34 +107,28 @@ impl RunVm {
         // The system as declared: virtualizing it would paper over a missing root.
         validate::check(&declared, &mut validate::HostFacts::new(&store, ws))?;
         let mut system = declared.virtualized();
-        let with_image = uses_shared_store_image(&system);
-        if with_image {
-            system.initrd_modules.extend(SHARED_STORE_MODULES.iter().map(|m| m.to_string()));
-        }
+        add_root_image_modules(&mut system);
+        let net = (!self.forwards.is_empty()).then(|| {
+            system.initrd_modules.push(qemu::NET_MODULE.to_string());
+            NetConfig { interface: qemu::GUEST_INTERFACE.into(), address: qemu::GUEST_ADDRESS.into() }
+        });
         let accel = qemu::choose_accel(self.vm.accel)?;
         // What QEMU needs comes first; the packages and the system item (say, a
         // workspace crate cargo rebuilds) are made while the VM boots.
         let boot = system::lower_boot(&store, ws, &system, self.vm.verbose)?;
-        // The root skeleton (no packages in it): made once, found on every later run.
-        let root_image = if with_image {
-            let config = system::system_config(&system, &boot);
-            let item = image::shared_store_image(&store, &system.name, &config)
-                .with_context(|| format!("making the shared-store image of system `{}`", system.name))?;
-            let device = match system.root_file_system().map(|fs| &fs.device) {
-                Some(Device::Path(device)) => device.clone(),
-                other => bail!("the virtualized system `{}` has root device {other:?}, not a path", system.name),
-            };
-            Some((image::image_path(&item, DiskFormat::Raw), device))
-        } else {
-            None
-        };
+        let root_image = root_image(&store, &system, &boot)?;
         let root_device = root_image.as_ref().map(|(_, device)| device.clone());
         let spec = |xchg: PathBuf| {
             let mut spec = self.vm.spec(accel, &store, &boot, xchg);
             if let Some((path, _)) = &root_image {
                 spec.disks.push(Disk { path: path.clone(), format: DiskFormat::Raw, readonly: true });
             }
+            spec.forwards = self.forwards.clone();
             spec
+        };
+        let request = |system: &System, lowered: &Lowered, item: &Item, device: Option<&str>, mode, argv| Request {
+            net: net.clone(),
+            ..request(system, lowered, item, device, mode, argv)
         };
         let lower = |boot: Lowered| -> Result<(Lowered, Item)> {
             let lowered = system::lower_packages(&store, ws, &system, self.vm.verbose, boot)?;
@@ -133,7 +166,8 @@ impl RunVm {
             let (lowered, system_item) = lower(boot.clone())?;
             (request(&system, &lowered, &system_item, root_device.as_deref(), mode, argv), None)
         } else {
-            let placeholder = system::root_request(&system, &boot, mode, argv.clone(), String::new());
+            let placeholder =
+                Request { net: net.clone(), ..system::root_request(&system, &boot, mode, argv.clone(), String::new()) };
             let later = || {
                 let (lowered, system_item) = lower(boot.clone())?;
                 Ok(request(&system, &lowered, &system_item, root_device.as_deref(), mode, argv))
