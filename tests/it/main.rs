@@ -8,6 +8,7 @@ mod faults;
 mod run_vm;
 mod store;
 mod systems;
+mod trust;
 mod vm_image;
 
 /// A string unique to this test run, so builds are fresh rather than cache hits.
