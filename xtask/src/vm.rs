@@ -81,6 +81,8 @@ pub struct VmRun<'a> {
 /// How many bytes of console output are kept for error messages.
 const CONSOLE_TAIL_BYTES: usize = 16 * 1024;
 const CONSOLE_TAIL_LINES: usize = 25;
+/// How many bytes of QEMU's own messages are kept for error messages.
+const QEMU_STDERR_BYTES: usize = 16 * 1024;
 
 impl VmRun<'_> {
     /// Boots the VM, waits for it to end and returns the status the guest reported.
@@ -304,6 +306,11 @@ fn console_tail(tail: &Mutex<VecDeque<u8>>) -> String {
         .join("\n")
 }
 
+/// As [`escape_controls`], line by line.
+fn escape_controls_keeping_lines(s: &str) -> String {
+    s.lines().map(|l| escape_controls(l.trim_end_matches('\r'))).collect::<Vec<_>>().join("\n")
+}
+
 /// The guest's text with control characters (a terminal's escape sequences among them)
 /// escaped, tabs kept, for showing on the host's terminal.
 fn escape_controls(s: &str) -> String {
@@ -450,10 +457,16 @@ fn run_qemu(
         format!("starting `{}` (install Debian's `{}`)", host::QEMU_SYSTEM.program, host::QEMU_SYSTEM.package)
     })?;
     let mut stderr_pipe = child.stderr.take().context("QEMU's stderr")?;
+    // QEMU's messages, drained to the end (QEMU never blocks on a full pipe) and kept up
+    // to a cap, for an error message.
     let stderr_thread = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = stderr_pipe.read_to_string(&mut s);
-        s
+        let mut kept = Vec::new();
+        let mut buf = [0u8; 8192];
+        while let Ok(n @ 1..) = stderr_pipe.read(&mut buf) {
+            let room = QEMU_STDERR_BYTES.saturating_sub(kept.len());
+            kept.extend_from_slice(&buf[..n.min(room)]);
+        }
+        escape_controls_keeping_lines(&String::from_utf8_lossy(&kept))
     });
     let (tx, rx) = mpsc::channel();
     let mut guard = QemuGuard { pid: Pid::from_raw(child.id() as i32), done: rx, reaped: false };
@@ -555,6 +568,11 @@ mod tests {
         // No writer ever opens it: a blocking open would wait for ever.
         nix::unistd::mkfifo(&status, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
         assert_eq!(read_status(dir.path()), StatusFile::Refused("it is a FIFO".into()));
+    }
+
+    #[test]
+    fn qemu_messages_keep_their_lines_and_lose_control_characters() {
+        assert_eq!(escape_controls_keeping_lines("a\r\nb\x1b[0m\n"), "a\nb\\u{1b}[0m");
     }
 
     #[test]
