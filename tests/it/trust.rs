@@ -288,6 +288,20 @@ fn the_script_works_from_a_temporary_directory_with_commas_and_spaces() {
     let run = run_script(None, &["sh", "-c", "echo hi; exit 3"], &[("TMPDIR", tmp.as_os_str())]);
     assert_eq!((run.code, run.stdout.as_str()), (3, "hi\n"), "{run:#?}");
     assert_eq!(fs::read_dir(&tmp).unwrap().count(), 0, "the per-run directory was left behind");
+    // A relative TMPDIR, even one that looks like an option, is taken from the current
+    // directory: QEMU is given absolute paths.
+    fs::create_dir(base.path().join("-a,b")).unwrap();
+    let script = script_path();
+    let out = Command::new(&script)
+        .args(["--", "sh", "-c", "echo rel"])
+        .env("TMPDIR", "-a,b")
+        .current_dir(base.path())
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!((out.status.code(), &*String::from_utf8_lossy(&out.stdout)), (Some(0), "rel\n"), "{stderr}");
+    assert_eq!(fs::read_dir(base.path().join("-a,b")).unwrap().count(), 0, "the per-run directory was left behind");
 }
 
 #[test]

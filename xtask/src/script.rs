@@ -195,8 +195,9 @@ vm_show() {{
     if [ "${{1:-}}" = -n ]; then LC_ALL=C tr -d '\r' | LC_ALL=C tr -c '\t\n -~' '?'
     else LC_ALL=C tr -c ' -~' '?'; fi
 }}
-run=$(mktemp -d "${{TMPDIR:-/tmp}}/run-vm.XXXXXX") || exit 1
-case $run in /*) ;; *) run=$(pwd)/$run ;; esac
+tmp=${{TMPDIR:-/tmp}}
+case $tmp in /*) ;; *) tmp=$(pwd)/$tmp ;; esac
+run=$(mktemp -d "$tmp/run-vm.XXXXXX") || exit 1
 trap 'rm -rf "$run"' EXIT
 xchg=$run/xchg
 mkdir "$xchg" || exit 1
