@@ -24,7 +24,8 @@ const RESERVED_ENV: &[&str] = &["out", "PATH", "HOME", "TMPDIR"];
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct BuildInVm {
-    /// Name of the resulting store item.
+    /// Name of the resulting store item: 1 to 200 ASCII letters, digits and `+-._`, not
+    /// beginning with `.` or `-`.
     #[arg(long)]
     pub name: String,
     /// Add PATH to the store by content; the guest finds it read-only at `$NAME`.
