@@ -114,6 +114,29 @@ pub fn store_entries_named(name: &str) -> Vec<String> {
         .collect()
 }
 
+/// Runs `cmd` (stdin from /dev/null) to its end, failing instead of hanging if it is
+/// still running after `secs`: it is killed and the test panics with its stderr.
+pub fn output_within(mut cmd: Command, secs: u64) -> Run {
+    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = cmd.spawn().unwrap_or_else(|e| panic!("starting {cmd:?}: {e}"));
+    let (out, err) = (child.stdout.take().unwrap(), child.stderr.take().unwrap());
+    let out = std::thread::spawn(move || read_all(out));
+    let err = std::thread::spawn(move || read_all(err));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{cmd:?} was still running after {secs} s; stderr: {}", err.join().unwrap());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    Run { code: status.code().unwrap_or(-1), stdout: out.join().unwrap(), stderr: err.join().unwrap() }
+}
+
 /// Reads everything from a pipe into a string.
 pub fn read_all(mut r: impl Read) -> String {
     let mut s = String::new();

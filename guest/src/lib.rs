@@ -216,27 +216,108 @@ pub enum Status {
     Error(String),
 }
 
+/// The largest status file the host reads; anything longer is refused.
+pub const STATUS_MAX_BYTES: usize = 4096;
+/// The longest text of an `error` status, in bytes.
+pub const STATUS_ERROR_MAX_BYTES: usize = 1024;
+/// The largest exit code in an `exit` status.
+pub const STATUS_MAX_EXIT: i32 = 255;
+/// The largest signal number in a `signal` status (Linux's `SIGRTMAX`).
+pub const STATUS_MAX_SIGNAL: i32 = 64;
+/// How many characters of an invalid status an error message quotes (escaped).
+const STATUS_QUOTE_CHARS: usize = 64;
+
 impl Status {
-    /// The one-line encoding written to the status file.
+    /// The one-line encoding written to the status file. An error's text has its
+    /// control characters escaped and is cut to [`STATUS_ERROR_MAX_BYTES`], so what the
+    /// helper writes always decodes.
     pub fn encode(&self) -> String {
         match self {
             Status::Exited(code) => format!("exit {code}\n"),
             Status::Signaled(sig) => format!("signal {sig}\n"),
-            Status::Error(msg) => format!("error {}\n", msg.replace('\n', " ")),
+            Status::Error(msg) => {
+                let mut text = escape_controls(&msg.replace('\n', " "));
+                if text.len() > STATUS_ERROR_MAX_BYTES {
+                    let mut end = STATUS_ERROR_MAX_BYTES;
+                    while !text.is_char_boundary(end) {
+                        end -= 1;
+                    }
+                    text.truncate(end);
+                }
+                format!("error {text}\n")
+            }
         }
     }
 
-    /// Parses what [`Status::encode`] wrote; `None` for anything else.
-    pub fn decode(text: &str) -> Option<Status> {
-        let line = text.strip_suffix('\n')?;
-        let (kind, rest) = line.split_once(' ')?;
-        match kind {
-            "exit" => rest.parse().ok().map(Status::Exited),
-            "signal" => rest.parse().ok().map(Status::Signaled),
-            "error" => Some(Status::Error(rest.to_string())),
-            _ => None,
+    /// Parses what [`Status::encode`] wrote, strictly: one line ended by a newline, at
+    /// most [`STATUS_MAX_BYTES`], either `exit N` (N in 0..=255, plain decimal),
+    /// `signal N` (N in 1..=64) or `error TEXT` (at most [`STATUS_ERROR_MAX_BYTES`];
+    /// control characters come back escaped, so the text is safe to show). Anything else
+    /// is an error that quotes at most a short, escaped prefix of what was found.
+    pub fn decode(bytes: &[u8]) -> Result<Status, String> {
+        let invalid = |why: &str| {
+            Err(format!(
+                "{why}; expected `exit N` (N in 0..={STATUS_MAX_EXIT}), `signal N` (N in 1..={STATUS_MAX_SIGNAL}) \
+                 or `error TEXT`, ended by a newline; it begins \"{}\"",
+                quote_prefix(bytes)
+            ))
+        };
+        if bytes.len() > STATUS_MAX_BYTES {
+            return invalid(&format!("the status is longer than {STATUS_MAX_BYTES} bytes"));
         }
+        let Ok(text) = std::str::from_utf8(bytes) else { return invalid("the status is not UTF-8") };
+        let Some(line) = text.strip_suffix('\n') else {
+            return invalid("the status does not end with a newline (empty, or cut short)");
+        };
+        if line.contains('\n') {
+            return invalid("the status has more than one line");
+        }
+        if let Some(n) = line.strip_prefix("exit ") {
+            return match decimal(n, 0, STATUS_MAX_EXIT) {
+                Some(code) => Ok(Status::Exited(code)),
+                None => invalid(&format!("the exit code is not a number in 0..={STATUS_MAX_EXIT}")),
+            };
+        }
+        if let Some(n) = line.strip_prefix("signal ") {
+            return match decimal(n, 1, STATUS_MAX_SIGNAL) {
+                Some(sig) => Ok(Status::Signaled(sig)),
+                None => invalid(&format!("the signal is not a number in 1..={STATUS_MAX_SIGNAL}")),
+            };
+        }
+        if let Some(msg) = line.strip_prefix("error ") {
+            if msg.len() > STATUS_ERROR_MAX_BYTES {
+                return invalid(&format!("the error text is longer than {STATUS_ERROR_MAX_BYTES} bytes"));
+            }
+            return Ok(Status::Error(escape_controls(msg)));
+        }
+        invalid("the status is of no known kind")
     }
+}
+
+/// `s` as a number in `min..=max`, written in plain decimal: digits only, no sign, no
+/// leading zero, so no reader (a shell's arithmetic included) can take it otherwise.
+fn decimal(s: &str, min: i32, max: i32) -> Option<i32> {
+    let plain =
+        !s.is_empty() && s.len() <= 3 && s.bytes().all(|b| b.is_ascii_digit()) && (s == "0" || !s.starts_with('0'));
+    let n: i32 = if plain { s.parse().ok()? } else { return None };
+    (min..=max).contains(&n).then_some(n)
+}
+
+/// Control characters (a terminal's escape sequences among them) escaped as `\u{1b}`.
+fn escape_controls(s: &str) -> String {
+    s.chars().map(|c| if c.is_control() { c.escape_default().to_string() } else { c.to_string() }).collect()
+}
+
+/// At most [`STATUS_QUOTE_CHARS`] characters of `bytes`, escaped for showing.
+fn quote_prefix(bytes: &[u8]) -> String {
+    let head = &bytes[..bytes.len().min(STATUS_QUOTE_CHARS * 4)];
+    let lossy = String::from_utf8_lossy(head);
+    let text: String = lossy.chars().take(STATUS_QUOTE_CHARS).collect();
+    let mut quoted = text.escape_debug().to_string();
+    if text.len() < lossy.len() || head.len() < bytes.len() {
+        quoted.push_str("...");
+    }
+    quoted
 }
 
 #[cfg(test)]
@@ -248,13 +329,25 @@ mod tests {
         for s in [
             Status::Exited(0),
             Status::Exited(7),
+            Status::Exited(255),
+            Status::Signaled(1),
             Status::Signaled(9),
+            Status::Signaled(64),
             Status::Error("cannot mount /xchg: no such device".into()),
         ] {
-            assert_eq!(Status::decode(&s.encode()), Some(s));
+            assert_eq!(Status::decode(s.encode().as_bytes()), Ok(s));
         }
     }
 
+    #[test]
+    fn the_helpers_own_errors_always_decode() {
+        let long = Status::Error(format!("{}\u{1b}[2J\nnext", "é".repeat(2000)));
+        let decoded = Status::decode(long.encode().as_bytes()).unwrap();
+        let Status::Error(text) = decoded else { panic!("not an error: {decoded:?}") };
+        assert!(text.len() <= STATUS_ERROR_MAX_BYTES && !text.chars().any(char::is_control), "{text:?}");
+        let short = Status::Error("bad\u{1b}[2J\nthing".into()).encode();
+        assert_eq!(Status::decode(short.as_bytes()), Ok(Status::Error("bad\\u{1b}[2J thing".into())));
+    }
     #[test]
     fn argv_files_split_on_nul() {
         assert_eq!(parse_argv_file(b"sh\0-c\0echo a b\0"), ["sh", "-c", "echo a b"]);
@@ -264,9 +357,55 @@ mod tests {
 
     #[test]
     fn truncated_or_junk_status_is_rejected() {
-        assert_eq!(Status::decode("exit 0"), None, "no newline: write was cut short");
-        assert_eq!(Status::decode("exit x\n"), None);
-        assert_eq!(Status::decode(""), None);
-        assert_eq!(Status::decode("done 0\n"), None);
+        for junk in [
+            &b"exit 0"[..],
+            b"exit x\n",
+            b"",
+            b"\n",
+            b"done 0\n",
+            b"exit 99999999999999999999\n",
+            b"exit 256\n",
+            b"exit -1\n",
+            b"exit +1\n",
+            b"exit 07\n",
+            b"exit 7junk\n",
+            b"exit  7\n",
+            b"exit 7 \n",
+            b"exit 0\nexit 1\n",
+            b"signal 0\n",
+            b"signal 65\n",
+            b"signal 2147483647\n",
+            b"signal -9\n",
+            b"signal a[$(reboot)]\n",
+            b"exit \xff\n",
+            b"EXIT 0\n",
+        ] {
+            let err = Status::decode(junk).expect_err(&String::from_utf8_lossy(junk));
+            assert!(err.contains("expected `exit N` (N in 0..=255)"), "{err}");
+        }
+    }
+
+    #[test]
+    fn oversized_statuses_and_errors_are_rejected() {
+        let mut big = b"exit 0\n".to_vec();
+        big.resize(1 << 20, b'a');
+        let err = Status::decode(&big).unwrap_err();
+        assert!(err.contains("longer than 4096 bytes"), "{err}");
+        let long_error = format!("error {}\n", "x".repeat(STATUS_ERROR_MAX_BYTES + 1));
+        assert!(Status::decode(long_error.as_bytes()).unwrap_err().contains("longer than 1024 bytes"));
+        let at_limit = format!("error {}\n", "x".repeat(STATUS_ERROR_MAX_BYTES));
+        assert!(Status::decode(at_limit.as_bytes()).is_ok());
+    }
+
+    #[test]
+    fn errors_quote_a_short_escaped_prefix_only() {
+        let secret = format!("exit 1\u{1b}]0;title\u{7}{}SECRET-TAIL\n", "y".repeat(200));
+        let err = Status::decode(secret.as_bytes()).unwrap_err();
+        assert!(!err.contains("SECRET-TAIL"), "{err}");
+        assert!(!err.chars().any(char::is_control), "{err:?}");
+        assert!(err.contains(r"exit 1\u{1b}]0;title\u{7}yyy") && err.contains("..."), "{err}");
+        assert!(err.len() < 400, "{err}");
+        let control = Status::decode(b"error a\x1b[31mred\x07\n").unwrap();
+        assert_eq!(control, Status::Error(r"a\u{1b}[31mred\u{7}".into()));
     }
 }

@@ -142,6 +142,10 @@ pub fn network_up(net: &guest::NetConfig) -> Result<()> {
             return Err(format!("cannot {what} {}: {err}", net.interface));
         }
     }
+    // The host's forwarded connections are addressed to the guest's 127.0.0.1, so that
+    // services listening on the loopback only are reached: the interface accepts them.
+    let localnet = format!("/proc/sys/net/ipv4/conf/{}/route_localnet", net.interface);
+    fs::write(&localnet, "1").map_err(|e| format!("cannot write {localnet}: {e}"))?;
     Ok(())
 }
 

@@ -73,12 +73,14 @@ fn links_that_resolve_outside_out_are_refused_naming_the_entry() {
 fn the_guest_cannot_make_special_files_on_the_host() {
     let script = "for p in /xchg/dev $out/dev; do mknod $p c 1 3 && echo dev:$p >> /tmp/made; done; \
                   for p in /xchg/fifo $out/fifo; do mkfifo $p && echo fifo:$p >> /tmp/made; done; \
-                  if [ -f /tmp/made ]; then cp /tmp/made $out/made; fi; echo checked > $out/ok";
+                  if [ -f /tmp/made ]; then cp /tmp/made $out/made; fi; ls /xchg $out > /tmp/listing; \
+                  grep -E 'dev|fifo' /tmp/listing > $out/seen; echo checked > $out/ok";
     let run = build(&format!("mknod-{}", nonce()), &[], script);
     run.expect_code(0);
     let item = Path::new(run.stdout.trim_end());
     assert_eq!(fs::read_to_string(item.join("ok")).unwrap(), "checked\n");
     assert!(!item.join("made").exists(), "the guest made: {}", fs::read_to_string(item.join("made")).unwrap());
+    assert_eq!(fs::read_to_string(item.join("seen")).unwrap(), "", "special files appeared in the exchange directory");
 }
 
 /// The store share holds items only: no records (with the environment of earlier builds),

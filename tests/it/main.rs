@@ -6,9 +6,12 @@ mod bench;
 mod build_in_vm;
 mod faults;
 mod guest_boundary;
+mod limits;
 mod run_vm;
 mod store;
 mod systems;
+mod test_cmd;
+mod trust;
 mod vm_image;
 
 /// A string unique to this test run, so builds are fresh rather than cache hits.

@@ -38,10 +38,10 @@ pub struct VmOpts {
     /// Accelerator: auto uses KVM when it works here, else TCG.
     #[arg(long, value_enum, default_value_t)]
     pub accel: AccelChoice,
-    /// Guest memory in MiB.
+    /// Guest memory in MiB (64 to 65536).
     #[arg(long, default_value_t = 256, value_parser = parse_memory)]
     pub memory: u32,
-    /// Kill the VM after this long (seconds, or with a unit: 90s, 5m, 1h).
+    /// Kill the VM after this long (seconds, or with a unit: 90s, 5m, 1h, 2d; 1s to 7d).
     #[arg(long, value_parser = parse_duration)]
     pub timeout: Option<Duration>,
     /// Boot this bzImage instead of the system's kernel (needs --modules).
@@ -97,27 +97,54 @@ impl VmOpts {
     }
 }
 
+/// The smallest and largest `--memory`, in MiB.
+pub const MEMORY_MIB: (u32, u32) = (64, 65536);
+/// The shortest and longest `--timeout`, in seconds (7 days).
+pub const TIMEOUT_SECS: (u64, u64) = (1, 7 * 24 * 3600);
+/// The smallest and largest disk or image size (`--disk-size`, `--size`) and output cap
+/// (`--max-output`), in bytes: 1 MiB to 16 TiB.
+pub const SIZE_BYTES: (u64, u64) = (1 << 20, 16 << 40);
+const TIMEOUT_RANGE: &str = "give 1s to 7d (e.g. 90, 90s, 5m, 1h, 2d)";
+const SIZE_RANGE: &str = "give 1MiB to 16TiB";
+
 fn parse_memory(s: &str) -> std::result::Result<u32, String> {
-    let mib: u32 = s.parse().map_err(|_| format!("`{s}` is not a number of MiB"))?;
-    if mib < 64 {
-        return Err(format!("{mib} MiB is too little for the guest kernel; give at least 64"));
+    let range = format!("give {} to {} (MiB)", MEMORY_MIB.0, MEMORY_MIB.1);
+    let mib: u64 = match s.bytes().all(|b| b.is_ascii_digit()) && !s.is_empty() && s.len() <= 10 {
+        true => s.parse().map_err(|_| format!("`{s}` is not a number of MiB; {range}"))?,
+        false => return Err(format!("`{s}` is not a number of MiB; {range}")),
+    };
+    if mib < u64::from(MEMORY_MIB.0) {
+        return Err(format!("{mib} MiB is too little for the guest kernel; {range}"));
     }
-    Ok(mib)
+    if mib > u64::from(MEMORY_MIB.1) {
+        return Err(format!("{mib} MiB is too much; {range}"));
+    }
+    Ok(mib as u32)
 }
 
-/// Parses `90`, `90s`, `5m` or `1h`.
+/// Parses `90`, `90s`, `5m`, `1h` or `2d` (a decimal number, fractions allowed), from 1
+/// second to 7 days.
 pub fn parse_duration(s: &str) -> std::result::Result<Duration, String> {
-    let (num, mult) = match s.char_indices().last() {
-        Some((i, 's')) => (&s[..i], 1.0),
-        Some((i, 'm')) => (&s[..i], 60.0),
-        Some((i, 'h')) => (&s[..i], 3600.0),
+    let (num, mult) = match s.as_bytes().last() {
+        Some(b's') => (&s[..s.len() - 1], 1.0),
+        Some(b'm') => (&s[..s.len() - 1], 60.0),
+        Some(b'h') => (&s[..s.len() - 1], 3600.0),
+        Some(b'd') => (&s[..s.len() - 1], 86400.0),
         _ => (s, 1.0),
     };
-    let n: f64 = num.parse().map_err(|_| format!("`{s}` is not a duration (e.g. 90, 90s, 5m, 1h)"))?;
-    if !(n > 0.0 && n.is_finite()) {
-        return Err(format!("`{s}`: the duration must be positive"));
+    let plain = !num.is_empty()
+        && num.len() <= 20
+        && num.bytes().all(|b| b.is_ascii_digit() || b == b'.')
+        && num.bytes().filter(|&b| b == b'.').count() <= 1;
+    let n: f64 = match plain {
+        true => num.parse().map_err(|_| format!("`{s}` is not a duration; {TIMEOUT_RANGE}"))?,
+        false => return Err(format!("`{s}` is not a duration; {TIMEOUT_RANGE}")),
+    };
+    let secs = n * mult;
+    if !(secs >= TIMEOUT_SECS.0 as f64 && secs <= TIMEOUT_SECS.1 as f64) {
+        return Err(format!("`{s}` is out of range; {TIMEOUT_RANGE}"));
     }
-    Ok(Duration::from_secs_f64(n * mult))
+    Ok(Duration::from_secs_f64(secs))
 }
 
 /// Parses a size: bytes, or with a binary unit (`100MiB`, `2GiB`, also `M`, `G`, `K`).
@@ -136,6 +163,16 @@ pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
     let size = n.checked_mul(mult).ok_or_else(|| format!("`{s}` is too large"))?;
     if size == 0 {
         return Err(format!("`{s}`: the size must be positive"));
+    }
+    Ok(size)
+}
+
+/// A size (as [`parse_size`]) from 1 MiB to 16 TiB ([`SIZE_BYTES`]): `--disk-size`,
+/// `--size`, `--max-output`.
+pub fn parse_bounded_size(s: &str) -> std::result::Result<u64, String> {
+    let size = parse_size(s).map_err(|e| format!("{e}; {SIZE_RANGE}"))?;
+    if !(SIZE_BYTES.0..=SIZE_BYTES.1).contains(&size) {
+        return Err(format!("`{s}` is out of range; {SIZE_RANGE}"));
     }
     Ok(size)
 }
@@ -174,8 +211,25 @@ mod tests {
         assert_eq!(parse_duration("90"), Ok(Duration::from_secs(90)));
         assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
         assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
-        assert!(parse_duration("soon").is_err());
-        assert!(parse_duration("0").is_err());
+        assert_eq!(parse_duration("1"), Ok(Duration::from_secs(1)));
+        assert_eq!(parse_duration("7d"), Ok(Duration::from_secs(7 * 86400)));
+        assert_eq!(parse_duration("168h"), Ok(Duration::from_secs(7 * 86400)));
+        for bad in
+            ["soon", "0", "0.5", "-1", "1e30", "1e19", "18446744073709551616", "", "1.5.3", "inf", "NaN", "s", "8d"]
+        {
+            let err = parse_duration(bad).expect_err(bad);
+            assert!(err.contains("give 1s to 7d"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn bounded_sizes() {
+        assert_eq!(parse_bounded_size("1MiB"), Ok(1 << 20));
+        assert_eq!(parse_bounded_size("16TiB"), Ok(16 << 40));
+        for bad in ["0", "-1", "1e30", "1e19", "18446744073709551616", "", "1.5.3", "1048575", "17T", "16385G"] {
+            let err = parse_bounded_size(bad).expect_err(bad);
+            assert!(err.contains("give 1MiB to 16TiB"), "{bad}: {err}");
+        }
     }
 
     #[test]
@@ -191,7 +245,12 @@ mod tests {
     #[test]
     fn memory() {
         assert_eq!(parse_memory("256"), Ok(256));
-        assert!(parse_memory("0").is_err());
-        assert!(parse_memory("lots").is_err());
+        assert_eq!(parse_memory("64"), Ok(64));
+        assert_eq!(parse_memory("65536"), Ok(65536));
+        assert!(parse_memory("0").unwrap_err().contains("too little"));
+        for bad in ["lots", "0", "-1", "1e30", "1e19", "18446744073709551616", "", "1.5.3", "63", "65537", "+256"] {
+            let err = parse_memory(bad).expect_err(bad);
+            assert!(err.contains("give 64 to 65536"), "{bad}: {err}");
+        }
     }
 }

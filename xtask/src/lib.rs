@@ -40,7 +40,12 @@ impl Workspace {
             .map(PathBuf::from)
             .map(|p| if p.is_absolute() { p } else { root.join(p) })
             .unwrap_or_else(|| root.join("target"));
-        let store_dir = std::env::var_os(STORE_ENV).map(PathBuf::from).unwrap_or_else(|| target_dir.join("vmstore"));
+        // Absolute, as the paths written into `run-vm.sh` must be: a relative
+        // `XTASK_VMSTORE` is taken from the current directory.
+        let store_dir = std::env::var_os(STORE_ENV)
+            .map(PathBuf::from)
+            .map(|p| std::path::absolute(&p).unwrap_or(p))
+            .unwrap_or_else(|| target_dir.join("vmstore"));
         Workspace { root, target_dir, store_dir }
     }
 

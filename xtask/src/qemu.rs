@@ -140,7 +140,9 @@ pub struct VmSpec {
     pub sandbox: bool,
     /// TCP ports of the host's loopback forwarded to the guest. None: no network device
     /// at all; some: QEMU's user network, restricted (the guest reaches nothing outside),
-    /// with the guest at [`GUEST_ADDRESS`].
+    /// with the guest at [`GUEST_ADDRESS`]. Connections arrive at the guest's 127.0.0.1
+    /// (its interface accepts loopback addresses), so services that listen there only,
+    /// as most do, are reached.
     pub forwards: Vec<Forward>,
 }
 
@@ -168,7 +170,7 @@ pub fn net_args(forwards: &[Forward]) -> Vec<OsString> {
     }
     let mut netdev = "user,id=net0,restrict=on".to_string();
     for f in forwards {
-        netdev.push_str(&format!(",hostfwd=tcp:127.0.0.1:{}-:{}", f.host, f.guest));
+        netdev.push_str(&format!(",hostfwd=tcp:127.0.0.1:{}-127.0.0.1:{}", f.host, f.guest));
     }
     os(&["-netdev", &netdev, "-device", "virtio-net-device,netdev=net0"])
 }
@@ -417,7 +419,8 @@ mod tests {
             args,
             [
                 "-netdev",
-                "user,id=net0,restrict=on,hostfwd=tcp:127.0.0.1:8080-:7878,hostfwd=tcp:127.0.0.1:2222-:22",
+                "user,id=net0,restrict=on,hostfwd=tcp:127.0.0.1:8080-127.0.0.1:7878,\
+                 hostfwd=tcp:127.0.0.1:2222-127.0.0.1:22",
                 "-device",
                 "virtio-net-device,netdev=net0"
             ]

@@ -3,10 +3,19 @@
 //! `cargo xtask run-vm --system NAME` does, with no cargo and no xtask: absolute paths to
 //! QEMU, the kernel, the initrd and the store, and the guest's requests, are written in.
 //!
-//! Per run it makes a temporary exchange directory, writes the request (and, for a
-//! command, the arguments NUL-separated into `argv`, which the helper reads instead of
-//! the request's `argv`), boots, prints the command's output and exits with the status
-//! the guest wrote, as `run-vm` does.
+//! Per run it makes a private temporary directory holding the command's output files,
+//! the console log, QEMU's messages and, in `xchg/`, the exchange directory, which alone
+//! is shared with the guest. It writes the request there (and, for a command, the
+//! arguments NUL-separated into `argv`, which the helper reads instead of the request's
+//! `argv`), boots, prints the command's output as it is written (through FIFOs) and
+//! exits with the status the guest wrote, as `run-vm` does.
+//!
+//! The guest is not trusted: it can put anything in the exchange directory. So nothing
+//! the script reads back is there except the status, which is read only if it is a
+//! regular file (not a symbolic link), at most [`guest::STATUS_MAX_BYTES`] of it, and is
+//! checked character by character before any number in it reaches `exit` or shell
+//! arithmetic ([`STATUS_FUNCTION`]); guest text is shown with anything but printable
+//! ASCII replaced.
 
 use std::ffi::OsString;
 use std::fs;
@@ -20,8 +29,8 @@ use crate::qemu::{self, Console, Port, VmSpec};
 use crate::store::{Item, Recipe, Store};
 use crate::vm::shell_quote;
 
-/// Stands for the per-run exchange directory in QEMU's arguments until they are quoted.
-const XCHG: &str = "@XCHG@";
+/// Stands for the per-run directory in QEMU's arguments until they are quoted.
+const RUN: &str = "@RUN@";
 /// The file in the exchange directory holding the command's arguments.
 pub const ARGV_FILE: &str = "argv";
 
@@ -48,19 +57,20 @@ pub fn script_item(
 fn find_program(name: &str) -> Result<PathBuf> {
     let path = std::env::var_os("PATH").unwrap_or_default();
     std::env::split_paths(&path)
-        .map(|dir| dir.join(name))
+        .filter_map(|dir| std::path::absolute(dir.join(name)).ok())
         .find(|p| fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0))
         .with_context(|| format!("`{name}` is not on PATH; install Debian's `{}`", crate::host::QEMU_SYSTEM.package))
 }
 
-/// QEMU's arguments as shell words, with the exchange directory as `"$xchg"`.
+/// QEMU's arguments as shell words, with the per-run directory as `"$run_q"` (its path
+/// with commas doubled, as QEMU's option values need).
 fn qemu_words(qemu: &Path, spec: &VmSpec) -> String {
     let mut text = shell_quote(&qemu.to_string_lossy());
     let args: Vec<OsString> = qemu::args(spec);
     for arg in &args {
         let arg = arg.to_string_lossy();
-        let word = if arg.contains(XCHG) {
-            format!("'{}'", arg.replace('\'', r"'\''")).replace(XCHG, "'\"$xchg\"'")
+        let word = if arg.contains(RUN) {
+            format!("'{}'", arg.replace('\'', r"'\''")).replace(RUN, "'\"$run_q\"'")
         } else {
             shell_quote(&arg)
         };
@@ -75,13 +85,69 @@ fn with_xchg(spec: &VmSpec, console: Console, ports: Vec<Port>) -> VmSpec {
     let mut spec = spec.clone();
     for share in &mut spec.shares {
         if share.tag == guest::XCHG_TAG {
-            share.path = PathBuf::from(XCHG);
+            share.path = Path::new(RUN).join("xchg");
         }
     }
     spec.console = console;
     spec.ports = ports;
     spec
 }
+
+/// A shell function that reads the status the guest wrote into the file `$1`, trusting
+/// nothing about it, and sets `st_kind` (`exit`, `signal`, `error`, `missing` or
+/// `invalid`), `st_code` (the exit status to give: the code, 128 + the signal, or 1),
+/// `st_n` (the signal), `st_text` (an error's text, or why the status is invalid) and
+/// `st_quote` (the start of an invalid status). It accepts what [`guest::Status::decode`]
+/// accepts. The file is read only if it is a regular file, not a symbolic link (QEMU has
+/// exited: nothing changes it meanwhile); numbers are checked to be plain decimal of a few
+/// digits and in range before `exit` or arithmetic sees them. `st_text` and `st_quote`
+/// are guest text: show them through `tr -c ' -~' '?'`. Plain POSIX sh (bash, dash and
+/// busybox sh are tested).
+pub const STATUS_FUNCTION: &str = r#"vm_status() {
+    st_kind=invalid st_code=1 st_n= st_text= st_quote=
+    st_nl='
+'
+    if [ -L "$1" ]; then st_text='it is a symbolic link; it was not read'; return 0; fi
+    if [ ! -e "$1" ]; then st_kind=missing st_text='no status'; return 0; fi
+    if [ ! -f "$1" ]; then st_text='it is not a regular file; it was not read'; return 0; fi
+    st_quote=$(head -c 64 "$1" | LC_ALL=C tr -c ' -~' '?')
+    st_size=$(head -c 4097 "$1" | wc -c | tr -dc 0-9)
+    if [ "$st_size" -gt 4096 ]; then st_text='it is longer than 4096 bytes'; return 0; fi
+    if [ "$(head -c 4096 "$1" | tr -d '\000' | wc -c | tr -dc 0-9)" -ne "$st_size" ]; then
+        st_text='it holds a NUL byte'; return 0
+    fi
+    st_raw=$(head -c 4096 "$1"; echo .)
+    st_raw=${st_raw%.}
+    case $st_raw in
+        *"$st_nl") st_line=${st_raw%"$st_nl"} ;;
+        *) st_text='it does not end with a newline (empty, or cut short)'; return 0 ;;
+    esac
+    case $st_line in *"$st_nl"*) st_text='it has more than one line'; return 0 ;; esac
+    case $st_line in
+        "exit "*)
+            st_n=${st_line#exit }
+            case $st_n in
+                '' | *[!0-9]* | 0?* | ????*) st_text='the exit code is not a number in 0..=255'; return 0 ;;
+            esac
+            if [ "$st_n" -gt 255 ]; then st_text='the exit code is not a number in 0..=255'; return 0; fi
+            st_kind=exit st_code=$st_n ;;
+        "signal "*)
+            st_n=${st_line#signal }
+            case $st_n in
+                '' | *[!0-9]* | 0* | ???*) st_text='the signal is not a number in 1..=64'; return 0 ;;
+            esac
+            if [ "$st_n" -gt 64 ]; then st_text='the signal is not a number in 1..=64'; return 0; fi
+            st_kind=signal st_code=$((128 + st_n)) ;;
+        "error "*)
+            st_text=${st_line#error }
+            if [ "$(printf '%s' "$st_text" | wc -c | tr -dc 0-9)" -gt 1024 ]; then
+                st_text='the error text is longer than 1024 bytes'; return 0
+            fi
+            st_kind=error ;;
+        *) st_text='it is of no known kind' ;;
+    esac
+    return 0
+}"#;
 
 pub fn script_text(
     system_name: &str,
@@ -90,13 +156,13 @@ pub fn script_text(
     command: &Request,
     interactive: &Request,
 ) -> Result<String> {
-    let xchg = Path::new(XCHG);
+    let run = Path::new(RUN);
     let command_spec = with_xchg(
         spec,
-        Console::File(xchg.join("console.log")),
+        Console::File(run.join("console.log")),
         vec![
-            Port { name: "stdout".into(), path: xchg.join("stdout") },
-            Port { name: "stderr".into(), path: xchg.join("stderr") },
+            Port { name: "stdout".into(), path: run.join("stdout") },
+            Port { name: "stderr".into(), path: run.join("stderr") },
         ],
     );
     let interactive_spec = with_xchg(spec, Console::Stdio, Vec::new());
@@ -117,45 +183,71 @@ pub fn script_text(
 #   run-vm.sh                     a shell on the serial console (`poweroff` or Ctrl-a x ends it)
 #   run-vm.sh -- COMMAND [ARG...] runs COMMAND after the services are up; prints its
 #                                 output and exits with its status
+#
+# Only "$run/xchg" is shared with the guest, which may leave anything there: the
+# command's output, the console log and QEMU's messages are kept beside it, and the
+# status is checked before it is used.
 set -u
 if [ "${{1:-}}" = "--" ]; then shift; fi
-xchg=$(mktemp -d "${{TMPDIR:-/tmp}}/run-vm.XXXXXX") || exit 1
-trap 'rm -rf "$xchg"' EXIT
+{status_function}
+# Shows guest text: anything but printable ASCII (and, with -n, newlines and tabs) as `?`.
+vm_show() {{
+    if [ "${{1:-}}" = -n ]; then LC_ALL=C tr -d '\r' | LC_ALL=C tr -c '\t\n -~' '?'
+    else LC_ALL=C tr -c ' -~' '?'; fi
+}}
+tmp=${{TMPDIR:-/tmp}}
+case $tmp in /*) ;; *) tmp=$(pwd)/$tmp ;; esac
+run=$(mktemp -d "$tmp/run-vm.XXXXXX") || exit 1
+trap 'rm -rf "$run"' EXIT
+xchg=$run/xchg
+mkdir "$xchg" || exit 1
+# In QEMU's option values a comma separates options: one in the path is doubled.
+run_q=$(printf '%s\n' "$run" | sed 's/,/,,/g')
 if [ $# -eq 0 ]; then
     cat >"$xchg/{request}" <<'END_OF_REQUEST'
 {interactive_json}
 END_OF_REQUEST
     {interactive_qemu}
     qemu_status=$?
-    [ -s "$xchg/{status}" ] || exit $qemu_status
 else
     cat >"$xchg/{request}" <<'END_OF_REQUEST'
 {command_json}
 END_OF_REQUEST
     printf '%s\0' "$@" >"$xchg/{argv}"
-    : >"$xchg/stdout"
-    : >"$xchg/stderr"
-    {command_qemu} </dev/null >"$xchg/qemu.log" 2>&1
+    # The command's output streams through FIFOs as it is written.
+    mkfifo "$run/stdout" "$run/stderr" || exit 1
+    cat "$run/stdout" &
+    out_pid=$!
+    cat "$run/stderr" >&2 &
+    err_pid=$!
+    {command_qemu} </dev/null >"$run/qemu.log" 2>&1
     qemu_status=$?
-    cat "$xchg/stdout"
-    cat "$xchg/stderr" >&2
+    # A reader still waiting to open its FIFO (QEMU never opened it) gets a writer that
+    # closes at once: end of file. Opening read-write never blocks.
+    exec 3<>"$run/stdout" 4<>"$run/stderr"
+    exec 3>&- 4>&-
+    wait "$out_pid" "$err_pid"
 fi
-status=$(cat "$xchg/{status}" 2>/dev/null)
-case "$status" in
-    "exit "*) exit "${{status#exit }}" ;;
-    "signal "*)
-        echo "error: \`$1\` was killed by signal ${{status#signal }} in the guest" >&2
-        exit $((128 + ${{status#signal }})) ;;
-    "error "*) echo "error: the guest helper failed: ${{status#error }}" >&2 ;;
-    *) echo "error: the guest stopped without reporting a status (QEMU exit status $qemu_status)" >&2 ;;
+vm_status "$xchg/{status}"
+case $st_kind in
+    exit) exit "$st_code" ;;
+    signal)
+        echo "error: \`${{1:-/bin/sh}}\` was killed by signal $st_n in the guest" >&2
+        exit "$st_code" ;;
+    error) printf 'error: the guest helper failed: %s\n' "$(printf '%s' "$st_text" | vm_show)" >&2 ;;
+    missing)
+        if [ $# -eq 0 ]; then exit $qemu_status; fi
+        echo "error: the guest stopped without reporting a status (QEMU exit status $qemu_status)" >&2 ;;
+    *) printf 'error: the guest left an invalid status: %s; it begins "%s"\n' "$st_text" "$st_quote" >&2 ;;
 esac
-if [ -s "$xchg/console.log" ]; then
+if [ -s "$run/console.log" ]; then
     echo "last console lines:" >&2
-    tail -n 25 "$xchg/console.log" | sed 's/^/  | /' >&2
+    tail -c 16384 "$run/console.log" | tail -n 25 | vm_show -n | sed 's/^/  | /' >&2
 fi
-cat "$xchg/qemu.log" >&2 2>/dev/null
+if [ -s "$run/qemu.log" ]; then head -c 16384 "$run/qemu.log" | vm_show -n >&2; fi
 exit 1
 "#,
+        status_function = STATUS_FUNCTION,
         argv = ARGV_FILE,
         interactive_qemu = qemu_words(qemu, &interactive_spec),
         command_qemu = qemu_words(qemu, &command_spec),
@@ -213,9 +305,11 @@ mod tests {
         assert!(text.starts_with("#!/bin/sh\n"));
         assert!(text.contains("/usr/bin/qemu-system-x86_64 \\\n"));
         assert!(text.contains("\\\n    -kernel /s/k-vmlinux/vmlinux \\\n"), "{text}");
-        assert!(text.contains("'local,id=fs1,security_model=none,path='\"$xchg\"''"), "{text}");
-        assert!(text.contains("'file,id=port0,path='\"$xchg\"'/stdout'"), "{text}");
-        assert!(!text.contains("/tmp/scratch") && !text.contains(XCHG), "{text}");
+        assert!(text.contains("'local,id=fs1,security_model=none,path='\"$run_q\"'/xchg'"), "{text}");
+        assert!(text.contains("'file,id=port0,path='\"$run_q\"'/stdout'"), "{text}");
+        assert!(text.contains("'file,id=console,path='\"$run_q\"'/console.log'"), "{text}");
+        assert!(!text.contains("/tmp/scratch") && !text.contains(RUN), "{text}");
+        assert!(text.contains(STATUS_FUNCTION));
         assert!(text.contains("\"argv_file\": \"argv\""));
         assert!(text.contains("mon:stdio"));
     }

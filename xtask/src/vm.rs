@@ -81,6 +81,8 @@ pub struct VmRun<'a> {
 /// How many bytes of console output are kept for error messages.
 const CONSOLE_TAIL_BYTES: usize = 16 * 1024;
 const CONSOLE_TAIL_LINES: usize = 25;
+/// How many bytes of QEMU's own messages are kept for error messages.
+const QEMU_STDERR_BYTES: usize = 16 * 1024;
 
 impl VmRun<'_> {
     /// Boots the VM, waits for it to end and returns the status the guest reported.
@@ -172,35 +174,40 @@ impl VmRun<'_> {
             Err(e) => return Err(e),
         };
         let elapsed = started.elapsed();
-        match fs::read_to_string(&status_path) {
-            Ok(text) => match Status::decode(&text) {
-                Some(Status::Error(msg)) => bail!(
+        match read_status(&self.xchg) {
+            StatusFile::Found(bytes) => match Status::decode(&bytes) {
+                Ok(Status::Error(msg)) => bail!(
                     "the guest helper failed: {msg}{}",
                     self.console_note(&tail_text, &log_path)
                 ),
-                Some(status) => {
+                Ok(status) => {
                     let _ = fs::remove_file(&log_path);
                     if self.verbose {
                         eprintln!("vm: {} in {:.2}s", status.encode().trim_end(), elapsed.as_secs_f64());
                     }
                     Ok(status)
                 }
-                None => bail!(
-                    "the guest wrote a garbled status {text:?}{}",
+                Err(why) => bail!(
+                    "the guest wrote an invalid status: {why}{}",
                     self.console_note(&tail_text, &log_path)
                 ),
             },
-            Err(_) if interactive && qemu_status.success() => {
+            StatusFile::Refused(why) => bail!(
+                "the guest left an unusable status file (`{}` in the exchange directory): {why}; it was not read{}",
+                guest::STATUS_FILE,
+                self.console_note(&tail_text, &log_path)
+            ),
+            StatusFile::Missing if interactive && qemu_status.success() => {
                 eprintln!("the VM ended without the guest reporting a status (Ctrl-a x, or a guest crash)");
                 Ok(Status::Exited(0))
             }
-            Err(_) if !qemu_status.success() => bail!(
+            StatusFile::Missing if !qemu_status.success() => bail!(
                 "QEMU failed ({qemu_status}): {}\n(is the `{}` package installed and working?){}",
                 qemu_stderr.trim(),
                 host::QEMU_SYSTEM.package,
                 self.console_note(&tail_text, &log_path)
             ),
-            Err(_) => bail!(
+            StatusFile::Missing => bail!(
                 "the guest stopped without reporting a status (kernel panic, a crash of the guest helper, or out of memory?){}",
                 self.console_note(&tail_text, &log_path)
             ),
@@ -222,12 +229,94 @@ impl VmRun<'_> {
     }
 }
 
+/// What the guest left where its status goes.
+#[derive(Debug, PartialEq, Eq)]
+enum StatusFile {
+    /// Nothing there.
+    Missing,
+    /// A regular file's first [`guest::STATUS_MAX_BYTES`] + 1 bytes (one more than is
+    /// valid, so an oversized status is seen as one).
+    Found(Vec<u8>),
+    /// Something that is not read (a symbolic link, a directory, a FIFO, a device), and why.
+    Refused(String),
+}
+
+/// Reads the status the guest wrote, trusting nothing about it: the guest owns the
+/// exchange directory. The file is found relative to the directory (`openat`), never
+/// through a symbolic link (`O_NOFOLLOW`), only if it is a regular file (checked before
+/// opening, so no device is ever opened, and again on the open file), without waiting
+/// (`O_NONBLOCK`: a FIFO cannot block), and with a size cap. QEMU has exited, so
+/// nothing changes it meanwhile.
+fn read_status(xchg: &Path) -> StatusFile {
+    use nix::errno::Errno;
+    use nix::fcntl::{open, openat, AtFlags, OFlag};
+    use nix::sys::stat::{fstat, fstatat, FileStat, Mode as FileMode, SFlag};
+    use std::os::fd::{FromRawFd, OwnedFd};
+
+    let kind = |st: &FileStat| SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT;
+    let not_regular = |st: &FileStat| match kind(st) {
+        SFlag::S_IFLNK => "it is a symbolic link".to_string(),
+        SFlag::S_IFDIR => "it is a directory".to_string(),
+        SFlag::S_IFIFO => "it is a FIFO".to_string(),
+        SFlag::S_IFCHR | SFlag::S_IFBLK => "it is a device node".to_string(),
+        SFlag::S_IFSOCK => "it is a socket".to_string(),
+        _ => "it is not a regular file".to_string(),
+    };
+    let dir_flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC;
+    let dir = match open(xchg, dir_flags, FileMode::empty()) {
+        // SAFETY: `open` returned a new descriptor that nothing else owns.
+        Ok(fd) => unsafe { OwnedFd::from_raw_fd(fd) },
+        Err(e) => return StatusFile::Refused(format!("cannot open the exchange directory: {e}")),
+    };
+    match fstatat(Some(dir.as_raw_fd()), guest::STATUS_FILE, AtFlags::AT_SYMLINK_NOFOLLOW) {
+        Err(Errno::ENOENT) => return StatusFile::Missing,
+        Err(e) => return StatusFile::Refused(format!("cannot examine it: {e}")),
+        Ok(st) if kind(&st) != SFlag::S_IFREG => return StatusFile::Refused(not_regular(&st)),
+        Ok(_) => {}
+    }
+    let flags = OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_NOCTTY | OFlag::O_CLOEXEC;
+    let file = match openat(Some(dir.as_raw_fd()), guest::STATUS_FILE, flags, FileMode::empty()) {
+        // SAFETY: `openat` returned a new descriptor that nothing else owns.
+        Ok(fd) => File::from(unsafe { OwnedFd::from_raw_fd(fd) }),
+        Err(Errno::ENOENT) => return StatusFile::Missing,
+        Err(Errno::ELOOP) => return StatusFile::Refused("it is a symbolic link".into()),
+        Err(e) => return StatusFile::Refused(format!("cannot open it: {e}")),
+    };
+    match fstat(file.as_raw_fd()) {
+        Ok(st) if kind(&st) == SFlag::S_IFREG => {}
+        Ok(st) => return StatusFile::Refused(not_regular(&st)),
+        Err(e) => return StatusFile::Refused(format!("cannot examine it: {e}")),
+    }
+    let mut bytes = Vec::new();
+    match file.take(guest::STATUS_MAX_BYTES as u64 + 1).read_to_end(&mut bytes) {
+        Ok(_) => StatusFile::Found(bytes),
+        Err(e) => StatusFile::Refused(format!("cannot read it: {e}")),
+    }
+}
+
 fn console_tail(tail: &Mutex<VecDeque<u8>>) -> String {
     let bytes: Vec<u8> = tail.lock().map(|t| t.iter().copied().collect()).unwrap_or_default();
     let text = String::from_utf8_lossy(&bytes);
     let lines: Vec<&str> = text.lines().collect();
     let start = lines.len().saturating_sub(CONSOLE_TAIL_LINES);
-    lines[start..].iter().map(|l| format!("  | {}", l.trim_end_matches('\r'))).collect::<Vec<_>>().join("\n")
+    lines[start..]
+        .iter()
+        .map(|l| format!("  | {}", escape_controls(l.trim_end_matches('\r'))))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// As [`escape_controls`], line by line.
+fn escape_controls_keeping_lines(s: &str) -> String {
+    s.lines().map(|l| escape_controls(l.trim_end_matches('\r'))).collect::<Vec<_>>().join("\n")
+}
+
+/// The guest's text with control characters (a terminal's escape sequences among them)
+/// escaped, tabs kept, for showing on the host's terminal.
+fn escape_controls(s: &str) -> String {
+    s.chars()
+        .map(|c| if c.is_control() && c != '\t' { c.escape_default().to_string() } else { c.to_string() })
+        .collect()
 }
 
 /// Copies what QEMU writes into a FIFO to the given sinks, on a thread.
@@ -371,10 +460,16 @@ fn run_qemu(
         format!("starting `{}` (install Debian's `{}`)", host::QEMU_SYSTEM.program, host::QEMU_SYSTEM.package)
     })?;
     let mut stderr_pipe = child.stderr.take().context("QEMU's stderr")?;
+    // QEMU's messages, drained to the end (QEMU never blocks on a full pipe) and kept up
+    // to a cap, for an error message.
     let stderr_thread = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = stderr_pipe.read_to_string(&mut s);
-        s
+        let mut kept = Vec::new();
+        let mut buf = [0u8; 8192];
+        while let Ok(n @ 1..) = stderr_pipe.read(&mut buf) {
+            let room = QEMU_STDERR_BYTES.saturating_sub(kept.len());
+            kept.extend_from_slice(&buf[..n.min(room)]);
+        }
+        escape_controls_keeping_lines(&String::from_utf8_lossy(&kept))
     });
     let (tx, rx) = mpsc::channel();
     let mut guard = QemuGuard { pid: Pid::from_raw(child.id() as i32), done: rx, reaped: false };
@@ -538,5 +633,42 @@ mod tests {
         let text = console_tail(&tail);
         assert_eq!(text.lines().count(), CONSOLE_TAIL_LINES);
         assert!(text.ends_with("  | line 39"));
+    }
+
+    #[test]
+    fn status_is_read_only_from_a_regular_file_and_capped() {
+        let dir = tempfile::tempdir().unwrap();
+        let status = dir.path().join(guest::STATUS_FILE);
+        assert_eq!(read_status(dir.path()), StatusFile::Missing);
+        fs::write(&status, "exit 3\n").unwrap();
+        assert_eq!(read_status(dir.path()), StatusFile::Found(b"exit 3\n".to_vec()));
+        fs::write(&status, vec![b'a'; 1 << 20]).unwrap();
+        assert_eq!(read_status(dir.path()), StatusFile::Found(vec![b'a'; guest::STATUS_MAX_BYTES + 1]));
+        fs::remove_file(&status).unwrap();
+
+        let secret = dir.path().join("secret");
+        fs::write(&secret, "exit 0\n").unwrap();
+        std::os::unix::fs::symlink(&secret, &status).unwrap();
+        assert_eq!(read_status(dir.path()), StatusFile::Refused("it is a symbolic link".into()));
+        fs::remove_file(&status).unwrap();
+
+        fs::create_dir(&status).unwrap();
+        assert_eq!(read_status(dir.path()), StatusFile::Refused("it is a directory".into()));
+        fs::remove_dir(&status).unwrap();
+
+        // No writer ever opens it: a blocking open would wait for ever.
+        nix::unistd::mkfifo(&status, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        assert_eq!(read_status(dir.path()), StatusFile::Refused("it is a FIFO".into()));
+    }
+
+    #[test]
+    fn qemu_messages_keep_their_lines_and_lose_control_characters() {
+        assert_eq!(escape_controls_keeping_lines("a\r\nb\x1b[0m\n"), "a\nb\\u{1b}[0m");
+    }
+
+    #[test]
+    fn console_lines_have_control_characters_escaped() {
+        let tail = Mutex::new(b"ok\ttab\n\x1b]0;owned\x07\x1b[2J\r\n".iter().copied().collect::<VecDeque<u8>>());
+        assert_eq!(console_tail(&tail), "  | ok\ttab\n  | \\u{1b}]0;owned\\u{7}\\u{1b}[2J");
     }
 }

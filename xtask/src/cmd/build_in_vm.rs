@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{anyhow, bail, Context, Result};
 use guest::{Mode, Request, Status};
 
-use super::{is_env_name, parse_key_value, parse_size, usage_error, VmOpts};
+use super::{is_env_name, parse_bounded_size, parse_key_value, usage_error, VmOpts};
 use crate::qemu::{self, Disk, DiskFormat};
 use crate::store::ingest::{self, Limits};
 use crate::store::{self, DirFd, Item, Recipe, Store};
@@ -18,12 +18,16 @@ use crate::{host, system, Workspace};
 
 /// Default size of the fresh disk given with `--disk-image` (as in the reference).
 const DEFAULT_DISK_SIZE: u64 = 100 << 20;
+/// The longest item name (`--name`) or input name: every store file named after it
+/// (`<32 hex digits>-NAME.meta.<pid>` is the longest) then fits in 255 bytes.
+pub const MAX_NAME_LEN: usize = 200;
 /// Names the build's environment sets itself.
 const RESERVED_ENV: &[&str] = &["out", "PATH", "HOME", "TMPDIR"];
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct BuildInVm {
-    /// Name of the resulting store item.
+    /// Name of the resulting store item: 1 to 200 ASCII letters, digits and `+-._`, not
+    /// beginning with `.` or `-`.
     #[arg(long)]
     pub name: String,
     /// Add PATH to the store by content; the guest finds it read-only at `$NAME`.
@@ -36,9 +40,13 @@ pub struct BuildInVm {
     /// in the output.
     #[arg(long, value_enum)]
     pub disk_image: Option<DiskFormat>,
-    /// Size of the --disk-image disk (e.g. 100MiB, 2GiB).
-    #[arg(long, value_parser = parse_size, requires = "disk_image")]
+    /// Size of the --disk-image disk (e.g. 100MiB, 2GiB; 1MiB to 16TiB).
+    #[arg(long, value_parser = parse_bounded_size, requires = "disk_image")]
     pub disk_size: Option<u64>,
+    /// The most the build may store: what it writes to `$out`, with the disk image
+    /// (1MiB to 16TiB).
+    #[arg(long, value_name = "SIZE", value_parser = parse_bounded_size, default_value = "8GiB")]
+    pub max_output: u64,
     #[command(flatten)]
     pub vm: VmOpts,
     /// The build command; it writes its results into `$out`.
@@ -151,7 +159,9 @@ impl BuildInVm {
             let out_fd = xchg_dir.open_dir(OsStr::new("out")).map_err(|e| {
                 anyhow!("`$out` is no longer a directory (the build removed it, or put a link or a file there): {e}")
             })?;
-            ingest::copy_dir(&out_fd, "$out", out, &Limits::output(ingest::DEFAULT_MAX_OUTPUT))
+            // The disk image counts against the limit too (checked not to exceed it alone).
+            let limit = self.max_output - disk.map(|(_, size)| size).unwrap_or(0);
+            ingest::copy_dir(&out_fd, "$out", out, &Limits::output(limit))
                 .context("taking what the build wrote to $out")?;
             if let Some((path, format)) = disk_path {
                 let dest = out.join(format!("disk.{}", format.name()));
@@ -167,18 +177,42 @@ impl BuildInVm {
     }
 
     fn validate(&self) -> Result<()> {
-        if self.name.is_empty() || self.name.contains('/') {
-            return Err(usage_error(format!("--name `{}`: give a non-empty name without `/`", self.name)));
+        if let Err(why) = check_item_name(&self.name) {
+            return Err(usage_error(format!("--name `{}`: {why}", self.name.escape_debug())));
+        }
+        let disk = self.disk_image.map(|_| self.disk_size.unwrap_or(DEFAULT_DISK_SIZE)).unwrap_or(0);
+        if disk > self.max_output {
+            return Err(usage_error(format!(
+                "the disk image ({disk} bytes) alone is over --max-output ({} bytes); raise --max-output",
+                self.max_output
+            )));
         }
         for (name, path) in &self.inputs {
+            let shown = format!("--input {}={}", name.escape_debug(), path.escape_debug());
             if !is_env_name(name) || RESERVED_ENV.contains(&name.as_str()) {
                 return Err(usage_error(format!(
-                    "--input {name}={path}: `{name}` must be an environment variable name other than {}",
+                    "{shown}: `{}` must be an environment variable name (ASCII letters, digits and `_`, \
+                     not beginning with a digit) other than {}",
+                    name.escape_debug(),
                     RESERVED_ENV.join(", ")
                 )));
             }
+            if name.len() > MAX_NAME_LEN {
+                return Err(usage_error(format!(
+                    "{shown}: the name is {} bytes long; give at most {MAX_NAME_LEN}",
+                    name.len()
+                )));
+            }
             if fs::symlink_metadata(path).is_err() {
-                return Err(usage_error(format!("--input {name}={path}: `{path}` does not exist")));
+                return Err(usage_error(format!("{shown}: `{}` does not exist", path.escape_debug())));
+            }
+            // The input is stored under its file name.
+            let file_name = fs::canonicalize(path).ok().and_then(|p| p.file_name().map(|n| n.len()));
+            if file_name.is_some_and(|len| len > MAX_NAME_LEN) {
+                return Err(usage_error(format!(
+                    "{shown}: the file's name is longer than {MAX_NAME_LEN} bytes, too long for a store item; \
+                     rename it or link to it under a shorter name"
+                )));
             }
         }
         for (key, _) in &self.env {
@@ -204,6 +238,31 @@ impl BuildInVm {
             })
             .collect()
     }
+}
+
+/// Why `name` cannot name a store item, if it cannot: it must be 1 to [`MAX_NAME_LEN`]
+/// bytes of ASCII letters, digits and `+-._`, not begin with `.` or `-`, hold no `..`,
+/// and not look like the store's own files (`NAME.meta`, `NAME.lock`, `NAME.meta.PID`).
+pub fn check_item_name(name: &str) -> std::result::Result<(), String> {
+    if name.is_empty() {
+        return Err("give a name".into());
+    }
+    if name.len() > MAX_NAME_LEN {
+        return Err(format!("the name is {} bytes long; give at most {MAX_NAME_LEN}", name.len()));
+    }
+    if !name.chars().all(|c| c.is_ascii_alphanumeric() || "+-._".contains(c)) {
+        return Err("a name may hold only ASCII letters, digits and `+`, `-`, `.`, `_`".into());
+    }
+    if name.starts_with('.') || name.starts_with('-') {
+        return Err("a name must not begin with `.` or `-`".into());
+    }
+    if name.contains("..") {
+        return Err("a name must not hold `..`".into());
+    }
+    if name.split('.').skip(1).any(|part| part == "meta" || part == "lock") {
+        return Err("`.meta` and `.lock` name the store's own files; choose another name".into());
+    }
+    Ok(())
 }
 
 /// Adds a file or directory to the store by content. A file keeps its name inside the
@@ -268,4 +327,37 @@ fn create_disk(path: &PathBuf, format: DiskFormat, size: u64) -> Result<()> {
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn item_names() {
+        for good in ["hello", "a", "libfoo.so.1", "x+y-z_1.2", "metadata", "a.metal", &"n".repeat(MAX_NAME_LEN)] {
+            assert_eq!(check_item_name(good), Ok(()), "{good}");
+        }
+        for bad in [
+            "",
+            "a/b",
+            "a\nb",
+            "a b",
+            "a,b",
+            "..",
+            "a..b",
+            ".hidden",
+            "-x",
+            "x.meta",
+            "x.lock",
+            "x.meta.123",
+            "é",
+            &"n".repeat(MAX_NAME_LEN + 1),
+        ] {
+            assert!(check_item_name(bad).is_err(), "{bad:?}");
+        }
+        // The longest store file named after an item: `<hash>-NAME.meta.<pid>`.
+        let longest = format!("{}-{}.meta.{}", "0".repeat(32), "n".repeat(MAX_NAME_LEN), 4_194_304);
+        assert!(longest.len() <= 255, "{}", longest.len());
+    }
 }

@@ -4,7 +4,7 @@
 
 use anyhow::{Context, Result};
 
-use super::{parse_size, usage_error};
+use super::{parse_bounded_size, usage_error};
 use crate::image::{self, Builder, DiskTools, HostTools, ImageOptions, Layout, Progress};
 use crate::qemu::DiskFormat;
 use crate::store::{Outcome, Store};
@@ -20,8 +20,8 @@ pub struct VmImage {
     #[arg(long, value_enum, default_value = "qcow2")]
     pub format: DiskFormat,
     /// The whole disk's size (e.g. 2GiB); default: the closure plus a quarter of it (at
-    /// least 64 MiB) of free space.
-    #[arg(long, value_parser = parse_size)]
+    /// least 64 MiB) of free space. 1MiB to 16TiB.
+    #[arg(long, value_parser = parse_bounded_size)]
     pub size: Option<u64>,
     /// Mount the root read-only with a tmpfs overlay: writes vanish at power-off and the
     /// image is never written (a USB-stick image).

@@ -28,9 +28,6 @@ pub struct Limits {
     pub max_depth: usize,
 }
 
-/// The default cap on what a build may leave in `$out` (`--max-output`).
-pub const DEFAULT_MAX_OUTPUT: u64 = 8 << 30;
-
 impl Limits {
     /// The limits for a guest's `$out` holding at most `max_bytes`.
     pub fn output(max_bytes: u64) -> Limits {

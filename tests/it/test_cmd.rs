@@ -1,0 +1,153 @@
+//! `cargo xtask test` and cargo's runner (the workspace's tests in a VM), `run-vm
+//! --forward`, and output that streams while the command runs.
+
+use std::io::{BufRead, BufReader, Read};
+use std::net::{TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use vm_tests::{output_within, workspace_root, xtask, xtask_bin, Run, TIMEOUT};
+
+fn cargo() -> Command {
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.current_dir(workspace_root());
+    cmd
+}
+
+/// `xtask test --system hello [XTASK ARGS] -p vm-checks CARGO ARGS`.
+fn xtask_test(xtask_args: &[&str], args: &[&str]) -> Run {
+    let mut all = vec!["test", "--system", "hello", "--timeout", TIMEOUT];
+    all.extend_from_slice(xtask_args);
+    all.extend(["-p", "vm-checks"]);
+    all.extend_from_slice(args);
+    xtask(&all)
+}
+
+#[test]
+fn vm_tests_pass_in_the_vm_and_fail_clearly_on_the_host() {
+    // On the host (as root here), each fails at once, saying how to run it.
+    let mut host = cargo();
+    host.args(["test", "-q", "-p", "vm-checks", "--test", "in_vm", "--", "--ignored"]);
+    let host = output_within(host, 300);
+    assert_ne!(host.code, 0, "{host:#?}");
+    assert!(host.stdout.contains("cargo xtask test --system hello -p vm-checks"), "{host:#?}");
+
+    let run = xtask_test(&[], &["--test", "in_vm", "--", "--ignored"]);
+    run.expect_code(0);
+    assert!(run.stdout.contains("test result: ok. 4 passed; 0 failed"), "{run:#?}");
+    assert!(run.stderr.contains("     Running tests/in_vm.rs (target/debug/deps/in_vm-"), "{run:#?}");
+    // Nothing changed: nothing is built again.
+    let again = xtask_test(&["--explain"], &["--test", "in_vm", "--", "--ignored"]);
+    again.expect_code(0);
+    assert!(!again.stderr.contains("store: building"), "{again:#?}");
+    assert!(again.stderr.contains("-host-in_vm-"), "the test binary's item is not named: {again:#?}");
+}
+
+#[test]
+fn a_failing_test_gives_101_and_its_panic_message() {
+    let run = xtask_test(&[], &["--test", "fails", "--", "--ignored"]);
+    run.expect_code(101);
+    // As under `cargo test`: the captured panic in the report on stdout, the failed
+    // binary on stderr.
+    assert!(run.stdout.contains("deliberate failure after the service said \"hello-service v1"), "{run:#?}");
+    assert!(run.stderr.contains("error: test failed: tests/fails.rs"), "{run:#?}");
+    let nocapture = xtask_test(&[], &["--test", "fails", "--", "--ignored", "--nocapture"]);
+    nocapture.expect_code(101);
+    assert!(nocapture.stderr.contains("panicked at examples/vm-checks/tests/fails.rs"), "{nocapture:#?}");
+    assert!(nocapture.stderr.contains("deliberate failure after the service said"), "{nocapture:#?}");
+}
+
+/// Plain `cargo test` with xtask as cargo's runner: the binary runs in the VM. The
+/// runner is the built xtask binary, never `cargo run`, so it cannot wait on the lock
+/// cargo holds while it runs tests: a run that hangs fails here.
+#[test]
+fn cargo_runs_test_binaries_in_the_vm_through_its_runner() {
+    let runner = format!(
+        "target.x86_64-unknown-linux-gnu.runner=[\"{}\", \"test-runner\", \"--system\", \"hello\", \"--timeout\", \"{TIMEOUT}\"]",
+        xtask_bin().display()
+    );
+    for (test, code, needle) in
+        [("in_vm", 0, "test result: ok. 4 passed"), ("fails", 101, "deliberate failure after the service said")]
+    {
+        let mut cmd = cargo();
+        cmd.args(["test", "-p", "vm-checks", "--test", test, "--config", &runner, "--", "--ignored"]);
+        let run = output_within(cmd, 600);
+        assert_eq!(run.code, code, "{test}: {run:#?}");
+        assert!(run.stdout.contains(needle), "{test}: {run:#?}");
+    }
+}
+
+/// Kills and reaps a child when dropped.
+struct Reaped(Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+#[test]
+fn a_forwarded_port_reaches_the_service_from_the_host() {
+    let port = free_port();
+    let forward = format!("{port}:7878");
+    let child = Command::new(xtask_bin())
+        .args(["run-vm", "--system", "hello", "--forward", &forward, "--timeout", TIMEOUT, "--", "sleep", "120"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut vm = Reaped(child);
+    let deadline = Instant::now() + Duration::from_secs(240);
+    let answer = loop {
+        let read = TcpStream::connect(("127.0.0.1", port)).and_then(|mut s| {
+            s.set_read_timeout(Some(Duration::from_secs(10)))?;
+            let mut answer = String::new();
+            s.read_to_string(&mut answer).map(|_| answer)
+        });
+        match read {
+            Ok(answer) if !answer.is_empty() => break answer,
+            _ if Instant::now() > deadline => {
+                let _ = vm.0.kill();
+                let mut err = String::new();
+                let _ = vm.0.stderr.take().unwrap().read_to_string(&mut err);
+                panic!("nothing answered on 127.0.0.1:{port}; xtask's stderr: {err}");
+            }
+            _ => std::thread::sleep(Duration::from_millis(200)),
+        }
+    };
+    assert!(answer.starts_with("hello-service v1: hello from the VM"), "{answer:?}");
+    drop(vm);
+    // Without --forward the guest has no network interface but the loopback.
+    let run = xtask(&["run-vm", "--timeout", TIMEOUT, "--", "ls", "/sys/class/net"]);
+    run.expect_code(0);
+    assert_eq!(run.stdout, "lo\n", "{run:#?}");
+}
+
+/// The first line of a command's output reaches the host while the command is still
+/// running (it sleeps long after), from `run-vm` and from `run-vm.sh`.
+#[test]
+fn output_streams_while_the_command_runs() {
+    let script = xtask(&["run-vm", "--script"]);
+    script.expect_code(0);
+    let command = ["--", "sh", "-c", "echo first; sleep 60; echo second"];
+    let mut xtask_run = Command::new(xtask_bin());
+    xtask_run.args(["run-vm", "--timeout", TIMEOUT]).args(command);
+    let mut script_run = Command::new(script.stdout.trim_end());
+    script_run.args(command);
+    for (what, mut cmd) in [("run-vm", xtask_run), ("run-vm.sh", script_run)] {
+        let child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap();
+        let mut vm = Reaped(child);
+        let mut lines = BufReader::new(vm.0.stdout.take().unwrap()).lines();
+        let first = lines.next().expect("no output").unwrap();
+        assert_eq!(first, "first", "{what}");
+        assert!(vm.0.try_wait().unwrap().is_none(), "{what}: the first line came only after the command ended");
+        assert_eq!(lines.next().expect("no second line").unwrap(), "second", "{what}");
+        assert!(vm.0.wait().unwrap().success(), "{what}");
+    }
+}
