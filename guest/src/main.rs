@@ -369,7 +369,12 @@ fn finish(status: &Status) -> ! {
     let _ = kill(Pid::from_raw(-1), Signal::SIGKILL);
     nix::unistd::sync();
     let path = Path::new(guest::XCHG_MOUNT).join(guest::STATUS_FILE);
-    let written = File::create(&path).and_then(|mut f| {
+    // Whatever the command left at that name (a link, a directory) goes first: the
+    // status is a new regular file, never written through a link.
+    if fs::remove_file(&path).is_err() {
+        let _ = fs::remove_dir_all(&path);
+    }
+    let written = File::options().write(true).create_new(true).open(&path).and_then(|mut f| {
         f.write_all(status.encode().as_bytes())?;
         f.sync_all()
     });

@@ -132,3 +132,13 @@ fn a_huge_sparse_output_fails_naming_the_file() {
     assert!(run.stderr.contains("`$out/huge`") && run.stderr.contains("--max-output"), "{run:#?}");
     assert!(store_entries_named(&name).is_empty());
 }
+
+/// A command that plants a link (or a directory) where the status goes does not stop
+/// the guest helper from reporting the command's real status: it writes a new file.
+#[test]
+fn a_planted_status_name_does_not_hide_the_real_status() {
+    for plant in ["ln -s /proc/self/environ /xchg/status", "mkdir -p /xchg/status/x"] {
+        let run = vm_tests::run_vm(&["sh", "-c", &format!("{plant}; exit 3")]);
+        run.expect_code(3);
+    }
+}
