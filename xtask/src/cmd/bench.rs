@@ -121,6 +121,31 @@ impl Bench {
         ));
         let (floor_boot, our_boot) = (floor, ours);
 
+        // xtask-test: `cargo xtask test` of the example crate (its binaries already built)
+        // against running the same binaries on the host plus the bare boot above.
+        let selection = ["-p", "vm-checks", "--test", "in_vm"].map(String::from);
+        let binaries = super::test::build_test_binaries(ws, &selection)?;
+        let ours = measure(warmup, runs, || {
+            let mut cmd = Command::new(&xtask);
+            cmd.args(["test", "--system", "hello", "--timeout", "300"]).args(accel_flag).args(&selection);
+            run_quiet(cmd.args(["--", "--ignored"]))
+        })?;
+        let host_run = measure(warmup, runs, || {
+            for b in &binaries {
+                // On the host they fail at once (not in the VM): only their time counts.
+                let _ = Command::new(&b.path).arg("--ignored").current_dir(&b.package_dir).output()?;
+            }
+            Ok(())
+        })?;
+        figures.push(figure(
+            "xtask-test",
+            ours,
+            host_run + floor_boot,
+            accel,
+            "xtask test --system hello -p vm-checks --test in_vm -- --ignored (built)",
+            "the same binaries on the host + bare qemu boot",
+        ));
+
         // inner-loop: touch the `hello` system's service source, then ask the service in
         // a VM, against cargo building that crate the same way plus the floor's boot.
         let service_src = ws.root.join("examples/hello-service/src/main.rs");
