@@ -100,7 +100,7 @@ impl VmRun<'_> {
         } else {
             let fifo = self.fifo("console")?;
             let log = File::create(&log_path).with_context(|| format!("creating `{}`", log_path.display()))?;
-            let mut sinks: Vec<Box<dyn Write + Send>> = vec![Box::new(log)];
+            let mut sinks: Vec<Box<dyn Write + Send>> = vec![Box::new(BoundedLog::new(log))];
             if self.verbose {
                 sinks.push(Box::new(std::io::stderr()));
             }
@@ -317,6 +317,52 @@ fn escape_controls(s: &str) -> String {
     s.chars()
         .map(|c| if c.is_control() && c != '\t' { c.escape_default().to_string() } else { c.to_string() })
         .collect()
+}
+
+/// A console log of bounded size, whatever the guest prints: the first [`LOG_HEAD`]
+/// bytes (the boot) as they come, then only the last [`LOG_TAIL`] bytes, written with a
+/// note of what was left out when the log is dropped.
+struct BoundedLog {
+    file: File,
+    written: u64,
+    tail: VecDeque<u8>,
+    dropped: u64,
+}
+
+const LOG_HEAD: u64 = 256 * 1024;
+const LOG_TAIL: usize = 1024 * 1024;
+
+impl BoundedLog {
+    fn new(file: File) -> BoundedLog {
+        BoundedLog { file, written: 0, tail: VecDeque::new(), dropped: 0 }
+    }
+}
+
+impl Write for BoundedLog {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let head = (LOG_HEAD.saturating_sub(self.written) as usize).min(buf.len());
+        self.file.write_all(&buf[..head])?;
+        self.written += head as u64;
+        self.tail.extend(&buf[head..]);
+        let excess = self.tail.len().saturating_sub(LOG_TAIL);
+        self.tail.drain(..excess);
+        self.dropped += excess as u64;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.file.flush()
+    }
+}
+
+impl Drop for BoundedLog {
+    fn drop(&mut self) {
+        if self.dropped > 0 {
+            let _ = writeln!(self.file, "\n[... {} bytes of console output not kept ...]", self.dropped);
+        }
+        let (a, b) = self.tail.as_slices();
+        let _ = self.file.write_all(a).and_then(|()| self.file.write_all(b));
+    }
 }
 
 /// Copies what QEMU writes into a FIFO to the given sinks, on a thread.
@@ -625,6 +671,22 @@ mod tests {
         assert_eq!(made(Some(65534), false), 0b110, "the control: a user makes FIFOs and sockets");
         assert_eq!(made(None, true), 0, "root made a special file under the filter");
         assert_eq!(made(Some(65534), true), 0, "a user made a special file under the filter");
+    }
+
+    #[test]
+    fn the_console_log_is_bounded_and_keeps_its_head_and_tail() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log");
+        let mut log = BoundedLog::new(File::create(&path).unwrap());
+        for i in 0..100_000u32 {
+            log.write_all(format!("line {i:08}\n").as_bytes()).unwrap();
+        }
+        drop(log);
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.len() as u64 <= LOG_HEAD + LOG_TAIL as u64 + 100, "{} bytes", text.len());
+        assert!(text.starts_with("line 00000000\n"));
+        assert!(text.ends_with("line 00099999\n"));
+        assert!(text.contains("bytes of console output not kept"));
     }
 
     #[test]
