@@ -23,6 +23,7 @@
 
 use serde::{Deserialize, Serialize};
 
+pub mod control;
 pub mod ext4;
 pub mod image;
 
@@ -103,9 +104,10 @@ pub struct Request {
     /// target is created first when it is missing and its parent is writable.
     #[serde(default)]
     pub mounts: Vec<MountSpec>,
-    /// A network interface to bring up (QEMU's user networking), none when absent.
+    /// Network interfaces to bring up, each with its address (QEMU's user network for
+    /// forwarded ports, or a LAN of a scenario); none: no network.
     #[serde(default)]
-    pub net: Option<NetConfig>,
+    pub nets: Vec<NetConfig>,
 }
 
 /// The guest's one network interface.
@@ -203,6 +205,9 @@ pub enum Mode {
     Command,
     /// Run `argv` (a shell) on the serial console as its controlling terminal.
     Interactive,
+    /// Serve the control channel ([`control`]): run the host's commands one at a time
+    /// until it asks for a power-off; `argv` is not run.
+    Serve,
 }
 
 /// How the request ended, as written to [`STATUS_FILE`].

@@ -18,6 +18,7 @@ use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 
 mod disk;
+mod serve;
 mod services;
 
 fn main() {
@@ -81,7 +82,7 @@ fn run() -> Result<Status> {
     prepare(&request)?;
     let mut supervisor = services::Supervisor::default();
     start_system(&request, request.root_device.is_some(), &mut supervisor)?;
-    if let Some(net) = &request.net {
+    for net in &request.nets {
         services::network_up(net)?;
     }
     for m in &request.mounts {
@@ -120,7 +121,7 @@ fn start_config(
     Ok(())
 }
 
-fn log(msg: &str) {
+pub(crate) fn log(msg: &str) {
     // Seconds since boot (CLOCK_BOOTTIME, as /proc/uptime, which is not mounted yet at first).
     let uptime = nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
         .map(|t| format!("{}.{:02}", t.tv_sec(), t.tv_nsec() / 10_000_000))
@@ -242,7 +243,7 @@ fn prepare(request: &Request) -> Result<()> {
 /// Finds `/dev/vportNpM` for the virtio serial port called `name`. Ports are announced
 /// by the host after the device is up and added by the driver asynchronously, so this
 /// waits for them (a few seconds at most, for a loaded host).
-fn port_device(name: &str) -> Result<PathBuf> {
+pub(crate) fn port_device(name: &str) -> Result<PathBuf> {
     let class = Path::new("/sys/class/virtio-ports");
     for _ in 0..1000 {
         for entry in fs::read_dir(class).into_iter().flatten().flatten() {
@@ -271,7 +272,7 @@ fn output(port: &Option<String>) -> Result<Stdio> {
 
 /// Signals that ask PID 1 to shut down (busybox `poweroff` sends SIGUSR2, `reboot`
 /// SIGTERM, `halt` SIGUSR1; Ctrl-Alt-Del is SIGINT).
-const SHUTDOWN_SIGNALS: [Signal; 5] =
+pub(crate) const SHUTDOWN_SIGNALS: [Signal; 5] =
     [Signal::SIGUSR1, Signal::SIGUSR2, Signal::SIGTERM, Signal::SIGINT, Signal::SIGPWR];
 
 fn handled_signals() -> SigSet {
@@ -294,12 +295,16 @@ fn execute_supervised(request: &Request, supervisor: &mut services::Supervisor) 
     let signals = handled_signals();
     block_signals()?;
 
+    if request.mode == Mode::Serve {
+        return serve::serve(request, supervisor, signals);
+    }
     let mut cmd = Command::new(&request.argv[0]);
     cmd.args(&request.argv[1..]).env_clear().envs(request.env.iter().map(|(k, v)| (k, v))).current_dir(&request.cwd);
     match request.mode {
         Mode::Command => {
             cmd.stdin(Stdio::null()).stdout(output(&request.stdout_port)?).stderr(output(&request.stderr_port)?);
         }
+        Mode::Serve => unreachable!("served above"),
         Mode::Interactive => {
             let tty = "/dev/ttyS0";
             let open =
@@ -334,7 +339,7 @@ fn execute_supervised(request: &Request, supervisor: &mut services::Supervisor) 
         } else if SHUTDOWN_SIGNALS.contains(&signal) {
             log(&format!("{signal} received: shutting down"));
             return Ok(match request.mode {
-                Mode::Interactive => Status::Exited(0),
+                Mode::Interactive | Mode::Serve => Status::Exited(0),
                 Mode::Command => Status::Error(format!(
                     "the guest was shut down ({signal} to init) before `{}` exited",
                     request.argv[0]
@@ -346,7 +351,7 @@ fn execute_supervised(request: &Request, supervisor: &mut services::Supervisor) 
 
 /// Reaps every exited child (PID 1 adopts orphans); returns the main child's status
 /// once it has exited, and how the other children ended.
-fn reap(main_pid: Pid) -> (Option<Status>, Vec<(Pid, Status)>) {
+pub(crate) fn reap(main_pid: Pid) -> (Option<Status>, Vec<(Pid, Status)>) {
     let mut found = None;
     let mut others = Vec::new();
     loop {

@@ -8,6 +8,7 @@ mod faults;
 mod guest_boundary;
 mod limits;
 mod run_vm;
+mod scenario;
 mod store;
 mod systems;
 mod test_cmd;

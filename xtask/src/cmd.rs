@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod build_in_vm;
 pub mod run_vm;
+pub mod scenario;
 pub mod store;
 pub mod systems;
 pub mod test;
@@ -93,6 +94,8 @@ impl VmOpts {
             ports: Vec::new(),
             sandbox: host::qemu_supports_sandbox(&store.cache_dir()),
             forwards: Vec::new(),
+            control: None,
+            lans: Vec::new(),
         }
     }
 }

@@ -253,6 +253,8 @@ pub fn build(
         ports: Vec::new(),
         sandbox: host::qemu_supports_sandbox(&store.cache_dir()),
         forwards: Vec::new(),
+        control: None,
+        lans: Vec::new(),
     };
     let request = Request {
         version: guest::PROTOCOL_VERSION,
@@ -272,7 +274,7 @@ pub fn build(
         argv_file: None,
         root_device: None,
         mounts: Vec::new(),
-        net: None,
+        nets: Vec::new(),
     };
     progress.step(&format!(
         "booting a VM to partition the disk, make the file system ({} MiB) with the closure and install GRUB",

@@ -13,6 +13,7 @@ pub mod initrd;
 pub mod kernel;
 pub mod packages;
 pub mod qemu;
+pub mod scenario;
 pub mod script;
 pub mod store;
 pub mod system;

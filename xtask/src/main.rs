@@ -3,6 +3,7 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use xtask::cmd::scenario::ScenarioCmd;
 use xtask::cmd::test::{Test, TestRunner};
 use xtask::cmd::{bench::Bench, build_in_vm::BuildInVm, run_vm::RunVm, vm_image::VmImage, EXIT_USAGE};
 use xtask::vm::Failure;
@@ -35,6 +36,8 @@ enum Cmd {
     Test(Test),
     /// Cargo's runner: run one test binary in a VM (`target.<triple>.runner`).
     TestRunner(TestRunner),
+    /// Boot a scenario's VMs on their virtual networks and run its script.
+    Scenario(ScenarioCmd),
 }
 
 fn main() -> ExitCode {
@@ -55,6 +58,7 @@ fn main() -> ExitCode {
         Cmd::Bench(cmd) => cmd.run(&ws),
         Cmd::Test(cmd) => cmd.run(&ws),
         Cmd::TestRunner(cmd) => cmd.run(&ws),
+        Cmd::Scenario(cmd) => cmd.run(&ws),
     };
     match result {
         Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),

@@ -144,6 +144,33 @@ pub struct VmSpec {
     /// (its interface accepts loopback addresses), so services that listen there only,
     /// as most do, are reached.
     pub forwards: Vec<Forward>,
+    /// A unix socket QEMU listens on for the control channel's serial port
+    /// ([`guest::control`]); none without.
+    pub control: Option<PathBuf>,
+    /// Network interfaces joined to a virtual LAN: datagrams over unix sockets to a hub
+    /// that xtask runs (no root, no bridge). In order: `eth0`, `eth1`, ...
+    pub lans: Vec<Lan>,
+}
+
+/// One network interface on a LAN of xtask's hub: QEMU's `dgram` netdev bound at
+/// `local`, sending to the hub's socket `hub`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lan {
+    pub local: PathBuf,
+    pub hub: PathBuf,
+    pub mac: String,
+}
+
+/// The LAN interfaces: a `dgram` netdev on unix sockets and a virtio-net device each.
+pub fn lan_args(lans: &[Lan]) -> Vec<OsString> {
+    let mut args = Vec::new();
+    for (i, lan) in lans.iter().enumerate() {
+        let mut netdev = path_arg(&format!("dgram,id=lan{i},local.type=unix,local.path="), &lan.local);
+        netdev.push(path_arg(",remote.type=unix,remote.path=", &lan.hub));
+        args.extend(["-netdev".into(), netdev]);
+        args.extend(os(&["-device", &format!("virtio-net-device,netdev=lan{i},mac={}", lan.mac)]));
+    }
+    args
 }
 
 /// A TCP port forwarded from the host's 127.0.0.1 to the guest.
@@ -288,14 +315,21 @@ pub fn disk_args(disks: &[Disk]) -> Vec<OsString> {
     args
 }
 
-pub fn port_args(ports: &[Port]) -> Vec<OsString> {
-    if ports.is_empty() {
+pub fn port_args(ports: &[Port], control: Option<&Path>) -> Vec<OsString> {
+    if ports.is_empty() && control.is_none() {
         return Vec::new();
     }
     let mut args = os(&["-device", "virtio-serial-device"]);
     for (i, port) in ports.iter().enumerate() {
         args.extend(["-chardev".into(), path_arg(&format!("file,id=port{i},path="), &port.path)]);
         args.extend(os(&["-device", &format!("virtserialport,chardev=port{i},name={}", port.name)]));
+    }
+    if let Some(path) = control {
+        // A server socket that does not wait for a client: xtask connects once QEMU runs.
+        let mut chardev = path_arg("socket,id=control,path=", path);
+        chardev.push(",server=on,wait=off");
+        args.extend(["-chardev".into(), chardev]);
+        args.extend(os(&["-device", &format!("virtserialport,chardev=control,name={}", guest::control::CONTROL_PORT)]));
     }
     args
 }
@@ -311,8 +345,9 @@ pub fn args(spec: &VmSpec) -> Vec<OsString> {
         console_args(&spec.console),
         share_args(&spec.shares),
         disk_args(&spec.disks),
-        port_args(&spec.ports),
+        port_args(&spec.ports, spec.control.as_deref()),
         net_args(&spec.forwards),
+        lan_args(&spec.lans),
     ]
     .concat()
 }
@@ -349,6 +384,8 @@ mod tests {
             ports: vec![Port { name: "stdout".into(), path: "/r/out".into() }],
             sandbox: true,
             forwards: Vec::new(),
+            control: None,
+            lans: Vec::new(),
         }
     }
 

@@ -276,6 +276,8 @@ mod tests {
             ports: Vec::new(),
             sandbox: false,
             forwards: Vec::new(),
+            control: None,
+            lans: Vec::new(),
         }
     }
 
@@ -295,7 +297,7 @@ mod tests {
             argv_file: None,
             root_device: None,
             mounts: Vec::new(),
-            net: None,
+            nets: Vec::new(),
         }
     }
 

@@ -276,6 +276,6 @@ pub fn root_request(system: &System, lowered: &Lowered, mode: Mode, argv: Vec<St
         argv_file: None,
         root_device: None,
         mounts: Vec::new(),
-        net: None,
+        nets: Vec::new(),
     }
 }

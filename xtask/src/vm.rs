@@ -296,7 +296,12 @@ fn read_status(xchg: &Path) -> StatusFile {
 
 fn console_tail(tail: &Mutex<VecDeque<u8>>) -> String {
     let bytes: Vec<u8> = tail.lock().map(|t| t.iter().copied().collect()).unwrap_or_default();
-    let text = String::from_utf8_lossy(&bytes);
+    tail_lines(&bytes)
+}
+
+/// The last lines of console output, each shown as `  | LINE`, for an error message.
+pub fn tail_lines(bytes: &[u8]) -> String {
+    let text = String::from_utf8_lossy(bytes);
     let lines: Vec<&str> = text.lines().collect();
     let start = lines.len().saturating_sub(CONSOLE_TAIL_LINES);
     lines[start..]
@@ -463,7 +468,7 @@ impl Drop for QemuGuard {
 
 /// Writes the request where the guest helper reads it, whole or not at all (it may be
 /// looking for it already).
-fn write_request(xchg: &Path, request: &Request) -> Result<()> {
+pub fn write_request(xchg: &Path, request: &Request) -> Result<()> {
     let path = xchg.join(guest::REQUEST_FILE);
     let tmp = xchg.join(format!(".{}.tmp", guest::REQUEST_FILE));
     fs::write(&tmp, serde_json::to_vec_pretty(request)?).with_context(|| format!("writing `{}`", tmp.display()))?;
@@ -479,29 +484,7 @@ fn run_qemu(
     started: impl FnOnce() -> Result<()>,
 ) -> Result<QemuEnd> {
     install_signal_handlers()?;
-    let mut cmd = Command::new(host::QEMU_SYSTEM.program);
-    cmd.args(args).stderr(Stdio::piped());
-    if !interactive {
-        cmd.stdin(Stdio::null()).stdout(Stdio::null());
-    }
-    // SAFETY: prctl, seccomp (with a static filter) and setpgid are async-signal-safe.
-    unsafe {
-        cmd.pre_exec(move || {
-            // QEMU dies with xtask, even when xtask is SIGKILLed.
-            if nix::libc::prctl(nix::libc::PR_SET_PDEATHSIG, nix::libc::SIGKILL) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            // The guest must not make device nodes, FIFOs or sockets on the host through
-            // its 9p shares, whoever runs QEMU: it never gets to call mknod.
-            deny_mknod()?;
-            // Off the terminal's process group, Ctrl-C reaches only xtask, which then
-            // stops QEMU (QEMU itself would exit 0 on SIGINT, as if all went well).
-            if !interactive && nix::libc::setpgid(0, 0) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    let mut cmd = qemu_command(args, interactive);
     let mut child = cmd.spawn().with_context(|| {
         format!("starting `{}` (install Debian's `{}`)", host::QEMU_SYSTEM.program, host::QEMU_SYSTEM.package)
     })?;
@@ -554,6 +537,38 @@ fn run_qemu(
             return Ok(QemuEnd::TimedOut);
         }
     }
+}
+
+/// QEMU's command with the rules every VM's QEMU runs under: it dies with xtask (even
+/// a SIGKILLed one), it cannot `mknod` ([`deny_mknod`]), and unless `interactive` it is
+/// in its own process group with stdin and stdout closed, so Ctrl-C reaches only xtask,
+/// which then stops it (QEMU itself would exit 0 on SIGINT, as if all went well).
+/// stderr is piped.
+pub fn qemu_command(args: &[std::ffi::OsString], interactive: bool) -> Command {
+    let mut cmd = Command::new(host::QEMU_SYSTEM.program);
+    cmd.args(args).stderr(Stdio::piped());
+    if !interactive {
+        cmd.stdin(Stdio::null()).stdout(Stdio::null());
+    }
+    // SAFETY: prctl, seccomp (with a static filter) and setpgid are async-signal-safe.
+    unsafe {
+        cmd.pre_exec(move || {
+            // QEMU dies with xtask, even when xtask is SIGKILLed.
+            if nix::libc::prctl(nix::libc::PR_SET_PDEATHSIG, nix::libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The guest must not make device nodes, FIFOs or sockets on the host through
+            // its 9p shares, whoever runs QEMU: it never gets to call mknod.
+            deny_mknod()?;
+            // Off the terminal's process group, Ctrl-C reaches only xtask, which then
+            // stops QEMU (QEMU itself would exit 0 on SIGINT, as if all went well).
+            if !interactive && nix::libc::setpgid(0, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd
 }
 
 /// Installs a seccomp filter on the calling process (and so on what it executes) that

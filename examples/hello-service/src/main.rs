@@ -1,4 +1,5 @@
-//! A tiny service for the `hello` system: listens on 127.0.0.1:PORT and answers every
+//! A tiny service for the `hello` system: listens on ADDRESS:PORT (`hello-service PORT
+//! [ADDRESS]`, 127.0.0.1 unless given) and answers every
 //! connection with one line, `hello-service v1: GREETING`, where the greeting comes from
 //! the file named by `HELLO_GREETING_FILE` (or a default).
 
@@ -9,11 +10,12 @@ const VERSION: &str = "v1";
 
 fn main() {
     let port = std::env::args().nth(1).unwrap_or_else(|| "7878".to_string());
+    let address = std::env::args().nth(2).unwrap_or_else(|| "127.0.0.1".to_string());
     let greeting = std::env::var("HELLO_GREETING_FILE")
         .ok()
         .and_then(|path| std::fs::read_to_string(path).ok())
         .unwrap_or_else(|| "hello".to_string());
-    let listener = match TcpListener::bind(format!("127.0.0.1:{port}")) {
+    let listener = match TcpListener::bind(format!("{address}:{port}")) {
         Ok(l) => l,
         Err(e) => {
             eprintln!("hello-service: cannot listen on port {port}: {e}");

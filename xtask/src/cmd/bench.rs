@@ -92,6 +92,8 @@ impl Bench {
             ports: Vec::new(),
             sandbox: host::qemu_supports_sandbox(&store.cache_dir()),
             forwards: Vec::new(),
+            control: None,
+            lans: Vec::new(),
         };
         let scratch = store.scratch("bench")?;
         let floor = measure(warmup, runs, || {
@@ -145,6 +147,14 @@ impl Bench {
             "xtask test --system hello -p vm-checks --test in_vm -- --ignored (built)",
             "the same binaries on the host + bare qemu boot",
         ));
+
+        // scenario: `hello-pair` end to end (two nodes booting at once, a request, the
+        // link cut for a 3 s timeout and restored) against one bare boot.
+        let ours = measure(warmup, runs, || {
+            let mut cmd = Command::new(&xtask);
+            run_quiet(cmd.args(["scenario", "hello-pair"]).args(accel_flag))
+        })?;
+        figures.push(figure("scenario", ours, floor_boot, accel, "xtask scenario hello-pair", "bare qemu boot"));
 
         // inner-loop: touch the `hello` system's service source, then ask the service in
         // a VM, against cargo building that crate the same way plus the floor's boot.

@@ -116,7 +116,7 @@ impl BuildInVm {
                 argv_file: None,
                 root_device: None,
                 mounts: Vec::new(),
-                net: None,
+                nets: Vec::new(),
             };
             if self.vm.explain {
                 eprintln!("vm: booting to build `{}`", self.name);

@@ -108,10 +108,12 @@ impl RunVm {
         validate::check(&declared, &mut validate::HostFacts::new(&store, ws))?;
         let mut system = declared.virtualized();
         add_root_image_modules(&mut system);
-        let net = (!self.forwards.is_empty()).then(|| {
+        let nets: Vec<NetConfig> = if self.forwards.is_empty() {
+            Vec::new()
+        } else {
             system.initrd_modules.push(qemu::NET_MODULE.to_string());
-            NetConfig { interface: qemu::GUEST_INTERFACE.into(), address: qemu::GUEST_ADDRESS.into() }
-        });
+            vec![NetConfig { interface: qemu::GUEST_INTERFACE.into(), address: qemu::GUEST_ADDRESS.into() }]
+        };
         let accel = qemu::choose_accel(self.vm.accel)?;
         // What QEMU needs comes first; the packages and the system item (say, a
         // workspace crate cargo rebuilds) are made while the VM boots.
@@ -127,7 +129,7 @@ impl RunVm {
             spec
         };
         let request = |system: &System, lowered: &Lowered, item: &Item, device: Option<&str>, mode, argv| Request {
-            net: net.clone(),
+            nets: nets.clone(),
             ..request(system, lowered, item, device, mode, argv)
         };
         let lower = |boot: Lowered| -> Result<(Lowered, Item)> {
@@ -166,8 +168,10 @@ impl RunVm {
             let (lowered, system_item) = lower(boot.clone())?;
             (request(&system, &lowered, &system_item, root_device.as_deref(), mode, argv), None)
         } else {
-            let placeholder =
-                Request { net: net.clone(), ..system::root_request(&system, &boot, mode, argv.clone(), String::new()) };
+            let placeholder = Request {
+                nets: nets.clone(),
+                ..system::root_request(&system, &boot, mode, argv.clone(), String::new())
+            };
             let later = || {
                 let (lowered, system_item) = lower(boot.clone())?;
                 Ok(request(&system, &lowered, &system_item, root_device.as_deref(), mode, argv))

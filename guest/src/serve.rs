@@ -1,0 +1,163 @@
+//! Serving the control channel ([`guest::control`]): the helper runs the host's commands
+//! one at a time on a thread of its own, while PID 1's signal loop goes on reaping
+//! children (handing the statuses of the commands back to that thread) and restarting
+//! services.
+
+use std::collections::HashMap;
+use std::fs::OpenOptions;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::process::{Command, Stdio};
+use std::sync::mpsc::{self, Sender};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use guest::control::{base64_encode, FromGuest, ToGuest, CONTROL_PORT};
+use guest::{Request, Status};
+use nix::sys::signal::{kill, SigSet, Signal};
+use nix::unistd::Pid;
+
+use crate::services::Supervisor;
+use crate::{log, port_device, reap, Result, SHUTDOWN_SIGNALS};
+
+/// Children the control thread waits for, and where their statuses go.
+type Waiting = Arc<Mutex<HashMap<Pid, Sender<Status>>>>;
+
+/// Serves until the host asks for a power-off (or init is asked to shut down).
+pub fn serve(request: &Request, supervisor: &mut Supervisor, signals: SigSet) -> Result<Status> {
+    let waiting: Waiting = Arc::default();
+    let dev = port_device(CONTROL_PORT)?;
+    let port = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&dev)
+        .map_err(|e| format!("cannot open {}: {e}", dev.display()))?;
+    let thread_waiting = waiting.clone();
+    let request = request.clone();
+    std::thread::spawn(move || {
+        if let Err(e) = control_loop(port, &request, &thread_waiting) {
+            log(&format!("control channel: {e}"));
+        }
+        // The host is gone or asked for a power-off: end as a shutdown does.
+        let _ = kill(Pid::this(), Signal::SIGUSR2);
+    });
+    log("serving the control channel");
+    loop {
+        let signal = signals.wait().map_err(|e| format!("sigwait: {e}"))?;
+        if signal == Signal::SIGCHLD {
+            let (_, ended) = reap(Pid::from_raw(0));
+            let mut waiting = waiting.lock().unwrap_or_else(|e| e.into_inner());
+            for (pid, how) in ended {
+                match waiting.remove(&pid) {
+                    Some(tx) => drop(tx.send(how)),
+                    None => supervisor.exited(pid, &how),
+                }
+            }
+        } else if SHUTDOWN_SIGNALS.contains(&signal) {
+            log(&format!("{signal} received: shutting down"));
+            return Ok(Status::Exited(0));
+        }
+    }
+}
+
+fn control_loop(port: std::fs::File, request: &Request, waiting: &Waiting) -> Result<()> {
+    let mut out = port.try_clone().map_err(|e| format!("cannot duplicate the control port: {e}"))?;
+    let mut send = |m: &FromGuest| -> Result<()> {
+        let mut line = serde_json::to_string(m).map_err(|e| e.to_string())?;
+        line.push('\n');
+        out.write_all(line.as_bytes()).and_then(|()| out.flush()).map_err(|e| format!("writing to the host: {e}"))
+    };
+    send(&FromGuest::Ready)?;
+    log("control channel ready");
+    let mut reader = BufReader::new(port);
+    let mut line = String::new();
+    loop {
+        line.clear();
+        // No host connected reads as the end of the input: wait for one (a driver that
+        // let go of a kept node, then a shell attaching to it).
+        if reader.read_line(&mut line).map_err(|e| format!("reading from the host: {e}"))? == 0 {
+            std::thread::sleep(Duration::from_millis(100));
+            continue;
+        }
+        if line.trim().is_empty() {
+            continue;
+        }
+        match serde_json::from_str::<ToGuest>(&line) {
+            Ok(ToGuest::Run { argv, timeout_ms }) => {
+                let done = run(&argv, timeout_ms, request, waiting);
+                // The host may have gone meanwhile; the next one asks again.
+                let _ = send(&done);
+            }
+            Ok(ToGuest::PowerOff) => return Ok(()),
+            Err(e) => {
+                let _ = send(&FromGuest::Failed { error: format!("not a message: {e}") });
+            }
+        }
+    }
+}
+
+/// Runs one command with the request's environment and working directory.
+fn run(argv: &[String], timeout_ms: u64, request: &Request, waiting: &Waiting) -> FromGuest {
+    let Some((program, args)) = argv.split_first() else {
+        return FromGuest::Failed { error: "an empty command".into() };
+    };
+    let mut cmd = Command::new(program);
+    cmd.args(args)
+        .env_clear()
+        .envs(request.env.iter().map(|(k, v)| (k, v)))
+        .current_dir(&request.cwd)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let (tx, rx) = mpsc::channel();
+    // Registered before the reaper can see it exit: it takes the same lock.
+    let mut child = {
+        let mut waiting = waiting.lock().unwrap_or_else(|e| e.into_inner());
+        match cmd.spawn() {
+            Ok(child) => {
+                waiting.insert(Pid::from_raw(child.id() as i32), tx);
+                child
+            }
+            Err(e) => return FromGuest::Failed { error: format!("cannot run `{program}`: {e}") },
+        }
+    };
+    let pid = Pid::from_raw(child.id() as i32);
+    // Output is gathered as it comes: a process the command left running in the
+    // background may hold the pipes open long after the command itself has ended.
+    let drain = |r: Option<Box<dyn Read + Send>>| {
+        let buf: Arc<Mutex<Vec<u8>>> = Arc::default();
+        let (done_tx, done_rx) = mpsc::channel::<()>();
+        let shared = buf.clone();
+        std::thread::spawn(move || {
+            let mut chunk = [0u8; 8192];
+            if let Some(mut r) = r {
+                while let Ok(n @ 1..) = r.read(&mut chunk) {
+                    shared.lock().unwrap_or_else(|e| e.into_inner()).extend_from_slice(&chunk[..n]);
+                }
+            }
+            let _ = done_tx.send(());
+        });
+        (buf, done_rx)
+    };
+    let stdout = drain(child.stdout.take().map(|r| Box::new(r) as Box<dyn Read + Send>));
+    let stderr = drain(child.stderr.take().map(|r| Box::new(r) as Box<dyn Read + Send>));
+    let (status, timed_out) = match rx.recv_timeout(Duration::from_millis(timeout_ms)) {
+        Ok(status) => (status, false),
+        Err(_) => {
+            let _ = kill(pid, Signal::SIGKILL);
+            (rx.recv().unwrap_or(Status::Signaled(9)), true)
+        }
+    };
+    // The child is reaped by PID 1's loop: forget it here without waiting.
+    std::mem::forget(child);
+    let (exit, signal) = match status {
+        Status::Exited(code) => (Some(code), None),
+        Status::Signaled(sig) => (None, Some(sig)),
+        Status::Error(_) => (None, None),
+    };
+    let take = |(buf, done): (Arc<Mutex<Vec<u8>>>, mpsc::Receiver<()>)| {
+        let _ = done.recv_timeout(Duration::from_secs(2));
+        let bytes = std::mem::take(&mut *buf.lock().unwrap_or_else(|e| e.into_inner()));
+        base64_encode(&bytes)
+    };
+    FromGuest::Done { exit, signal, timed_out, stdout: take(stdout), stderr: take(stderr) }
+}

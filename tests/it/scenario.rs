@@ -1,0 +1,98 @@
+//! Scenarios: several VMs on a virtual network, driven by a Rust function.
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+use vm_tests::{children_named, output_within, process_gone, send_signal, wait_until, xtask_bin, xtask_env};
+
+fn scenario(args: &[&str]) -> vm_tests::Run {
+    let mut cmd = Command::new(xtask_bin());
+    cmd.arg("scenario").args(args);
+    output_within(cmd, 900)
+}
+
+/// hello-pair: the client reaches the server's service by name, fails while cut off,
+/// and reaches it again once back.
+#[test]
+fn hello_pair_passes() {
+    let run = scenario(&["hello-pair"]);
+    run.expect_code(0);
+    assert!(run.stderr.contains("scenario `hello-pair`: passed"), "{run:#?}");
+    assert!(run.stdout.is_empty(), "{run:#?}");
+    let logs = vm_tests::workspace_root().join("target/vmlogs");
+    let served = std::fs::read_dir(logs).unwrap().flatten().any(|e| {
+        e.file_name().to_string_lossy().starts_with("scenario-hello-pair-server-")
+            && std::fs::read_to_string(e.path()).unwrap_or_default().contains("serving the control channel")
+    });
+    assert!(served, "no console log of the server node in target/vmlogs");
+}
+
+/// A failing step names the node, the command, its status and output, and shows the
+/// node's console tail.
+#[test]
+fn a_failing_scenario_shows_node_command_status_output_and_console() {
+    let run = scenario(&["hello-pair-broken"]);
+    run.expect_code(1);
+    for needle in [
+        "error: scenario `hello-pair-broken` failed: node `client`",
+        "`echo asking; nc -w 3 server 7879 </dev/null` should have succeeded, but it ended with exit status 1",
+        "stdout: \"asking\\n\"",
+        "stderr: \"nc: can't connect to remote host (10.77.0.1): Connection refused\\n\"",
+        "last console lines (full log: ",
+        "  | guest[",
+    ] {
+        assert!(run.stderr.contains(needle), "missing {needle:?}: {run:#?}");
+    }
+}
+
+/// `--keep` leaves the nodes up after the script; `--shell NODE` runs commands there;
+/// Ctrl-C ends every node.
+#[test]
+fn kept_nodes_take_a_shell_and_end_with_ctrl_c() {
+    let kept = vm_tests::workspace_root().join("target/scenarios/hello-pair-broken.json");
+    let _ = std::fs::remove_file(&kept);
+    let keeper = Command::new(xtask_bin())
+        .args(["scenario", "hello-pair-broken", "--keep"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = keeper.id();
+    assert!(wait_until(600, || kept.is_file()), "the scenario never said its nodes were kept");
+    let qemus = children_named(pid, "qemu-system-x86");
+    assert_eq!(qemus.len(), 2, "two nodes should be up: {qemus:?}");
+
+    let mut shell = Command::new(xtask_bin())
+        .args(["scenario", "hello-pair-broken", "--shell", "server"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    shell.stdin.take().unwrap().write_all(b"hostname\ncat /etc/hosts\n").unwrap();
+    let out = shell.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.starts_with("server\n"), "{stdout}");
+    assert!(stdout.contains("10.77.0.1 server\n10.77.0.2 client\n"), "{stdout}");
+
+    send_signal(pid, "INT");
+    let out = keeper.wait_with_output().unwrap();
+    assert!(!out.status.success());
+    for q in qemus {
+        assert!(wait_until(30, || process_gone(q)), "node QEMU {q} outlived Ctrl-C");
+    }
+    let run = xtask_env(&["scenario", "hello-pair-broken", "--shell", "server"], &[]);
+    assert_ne!(run.code, 0, "a shell attached to a scenario no longer running: {run:#?}");
+}
+
+#[test]
+fn unknown_scenarios_are_usage_errors() {
+    let run = scenario(&["no-such-scenario"]);
+    run.expect_code(2);
+    assert!(run.stderr.contains("known scenarios: hello-pair"), "{run:#?}");
+    let list = scenario(&["--list"]);
+    list.expect_code(0);
+    assert!(list.stdout.contains("hello-pair ") && list.stdout.contains("hello-pair-broken "), "{list:#?}");
+}

@@ -1,0 +1,476 @@
+//! Scenarios: several VMs on virtual networks, driven by an ordinary Rust function
+//! (`cargo xtask scenario NAME`). Each node is a [`System`] booted as `run-vm` boots it,
+//! in request mode `serve`: once its services are up, the guest helper runs the
+//! driver's commands over a control channel (a virtio serial port on a unix socket,
+//! [`guest::control`]). Nodes boot in parallel; their LANs are hubs in xtask
+//! ([`hub`]), so a node can be cut off and put back; every node's name is in every
+//! node's `/etc/hosts`. Each call has a timeout, and a failure names the node, the
+//! command, its status and output, and shows the node's console tail.
+
+pub mod hub;
+pub mod named;
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::Child;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use guest::control::{base64_decode, FromGuest, ToGuest};
+use guest::{Mode, NetConfig};
+use os_configs::{EtcFile, System};
+
+use crate::cmd::{run_vm, VmOpts};
+use crate::qemu::{self, Accel, Console, Disk, DiskFormat, Lan as LanSpec};
+use crate::store::Store;
+use crate::{system, validate, vm, Workspace};
+
+/// A scenario: nodes, the networks joining them, and the script that drives them.
+pub struct Scenario {
+    pub name: String,
+    pub description: String,
+    /// Each node's name (also its host name) and system.
+    pub nodes: Vec<(String, System)>,
+    /// Each network's name and the nodes on it.
+    pub networks: Vec<(String, Vec<String>)>,
+    pub script: fn(&mut Driver) -> Result<()>,
+}
+
+/// How long a node may take to boot and bring its services up.
+pub const BOOT_TIMEOUT: Duration = Duration::from_secs(240);
+/// A command's timeout unless a call says otherwise.
+pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The address of node `i` on network `lan`.
+fn address(lan: usize, i: usize) -> String {
+    format!("10.77.{lan}.{}", i + 1)
+}
+
+/// What the script drives: the scenario's nodes and networks.
+pub struct Driver {
+    name: String,
+    nodes: BTreeMap<String, Node>,
+    lans: Vec<hub::Lan>,
+    /// Holds the unix sockets of the LANs and the control channels.
+    _sockets: tempfile::TempDir,
+}
+
+/// One node: its QEMU once started, and its control channel.
+pub struct Node {
+    name: String,
+    args: Vec<std::ffi::OsString>,
+    control_path: PathBuf,
+    console: PathBuf,
+    qemu: Option<Child>,
+    control: Option<(BufReader<UnixStream>, UnixStream)>,
+    _xchg: tempfile::TempDir,
+}
+
+/// How a command on a node ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outcome {
+    pub exit: Option<i32>,
+    pub signal: Option<i32>,
+    pub timed_out: bool,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Outcome {
+    fn status(&self) -> String {
+        match (self.timed_out, self.exit, self.signal) {
+            (true, _, _) => "timed out".to_string(),
+            (_, Some(code), _) => format!("exit status {code}"),
+            (_, _, Some(sig)) => format!("killed by signal {sig}"),
+            _ => "no status".to_string(),
+        }
+    }
+}
+
+impl Driver {
+    /// Lowers every node's system and prepares its VM; starts nothing yet.
+    pub fn prepare(ws: &Workspace, opts: &VmOpts, store: &Store, scenario: &Scenario) -> Result<Driver> {
+        let sockets = tempfile::Builder::new().prefix("xtask-scn.").tempdir().context("making a socket directory")?;
+        let names: Vec<String> = scenario.nodes.iter().map(|(n, _)| n.clone()).collect();
+        for (net, members) in &scenario.networks {
+            if let Some(m) = members.iter().find(|m| !names.contains(m)) {
+                bail!("scenario `{}`: network `{net}` names `{m}`, which is not a node", scenario.name);
+            }
+        }
+        let mut lans = Vec::new();
+        for (i, (net, members)) in scenario.networks.iter().enumerate() {
+            lans.push(hub::Lan::start(sockets.path(), i, net, members)?);
+        }
+        // Every node's name, by its address on the first network it is on.
+        let mut hosts = String::from("127.0.0.1 localhost\n");
+        for node in &names {
+            let on = scenario
+                .networks
+                .iter()
+                .enumerate()
+                .find_map(|(l, (_, m))| m.iter().position(|n| n == node).map(|i| address(l, i)));
+            if let Some(addr) = on {
+                hosts.push_str(&format!("{addr} {node}\n"));
+            }
+        }
+        let accel = qemu::choose_accel(opts.accel)?;
+        let log_dir = ws.log_dir();
+        std::fs::create_dir_all(&log_dir).with_context(|| format!("creating `{}`", log_dir.display()))?;
+        let mut nodes = BTreeMap::new();
+        for (node, declared) in &scenario.nodes {
+            let mut lans_of = Vec::new();
+            for (l, (_, members)) in scenario.networks.iter().enumerate() {
+                if let Some(i) = members.iter().position(|m| m == node) {
+                    lans_of.push((l, i, lans[l].ports[node].clone()));
+                }
+            }
+            let plan = NodePlan {
+                scenario: &scenario.name,
+                node,
+                declared,
+                hosts: &hosts,
+                lans: &lans_of,
+                sockets: sockets.path(),
+            };
+            let prepared = plan
+                .prepare(ws, opts, store, accel)
+                .with_context(|| format!("preparing node `{node}` of scenario `{}`", scenario.name))?;
+            nodes.insert(node.clone(), prepared);
+        }
+        Ok(Driver { name: scenario.name.clone(), nodes, lans, _sockets: sockets })
+    }
+
+    /// Boots every node (in parallel) and waits until each one's services are up.
+    pub fn start_all(&mut self) -> Result<()> {
+        for node in self.nodes.values_mut() {
+            node.spawn()?;
+        }
+        for node in self.nodes.values_mut() {
+            node.connect()?;
+        }
+        Ok(())
+    }
+
+    /// The node called `name`.
+    pub fn node(&mut self, name: &str) -> Result<&mut Node> {
+        let scenario = &self.name;
+        self.nodes.get_mut(name).ok_or_else(|| anyhow!("scenario `{scenario}` has no node `{name}`"))
+    }
+
+    /// Cuts `node` off every network (frames to and from it are dropped).
+    pub fn block(&self, node: &str) -> Result<()> {
+        self.set_blocked(node, true)
+    }
+
+    /// Puts `node` back on its networks.
+    pub fn unblock(&self, node: &str) -> Result<()> {
+        self.set_blocked(node, false)
+    }
+
+    fn set_blocked(&self, node: &str, blocked: bool) -> Result<()> {
+        let lans: Vec<&hub::Lan> = self.lans.iter().filter(|l| l.ports.contains_key(node)).collect();
+        if lans.is_empty() {
+            bail!("scenario `{}`: node `{node}` is on no network", self.name);
+        }
+        for lan in lans {
+            lan.set_blocked(node, blocked);
+        }
+        Ok(())
+    }
+
+    /// The nodes' control sockets (for `--keep`): the driver lets go of them, so a
+    /// shell can attach.
+    pub fn release(&mut self) -> Vec<(String, PathBuf, PathBuf)> {
+        self.nodes
+            .values_mut()
+            .map(|n| {
+                n.control = None;
+                (n.name.clone(), n.control_path.clone(), n.console.clone())
+            })
+            .collect()
+    }
+
+    /// Waits until every node's QEMU has ended (Ctrl-C ends them all with xtask).
+    pub fn wait_all(&mut self) {
+        for node in self.nodes.values_mut() {
+            if let Some(child) = &mut node.qemu {
+                let _ = child.wait();
+            }
+        }
+    }
+}
+
+/// What makes one node of a scenario.
+struct NodePlan<'a> {
+    scenario: &'a str,
+    node: &'a str,
+    declared: &'a System,
+    /// `/etc/hosts` of every node.
+    hosts: &'a str,
+    /// The networks it is on: (network index, its index there, its hub port).
+    lans: &'a [(usize, usize, hub::Port)],
+    /// Where the unix sockets go.
+    sockets: &'a Path,
+}
+
+impl NodePlan<'_> {
+    /// Lowers the node's system and prepares its VM (started by [`Node::spawn`]).
+    fn prepare(&self, ws: &Workspace, opts: &VmOpts, store: &Store, accel: Accel) -> Result<Node> {
+        let NodePlan { scenario, node, declared, hosts, lans, sockets } = *self;
+        validate::check(declared, &mut validate::HostFacts::new(store, ws))?;
+        let mut system = declared.virtualized();
+        system.name = format!("{scenario}-{node}");
+        system.hostname = node.to_string();
+        system.etc_files.retain(|f| f.path != "hosts");
+        system.etc_files.push(EtcFile { path: "hosts".into(), contents: hosts.to_string(), mode: 0o644 });
+        run_vm::add_root_image_modules(&mut system);
+        system.initrd_modules.push(qemu::NET_MODULE.to_string());
+        let lowered = system::lower(store, ws, &system, opts.verbose)?;
+        let root_image = run_vm::root_image(store, &system, &lowered)?;
+        let system_item = system::system_item(store, &system, &lowered)?;
+        let root_device = root_image.as_ref().map(|(_, device)| device.as_str());
+        let mut request =
+            run_vm::request(&system, &lowered, &system_item, root_device, Mode::Serve, vec!["serve".into()]);
+        request.nets = lans
+            .iter()
+            .enumerate()
+            .map(|(k, (l, i, _))| NetConfig {
+                interface: format!("eth{k}"),
+                address: format!("{}/24", address(*l, *i)),
+            })
+            .collect();
+        let xchg = store.scratch("xchg")?;
+        vm::write_request(xchg.path(), &request)?;
+        let mut spec = opts.spec(accel, store, &lowered, xchg.path().to_path_buf());
+        if let Some((path, _)) = &root_image {
+            spec.disks.push(Disk { path: path.clone(), format: DiskFormat::Raw, readonly: true });
+        }
+        let console = ws.log_dir().join(format!("scenario-{scenario}-{node}-{}.log", std::process::id()));
+        spec.console = Console::File(console.clone());
+        let control_path = sockets.join(format!("{node}.control"));
+        spec.control = Some(control_path.clone());
+        spec.lans = lans
+            .iter()
+            .map(|(l, i, port)| LanSpec {
+                local: port.qemu.clone(),
+                hub: port.hub.clone(),
+                mac: format!("52:54:00:77:{l:02x}:{:02x}", i + 1),
+            })
+            .collect();
+        Ok(Node {
+            name: node.to_string(),
+            args: qemu::args(&spec),
+            control_path,
+            console,
+            qemu: None,
+            control: None,
+            _xchg: xchg,
+        })
+    }
+}
+
+impl Node {
+    fn spawn(&mut self) -> Result<()> {
+        let _ = std::fs::remove_file(&self.console);
+        let child = vm::qemu_command(&self.args, false)
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .with_context(|| format!("starting QEMU for node `{}`", self.name))?;
+        self.qemu = Some(child);
+        Ok(())
+    }
+
+    /// Connects to the control channel and waits for the guest to say it is up.
+    fn connect(&mut self) -> Result<()> {
+        let deadline = Instant::now() + BOOT_TIMEOUT;
+        let stream = loop {
+            match UnixStream::connect(&self.control_path) {
+                Ok(s) => break s,
+                Err(_) if Instant::now() < deadline && self.running() => std::thread::sleep(Duration::from_millis(20)),
+                Err(e) => return Err(self.error(&format!("cannot reach its control channel ({e})"))),
+            }
+        };
+        let remaining = deadline.saturating_duration_since(Instant::now()).max(Duration::from_secs(1));
+        stream.set_read_timeout(Some(remaining))?;
+        let writer = stream.try_clone()?;
+        let mut reader = BufReader::new(stream);
+        match read_message(&mut reader) {
+            Ok(FromGuest::Ready) => {}
+            Ok(other) => return Err(self.error(&format!("said {other:?} instead of being ready"))),
+            Err(e) => return Err(self.error(&format!("did not come up within {}s: {e:#}", BOOT_TIMEOUT.as_secs()))),
+        }
+        self.control = Some((reader, writer));
+        Ok(())
+    }
+
+    fn running(&mut self) -> bool {
+        self.qemu.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// An error about this node, with its console's tail.
+    fn error(&self, what: &str) -> anyhow::Error {
+        let mut bytes = Vec::new();
+        if let Ok(mut f) = std::fs::File::open(&self.console) {
+            let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+            use std::io::Seek;
+            let _ = f.seek(std::io::SeekFrom::Start(len.saturating_sub(16 * 1024)));
+            let _ = f.read_to_end(&mut bytes);
+        }
+        anyhow!(
+            "node `{}`: {what}\nlast console lines (full log: {}):\n{}",
+            self.name,
+            self.console.display(),
+            vm::tail_lines(&bytes)
+        )
+    }
+
+    /// Runs `command` (with `sh -c`) and returns how it ended, within `timeout`.
+    pub fn execute(&mut self, command: &str, timeout: Duration) -> Result<Outcome> {
+        let name = self.name.clone();
+        let Some((reader, writer)) = &mut self.control else {
+            bail!("node `{name}` is not running (start it with start_all)");
+        };
+        let message = ToGuest::Run {
+            argv: vec!["sh".into(), "-c".into(), command.into()],
+            timeout_ms: timeout.as_millis() as u64,
+        };
+        let line = format!("{}\n", serde_json::to_string(&message)?);
+        reader.get_ref().set_read_timeout(Some(timeout + Duration::from_secs(30)))?;
+        let answer = writer.write_all(line.as_bytes()).map_err(anyhow::Error::from).and_then(|()| read_message(reader));
+        match answer {
+            Ok(FromGuest::Done { exit, signal, timed_out, stdout, stderr }) => {
+                let text = |b64: &str| String::from_utf8_lossy(&base64_decode(b64).unwrap_or_default()).into_owned();
+                Ok(Outcome { exit, signal, timed_out, stdout: text(&stdout), stderr: text(&stderr) })
+            }
+            Ok(FromGuest::Failed { error }) => Err(self.error(&format!("`{command}` could not run: {error}"))),
+            Ok(FromGuest::Ready) => Err(self.error(&format!("`{command}`: the guest said it was ready again"))),
+            Err(e) => Err(self.error(&format!("`{command}`: no answer ({e:#})"))),
+        }
+    }
+
+    fn failure(&self, command: &str, wanted: &str, o: &Outcome) -> anyhow::Error {
+        self.error(&format!(
+            "`{command}` {wanted}, but it ended with {}\n  stdout: {:?}\n  stderr: {:?}",
+            o.status(),
+            o.stdout,
+            o.stderr
+        ))
+    }
+
+    /// Runs `command`, which must exit 0 within the default timeout; its stdout.
+    pub fn succeed(&mut self, command: &str) -> Result<String> {
+        self.succeed_within(command, COMMAND_TIMEOUT)
+    }
+
+    pub fn succeed_within(&mut self, command: &str, timeout: Duration) -> Result<String> {
+        let o = self.execute(command, timeout)?;
+        if o.exit == Some(0) && !o.timed_out {
+            Ok(o.stdout)
+        } else {
+            Err(self.failure(command, "should have succeeded", &o))
+        }
+    }
+
+    /// Runs `command`, which must fail (a non-zero exit, a signal, or its timeout); its
+    /// stderr.
+    pub fn fail(&mut self, command: &str) -> Result<String> {
+        self.fail_within(command, COMMAND_TIMEOUT)
+    }
+
+    pub fn fail_within(&mut self, command: &str, timeout: Duration) -> Result<String> {
+        let o = self.execute(command, timeout)?;
+        if o.exit == Some(0) && !o.timed_out {
+            Err(self.failure(command, "should have failed", &o))
+        } else {
+            Ok(o.stderr)
+        }
+    }
+
+    /// Runs `command` until it succeeds, for at most `timeout`; its stdout.
+    pub fn wait_until_succeeds(&mut self, command: &str, timeout: Duration) -> Result<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_secs(1));
+            let o = self.execute(command, left)?;
+            if o.exit == Some(0) && !o.timed_out {
+                return Ok(o.stdout);
+            }
+            if Instant::now() >= deadline {
+                return Err(self.failure(command, &format!("should have succeeded within {}s", timeout.as_secs()), &o));
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Waits until something listens on TCP `port` (any address).
+    pub fn wait_for_port(&mut self, port: u16, timeout: Duration) -> Result<()> {
+        let cmd = format!("grep -qE ':{port:04X} [0-9A-F]+:0000 0A' /proc/net/tcp /proc/net/tcp6");
+        self.wait_until_succeeds(&cmd, timeout).map(drop)
+    }
+
+    /// Waits until `path` exists.
+    pub fn wait_for_file(&mut self, path: &str, timeout: Duration) -> Result<()> {
+        self.wait_until_succeeds(&format!("test -e {}", vm::shell_quote(path)), timeout).map(drop)
+    }
+
+    /// Copies the file at `guest_path` on the node to `host_path`.
+    pub fn copy_from_node(&mut self, guest_path: &str, host_path: &Path) -> Result<()> {
+        let command = format!("cat {}", vm::shell_quote(guest_path));
+        let name = self.name.clone();
+        let Some((reader, writer)) = &mut self.control else { bail!("node `{name}` is not running") };
+        let message = ToGuest::Run { argv: vec!["sh".into(), "-c".into(), command.clone()], timeout_ms: 60_000 };
+        writer.write_all(format!("{}\n", serde_json::to_string(&message)?).as_bytes())?;
+        match read_message(reader)? {
+            FromGuest::Done { exit: Some(0), stdout, .. } => {
+                let bytes = base64_decode(&stdout).context("the guest's output is not base64")?;
+                std::fs::write(host_path, bytes).with_context(|| format!("writing `{}`", host_path.display()))
+            }
+            other => Err(self.error(&format!("copying `{guest_path}` failed: {other:?}"))),
+        }
+    }
+
+    /// Powers the node off cleanly and waits for its QEMU to end.
+    pub fn shutdown(&mut self) -> Result<()> {
+        if let Some((_, writer)) = &mut self.control {
+            let line = format!("{}\n", serde_json::to_string(&ToGuest::PowerOff)?);
+            let _ = writer.write_all(line.as_bytes());
+        }
+        self.control = None;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while self.running() {
+            if Instant::now() > deadline {
+                return Err(self.error("did not power off within 60s"));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    }
+
+    /// Kills the node's QEMU at once, as a power cut would.
+    pub fn crash(&mut self) -> Result<()> {
+        self.control = None;
+        if let Some(child) = &mut self.qemu {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.crash();
+    }
+}
+
+fn read_message(reader: &mut BufReader<UnixStream>) -> Result<FromGuest> {
+    let mut line = String::new();
+    // A guest could send an endless line: at most 64 MiB (output travels in one line).
+    let n = reader.by_ref().take(64 << 20).read_line(&mut line).context("reading the control channel")?;
+    if n == 0 {
+        bail!("the control channel closed (the node stopped?)");
+    }
+    serde_json::from_str(&line).map_err(|e| anyhow!("a garbled message on the control channel: {e}"))
+}
