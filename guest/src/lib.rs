@@ -43,6 +43,47 @@ pub const SYSTEM_CONFIG_FILE: &str = "system.json";
 pub const SERVICE_READY_SECS: u64 = 60;
 /// Where a service's stdout and stderr go (`NAME` replaced by its name).
 pub const SERVICE_LOG: &str = "/var/log/NAME.log";
+/// Kernel argument: after loading its modules, and before mounting anything, the helper
+/// waits on the virtio serial port [`SNAPSHOT_PORT`] for the host's `go` (see
+/// [`snapshot`]): the point where a booted guest is saved, and restored from.
+pub const SNAPSHOT_WAIT_ARG: &str = "vm.snapshot-wait";
+/// The virtio serial port of the snapshot handshake.
+pub const SNAPSHOT_PORT: &str = "snapshot";
+
+/// The snapshot handshake: while it waits, the helper writes [`snapshot::WAITING`] on
+/// [`SNAPSHOT_PORT`] every few milliseconds; the host saves the guest then (a guest saved
+/// there restores into the same loop). To go on, the host sends one line
+/// `go SECONDS NANOSECONDS HEX`: the host's clock (the guest's is set to it) and fresh
+/// random bytes (added to the kernel's pool, which is then reseeded), so that every
+/// restored guest is its own machine.
+pub mod snapshot {
+    /// What the waiting helper writes, a line at a time.
+    pub const WAITING: &str = "waiting";
+
+    /// The `go` line for the host's clock and `entropy`.
+    pub fn go_line(secs: u64, nanos: u32, entropy: &[u8]) -> String {
+        let hex: String = entropy.iter().map(|b| format!("{b:02x}")).collect();
+        format!("go {secs} {nanos} {hex}\n")
+    }
+
+    /// Parses a `go` line: (seconds, nanoseconds, entropy).
+    pub fn parse_go(line: &str) -> Option<(u64, u32, Vec<u8>)> {
+        let mut words = line.trim_end().split(' ');
+        if words.next()? != "go" {
+            return None;
+        }
+        let secs = words.next()?.parse().ok()?;
+        let nanos = words.next()?.parse().ok().filter(|n| *n < 1_000_000_000)?;
+        let hex = words.next()?;
+        if hex.len() % 2 != 0 || hex.len() > 1024 || words.next().is_some() {
+            return None;
+        }
+        let bytes =
+            (0..hex.len()).step_by(2).map(|i| u8::from_str_radix(&hex[i..i + 2], 16).ok()).collect::<Option<_>>()?;
+        Some((secs, nanos, bytes))
+    }
+}
+
 /// Where the host's store appears in the guest (read-only).
 pub const STORE_MOUNT: &str = "/store";
 /// Where the exchange directory appears in the guest (read-write).

@@ -20,6 +20,7 @@ use nix::unistd::Pid;
 mod disk;
 mod serve;
 mod services;
+mod snapshot;
 
 fn main() {
     // Not PID 1: a tool that the VM image builder's script runs.
@@ -67,6 +68,10 @@ fn tool(args: &[String]) -> i32 {
 fn run() -> Result<Status> {
     mount_basics()?;
     load_modules()?;
+    let cmdline = fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    if cmdline.split_whitespace().any(|w| w == guest::SNAPSHOT_WAIT_ARG) {
+        snapshot::wait_for_go()?;
+    }
     // Booted from a disk image (`vm-image`): no shares, no status file; never returns.
     if let Some(args) = fs::read_to_string("/proc/cmdline").ok().and_then(|l| guest::image::BootArgs::parse(&l)) {
         disk::boot(&args);

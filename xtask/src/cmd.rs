@@ -57,6 +57,13 @@ pub struct VmOpts {
     /// Say for every store item whether it was found or built.
     #[arg(long)]
     pub explain: bool,
+    /// Restore the guest from a snapshot of this VM at its snapshot point, making the
+    /// snapshot first if there is none (a snapshot that exists is used anyway).
+    #[arg(long, conflicts_with = "cold")]
+    pub warm: bool,
+    /// Boot cold even when a snapshot of this VM exists.
+    #[arg(long)]
+    pub cold: bool,
 }
 
 impl VmOpts {
@@ -70,6 +77,16 @@ impl VmOpts {
             system.kernel = Kernel::Path { image: image.clone(), modules: modules.clone() };
         }
         Ok(system)
+    }
+
+    /// Whether runs restore snapshots: `--cold`, `--warm`, or when one exists.
+    pub fn warmth(&self) -> crate::snapshot::Warmth {
+        use crate::snapshot::Warmth;
+        match (self.cold, self.warm) {
+            (true, _) => Warmth::Cold,
+            (_, true) => Warmth::Make,
+            _ => Warmth::IfStored,
+        }
     }
 
     pub fn open_store(&self, ws: &Workspace) -> Result<Store> {
@@ -96,6 +113,7 @@ impl VmOpts {
             forwards: Vec::new(),
             control: None,
             lans: Vec::new(),
+            snapshot_port: None,
         }
     }
 }

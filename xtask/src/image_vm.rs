@@ -255,6 +255,7 @@ pub fn build(
         forwards: Vec::new(),
         control: None,
         lans: Vec::new(),
+        snapshot_port: None,
     };
     let request = Request {
         version: guest::PROTOCOL_VERSION,
@@ -292,6 +293,7 @@ pub fn build(
         verbose: progress.verbose,
         stdout: Sink::Stderr,
         stderr: Sink::Stderr,
+        snapshots: None,
     }
     .run()
     .context("building the image in a VM")?;

@@ -15,6 +15,7 @@ pub mod packages;
 pub mod qemu;
 pub mod scenario;
 pub mod script;
+pub mod snapshot;
 pub mod store;
 pub mod system;
 pub mod validate;

@@ -150,6 +150,9 @@ pub struct VmSpec {
     /// Network interfaces joined to a virtual LAN: datagrams over unix sockets to a hub
     /// that xtask runs (no root, no bridge). In order: `eth0`, `eth1`, ...
     pub lans: Vec<Lan>,
+    /// A unix socket QEMU listens on for the snapshot handshake's serial port
+    /// ([`guest::snapshot`]): for a guest saved at, or restored from, its snapshot point.
+    pub snapshot_port: Option<PathBuf>,
 }
 
 /// One network interface on a LAN of xtask's hub: QEMU's `dgram` netdev bound at
@@ -315,8 +318,8 @@ pub fn disk_args(disks: &[Disk]) -> Vec<OsString> {
     args
 }
 
-pub fn port_args(ports: &[Port], control: Option<&Path>) -> Vec<OsString> {
-    if ports.is_empty() && control.is_none() {
+pub fn port_args(ports: &[Port], control: Option<&Path>, snapshot: Option<&Path>) -> Vec<OsString> {
+    if ports.is_empty() && control.is_none() && snapshot.is_none() {
         return Vec::new();
     }
     let mut args = os(&["-device", "virtio-serial-device"]);
@@ -330,6 +333,12 @@ pub fn port_args(ports: &[Port], control: Option<&Path>) -> Vec<OsString> {
         chardev.push(",server=on,wait=off");
         args.extend(["-chardev".into(), chardev]);
         args.extend(os(&["-device", &format!("virtserialport,chardev=control,name={}", guest::control::CONTROL_PORT)]));
+    }
+    if let Some(path) = snapshot {
+        let mut chardev = path_arg("socket,id=snapshot,path=", path);
+        chardev.push(",server=on,wait=off");
+        args.extend(["-chardev".into(), chardev]);
+        args.extend(os(&["-device", &format!("virtserialport,chardev=snapshot,name={}", guest::SNAPSHOT_PORT)]));
     }
     args
 }
@@ -345,7 +354,7 @@ pub fn args(spec: &VmSpec) -> Vec<OsString> {
         console_args(&spec.console),
         share_args(&spec.shares),
         disk_args(&spec.disks),
-        port_args(&spec.ports, spec.control.as_deref()),
+        port_args(&spec.ports, spec.control.as_deref(), spec.snapshot_port.as_deref()),
         net_args(&spec.forwards),
         lan_args(&spec.lans),
     ]
@@ -386,6 +395,7 @@ mod tests {
             forwards: Vec::new(),
             control: None,
             lans: Vec::new(),
+            snapshot_port: None,
         }
     }
 

@@ -278,6 +278,7 @@ mod tests {
             forwards: Vec::new(),
             control: None,
             lans: Vec::new(),
+            snapshot_port: None,
         }
     }
 

@@ -76,7 +76,24 @@ pub struct VmRun<'a> {
     /// Where the guest command's stdout and stderr go.
     pub stdout: Sink,
     pub stderr: Sink,
+    /// Where snapshots are kept and whether to use one: the guest is restored from a
+    /// snapshot of this VM's shape instead of booting cold ([`crate::snapshot::prepare`],
+    /// once the ports are known); a snapshot that does not load is removed and the VM
+    /// boots cold.
+    pub snapshots: Option<(crate::store::Store, crate::snapshot::Warmth)>,
 }
+
+/// A snapshot that did not load: the run goes on with a cold boot.
+#[derive(Debug)]
+struct WarmFailed(String);
+
+impl fmt::Display for WarmFailed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for WarmFailed {}
 
 /// How many bytes of console output are kept for error messages.
 const CONSOLE_TAIL_BYTES: usize = 16 * 1024;
@@ -119,6 +136,10 @@ impl VmRun<'_> {
             self.request.stderr_port = Some("stderr".to_string());
         }
 
+        let warm = match self.snapshots.take() {
+            Some((store, warmth)) => crate::snapshot::prepare(&store, &mut self.spec, &self.runtime, warmth)?,
+            None => None,
+        };
         let later = self.later.take();
         if later.is_none() {
             write_request(&self.xchg, &self.request)?;
@@ -135,14 +156,31 @@ impl VmRun<'_> {
         let started = Instant::now();
         let ports = (self.request.stdout_port.clone(), self.request.stderr_port.clone());
         let xchg = self.xchg.clone();
-        let ended = run_qemu(&args, interactive, self.timeout, move || match later {
+        let mut later = later;
+        let mut started_fn = move || match later.take() {
             None => Ok(()),
             Some(make) => {
                 let mut request = make()?;
-                (request.stdout_port, request.stderr_port) = ports;
+                (request.stdout_port, request.stderr_port) = ports.clone();
                 write_request(&xchg, &request)
             }
-        });
+        };
+        let mut ended = None;
+        if let Some(warm) = warm {
+            let mut warm_args = args.clone();
+            warm_args.extend(["-incoming".into(), "fd:3".into()]);
+            match run_qemu(&warm_args, interactive, self.timeout, Some(&warm), &mut started_fn) {
+                Err(e) if e.downcast_ref::<WarmFailed>().is_some() => {
+                    crate::snapshot::discard(&warm, &format!("{e:#}"));
+                    self.spec = warm.cold.clone();
+                }
+                other => ended = Some(other),
+            }
+        }
+        let ended = match ended {
+            Some(ended) => ended,
+            None => run_qemu(&qemu::args(&self.spec), interactive, self.timeout, None, &mut started_fn),
+        };
         if let Some(t) = saved_tty {
             restore_terminal(&t);
         }
@@ -481,13 +519,34 @@ fn run_qemu(
     args: &[std::ffi::OsString],
     interactive: bool,
     timeout: Option<Duration>,
-    started: impl FnOnce() -> Result<()>,
+    warm: Option<&crate::snapshot::WarmStart>,
+    started: &mut dyn FnMut() -> Result<()>,
 ) -> Result<QemuEnd> {
     install_signal_handlers()?;
     let mut cmd = qemu_command(args, interactive);
+    // A restore reads the saved state from descriptor 3 (`-incoming fd:3`).
+    let state = match warm {
+        Some(w) => Some(File::open(&w.state).map_err(|e| WarmFailed(format!("opening the saved state: {e}")))?),
+        None => None,
+    };
+    if let Some(fd) = state.as_ref().map(|f| f.as_raw_fd()) {
+        // SAFETY: dup2 and fcntl are async-signal-safe.
+        unsafe {
+            cmd.pre_exec(move || {
+                let ok =
+                    if fd == 3 { nix::libc::fcntl(3, nix::libc::F_SETFD, 0) == 0 } else { nix::libc::dup2(fd, 3) == 3 };
+                if ok {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                }
+            });
+        }
+    }
     let mut child = cmd.spawn().with_context(|| {
         format!("starting `{}` (install Debian's `{}`)", host::QEMU_SYSTEM.program, host::QEMU_SYSTEM.package)
     })?;
+    drop(state);
     let mut stderr_pipe = child.stderr.take().context("QEMU's stderr")?;
     // QEMU's messages, drained to the end (QEMU never blocks on a full pipe) and kept up
     // to a cap, for an error message.
@@ -505,6 +564,17 @@ fn run_qemu(
     std::thread::spawn(move || {
         let _ = tx.send(child.wait());
     });
+    if let Some(warm) = warm {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let alive = || kill(guard.pid, None).is_ok();
+        let handshake = crate::snapshot::wait_for_waiting(&warm.socket, deadline, alive)
+            .and_then(|mut stream| crate::snapshot::send_go(&mut stream));
+        if let Err(e) = handshake {
+            drop(guard);
+            let stderr = stderr_thread.join().unwrap_or_default();
+            return Err(WarmFailed(format!("{e:#}; QEMU said: {}", stderr.trim())).into());
+        }
+    }
     // On an error the guard, dropped, stops QEMU; a stop signal that came meanwhile
     // (Ctrl-C also ends a cargo build in progress) is what it is reported as.
     if let Err(e) = started() {

@@ -94,6 +94,7 @@ impl Bench {
             forwards: Vec::new(),
             control: None,
             lans: Vec::new(),
+            snapshot_port: None,
         };
         let scratch = store.scratch("bench")?;
         let floor = measure(warmup, runs, || {

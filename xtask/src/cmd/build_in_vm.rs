@@ -134,6 +134,7 @@ impl BuildInVm {
                 // stdout carries only the result's path.
                 stdout: Sink::Stderr,
                 stderr: Sink::Stderr,
+                snapshots: Some((store.clone(), self.vm.warmth())),
             }
             .run()?;
             match status {

@@ -178,8 +178,9 @@ impl RunVm {
             };
             (placeholder, Some(Box::new(later)))
         };
+        let spec = spec(xchg.path().to_path_buf());
         let run = VmRun {
-            spec: spec(xchg.path().to_path_buf()),
+            spec,
             request: first,
             later,
             xchg: xchg.path().to_path_buf(),
@@ -190,6 +191,7 @@ impl RunVm {
             verbose: self.vm.verbose,
             stdout: Sink::Stdout,
             stderr: Sink::Stderr,
+            snapshots: Some((store.clone(), self.vm.warmth())),
         };
         Ok(exit_code(&run.run()?, &self.command))
     }

@@ -179,6 +179,7 @@ fn run_in_vm(ws: &Workspace, opts: &VmOpts, binaries: &[TestBinary], test_args: 
         verbose: opts.verbose,
         stdout: Sink::Stdout,
         stderr: Sink::Stderr,
+        snapshots: Some((store.clone(), opts.warmth())),
     };
     let names: Vec<String> = binaries.iter().map(|b| b.path.display().to_string()).collect();
     match run_vm::exit_code(&run.run()?, &names) {

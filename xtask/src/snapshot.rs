@@ -1,0 +1,263 @@
+//! Warm start: a booted guest saved once at its snapshot point (modules loaded, nothing
+//! mounted, waiting for the host: [`guest::snapshot`]) and restored for later runs of
+//! the same VM shape, instead of a cold boot.
+//!
+//! The snapshot is a store item keyed by everything the saved state depends on: QEMU's
+//! arguments with the per-run paths (exchange directory, output ports, console, the
+//! handshake's socket) replaced by placeholders and the store's directory by `/store`
+//! (so the kernel, initrd, memory size, machine and devices count, and so do the
+//! store items attached as disks), and QEMU's version. It is made by booting the VM to
+//! the snapshot point and saving it with the monitor's `migrate`; a run restores it
+//! with `-incoming fd:3` and, once the guest says it waits, sends `go` with the host's
+//! clock and fresh random bytes. A snapshot that fails to load is removed, said in one
+//! line, and the run boots cold.
+
+use std::ffi::OsString;
+use std::fs;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+use crate::qemu::{self, Console, VmSpec};
+use crate::store::{Item, Recipe, Store};
+use crate::{host, vm};
+
+/// The saved state, inside the snapshot item.
+const STATE_FILE: &str = "state";
+
+/// A run restored from a snapshot.
+#[derive(Debug, Clone)]
+pub struct WarmStart {
+    /// The saved state.
+    pub state: PathBuf,
+    /// The handshake's socket (the spec's `snapshot_port`).
+    pub socket: PathBuf,
+    pub item: Item,
+    /// The spec for a cold boot, should the snapshot not load.
+    pub cold: VmSpec,
+    store: Store,
+}
+
+/// Whether a run uses snapshots: not at all (`--cold`), when one is stored, or making
+/// it first when it is not (`--warm`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Warmth {
+    Cold,
+    IfStored,
+    Make,
+}
+
+/// Prepares `spec` for a warm start when `warmth` allows and a snapshot of its shape is
+/// stored (or, with [`Warmth::Make`], made now): the spec gets the handshake's port
+/// (its socket in `runtime`) and the kernel argument that makes the guest wait. Without
+/// a snapshot the spec stays as it was: a cold boot, exactly as ever. Shapes with a disk
+/// that is not a store item (a fresh build disk) always boot cold.
+pub fn prepare(store: &Store, spec: &mut VmSpec, runtime: &Path, warmth: Warmth) -> Result<Option<WarmStart>> {
+    if warmth == Warmth::Cold || spec.disks.iter().any(|d| !d.path.starts_with(store.items_dir())) {
+        return Ok(None);
+    }
+    let mut warm = spec.clone();
+    warm.kernel_args.push(guest::SNAPSHOT_WAIT_ARG.to_string());
+    warm.snapshot_port = Some(runtime.join("snapshot.sock"));
+    let recipe = recipe(store, &warm)?;
+    let item = store.item_for(&recipe);
+    let item = if store.is_present(&item) {
+        item
+    } else if warmth == Warmth::Make {
+        eprintln!("making a snapshot of this VM at its snapshot point (once: later runs restore it)");
+        store.realise(&recipe, |out| make(store, &warm, out))?
+    } else {
+        return Ok(None);
+    };
+    let cold = std::mem::replace(spec, warm);
+    Ok(Some(WarmStart {
+        state: item.path.join(STATE_FILE),
+        socket: spec.snapshot_port.clone().expect("set above"),
+        item,
+        cold,
+        store: store.clone(),
+    }))
+}
+
+/// The snapshot's recipe: `spec`'s arguments with every per-run path replaced.
+fn recipe(store: &Store, spec: &VmSpec) -> Result<Recipe> {
+    let mut shape = spec.clone();
+    shape.sandbox = false;
+    for share in &mut shape.shares {
+        if share.tag == guest::XCHG_TAG {
+            share.path = "/xchg".into();
+        }
+    }
+    for (i, port) in shape.ports.iter_mut().enumerate() {
+        port.path = format!("/port{i}").into();
+    }
+    shape.console = match shape.console {
+        Console::File(_) => Console::File("/console".into()),
+        Console::Stdio => Console::Stdio,
+    };
+    shape.snapshot_port = Some("/snapshot.sock".into());
+    let items = store.items_dir();
+    let args: Vec<String> = qemu::args(&shape)
+        .iter()
+        .map(|a| a.to_string_lossy().replace(&*items.to_string_lossy(), guest::STORE_MOUNT))
+        .collect();
+    let qemu = qemu_version(store)?;
+    Ok(Recipe::new("vm-snapshot", "vm-snapshot").param("args", args.join("\n")).param("qemu", qemu))
+}
+
+fn qemu_version(store: &Store) -> Result<String> {
+    let program = host::which(host::QEMU_SYSTEM.program).context("QEMU is not installed")?;
+    host::remembered(&store.cache_dir(), &program, "version", || {
+        let out = std::process::Command::new(&program).arg("--version").output().context("running QEMU --version")?;
+        Ok(String::from_utf8_lossy(&out.stdout).lines().next().unwrap_or_default().to_string())
+    })
+}
+
+/// Boots `spec`'s VM to the snapshot point and saves it as `out/state`.
+fn make(store: &Store, spec: &VmSpec, out: &Path) -> Result<()> {
+    fs::create_dir(out)?;
+    let scratch = store.scratch("snapshot")?;
+    let dir = scratch.path();
+    let mut spec = spec.clone();
+    // The guest runs nothing but the helper before the snapshot point: QEMU may spawn
+    // the `cat` that writes the state (its sandbox would forbid that).
+    spec.sandbox = false;
+    for share in &mut spec.shares {
+        if share.tag == guest::XCHG_TAG {
+            share.path = dir.join("xchg");
+            fs::create_dir(&share.path)?;
+        }
+    }
+    for (i, port) in spec.ports.iter_mut().enumerate() {
+        port.path = dir.join(format!("port{i}"));
+    }
+    if let Console::File(path) = &mut spec.console {
+        *path = dir.join("console");
+    }
+    let socket = dir.join("snapshot.sock");
+    spec.snapshot_port = Some(socket.clone());
+    let monitor = dir.join("monitor.sock");
+    let mut args = qemu::args(&spec);
+    let mut mon = OsString::from("unix:");
+    mon.push(&monitor);
+    mon.push(",server=on,wait=off");
+    args.extend(["-monitor".into(), mon]);
+    let mut child = vm::qemu_command(&args, false).spawn().context("starting QEMU to make a snapshot")?;
+    let made = (|| -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        wait_for_waiting(&socket, deadline, || matches!(child.try_wait(), Ok(None)))?;
+        let mut hmp = Monitor::connect(&monitor)?;
+        let state = out.join(STATE_FILE);
+        let shown = state.to_string_lossy();
+        if shown.contains(['\'', '"', '\\', '\n']) {
+            bail!("the store's path `{shown}` has a quote, backslash or newline: QEMU cannot save there");
+        }
+        hmp.command(&format!("migrate \"exec:cat > '{shown}'\""))?;
+        loop {
+            let info = hmp.command("info migrate")?;
+            if info.contains("Migration status: completed") {
+                break;
+            }
+            if info.contains("Migration status: failed") || Instant::now() > deadline {
+                bail!("saving the VM failed: {}", info.trim());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = hmp.command("quit");
+        Ok(())
+    })();
+    let _ = child.kill();
+    let status = child.wait();
+    if let Err(e) = made {
+        let mut stderr = String::new();
+        if let Some(mut s) = child.stderr.take() {
+            let _ = s.read_to_string(&mut stderr);
+        }
+        let console = fs::read(dir.join("console")).unwrap_or_default();
+        bail!("{e:#} (QEMU: {status:?}: {})\nconsole:\n{}", stderr.trim(), vm::tail_lines(&console));
+    }
+    Ok(())
+}
+
+/// Connects to the handshake's socket and reads until the guest says it waits, while
+/// `alive` (QEMU runs) and before `deadline`. Returns the connection.
+pub fn wait_for_waiting(socket: &Path, deadline: Instant, mut alive: impl FnMut() -> bool) -> Result<UnixStream> {
+    let stream = loop {
+        match UnixStream::connect(socket) {
+            Ok(s) => break s,
+            Err(e) if !alive() || Instant::now() > deadline => bail!("QEMU ended before the guest waited ({e})"),
+            Err(_) => std::thread::sleep(Duration::from_millis(5)),
+        }
+    };
+    stream.set_read_timeout(Some(Duration::from_millis(200)))?;
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut line = String::new();
+    loop {
+        line.clear();
+        match reader.read_line(&mut line) {
+            Ok(_) if line.trim_end() == guest::snapshot::WAITING => return Ok(stream),
+            Ok(0) => bail!("QEMU closed the snapshot port"),
+            Ok(_) => {}
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+            Err(e) => bail!("reading the snapshot port: {e}"),
+        }
+        if !alive() || Instant::now() > deadline {
+            bail!("the guest never said it waits for the host");
+        }
+    }
+}
+
+/// Tells a waiting guest to go on, with the host's clock and fresh random bytes.
+pub fn send_go(stream: &mut UnixStream) -> Result<()> {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?;
+    let mut entropy = [0u8; 64];
+    fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut entropy)).context("reading /dev/urandom")?;
+    let line = guest::snapshot::go_line(now.as_secs(), now.subsec_nanos(), &entropy);
+    stream.write_all(line.as_bytes()).context("sending go to the guest")
+}
+
+/// Removes a snapshot that failed to load, saying so.
+pub fn discard(warm: &WarmStart, why: &str) {
+    eprintln!("the VM snapshot `{}` did not load ({why}); booting cold, and removing it", warm.item.file_name());
+    let _ = warm.store.remove_entry(&format!("items/{}", warm.item.file_name()));
+}
+
+/// QEMU's human monitor on a unix socket.
+struct Monitor {
+    stream: UnixStream,
+}
+
+impl Monitor {
+    fn connect(path: &Path) -> Result<Monitor> {
+        let stream =
+            UnixStream::connect(path).with_context(|| format!("connecting to QEMU's monitor `{}`", path.display()))?;
+        stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+        let mut m = Monitor { stream };
+        m.read_prompt()?;
+        Ok(m)
+    }
+
+    fn read_prompt(&mut self) -> Result<String> {
+        let mut text = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !text.ends_with(b"(qemu) ") {
+            let n = self.stream.read(&mut buf).context("reading QEMU's monitor")?;
+            if n == 0 {
+                break;
+            }
+            text.extend_from_slice(&buf[..n]);
+        }
+        Ok(String::from_utf8_lossy(&text).into_owned())
+    }
+
+    fn command(&mut self, command: &str) -> Result<String> {
+        self.stream.write_all(format!("{command}\n").as_bytes())?;
+        if command == "quit" {
+            return Ok(String::new());
+        }
+        self.read_prompt()
+    }
+}
