@@ -1,0 +1,211 @@
+//! The lock file `vm.lock`: it is complete (the test suite adds nothing to it), it wins
+//! over apt's lists, a package it lacks is added (and said so), `lock --update` says
+//! what moved, a locked version nobody offers is a clear error, and two checkouts in
+//! different directories, one with apt's lists emptied, compute the same item hashes
+//! and a byte-identical raw image.
+
+use std::collections::BTreeSet;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use vm_tests::{locked_field, store_dir, workspace_root, xtask, xtask_env, Run, TIMEOUT};
+
+/// A copy of the workspace's vm.lock in `dir`, changed by `edit`; returns its path.
+fn lock_copy(dir: &Path, edit: impl FnOnce(String) -> String) -> PathBuf {
+    let path = dir.join("vm.lock");
+    let text = fs::read_to_string(workspace_root().join("vm.lock")).expect("reading the workspace's vm.lock");
+    fs::write(&path, edit(text)).unwrap();
+    path
+}
+
+/// `text` without the table of the package locked as `name`.
+fn without(text: &str, name: &str) -> String {
+    let header = format!("\n[\"{name}\"]\n");
+    let start = text.find(&header).unwrap_or_else(|| panic!("vm.lock has no `{name}`"));
+    let end = text[start + 1..].find("\n[").map_or(text.len(), |i| start + 1 + i);
+    format!("{}{}", &text[..start], &text[end..])
+}
+
+#[test]
+fn the_committed_lock_has_every_package_the_workspace_uses() {
+    let dir = tempfile::tempdir().unwrap();
+    let copy = lock_copy(dir.path(), |t| t);
+    let run = xtask_env(&["lock"], &[("XTASK_LOCK", copy.as_os_str())]);
+    run.expect_code(0);
+    assert!(run.stderr.contains("every package the systems and image tools use is locked"), "{run:#?}");
+    assert_eq!(fs::read(&copy).unwrap(), fs::read(workspace_root().join("vm.lock")).unwrap());
+}
+
+#[test]
+fn a_package_missing_from_the_lock_is_resolved_added_and_said() {
+    let dir = tempfile::tempdir().unwrap();
+    let original = fs::read_to_string(workspace_root().join("vm.lock")).unwrap();
+    let copy = lock_copy(dir.path(), |t| without(&t, "busybox-static"));
+    assert!(!fs::read_to_string(&copy).unwrap().contains("busybox-static"));
+    let run = xtask_env(&["run-vm", "--timeout", TIMEOUT, "--", "true"], &[("XTASK_LOCK", copy.as_os_str())]);
+    run.expect_code(0);
+    assert!(run.stderr.contains("`busybox-static` was not locked; added busybox-static "), "{run:#?}");
+    // With the same apt lists as when the lock was written, the same entry comes back,
+    // in its place: the file is the committed one again.
+    assert_eq!(fs::read_to_string(&copy).unwrap(), original);
+}
+
+#[test]
+fn lock_update_moves_a_pin_forward_and_says_what_changed() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, version) = locked_field("busybox-static", "version");
+    let copy = lock_copy(dir.path(), |t| t.replacen(&format!("version = \"{version}\""), "version = \"1:0.1-1\"", 1));
+    let run = xtask_env(&["lock", "--update", "busybox-static"], &[("XTASK_LOCK", copy.as_os_str())]);
+    run.expect_code(0);
+    assert_eq!(run.stdout, format!("busybox-static: 1:0.1-1 -> {version}\n"), "{run:#?}");
+    assert_eq!(fs::read(&copy).unwrap(), fs::read(workspace_root().join("vm.lock")).unwrap());
+    let again = xtask_env(&["lock", "--update"], &[("XTASK_LOCK", copy.as_os_str())]);
+    again.expect_code(0);
+    assert_eq!(again.stdout, "", "{again:#?}");
+    assert!(again.stderr.contains("no changes"), "{again:#?}");
+}
+
+/// An apt configuration whose package lists are empty (as on a machine where apt's lists
+/// do not have the locked versions, at the extreme): `APT_CONFIG` for apt-get and
+/// apt-cache. The sources, and so the mirrors, stay the machine's.
+fn empty_apt_lists(dir: &Path) -> PathBuf {
+    for sub in ["lists/partial", "cache/archives/partial"] {
+        fs::create_dir_all(dir.join(sub)).unwrap();
+    }
+    let conf = dir.join("apt.conf");
+    let text = format!("Dir::State::lists \"{0}/lists/\";\nDir::Cache \"{0}/cache/\";\n", dir.display());
+    fs::write(&conf, text).unwrap();
+    let out = Command::new("apt-cache").args(["show", "busybox-static"]).env("APT_CONFIG", &conf).output().unwrap();
+    assert!(!out.status.success(), "apt still knows busybox-static with the empty lists");
+    conf
+}
+
+#[test]
+fn a_locked_version_nobody_offers_is_an_error_naming_it_and_the_fix() {
+    let dir = tempfile::tempdir_in(store_dir().parent().unwrap()).unwrap();
+    let (_, version) = locked_field("busybox-static", "version");
+    let (_, filename) = locked_field("busybox-static", "filename");
+    let gone = "1:1.35.0-4+never1";
+    let copy = lock_copy(dir.path(), |t| {
+        t.replacen(&format!("version = \"{version}\""), &format!("version = \"{gone}\""), 1).replacen(
+            &filename,
+            "pool/main/b/busybox/busybox-static_1.35.0-4+never1_amd64.deb",
+            1,
+        )
+    });
+    let store = store_of_debian_packages_but(&dir.path().join("store"), "-busybox-static-");
+    let env = [("XTASK_LOCK", copy.as_os_str()), ("XTASK_VMSTORE", store.as_os_str())];
+    let run = xtask_env(&["run-vm", "--timeout", TIMEOUT, "--", "true"], &env);
+    run.expect_code(1);
+    assert!(
+        run.stderr.contains(&format!("cannot fetch Debian package busybox-static {gone}")),
+        "the package and version are not named: {run:#?}"
+    );
+    assert!(run.stderr.contains("busybox-static_1.35.0-4+never1_amd64.deb"), "no pool path: {run:#?}");
+    assert!(run.stderr.contains("cargo xtask lock --update busybox-static"), "no fix: {run:#?}");
+    assert!(!run.stderr.contains("was not locked"), "the lock was changed: {run:#?}");
+}
+
+/// A new store at `store` with hard links to the shared store's Debian packages (the
+/// kernel is 70 MB), but those whose name contains `except`.
+fn store_of_debian_packages_but(store: &Path, except: &str) -> PathBuf {
+    // The image tools' packages, at least, are there then.
+    xtask(&["image-tools"]).expect_code(0);
+    fs::create_dir_all(store).unwrap();
+    let mut linked = 0;
+    for entry in fs::read_dir(store_dir()).unwrap().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(item) = name.strip_suffix(".meta") else { continue };
+        let meta = fs::read_to_string(entry.path()).unwrap_or_default();
+        if meta.contains("\"kind\": \"debian-package\"") && !item.contains(except) {
+            for n in [item, name.as_str()] {
+                assert!(Command::new("cp").arg("-al").arg(store_dir().join(n)).arg(store).status().unwrap().success());
+            }
+            linked += 1;
+        }
+    }
+    assert!(linked > 10, "the shared store has only {linked} Debian packages");
+    store.to_path_buf()
+}
+
+/// Item file names (`HASH-NAME`) `--explain` reports as found or built.
+fn items(run: &Run) -> BTreeSet<String> {
+    run.stderr
+        .lines()
+        .filter_map(|l| l.strip_prefix("store: hit ").or_else(|| l.strip_prefix("store: built ")))
+        .map(|l| l.split_whitespace().next().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn two_checkouts_one_without_apt_lists_give_the_same_items_and_image() {
+    // The size is one no other test uses.
+    let args = ["vm-image", "--explain", "--system", "boot-check", "--format", "raw", "--size", "616MiB"];
+    let here = xtask(&args);
+    here.expect_code(0);
+    let image = PathBuf::from(here.stdout.lines().last().unwrap());
+
+    // Another checkout of the same commit, elsewhere, with a store of its own holding
+    // only Debian's packages (hard links: the kernel is 70 MB) but busybox-static's; it
+    // is fetched with apt's lists emptied, so by its pool path.
+    let tmp = tempfile::tempdir_in(store_dir().parent().unwrap()).unwrap();
+    let checkout = tmp.path().join("somewhere/else/checkout");
+    copy_workspace(&checkout);
+    let store = store_of_debian_packages_but(&tmp.path().join("store"), "-busybox-static-");
+    let apt_conf = empty_apt_lists(&tmp.path().join("apt"));
+    let there =
+        cargo_xtask_in(&checkout, &args, &[("XTASK_VMSTORE", store.as_os_str()), ("APT_CONFIG", apt_conf.as_os_str())]);
+    there.expect_code(0);
+    assert!(there.stderr.contains("fetching it by its pool path"), "busybox-static was not fetched: {there:#?}");
+    assert!(!there.stderr.contains("was not locked"), "the checkout's lock changed: {there:#?}");
+    assert_eq!(fs::read(checkout.join("vm.lock")).unwrap(), fs::read(workspace_root().join("vm.lock")).unwrap());
+    assert!(there.stderr.contains("store: built "), "nothing was built in the other store: {there:#?}");
+
+    // Every item the other checkout found or built has the same name (hash) here; some
+    // are found here without `--explain` naming them (the kernel's vmlinux, the helper).
+    let (mine, theirs) = (items(&here), items(&there));
+    assert!(mine.is_subset(&theirs), "the checkouts computed different items:\nhere {here:#?}\nthere {there:#?}");
+    for item in &theirs {
+        assert!(store_dir().join(item).exists(), "`{item}` of the other checkout is not in this store: {there:#?}");
+    }
+    let again = PathBuf::from(there.stdout.lines().last().unwrap());
+    assert!(again.starts_with(&store), "{there:#?}");
+    assert_eq!(again.parent().unwrap().file_name(), image.parent().unwrap().file_name());
+    assert!(fs::read(&again).unwrap() == fs::read(&image).unwrap(), "the two raw images differ");
+}
+
+/// A copy of the workspace without its build outputs or git data, as another checkout.
+fn copy_workspace(dest: &Path) {
+    fs::create_dir_all(dest).unwrap();
+    for entry in fs::read_dir(workspace_root()).unwrap().flatten() {
+        let name = entry.file_name();
+        if name == "target" || name == ".git" {
+            continue;
+        }
+        let status = Command::new("cp").arg("-a").arg(entry.path()).arg(dest).status().unwrap();
+        assert!(status.success(), "cp -a {}", entry.path().display());
+    }
+    // New times: the copy's target directory is kept between runs, and cargo would take
+    // an earlier copy's builds (which name that copy as their workspace) for fresh.
+    let status = Command::new("find").arg(dest).args(["-type", "f", "-exec", "touch", "{}", "+"]).status().unwrap();
+    assert!(status.success());
+}
+
+/// `cargo xtask ARGS` in `dir` with its own target directory (kept between test runs, so
+/// the dependencies compile once) and `envs`.
+fn cargo_xtask_in(dir: &Path, args: &[&str], envs: &[(&str, &std::ffi::OsStr)]) -> Run {
+    let target = store_dir().parent().unwrap().join("lock-checkout");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
+    let mut cmd = Command::new(cargo);
+    cmd.arg("xtask").args(args).current_dir(dir).env("CARGO_TARGET_DIR", &target).stdin(Stdio::null());
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().unwrap();
+    Run {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
