@@ -5,6 +5,7 @@
 mod bench;
 mod build_in_vm;
 mod faults;
+mod host;
 mod lock;
 mod run_vm;
 mod store;
