@@ -233,7 +233,7 @@ fn from_pool(pin: &Pin, dir: &Path, apt_error: &str) -> Result<std::path::PathBu
 }
 
 /// apt's downloader, in Debian's `apt` package.
-const APT_HELPER: &str = "/usr/lib/apt/apt-helper";
+pub const APT_HELPER: &str = "/usr/lib/apt/apt-helper";
 
 /// The `deb` URIs of apt's sources (`/etc/apt/sources.list`, and `sources.list.d/` in
 /// both formats), in order, each once.

@@ -14,6 +14,7 @@ pub mod initrd;
 pub mod kernel;
 pub mod lock;
 pub mod packages;
+pub mod programs;
 pub mod qemu;
 pub mod script;
 pub mod store;
