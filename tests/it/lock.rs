@@ -37,18 +37,33 @@ fn the_committed_lock_has_every_package_the_workspace_uses() {
     assert_eq!(fs::read(&copy).unwrap(), fs::read(workspace_root().join("vm.lock")).unwrap());
 }
 
+/// The version apt's lists offer for `package` now (its candidate).
+fn apt_candidate(package: &str) -> String {
+    let out = Command::new("apt-cache").args(["show", "--no-all-versions", package]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let version = text.lines().find_map(|l| l.strip_prefix("Version: "));
+    version.unwrap_or_else(|| panic!("apt's lists do not know `{package}`; run `apt-get update`")).to_string()
+}
+
 #[test]
 fn a_package_missing_from_the_lock_is_resolved_added_and_said() {
     let dir = tempfile::tempdir().unwrap();
-    let original = fs::read_to_string(workspace_root().join("vm.lock")).unwrap();
     let copy = lock_copy(dir.path(), |t| without(&t, "busybox-static"));
-    assert!(!fs::read_to_string(&copy).unwrap().contains("busybox-static"));
+    let others = fs::read_to_string(&copy).unwrap();
+    assert!(!others.contains("busybox-static"));
     let run = xtask_env(&["run-vm", "--timeout", TIMEOUT, "--", "true"], &[("XTASK_LOCK", copy.as_os_str())]);
     run.expect_code(0);
-    assert!(run.stderr.contains("`busybox-static` was not locked; added busybox-static "), "{run:#?}");
-    // With the same apt lists as when the lock was written, the same entry comes back,
-    // in its place: the file is the committed one again.
-    assert_eq!(fs::read_to_string(&copy).unwrap(), original);
+    let candidate = apt_candidate("busybox-static");
+    assert!(
+        run.stderr.contains(&format!("`busybox-static` was not locked; added busybox-static {candidate} ")),
+        "{run:#?}"
+    );
+    // Added in its place, with apt's candidate; nothing else changed.
+    let after = fs::read_to_string(&copy).unwrap();
+    assert!(
+        after.contains(&format!("\n[\"busybox-static\"]\npackage = \"busybox-static\"\nversion = \"{candidate}\"\n"))
+    );
+    assert_eq!(without(&after, "busybox-static"), others);
 }
 
 #[test]
@@ -58,12 +73,23 @@ fn lock_update_moves_a_pin_forward_and_says_what_changed() {
     let copy = lock_copy(dir.path(), |t| t.replacen(&format!("version = \"{version}\""), "version = \"1:0.1-1\"", 1));
     let run = xtask_env(&["lock", "--update", "busybox-static"], &[("XTASK_LOCK", copy.as_os_str())]);
     run.expect_code(0);
-    assert_eq!(run.stdout, format!("busybox-static: 1:0.1-1 -> {version}\n"), "{run:#?}");
-    assert_eq!(fs::read(&copy).unwrap(), fs::read(workspace_root().join("vm.lock")).unwrap());
+    let candidate = apt_candidate("busybox-static");
+    assert_eq!(run.stdout, format!("busybox-static: 1:0.1-1 -> {candidate}\n"), "{run:#?}");
+    assert_eq!(locked_in(&copy, "busybox-static", "version"), candidate);
+    // Everything at apt's candidates now: nothing more moves.
+    let all = xtask_env(&["lock", "--update"], &[("XTASK_LOCK", copy.as_os_str())]);
+    all.expect_code(0);
     let again = xtask_env(&["lock", "--update"], &[("XTASK_LOCK", copy.as_os_str())]);
     again.expect_code(0);
     assert_eq!(again.stdout, "", "{again:#?}");
     assert!(again.stderr.contains("no changes"), "{again:#?}");
+}
+
+/// The value of `field` of the package locked as `name` in the lock file at `path`.
+fn locked_in(path: &Path, name: &str, field: &str) -> String {
+    let text = fs::read_to_string(path).unwrap();
+    let table = text.split(&format!("[\"{name}\"]\n")).nth(1).unwrap().split("\n\n").next().unwrap();
+    table.lines().find_map(|l| l.strip_prefix(&format!("{field} = "))).unwrap().trim_matches('"').to_string()
 }
 
 /// An apt configuration whose package lists are empty (as on a machine where apt's lists

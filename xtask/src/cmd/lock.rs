@@ -3,7 +3,7 @@
 //! it lacks; with it, moves pins forward to what apt's lists offer now and prints what
 //! changed.
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 
 use crate::{debian, lock};
 
@@ -21,7 +21,10 @@ impl Lock {
     pub fn run(self) -> Result<i32> {
         let path = lock::path();
         if self.update {
-            let changes = lock::update(&self.packages, debian::resolve)?;
+            let names: Vec<String> =
+                if self.packages.is_empty() { lock::read(&path)?.into_keys().collect() } else { self.packages.clone() };
+            let resolved = debian::resolve_many(&names)?;
+            let changes = lock::update(&names, |name| resolved.get(name).cloned().context("not resolved"))?;
             if changes.is_empty() {
                 eprintln!("{}: no changes", path.display());
             }
@@ -29,7 +32,10 @@ impl Lock {
                 println!("{change}");
             }
         } else {
-            let added = lock::fill(&lock::wanted(), debian::resolve)?;
+            let locked = lock::read(&path)?;
+            let missing: Vec<String> = lock::wanted().into_iter().filter(|n| !locked.contains_key(n)).collect();
+            let resolved = debian::resolve_many(&missing)?;
+            let added = lock::fill(&missing, |name| resolved.get(name).cloned().context("not resolved"))?;
             if added.is_empty() {
                 eprintln!("{}: every package the systems and image tools use is locked", path.display());
             }
