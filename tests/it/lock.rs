@@ -1,8 +1,8 @@
 //! The lock file `vm.lock`: it is complete (the test suite adds nothing to it), it wins
 //! over apt's lists, a package it lacks is added (and said so), `lock --update` says
 //! what moved, a locked version nobody offers is a clear error, and two checkouts in
-//! different directories, one with apt's lists emptied, compute the same item hashes
-//! and a byte-identical raw image.
+//! different directories, one whose apt lists offer another version than the locked
+//! one, compute the same item hashes and a byte-identical raw image.
 
 use std::collections::BTreeSet;
 use std::fs;
@@ -92,18 +92,57 @@ fn locked_in(path: &Path, name: &str, field: &str) -> String {
     table.lines().find_map(|l| l.strip_prefix(&format!("{field} = "))).unwrap().trim_matches('"').to_string()
 }
 
-/// An apt configuration whose package lists are empty (as on a machine where apt's lists
-/// do not have the locked versions, at the extreme): `APT_CONFIG` for apt-get and
-/// apt-cache. The sources, and so the mirrors, stay the machine's.
-fn empty_apt_lists(dir: &Path) -> PathBuf {
+/// An apt configuration (for `APT_CONFIG`) whose package lists are this machine's, but
+/// for `package`, which they offer at `version` only: as on a machine whose apt lists
+/// moved on (or lag behind) since the lock was written. The sources, and so the
+/// mirrors, stay the machine's.
+fn apt_lists_offering(dir: &Path, package: &str, version: &str) -> PathBuf {
+    let lists = dir.join("lists");
     for sub in ["lists/partial", "cache/archives/partial"] {
         fs::create_dir_all(dir.join(sub)).unwrap();
     }
+    let mut changed = 0;
+    for entry in fs::read_dir("/var/lib/apt/lists").expect("reading apt's lists").flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.ends_with("_InRelease") || name.ends_with("_Release") {
+            fs::copy(entry.path(), lists.join(&name)).unwrap();
+            continue;
+        }
+        let Some(at) = name.find("_Packages") else { continue };
+        // apt's own reader, whatever the compression.
+        let out = Command::new("/usr/lib/apt/apt-helper").arg("cat-file").arg(entry.path()).output().unwrap();
+        assert!(out.status.success(), "apt-helper cat-file {name}: {}", String::from_utf8_lossy(&out.stderr));
+        let text = String::from_utf8(out.stdout).unwrap();
+        let stanzas: Vec<String> = text
+            .split("\n\n")
+            .map(|stanza| {
+                if !stanza.starts_with(&format!("Package: {package}\n")) {
+                    return stanza.to_string();
+                }
+                changed += 1;
+                let lines = stanza.lines().map(|l| {
+                    if l.starts_with("Version: ") {
+                        format!("Version: {version}")
+                    } else {
+                        l.to_string()
+                    }
+                });
+                lines.collect::<Vec<_>>().join("\n")
+            })
+            .collect();
+        fs::write(lists.join(&name[..at + "_Packages".len()]), stanzas.join("\n\n")).unwrap();
+    }
+    assert!(changed > 0, "apt's lists on this machine do not have `{package}`; run `apt-get update`");
     let conf = dir.join("apt.conf");
-    let text = format!("Dir::State::lists \"{0}/lists/\";\nDir::Cache \"{0}/cache/\";\n", dir.display());
+    let text = format!("Dir::State::lists \"{}/\";\nDir::Cache \"{}/cache/\";\n", lists.display(), dir.display());
     fs::write(&conf, text).unwrap();
-    let out = Command::new("apt-cache").args(["show", "busybox-static"]).env("APT_CONFIG", &conf).output().unwrap();
-    assert!(!out.status.success(), "apt still knows busybox-static with the empty lists");
+    let out = Command::new("apt-cache")
+        .args(["show", "--no-all-versions", package])
+        .env("APT_CONFIG", &conf)
+        .output()
+        .unwrap();
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert!(shown.contains(&format!("\nVersion: {version}\n")), "apt's candidate is not {version}: {shown}");
     conf
 }
 
@@ -165,7 +204,7 @@ fn items(run: &Run) -> BTreeSet<String> {
 }
 
 #[test]
-fn two_checkouts_one_without_apt_lists_give_the_same_items_and_image() {
+fn two_checkouts_with_different_apt_lists_give_the_same_items_and_image() {
     // The size is one no other test uses.
     let args = ["vm-image", "--explain", "--system", "boot-check", "--format", "raw", "--size", "616MiB"];
     let here = xtask(&args);
@@ -173,16 +212,19 @@ fn two_checkouts_one_without_apt_lists_give_the_same_items_and_image() {
     let image = PathBuf::from(here.stdout.lines().last().unwrap());
 
     // Another checkout of the same commit, elsewhere, with a store of its own holding
-    // only Debian's packages (hard links: the kernel is 70 MB) but busybox-static's; it
-    // is fetched with apt's lists emptied, so by its pool path.
+    // only Debian's packages (hard links: the kernel is 70 MB) but busybox-static's, and
+    // with apt's lists offering another busybox-static than the locked one: the lock's
+    // is fetched (by its pool path, as apt's lists do not have it).
     let tmp = tempfile::tempdir_in(store_dir().parent().unwrap()).unwrap();
     let checkout = tmp.path().join("somewhere/else/checkout");
     copy_workspace(&checkout);
     let store = store_of_debian_packages_but(&tmp.path().join("store"), "-busybox-static-");
-    let apt_conf = empty_apt_lists(&tmp.path().join("apt"));
-    let there =
-        cargo_xtask_in(&checkout, &args, &[("XTASK_VMSTORE", store.as_os_str()), ("APT_CONFIG", apt_conf.as_os_str())]);
+    let (_, locked) = locked_field("busybox-static", "version");
+    let apt_conf = apt_lists_offering(&tmp.path().join("apt"), "busybox-static", "1:9.9-1");
+    let env = [("XTASK_VMSTORE", store.as_os_str()), ("APT_CONFIG", apt_conf.as_os_str())];
+    let there = cargo_xtask_in(&checkout, &args, &env);
     there.expect_code(0);
+    assert!(there.stderr.contains(&format!("fetching Debian package busybox-static {locked} ")), "{there:#?}");
     assert!(there.stderr.contains("fetching it by its pool path"), "busybox-static was not fetched: {there:#?}");
     assert!(!there.stderr.contains("was not locked"), "the checkout's lock changed: {there:#?}");
     assert_eq!(fs::read(checkout.join("vm.lock")).unwrap(), fs::read(workspace_root().join("vm.lock")).unwrap());
