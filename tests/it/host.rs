@@ -3,7 +3,9 @@
 //! (apt-get, apt-cache), dpkg-deb with the tar it runs, and QEMU (qemu-system-x86_64,
 //! qemu-img), and with installing turned off, builds an image of `hello` and runs a
 //! command in it, from an empty store: Debian's packages fetched as `vm.lock` pins them,
-//! the image written with the tools from the store.
+//! the image written with the tools from the store. (rustup's `cargo` proxy puts its own
+//! directory, `~/.cargo/bin`, which holds only the toolchain's programs, first on the
+//! `PATH` it passes on.)
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};

@@ -235,9 +235,9 @@ fn from_pool(pin: &Pin, dir: &Path, apt_error: &str) -> Result<std::path::PathBu
     let mirrors = mirrors();
     let helper = Path::new(APT_HELPER);
     let mut tried = Vec::new();
+    eprintln!("apt's lists do not offer {what}; fetching it by its pool path `{}` from apt's mirrors", pin.filename);
     for mirror in &mirrors {
         let url = format!("{}/{}", mirror.trim_end_matches('/'), pin.filename.replace('+', "%2b"));
-        eprintln!("apt's lists do not offer {what}; fetching it by its pool path: {url}");
         let deb = dir.join(format!("{}_{}.deb", pin.package, pin.architecture));
         let mut cmd = host::command(helper);
         if host::is_root() {
