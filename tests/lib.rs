@@ -35,7 +35,7 @@ pub fn items() -> Vec<PathBuf> {
 
 /// Copies the shared store's items whose file names satisfy `keep`, with their `.meta`
 /// records, into the store at `to`: as hard links (`cp -al`), or as real copies.
-pub fn copy_items(to: &Path, hard_links: bool, keep: impl Fn(&str) -> bool) {
+pub fn copy_items(to: &Path, hard_links: bool, mut keep: impl FnMut(&str) -> bool) {
     for sub in ["items", "meta"] {
         std::fs::create_dir_all(to.join(sub)).unwrap();
     }
@@ -65,6 +65,39 @@ pub fn xtask_bin() -> &'static Path {
         assert!(status.success(), "cargo build -p xtask failed");
         target_dir().join("debug/xtask")
     })
+}
+
+/// The image tools' directory (`xtask image-tools`: e2fsprogs, fdisk and GRUB from the
+/// store, as `vm.lock` pins them), so tests check images without the host's e2fsprogs.
+pub fn image_tools_dir() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let run = xtask(&["image-tools"]);
+        run.expect_code(0);
+        let dir = PathBuf::from(run.stdout.trim_end());
+        assert!(dir.join("e2fsck").is_file(), "`xtask image-tools` printed `{}`: {run:#?}", dir.display());
+        dir
+    })
+}
+
+/// The workspace's lock file `vm.lock`, and the value of `field` of the package locked
+/// as `name` in it.
+pub fn locked_field(name: &str, field: &str) -> (String, String) {
+    let lock = std::fs::read_to_string(workspace_root().join("vm.lock")).expect("reading the workspace's vm.lock");
+    let table = lock
+        .split(&format!("[\"{name}\"]\n"))
+        .nth(1)
+        .unwrap_or_else(|| panic!("vm.lock has no `{name}`"))
+        .split("\n\n")
+        .next()
+        .unwrap();
+    let value = table
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{field} = ")))
+        .unwrap_or_else(|| panic!("`{name}` in vm.lock has no `{field}`"))
+        .trim_matches('"')
+        .to_string();
+    (lock, value)
 }
 
 /// What one xtask invocation did.

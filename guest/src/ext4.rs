@@ -214,9 +214,28 @@ mod tests {
     use std::process::Command;
 
     fn run(cmd: &mut Command) -> String {
-        let out = cmd.output().unwrap_or_else(|e| panic!("running {cmd:?} (e2fsprogs must be installed): {e}"));
+        let out = cmd.output().unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
         assert!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
         String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+    }
+
+    /// e2fsprogs' `program`, as the image builders run it: Debian's, from the store, through
+    /// `cargo xtask image-tools` (which fetches the packages `vm.lock` pins on first use).
+    fn tool(program: &str) -> Command {
+        static DIR: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+        let dir = DIR.get_or_init(|| {
+            let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+            let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+            let out = Command::new(cargo)
+                .args(["run", "--quiet", "--package", "xtask", "--", "image-tools"])
+                .current_dir(workspace)
+                .output()
+                .expect("running `cargo xtask image-tools`");
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(out.status.success(), "`cargo xtask image-tools` failed: {stderr}");
+            std::path::PathBuf::from(String::from_utf8_lossy(&out.stdout).trim_end())
+        });
+        Command::new(dir.join(program))
     }
 
     /// A file system made by mke2fs -d at an offset into a file, from a tree whose
@@ -233,7 +252,7 @@ mod tests {
         let image = dir.join("image");
         let offset = 1 << 20;
         std::fs::File::create(&image).unwrap().set_len(offset + (16 << 20)).unwrap();
-        run(Command::new("mke2fs")
+        run(tool("mke2fs")
             .args(["-q", "-F", "-t", "ext4", "-b", "4096", "-E", &format!("offset={offset}"), "-d"])
             .arg(&tree)
             .arg(&image)
@@ -243,9 +262,9 @@ mod tests {
         // The root, lost+found, sub, sub/deeper, sub/file and link.
         assert_eq!(seen, 6);
         let spec = format!("{}?offset={offset}", image.display());
-        run(Command::new("e2fsck").args(["-fn", &spec]));
+        run(tool("e2fsck").args(["-fn", &spec]));
         for path in ["/", "/sub/deeper", "/sub/file", "/link", "/lost+found"] {
-            let stat = run(Command::new("debugfs").args(["-R", &format!("stat \"{path}\""), &spec]));
+            let stat = run(tool("debugfs").args(["-R", &format!("stat \"{path}\""), &spec]));
             assert!(stat.contains("User: 70000   Group:     7"), "{path}: {stat}");
             assert!(stat.contains(" ctime: 0x00000001:00000000"), "{path}: {stat}");
             assert!(stat.contains(" atime: 0x00000001:00000000"), "{path}: {stat}");

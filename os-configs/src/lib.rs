@@ -387,12 +387,12 @@ pub fn hello() -> System {
     }
 }
 
-/// `minimal` plus a program from the host with its shared libraries: `sfdisk` (from
-/// util-linux's `fdisk` package, which `vm-image` needs on the host anyway).
-pub fn host_sfdisk() -> System {
+/// `minimal` plus a program from the host with its shared libraries: `findmnt` (from
+/// util-linux, an essential package every Debian host has).
+pub fn host_findmnt() -> System {
     System {
-        packages: vec![Package::Busybox, Package::Host { path: PathBuf::from("/usr/sbin/sfdisk") }],
-        ..System::base("host-sfdisk", "minimal plus the host's /usr/sbin/sfdisk with its shared-library closure")
+        packages: vec![Package::Busybox, Package::Host { path: PathBuf::from("/usr/bin/findmnt") }],
+        ..System::base("host-findmnt", "minimal plus the host's /usr/bin/findmnt with its shared-library closure")
     }
 }
 
@@ -419,7 +419,7 @@ pub fn invalid_module() -> System {
 
 /// Every named system, in the order `cargo xtask systems` lists them.
 pub fn all() -> Vec<System> {
-    vec![minimal(), hello(), host_sfdisk(), boot_check(), invalid_no_root(), invalid_module()]
+    vec![minimal(), hello(), host_findmnt(), boot_check(), invalid_no_root(), invalid_module()]
 }
 
 /// Looks a named system up.

@@ -134,10 +134,6 @@ fn sigkill_to_xtask_mid_vm_build_kills_qemu_and_the_rerun_completes() {
 fn private_store_copy() -> tempfile::TempDir {
     let dir = tempfile::tempdir_in(store_dir().parent().unwrap()).unwrap();
     vm_tests::copy_items(dir.path(), true, |_| true);
-    fs::create_dir_all(dir.path().join(".pins")).unwrap();
-    for pin in fs::read_dir(store_dir().join(".pins")).unwrap().flatten() {
-        fs::copy(pin.path(), dir.path().join(".pins").join(pin.file_name())).unwrap();
-    }
     dir
 }
 
@@ -314,25 +310,15 @@ fn builds_needing_items_in_opposite_orders_do_not_deadlock() {
 #[test]
 fn a_package_that_does_not_match_its_pin_is_refused() {
     let store = tempfile::tempdir_in(store_dir().parent().unwrap()).unwrap();
-    // The real pin, from the shared store, with one hex digit changed.
-    let pin_path = store_dir().join(".pins/debian-busybox-static.json");
-    let mut pin: serde_json::Value =
-        serde_json::from_slice(&fs::read(&pin_path).expect("shared store has no busybox pin; run another test first"))
-            .unwrap();
-    let sha = pin["sha256"].as_str().unwrap().to_string();
+    // The workspace's lock file, copied, with one hex digit of busybox's sha256 changed.
+    let (lock, sha) = vm_tests::locked_field("busybox-static", "sha256");
     let flipped = format!("{}{}", if sha.starts_with('0') { '1' } else { '0' }, &sha[1..]);
-    pin["sha256"] = flipped.clone().into();
-    fs::create_dir_all(store.path().join(".pins")).unwrap();
-    fs::write(store.path().join(".pins/debian-busybox-static.json"), pin.to_string()).unwrap();
+    let lock_file = store.path().join("vm.lock");
+    fs::write(&lock_file, lock.replace(&sha, &flipped)).unwrap();
     // The kernel comes from the shared store (hard links), so only busybox is fetched.
     vm_tests::copy_items(store.path(), true, |name| name.contains("linux-image") || name.contains("vmlinux"));
-    fs::copy(
-        store_dir().join(".pins/debian-linux-image-amd64.json"),
-        store.path().join(".pins/debian-linux-image-amd64.json"),
-    )
-    .unwrap();
-    let run =
-        xtask_env(&["run-vm", "--timeout", TIMEOUT, "--", "true"], &[("XTASK_VMSTORE", store.path().as_os_str())]);
+    let env = [("XTASK_VMSTORE", store.path().as_os_str()), ("XTASK_LOCK", lock_file.as_os_str())];
+    let run = xtask_env(&["run-vm", "--timeout", TIMEOUT, "--", "true"], &env);
     assert_eq!(run.code, 1, "{run:#?}");
     assert!(run.stderr.contains("sha256 mismatch for Debian package busybox-static"), "{run:#?}");
     assert!(run.stderr.contains(&flipped) && run.stderr.contains(&sha), "both hashes must be named: {run:#?}");

@@ -18,7 +18,7 @@ fn build(name: &str, extra: &[&str], script: &str) -> vm_tests::Run {
 
 /// The modes of the store's own directories, which a hostile `$out` once made read-only.
 fn bookkeeping_modes() -> Vec<(String, u32)> {
-    [".tmp", ".locks", ".pins", ".cache", "items", "meta"]
+    [".tmp", ".locks", ".cache", "items", "meta"]
         .iter()
         .map(|d| (d.to_string(), fs::metadata(store_dir().join(d)).unwrap().permissions().mode()))
         .collect()

@@ -8,14 +8,9 @@ use vm_tests::{store_dir, xtask_env};
 #[test]
 fn verify_reports_a_flipped_byte_a_deleted_file_and_a_stray_file_and_repair_rebuilds() {
     vm_tests::run_vm(&["true"]).expect_code(0);
-    // A private store with real copies (not links) of the busybox items and their pins.
+    // A private store with real copies (not links) of the busybox items (their pins are
+    // in the workspace's vm.lock).
     let store = tempfile::tempdir_in(store_dir().parent().unwrap()).unwrap();
-    fs::create_dir_all(store.path().join(".pins")).unwrap();
-    fs::copy(
-        store_dir().join(".pins/debian-busybox-static.json"),
-        store.path().join(".pins/debian-busybox-static.json"),
-    )
-    .unwrap();
     vm_tests::copy_items(store.path(), false, |name| name.contains("-busybox"));
     let env = [("XTASK_VMSTORE", store.path().as_os_str())];
     let clean = xtask_env(&["store", "verify"], &env);

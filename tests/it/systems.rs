@@ -23,7 +23,7 @@ fn run_system(system: &str, command: &[&str]) -> Run {
 fn systems_are_listed_one_line_each() {
     let run = xtask(&["systems"]);
     run.expect_code(0);
-    for name in ["minimal", "hello", "host-sfdisk", "boot-check", "invalid-no-root"] {
+    for name in ["minimal", "hello", "host-findmnt", "boot-check", "invalid-no-root"] {
         let line = run.stdout.lines().find(|l| l.split_whitespace().next() == Some(name));
         let line = line.unwrap_or_else(|| panic!("`{name}` not listed: {}", run.stdout));
         assert!(line.len() > name.len() + 10, "no description for {name}: {line:?}");
@@ -53,10 +53,14 @@ fn users_groups_homes_and_hostname_are_as_declared() {
 
 #[test]
 fn host_program_runs_with_its_shared_libraries() {
-    let run = run_system("host-sfdisk", &["sh", "-c", "sfdisk --version; ls /lib/x86_64-linux-gnu"]);
+    let script = "findmnt --version; findmnt -n -o FSTYPE /store; findmnt -n -o OPTIONS /store | cut -d, -f1; \
+                  ls /lib/x86_64-linux-gnu";
+    let run = run_system("host-findmnt", &["sh", "-c", script]);
     run.expect_code(0);
-    assert!(run.stdout.starts_with("sfdisk from util-linux"), "{run:#?}");
-    for lib in ["libc.so.6", "libfdisk.so.1", "libreadline.so.8"] {
+    assert!(run.stdout.starts_with("findmnt from util-linux"), "{run:#?}");
+    let mount: Vec<&str> = run.stdout.lines().skip(1).take(2).collect();
+    assert_eq!(mount, ["9p", "ro"], "findmnt does not see the read-only store share: {run:#?}");
+    for lib in ["libc.so.6", "libmount.so.1", "libsmartcols.so.1", "libselinux.so.1"] {
         assert!(run.stdout.lines().any(|l| l == lib), "{lib} not linked in the guest: {run:#?}");
     }
 }

@@ -2,6 +2,8 @@
 
 pub mod bench;
 pub mod build_in_vm;
+pub mod image_tools;
+pub mod lock;
 pub mod run_vm;
 pub mod scenario;
 pub mod store;

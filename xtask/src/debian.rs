@@ -1,23 +1,29 @@
-//! Debian packages as store items: a package name is resolved once to a version and the
-//! `.deb`'s sha256 (a *pin*, kept in the store's `.pins/`), fetched with
-//! `apt-get download`, checked against the pin and unpacked with `dpkg-deb -x`; no root
-//! is needed for any of it.
+//! Debian packages as store items: a package name is resolved once to a version, its
+//! pool path and the `.deb`'s sha256 (a *pin*, kept in the workspace's lock file
+//! `vm.lock`, see [`crate::lock`]), fetched with `apt-get download` (or, when apt's lists
+//! no longer offer that version, by its pool path from the Debian mirror apt uses),
+//! checked against the pin and unpacked with `dpkg-deb -x`; no root is needed for any
+//! of it.
 
 use std::fs;
 use std::path::Path;
 use std::process::Stdio;
 
 use anyhow::{bail, ensure, Context, Result};
-use serde::{Deserialize, Serialize};
 
-use crate::host;
 use crate::store::{self, Item, Recipe, Store};
+use crate::{host, lock};
 
-/// A package resolved to an exact version and `.deb` hash.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// A package resolved to an exact version, where the archive keeps it and its `.deb`'s
+/// hash: one entry of the lock file.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Pin {
     pub package: String,
     pub version: String,
+    pub architecture: String,
+    /// The `.deb`'s path in the archive (`Filename:`, `pool/main/...`), relative to a
+    /// mirror's root.
+    pub filename: String,
     pub sha256: String,
     pub size: u64,
 }
@@ -27,9 +33,24 @@ pub struct Pin {
 pub struct Stanza {
     pub package: String,
     pub version: String,
+    pub architecture: String,
+    pub filename: String,
     pub sha256: String,
     pub size: u64,
     pub depends: Vec<String>,
+}
+
+impl Stanza {
+    pub fn pin(self) -> Pin {
+        Pin {
+            package: self.package,
+            version: self.version,
+            architecture: self.architecture,
+            filename: self.filename,
+            sha256: self.sha256,
+            size: self.size,
+        }
+    }
 }
 
 /// Parses the first stanza of `apt-cache show` output.
@@ -44,6 +65,8 @@ pub fn parse_stanza(text: &str) -> Option<Stanza> {
             "Package" => s.package = value.to_string(),
             "Version" => s.version = value.to_string(),
             "SHA256" => s.sha256 = value.to_string(),
+            "Architecture" => s.architecture = value.to_string(),
+            "Filename" => s.filename = value.to_string(),
             "Size" => s.size = value.parse().unwrap_or(0),
             "Depends" | "Pre-Depends" => s.depends.extend(
                 value
@@ -79,22 +102,62 @@ pub fn show(package: &str) -> Result<Stanza> {
     }
 }
 
-/// Returns the pin recorded for `name`, resolving it with `resolve` the first time.
-/// `resolve` maps the name to the stanza of the package actually fetched (for a
-/// metapackage, the package it depends on).
-pub fn pin(store: &Store, name: &str, resolve: impl FnOnce(&str) -> Result<Stanza>) -> Result<Pin> {
-    let path = store.pins_dir().join(format!("debian-{name}.json"));
-    if let Ok(text) = fs::read_to_string(&path) {
-        if let Ok(pin) = serde_json::from_str(&text) {
-            return Ok(pin);
+/// What `name` resolves to today in apt's lists: its candidate, or, for a kernel
+/// metapackage (`linux-image-amd64`), the real image package it depends on.
+pub fn resolve(name: &str) -> Result<Stanza> {
+    let stanza = show(name)?;
+    match stanza.depends.iter().find(|d| is_versioned_image_package(d)) {
+        Some(real) if is_image_metapackage(&stanza.package) => show(real),
+        _ => Ok(stanza),
+    }
+}
+
+/// [`resolve`] for many names, asking `apt-cache` once (it takes most of a second to
+/// start); by name.
+pub fn resolve_many(names: &[String]) -> Result<std::collections::BTreeMap<String, Stanza>> {
+    let mut resolved = std::collections::BTreeMap::new();
+    if names.is_empty() {
+        return Ok(resolved);
+    }
+    host::ensure(&[host::APT_GET])?;
+    host::apt_update_once()?;
+    let out = host::command("apt-cache")
+        .args(["show", "--no-all-versions"])
+        .args(names)
+        .output()
+        .context("running apt-cache show")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let stanzas: Vec<Stanza> = text.split("\n\n").filter_map(parse_stanza).collect();
+    for name in names {
+        match stanzas.iter().find(|s| &s.package == name) {
+            Some(s) if is_image_metapackage(name) => {
+                resolved.insert(name.clone(), resolve(&s.package)?);
+            }
+            Some(s) => {
+                resolved.insert(name.clone(), s.clone());
+            }
+            // An unknown name: asked alone, for its own error.
+            None => {
+                resolved.insert(name.clone(), resolve(name)?);
+            }
         }
     }
-    let s = resolve(name)?;
-    let pin = Pin { package: s.package, version: s.version, sha256: s.sha256, size: s.size };
-    let tmp = path.with_extension(format!("json.{}", std::process::id()));
-    fs::write(&tmp, serde_json::to_vec_pretty(&pin)?).with_context(|| format!("writing `{}`", tmp.display()))?;
-    fs::rename(&tmp, &path).with_context(|| format!("writing `{}`", path.display()))?;
-    Ok(pin)
+    Ok(resolved)
+}
+
+/// `linux-image-6.1.0-56-amd64`, not `linux-image-amd64`.
+pub fn is_versioned_image_package(name: &str) -> bool {
+    name.strip_prefix("linux-image-").is_some_and(|rest| rest.starts_with(|c: char| c.is_ascii_digit()))
+}
+
+fn is_image_metapackage(name: &str) -> bool {
+    name.starts_with("linux-image-") && !is_versioned_image_package(name)
+}
+
+/// The pin of `name` in the workspace's lock file; a package not in it yet is resolved
+/// ([`resolve`]) and added.
+pub fn pin(name: &str) -> Result<Pin> {
+    lock::pin(name, resolve)
 }
 
 /// The unpacked package as a store item (its whole file tree, as `dpkg-deb -x` gives it).
@@ -113,7 +176,9 @@ pub fn unpacked(store: &Store, pin: &Pin) -> Result<Item> {
     })
 }
 
-/// Fetches the pinned `.deb` into `dir` and checks its sha256.
+/// Fetches the pinned `.deb` into `dir` and checks its sha256: with `apt-get download`
+/// of exactly that version, or, when apt's lists do not offer it (they moved on, or
+/// were never updated), by its pool path from the mirrors in apt's sources.
 fn download(pin: &Pin, dir: &Path) -> Result<std::path::PathBuf> {
     let size = if pin.size > 0 { format!(" ({:.1} MB)", pin.size as f64 / 1e6) } else { String::new() };
     eprintln!("fetching Debian package {} {}{size}", pin.package, pin.version);
@@ -129,29 +194,139 @@ fn download(pin: &Pin, dir: &Path) -> Result<std::path::PathBuf> {
         .stdout(Stdio::null())
         .output()
         .context("running apt-get download")?;
-    if !out.status.success() {
-        bail!(
-            "`apt-get download {}={}` failed: {}\nif Debian no longer has this version, remove the pin in the store's `.pins/` to re-resolve",
-            pin.package,
-            pin.version,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    let deb = fs::read_dir(dir)?
-        .flatten()
-        .map(|e| e.path())
-        .find(|p| p.extension().is_some_and(|e| e == "deb"))
-        .with_context(|| format!("apt-get download left no .deb for `{}`", pin.package))?;
+    let deb = if out.status.success() {
+        fs::read_dir(dir)?
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p.extension().is_some_and(|e| e == "deb"))
+            .with_context(|| format!("apt-get download left no .deb for `{}`", pin.package))?
+    } else {
+        let apt_error = String::from_utf8_lossy(&out.stderr).trim().to_string();
+        from_pool(pin, dir, &apt_error)?
+    };
     let actual = store::sha256_file(&deb)?;
     ensure!(
         actual == pin.sha256,
-        "sha256 mismatch for Debian package {} {}: pinned {}, downloaded {}; refusing it",
+        "sha256 mismatch for Debian package {} {}: locked {}, downloaded {}; refusing it",
         pin.package,
         pin.version,
         pin.sha256,
         actual
     );
     Ok(deb)
+}
+
+/// Fetches the pinned `.deb` by its pool path from each mirror apt's sources name, in
+/// turn, with apt's own downloader (`apt-helper download-file`, which checks the hash).
+fn from_pool(pin: &Pin, dir: &Path, apt_error: &str) -> Result<std::path::PathBuf> {
+    let what = format!("{} {}", pin.package, pin.version);
+    let fix = format!(
+        "run `cargo xtask lock --update {}` to lock the version apt offers now (and commit vm.lock), \
+         or `sudo apt-get update` if apt's lists are older than the lock",
+        pin.package
+    );
+    if pin.filename.is_empty() {
+        bail!(
+            "`apt-get download {}={}` failed: {apt_error}\nvm.lock has no pool path for {what}; {fix}",
+            pin.package,
+            pin.version
+        );
+    }
+    let mirrors = mirrors();
+    let helper = Path::new(APT_HELPER);
+    let mut tried = Vec::new();
+    eprintln!("apt's lists do not offer {what}; fetching it by its pool path `{}` from apt's mirrors", pin.filename);
+    for mirror in &mirrors {
+        let url = format!("{}/{}", mirror.trim_end_matches('/'), pin.filename.replace('+', "%2b"));
+        let deb = dir.join(format!("{}_{}.deb", pin.package, pin.architecture));
+        let mut cmd = host::command(helper);
+        if host::is_root() {
+            cmd.args(["-o", "APT::Sandbox::User=root"]);
+        }
+        let out = cmd
+            .args(["download-file", &url])
+            .arg(&deb)
+            .arg(format!("SHA256:{}", pin.sha256))
+            .stdout(Stdio::null())
+            .output()
+            .with_context(|| format!("running `{APT_HELPER}`"))?;
+        if out.status.success() && deb.is_file() {
+            return Ok(deb);
+        }
+        let _ = fs::remove_file(&deb);
+        tried
+            .push(format!("{url}: {}", String::from_utf8_lossy(&out.stderr).lines().last().unwrap_or("failed").trim()));
+    }
+    bail!(
+        "cannot fetch Debian package {what} (locked in vm.lock, pool path `{}`): apt's lists do not offer it \
+         (`apt-get download`: {apt_error}) and no mirror in apt's sources has it ({}); {fix}",
+        pin.filename,
+        if tried.is_empty() { "apt's sources name no mirror".to_string() } else { tried.join("; ") }
+    )
+}
+
+/// apt's downloader, in Debian's `apt` package.
+pub const APT_HELPER: &str = "/usr/lib/apt/apt-helper";
+
+/// The `deb` URIs of apt's sources (`/etc/apt/sources.list`, and `sources.list.d/` in
+/// both formats), in order, each once.
+fn mirrors() -> Vec<String> {
+    let mut texts = Vec::new();
+    texts.extend(fs::read_to_string("/etc/apt/sources.list").ok().map(|t| (false, t)));
+    let mut parts: Vec<_> =
+        fs::read_dir("/etc/apt/sources.list.d").map(|d| d.flatten().map(|e| e.path()).collect()).unwrap_or_default();
+    parts.sort();
+    for path in parts {
+        let deb822 = path.extension().is_some_and(|e| e == "sources");
+        if deb822 || path.extension().is_some_and(|e| e == "list") {
+            texts.extend(fs::read_to_string(&path).ok().map(|t| (deb822, t)));
+        }
+    }
+    let mut uris = Vec::new();
+    for (deb822, text) in texts {
+        for uri in if deb822 { deb822_uris(&text) } else { one_line_uris(&text) } {
+            if !uris.contains(&uri) {
+                uris.push(uri);
+            }
+        }
+    }
+    uris
+}
+
+/// URIs of `deb` lines in the one-line format: `deb [options] URI suite components`.
+pub fn one_line_uris(text: &str) -> Vec<String> {
+    let mut uris = Vec::new();
+    for line in text.lines() {
+        let line = line.split('#').next().unwrap_or_default();
+        let mut words = line.split_whitespace();
+        if words.next() != Some("deb") {
+            continue;
+        }
+        let mut rest: Vec<&str> = words.collect();
+        if rest.first().is_some_and(|w| w.starts_with('[')) {
+            let end = rest.iter().position(|w| w.ends_with(']')).unwrap_or(0);
+            rest.drain(..=end);
+        }
+        uris.extend(rest.first().map(|u| u.to_string()));
+    }
+    uris
+}
+
+/// URIs of the stanzas with `Types: deb` in the deb822 format (`Enabled: no` skipped).
+pub fn deb822_uris(text: &str) -> Vec<String> {
+    let mut uris = Vec::new();
+    for stanza in text.split("\n\n") {
+        let field = |name: &str| {
+            stanza.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+                l.split_once(':').filter(|(k, _)| k.trim().eq_ignore_ascii_case(name)).map(|(_, v)| v.trim())
+            })
+        };
+        let is_deb = field("Types").is_some_and(|t| t.split_whitespace().any(|t| t == "deb"));
+        if is_deb && field("Enabled") != Some("no") {
+            uris.extend(field("URIs").into_iter().flat_map(|u| u.split_whitespace().map(str::to_string)));
+        }
+    }
+    uris
 }
 
 #[cfg(test)]
@@ -161,6 +336,7 @@ mod tests {
     #[test]
     fn parses_apt_cache_show() {
         let text = "Package: linux-image-amd64\nSource: linux-signed-amd64 (6.1.192+2)\nVersion: 6.1.192-2\n\
+                    Architecture: amd64\nFilename: pool/main/l/linux-signed-amd64/linux-image-amd64_6.1.192-2_amd64.deb\n\
                     Depends: linux-image-6.1.0-56-amd64 (= 6.1.192-2), foo | bar\nSize: 1480\n\
                     SHA256: abc123\nDescription: x\n\nPackage: other\n";
         let s = parse_stanza(text).unwrap();
@@ -168,7 +344,32 @@ mod tests {
         assert_eq!(s.version, "6.1.192-2");
         assert_eq!(s.sha256, "abc123");
         assert_eq!(s.size, 1480);
+        assert_eq!(s.architecture, "amd64");
+        assert_eq!(s.filename, "pool/main/l/linux-signed-amd64/linux-image-amd64_6.1.192-2_amd64.deb");
         assert_eq!(s.depends, vec!["linux-image-6.1.0-56-amd64", "foo"]);
         assert_eq!(parse_stanza("N: Unable to locate package x\n"), None);
+    }
+
+    #[test]
+    fn mirrors_from_both_source_formats() {
+        let list = "# comment\ndeb http://deb.debian.org/debian bookworm main\n\
+                    deb [arch=amd64 signed-by=/k.gpg] http://mirror.example/debian bookworm main\n\
+                    deb-src http://src.example/debian bookworm main\n";
+        assert_eq!(one_line_uris(list), ["http://deb.debian.org/debian", "http://mirror.example/debian"]);
+        let sources = "Types: deb\n# http://snapshot.debian.org/archive/debian/20250520T000000Z\n\
+                       URIs: http://deb.debian.org/debian\nSuites: bookworm\n\n\
+                       Types: deb-src\nURIs: http://src.example/debian\n\n\
+                       Types: deb\nURIs: http://off.example/debian\nEnabled: no\n\n\
+                       Types: deb\nURIs: http://a.example/d http://b.example/d\n";
+        assert_eq!(deb822_uris(sources), ["http://deb.debian.org/debian", "http://a.example/d", "http://b.example/d"]);
+    }
+
+    #[test]
+    fn metapackages_are_told_from_image_packages() {
+        assert!(is_versioned_image_package("linux-image-6.1.0-56-amd64"));
+        assert!(!is_versioned_image_package("linux-image-amd64"));
+        assert!(!is_versioned_image_package("linux-headers-6.1.0-56-amd64"));
+        assert!(is_image_metapackage("linux-image-amd64"));
+        assert!(!is_image_metapackage("busybox-static"));
     }
 }

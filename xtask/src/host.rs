@@ -1,5 +1,6 @@
 //! The host's own tools (QEMU, apt, dpkg-deb): finding them, and installing the missing
-//! ones from Debian's packages when running as root, or saying exactly what to run.
+//! ones from Debian's packages when running as root, or saying exactly what to run. The
+//! tools that write disk images are not the host's: see [`crate::image_tools`].
 
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -18,17 +19,6 @@ pub const QEMU_SYSTEM: Tool = Tool { program: "qemu-system-x86_64", package: "qe
 pub const QEMU_IMG: Tool = Tool { program: "qemu-img", package: "qemu-utils" };
 pub const APT_GET: Tool = Tool { program: "apt-get", package: "apt" };
 pub const DPKG_DEB: Tool = Tool { program: "dpkg-deb", package: "dpkg" };
-/// Writes the disk image's partition table (into a file, with `--no-tell-kernel`).
-pub const SFDISK: Tool = Tool { program: "sfdisk", package: "fdisk" };
-/// Makes the ext4 root file system straight into the image file (`-d`, `-E offset=`).
-pub const MKE2FS: Tool = Tool { program: "mke2fs", package: "e2fsprogs" };
-/// Checks a built root file system.
-/// Makes GRUB's BIOS `core.img`; the package also brings `boot.img` and the modules
-/// in [`GRUB_I386_PC_DIR`] (`grub-mkimage` itself is in its dependency grub-common).
-pub const GRUB_MKIMAGE: Tool = Tool { program: "grub-mkimage", package: "grub-pc-bin" };
-/// Where `grub-pc-bin` puts GRUB's i386-pc (BIOS) images and modules.
-pub const GRUB_I386_PC_DIR: &str = "/usr/lib/grub/i386-pc";
-
 /// When set, missing host programs are reported instead of installed.
 pub const NO_INSTALL_ENV: &str = "XTASK_NO_INSTALL";
 
@@ -108,11 +98,9 @@ pub fn ensure(tools: &[Tool]) -> Result<()> {
     Ok(())
 }
 
-/// A tool is missing when its program is not on `PATH`, or, for GRUB, when the BIOS
-/// images it needs are not installed (grub-common alone has `grub-mkimage` but not them).
+/// A tool is missing when its program is not on `PATH`.
 fn is_missing(tool: &Tool) -> bool {
-    let grub_images_missing = || !std::path::Path::new(GRUB_I386_PC_DIR).join("boot.img").is_file();
-    which(tool.program).is_none() || (tool.package == GRUB_MKIMAGE.package && grub_images_missing())
+    which(tool.program).is_none()
 }
 
 fn candidate_version(package: &str) -> Result<String> {

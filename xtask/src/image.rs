@@ -6,7 +6,8 @@
 //! Built on the host without root: the partition table with `sfdisk --no-tell-kernel`,
 //! the file system with `mke2fs -d` straight into the partition's offset of the image
 //! file, GRUB's `boot.img` and `core.img` written into the file, `qemu-img convert` for
-//! qcow2. Everything that would vary between builds is fixed: UUIDs, hash seed, disk
+//! qcow2. sfdisk, mke2fs, debugfs and grub-mkimage are Debian's, from the store
+//! ([`crate::image_tools`]), not the host's. Everything that would vary between builds is fixed: UUIDs, hash seed, disk
 //! identifier, timestamps and owners.
 
 use std::collections::BTreeSet;
@@ -21,6 +22,7 @@ use guest::image::{Registration, StoreDb};
 use guest::Mode;
 use os_configs::System;
 
+use crate::image_tools::{self, StoreTools};
 use crate::qemu::DiskFormat;
 use crate::store::{self, Item, Recipe, Store};
 use crate::{host, system, vm::shell_quote, Workspace};
@@ -150,13 +152,13 @@ pub fn shared_store_image(store: &Store, system_name: &str, config: &guest::Syst
     // Directories: the top-level ones, and those the files and homes add.
     fp.blocks += fp.entries;
     let layout = Layout::new(Layout::minimum(&fp).size.max(SHARED_STORE_IMAGE_SIZE), &fp);
-    let versions = shared_store_tool_versions(store)?;
+    let tools = image_tools::tools(store).context("getting the image tools")?;
     let recipe = Recipe::new("shared-store-image", &format!("shared-store-image-{system_name}"))
         .param("layout", SHARED_STORE_LAYOUT_VERSION)
         .param("size", layout.size.to_string())
         .param("inodes", layout.inodes.to_string())
         .param("skeleton", skeleton)
-        .param("tools", versions);
+        .input_item("image-tools", &tools.wrappers);
     let uuid = uuid_for(&recipe.hash());
     store.realise(&recipe, |out| {
         let scratch = store.scratch("shared-store-image")?;
@@ -167,25 +169,11 @@ pub fn shared_store_image(store: &Store, system_name: &str, config: &guest::Syst
         fix_times(&root, &entries)?;
         let raw = scratch.path().join("disk.raw");
         let progress = Progress { steps: false, verbose: false };
-        let built = write_raw(&raw, &root, &[], &owners, &layout, &uuid, None, progress);
+        let built = write_raw(&raw, &root, &[], &owners, &layout, &uuid, &tools, None, progress);
         store::remove_tree(&root)?;
         built?;
         store_disk(&raw, out, DiskFormat::Raw, progress)
     })
-}
-
-/// The versions of the tools that write the shared-store image (no GRUB in it).
-fn shared_store_tool_versions(store: &Store) -> Result<String> {
-    let mut versions = Vec::new();
-    for (program, flag) in [(host::MKE2FS.program, "-V"), ("debugfs", "-V"), (host::SFDISK.program, "--version")] {
-        versions.push(version_line(store, Command::new(program), flag)?);
-    }
-    let conf = HostTools.mke2fs_conf();
-    versions.push(format!(
-        "mke2fs.conf sha256 {}",
-        store::sha256_file(&conf).with_context(|| format!("reading `{}`", conf.display()))?
-    ));
-    Ok(versions.join("; "))
 }
 
 /// The first line `cmd FLAG` prints (a tool's version), remembered in the store's cache
@@ -375,61 +363,25 @@ pub struct ImageOptions {
 /// Which builder writes the partition table and the file system (`--builder`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Builder {
-    /// On the host, rootless, with the host's e2fsprogs and fdisk.
+    /// On the host, rootless, with e2fsprogs and fdisk from Debian packages in the store.
     Host,
     /// Inside a VM, with e2fsprogs and fdisk from Debian packages in the store.
     Vm,
 }
 
-/// Where the programs that write the file system and partition table come from: the
-/// host's `PATH`, or (for the VM builder) Debian's packages in the store, run on the
-/// host through their own dynamic loader to ask their versions.
-pub trait DiskTools {
-    /// A command running `program` (`mke2fs`, `debugfs`, `e2fsck`, `sfdisk`).
-    fn command(&self, program: &str) -> Result<Command>;
-    /// The `mke2fs.conf` that `mke2fs` reads.
-    fn mke2fs_conf(&self) -> PathBuf;
-}
-
-/// The host's tools.
-pub struct HostTools;
-
-impl DiskTools for HostTools {
-    fn command(&self, program: &str) -> Result<Command> {
-        Ok(Command::new(program))
-    }
-
-    fn mke2fs_conf(&self) -> PathBuf {
-        std::env::var_os("MKE2FS_CONFIG").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/etc/mke2fs.conf"))
-    }
-}
-
-/// The versions of the tools that write the image: part of the recipe, so a new
-/// e2fsprogs or GRUB makes a new image rather than passing for the old one. Which
-/// builder runs them is not: both write the same bytes with the same versions.
-pub fn tool_versions(store: &Store, format: DiskFormat, disk_tools: &dyn DiskTools) -> Result<String> {
-    let mut tools = vec![
-        (disk_tools.command(host::MKE2FS.program)?, "-V"),
-        (disk_tools.command(host::SFDISK.program)?, "--version"),
-        (Command::new(host::GRUB_MKIMAGE.program), "--version"),
-    ];
-    if format == DiskFormat::Qcow2 {
-        tools.push((Command::new(host::QEMU_IMG.program), "--version"));
-    }
-    let mut versions = Vec::new();
-    for (cmd, flag) in tools {
-        versions.push(version_line(store, cmd, flag)?);
-    }
-    let boot_img = Path::new(host::GRUB_I386_PC_DIR).join("boot.img");
-    versions.push(format!("boot.img sha256 {}", store::sha256_file(&boot_img)?));
-    let conf = disk_tools.mke2fs_conf();
-    let conf_hash = store::sha256_file(&conf).with_context(|| format!("reading `{}`", conf.display()))?;
-    versions.push(format!("mke2fs.conf sha256 {conf_hash}"));
-    Ok(versions.join("; "))
+/// The versions of the host's tools that write the image: `qemu-img` for a qcow2 image
+/// (the rest come from the store, named by their items in the recipe). Part of the
+/// recipe, so a new QEMU makes a new image rather than passing for the old one.
+pub fn tool_versions(store: &Store, format: DiskFormat) -> Result<String> {
+    Ok(match format {
+        DiskFormat::Qcow2 => version_line(store, Command::new(host::QEMU_IMG.program), "--version")?,
+        DiskFormat::Raw => String::new(),
+    })
 }
 
 /// The recipe of an image of `closure`.
-pub fn recipe(closure: &Closure, opts: &ImageOptions, tool_versions: &str) -> Recipe {
+/// Which builder writes it is not in it: both run the same tools and write the same bytes.
+pub fn recipe(closure: &Closure, opts: &ImageOptions, tools: &StoreTools, tool_versions: &str) -> Recipe {
     let volatile = if opts.volatile { "-volatile" } else { "" };
     let name = format!("vm-image-{}-{}{volatile}", closure.system_name, opts.format.name());
     let mut recipe = Recipe::new("vm-image", &name)
@@ -440,7 +392,8 @@ pub fn recipe(closure: &Closure, opts: &ImageOptions, tool_versions: &str) -> Re
         .param("volatile", opts.volatile.to_string())
         .param("verify-store", opts.verify_store.to_string())
         .param("grub-modules", GRUB_MODULES.join(","))
-        .param("tools", tool_versions);
+        .param("tools", tool_versions)
+        .input_item("image-tools", &tools.wrappers);
     for item in &closure.items {
         recipe = recipe.input_item("item", item);
     }
@@ -531,6 +484,7 @@ pub fn build_on_host(
     closure: &Closure,
     opts: &ImageOptions,
     uuid: &str,
+    tools: &StoreTools,
     out: &Path,
     progress: Progress,
 ) -> Result<()> {
@@ -559,8 +513,8 @@ pub fn build_on_host(
     if progress.verbose {
         eprintln!("  (the raw image is written to `{}`)", raw.display());
     }
-    let grub = grub_boot_code(store, progress)?;
-    let built = write_raw(&raw, &root, &mounts, &[], &opts.layout, uuid, Some(grub), progress);
+    let grub = grub_boot_code(store, tools, progress)?;
+    let built = write_raw(&raw, &root, &mounts, &[], &opts.layout, uuid, tools, Some(grub), progress);
     // The staging tree has read-only directories; remove it before the TempDir tries.
     store::remove_tree(&root)?;
     built?;
@@ -718,6 +672,7 @@ fn write_raw(
     owners: &[(String, u32, u32)],
     layout: &Layout,
     uuid: &str,
+    tools: &StoreTools,
     grub: Option<(Vec<u8>, Vec<u8>)>,
     progress: Progress,
 ) -> Result<()> {
@@ -726,12 +681,12 @@ fn write_raw(
     file.set_len(layout.size).with_context(|| format!("sizing `{}`", raw.display()))?;
     drop(file);
 
-    let mut sfdisk = Command::new(host::SFDISK.program);
+    let mut sfdisk = tools.command("sfdisk")?;
     sfdisk.args(SFDISK_ARGS).arg(raw);
     run_with_input(sfdisk, partition_table(uuid).as_bytes(), progress).context("writing the partition table")?;
 
     progress.step(&format!("making the ext4 file system ({} MiB) with the closure", (layout.fs_blocks * BLOCK) >> 20));
-    let mut mke2fs = Command::new(host::MKE2FS.program);
+    let mut mke2fs = tools.command("mke2fs")?;
     mke2fs
         .args(mke2fs_options(&layout, uuid))
         .arg("-d")
@@ -764,7 +719,7 @@ fn write_raw(
             .iter()
             .map(|(path, uid, gid)| format!("sif \"/{path}\" uid {uid}\nsif \"/{path}\" gid {gid}\n"))
             .collect();
-        let mut debugfs = Command::new("debugfs");
+        let mut debugfs = tools.command("debugfs")?;
         debugfs.args(["-w", "-f", "-"]).arg(&fs_spec).env("E2FSPROGS_FAKE_TIME", FIXED_TIME);
         let errors = run_with_input(debugfs, script.as_bytes(), progress).context("setting owners")?;
         let errors: Vec<&str> = errors.lines().filter(|l| !l.starts_with("debugfs ")).collect();
@@ -822,19 +777,17 @@ pub(crate) fn mke2fs_options(layout: &Layout, uuid: &str) -> Vec<String> {
 /// them stay), and `core.img`, for sector 1, where boot.img and core.img's own first
 /// sector look for it by default. core.img (grub-mkimage's output) is a store item: it
 /// depends only on GRUB's version and the modules built in.
-pub(crate) fn grub_boot_code(store: &Store, progress: Progress) -> Result<(Vec<u8>, Vec<u8>)> {
-    let dir = Path::new(host::GRUB_I386_PC_DIR);
+pub(crate) fn grub_boot_code(store: &Store, tools: &StoreTools, progress: Progress) -> Result<(Vec<u8>, Vec<u8>)> {
+    let dir = tools.grub_i386_pc();
     let boot_path = dir.join("boot.img");
-    let version = version_line(store, Command::new(host::GRUB_MKIMAGE.program), "--version")?;
     let recipe = Recipe::new("grub-core", "grub-core-i386-pc")
-        .param("grub-mkimage", version)
         .param("prefix", GRUB_PREFIX)
         .param("modules", GRUB_MODULES.join(","))
-        .input_content("moddep.lst", &store::sha256_file(&dir.join("moddep.lst"))?);
+        .input_item("image-tools", &tools.wrappers);
     let item = store.realise(&recipe, |out| {
         fs::create_dir(out)?;
-        let mut mkimage = Command::new(host::GRUB_MKIMAGE.program);
-        mkimage.args(["-O", "i386-pc", "-p", GRUB_PREFIX, "-d"]).arg(dir).arg("-o").arg(out.join("core.img"));
+        let mut mkimage = tools.command("grub-mkimage")?;
+        mkimage.args(["-O", "i386-pc", "-p", GRUB_PREFIX, "-d"]).arg(&dir).arg("-o").arg(out.join("core.img"));
         mkimage.args(GRUB_MODULES);
         run(mkimage, progress).context("making GRUB's core.img")
     })?;

@@ -3,51 +3,27 @@
 //! partitions it, makes the ext4 file system with the closure (read from the store
 //! share), fixes the inodes, installs GRUB, checks the file system and powers off.
 //!
-//! The guest runs e2fsprogs and fdisk from Debian's packages in the store, through the
-//! dynamic loader of Debian's libc6 package with the packages' library directories, so
-//! nothing is installed on the host or in the guest. It runs them with the same options,
-//! the same staging tree and the same GRUB images as the host builder, so with the same
-//! tool versions both builders write the same bytes.
+//! The guest runs e2fsprogs and fdisk from Debian's packages in the store
+//! ([`crate::image_tools`]), through the dynamic loader of Debian's libc6 package with
+//! the packages' library directories, so nothing is installed on the host or in the
+//! guest. The host builder runs the very same programs, with the same options, the same
+//! staging tree and the same GRUB images, so both builders write the same bytes.
 
 use std::fs;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
 use std::time::Duration;
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{bail, Context, Result};
 use guest::{Mode, Request, Status};
 
-use crate::image::{self, Closure, DiskTools, ImageOptions, Progress};
+use crate::image::{self, Closure, ImageOptions, Progress};
+use crate::image_tools::StoreTools;
 use crate::qemu::{self, AccelChoice, Console, Disk, DiskFormat, Share, VmSpec};
-use crate::store::{self, Item, Recipe, Store};
+use crate::store::{self, Item, Store};
 use crate::vm::{shell_quote, Failure, Sink, VmRun};
-use crate::{debian, host, system, Workspace};
+use crate::{host, system, Workspace};
 
-/// Debian packages the guest runs: e2fsprogs and fdisk, and the shared libraries their
-/// programs load (checked when the tools item is made).
-const TOOL_PACKAGES: &[&str] = &[
-    "e2fsprogs",
-    "fdisk",
-    "libc6",
-    "libext2fs2",
-    "libcom-err2",
-    "libss2",
-    "libblkid1",
-    "libuuid1",
-    "libfdisk1",
-    "libsmartcols1",
-    "libreadline8",
-    "libtinfo6",
-];
-/// The programs the guest runs, and the package that has each.
-const TOOL_PROGRAMS: &[(&str, &str)] = &[("mke2fs", "e2fsprogs"), ("e2fsck", "e2fsprogs"), ("sfdisk", "fdisk")];
-/// The dynamic loader, inside libc6.
-const LOADER: &str = "lib/x86_64-linux-gnu/ld-linux-x86-64.so.2";
-/// Where Debian's packages put shared libraries.
-const LIB_DIRS: &[&str] = &["lib/x86_64-linux-gnu", "usr/lib/x86_64-linux-gnu"];
-/// mke2fs's configuration, inside e2fsprogs.
-const MKE2FS_CONF: &str = "etc/mke2fs.conf";
 /// Guest memory of the builder VM.
 const MEMORY_MIB: u32 = 512;
 /// The builder VM is killed after this long (under TCG the default system takes about
@@ -55,143 +31,6 @@ const MEMORY_MIB: u32 = 512;
 const TIMEOUT: Duration = Duration::from_secs(30 * 60);
 /// Where the host puts the builder's inputs in the exchange directory.
 const INPUT_DIR: &str = "in";
-
-/// The disk tools from Debian's packages: the unpacked packages, and an item with a
-/// wrapper script per program for the guest's `PATH`.
-pub struct StoreTools {
-    packages: ToolPackages,
-    /// `bin/<program>`: runs the program through libc6's loader.
-    pub wrappers: Item,
-}
-
-/// The unpacked [`TOOL_PACKAGES`], by name.
-struct ToolPackages {
-    packages: Vec<(String, Item)>,
-}
-
-impl ToolPackages {
-    fn package(&self, name: &str) -> &Item {
-        &self.packages.iter().find(|(p, _)| p == name).expect("a package of TOOL_PACKAGES").1
-    }
-
-    /// The program's path inside its package (`sbin/` or `usr/sbin/`).
-    fn program(&self, program: &str) -> Result<(&Item, String)> {
-        let package = TOOL_PROGRAMS.iter().find(|(p, _)| *p == program).map(|(_, pkg)| *pkg);
-        let package = package.with_context(|| format!("`{program}` is not one of the VM builder's tools"))?;
-        let item = self.package(package);
-        for dir in ["sbin", "usr/sbin", "bin", "usr/bin"] {
-            let rel = format!("{dir}/{program}");
-            if item.path.join(&rel).is_file() {
-                return Ok((item, rel));
-            }
-        }
-        bail!("Debian package `{package}` (`{}`) has no `{program}`", item.path.display())
-    }
-
-    fn lib_path(&self, base: impl Fn(&Item) -> String) -> String {
-        let mut dirs = Vec::new();
-        for (_, item) in &self.packages {
-            for dir in LIB_DIRS {
-                if item.path.join(dir).is_dir() {
-                    dirs.push(format!("{}/{dir}", base(item)));
-                }
-            }
-        }
-        dirs.join(":")
-    }
-
-    fn host_command(&self, program: &str) -> Result<Command> {
-        let (item, rel) = self.program(program)?;
-        let mut cmd = Command::new(self.package("libc6").path.join(LOADER));
-        cmd.args(["--inhibit-cache", "--library-path", &self.lib_path(|i| i.path.display().to_string())])
-            .arg(item.path.join(rel))
-            .env("MKE2FS_CONFIG", self.mke2fs_conf());
-        Ok(cmd)
-    }
-
-    fn mke2fs_conf(&self) -> PathBuf {
-        self.package("e2fsprogs").path.join(MKE2FS_CONF)
-    }
-}
-
-impl DiskTools for StoreTools {
-    fn command(&self, program: &str) -> Result<Command> {
-        self.packages.host_command(program)
-    }
-
-    fn mke2fs_conf(&self) -> PathBuf {
-        self.packages.mke2fs_conf()
-    }
-}
-
-/// Fetches and unpacks the tool packages (pinned on first use) and makes the wrappers.
-pub fn tools(store: &Store) -> Result<StoreTools> {
-    let mut packages = Vec::new();
-    for name in TOOL_PACKAGES {
-        let pin = debian::pin(store, name, debian::show)?;
-        let item = debian::unpacked(store, &pin).with_context(|| format!("unpacking Debian package `{name}`"))?;
-        packages.push((name.to_string(), item));
-    }
-    let tools = ToolPackages { packages };
-    let mut recipe =
-        Recipe::new("image-tools", "vm-image-tools").param("loader", LOADER).param("lib-dirs", LIB_DIRS.join(":"));
-    for (name, item) in &tools.packages {
-        recipe = recipe.input_item(name, item);
-    }
-    let guest_loader = format!("{}/{LOADER}", tools.package("libc6").guest_path());
-    let guest_lib_path = tools.lib_path(Item::guest_path);
-    let guest_conf = format!("{}/{MKE2FS_CONF}", tools.package("e2fsprogs").guest_path());
-    let wrappers = store.realise(&recipe, |out| {
-        let bin = out.join("bin");
-        fs::create_dir_all(&bin)?;
-        for (program, _) in TOOL_PROGRAMS {
-            check_libraries(&tools, program)?;
-            let (item, rel) = tools.program(program)?;
-            let script = format!(
-                "#!/bin/sh\n# {program} from Debian's packages, through libc6's loader.\n\
-                 MKE2FS_CONFIG={conf} exec {loader} --inhibit-cache --library-path {libs} {prog} \"$@\"\n",
-                conf = shell_quote(&guest_conf),
-                loader = shell_quote(&guest_loader),
-                libs = shell_quote(&guest_lib_path),
-                prog = shell_quote(&format!("{}/{rel}", item.guest_path())),
-            );
-            let path = bin.join(program);
-            fs::write(&path, script).with_context(|| format!("writing `{}`", path.display()))?;
-            fs::set_permissions(&path, fs::Permissions::from_mode(0o755))?;
-        }
-        Ok(())
-    })?;
-    Ok(StoreTools { packages: tools, wrappers })
-}
-
-/// Checks that the loader finds every library `program` needs among the packages (and
-/// not on the host, which the guest does not have).
-fn check_libraries(tools: &ToolPackages, program: &str) -> Result<()> {
-    let mut cmd = tools.host_command(program)?;
-    // `ld.so --list PROGRAM` prints the libraries it would load.
-    let args: Vec<_> = cmd.get_args().map(|a| a.to_os_string()).collect();
-    let mut list = Command::new(cmd.get_program());
-    list.args(&args[..3]).arg("--list").args(&args[3..]);
-    cmd = list;
-    let shown = image::describe(&cmd);
-    let out = cmd.output().with_context(|| format!("running `{shown}`"))?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    ensure!(out.status.success(), "`{shown}` failed ({}): {text}{}", out.status, String::from_utf8_lossy(&out.stderr));
-    let roots: Vec<&Path> = tools.packages.iter().map(|(_, i)| i.path.as_path()).collect();
-    for line in text.lines() {
-        let Some((lib, rest)) = line.split_once("=>") else { continue };
-        let path = rest.split_whitespace().next().unwrap_or_default();
-        if !roots.iter().any(|r| Path::new(path).starts_with(r)) {
-            bail!(
-                "`{program}` needs `{}`, which none of the VM builder's Debian packages has (found: `{}`); \
-                 add its package to TOOL_PACKAGES",
-                lib.trim(),
-                rest.trim()
-            );
-        }
-    }
-    Ok(())
-}
 
 /// Builds the image into `out` (created) as `disk.FORMAT`, in a VM.
 #[allow(clippy::too_many_arguments)]
@@ -221,7 +60,7 @@ pub fn build(
     store::remove_tree(&root)?;
     let tree = tree?;
 
-    let (mbr, core) = image::grub_boot_code(store, progress)?;
+    let (mbr, core) = image::grub_boot_code(store, tools, progress)?;
     fs::write(input.join("mbr"), mbr)?;
     fs::write(input.join("core.img"), core)?;
     fs::write(input.join("table"), image::partition_table(uuid))?;
@@ -408,6 +247,7 @@ fn guest_script(tree: &[String], opts: &ImageOptions, uuid: &str, tools: &str, v
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     #[test]
     fn tree_commands_recreate_the_staging_tree() {

@@ -41,14 +41,8 @@ impl KernelTree {
 pub fn resolve(store: &Store, kernel: &Kernel) -> Result<KernelTree> {
     match kernel {
         Kernel::Debian { package } => {
-            let pin = debian::pin(store, package, |name| {
-                let stanza = debian::show(name)?;
-                // A metapackage (linux-image-amd64) names the real image in its Depends.
-                match stanza.depends.iter().find(|d| is_versioned_image_package(d)) {
-                    Some(real) if !is_versioned_image_package(&stanza.package) => debian::show(real),
-                    _ => Ok(stanza),
-                }
-            })?;
+            // A metapackage (linux-image-amd64) is locked as the real image it names.
+            let pin = debian::pin(package)?;
             let item = debian::unpacked(store, &pin)?;
             let modules_root = item.path.join("lib/modules");
             let release = single_dir_name(&modules_root)
@@ -77,10 +71,6 @@ pub fn resolve(store: &Store, kernel: &Kernel) -> Result<KernelTree> {
             Ok(KernelTree { image: image.clone(), modules_dir: modules.clone(), release, item: None })
         }
     }
-}
-
-fn is_versioned_image_package(name: &str) -> bool {
-    name.strip_prefix("linux-image-").is_some_and(|rest| rest.starts_with(|c: char| c.is_ascii_digit()))
 }
 
 fn single_dir_name(dir: &Path) -> Result<String> {
@@ -324,13 +314,6 @@ mod tests {
         let err = index.closure(&["nope".to_string()]).unwrap_err().to_string();
         assert!(err.contains("`nope` is neither a module of kernel 6.1.0-test nor built into it"), "{err}");
         assert!(index.closure(&["loop".to_string()]).unwrap_err().to_string().contains("cycle"));
-    }
-
-    #[test]
-    fn recognises_versioned_kernel_packages() {
-        assert!(is_versioned_image_package("linux-image-6.1.0-56-amd64"));
-        assert!(!is_versioned_image_package("linux-image-amd64"));
-        assert!(!is_versioned_image_package("linux-headers-6.1.0-56-amd64"));
     }
 
     #[test]

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use xtask::cmd::scenario::ScenarioCmd;
 use xtask::cmd::test::{Test, TestRunner};
-use xtask::cmd::{bench::Bench, build_in_vm::BuildInVm, run_vm::RunVm, vm_image::VmImage, EXIT_USAGE};
+use xtask::cmd::{bench::Bench, build_in_vm::BuildInVm, lock::Lock, run_vm::RunVm, vm_image::VmImage, EXIT_USAGE};
 use xtask::vm::Failure;
 use xtask::Workspace;
 
@@ -27,6 +27,11 @@ enum Cmd {
     VmImage(VmImage),
     /// List the named systems.
     Systems,
+    /// Lock every Debian package the systems and image tools use in `vm.lock`; with
+    /// --update [PACKAGE...], move pins forward and print what changed.
+    Lock(Lock),
+    /// Fetch the image tools (e2fsprogs, fdisk, GRUB) into the store; print their directory.
+    ImageTools,
     /// Inspect the store.
     #[command(subcommand)]
     Store(xtask::cmd::store::StoreCmd),
@@ -54,6 +59,8 @@ fn main() -> ExitCode {
         Cmd::BuildInVm(cmd) => cmd.run(&ws),
         Cmd::VmImage(cmd) => cmd.run(&ws),
         Cmd::Systems => Ok(xtask::cmd::systems::run()),
+        Cmd::Lock(cmd) => cmd.run(),
+        Cmd::ImageTools => xtask::cmd::image_tools::run(&ws),
         Cmd::Store(cmd) => cmd.run(&ws),
         Cmd::Bench(cmd) => cmd.run(&ws),
         Cmd::Test(cmd) => cmd.run(&ws),

@@ -155,9 +155,9 @@ fn make(store: &Store, spec: &VmSpec, out: &Path) -> Result<()> {
         if shown.contains(['\'', '"', '\\', '\n']) {
             bail!("the store's path `{shown}` has a quote, backslash or newline: QEMU cannot save there");
         }
-        hmp.command(&format!("migrate \"exec:cat > '{shown}'\""))?;
+        hmp.ask(&format!("migrate \"exec:cat > '{shown}'\""))?;
         loop {
-            let info = hmp.command("info migrate")?;
+            let info = hmp.ask("info migrate")?;
             if info.contains("Migration status: completed") {
                 break;
             }
@@ -166,7 +166,7 @@ fn make(store: &Store, spec: &VmSpec, out: &Path) -> Result<()> {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        let _ = hmp.command("quit");
+        let _ = hmp.ask("quit");
         Ok(())
     })();
     let _ = child.kill();
@@ -253,7 +253,7 @@ impl Monitor {
         Ok(String::from_utf8_lossy(&text).into_owned())
     }
 
-    fn command(&mut self, command: &str) -> Result<String> {
+    fn ask(&mut self, command: &str) -> Result<String> {
         self.stream.write_all(format!("{command}\n").as_bytes())?;
         if command == "quit" {
             return Ok(String::new());

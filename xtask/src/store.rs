@@ -4,7 +4,7 @@
 //! `items/` holds items and nothing else: it is what guests see (read-only, as `/store`).
 //! The bookkeeping lives beside it: `meta/<item>.meta` (what made each item and its
 //! content hash), `.tmp/` (builds in progress, scratch space such as a VM's exchange
-//! directory), `.locks/`, `.pins/` and `.cache/`. Items are built in `.tmp/`, fsynced and
+//! directory), `.locks/` and `.cache/`. Items are built in `.tmp/`, fsynced and
 //! renamed into place, then the `.meta` is written the same way; an item counts as
 //! present only when both exist. A `flock` per item makes concurrent runs build it once.
 //! Leftovers of a killed run are removed by the next run that takes the item's lock, and
@@ -172,8 +172,9 @@ pub struct Store {
 const ITEMS: &str = "items";
 /// The directory of `.meta` records.
 const METAS: &str = "meta";
-/// The bookkeeping directories beside [`ITEMS`].
-const BOOKKEEPING: [&str; 6] = [METAS, ".tmp", ".locks", ".pins", ".cache", ".layout"];
+/// The bookkeeping directories beside [`ITEMS`] (`.pins`: what earlier versions pinned
+/// Debian packages in, before `vm.lock`; unused, not stray).
+const BOOKKEEPING: [&str; 6] = [METAS, ".tmp", ".locks", ".cache", ".layout", ".pins"];
 /// What [`Store::open`] writes to `.layout`; an older store has none.
 const LAYOUT: &str = "2: items/ holds only items; bookkeeping beside it\n";
 
@@ -193,7 +194,7 @@ fn fault_point(step: u32) {
 
 /// Writes `bytes` to `path` as a whole or not at all: a temporary beside it, written and
 /// fsynced, renamed over `path`, then the directory fsynced. Used for every record the
-/// store keeps (`.meta`, pins, memos).
+/// store keeps (`.meta`, memos).
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
     let (dir, name) = fd::split(path).with_context(|| format!("writing `{}`", path.display()))?;
     let tmp = dir.join(format!(".{}.{}.tmp", name.to_string_lossy(), std::process::id()));
@@ -222,7 +223,7 @@ impl Store {
     pub fn open(root: &Path, explain: bool) -> Result<Store> {
         let root = std::path::absolute(root).with_context(|| format!("finding the store `{}`", root.display()))?;
         let fresh = !root.join(".layout").exists();
-        for sub in [ITEMS, METAS, ".tmp", ".locks", ".pins", ".cache"] {
+        for sub in [ITEMS, METAS, ".tmp", ".locks", ".cache"] {
             let dir = root.join(sub);
             fs::create_dir_all(&dir).with_context(|| format!("creating store directory `{}`", dir.display()))?;
         }
@@ -329,11 +330,6 @@ impl Store {
     /// Scratch space for builds in progress (the same file system as the items).
     pub fn tmp_dir(&self) -> PathBuf {
         self.root.join(".tmp")
-    }
-
-    /// Directory for recorded pins (resolved package versions and their hashes).
-    pub fn pins_dir(&self) -> PathBuf {
-        self.root.join(".pins")
     }
 
     /// Directory for small memos that are not items (probes of host tools).

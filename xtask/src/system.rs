@@ -105,7 +105,7 @@ pub fn lower_packages(store: &Store, ws: &Workspace, system: &System, verbose: b
                 packages.push(item);
             }
             Package::Debian { package } => {
-                let pin = debian::pin(store, package, debian::show)?;
+                let pin = debian::pin(package)?;
                 let item = debian::unpacked(store, &pin)?;
                 for dir in ["usr/bin", "bin", "usr/sbin", "sbin"] {
                     if item.path.join(dir).is_dir() {
@@ -228,9 +228,12 @@ pub fn system_config(system: &System, lowered: &Lowered) -> SystemConfig {
     }
 }
 
+/// The Debian package [`busybox`] comes from.
+pub const BUSYBOX_PACKAGE: &str = "busybox-static";
+
 /// Debian's static busybox with a link per applet in `bin/`.
 pub fn busybox(store: &Store) -> Result<Item> {
-    let pin = debian::pin(store, "busybox-static", debian::show)?;
+    let pin = debian::pin(BUSYBOX_PACKAGE)?;
     let deb = debian::unpacked(store, &pin)?;
     let recipe = Recipe::new("busybox", &format!("busybox-{}", pin.version)).input_item("deb", &deb);
     store.realise(&recipe, |out| {

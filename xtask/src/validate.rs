@@ -259,14 +259,14 @@ impl Facts for HostFacts<'_> {
     }
 
     fn debian_package_exists(&mut self, name: &str) -> Result<bool> {
-        Ok(debian::pin(self.store, name, debian::show).is_ok())
+        Ok(debian::pin(name).is_ok())
     }
 
     fn programs(&mut self, package: &Package) -> Result<BTreeSet<String>> {
         Ok(match package {
             Package::Busybox => packages::programs_in(&system::busybox(self.store)?.path),
             Package::Debian { package } => {
-                let pin = debian::pin(self.store, package, debian::show)?;
+                let pin = debian::pin(package)?;
                 packages::programs_in(&debian::unpacked(self.store, &pin)?.path)
             }
             Package::Crate { bin, .. } => BTreeSet::from([bin.clone()]),

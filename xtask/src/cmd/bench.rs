@@ -452,9 +452,10 @@ fn cold_library_image(store: &Store, closure: &Closure) -> Result<Duration> {
     let quiet = Progress { steps: false, verbose: false };
     quiesce();
     let start = Instant::now();
-    let recipe = image::recipe(closure, &opts, &image::tool_versions(store, opts.format, &image::HostTools)?);
+    let tools = crate::image_tools::tools(store)?;
+    let recipe = image::recipe(closure, &opts, &tools, &image::tool_versions(store, opts.format)?);
     let uuid = image::uuid_for(&recipe.hash());
-    let item = store.realise(&recipe, |out| image::build_on_host(store, closure, &opts, &uuid, out, quiet))?;
+    let item = store.realise(&recipe, |out| image::build_on_host(store, closure, &opts, &uuid, &tools, out, quiet))?;
     let took = start.elapsed();
     store.remove_entry(&item.file_name())?;
     Ok(took)
@@ -471,6 +472,8 @@ fn floor_image_build(store: &Store, closure: &Closure, warmup: usize, runs: usiz
     image::stage(store, closure, &opts, &uuid, &root, image::Staging::HardLinks)?;
     let raw = scratch.path().join("disk.raw");
     let qcow2 = scratch.path().join("disk.qcow2");
+    // The same mke2fs as the image builder's: Debian's, from the store.
+    let tools = crate::image_tools::tools(store)?;
     let floor = measure_timed(warmup, runs, || {
         for file in [&raw, &qcow2] {
             if file.exists() {
@@ -480,7 +483,8 @@ fn floor_image_build(store: &Store, closure: &Closure, warmup: usize, runs: usiz
         quiesce();
         let start = Instant::now();
         run_quiet(
-            Command::new(host::MKE2FS.program)
+            tools
+                .command("mke2fs")?
                 .args(["-q", "-F", "-t", "ext4", "-b", "4096", "-d"])
                 .arg(&root)
                 .arg(&raw)

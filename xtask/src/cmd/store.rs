@@ -73,7 +73,12 @@ fn rebuild(store: &Store, meta: &Meta) -> Result<bool> {
             else {
                 return Ok(false);
             };
-            debian::unpacked(store, &Pin { package, version, sha256, size: 0 })?;
+            // The pool path, for a version apt no longer offers, is in the lock file.
+            let locked = crate::lock::read(&crate::lock::path())?
+                .into_values()
+                .find(|p| p.package == package && p.version == version && p.sha256 == sha256);
+            let pin = locked.unwrap_or(Pin { package, version, sha256, ..Pin::default() });
+            debian::unpacked(store, &pin)?;
             Ok(true)
         }
         "busybox" => {

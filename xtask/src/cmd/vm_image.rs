@@ -5,11 +5,11 @@
 use anyhow::{Context, Result};
 
 use super::{parse_bounded_size, usage_error};
-use crate::image::{self, Builder, DiskTools, HostTools, ImageOptions, Layout, Progress};
+use crate::image::{self, Builder, ImageOptions, Layout, Progress};
 use crate::qemu::DiskFormat;
 use crate::store::{Outcome, Store};
 use crate::vm::Failure;
-use crate::{host, image_vm, Workspace};
+use crate::{host, image_tools, image_vm, Workspace};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct VmImage {
@@ -53,14 +53,15 @@ impl VmImage {
             let names: Vec<String> = os_configs::all().into_iter().map(|s| s.name).collect();
             usage_error(format!("unknown system `{}`; known systems: {}", self.system, names.join(", ")))
         })?;
-        let mut tools = match self.builder {
-            Builder::Host => vec![host::SFDISK, host::MKE2FS, host::GRUB_MKIMAGE],
-            Builder::Vm => vec![host::GRUB_MKIMAGE, host::QEMU_SYSTEM],
+        // The image tools come from the store; only QEMU is the host's.
+        let mut host_tools = match self.builder {
+            Builder::Host => vec![],
+            Builder::Vm => vec![host::QEMU_SYSTEM],
         };
         if self.format == DiskFormat::Qcow2 {
-            tools.push(host::QEMU_IMG);
+            host_tools.push(host::QEMU_IMG);
         }
-        host::ensure(&tools)?;
+        host::ensure(&host_tools)?;
         let store = Store::open(&ws.store_dir, self.explain)?;
         let closure = image::closure(&store, ws, &system, self.verbose)
             .with_context(|| format!("lowering system `{}` for a disk image", system.name))?;
@@ -89,21 +90,14 @@ impl VmImage {
         };
         let opts =
             ImageOptions { format: self.format, layout, volatile: self.volatile, verify_store: self.verify_store };
-        let store_tools = match self.builder {
-            Builder::Host => None,
-            Builder::Vm => Some(image_vm::tools(&store).context("getting the VM builder's tools")?),
-        };
-        let disk_tools: &dyn DiskTools = match &store_tools {
-            Some(tools) => tools,
-            None => &HostTools,
-        };
-        let versions = image::tool_versions(&store, self.format, disk_tools)?;
-        let recipe = image::recipe(&closure, &opts, &versions);
+        let tools = image_tools::tools(&store).context("getting the image tools")?;
+        let versions = image::tool_versions(&store, self.format)?;
+        let recipe = image::recipe(&closure, &opts, &tools, &versions);
         let uuid = image::uuid_for(&recipe.hash());
         let progress = Progress::for_stderr(self.verbose);
-        let build = |out: &std::path::Path| match &store_tools {
-            None => image::build_on_host(&store, &closure, &opts, &uuid, out, progress),
-            Some(tools) => image_vm::build(&store, ws, &closure, &opts, &uuid, tools, out, progress),
+        let build = |out: &std::path::Path| match self.builder {
+            Builder::Host => image::build_on_host(&store, &closure, &opts, &uuid, &tools, out, progress),
+            Builder::Vm => image_vm::build(&store, ws, &closure, &opts, &uuid, &tools, out, progress),
         };
         let (item, outcome) = store.realise_with_outcome(&recipe, build)?;
         let path = image::image_path(&item, self.format);

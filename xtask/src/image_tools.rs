@@ -1,0 +1,210 @@
+//! The programs that write disk images — e2fsprogs' `mke2fs`, `e2fsck` and `debugfs`,
+//! fdisk's `sfdisk`, GRUB's `grub-mkimage` with its i386-pc images — from Debian's
+//! packages pinned in `vm.lock`, unpacked in the store and run through the dynamic loader
+//! of the store's libc6 with the packages' library directories. Nothing is taken from
+//! the host: both image builders (on the host and in a VM) run these, so an image's
+//! recipe names the packages (by their items) rather than asking host tools' versions.
+//!
+//! The `vm-image-tools` item holds a wrapper script per program in `bin/` that finds the
+//! store from its own path (`bin/` of an item in the store's directory of items), so the
+//! same script runs in the guest (`/store/...`) and on the host.
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, ensure, Context, Result};
+
+use crate::store::{Item, Recipe, Store};
+use crate::{debian, image};
+
+/// Debian packages the image tools come from: the programs' packages and the shared
+/// libraries their programs load (checked when the tools item is made).
+pub const PACKAGES: &[&str] = &[
+    "e2fsprogs",
+    "fdisk",
+    "grub-common",
+    "grub-pc-bin",
+    "libblkid1",
+    "libc6",
+    "libcom-err2",
+    "libdevmapper1.02.1",
+    "libext2fs2",
+    "libfdisk1",
+    "liblzma5",
+    "libpcre2-8-0",
+    "libreadline8",
+    "libselinux1",
+    "libsmartcols1",
+    "libss2",
+    "libtinfo6",
+    "libudev1",
+    "libuuid1",
+];
+/// The programs, and the package that has each.
+pub const PROGRAMS: &[(&str, &str)] = &[
+    ("mke2fs", "e2fsprogs"),
+    ("e2fsck", "e2fsprogs"),
+    ("debugfs", "e2fsprogs"),
+    ("sfdisk", "fdisk"),
+    ("grub-mkimage", "grub-common"),
+];
+/// The dynamic loader, inside libc6.
+const LOADER: &str = "lib/x86_64-linux-gnu/ld-linux-x86-64.so.2";
+/// Where Debian's packages put shared libraries.
+const LIB_DIRS: &[&str] = &["lib/x86_64-linux-gnu", "usr/lib/x86_64-linux-gnu"];
+/// mke2fs's configuration, inside e2fsprogs.
+const MKE2FS_CONF: &str = "etc/mke2fs.conf";
+/// GRUB's BIOS images and modules, inside grub-pc-bin.
+const GRUB_I386_PC: &str = "usr/lib/grub/i386-pc";
+
+/// The image tools: the unpacked packages, and an item with a wrapper script per program.
+pub struct StoreTools {
+    packages: Packages,
+    /// `bin/<program>`: runs the program through libc6's loader.
+    pub wrappers: Item,
+}
+
+impl StoreTools {
+    /// A command running `program` on the host, through the store's loader.
+    pub fn command(&self, program: &str) -> Result<Command> {
+        self.packages.command(program)
+    }
+
+    /// The `mke2fs.conf` the store's `mke2fs` reads.
+    pub fn mke2fs_conf(&self) -> PathBuf {
+        self.packages.mke2fs_conf()
+    }
+
+    /// GRUB's i386-pc directory: `boot.img`, the modules `grub-mkimage` builds in.
+    pub fn grub_i386_pc(&self) -> PathBuf {
+        self.packages.package("grub-pc-bin").path.join(GRUB_I386_PC)
+    }
+
+    /// The store's directory of the wrappers, for a `PATH`.
+    pub fn bin_dir(&self) -> PathBuf {
+        self.wrappers.path.join("bin")
+    }
+}
+
+/// The unpacked [`PACKAGES`], by name.
+struct Packages(Vec<(String, Item)>);
+
+impl Packages {
+    fn package(&self, name: &str) -> &Item {
+        &self.0.iter().find(|(p, _)| p == name).expect("a package of PACKAGES").1
+    }
+
+    /// The program's path inside its package (`sbin/`, `usr/sbin/`, `bin/`, `usr/bin/`).
+    fn program(&self, program: &str) -> Result<(&Item, String)> {
+        let package = PROGRAMS.iter().find(|(p, _)| *p == program).map(|(_, pkg)| *pkg);
+        let package = package.with_context(|| format!("`{program}` is not one of the image tools"))?;
+        let item = self.package(package);
+        for dir in ["sbin", "usr/sbin", "bin", "usr/bin"] {
+            let rel = format!("{dir}/{program}");
+            if item.path.join(&rel).is_file() {
+                return Ok((item, rel));
+            }
+        }
+        bail!("Debian package `{package}` (`{}`) has no `{program}`", item.path.display())
+    }
+
+    /// The library directories of the packages, each as `base(item)/DIR`.
+    fn lib_dirs(&self, base: impl Fn(&Item) -> String) -> Vec<String> {
+        let mut dirs = Vec::new();
+        for (_, item) in &self.0 {
+            for dir in LIB_DIRS {
+                if item.path.join(dir).is_dir() {
+                    dirs.push(format!("{}/{dir}", base(item)));
+                }
+            }
+        }
+        dirs
+    }
+
+    fn command(&self, program: &str) -> Result<Command> {
+        let (item, rel) = self.program(program)?;
+        let mut cmd = crate::host::command(self.package("libc6").path.join(LOADER));
+        let libs = self.lib_dirs(|i| i.path.display().to_string()).join(":");
+        cmd.args(["--inhibit-cache", "--library-path", &libs])
+            .arg(item.path.join(rel))
+            .env("MKE2FS_CONFIG", self.mke2fs_conf());
+        Ok(cmd)
+    }
+
+    fn mke2fs_conf(&self) -> PathBuf {
+        self.package("e2fsprogs").path.join(MKE2FS_CONF)
+    }
+}
+
+/// Fetches and unpacks the tool packages (as `vm.lock` pins them) and makes the wrappers.
+pub fn tools(store: &Store) -> Result<StoreTools> {
+    let mut packages = Vec::new();
+    for name in PACKAGES {
+        let pin = debian::pin(name)?;
+        let item = debian::unpacked(store, &pin).with_context(|| format!("unpacking Debian package `{name}`"))?;
+        packages.push((name.to_string(), item));
+    }
+    let tools = Packages(packages);
+    let mut recipe = Recipe::new("image-tools", "vm-image-tools")
+        .param("loader", LOADER)
+        .param("lib-dirs", LIB_DIRS.join(":"))
+        .param("wrapper", "relative-v2");
+    for (name, item) in &tools.0 {
+        recipe = recipe.input_item(name, item);
+    }
+    // Paths relative to the store's directory of items, which the script finds from
+    // its own path (`$s/ITEM/bin/PROGRAM`).
+    let rel = |item: &Item| format!("$s/{}", item.file_name());
+    let loader = format!("{}/{LOADER}", rel(tools.package("libc6")));
+    let lib_path = tools.lib_dirs(rel).join(":");
+    let conf = format!("{}/{MKE2FS_CONF}", rel(tools.package("e2fsprogs")));
+    let wrappers = store.realise(&recipe, |out| {
+        let bin = out.join("bin");
+        fs::create_dir_all(&bin)?;
+        for (program, _) in PROGRAMS {
+            check_libraries(&tools, program)?;
+            let (item, path) = tools.program(program)?;
+            let prog = format!("{}/{path}", rel(item));
+            let script = format!(
+                "#!/bin/sh\n# {program} from Debian's packages in the store, through libc6's loader.\n\
+                 s=$(cd \"${{0%/*}}/../..\" && pwd) || exit 127\n\
+                 MKE2FS_CONFIG=\"{conf}\" exec \"{loader}\" --inhibit-cache --library-path \"{lib_path}\" \"{prog}\" \"$@\"\n",
+            );
+            let file = bin.join(program);
+            fs::write(&file, script).with_context(|| format!("writing `{}`", file.display()))?;
+            fs::set_permissions(&file, fs::Permissions::from_mode(0o755))?;
+        }
+        Ok(())
+    })?;
+    Ok(StoreTools { packages: tools, wrappers })
+}
+
+/// Checks that the loader finds every library `program` needs among the packages (and
+/// not on the host, which the guest does not have).
+fn check_libraries(tools: &Packages, program: &str) -> Result<()> {
+    let cmd = tools.command(program)?;
+    // `ld.so --list PROGRAM` prints the libraries it would load.
+    let args: Vec<_> = cmd.get_args().map(|a| a.to_os_string()).collect();
+    let mut list = Command::new(cmd.get_program());
+    list.args(&args[..3]).arg("--list").args(&args[3..]);
+    let shown = image::describe(&list);
+    let out = list.output().with_context(|| format!("running `{shown}`"))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    ensure!(out.status.success(), "`{shown}` failed ({}): {text}{}", out.status, String::from_utf8_lossy(&out.stderr));
+    let roots: Vec<&Path> = tools.0.iter().map(|(_, i)| i.path.as_path()).collect();
+    for line in text.lines() {
+        let Some((lib, rest)) = line.split_once("=>") else { continue };
+        let path = rest.split_whitespace().next().unwrap_or_default();
+        if !roots.iter().any(|r| Path::new(path).starts_with(r)) {
+            bail!(
+                "`{program}` needs `{}`, which none of the image tools' Debian packages has (found: `{}`); \
+                 add its package to image_tools::PACKAGES",
+                lib.trim(),
+                rest.trim()
+            );
+        }
+    }
+    Ok(())
+}
