@@ -16,6 +16,7 @@ mod systems;
 mod test_cmd;
 mod trust;
 mod vm_image;
+mod warm;
 
 /// A string unique to this test run, so builds are fresh rather than cache hits.
 pub fn nonce() -> String {

@@ -76,7 +76,13 @@ impl Bench {
         // share, writes a file there and powers off.
         let accel_flag = ["--accel", accel.name()];
         let ours = measure(warmup, runs, || {
-            run_quiet(Command::new(&xtask).arg("run-vm").args(accel_flag).args(["--timeout", "300", "--", "true"]))
+            run_quiet(Command::new(&xtask).arg("run-vm").args(accel_flag).args([
+                "--cold",
+                "--timeout",
+                "300",
+                "--",
+                "true",
+            ]))
         })?;
         let floor_initrd = floor_initrd(&store, &lowered.kernel)?;
         let floor_spec = |xchg: &Path| VmSpec {
@@ -124,13 +130,33 @@ impl Bench {
         ));
         let (floor_boot, our_boot) = (floor, ours);
 
+        // boot-to-result-warm: the same run restored from its snapshot (made in the first
+        // warm-up run) against the cold floor above.
+        let ours = measure(warmup, runs, || {
+            run_quiet(Command::new(&xtask).arg("run-vm").args(accel_flag).args([
+                "--warm",
+                "--timeout",
+                "300",
+                "--",
+                "true",
+            ]))
+        })?;
+        figures.push(figure(
+            "boot-to-result-warm",
+            ours,
+            floor_boot,
+            accel,
+            "xtask run-vm --warm -- true (restored from its snapshot)",
+            "bare qemu + busybox initramfs, cold",
+        ));
+
         // xtask-test: `cargo xtask test` of the example crate (its binaries already built)
         // against running the same binaries on the host plus the bare boot above.
         let selection = ["-p", "vm-checks", "--test", "in_vm"].map(String::from);
         let binaries = super::test::build_test_binaries(ws, &selection)?;
         let ours = measure(warmup, runs, || {
             let mut cmd = Command::new(&xtask);
-            cmd.args(["test", "--system", "hello", "--timeout", "300"]).args(accel_flag).args(&selection);
+            cmd.args(["test", "--cold", "--system", "hello", "--timeout", "300"]).args(accel_flag).args(&selection);
             run_quiet(cmd.args(["--", "--ignored"]))
         })?;
         let host_run = measure(warmup, runs, || {
@@ -171,7 +197,7 @@ impl Bench {
         let ask = ["--timeout", "300", "--", "sh", "-c", "nc 127.0.0.1 7878 </dev/null"];
         let ours = measure(warmup, runs, || {
             touch()?;
-            run_quiet(Command::new(&xtask).args(["run-vm", "--system", "hello"]).args(accel_flag).args(ask))
+            run_quiet(Command::new(&xtask).args(["run-vm", "--cold", "--system", "hello"]).args(accel_flag).args(ask))
         })?;
         let cargo_build = measure(warmup, runs, || {
             touch()?;
