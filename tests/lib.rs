@@ -108,6 +108,16 @@ pub struct Run {
     pub stderr: String,
 }
 
+impl From<std::process::Output> for Run {
+    fn from(out: std::process::Output) -> Run {
+        Run {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+}
+
 impl Run {
     /// Panics with the whole output unless the exit status is `code`.
     pub fn expect_code(&self, code: i32) -> &Run {
@@ -122,11 +132,7 @@ pub const TIMEOUT: &str = "300";
 /// Runs `xtask ARGS` with stdin from /dev/null.
 pub fn xtask(args: &[&str]) -> Run {
     let out = Command::new(xtask_bin()).args(args).stdin(Stdio::null()).output().expect("running xtask");
-    Run {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
+    Run::from(out)
 }
 
 /// `xtask run-vm --timeout T -- COMMAND...`
@@ -185,11 +191,7 @@ pub fn xtask_env(args: &[&str], envs: &[(&str, &std::ffi::OsStr)]) -> Run {
         cmd.env(k, v);
     }
     let out = cmd.output().expect("running xtask");
-    Run {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
+    Run::from(out)
 }
 
 /// Pids of the processes whose parent is `ppid` and whose command name starts with `comm`.

@@ -26,11 +26,7 @@ fn spawn(args: &[&str], envs: &[(&str, &OsStr)]) -> Child {
 
 fn finish(child: Child) -> Run {
     let out = child.wait_with_output().unwrap();
-    Run {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
+    vm_tests::Run::from(out)
 }
 
 /// The xchg scratch directories of process `pid` in which the guest has created

@@ -49,11 +49,7 @@ fn cargo_xtask(bin: &Path, store: &Path, args: &[&str]) -> Run {
         .output()
         .unwrap();
     eprintln!("cargo xtask {}: {:.1} s", args.join(" "), started.elapsed().as_secs_f64());
-    Run {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
+    vm_tests::Run::from(out)
 }
 
 #[test]

@@ -266,9 +266,5 @@ fn cargo_xtask_in(dir: &Path, args: &[&str], envs: &[(&str, &std::ffi::OsStr)]) 
         cmd.env(k, v);
     }
     let out = cmd.output().unwrap();
-    Run {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
+    vm_tests::Run::from(out)
 }

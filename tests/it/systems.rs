@@ -151,11 +151,7 @@ fn cargo_xtask_in(dir: &Path, args: &[&str]) -> Run {
         .stdin(Stdio::null())
         .output()
         .unwrap();
-    Run {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
+    vm_tests::Run::from(out)
 }
 
 /// Names of the items `--explain` says were built.

@@ -218,11 +218,7 @@ fn run_script(shell: Option<&str>, args: &[&str], envs: &[(&str, &OsStr)]) -> Ru
         cmd.env(k, v);
     }
     let out = cmd.output().unwrap();
-    Run {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
+    vm_tests::Run::from(out)
 }
 
 #[test]
