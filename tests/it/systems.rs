@@ -104,15 +104,27 @@ fn run_vm_sh_runs_without_cargo() {
     assert_eq!(stderr, "to-stderr\n");
 }
 
+/// Every command that boots or builds a system checks it first: run-vm, build-in-vm,
+/// vm-image and test.
 #[test]
 fn no_root_file_system_is_refused_before_building() {
-    let run = xtask(&["run-vm", "--system", "invalid-no-root", "--explain", "--", "true"]);
-    run.expect_code(2);
-    assert!(
-        run.stderr.contains("system `invalid-no-root`, field `file_systems`: no file system is mounted on `/`; fix: "),
-        "{run:#?}"
-    );
-    assert!(run.stderr.contains("nothing was built") && !run.stderr.contains("store: build"), "{run:#?}");
+    let name = format!("invalid-{}", crate::nonce());
+    for args in [
+        vec!["run-vm", "--system", "invalid-no-root", "--explain", "--", "true"],
+        vec!["build-in-vm", "--system", "invalid-no-root", "--explain", "--name", &name, "--", "true"],
+        vec!["vm-image", "--system", "invalid-no-root", "--explain"],
+        vec!["test", "--system", "invalid-no-root", "--explain", "-p", "vm-checks", "--test", "in_vm"],
+    ] {
+        let run = xtask(&args);
+        run.expect_code(2);
+        assert!(
+            run.stderr
+                .contains("system `invalid-no-root`, field `file_systems`: no file system is mounted on `/`; fix: "),
+            "{args:?}: {run:#?}"
+        );
+        assert!(run.stderr.contains("nothing was built") && !run.stderr.contains("store: build"), "{args:?}: {run:#?}");
+    }
+    assert!(vm_tests::store_entries_named(&name).is_empty());
 }
 
 #[test]

@@ -71,10 +71,7 @@ pub struct VmOpts {
 impl VmOpts {
     /// The named system, with the kernel override applied.
     pub fn system(&self) -> Result<System> {
-        let mut system = os_configs::by_name(&self.system).ok_or_else(|| {
-            let names: Vec<String> = os_configs::all().into_iter().map(|s| s.name).collect();
-            usage_error(format!("unknown system `{}`; known systems: {}", self.system, names.join(", ")))
-        })?;
+        let mut system = lookup_system(&self.system)?;
         if let (Some(image), Some(modules)) = (&self.kernel, &self.modules) {
             system.kernel = Kernel::Path { image: image.clone(), modules: modules.clone() };
         }
@@ -129,6 +126,14 @@ pub const TIMEOUT_SECS: (u64, u64) = (1, 7 * 24 * 3600);
 pub const SIZE_BYTES: (u64, u64) = (1 << 20, 16 << 40);
 const TIMEOUT_RANGE: &str = "give 1s to 7d (e.g. 90, 90s, 5m, 1h, 2d)";
 const SIZE_RANGE: &str = "give 1MiB to 16TiB";
+
+/// The named system; an unknown name is a usage error listing the known ones.
+pub fn lookup_system(name: &str) -> Result<System> {
+    os_configs::by_name(name).ok_or_else(|| {
+        let names: Vec<String> = os_configs::all().into_iter().map(|s| s.name).collect();
+        usage_error(format!("unknown system `{name}`; known systems: {}", names.join(", ")))
+    })
+}
 
 fn parse_memory(s: &str) -> std::result::Result<u32, String> {
     let range = format!("give {} to {} (MiB)", MEMORY_MIB.0, MEMORY_MIB.1);

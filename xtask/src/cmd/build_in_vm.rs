@@ -59,6 +59,7 @@ impl BuildInVm {
         self.validate()?;
         let system = self.vm.system()?;
         let store = self.vm.open_store(ws)?;
+        crate::validate::check(&system, &mut crate::validate::HostFacts::new(&store, ws))?;
         let inputs = self.add_inputs(&store)?;
         let lowered = system::lower(&store, ws, &system, self.vm.verbose)?;
         let mut env: Vec<(String, String)> = vec![

@@ -63,6 +63,9 @@ impl Test {
             Some(i) => (self.args[..i].to_vec(), self.args[i + 1..].to_vec()),
             None => (self.args.clone(), Vec::new()),
         };
+        // The system is checked before anything is built, the test binaries included.
+        let store = self.vm.open_store(ws)?;
+        validate::check(&self.vm.system()?, &mut validate::HostFacts::new(&store, ws))?;
         let binaries = build_test_binaries(ws, &cargo_args)?;
         if binaries.is_empty() {
             eprintln!("no test binaries to run");

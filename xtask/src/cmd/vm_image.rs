@@ -49,10 +49,7 @@ pub struct VmImage {
 
 impl VmImage {
     pub fn run(self, ws: &Workspace) -> Result<i32> {
-        let system = os_configs::by_name(&self.system).ok_or_else(|| {
-            let names: Vec<String> = os_configs::all().into_iter().map(|s| s.name).collect();
-            usage_error(format!("unknown system `{}`; known systems: {}", self.system, names.join(", ")))
-        })?;
+        let system = super::lookup_system(&self.system)?;
         // The image tools come from the store; only QEMU is the host's.
         let mut host_tools = match self.builder {
             Builder::Host => vec![],
@@ -63,6 +60,7 @@ impl VmImage {
         }
         host::ensure(&host_tools)?;
         let store = Store::open(&ws.store_dir, self.explain)?;
+        crate::validate::check(&system, &mut crate::validate::HostFacts::new(&store, ws))?;
         let closure = image::closure(&store, ws, &system, self.verbose)
             .with_context(|| format!("lowering system `{}` for a disk image", system.name))?;
         let footprint = image::footprint(&closure)?;
