@@ -13,6 +13,9 @@ fn quick_bench_writes_a_valid_report() {
     let names: Vec<&str> = figures.iter().filter_map(|f| f["name"].as_str()).collect();
     for name in [
         "boot-to-result",
+        "boot-to-result-warm",
+        "xtask-test",
+        "scenario",
         "inner-loop",
         "inner-loop-vs-run-vm",
         "cache-hit",
