@@ -158,6 +158,12 @@ pub struct NetConfig {
     pub interface: String,
     /// Its IPv4 address and prefix length, e.g. `10.0.2.15/24`.
     pub address: String,
+    /// A default route through this address, and it as the name server too (QEMU's
+    /// user network answers DNS at `10.0.2.3`): given for a network that reaches out.
+    #[serde(default)]
+    pub gateway: Option<String>,
+    #[serde(default)]
+    pub nameserver: Option<String>,
 }
 
 /// What a system item asks the helper to set up (the file [`SYSTEM_CONFIG_FILE`]).

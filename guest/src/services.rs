@@ -142,10 +142,50 @@ pub fn network_up(net: &guest::NetConfig) -> Result<()> {
             return Err(format!("cannot {what} {}: {err}", net.interface));
         }
     }
+    if let Some(gateway) = &net.gateway {
+        default_route(gateway)?;
+    }
+    if let Some(server) = &net.nameserver {
+        fs::write("/etc/resolv.conf", format!("nameserver {server}\n"))
+            .map_err(|e| format!("cannot write /etc/resolv.conf: {e}"))?;
+    }
     // The host's forwarded connections are addressed to the guest's 127.0.0.1, so that
     // services listening on the loopback only are reached: the interface accepts them.
     let localnet = format!("/proc/sys/net/ipv4/conf/{}/route_localnet", net.interface);
     fs::write(&localnet, "1").map_err(|e| format!("cannot write {localnet}: {e}"))?;
+    Ok(())
+}
+
+/// Adds the default route through `gateway`.
+fn default_route(gateway: &str) -> Result<()> {
+    use nix::libc;
+    let gw: std::net::Ipv4Addr = gateway.parse().map_err(|e| format!("bad gateway {gateway}: {e}"))?;
+    let sockaddr = |ip: u32| {
+        // SAFETY: sockaddr_in is plain data; an all-zero value is valid.
+        let mut sin: libc::sockaddr_in = unsafe { std::mem::zeroed() };
+        sin.sin_family = libc::AF_INET as libc::sa_family_t;
+        sin.sin_addr.s_addr = ip.to_be();
+        // SAFETY: sockaddr_in fits in sockaddr (16 bytes both) and is read as one.
+        unsafe { std::mem::transmute::<libc::sockaddr_in, libc::sockaddr>(sin) }
+    };
+    // SAFETY: a plain socket and one ioctl on a zeroed `rtentry`.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(format!("cannot open a socket: {}", std::io::Error::last_os_error()));
+        }
+        let mut route: libc::rtentry = std::mem::zeroed();
+        route.rt_dst = sockaddr(0);
+        route.rt_genmask = sockaddr(0);
+        route.rt_gateway = sockaddr(u32::from(gw));
+        route.rt_flags = libc::RTF_UP | libc::RTF_GATEWAY;
+        let result = libc::ioctl(fd, libc::SIOCADDRT, &route);
+        let err = std::io::Error::last_os_error();
+        libc::close(fd);
+        if result != 0 {
+            return Err(format!("cannot add a default route through {gateway}: {err}"));
+        }
+    }
     Ok(())
 }
 

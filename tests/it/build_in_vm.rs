@@ -126,3 +126,28 @@ fn bad_input_is_a_usage_error_and_builds_nothing() {
     }
     assert!(store_entries_named(&name).is_empty());
 }
+
+/// `--net` gives the build a network that reaches the host (QEMU's user network maps
+/// 10.0.2.2 to the host's loopback); without it the guest has none.
+#[test]
+fn a_build_has_a_network_only_when_asked() {
+    use std::io::Write;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let marker = format!("from-the-host-{}", nonce());
+    let answer = marker.clone();
+    std::thread::spawn(move || {
+        for mut stream in listener.incoming().flatten() {
+            let _ = writeln!(stream, "{answer}");
+        }
+    });
+    let script = format!("nc 10.0.2.2 {port} </dev/null > $out/got; ls /sys/class/net > $out/nets");
+    let run = build("net", &["--net", "--env", &format!("M={marker}")], &["sh", "-c", &script]);
+    run.expect_code(0);
+    let out = Path::new(run.stdout.trim_end());
+    assert_eq!(fs::read_to_string(out.join("got")).unwrap(), format!("{marker}\n"));
+    assert_eq!(fs::read_to_string(out.join("nets")).unwrap(), "eth0\nlo\n");
+    let run = build("no-net", &["--env", &format!("M={marker}")], &["sh", "-c", "ls /sys/class/net > $out/nets"]);
+    run.expect_code(0);
+    assert_eq!(fs::read_to_string(Path::new(run.stdout.trim_end()).join("nets")).unwrap(), "lo\n");
+}

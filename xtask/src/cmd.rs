@@ -110,6 +110,7 @@ impl VmOpts {
             ports: Vec::new(),
             sandbox: host::qemu_supports_sandbox(&store.cache_dir()),
             forwards: Vec::new(),
+            outside: false,
             control: None,
             lans: Vec::new(),
             snapshot_port: None,

@@ -144,6 +144,9 @@ pub struct VmSpec {
     /// (its interface accepts loopback addresses), so services that listen there only,
     /// as most do, are reached.
     pub forwards: Vec<Forward>,
+    /// QEMU's user network without restriction: the guest reaches the host's network
+    /// and beyond through NAT (`build-in-vm --net`: no longer hermetic).
+    pub outside: bool,
     /// A unix socket QEMU listens on for the control channel's serial port
     /// ([`guest::control`]); none without.
     pub control: Option<PathBuf>,
@@ -194,11 +197,11 @@ pub const NET_MODULE: &str = "virtio_net";
 /// The network: QEMU's user network (no root, no bridge), restricted so the guest
 /// reaches neither the host nor anything beyond, with the forwarded ports; nothing
 /// without forwards.
-pub fn net_args(forwards: &[Forward]) -> Vec<OsString> {
-    if forwards.is_empty() {
+pub fn net_args(forwards: &[Forward], outside: bool) -> Vec<OsString> {
+    if forwards.is_empty() && !outside {
         return Vec::new();
     }
-    let mut netdev = "user,id=net0,restrict=on".to_string();
+    let mut netdev = format!("user,id=net0,restrict={}", if outside { "off" } else { "on" });
     for f in forwards {
         netdev.push_str(&format!(",hostfwd=tcp:127.0.0.1:{}-127.0.0.1:{}", f.host, f.guest));
     }
@@ -355,7 +358,7 @@ pub fn args(spec: &VmSpec) -> Vec<OsString> {
         share_args(&spec.shares),
         disk_args(&spec.disks),
         port_args(&spec.ports, spec.control.as_deref(), spec.snapshot_port.as_deref()),
-        net_args(&spec.forwards),
+        net_args(&spec.forwards, spec.outside),
         lan_args(&spec.lans),
     ]
     .concat()
@@ -393,6 +396,7 @@ mod tests {
             ports: vec![Port { name: "stdout".into(), path: "/r/out".into() }],
             sandbox: true,
             forwards: Vec::new(),
+            outside: false,
             control: None,
             lans: Vec::new(),
             snapshot_port: None,
@@ -460,8 +464,9 @@ mod tests {
 
     #[test]
     fn forwards_give_a_restricted_user_network_and_none_give_no_network() {
-        assert!(net_args(&[]).is_empty());
-        let args = strings(net_args(&[Forward { host: 8080, guest: 7878 }, Forward { host: 2222, guest: 22 }]));
+        assert!(net_args(&[], false).is_empty());
+        assert_eq!(strings(net_args(&[], true))[1], "user,id=net0,restrict=off");
+        let args = strings(net_args(&[Forward { host: 8080, guest: 7878 }, Forward { host: 2222, guest: 22 }], false));
         assert_eq!(
             args,
             [

@@ -239,6 +239,8 @@ impl NodePlan<'_> {
             .map(|(k, (l, i, _))| NetConfig {
                 interface: format!("eth{k}"),
                 address: format!("{}/24", address(*l, *i)),
+                gateway: None,
+                nameserver: None,
             })
             .collect();
         let xchg = store.scratch("xchg")?;

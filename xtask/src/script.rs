@@ -276,6 +276,7 @@ mod tests {
             ports: Vec::new(),
             sandbox: false,
             forwards: Vec::new(),
+            outside: false,
             control: None,
             lans: Vec::new(),
             snapshot_port: None,

@@ -98,6 +98,7 @@ impl Bench {
             ports: Vec::new(),
             sandbox: host::qemu_supports_sandbox(&store.cache_dir()),
             forwards: Vec::new(),
+            outside: false,
             control: None,
             lans: Vec::new(),
             snapshot_port: None,

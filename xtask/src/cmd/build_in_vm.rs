@@ -43,6 +43,11 @@ pub struct BuildInVm {
     /// Size of the --disk-image disk (e.g. 100MiB, 2GiB; 1MiB to 16TiB).
     #[arg(long, value_parser = parse_bounded_size, requires = "disk_image")]
     pub disk_size: Option<u64>,
+    /// Give the build a network that reaches the host and beyond (QEMU's user network,
+    /// NAT, DNS at 10.0.2.3). The result then depends on more than its inputs: it is no
+    /// longer hermetic. Without it the guest has no network at all.
+    #[arg(long)]
+    pub net: bool,
     /// The most the build may store: what it writes to `$out`, with the disk image
     /// (1MiB to 16TiB).
     #[arg(long, value_name = "SIZE", value_parser = parse_bounded_size, default_value = "8GiB")]
@@ -57,7 +62,10 @@ pub struct BuildInVm {
 impl BuildInVm {
     pub fn run(self, ws: &Workspace) -> Result<i32> {
         self.validate()?;
-        let system = self.vm.system()?;
+        let mut system = self.vm.system()?;
+        if self.net {
+            system.initrd_modules.push(qemu::NET_MODULE.to_string());
+        }
         let store = self.vm.open_store(ws)?;
         crate::validate::check(&system, &mut crate::validate::HostFacts::new(&store, ws))?;
         let inputs = self.add_inputs(&store)?;
@@ -79,6 +87,10 @@ impl BuildInVm {
             .param("memory-mib", self.vm.memory.to_string())
             .param("kernel-args", lowered.kernel_args.join(" "))
             .param("disk", disk.map(|(f, s)| format!("{}:{s}", f.name())).unwrap_or_default());
+        // Only a build with a network says so: the others keep their items' hashes.
+        if self.net {
+            recipe = recipe.param("net", "user");
+        }
         for (label, item) in lowered.items() {
             recipe = recipe.input_item(label, item);
         }
@@ -93,6 +105,7 @@ impl BuildInVm {
             let out_dir = xchg.path().join("out");
             fs::create_dir(&out_dir)?;
             let mut spec = self.vm.spec(accel, &store, &lowered, xchg.path().to_path_buf());
+            spec.outside = self.net;
             let disk_path = match disk {
                 Some((format, size)) => {
                     let path = runtime.path().join(format!("disk.{}", format.name()));
@@ -117,7 +130,16 @@ impl BuildInVm {
                 argv_file: None,
                 root_device: None,
                 mounts: Vec::new(),
-                nets: Vec::new(),
+                nets: if self.net {
+                    vec![guest::NetConfig {
+                        interface: qemu::GUEST_INTERFACE.into(),
+                        address: qemu::GUEST_ADDRESS.into(),
+                        gateway: Some("10.0.2.2".into()),
+                        nameserver: Some("10.0.2.3".into()),
+                    }]
+                } else {
+                    Vec::new()
+                },
             };
             if self.vm.explain {
                 eprintln!("vm: booting to build `{}`", self.name);

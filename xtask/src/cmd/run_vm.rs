@@ -112,7 +112,12 @@ impl RunVm {
             Vec::new()
         } else {
             system.initrd_modules.push(qemu::NET_MODULE.to_string());
-            vec![NetConfig { interface: qemu::GUEST_INTERFACE.into(), address: qemu::GUEST_ADDRESS.into() }]
+            vec![NetConfig {
+                interface: qemu::GUEST_INTERFACE.into(),
+                address: qemu::GUEST_ADDRESS.into(),
+                gateway: None,
+                nameserver: None,
+            }]
         };
         let accel = qemu::choose_accel(self.vm.accel)?;
         // What QEMU needs comes first; the packages and the system item (say, a
