@@ -42,6 +42,14 @@ pub fn hello_pair() -> Scenario {
             d.node("server")?.wait_for_port(7878, Duration::from_secs(60))?;
             let answer = d.node("client")?.succeed("nc server 7878 </dev/null")?;
             ensure!(answer.starts_with("hello-service v1: "), "the client got {answer:?}");
+            // The nodes reach each other and nothing else: one route, their network's.
+            let routes = d.node("client")?.succeed("ip route")?;
+            ensure!(routes.lines().count() == 1 && routes.starts_with("10.77.0.0/24 dev eth0"), "routes: {routes:?}");
+            let log = std::env::temp_dir().join(format!("hello-pair-{}.log", std::process::id()));
+            d.node("server")?.copy_from_node("/var/log/hello.log", &log)?;
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            let _ = std::fs::remove_file(&log);
+            ensure!(text.contains("listening on port 7878"), "the server's log, copied: {text:?}");
             d.block("client")?;
             d.node("client")?.fail_within("nc -w 3 server 7878 </dev/null", Duration::from_secs(20))?;
             d.unblock("client")?;
