@@ -135,7 +135,7 @@ fn a_forwarded_port_reaches_the_service_from_the_host() {
 fn output_streams_while_the_command_runs() {
     let script = xtask(&["run-vm", "--script"]);
     script.expect_code(0);
-    let command = ["--", "sh", "-c", "echo first; sleep 60; echo second"];
+    let command = ["--", "sh", "-c", "echo first; sleep 15; echo second"];
     let mut xtask_run = Command::new(xtask_bin());
     xtask_run.args(["run-vm", "--timeout", TIMEOUT]).args(command);
     let mut script_run = Command::new(script.stdout.trim_end());
