@@ -4,8 +4,10 @@
 
 mod bench;
 mod build_in_vm;
+mod cli;
 mod faults;
 mod guest_boundary;
+mod json;
 mod limits;
 mod run_vm;
 mod store;

@@ -45,10 +45,15 @@ pub struct VmImage {
     /// Say for every store item whether it was found or built.
     #[arg(long)]
     pub explain: bool,
+    /// Print one JSON document on stdout (image path, item, hash, content sha256, size,
+    /// hit or built, wall time) instead of the path.
+    #[arg(long)]
+    pub json: bool,
 }
 
 impl VmImage {
     pub fn run(self, ws: &Workspace) -> Result<i32> {
+        let started = std::time::Instant::now();
         let system = os_configs::by_name(&self.system).ok_or_else(|| {
             let names: Vec<String> = os_configs::all().into_iter().map(|s| s.name).collect();
             usage_error(format!("unknown system `{}`; known systems: {}", self.system, names.join(", ")))
@@ -110,7 +115,11 @@ impl VmImage {
         if self.check {
             self.check(&store, &item, outcome, &path, build)?;
         }
-        println!("{}", path.display());
+        if self.json {
+            crate::report::print_json(&crate::report::ItemReport::new(&store, &item, &path, outcome, started)?)?;
+        } else {
+            println!("{}", path.display());
+        }
         Ok(0)
     }
 
