@@ -52,6 +52,14 @@ fn users_groups_homes_and_hostname_are_as_declared() {
 }
 
 #[test]
+fn file_systems_needed_for_boot_are_mounted_before_services_and_the_others_after() {
+    // The service saw /early mounted and /late not; the command sees both.
+    let run = run_system("fs-order", &["sh", "-c", "cat /run/probe; grep -c ' /late ' /proc/mounts"]);
+    run.expect_code(0);
+    assert_eq!(run.stdout, "1\n0\n1\n", "{run:#?}");
+}
+
+#[test]
 fn host_program_runs_with_its_shared_libraries() {
     let run = run_system("host-sfdisk", &["sh", "-c", "sfdisk --version; ls /lib/x86_64-linux-gnu"]);
     run.expect_code(0);

@@ -71,7 +71,14 @@ pub struct Closure {
 pub fn closure(store: &Store, ws: &Workspace, system: &System, verbose: bool) -> Result<Closure> {
     let mut disk_system = system.clone();
     disk_system.initrd_modules.extend(IMAGE_MODULES.iter().map(|m| m.to_string()));
-    let lowered = system::lower(store, ws, &disk_system, verbose)?;
+    let mut lowered = system::lower(store, ws, &disk_system, verbose)?;
+    // File systems checked at boot: Debian's e2fsck (run through libc6's loader) joins
+    // the closure.
+    if system::checks_file_systems(system) {
+        let tools = crate::image_vm::tools(store).context("getting e2fsck for the file system checks")?;
+        lowered.fsck = tools.guest_argv("e2fsck")?;
+        lowered.packages.extend(tools.items());
+    }
     let kernel_item = lowered.kernel.item.clone().with_context(|| {
         format!("system `{}` boots a kernel from the host; a disk image needs a kernel from the store", system.name)
     })?;

@@ -124,6 +124,27 @@ impl DiskTools for StoreTools {
     }
 }
 
+impl StoreTools {
+    /// How a guest runs `program` with no shell: libc6's loader and its arguments.
+    pub fn guest_argv(&self, program: &str) -> Result<Vec<String>> {
+        let (item, rel) = self.packages.program(program)?;
+        Ok(vec![
+            format!("{}/{LOADER}", self.packages.package("libc6").guest_path()),
+            "--inhibit-cache".into(),
+            "--library-path".into(),
+            self.packages.lib_path(Item::guest_path),
+            format!("{}/{rel}", item.guest_path()),
+        ])
+    }
+
+    /// Every item the tools are made of.
+    pub fn items(&self) -> Vec<Item> {
+        let mut items: Vec<Item> = self.packages.packages.iter().map(|(_, item)| item.clone()).collect();
+        items.push(self.wrappers.clone());
+        items
+    }
+}
+
 /// Fetches and unpacks the tool packages (pinned on first use) and makes the wrappers.
 pub fn tools(store: &Store) -> Result<StoreTools> {
     let mut packages = Vec::new();
