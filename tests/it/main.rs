@@ -9,6 +9,7 @@ mod faults;
 mod guest_boundary;
 mod json;
 mod limits;
+mod progress;
 mod run_vm;
 mod store;
 mod systems;

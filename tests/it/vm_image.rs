@@ -245,6 +245,36 @@ fn volatile_raw_image(builder: Builder) {
     assert_eq!(sha256(&copy), before, "booting the volatile image changed the image file");
 }
 
+/// The root file system is checked at each boot (`check: true`, read-only for a
+/// volatile root): a damage that mounting does not notice stops the boot, named.
+#[test]
+fn the_root_is_checked_at_boot_and_a_failed_check_stops_it() {
+    let (image, _) = vm_image(&["--system", "boot-check", "--format", "raw", "--volatile"]);
+    let dir = tempfile::tempdir().unwrap();
+    let copy = copy_image(&image, dir.path());
+    let console = boot(&copy, "raw");
+    marker_line(&console);
+    assert!(console.contains("checked (e2fsck -n)"), "the root was not checked:\n{console}");
+
+    // A wrong link count on the root directory, and the file system marked as having
+    // errors (so the check is not skipped as clean): the kernel mounts it all the same.
+    let commands = dir.path().join("damage");
+    fs::write(&commands, "sif <2> links_count 9\nssv state 2\n").unwrap();
+    let out = Command::new("debugfs")
+        .arg("-w")
+        .arg("-f")
+        .arg(&commands)
+        .arg(format!("{}?offset=1048576", copy.display()))
+        .output()
+        .expect("running debugfs (Debian's e2fsprogs)");
+    assert!(out.status.success(), "debugfs: {}", String::from_utf8_lossy(&out.stderr));
+    let console = boot(&copy, "raw");
+    assert!(!console.contains(MARKER), "the damaged root booted:\n{console}");
+    let failed = console.lines().find(|l| l.starts_with("vm-image: boot failed: file system check of /dev/"));
+    let failed = failed.unwrap_or_else(|| panic!("no boot error naming the check:\n{console}"));
+    assert!(failed.contains("(e2fsck -n, exit status 4)") && failed.contains("ref count"), "{failed}");
+}
+
 /// Boots a copy of `image` with the serial console on QEMU's stdio and runs `steps` on
 /// it; the last step is expected to power the VM off.
 fn converse_with_image(image: &Path, steps: &[(&str, &str)]) -> vm_tests::Conversation {

@@ -81,14 +81,7 @@ impl Step {
     /// a growing size (a spinner), until the step ends.
     pub fn watch_file(mut self, file: &Path, total: Option<u64>) -> Step {
         let Some(bar) = self.bar.clone() else { return self };
-        if let Some(total) = total {
-            bar.set_length(total);
-            bar.set_style(
-                ProgressStyle::with_template("{msg} [{bar:30}] {bytes}/{total_bytes} ({bytes_per_sec}, {eta})")
-                    .unwrap()
-                    .progress_chars("=> "),
-            );
-        }
+        set_total(&bar, total);
         let stop = Arc::new(AtomicBool::new(false));
         let (done, file) = (stop.clone(), file.to_path_buf());
         let handle = std::thread::spawn(move || {
@@ -101,10 +94,11 @@ impl Step {
         self
     }
 
-    /// The same, for a file named at the end of a directory listing (a download's
-    /// partial file, whose name is not known beforehand): the largest file in `dir`.
-    pub fn watch_dir(mut self, dir: &Path) -> Step {
+    /// The same for the largest file in `dir` (a download's partial file, whose name is
+    /// not known beforehand).
+    pub fn watch_dir(mut self, dir: &Path, total: Option<u64>) -> Step {
         let Some(bar) = self.bar.clone() else { return self };
+        set_total(&bar, total);
         let dir = dir.to_path_buf();
         let stop = Arc::new(AtomicBool::new(false));
         let done = stop.clone();
@@ -116,6 +110,27 @@ impl Step {
         });
         self.watcher = Some((stop, handle));
         self
+    }
+}
+
+/// A bar, and no line, for the work of a child process that writes `file`: the step's
+/// line was said already ([`step`] or the caller's own); on a terminal only.
+pub fn file_bar(what: &str, file: &Path, total: Option<u64>) -> Step {
+    match mode() {
+        Mode::Bars => step(what).watch_file(file, total),
+        Mode::Quiet | Mode::Lines => Step { bar: None, watcher: None },
+    }
+}
+
+/// Turns a spinner into a bar of `total` bytes.
+fn set_total(bar: &ProgressBar, total: Option<u64>) {
+    if let Some(total) = total.filter(|t| *t > 0) {
+        bar.set_length(total);
+        bar.set_style(
+            ProgressStyle::with_template("{msg} [{bar:30}] {bytes}/{total_bytes} ({bytes_per_sec}, {eta})")
+                .unwrap()
+                .progress_chars("=> "),
+        );
     }
 }
 

@@ -432,7 +432,7 @@ fn default_qcow2(closure: &Closure) -> Result<ImageOptions> {
 /// removes it; returns the time it took to build and store.
 fn cold_library_image(store: &Store, closure: &Closure) -> Result<Duration> {
     let opts = default_qcow2(closure)?;
-    let quiet = Progress { steps: false, verbose: false };
+    let quiet = Progress { steps: false, verbose: false, expected_bytes: 0 };
     quiesce();
     let start = Instant::now();
     let recipe = image::recipe(closure, &opts, &image::tool_versions(store, opts.format, &image::HostTools)?);
