@@ -423,6 +423,19 @@ pub fn fs_order() -> System {
     }
 }
 
+/// `minimal` with a second disk: the ext4 file system labelled `vmdata`, checked and
+/// mounted on `/data` (a disk image's; `run-vm` drops it): for tests.
+pub fn data_disk() -> System {
+    System {
+        packages: vec![Package::Busybox],
+        file_systems: vec![
+            FileSystem::block("/", Device::Label("vmroot".to_string()), "ext4"),
+            FileSystem::block("/data", Device::Label("vmdata".to_string()), "ext4"),
+        ],
+        ..System::base("data-disk", "(for tests) minimal plus a disk labelled vmdata, checked and mounted on /data")
+    }
+}
+
 /// A system that cannot work: it has no root file system (for tests of validation).
 pub fn invalid_no_root() -> System {
     System {
@@ -446,7 +459,7 @@ pub fn invalid_module() -> System {
 
 /// Every named system, in the order `cargo xtask systems` lists them.
 pub fn all() -> Vec<System> {
-    vec![minimal(), hello(), host_sfdisk(), boot_check(), fs_order(), invalid_no_root(), invalid_module()]
+    vec![minimal(), hello(), host_sfdisk(), boot_check(), fs_order(), data_disk(), invalid_no_root(), invalid_module()]
 }
 
 /// Looks a named system up.

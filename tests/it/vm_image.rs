@@ -320,6 +320,52 @@ fn hello_system_image_starts_its_service_at_boot() {
     assert_powered_off(&converse_with_image(&image, &steps), 2);
 }
 
+/// A declared disk, by label: checked (repairing, as it is mounted read-write) and
+/// mounted by the helper at boot.
+#[test]
+fn a_declared_disk_is_checked_repaired_and_mounted() {
+    let (image, _) = vm_image(&["--system", "data-disk", "--format", "qcow2"]);
+    let dir = tempfile::tempdir().unwrap();
+    let content = dir.path().join("content");
+    fs::create_dir(&content).unwrap();
+    fs::write(content.join("greeting"), "from the data disk\n").unwrap();
+    let data = dir.path().join("data.raw");
+    let made = Command::new("mke2fs")
+        .args(["-q", "-t", "ext4", "-L", "vmdata", "-d"])
+        .arg(&content)
+        .arg(&data)
+        .arg("16M")
+        .output()
+        .expect("running mke2fs");
+    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    // A damage e2fsck -p repairs by itself; marked, so the check is not skipped.
+    let commands = dir.path().join("damage");
+    fs::write(&commands, "sif <2> links_count 9\nssv state 2\n").unwrap();
+    let damaged = Command::new("debugfs").arg("-w").arg("-f").arg(&commands).arg(&data).output().unwrap();
+    assert!(damaged.status.success(), "{}", String::from_utf8_lossy(&damaged.stderr));
+
+    let copy = copy_image(&image, dir.path());
+    let child = qemu(&copy, "qcow2")
+        .arg("-drive")
+        .arg(format!("file={},format=raw", data.display()))
+        .args(["-serial", "stdio"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut qemu = Qemu(child);
+    let steps = [
+        ("[data-disk:~]# ", "cat /data/greeting; grep -c ' /data ext4 rw' /proc/mounts\n"),
+        ("from the data disk\n1\n", "poweroff\n"),
+    ];
+    let talk = vm_tests::converse(&mut qemu.0, &steps, BOOT_TIMEOUT);
+    assert_powered_off(&talk, 2);
+    assert!(talk.console.contains("errors corrected (e2fsck -p)"), "no repair on the console:\n{}", talk.console);
+    let check = Command::new("e2fsck").arg("-fn").arg(&data).output().unwrap();
+    assert!(check.status.success(), "the disk was not repaired: {}", String::from_utf8_lossy(&check.stdout));
+}
+
 #[test]
 fn too_small_size_is_a_clear_error_and_stores_nothing() {
     // A combination no other test builds, so its absence afterwards means something.
