@@ -120,6 +120,14 @@ fn no_root_file_system_is_refused_before_building() {
 }
 
 #[test]
+fn vm_image_refuses_a_system_that_cannot_work_before_building() {
+    let run = xtask(&["vm-image", "--system", "invalid-no-root", "--explain"]);
+    run.expect_code(2);
+    assert!(run.stderr.contains("system `invalid-no-root`, field `file_systems`: no file system is mounted on `/`"));
+    assert!(!run.stderr.contains("store: build") && run.stdout.is_empty(), "{run:#?}");
+}
+
+#[test]
 fn module_not_in_the_kernel_is_refused_before_building() {
     let run = xtask(&["run-vm", "--system", "invalid-module", "--explain", "--", "true"]);
     run.expect_code(2);

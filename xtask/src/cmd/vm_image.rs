@@ -67,6 +67,9 @@ impl VmImage {
         }
         host::ensure(&tools)?;
         let store = Store::open(&ws.store_dir, self.explain)?;
+        // As run-vm does: a system that cannot work (or a field that cannot act) is
+        // refused before anything is built.
+        crate::validate::check(&system, &mut crate::validate::HostFacts::new(&store, ws))?;
         let closure = image::closure(&store, ws, &system, self.verbose)
             .with_context(|| format!("lowering system `{}` for a disk image", system.name))?;
         let footprint = image::footprint(&closure)?;
