@@ -1,6 +1,5 @@
 //! `--json`: one JSON document on stdout, and nothing else there, for `build-in-vm`,
-//! `vm-image`, `store verify` and `systems` (`bench --json` is checked on a constructed
-//! report in xtask's unit tests: even `bench --quick` takes minutes under TCG).
+//! `vm-image`, `store verify` and `systems` (`bench --quick --json`: in `bench.rs`).
 
 use std::path::Path;
 

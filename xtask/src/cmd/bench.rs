@@ -527,8 +527,8 @@ fn random_packages(store: &Store, mib: u64) -> Result<Vec<Item>> {
 mod tests {
     use super::*;
 
-    /// `bench --json` takes minutes under TCG, even `--quick`: its document is checked
-    /// here on a constructed report.
+    /// The document on a constructed report (`bench --quick --json` runs end to end in
+    /// the vm-tests, about 80 s under TCG here).
     #[test]
     fn the_json_document_holds_the_report_and_its_path() {
         let mut f = figure("scaling-64MiB", 1.5, 1.25, Accel::Tcg, "ours", "floor");
