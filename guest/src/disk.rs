@@ -41,8 +41,11 @@ pub fn boot(args: &BootArgs) -> ! {
 
 fn run(args: &BootArgs) -> Result<Status> {
     let device = find_root(&args.root_uuid)?;
+    // Read-only at first, whatever comes next: the root is checked (as the system item
+    // asks, which is on it) before anything is written to it.
     mount_root(&device, args.volatile)?;
     switch_root(&[])?;
+    check_root(&device, args)?;
     log(&format!("root file system {} mounted{}", device.display(), if args.volatile { " (volatile)" } else { "" }));
     if args.verify_store {
         verify_store()?;
@@ -58,6 +61,63 @@ fn run(args: &BootArgs) -> Result<Status> {
         crate::start_config(&services::read_config(&args.system)?, false, &mut supervisor)?;
     }
     execute_supervised(&request, &mut supervisor)
+}
+
+/// Checks the root file system as the system item's configuration asks (a volatile
+/// root read-only, whatever it asks: its image is never written), then makes a
+/// persistent root writable.
+fn check_root(device: &Path, args: &BootArgs) -> Result<()> {
+    let config_path = Path::new(&args.system).join(guest::SYSTEM_CONFIG_FILE);
+    if config_path.exists() {
+        let config = services::read_config(&args.system)?;
+        let how = match config.root_check {
+            guest::Check::Repair if args.volatile => guest::Check::ReadOnly,
+            how => how,
+        };
+        services::check(&config.fsck, &device.to_string_lossy(), how)?;
+    }
+    if !args.volatile {
+        mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REMOUNT, None::<&str>)
+            .map_err(|e| format!("cannot make the root file system {} writable: {e}", device.display()))?;
+    }
+    Ok(())
+}
+
+/// The block device a mount source names: `LABEL=NAME` or `UUID=...` (an ext2/3/4
+/// file system's, looked for among the block devices), or a path, each waited for as
+/// the root device is. Any other source (a 9p tag, `tmpfs`) is returned as it is.
+pub fn resolve_device(source: &str) -> Result<String> {
+    let wanted = if let Some(label) = source.strip_prefix("LABEL=") {
+        (None, Some(label))
+    } else if let Some(uuid) = source.strip_prefix("UUID=") {
+        (Some(uuid.to_ascii_lowercase()), None)
+    } else if source.starts_with("/dev/") {
+        let deadline = Instant::now() + ROOT_WAIT;
+        while !Path::new(source).exists() {
+            if Instant::now() >= deadline {
+                return Err(format!("the device {source} did not appear (waited {ROOT_WAIT:?})"));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        return Ok(source.to_string());
+    } else {
+        return Ok(source.to_string());
+    };
+    let deadline = Instant::now() + ROOT_WAIT;
+    loop {
+        let entries = fs::read_dir("/sys/class/block").map_err(|e| format!("cannot list /sys/class/block: {e}"))?;
+        for entry in entries.flatten() {
+            let dev = Path::new("/dev").join(entry.file_name());
+            let Some((uuid, label)) = ext_ids(&dev) else { continue };
+            if wanted.0.as_deref().is_some_and(|u| u == uuid) || wanted.1.is_some_and(|l| l == label) {
+                return Ok(dev.to_string_lossy().into_owned());
+            }
+        }
+        if Instant::now() >= deadline {
+            return Err(format!("no block device holds a file system with {source} (waited {ROOT_WAIT:?})"));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// Finds the block device holding the ext4 file system with `uuid`, waiting for it.
@@ -80,15 +140,24 @@ fn find_root(uuid: &str) -> Result<PathBuf> {
 
 /// The UUID of the ext2/3/4 file system on `dev`, if it holds one.
 fn ext4_uuid(dev: &Path) -> Option<String> {
+    ext_ids(dev).map(|(uuid, _)| uuid)
+}
+
+/// The UUID and the label of the ext2/3/4 file system on `dev`, if it holds one.
+fn ext_ids(dev: &Path) -> Option<(String, String)> {
     let mut sb = [0u8; 2048];
     File::open(dev).ok()?.read_exact(&mut sb).ok()?;
-    // The superblock starts at byte 1024: magic 0xEF53 at 0x38, UUID at 0x68.
+    // The superblock starts at byte 1024: magic 0xEF53 at 0x38, UUID at 0x68, the
+    // volume name (16 bytes, NUL-padded) at 0x78.
     if sb[1024 + 0x38..1024 + 0x3a] != [0x53, 0xef] {
         return None;
     }
     let u = &sb[1024 + 0x68..1024 + 0x78];
     let hex: String = u.iter().map(|b| format!("{b:02x}")).collect();
-    Some(format!("{}-{}-{}-{}-{}", &hex[..8], &hex[8..12], &hex[12..16], &hex[16..20], &hex[20..]))
+    let uuid = format!("{}-{}-{}-{}-{}", &hex[..8], &hex[8..12], &hex[12..16], &hex[16..20], &hex[20..]);
+    let name = &sb[1024 + 0x78..1024 + 0x88];
+    let label = String::from_utf8_lossy(&name[..name.iter().position(|&b| b == 0).unwrap_or(16)]).into_owned();
+    Some((uuid, label))
 }
 
 fn mkdir(path: &str) -> Result<()> {
@@ -116,8 +185,9 @@ fn mount_root(device: &Path, volatile: bool) -> Result<()> {
     mkdir(NEW_ROOT)?;
     let dev = device.to_string_lossy();
     if !volatile {
-        return mount(Some(device), NEW_ROOT, Some("ext4"), MsFlags::empty(), None::<&str>)
-            .map_err(|e| format!("cannot mount {dev} (ext4) on {NEW_ROOT}: {e}"));
+        // Read-only until checked ([`check_root`] makes it writable).
+        return mount(Some(device), NEW_ROOT, Some("ext4"), MsFlags::MS_RDONLY, None::<&str>)
+            .map_err(|e| format!("cannot mount {dev} (ext4) read-only on {NEW_ROOT}: {e}"));
     }
     // Read-only lower layer: a clean ext4 mounted read-only is never written, so the
     // image file stays as it was; every write lands in the tmpfs and vanishes.

@@ -182,15 +182,57 @@ pub struct SystemConfig {
     pub links: Vec<(String, String)>,
     /// Started in order; each must be up before the next starts.
     pub services: Vec<ServiceSpec>,
+    /// Mounted in order once every service is up: the file systems not needed for boot
+    /// ([`SystemConfig::mounts`] are, and come before the services).
+    #[serde(default)]
+    pub late_mounts: Vec<MountSpec>,
+    /// How the root file system is checked before it is used (a disk image's root).
+    #[serde(default)]
+    pub root_check: Check,
+    /// The command line that runs `e2fsck` (the checks' program, from the store), to
+    /// which the options and the device are added. Empty when nothing is checked.
+    #[serde(default)]
+    pub fsck: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MountSpec {
+    /// A device (`/dev/vdb1`, `LABEL=NAME`, `UUID=...`, found among the block devices
+    /// and waited for), a 9p tag, or a virtual file system's name.
     pub source: String,
     pub target: String,
     pub fs_type: String,
     /// Comma-separated; `ro` makes a read-only mount.
     pub options: String,
+    /// How the device is checked before it is mounted.
+    #[serde(default)]
+    pub check: Check,
+}
+
+/// How a block device's ext2/3/4 file system is checked (`e2fsck`) before it is
+/// mounted. A failed check stops the boot with e2fsck's message.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Check {
+    /// Not checked.
+    #[default]
+    None,
+    /// `e2fsck -n`: nothing is written (a read-only or volatile file system); any
+    /// inconsistency fails the boot.
+    ReadOnly,
+    /// `e2fsck -p`: what is safe to repair is repaired; anything else fails the boot.
+    Repair,
+}
+
+impl Check {
+    /// e2fsck's option, if the file system is checked.
+    pub fn option(self) -> Option<&'static str> {
+        match self {
+            Check::None => None,
+            Check::ReadOnly => Some("-n"),
+            Check::Repair => Some("-p"),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -123,6 +123,10 @@ fn start_config(
     services::apply(config, root_has_files)?;
     supervisor.start_all(&config.services)?;
     log("services up");
+    // File systems not needed for boot: once the services are up.
+    for m in &config.late_mounts {
+        services::mount_checked(m, &config.fsck)?;
+    }
     Ok(())
 }
 

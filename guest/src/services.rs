@@ -41,7 +41,7 @@ pub fn apply(config: &SystemConfig, root_has_files: bool) -> Result<()> {
     nix::unistd::sethostname(&config.hostname).map_err(|e| format!("cannot set host name {}: {e}", config.hostname))?;
     loopback_up()?;
     for m in &config.mounts {
-        mount_spec(m)?;
+        mount_checked(m, &config.fsck)?;
     }
     let (files, homes) = if root_has_files { (&[][..], &[][..]) } else { (&config.files[..], &config.homes[..]) };
     for f in files {
@@ -68,6 +68,49 @@ pub fn apply(config: &SystemConfig, root_has_files: bool) -> Result<()> {
             continue;
         }
         std::os::unix::fs::symlink(target, link).map_err(|e| format!("cannot link {link} -> {target}: {e}"))?;
+    }
+    Ok(())
+}
+
+/// Mounts one of a system's file systems: a device named by label or UUID is looked
+/// for (and waited for), and checked first when the system asks (`fsck`: e2fsck's
+/// command line).
+pub fn mount_checked(m: &guest::MountSpec, fsck: &[String]) -> Result<()> {
+    let device = crate::disk::resolve_device(&m.source)?;
+    check(fsck, &device, m.check)?;
+    mount_spec(&guest::MountSpec { source: device, ..m.clone() })
+}
+
+/// Runs e2fsck on `device` as `how` says; an error (with e2fsck's words) unless the file
+/// system is clean or was repaired.
+pub fn check(fsck: &[String], device: &str, how: guest::Check) -> Result<()> {
+    let Some(option) = how.option() else { return Ok(()) };
+    let Some((program, args)) = fsck.split_first() else {
+        return Err(format!("{device} is to be checked, but the system item names no e2fsck"));
+    };
+    let out = Command::new(program)
+        .args(args)
+        .arg(option)
+        .arg(device)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot run e2fsck ({program}) on {device}: {e}"))?;
+    let said = String::from_utf8_lossy(&[out.stdout, out.stderr].concat()).trim().replace('\n', " | ");
+    match out.status.code() {
+        Some(0) => log(&format!("file system on {device} checked (e2fsck {option}): {said}")),
+        Some(1) => log(&format!("file system on {device}: errors corrected (e2fsck {option}): {said}")),
+        Some(2) => {
+            return Err(format!(
+                "e2fsck {option} repaired the file system on {device} and asks for a reboot: boot again ({said})"
+            ))
+        }
+        code => {
+            let code = code.map_or_else(|| "killed by a signal".to_string(), |c| format!("exit status {c}"));
+            return Err(format!(
+                "file system check of {device} failed (e2fsck {option}, {code}): {said}; \
+                 repair it with e2fsck from another system"
+            ));
+        }
     }
     Ok(())
 }

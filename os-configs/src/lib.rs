@@ -396,6 +396,46 @@ pub fn host_findmnt() -> System {
     }
 }
 
+/// `minimal` with a file system needed for boot (`/early`) and one that is not
+/// (`/late`), and a service that writes, when it starts, which of the two is mounted
+/// (`/run/probe`: a count per line): for tests of the order.
+pub fn fs_order() -> System {
+    let mut probe = Service::new("probe", "sh");
+    probe.args = vec![
+        "-c".to_string(),
+        "{ grep -c ' /early ' /proc/mounts; grep -c ' /late ' /proc/mounts; } > /run/probe.tmp; \
+         mv /run/probe.tmp /run/probe; exec sleep 2147483647"
+            .to_string(),
+    ];
+    probe.ready = Ready::File("/run/probe".to_string());
+    System {
+        packages: vec![Package::Busybox],
+        services: vec![probe],
+        file_systems: vec![
+            FileSystem::block("/", Device::Label("vmroot".to_string()), "ext4"),
+            FileSystem { needed_for_boot: true, ..FileSystem::tmpfs("/early") },
+            FileSystem::tmpfs("/late"),
+        ],
+        ..System::base(
+            "fs-order",
+            "(for tests) a file system needed for boot, mounted before the services, and one mounted after them",
+        )
+    }
+}
+
+/// `minimal` with a second disk: the ext4 file system labelled `vmdata`, checked and
+/// mounted on `/data` (a disk image's; `run-vm` drops it): for tests.
+pub fn data_disk() -> System {
+    System {
+        packages: vec![Package::Busybox],
+        file_systems: vec![
+            FileSystem::block("/", Device::Label("vmroot".to_string()), "ext4"),
+            FileSystem::block("/data", Device::Label("vmdata".to_string()), "ext4"),
+        ],
+        ..System::base("data-disk", "(for tests) minimal plus a disk labelled vmdata, checked and mounted on /data")
+    }
+}
+
 /// A system that cannot work: it has no root file system (for tests of validation).
 pub fn invalid_no_root() -> System {
     System {
@@ -419,7 +459,7 @@ pub fn invalid_module() -> System {
 
 /// Every named system, in the order `cargo xtask systems` lists them.
 pub fn all() -> Vec<System> {
-    vec![minimal(), hello(), host_findmnt(), boot_check(), invalid_no_root(), invalid_module()]
+    vec![minimal(), hello(), host_findmnt(), boot_check(), fs_order(), data_disk(), invalid_no_root(), invalid_module()]
 }
 
 /// Looks a named system up.

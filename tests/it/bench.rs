@@ -1,13 +1,19 @@
-//! `bench --quick` runs end to end and writes the JSON report (no timing is asserted).
+//! `bench --quick --json` runs end to end, prints the report as one JSON document on
+//! stdout and writes it to `target/bench/latest.json` (no timing is asserted).
 
 use vm_tests::xtask;
 
 #[test]
-fn quick_bench_writes_a_valid_report() {
-    let run = xtask(&["bench", "--quick"]);
+fn quick_bench_prints_and_writes_a_valid_report() {
+    let run = xtask(&["bench", "--quick", "--json"]);
     run.expect_code(0);
-    let path = run.stdout.lines().last().expect("no report path printed");
+    let printed: serde_json::Value =
+        serde_json::from_str(&run.stdout).unwrap_or_else(|e| panic!("stdout is not one JSON document ({e}): {run:#?}"));
+    let path = printed["report_path"].as_str().expect("no report path");
     let report: serde_json::Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+    for key in ["accel", "runs", "machine", "figures"] {
+        assert_eq!(printed[key], report[key], "{key} differs between stdout and {path}");
+    }
     assert!(matches!(report["accel"].as_str(), Some("tcg" | "kvm")), "{report}");
     let figures = report["figures"].as_array().expect("figures");
     let names: Vec<&str> = figures.iter().filter_map(|f| f["name"].as_str()).collect();
@@ -34,7 +40,8 @@ fn quick_bench_writes_a_valid_report() {
         if f["name"].as_str().unwrap().starts_with("scaling-") {
             assert!(f["mib_per_s"].as_f64().unwrap_or(0.0) > 0.0, "{f}");
         }
-        // The printed table has a line per figure.
-        assert!(run.stdout.contains(f["name"].as_str().unwrap()));
+        // The table, on stderr with --json, has a line per figure.
+        let name = f["name"].as_str().unwrap();
+        assert!(run.stderr.lines().any(|l| l.starts_with(name)), "no table line for {name}");
     }
 }

@@ -4,11 +4,14 @@
 
 mod bench;
 mod build_in_vm;
+mod cli;
 mod faults;
 mod guest_boundary;
 mod host;
+mod json;
 mod limits;
 mod lock;
+mod progress;
 mod run_vm;
 mod scenario;
 mod store;

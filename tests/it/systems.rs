@@ -52,6 +52,14 @@ fn users_groups_homes_and_hostname_are_as_declared() {
 }
 
 #[test]
+fn file_systems_needed_for_boot_are_mounted_before_services_and_the_others_after() {
+    // The service saw /early mounted and /late not; the command sees both.
+    let run = run_system("fs-order", &["sh", "-c", "cat /run/probe; grep -c ' /late ' /proc/mounts"]);
+    run.expect_code(0);
+    assert_eq!(run.stdout, "1\n0\n1\n", "{run:#?}");
+}
+
+#[test]
 fn host_program_runs_with_its_shared_libraries() {
     let script = "findmnt --version; findmnt -n -o FSTYPE /store; findmnt -n -o OPTIONS /store | cut -d, -f1; \
                   ls /lib/x86_64-linux-gnu";
@@ -125,6 +133,14 @@ fn no_root_file_system_is_refused_before_building() {
         assert!(run.stderr.contains("nothing was built") && !run.stderr.contains("store: build"), "{args:?}: {run:#?}");
     }
     assert!(vm_tests::store_entries_named(&name).is_empty());
+}
+
+#[test]
+fn vm_image_refuses_a_system_that_cannot_work_before_building() {
+    let run = xtask(&["vm-image", "--system", "invalid-no-root", "--explain"]);
+    run.expect_code(2);
+    assert!(run.stderr.contains("system `invalid-no-root`, field `file_systems`: no file system is mounted on `/`"));
+    assert!(!run.stderr.contains("store: build") && run.stdout.is_empty(), "{run:#?}");
 }
 
 #[test]

@@ -250,6 +250,36 @@ fn volatile_raw_image(builder: Builder) {
     assert_eq!(sha256(&copy), before, "booting the volatile image changed the image file");
 }
 
+/// The root file system is checked at each boot (`check: true`, read-only for a
+/// volatile root): a damage that mounting does not notice stops the boot, named.
+#[test]
+fn the_root_is_checked_at_boot_and_a_failed_check_stops_it() {
+    let (image, _) = vm_image(&["--system", "boot-check", "--format", "raw", "--volatile"]);
+    let dir = tempfile::tempdir().unwrap();
+    let copy = copy_image(&image, dir.path());
+    let console = boot(&copy, "raw");
+    marker_line(&console);
+    assert!(console.contains("checked (e2fsck -n)"), "the root was not checked:\n{console}");
+
+    // A wrong link count on the root directory, and the file system marked as having
+    // errors (so the check is not skipped as clean): the kernel mounts it all the same.
+    let commands = dir.path().join("damage");
+    fs::write(&commands, "sif <2> links_count 9\nssv state 2\n").unwrap();
+    let out = Command::new("debugfs")
+        .arg("-w")
+        .arg("-f")
+        .arg(&commands)
+        .arg(format!("{}?offset=1048576", copy.display()))
+        .output()
+        .expect("running debugfs (Debian's e2fsprogs)");
+    assert!(out.status.success(), "debugfs: {}", String::from_utf8_lossy(&out.stderr));
+    let console = boot(&copy, "raw");
+    assert!(!console.contains(MARKER), "the damaged root booted:\n{console}");
+    let failed = console.lines().find(|l| l.starts_with("vm-image: boot failed: file system check of /dev/"));
+    let failed = failed.unwrap_or_else(|| panic!("no boot error naming the check:\n{console}"));
+    assert!(failed.contains("(e2fsck -n, exit status 4)") && failed.contains("ref count"), "{failed}");
+}
+
 /// Boots a copy of `image` with the serial console on QEMU's stdio and runs `steps` on
 /// it; the last step is expected to power the VM off.
 fn converse_with_image(image: &Path, steps: &[(&str, &str)]) -> vm_tests::Conversation {
@@ -295,6 +325,52 @@ fn hello_system_image_starts_its_service_at_boot() {
     assert_powered_off(&converse_with_image(&image, &steps), 2);
 }
 
+/// A declared disk, by label: checked (repairing, as it is mounted read-write) and
+/// mounted by the helper at boot.
+#[test]
+fn a_declared_disk_is_checked_repaired_and_mounted() {
+    let (image, _) = vm_image(&["--system", "data-disk", "--format", "qcow2"]);
+    let dir = tempfile::tempdir().unwrap();
+    let content = dir.path().join("content");
+    fs::create_dir(&content).unwrap();
+    fs::write(content.join("greeting"), "from the data disk\n").unwrap();
+    let data = dir.path().join("data.raw");
+    let made = Command::new("mke2fs")
+        .args(["-q", "-t", "ext4", "-L", "vmdata", "-d"])
+        .arg(&content)
+        .arg(&data)
+        .arg("16M")
+        .output()
+        .expect("running mke2fs");
+    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    // A damage e2fsck -p repairs by itself; marked, so the check is not skipped.
+    let commands = dir.path().join("damage");
+    fs::write(&commands, "sif <2> links_count 9\nssv state 2\n").unwrap();
+    let damaged = Command::new("debugfs").arg("-w").arg("-f").arg(&commands).arg(&data).output().unwrap();
+    assert!(damaged.status.success(), "{}", String::from_utf8_lossy(&damaged.stderr));
+
+    let copy = copy_image(&image, dir.path());
+    let child = qemu(&copy, "qcow2")
+        .arg("-drive")
+        .arg(format!("file={},format=raw", data.display()))
+        .args(["-serial", "stdio"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut qemu = Qemu(child);
+    let steps = [
+        ("[data-disk:~]# ", "cat /data/greeting; grep -c ' /data ext4 rw' /proc/mounts\n"),
+        ("from the data disk\n1\n", "poweroff\n"),
+    ];
+    let talk = vm_tests::converse(&mut qemu.0, &steps, BOOT_TIMEOUT);
+    assert_powered_off(&talk, 2);
+    assert!(talk.console.contains("errors corrected (e2fsck -p)"), "no repair on the console:\n{}", talk.console);
+    let check = Command::new("e2fsck").arg("-fn").arg(&data).output().unwrap();
+    assert!(check.status.success(), "the disk was not repaired: {}", String::from_utf8_lossy(&check.stdout));
+}
+
 #[test]
 fn too_small_size_is_a_clear_error_and_stores_nothing() {
     // A combination no other test builds, so its absence afterwards means something.
@@ -318,7 +394,12 @@ fn store_verification_detects_a_flipped_byte() {
     let dir = tempfile::tempdir().unwrap();
     let copy = copy_image(&image, dir.path());
     let console = boot(&copy, "raw");
-    assert!(console.contains("store verified: 4 items match their registered hashes"), "{console}");
+    // The kernel, the initrd, busybox, e2fsck's packages and wrappers (the root is
+    // checked at boot), the system item.
+    let verified =
+        console.lines().find_map(|l| l.strip_prefix("store verified: ")).unwrap_or_else(|| panic!("{console}"));
+    let items: usize = verified.split(' ').next().unwrap().parse().unwrap();
+    assert!(verified.ends_with(" items match their registered hashes") && items >= 4, "{verified}");
     marker_line(&console);
 
     let copy = copy_image(&image, dir.path());
@@ -345,7 +426,7 @@ fn store_verification_detects_a_flipped_byte() {
     file.write_all(&[block[1000] ^ 0x01]).unwrap();
     drop(file);
     let console = boot(&copy, "raw");
-    assert!(console.contains("store verification failed for 1 of 4 items"), "{console}");
+    assert!(console.contains(&format!("store verification failed for 1 of {items} items")), "{console}");
     let failure = console.lines().find(|l| l.contains("store verification failed")).unwrap();
     assert!(failure.contains("-busybox-"), "the damaged item is not named: {failure}");
     assert!(!console.contains(MARKER), "the damaged system booted anyway:\n{console}");

@@ -170,6 +170,7 @@ pub fn unpacked(store: &Store, pin: &Pin) -> Result<Item> {
         host::ensure(&[host::APT_GET, host::DPKG_DEB])?;
         let scratch = store.scratch(&pin.package)?;
         let deb = download(pin, scratch.path())?;
+        let _step = crate::progress::step(&format!("unpacking Debian package {} {}", pin.package, pin.version));
         let status = host::command("dpkg-deb").arg("-x").arg(&deb).arg(out).status().context("running dpkg-deb")?;
         ensure!(status.success(), "`dpkg-deb -x {}` failed ({status})", deb.display());
         Ok(())
@@ -181,7 +182,9 @@ pub fn unpacked(store: &Store, pin: &Pin) -> Result<Item> {
 /// were never updated), by its pool path from the mirrors in apt's sources.
 fn download(pin: &Pin, dir: &Path) -> Result<std::path::PathBuf> {
     let size = if pin.size > 0 { format!(" ({:.1} MB)", pin.size as f64 / 1e6) } else { String::new() };
-    eprintln!("fetching Debian package {} {}{size}", pin.package, pin.version);
+    // apt-get writes the .deb (under a partial name) in `dir`: its growth is the progress.
+    let _step = crate::progress::step(&format!("fetching Debian package {} {}{size}", pin.package, pin.version))
+        .watch_dir(dir, (pin.size > 0).then_some(pin.size));
     let mut cmd = host::command("apt-get");
     cmd.args(["download", "-q"]);
     if host::is_root() {

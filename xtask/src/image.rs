@@ -12,7 +12,7 @@
 
 use std::collections::BTreeSet;
 use std::fs::{self, File};
-use std::io::{IsTerminal, Read, Seek, SeekFrom, Write};
+use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -73,7 +73,14 @@ pub struct Closure {
 pub fn closure(store: &Store, ws: &Workspace, system: &System, verbose: bool) -> Result<Closure> {
     let mut disk_system = system.clone();
     disk_system.initrd_modules.extend(IMAGE_MODULES.iter().map(|m| m.to_string()));
-    let lowered = system::lower(store, ws, &disk_system, verbose)?;
+    let mut lowered = system::lower(store, ws, &disk_system, verbose)?;
+    // File systems checked at boot: Debian's e2fsck (run through libc6's loader) joins
+    // the closure.
+    if system::checks_file_systems(system) {
+        let tools = crate::image_tools::tools(store).context("getting e2fsck for the file system checks")?;
+        lowered.fsck = tools.guest_argv("e2fsck")?;
+        lowered.packages.extend(tools.items());
+    }
     let kernel_item = lowered.kernel.item.clone().with_context(|| {
         format!("system `{}` boots a kernel from the host; a disk image needs a kernel from the store", system.name)
     })?;
@@ -168,7 +175,7 @@ pub fn shared_store_image(store: &Store, system_name: &str, config: &guest::Syst
         list(&root, Path::new(""), &mut entries)?;
         fix_times(&root, &entries)?;
         let raw = scratch.path().join("disk.raw");
-        let progress = Progress { steps: false, verbose: false };
+        let progress = Progress { steps: false, verbose: false, expected_bytes: 0 };
         let built = write_raw(&raw, &root, &[], &owners, &layout, &uuid, &tools, None, progress);
         store::remove_tree(&root)?;
         built?;
@@ -460,14 +467,17 @@ pub fn store_db(store: &Store, closure: &Closure) -> Result<StoreDb> {
 /// How much a build says, and whether it shows the commands it runs.
 #[derive(Debug, Clone, Copy)]
 pub struct Progress {
-    /// Step lines and qemu-img's progress bar (on a terminal).
+    /// Step lines (and, on a terminal, bars for mke2fs and qemu-img: `crate::progress`).
     pub steps: bool,
     pub verbose: bool,
+    /// What mke2fs is to write (the closure), for its bar; 0: not known.
+    pub expected_bytes: u64,
 }
 
 impl Progress {
+    /// Step lines unless `--quiet`.
     pub fn for_stderr(verbose: bool) -> Progress {
-        Progress { steps: std::io::stderr().is_terminal() || verbose, verbose }
+        Progress { steps: crate::progress::shown() || verbose, verbose, expected_bytes: 0 }
     }
 
     pub(crate) fn step(&self, msg: &str) {
@@ -491,6 +501,10 @@ pub fn build_on_host(
     let scratch = store.scratch("vm-image")?;
     let root = scratch.path().join("root");
     progress.step(&format!("staging the closure of `{}` ({} items)", closure.system_name, closure.items.len()));
+    let progress = match crate::progress::mode() {
+        crate::progress::Mode::Bars => Progress { expected_bytes: footprint(closure)?.bytes, ..progress },
+        _ => progress,
+    };
     let started = std::time::Instant::now();
     // With a user namespace, mke2fs sees the store's items bind-mounted on empty
     // directories of a small tree; without, the tree holds hard links to their files.
@@ -535,10 +549,9 @@ pub(crate) fn store_disk(raw: &Path, out: &Path, format: DiskFormat, progress: P
             // half of the conversion's time for a 1.4 GiB image here). The store syncs no
             // item; `store verify` finds one a crash damaged.
             cmd.args(["convert", "-t", "unsafe", "-f", "raw", "-O", "qcow2"]);
-            if progress.steps && std::io::stderr().is_terminal() {
-                cmd.arg("-p");
-            }
             cmd.arg(raw).arg(&dest);
+            let total = fs::metadata(raw).map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512).ok();
+            let _bar = crate::progress::file_bar("qemu-img convert", &dest, total);
             run(cmd, progress)
         }
     }
@@ -697,7 +710,11 @@ fn write_raw(
     if !mounts.is_empty() {
         mke2fs = host::with_bind_mounts(&mke2fs, mounts);
     }
-    run(mke2fs, progress).with_context(|| {
+    let bar =
+        crate::progress::file_bar("mke2fs -d", raw, (progress.expected_bytes > 0).then_some(progress.expected_bytes));
+    let made = run(mke2fs, progress);
+    drop(bar);
+    made.with_context(|| {
         format!(
             "making the root file system ({} MiB); if it ran out of space, give a larger --size",
             (layout.fs_blocks * BLOCK) >> 20

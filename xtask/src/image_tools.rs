@@ -86,6 +86,26 @@ impl StoreTools {
     pub fn bin_dir(&self) -> PathBuf {
         self.wrappers.path.join("bin")
     }
+
+    /// How a guest runs `program` with no shell: libc6's loader and its arguments, with
+    /// the items' paths as the guest sees them.
+    pub fn guest_argv(&self, program: &str) -> Result<Vec<String>> {
+        let (item, rel) = self.packages.program(program)?;
+        Ok(vec![
+            format!("{}/{LOADER}", self.packages.package("libc6").guest_path()),
+            "--inhibit-cache".into(),
+            "--library-path".into(),
+            self.packages.lib_dirs(Item::guest_path).join(":"),
+            format!("{}/{rel}", item.guest_path()),
+        ])
+    }
+
+    /// Every item the tools are made of.
+    pub fn items(&self) -> Vec<Item> {
+        let mut items: Vec<Item> = self.packages.0.iter().map(|(_, item)| item.clone()).collect();
+        items.push(self.wrappers.clone());
+        items
+    }
 }
 
 /// The unpacked [`PACKAGES`], by name.

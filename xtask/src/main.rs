@@ -2,7 +2,7 @@
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use xtask::cmd::scenario::ScenarioCmd;
 use xtask::cmd::test::{Test, TestRunner};
 use xtask::cmd::{bench::Bench, build_in_vm::BuildInVm, lock::Lock, run_vm::RunVm, vm_image::VmImage, EXIT_USAGE};
@@ -11,39 +11,85 @@ use xtask::Workspace;
 
 /// Build Linux VM images and run code in real VMs, from cargo.
 #[derive(Debug, Parser)]
-#[command(name = "cargo xtask", version)]
+#[command(name = "cargo xtask", version, after_help = EXAMPLES)]
 struct Cli {
+    /// Print nothing but results (stdout) and errors: no progress, no step lines.
+    #[arg(long, global = true)]
+    quiet: bool,
     #[command(subcommand)]
     command: Cmd,
 }
 
+const EXAMPLES: &str = "Examples:
+  cargo xtask run-vm -- uname -r
+  cargo xtask build-in-vm --name hello --json -- sh -c 'echo hi > $out/greeting'
+  cargo xtask completions bash > ~/.local/share/bash-completion/completions/xtask";
+
 #[derive(Debug, Subcommand)]
 enum Cmd {
     /// Boot a system and run COMMAND in it (exit status = COMMAND's), or a shell.
+    #[command(after_help = "Examples:
+  cargo xtask run-vm -- uname -r
+  cargo xtask run-vm --system hello -- nc 127.0.0.1 7878
+  cargo xtask run-vm --system hello --forward 8080:7878")]
     RunVm(RunVm),
     /// Run a build command in a VM; store what it writes to $out and print the path.
+    #[command(after_help = "Examples:
+  cargo xtask build-in-vm --name hello -- sh -c 'echo hi > $out/greeting'
+  cargo xtask build-in-vm --name data --input SRC=./data --json -- sh -c 'cp -r $SRC $out/'")]
     BuildInVm(BuildInVm),
     /// Build a bootable disk image of a system; print its path.
+    #[command(after_help = "Examples:
+  cargo xtask vm-image --system hello --format raw
+  cargo xtask vm-image --json")]
     VmImage(VmImage),
     /// List the named systems.
-    Systems,
+    #[command(after_help = "Examples:
+  cargo xtask systems
+  cargo xtask systems --json")]
+    Systems(xtask::cmd::systems::Systems),
     /// Lock every Debian package the systems and image tools use in `vm.lock`; with
     /// --update [PACKAGE...], move pins forward and print what changed.
     Lock(Lock),
     /// Fetch the image tools (e2fsprogs, fdisk, GRUB) into the store; print their directory.
     ImageTools,
     /// Inspect the store.
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Example:
+  cargo xtask store verify --repair"
+    )]
     Store(xtask::cmd::store::StoreCmd),
     /// Measure against floors measured in the same run; write target/bench/latest.json.
+    #[command(after_help = "Examples:
+  cargo xtask bench --quick
+  cargo xtask bench --json > bench.json")]
     Bench(Bench),
     /// Build the workspace's test binaries and run them in a VM of a system.
+    #[command(after_help = "Example:
+  cargo xtask test --system hello -p vm-checks -- --ignored")]
     Test(Test),
     /// Cargo's runner: run one test binary in a VM (`target.<triple>.runner`).
+    #[command(after_help = r#"Example:
+  cargo test -p vm-checks --config 'target.x86_64-unknown-linux-gnu.runner=["target/debug/xtask", "test-runner", "--system", "hello"]' -- --ignored"#)]
     TestRunner(TestRunner),
     /// Boot a scenario's VMs on their virtual networks and run its script.
     Scenario(ScenarioCmd),
+    /// Print a completion script for SHELL on stdout (it completes `xtask`, the binary
+    /// in target/debug; `cargo xtask` itself is completed by cargo's own script).
+    #[command(after_help = "Examples:
+  cargo xtask completions zsh > ~/.zfunc/_xtask
+  source <(cargo xtask completions bash)
+  cargo xtask completions fish > ~/.config/fish/completions/xtask.fish")]
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
 }
+
+/// The name completion scripts complete.
+const COMPLETED_NAME: &str = "xtask";
 
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
@@ -53,12 +99,13 @@ fn main() -> ExitCode {
             return ExitCode::from(if e.use_stderr() { EXIT_USAGE as u8 } else { 0 });
         }
     };
+    xtask::progress::set_quiet(cli.quiet);
     let ws = Workspace::current();
     let result = match cli.command {
         Cmd::RunVm(cmd) => cmd.run(&ws),
         Cmd::BuildInVm(cmd) => cmd.run(&ws),
         Cmd::VmImage(cmd) => cmd.run(&ws),
-        Cmd::Systems => Ok(xtask::cmd::systems::run()),
+        Cmd::Systems(cmd) => cmd.run(),
         Cmd::Lock(cmd) => cmd.run(),
         Cmd::ImageTools => xtask::cmd::image_tools::run(&ws),
         Cmd::Store(cmd) => cmd.run(&ws),
@@ -66,6 +113,10 @@ fn main() -> ExitCode {
         Cmd::Test(cmd) => cmd.run(&ws),
         Cmd::TestRunner(cmd) => cmd.run(&ws),
         Cmd::Scenario(cmd) => cmd.run(&ws),
+        Cmd::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), COMPLETED_NAME, &mut std::io::stdout());
+            Ok(0)
+        }
     };
     match result {
         Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
@@ -74,5 +125,38 @@ fn main() -> ExitCode {
             let code = err.downcast_ref::<Failure>().map(|f| f.code).unwrap_or(1);
             ExitCode::from(code.clamp(1, 255) as u8)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every subcommand, at every depth, and the top level show an example in `--help`.
+    #[test]
+    fn every_subcommand_help_has_an_example() {
+        fn walk(cmd: &clap::Command, path: &str, found: &mut Vec<String>) {
+            let help = cmd.clone().render_long_help().to_string();
+            let lines: Vec<&str> = help.lines().collect();
+            let example = lines.windows(2).any(|w| {
+                (w[0] == "Example:" || w[0] == "Examples:") && w[1].starts_with("  cargo ") && w[1].len() > 10
+            });
+            if !example {
+                found.push(path.to_string());
+            }
+            for sub in cmd.get_subcommands().filter(|s| s.get_name() != "help") {
+                walk(sub, &format!("{path} {}", sub.get_name()), found);
+            }
+        }
+        let mut cli = Cli::command();
+        cli.build();
+        let mut missing = Vec::new();
+        walk(&cli, "cargo xtask", &mut missing);
+        assert!(missing.is_empty(), "no example in --help of: {missing:?}");
+    }
+
+    #[test]
+    fn the_cli_is_consistent() {
+        Cli::command().debug_assert();
     }
 }

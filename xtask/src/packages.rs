@@ -89,6 +89,11 @@ pub struct ElfInfo {
     pub needed: Vec<String>,
     /// `PT_INTERP`: the dynamic loader, for executables.
     pub interpreter: Option<String>,
+    /// `DT_RPATH`: directories searched first (`:`-separated entries, `$ORIGIN` unexpanded).
+    pub rpath: Vec<String>,
+    /// `DT_RUNPATH`: directories searched before the cache; an object with one ignores
+    /// `DT_RPATH`.
+    pub runpath: Vec<String>,
 }
 
 /// Reads an x86-64 ELF file's needed libraries and interpreter.
@@ -107,16 +112,20 @@ fn parse_elf(data: &[u8]) -> Result<ElfInfo> {
         }
     }
     let sections = header.sections(endian, data)?;
-    let mut needed = Vec::new();
+    let (mut needed, mut rpath, mut runpath) = (Vec::new(), Vec::new(), Vec::new());
     if let Some((dyns, link)) = sections.dynamic(endian, data)? {
         let strings = sections.strings(endian, data, link)?;
         for d in dyns {
-            if d.tag32(endian) == Some(object::elf::DT_NEEDED) {
-                needed.push(String::from_utf8_lossy(d.string(endian, strings)?).into_owned());
-            }
+            let list = match d.tag32(endian) {
+                Some(object::elf::DT_NEEDED) => &mut needed,
+                Some(object::elf::DT_RPATH) => &mut rpath,
+                Some(object::elf::DT_RUNPATH) => &mut runpath,
+                _ => continue,
+            };
+            list.push(String::from_utf8_lossy(d.string(endian, strings)?).into_owned());
         }
     }
-    Ok(ElfInfo { needed, interpreter })
+    Ok(ElfInfo { needed, interpreter, rpath, runpath })
 }
 
 /// Where `ld.so` finds libraries here: the cache `ldconfig -p` prints (x86-64 entries),
@@ -138,6 +147,16 @@ impl LibraryResolver {
             .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
             .unwrap_or_default();
         LibraryResolver { cache: parse_ldconfig(&text) }
+    }
+
+    /// `soname` as `ld.so` finds it for an object whose entries give `search`: its
+    /// RPATH/RUNPATH directories first, then the cache and the standard directories.
+    pub fn resolve_for(&self, soname: &str, search: &SearchPath) -> Option<PathBuf> {
+        let has_runpath = !search.runpath.is_empty();
+        if let Some(found) = search.dirs(has_runpath).map(|d| d.join(soname)).find(|p| p.is_file()) {
+            return Some(found);
+        }
+        self.resolve(soname)
     }
 
     pub fn resolve(&self, soname: &str) -> Option<PathBuf> {
@@ -178,10 +197,13 @@ pub fn host_program(store: &Store, resolver: &LibraryResolver, path: &Path) -> R
     let name =
         path.file_name().and_then(|n| n.to_str()).with_context(|| format!("`{}` has no file name", path.display()))?;
     let info = elf_info(path)?;
+    // `$ORIGIN` of a program is the directory of its real path (`/proc/self/exe`).
+    let real = fs::canonicalize(path).with_context(|| format!("reading `{}`", path.display()))?;
+    let search = SearchPath::of(&info, &real, None);
     let mut libs = BTreeMap::new();
     let mut refs = Vec::new();
     for soname in &info.needed {
-        refs.push(library(store, resolver, soname, &mut libs, &mut Vec::new())?);
+        refs.push(library(store, resolver, soname, &search, &mut libs, &mut Vec::new())?);
     }
     let mut links = Vec::new();
     if let Some(interp) = &info.interpreter {
@@ -213,6 +235,7 @@ fn library(
     store: &Store,
     resolver: &LibraryResolver,
     soname: &str,
+    search: &SearchPath,
     done: &mut BTreeMap<String, Item>,
     stack: &mut Vec<String>,
 ) -> Result<Item> {
@@ -222,13 +245,17 @@ fn library(
     if stack.iter().any(|s| s == soname) {
         bail!("shared libraries need each other in a cycle: {} -> {soname}", stack.join(" -> "));
     }
-    let path = resolver.resolve(soname).with_context(|| {
-        format!("shared library `{soname}` is not in `ldconfig -p` nor in {}", LIBRARY_DIRS.join(", "))
+    let path = resolver.resolve_for(soname, search).with_context(|| {
+        let own: Vec<String> = search.dirs(!search.runpath.is_empty()).map(|d| d.display().to_string()).collect();
+        let own = if own.is_empty() { String::new() } else { format!(" (RPATH/RUNPATH: {})", own.join(":")) };
+        format!("shared library `{soname}` is not in `ldconfig -p` nor in {}{own}", LIBRARY_DIRS.join(", "))
     })?;
     stack.push(soname.to_string());
+    let info = elf_info(&path)?;
+    let inner = SearchPath::of(&info, &path, Some(search));
     let mut refs = Vec::new();
-    for needed in elf_info(&path)?.needed {
-        refs.push(library(store, resolver, &needed, done, stack)?);
+    for needed in &info.needed {
+        refs.push(library(store, resolver, needed, &inner, done, stack)?);
     }
     stack.pop();
     let item = library_file(store, soname, &path, &refs)?;
@@ -248,6 +275,54 @@ fn library_file(store: &Store, soname: &str, path: &Path, refs: &[Item]) -> Resu
         fs::copy(path, out.join(soname)).with_context(|| format!("copying `{}`", path.display()))?;
         Ok(())
     })
+}
+
+/// A `DT_RPATH` or `DT_RUNPATH` entry as directories: `:`-separated, empty parts
+/// dropped, `$ORIGIN` and `${ORIGIN}` replaced by `origin` (the directory of the object
+/// that holds the entry). Other tokens (`$LIB`, `$PLATFORM`) are kept as they are: a
+/// directory holding one is not found.
+pub fn expand_search_path(entry: &str, origin: &Path) -> Vec<PathBuf> {
+    let origin = origin.to_string_lossy();
+    entry
+        .split(':')
+        .filter(|d| !d.is_empty())
+        .map(|d| PathBuf::from(d.replace("${ORIGIN}", &origin).replace("$ORIGIN", &origin)))
+        .collect()
+}
+
+/// Where one object's own entries send the search for the libraries it needs, before
+/// the cache and the standard directories (as `ld.so`): without a `DT_RUNPATH`, its
+/// `DT_RPATH` and then those of the objects that loaded it; with one, that alone.
+#[derive(Debug, Clone, Default)]
+pub struct SearchPath {
+    pub rpath: Vec<PathBuf>,
+    pub runpath: Vec<PathBuf>,
+}
+
+impl SearchPath {
+    /// For the libraries the object at `path` (described by `info`) needs, `loaders`
+    /// being the search path of the object that loaded it (none for a program).
+    pub fn of(info: &ElfInfo, path: &Path, loaders: Option<&SearchPath>) -> SearchPath {
+        let origin = path.parent().unwrap_or(Path::new("/"));
+        let expand = |entries: &[String]| -> Vec<PathBuf> {
+            entries.iter().flat_map(|e| expand_search_path(e, origin)).collect()
+        };
+        // Every loader's DT_RPATH (those without a DT_RUNPATH) is inherited.
+        let inherited = loaders.map(|l| l.rpath.clone()).unwrap_or_default();
+        if info.runpath.is_empty() {
+            let mut rpath = expand(&info.rpath);
+            rpath.extend(inherited);
+            SearchPath { rpath, runpath: Vec::new() }
+        } else {
+            SearchPath { rpath: inherited, runpath: expand(&info.runpath) }
+        }
+    }
+
+    /// The directories to try, in order, before the cache.
+    fn dirs(&self, object_has_runpath: bool) -> impl Iterator<Item = &PathBuf> {
+        let rpath = if object_has_runpath { &[][..] } else { &self.rpath[..] };
+        rpath.iter().chain(self.runpath.iter())
+    }
 }
 
 /// The names of the programs an item provides (its `bin/`, `sbin/`, `usr/bin/`, ...).
@@ -302,5 +377,89 @@ mod tests {
         // a truncated file is an error, not a guess.
         assert!(parse_elf(&helper).unwrap().interpreter.is_some());
         assert!(parse_elf(&helper[..100]).is_err());
+    }
+}
+
+#[cfg(test)]
+mod rpath_tests {
+    use super::*;
+    use std::process::Command;
+
+    /// Compiles with the host's `cc` (see README: the tests need a C compiler); fails
+    /// saying so when there is none.
+    fn cc(args: &[&str], dir: &Path) {
+        let out = Command::new("cc")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .unwrap_or_else(|e| panic!("this test needs a C compiler as `cc` (Debian: apt-get install gcc): {e}"));
+        assert!(out.status.success(), "cc {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    /// `prog` linking `libfixture.so.1` (which links `libfixturedep.so.1`), both found only
+    /// in `$ORIGIN/lib`: through DT_RUNPATH (`new_dtags`) or DT_RPATH.
+    fn fixture(dir: &Path, new_dtags: bool) -> PathBuf {
+        fs::create_dir_all(dir.join("lib")).unwrap();
+        fs::write(dir.join("dep.c"), "int fixture_dep(void) { return 41; }\n").unwrap();
+        fs::write(dir.join("fixture.c"), "int fixture_dep(void);\nint fixture(void) { return fixture_dep() + 1; }\n")
+            .unwrap();
+        fs::write(dir.join("prog.c"), "int fixture(void);\nint main(void) { return fixture() == 42 ? 0 : 1; }\n")
+            .unwrap();
+        let dtags = if new_dtags { "-Wl,--enable-new-dtags" } else { "-Wl,--disable-new-dtags" };
+        cc(&["-shared", "-fPIC", "-Wl,-soname,libfixturedep.so.1", "-o", "lib/libfixturedep.so.1", "dep.c"], dir);
+        cc(
+            &[
+                "-shared",
+                "-fPIC",
+                "-Wl,-soname,libfixture.so.1",
+                "-o",
+                "lib/libfixture.so.1",
+                "fixture.c",
+                "lib/libfixturedep.so.1",
+                dtags,
+                "-Wl,-rpath,$ORIGIN",
+            ],
+            dir,
+        );
+        cc(&["-o", "prog", "prog.c", "lib/libfixture.so.1", dtags, "-Wl,-rpath,$ORIGIN/lib"], dir);
+        // The program really runs with what its entries name, and only through them.
+        let run = Command::new(dir.join("prog")).env_remove("LD_LIBRARY_PATH").status().unwrap();
+        assert!(run.success(), "the fixture program does not run: {run}");
+        dir.join("prog")
+    }
+
+    #[test]
+    fn libraries_found_through_rpath_and_runpath_with_origin_are_in_the_closure() {
+        for new_dtags in [true, false] {
+            let tmp = tempfile::tempdir().unwrap();
+            let prog = fixture(&tmp.path().join("fixture"), new_dtags);
+            let info = elf_info(&prog).unwrap();
+            let entries = if new_dtags { &info.runpath } else { &info.rpath };
+            assert_eq!(entries, &["$ORIGIN/lib".to_string()], "{info:?}");
+
+            let store = Store::open(&tmp.path().join("store"), false).unwrap();
+            let program = host_program(&store, &LibraryResolver::from_host(), &prog)
+                .unwrap_or_else(|e| panic!("new_dtags={new_dtags}: {e:#}"));
+            let closure = store.closure(std::slice::from_ref(&program.item)).unwrap();
+            let names: Vec<&str> = closure.iter().map(|i| i.name.as_str()).collect();
+            for lib in ["lib-libfixture.so.1", "lib-libfixturedep.so.1", "lib-libc.so.6"] {
+                assert!(names.contains(&lib), "new_dtags={new_dtags}: {lib} missing from {names:?}");
+            }
+            let fixture = closure.iter().find(|i| i.name == "lib-libfixture.so.1").unwrap();
+            assert_eq!(
+                fs::read(fixture.path.join("libfixture.so.1")).unwrap(),
+                fs::read(tmp.path().join("fixture/lib/libfixture.so.1")).unwrap()
+            );
+            assert!(program.links.iter().any(|(l, _)| l == "/lib/x86_64-linux-gnu/libfixturedep.so.1"));
+        }
+    }
+
+    #[test]
+    fn origin_and_search_paths_are_expanded() {
+        let origin = Path::new("/opt/app/bin");
+        assert_eq!(
+            expand_search_path("$ORIGIN/../lib:${ORIGIN}/x::/usr/lib", origin),
+            [PathBuf::from("/opt/app/bin/../lib"), PathBuf::from("/opt/app/bin/x"), PathBuf::from("/usr/lib")]
+        );
     }
 }

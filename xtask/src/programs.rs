@@ -52,6 +52,7 @@ pub const PROGRAMS: &[Program] = &[
     host("timeout", "coreutils", true, "bench: the floor's bare QEMU"),
     host("true", "coreutils", true, "bench: the cache-hit floor"),
     Program { name: "cargo", source: Source::Toolchain, used_for: "the guest helper and workspace crates" },
+    Program { name: "cc", source: Source::Toolchain, used_for: "tests only: a C fixture with an RPATH" },
     store("busybox", "busybox-static", "the guest's userland; `busybox --list` for its links"),
     store("mke2fs", "e2fsprogs", "image file systems"),
     store("e2fsck", "e2fsprogs", "checking VM-built images"),

@@ -65,7 +65,9 @@ pub fn choose_accel(choice: AccelChoice) -> Result<Accel> {
         AccelChoice::Auto => match kvm_unusable_reason() {
             None => Ok(Accel::Kvm),
             Some(why) => {
-                eprintln!("note: using TCG (software emulation): {why}");
+                if crate::progress::shown() {
+                    eprintln!("note: using TCG (software emulation): {why}");
+                }
                 Ok(Accel::Tcg)
             }
         },

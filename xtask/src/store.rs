@@ -497,7 +497,9 @@ impl Store {
         match file.try_lock() {
             Ok(()) => {}
             Err(fs::TryLockError::WouldBlock) => {
-                eprintln!("waiting for another process building `{}`", item.name);
+                if crate::progress::shown() {
+                    eprintln!("waiting for another process building `{}`", item.name);
+                }
                 file.lock().with_context(|| format!("locking `{}`", path.display()))?;
             }
             Err(fs::TryLockError::Error(e)) => return Err(e).with_context(|| format!("locking `{}`", path.display())),

@@ -7,8 +7,8 @@ use std::fs;
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
-use guest::{FileSpec, HomeSpec, Mode, MountSpec, Readiness, Request, ServiceSpec, SystemConfig};
-use os_configs::{Device, Package, Ready, Restart, System};
+use guest::{Check, FileSpec, HomeSpec, Mode, MountSpec, Readiness, Request, ServiceSpec, SystemConfig};
+use os_configs::{Device, FileSystem, Package, Ready, Restart, System};
 
 use crate::kernel::{self, KernelTree};
 use crate::store::{Item, Recipe, Store};
@@ -28,6 +28,9 @@ pub struct Lowered {
     /// The guest's `PATH`.
     pub path: String,
     pub kernel_args: Vec<String>,
+    /// The command line that runs e2fsck in the guest, when the system's file systems
+    /// are checked (a disk image's: see `image::closure`); empty otherwise.
+    pub fsck: Vec<String>,
 }
 
 impl Lowered {
@@ -65,6 +68,7 @@ pub fn lower_boot(store: &Store, ws: &Workspace, system: &System, verbose: bool)
         links: Vec::new(),
         path: "/bin".to_string(),
         kernel_args: system.kernel_args.clone(),
+        fsck: Vec::new(),
     })
 }
 
@@ -167,22 +171,32 @@ pub fn system_config(system: &System, lowered: &Lowered) -> SystemConfig {
         contents: f.contents.clone(),
         mode: f.mode,
     }));
-    // The root and the store are the helper's own doing; other file systems without a
-    // device (tmpfs, ...) are mounted from here.
-    let mounts = system
-        .file_systems
-        .iter()
-        .filter(|fs| fs.mount_point != "/" && fs.mount_point != guest::STORE_MOUNT)
-        .filter_map(|fs| match &fs.device {
-            Device::Virtual(source) => Some(MountSpec {
-                source: source.clone(),
-                target: fs.mount_point.clone(),
-                fs_type: fs.fs_type.clone(),
-                options: fs.options.clone(),
-            }),
-            _ => None,
-        })
-        .collect();
+    // The root and the store are the helper's own doing; the other file systems (a
+    // tmpfs, a disk by path, label or UUID) are mounted from here: those needed for boot
+    // before the services start, the others once they are up. (A 9p share other than the
+    // store's is refused by validation: the VM is given none.)
+    let (mut mounts, mut late_mounts) = (Vec::new(), Vec::new());
+    for fs in system.file_systems.iter().filter(|fs| fs.mount_point != "/" && fs.mount_point != guest::STORE_MOUNT) {
+        let source = match &fs.device {
+            Device::Virtual(source) | Device::Path(source) => source.clone(),
+            Device::Label(label) => format!("LABEL={label}"),
+            Device::Uuid(uuid) => format!("UUID={uuid}"),
+            Device::Share(_) => continue,
+        };
+        let spec = MountSpec {
+            source,
+            target: fs.mount_point.clone(),
+            fs_type: fs.fs_type.clone(),
+            options: fs.options.clone(),
+            check: check_of(fs, false),
+        };
+        if fs.needed_for_boot {
+            mounts.push(spec);
+        } else {
+            late_mounts.push(spec);
+        }
+    }
+    let root_check = system.root_file_system().map(|fs| check_of(fs, system.volatile_root)).unwrap_or_default();
     let services = system
         .services
         .iter()
@@ -225,6 +239,27 @@ pub fn system_config(system: &System, lowered: &Lowered) -> SystemConfig {
         homes,
         links: lowered.links.clone(),
         services,
+        late_mounts,
+        root_check,
+        fsck: lowered.fsck.clone(),
+    }
+}
+
+/// Whether any of `system`'s file systems is checked before it is mounted (so its disk
+/// image needs e2fsck).
+pub fn checks_file_systems(system: &System) -> bool {
+    system.file_systems.iter().any(|fs| check_of(fs, system.volatile_root) != Check::None)
+}
+
+/// How a file system is checked: a block device's when `check` is set, read-only when
+/// it is mounted read-only (`ro`, or a volatile root), repaired otherwise.
+pub fn check_of(fs: &FileSystem, volatile: bool) -> Check {
+    if !fs.check || !fs.device.is_block() {
+        Check::None
+    } else if volatile || fs.options.split(',').any(|o| o == "ro") {
+        Check::ReadOnly
+    } else {
+        Check::Repair
     }
 }
 

@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
 use anyhow::Result;
-use os_configs::{Package, System};
+use os_configs::{Device, Package, System};
 
 use crate::store::{self, Store};
 use crate::vm::Failure;
@@ -73,6 +73,36 @@ pub fn problems(system: &System, facts: &mut dyn Facts) -> Result<Vec<Problem>> 
                 format!("`{}` is not an absolute path", fs.mount_point),
                 format!("write it as `/{}`", fs.mount_point),
             );
+        }
+        if fs.check && !fs.device.is_block() {
+            problem(
+                format!("file_systems[{i}].check"),
+                format!("`{}` is not on a block device: there is nothing for e2fsck to check", fs.mount_point),
+                "set `check: false` (only disks, by path, label or UUID, are checked)".into(),
+            );
+        } else if fs.check && !matches!(fs.fs_type.as_str(), "ext2" | "ext3" | "ext4") {
+            problem(
+                format!("file_systems[{i}].check"),
+                format!(
+                    "`{}` is of type `{}`; the check runs e2fsck, which knows ext2, ext3 and ext4",
+                    fs.mount_point, fs.fs_type
+                ),
+                "set `check: false`, or use an ext2/3/4 file system".into(),
+            );
+        }
+        if let Device::Share(tag) = &fs.device {
+            if tag != guest::STORE_TAG || fs.mount_point != guest::STORE_MOUNT {
+                problem(
+                    format!("file_systems[{i}].device"),
+                    format!(
+                        "9p share `{tag}` on `{}`: the VM is given only the store's share (`{}` on `{}`)",
+                        fs.mount_point,
+                        guest::STORE_TAG,
+                        guest::STORE_MOUNT
+                    ),
+                    "remove it; to share a host directory with a build, use `build-in-vm --input`".into(),
+                );
+            }
         }
         if let Some(first) = mount_points.insert(&fs.mount_point, i) {
             problem(
@@ -286,7 +316,7 @@ impl Facts for HostFacts<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use os_configs::{Device, FileSystem, Service};
+    use os_configs::{FileSystem, Service};
 
     /// Made-up facts: one workspace crate, one Debian package, a kernel with `ext4` only.
     struct Fake;
@@ -352,6 +382,35 @@ mod tests {
         let p = only_problem(&s);
         assert_eq!(p.field, "file_systems[1].mount_point");
         assert!(p.message.contains("`data` is not an absolute path") && p.fix.contains("`/data`"), "{p}");
+    }
+
+    #[test]
+    fn checks_that_cannot_run_are_refused() {
+        let mut s = os_configs::minimal();
+        s.file_systems.push(FileSystem { check: true, ..FileSystem::tmpfs("/scratch") });
+        let p = only_problem(&s);
+        assert_eq!(p.field, "file_systems[1].check");
+        assert!(p.message.contains("not on a block device") && p.fix.contains("check: false"), "{p}");
+        s.file_systems[1] = FileSystem::block("/data", Device::Label("data".into()), "xfs");
+        let p = only_problem(&s);
+        assert_eq!(p.field, "file_systems[1].check");
+        assert!(p.message.contains("type `xfs`"), "{p}");
+        s.file_systems[1].check = false;
+        assert!(problems(&s, &mut Fake).unwrap().is_empty());
+    }
+
+    #[test]
+    fn shares_the_vm_is_not_given_are_refused() {
+        let mut s = os_configs::minimal();
+        s.file_systems.push(FileSystem {
+            device: Device::Share("src".into()),
+            fs_type: "9p".into(),
+            check: false,
+            ..FileSystem::tmpfs("/src")
+        });
+        let p = only_problem(&s);
+        assert_eq!(p.field, "file_systems[1].device");
+        assert!(p.message.contains("9p share `src`"), "{p}");
     }
 
     #[test]

@@ -25,6 +25,9 @@ pub struct Bench {
     /// Fewer repetitions (for CI): 1 warm-up and 3 measured runs instead of 2 and 7.
     #[arg(long)]
     pub quick: bool,
+    /// Print the report as one JSON document on stdout (the table goes to stderr).
+    #[arg(long)]
+    pub json: bool,
     #[command(flatten)]
     pub vm: VmOpts,
 }
@@ -45,12 +48,21 @@ pub struct Figure {
     pub mib_per_s: Option<f64>,
 }
 
+/// What `target/bench/latest.json` holds.
 #[derive(Debug, Serialize)]
-struct Report {
-    accel: String,
-    runs: usize,
-    machine: String,
-    figures: Vec<Figure>,
+pub struct Report {
+    pub accel: String,
+    pub runs: usize,
+    pub machine: String,
+    pub figures: Vec<Figure>,
+}
+
+/// What `bench --json` prints on stdout: the report and where it was written.
+#[derive(Debug, Serialize)]
+pub struct JsonOutput<'a> {
+    #[serde(flatten)]
+    pub report: &'a Report,
+    pub report_path: String,
 }
 
 impl Bench {
@@ -305,36 +317,43 @@ impl Bench {
             ));
         }
 
+        // The table is the result, unless the JSON document is.
+        let json = self.json;
+        let say = |line: String| if json { eprintln!("{line}") } else { println!("{line}") };
         for f in &figures {
-            println!(
+            say(format!(
                 "{:<20} ours {:>8.3}s  floor {:>8.3}s  ratio {:>6.2}  [{}]",
                 f.name, f.ours_s, f.floor_s, f.ratio, f.accel
-            );
+            ));
         }
         for (mib, rate, _) in &rates {
-            println!("scaling: closure with {mib:>4} MiB of data: {rate:.1} MiB/s");
+            say(format!("scaling: closure with {mib:>4} MiB of data: {rate:.1} MiB/s"));
         }
         // What each added MiB costs between two sizes: constant if the cost is linear.
         for pair in rates.windows(2) {
             let ((a, _, ta), (b, _, tb)) = (pair[0], pair[1]);
-            println!(
+            say(format!(
                 "scaling: from {a} to {b} MiB of data: {:.2} ms per added MiB",
                 1000.0 * (tb - ta) / (b - a) as f64
-            );
+            ));
         }
         if let (Some(first), Some(last)) = (rates.iter().find(|(m, _, _)| *m >= 256), rates.last()) {
-            println!(
+            say(format!(
                 "scaling: throughput at {} MiB is {:.0}% of that at {} MiB",
                 last.0,
                 100.0 * last.1 / first.1,
                 first.0
-            );
+            ));
         }
         let report = Report { accel: accel.name().into(), runs, machine: machine_description(), figures };
         let out = report_path(ws);
         fs::create_dir_all(out.parent().unwrap_or(Path::new(".")))?;
         fs::write(&out, serde_json::to_vec_pretty(&report)?).with_context(|| format!("writing `{}`", out.display()))?;
-        println!("{}", out.display());
+        if self.json {
+            crate::report::print_json(&JsonOutput { report: &report, report_path: out.display().to_string() })?;
+        } else {
+            println!("{}", out.display());
+        }
         Ok(0)
     }
 }
@@ -476,7 +495,7 @@ fn default_qcow2(closure: &Closure) -> Result<ImageOptions> {
 /// removes it; returns the time it took to build and store.
 fn cold_library_image(store: &Store, closure: &Closure) -> Result<Duration> {
     let opts = default_qcow2(closure)?;
-    let quiet = Progress { steps: false, verbose: false };
+    let quiet = Progress { steps: false, verbose: false, expected_bytes: 0 };
     quiesce();
     let start = Instant::now();
     let tools = crate::image_tools::tools(store)?;
@@ -569,4 +588,37 @@ fn random_packages(store: &Store, mib: u64) -> Result<Vec<Item>> {
         })?);
     }
     Ok(items)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The document on a constructed report (`bench --quick --json` runs end to end in
+    /// the vm-tests, about 80 s under TCG here).
+    #[test]
+    fn the_json_document_holds_the_report_and_its_path() {
+        let mut f = figure("scaling-64MiB", 1.5, 1.25, Accel::Tcg, "ours", "floor");
+        f.mib_per_s = Some(300.0);
+        let report = Report {
+            accel: "tcg".into(),
+            runs: 3,
+            machine: "test, 2 CPUs".into(),
+            figures: vec![figure("boot-to-result", 1.2, 1.0, Accel::Tcg, "ours", "floor"), f],
+        };
+        let text = crate::report::to_json(&JsonOutput { report: &report, report_path: "/t/bench/latest.json".into() })
+            .unwrap();
+        let value: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(value["accel"], "tcg");
+        assert_eq!(value["runs"], 3);
+        assert_eq!(value["report_path"], "/t/bench/latest.json");
+        let figures = value["figures"].as_array().unwrap();
+        assert_eq!(figures.len(), 2);
+        assert_eq!(figures[0]["name"], "boot-to-result");
+        assert!((figures[0]["ratio"].as_f64().unwrap() - 1.2).abs() < 1e-9);
+        assert!(figures[0].get("mib_per_s").is_none());
+        assert_eq!(figures[1]["mib_per_s"], 300.0);
+        // Exactly one document.
+        assert_eq!(serde_json::Deserializer::from_str(&text).into_iter::<serde_json::Value>().count(), 1);
+    }
 }

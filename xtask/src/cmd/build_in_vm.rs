@@ -11,6 +11,7 @@ use guest::{Mode, Request, Status};
 
 use super::{is_env_name, parse_bounded_size, parse_key_value, usage_error, VmOpts};
 use crate::qemu::{self, Disk, DiskFormat};
+use crate::report::ItemReport;
 use crate::store::ingest::{self, Limits};
 use crate::store::{self, DirFd, Item, Recipe, Store};
 use crate::vm::{Failure, Sink, VmRun};
@@ -52,6 +53,10 @@ pub struct BuildInVm {
     /// (1MiB to 16TiB).
     #[arg(long, value_name = "SIZE", value_parser = parse_bounded_size, default_value = "8GiB")]
     pub max_output: u64,
+    /// Print one JSON document on stdout (path, hash, content sha256, size, hit or
+    /// built, wall time) instead of the path.
+    #[arg(long)]
+    pub json: bool,
     #[command(flatten)]
     pub vm: VmOpts,
     /// The build command; it writes its results into `$out`.
@@ -61,6 +66,7 @@ pub struct BuildInVm {
 
 impl BuildInVm {
     pub fn run(self, ws: &Workspace) -> Result<i32> {
+        let started = std::time::Instant::now();
         self.validate()?;
         let mut system = self.vm.system()?;
         if self.net {
@@ -98,7 +104,7 @@ impl BuildInVm {
             recipe = recipe.input_item(&format!("input:{name}"), item);
         }
 
-        let item = store.realise(&recipe, |out| {
+        let (item, outcome) = store.realise_with_outcome(&recipe, |out| {
             let accel = qemu::choose_accel(self.vm.accel)?;
             let xchg = store.scratch("xchg")?;
             let runtime = store.scratch("run")?;
@@ -196,7 +202,11 @@ impl BuildInVm {
             }
             Ok(())
         })?;
-        println!("{}", item.path.display());
+        if self.json {
+            crate::report::print_json(&ItemReport::new(&store, &item, &item.path, outcome, started)?)?;
+        } else {
+            println!("{}", item.path.display());
+        }
         Ok(0)
     }
 

@@ -2,6 +2,7 @@
 //! recorded when it was stored, and reports (or repairs) what does not match.
 
 use anyhow::Result;
+use serde::Serialize;
 
 use crate::debian::{self, Pin};
 use crate::store::{Meta, Store};
@@ -10,31 +11,91 @@ use crate::{system, Workspace};
 #[derive(Debug, Clone, clap::Subcommand)]
 pub enum StoreCmd {
     /// Check every item against its recorded content hash; exit 1 if any is damaged.
+    #[command(after_help = "Examples:
+  cargo xtask store verify
+  cargo xtask store verify --repair --json")]
     Verify {
         /// Remove damaged entries and rebuild the items that can be rebuilt on their own.
         #[arg(long)]
         repair: bool,
+        /// Print one JSON document on stdout: the store, each problem, and with
+        /// --repair what was removed and rebuilt and what is still damaged.
+        #[arg(long)]
+        json: bool,
     },
+}
+
+/// What `store verify --json` prints.
+#[derive(Debug, Default, Serialize)]
+pub struct VerifyReport {
+    pub store: String,
+    /// Whether the store is sound at the end (after the repair, with --repair).
+    pub ok: bool,
+    /// What was found wrong.
+    pub problems: Vec<ProblemReport>,
+    /// With --repair: each damaged entry, removed, and whether it was rebuilt now.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub repaired: Option<Vec<RepairReport>>,
+    /// With --repair: what is still damaged after it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub still_damaged: Option<Vec<ProblemReport>>,
+    pub wall_s: f64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ProblemReport {
+    pub entry: String,
+    pub what: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct RepairReport {
+    pub entry: String,
+    pub rebuilt: bool,
+}
+
+fn problem_reports(problems: &[crate::store::Problem]) -> Vec<ProblemReport> {
+    problems.iter().map(|p| ProblemReport { entry: p.entry.clone(), what: p.what.clone() }).collect()
 }
 
 impl StoreCmd {
     pub fn run(self, ws: &Workspace) -> Result<i32> {
-        let StoreCmd::Verify { repair } = self;
+        let started = std::time::Instant::now();
+        let StoreCmd::Verify { repair, json } = self;
         let store = Store::open(&ws.store_dir, false)?;
         let problems = store.verify()?;
+        let mut report = VerifyReport {
+            store: store.root().display().to_string(),
+            problems: problem_reports(&problems),
+            ..VerifyReport::default()
+        };
+        // Text lines on stdout, unless the JSON document is the result.
+        let say = |line: String| {
+            if !json {
+                println!("{line}");
+            }
+        };
+        let finish = |mut report: VerifyReport, ok: bool| -> Result<i32> {
+            report.ok = ok;
+            report.wall_s = started.elapsed().as_secs_f64();
+            if json {
+                crate::report::print_json(&report)?;
+            }
+            Ok(if ok { 0 } else { 1 })
+        };
         for p in &problems {
-            println!("{}: {}", p.entry, p.what);
+            say(format!("{}: {}", p.entry, p.what));
         }
         if problems.is_empty() {
-            println!("store verified: every item matches its recorded hash ({})", store.root().display());
-            return Ok(0);
+            say(format!("store verified: every item matches its recorded hash ({})", store.root().display()));
+            return finish(report, true);
         }
         if !repair {
             eprintln!(
                 "error: {} damaged store entries; `cargo xtask store verify --repair` removes and rebuilds them",
                 problems.len()
             );
-            return Ok(1);
+            return finish(report, false);
         }
         let mut entries: Vec<&str> = problems.iter().map(|p| p.entry.as_str()).collect();
         entries.dedup();
@@ -45,21 +106,26 @@ impl StoreCmd {
         for entry in &entries {
             store.remove_entry(entry)?;
         }
+        let mut repaired = Vec::new();
         for (entry, meta) in metas {
-            match meta.as_ref().map(|m| rebuild(&store, m)).transpose()? {
-                Some(true) => println!("{entry}: removed and rebuilt"),
-                _ => println!("{entry}: removed; it is rebuilt the next time it is needed"),
+            let rebuilt = meta.as_ref().map(|m| rebuild(&store, m)).transpose()? == Some(true);
+            match rebuilt {
+                true => say(format!("{entry}: removed and rebuilt")),
+                false => say(format!("{entry}: removed; it is rebuilt the next time it is needed")),
             }
+            repaired.push(RepairReport { entry: entry.to_string(), rebuilt });
         }
         let left = store.verify()?;
+        report.repaired = Some(repaired);
+        report.still_damaged = Some(problem_reports(&left));
         if left.is_empty() {
-            println!("store repaired");
-            Ok(0)
+            say("store repaired".to_string());
+            finish(report, true)
         } else {
             for p in &left {
                 eprintln!("still damaged: {}: {}", p.entry, p.what);
             }
-            Ok(1)
+            finish(report, false)
         }
     }
 }

@@ -232,12 +232,14 @@ fn workspace_mounts(ws: &Workspace) -> Vec<MountSpec> {
         target: root,
         fs_type: "9p".into(),
         options: "ro,trans=virtio,version=9p2000.L,msize=512000,cache=loose".into(),
+        check: guest::Check::None,
     }];
     let tmpfs = |dir: &Path| MountSpec {
         source: "tmpfs".into(),
         target: dir.to_string_lossy().into_owned(),
         fs_type: "tmpfs".into(),
         options: "mode=1777".into(),
+        check: guest::Check::None,
     };
     let tmp = ws.target_dir.join("tmp");
     // The mount points must exist in the read-only share.

@@ -45,10 +45,15 @@ pub struct VmImage {
     /// Say for every store item whether it was found or built.
     #[arg(long)]
     pub explain: bool,
+    /// Print one JSON document on stdout (image path, item, hash, content sha256, size,
+    /// hit or built, wall time) instead of the path.
+    #[arg(long)]
+    pub json: bool,
 }
 
 impl VmImage {
     pub fn run(self, ws: &Workspace) -> Result<i32> {
+        let started = std::time::Instant::now();
         let system = super::lookup_system(&self.system)?;
         // The image tools come from the store; only QEMU is the host's.
         let mut host_tools = match self.builder {
@@ -60,6 +65,8 @@ impl VmImage {
         }
         host::ensure(&host_tools)?;
         let store = Store::open(&ws.store_dir, self.explain)?;
+        // As run-vm does: a system that cannot work (or a field that cannot act) is
+        // refused before anything is built.
         crate::validate::check(&system, &mut crate::validate::HostFacts::new(&store, ws))?;
         let closure = image::closure(&store, ws, &system, self.verbose)
             .with_context(|| format!("lowering system `{}` for a disk image", system.name))?;
@@ -102,7 +109,11 @@ impl VmImage {
         if self.check {
             self.check(&store, &item, outcome, &path, build)?;
         }
-        println!("{}", path.display());
+        if self.json {
+            crate::report::print_json(&crate::report::ItemReport::new(&store, &item, &path, outcome, started)?)?;
+        } else {
+            println!("{}", path.display());
+        }
         Ok(0)
     }
 
