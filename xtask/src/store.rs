@@ -601,11 +601,12 @@ impl Store {
         })
     }
 
-    /// The item a [`Problem::entry`] is about, if it is about one.
+    /// The item a [`Problem::entry`] (or an item's file name) is about, if it is about one.
     pub fn item_of_entry(&self, entry: &str) -> Option<Item> {
         let base = entry
             .strip_prefix(&format!("{ITEMS}/"))
-            .or_else(|| entry.strip_prefix(&format!("{METAS}/")).and_then(|m| m.strip_suffix(".meta")))?;
+            .or_else(|| entry.strip_prefix(&format!("{METAS}/")).and_then(|m| m.strip_suffix(".meta")))
+            .unwrap_or(entry);
         self.parse_entry(base)
     }
 
@@ -873,6 +874,10 @@ mod tests {
         }
         assert_eq!(store.verify().unwrap(), vec![]);
         assert!(store.remove_entry("../outside").is_err());
+        // An item by its file name alone.
+        let again = build("again");
+        store.remove_entry(&again.file_name()).unwrap();
+        assert!(!store.is_present(&again) && !again.path.exists());
     }
 
     /// The scratch of a dead run (say a VM's exchange directory, which its guest filled
