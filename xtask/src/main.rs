@@ -50,8 +50,13 @@ enum Cmd {
     Systems(xtask::cmd::systems::Systems),
     /// Lock every Debian package the systems and image tools use in `vm.lock`; with
     /// --update [PACKAGE...], move pins forward and print what changed.
+    #[command(after_help = "Examples:
+  cargo xtask lock
+  cargo xtask lock --update linux-image-amd64")]
     Lock(Lock),
     /// Fetch the image tools (e2fsprogs, fdisk, GRUB) into the store; print their directory.
+    #[command(after_help = "Example:
+  cargo xtask image-tools")]
     ImageTools,
     /// Inspect the store.
     #[command(
@@ -74,6 +79,10 @@ enum Cmd {
   cargo test -p vm-checks --config 'target.x86_64-unknown-linux-gnu.runner=["target/debug/xtask", "test-runner", "--system", "hello"]' -- --ignored"#)]
     TestRunner(TestRunner),
     /// Boot a scenario's VMs on their virtual networks and run its script.
+    #[command(after_help = "Examples:
+  cargo xtask scenario hello-pair
+  cargo xtask scenario hello-pair-broken --keep
+  cargo xtask scenario hello-pair-broken --shell server")]
     Scenario(ScenarioCmd),
     /// Print a completion script for SHELL on stdout (it completes `xtask`, the binary
     /// in target/debug; `cargo xtask` itself is completed by cargo's own script).
