@@ -265,7 +265,7 @@ fn the_root_is_checked_at_boot_and_a_failed_check_stops_it() {
     // errors (so the check is not skipped as clean): the kernel mounts it all the same.
     let commands = dir.path().join("damage");
     fs::write(&commands, "sif <2> links_count 9\nssv state 2\n").unwrap();
-    let out = Command::new("debugfs")
+    let out = Command::new(vm_tests::image_tools_dir().join("debugfs"))
         .arg("-w")
         .arg("-f")
         .arg(&commands)
@@ -335,7 +335,7 @@ fn a_declared_disk_is_checked_repaired_and_mounted() {
     fs::create_dir(&content).unwrap();
     fs::write(content.join("greeting"), "from the data disk\n").unwrap();
     let data = dir.path().join("data.raw");
-    let made = Command::new("mke2fs")
+    let made = Command::new(vm_tests::image_tools_dir().join("mke2fs"))
         .args(["-q", "-t", "ext4", "-L", "vmdata", "-d"])
         .arg(&content)
         .arg(&data)
@@ -346,7 +346,13 @@ fn a_declared_disk_is_checked_repaired_and_mounted() {
     // A damage e2fsck -p repairs by itself; marked, so the check is not skipped.
     let commands = dir.path().join("damage");
     fs::write(&commands, "sif <2> links_count 9\nssv state 2\n").unwrap();
-    let damaged = Command::new("debugfs").arg("-w").arg("-f").arg(&commands).arg(&data).output().unwrap();
+    let damaged = Command::new(vm_tests::image_tools_dir().join("debugfs"))
+        .arg("-w")
+        .arg("-f")
+        .arg(&commands)
+        .arg(&data)
+        .output()
+        .unwrap();
     assert!(damaged.status.success(), "{}", String::from_utf8_lossy(&damaged.stderr));
 
     let copy = copy_image(&image, dir.path());
@@ -367,7 +373,7 @@ fn a_declared_disk_is_checked_repaired_and_mounted() {
     let talk = vm_tests::converse(&mut qemu.0, &steps, BOOT_TIMEOUT);
     assert_powered_off(&talk, 2);
     assert!(talk.console.contains("errors corrected (e2fsck -p)"), "no repair on the console:\n{}", talk.console);
-    let check = Command::new("e2fsck").arg("-fn").arg(&data).output().unwrap();
+    let check = Command::new(vm_tests::image_tools_dir().join("e2fsck")).arg("-fn").arg(&data).output().unwrap();
     assert!(check.status.success(), "the disk was not repaired: {}", String::from_utf8_lossy(&check.stdout));
 }
 
