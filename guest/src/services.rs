@@ -153,14 +153,6 @@ pub fn network_up(net: &guest::NetConfig) -> Result<()> {
         }
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
-    let sockaddr = |ip: u32| {
-        // SAFETY: sockaddr_in is plain data; an all-zero value is valid.
-        let mut sin: libc::sockaddr_in = unsafe { std::mem::zeroed() };
-        sin.sin_family = libc::AF_INET as libc::sa_family_t;
-        sin.sin_addr.s_addr = ip.to_be();
-        // SAFETY: sockaddr_in fits in sockaddr (16 bytes both) and is read as one.
-        unsafe { std::mem::transmute::<libc::sockaddr_in, libc::sockaddr>(sin) }
-    };
     // SAFETY: a plain socket and ioctls on a zeroed, NUL-terminated `ifreq`.
     unsafe {
         let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
@@ -199,18 +191,21 @@ pub fn network_up(net: &guest::NetConfig) -> Result<()> {
     Ok(())
 }
 
+/// An IPv4 address (host order) as the `sockaddr` the interface and route ioctls take.
+fn sockaddr(ip: u32) -> nix::libc::sockaddr {
+    use nix::libc;
+    // SAFETY: sockaddr_in is plain data; an all-zero value is valid.
+    let mut sin: libc::sockaddr_in = unsafe { std::mem::zeroed() };
+    sin.sin_family = libc::AF_INET as libc::sa_family_t;
+    sin.sin_addr.s_addr = ip.to_be();
+    // SAFETY: sockaddr_in fits in sockaddr (16 bytes both) and is read as one.
+    unsafe { std::mem::transmute::<libc::sockaddr_in, libc::sockaddr>(sin) }
+}
+
 /// Adds the default route through `gateway`.
 fn default_route(gateway: &str) -> Result<()> {
     use nix::libc;
     let gw: std::net::Ipv4Addr = gateway.parse().map_err(|e| format!("bad gateway {gateway}: {e}"))?;
-    let sockaddr = |ip: u32| {
-        // SAFETY: sockaddr_in is plain data; an all-zero value is valid.
-        let mut sin: libc::sockaddr_in = unsafe { std::mem::zeroed() };
-        sin.sin_family = libc::AF_INET as libc::sa_family_t;
-        sin.sin_addr.s_addr = ip.to_be();
-        // SAFETY: sockaddr_in fits in sockaddr (16 bytes both) and is read as one.
-        unsafe { std::mem::transmute::<libc::sockaddr_in, libc::sockaddr>(sin) }
-    };
     // SAFETY: a plain socket and one ioctl on a zeroed `rtentry`.
     unsafe {
         let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
