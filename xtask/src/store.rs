@@ -13,7 +13,7 @@
 mod fd;
 pub mod ingest;
 
-pub use fd::DirFd;
+pub use fd::{DirFd, Kind};
 
 use std::fs::{self, File};
 use std::io::{self, Write};

@@ -286,45 +286,36 @@ enum StatusFile {
 /// (`O_NONBLOCK`: a FIFO cannot block), and with a size cap. QEMU has exited, so
 /// nothing changes it meanwhile.
 fn read_status(xchg: &Path) -> StatusFile {
-    use nix::errno::Errno;
-    use nix::fcntl::{open, openat, AtFlags, OFlag};
-    use nix::sys::stat::{fstat, fstatat, FileStat, Mode as FileMode, SFlag};
-    use std::os::fd::{FromRawFd, OwnedFd};
+    use crate::store::{DirFd, Kind};
+    use nix::sys::stat::SFlag;
 
-    let kind = |st: &FileStat| SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT;
-    let not_regular = |st: &FileStat| match kind(st) {
-        SFlag::S_IFLNK => "it is a symbolic link".to_string(),
-        SFlag::S_IFDIR => "it is a directory".to_string(),
-        SFlag::S_IFIFO => "it is a FIFO".to_string(),
-        SFlag::S_IFCHR | SFlag::S_IFBLK => "it is a device node".to_string(),
-        SFlag::S_IFSOCK => "it is a socket".to_string(),
-        _ => "it is not a regular file".to_string(),
-    };
-    let dir_flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC;
-    let dir = match open(xchg, dir_flags, FileMode::empty()) {
-        // SAFETY: `open` returned a new descriptor that nothing else owns.
-        Ok(fd) => unsafe { OwnedFd::from_raw_fd(fd) },
+    let name = std::ffi::OsStr::new(guest::STATUS_FILE);
+    let dir = match DirFd::open(xchg) {
+        Ok(dir) => dir,
         Err(e) => return StatusFile::Refused(format!("cannot open the exchange directory: {e}")),
     };
-    match fstatat(Some(dir.as_raw_fd()), guest::STATUS_FILE, AtFlags::AT_SYMLINK_NOFOLLOW) {
-        Err(Errno::ENOENT) => return StatusFile::Missing,
+    match dir.stat(name) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return StatusFile::Missing,
         Err(e) => return StatusFile::Refused(format!("cannot examine it: {e}")),
-        Ok(st) if kind(&st) != SFlag::S_IFREG => return StatusFile::Refused(not_regular(&st)),
+        Ok(st) if Kind::of(&st) != Kind::File => {
+            let why = match SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT {
+                SFlag::S_IFLNK => "it is a symbolic link",
+                SFlag::S_IFDIR => "it is a directory",
+                SFlag::S_IFIFO => "it is a FIFO",
+                SFlag::S_IFCHR | SFlag::S_IFBLK => "it is a device node",
+                SFlag::S_IFSOCK => "it is a socket",
+                _ => "it is not a regular file",
+            };
+            return StatusFile::Refused(why.into());
+        }
         Ok(_) => {}
     }
-    let flags = OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_NOCTTY | OFlag::O_CLOEXEC;
-    let file = match openat(Some(dir.as_raw_fd()), guest::STATUS_FILE, flags, FileMode::empty()) {
-        // SAFETY: `openat` returned a new descriptor that nothing else owns.
-        Ok(fd) => File::from(unsafe { OwnedFd::from_raw_fd(fd) }),
-        Err(Errno::ENOENT) => return StatusFile::Missing,
-        Err(Errno::ELOOP) => return StatusFile::Refused("it is a symbolic link".into()),
+    // Opened without following a link or blocking, and checked again on the open file.
+    let file = match dir.open_file(name) {
+        Ok(file) => file,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return StatusFile::Missing,
         Err(e) => return StatusFile::Refused(format!("cannot open it: {e}")),
     };
-    match fstat(file.as_raw_fd()) {
-        Ok(st) if kind(&st) == SFlag::S_IFREG => {}
-        Ok(st) => return StatusFile::Refused(not_regular(&st)),
-        Err(e) => return StatusFile::Refused(format!("cannot examine it: {e}")),
-    }
     let mut bytes = Vec::new();
     match file.take(guest::STATUS_MAX_BYTES as u64 + 1).read_to_end(&mut bytes) {
         Ok(_) => StatusFile::Found(bytes),
