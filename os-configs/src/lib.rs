@@ -457,9 +457,60 @@ pub fn invalid_module() -> System {
     }
 }
 
+/// `minimal` plus Debian packages (each with its dependency closure, laid out as Debian
+/// lays out a system: `/usr/bin/jq`, `/lib64/ld-linux-x86-64.so.2`, ...).
+pub fn with_debian(name: &str, description: &str, packages: &[&str]) -> System {
+    let mut all = vec![Package::Busybox];
+    all.extend(packages.iter().map(|p| Package::Debian { package: p.to_string() }));
+    System { packages: all, ..System::base(name, description) }
+}
+
+/// The example systems with programs from Debian's packages.
+pub fn debian_examples() -> Vec<System> {
+    vec![
+        with_debian("debian-jq", "minimal plus Debian's jq (with libjq1, libonig5 and libc6)", &["jq"]),
+        with_debian("debian-python3", "minimal plus Debian's python3 and its standard library", &["python3"]),
+        with_debian("debian-iproute2", "minimal plus Debian's iproute2 (`ip`, `ss`, ...)", &["iproute2"]),
+        with_debian("debian-e2fsprogs", "minimal plus Debian's e2fsprogs (`mke2fs`, `e2fsck`, ...)", &["e2fsprogs"]),
+        with_debian("debian-strace", "minimal plus Debian's strace", &["strace"]),
+        with_debian(
+            "debian-jq-strace",
+            "(for tests) two Debian packages sharing libraries: jq and strace",
+            &["jq", "strace"],
+        ),
+        with_debian(
+            "invalid-debian-conflict",
+            "(for tests) two Debian packages that conflict (busybox, busybox-static): refused before anything is built",
+            &["busybox", "busybox-static"],
+        ),
+        with_debian(
+            "invalid-debian-unresolvable",
+            "(for tests) a Debian package whose dependency nothing provides (`xtask-fixture-app`, from a test's own \
+             apt repository): refused before anything is built",
+            &["xtask-fixture-app"],
+        ),
+        with_debian(
+            "invalid-debian-unknown",
+            "(for tests) a Debian package apt does not know: refused before anything is built",
+            &["jq", "no-such-package-xtask"],
+        ),
+    ]
+}
+
 /// Every named system, in the order `cargo xtask systems` lists them.
 pub fn all() -> Vec<System> {
-    vec![minimal(), hello(), host_findmnt(), boot_check(), fs_order(), data_disk(), invalid_no_root(), invalid_module()]
+    let mut all = vec![
+        minimal(),
+        hello(),
+        host_findmnt(),
+        boot_check(),
+        fs_order(),
+        data_disk(),
+        invalid_no_root(),
+        invalid_module(),
+    ];
+    all.extend(debian_examples());
+    all
 }
 
 /// Looks a named system up.

@@ -14,6 +14,9 @@ use anyhow::{bail, ensure, Context, Result};
 use crate::store::{self, Item, Recipe, Store};
 use crate::{host, lock};
 
+pub mod closure;
+pub mod profile;
+
 /// A package resolved to an exact version, where the archive keeps it and its `.deb`'s
 /// hash: one entry of the lock file.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -26,6 +29,9 @@ pub struct Pin {
     pub filename: String,
     pub sha256: String,
     pub size: u64,
+    /// The packages (names of other pins) this one's `Depends` and `Pre-Depends` resolved
+    /// to, when its dependency closure has been locked ([`closure`]); `None` otherwise.
+    pub depends: Option<Vec<String>>,
 }
 
 /// The fields of one `apt-cache show` stanza that matter here.
@@ -37,7 +43,12 @@ pub struct Stanza {
     pub filename: String,
     pub sha256: String,
     pub size: u64,
+    /// The first alternative of each `Depends`/`Pre-Depends` clause.
     pub depends: Vec<String>,
+    /// Each `Depends`/`Pre-Depends` clause: its alternatives, names only.
+    pub relations: Vec<Vec<String>>,
+    /// The virtual packages it provides.
+    pub provides: Vec<String>,
 }
 
 impl Stanza {
@@ -49,6 +60,7 @@ impl Stanza {
             filename: self.filename,
             sha256: self.sha256,
             size: self.size,
+            depends: None,
         }
     }
 }
@@ -68,17 +80,30 @@ pub fn parse_stanza(text: &str) -> Option<Stanza> {
             "Architecture" => s.architecture = value.to_string(),
             "Filename" => s.filename = value.to_string(),
             "Size" => s.size = value.parse().unwrap_or(0),
-            "Depends" | "Pre-Depends" => s.depends.extend(
-                value
-                    .split(',')
-                    .filter_map(|d| d.split('|').next())
-                    .filter_map(|d| d.split_whitespace().next())
-                    .map(str::to_string),
-            ),
+            "Depends" | "Pre-Depends" => {
+                for clause in value.split(',') {
+                    let alternatives: Vec<String> = clause.split('|').filter_map(relation_name).collect();
+                    s.depends.extend(alternatives.first().cloned());
+                    s.relations.push(alternatives);
+                }
+            }
+            "Provides" => s.provides.extend(value.split(',').filter_map(relation_name)),
             _ => {}
         }
     }
     (!s.package.is_empty() && !s.version.is_empty() && !s.sha256.is_empty()).then_some(s)
+}
+
+/// The package a relation names: `libc6 (>= 2.34)` and `python3:any` name `libc6` and
+/// `python3`.
+fn relation_name(relation: &str) -> Option<String> {
+    let name = relation.split_whitespace().next()?;
+    Some(name.split(':').next().unwrap_or(name).to_string())
+}
+
+/// Every stanza of `apt-cache show` output.
+pub fn parse_stanzas(text: &str) -> Vec<Stanza> {
+    text.split("\n\n").filter_map(parse_stanza).collect()
 }
 
 /// Looks a package up in apt's lists (the candidate version).
@@ -127,7 +152,7 @@ pub fn resolve_many(names: &[String]) -> Result<std::collections::BTreeMap<Strin
         .output()
         .context("running apt-cache show")?;
     let text = String::from_utf8_lossy(&out.stdout);
-    let stanzas: Vec<Stanza> = text.split("\n\n").filter_map(parse_stanza).collect();
+    let stanzas = parse_stanzas(&text);
     for name in names {
         match stanzas.iter().find(|s| &s.package == name) {
             Some(s) if is_image_metapackage(name) => {
@@ -350,6 +375,12 @@ mod tests {
         assert_eq!(s.architecture, "amd64");
         assert_eq!(s.filename, "pool/main/l/linux-signed-amd64/linux-image-amd64_6.1.192-2_amd64.deb");
         assert_eq!(s.depends, vec!["linux-image-6.1.0-56-amd64", "foo"]);
+        assert_eq!(s.relations, vec![vec!["linux-image-6.1.0-56-amd64".to_string()], vec!["foo".into(), "bar".into()]]);
+        let s = parse_stanza(
+            "Package: p\nVersion: 1\nSHA256: x\nPre-Depends: libc6:any (>= 2)\nProvides: awk (= 1), x-www\n",
+        )
+        .unwrap();
+        assert_eq!((s.depends, s.provides), (vec!["libc6".to_string()], vec!["awk".to_string(), "x-www".into()]));
         assert_eq!(parse_stanza("N: Unable to locate package x\n"), None);
     }
 

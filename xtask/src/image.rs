@@ -92,7 +92,12 @@ pub fn closure(store: &Store, ws: &Workspace, system: &System, verbose: bool) ->
     let kernel = format!("{}/{}", kernel_item.guest_path(), kernel_rel.display());
     let initrd = format!("{}/initrd", lowered.initrd.guest_path());
     let mut items = vec![kernel_item, lowered.initrd.clone()];
-    items.extend(lowered.packages.iter().cloned());
+    // Each once: a Debian system's libc6 is also the image tools' (for e2fsck).
+    for item in &lowered.packages {
+        if !items.contains(item) {
+            items.push(item.clone());
+        }
+    }
 
     // TERM is fixed: the image must not depend on the terminal it was built from. The
     // links are part of the image's root file system.

@@ -84,6 +84,44 @@ pub fn pin(name: &str, resolve: impl FnOnce(&str) -> Result<Stanza>) -> Result<P
     Ok(pin)
 }
 
+/// The lock file's pins as this run sees them (read once, then kept up to date).
+pub fn snapshot() -> Result<Pins> {
+    let mut loaded = LOADED.lock().unwrap_or_else(|e| e.into_inner());
+    if loaded.is_none() {
+        *loaded = Some(read(&path())?);
+    }
+    Ok(loaded.clone().unwrap_or_default())
+}
+
+/// Writes a dependency closure apt resolved for `roots`: each package's pin with its
+/// `depends`. A package already locked keeps its locked version (only its `depends` is
+/// set); the others are added. Says on stderr what was added.
+pub fn record_closure(roots: &[String], resolved: Vec<Pin>) -> Result<()> {
+    let path = path();
+    let _guard = lock_dir(&path)?;
+    let mut pins = read(&path)?;
+    let mut added = Vec::new();
+    for pin in resolved {
+        check_fields(&pin.package, &pin)?;
+        match pins.get_mut(&pin.package) {
+            Some(locked) => locked.depends = pin.depends,
+            None => {
+                added.push(format!("{} {}", pin.package, pin.version));
+                pins.insert(pin.package.clone(), pin);
+            }
+        }
+    }
+    write(&path, &pins)?;
+    eprintln!(
+        "{}: locked the Debian dependency closure of {}{}; commit the lock file",
+        path.display(),
+        roots.join(", "),
+        if added.is_empty() { String::new() } else { format!(" (added {})", added.join(", ")) }
+    );
+    *LOADED.lock().unwrap_or_else(|e| e.into_inner()) = Some(pins);
+    Ok(())
+}
+
 /// Re-resolves the pins named in `names` (all of them when empty; a name not in the lock
 /// is added) with `resolve`, writes the lock file and returns what changed, one line each.
 pub fn update(names: &[String], resolve: impl Fn(&str) -> Result<Stanza>) -> Result<Vec<String>> {
@@ -93,10 +131,10 @@ pub fn update(names: &[String], resolve: impl Fn(&str) -> Result<Stanza>) -> Res
     let names: Vec<String> = if names.is_empty() { pins.keys().cloned().collect() } else { names.to_vec() };
     let mut changes = Vec::new();
     for name in &names {
-        let new = resolve(name).with_context(|| format!("resolving `{name}`"))?.pin();
+        let mut new = resolve(name).with_context(|| format!("resolving `{name}`"))?.pin();
         check_fields(name, &new)?;
         match pins.get(name) {
-            Some(old) if *old == new => {}
+            Some(old) if Pin { depends: None, ..old.clone() } == new => new.depends = old.depends.clone(),
             Some(old) if old.package == new.package => {
                 changes.push(format!("{name}: {} -> {}", old.version, new.version))
             }
@@ -168,6 +206,10 @@ pub fn format(pins: &Pins) -> String {
              size = {}\nsha256 = \"{}\"\n",
             p.package, p.version, p.architecture, p.filename, p.size, p.sha256
         ));
+        if let Some(depends) = &p.depends {
+            let names: Vec<String> = depends.iter().map(|d| format!("\"{d}\"")).collect();
+            s.push_str(&format!("depends = [{}]\n", names.join(", ")));
+        }
     }
     s
 }
@@ -225,6 +267,9 @@ pub fn parse(text: &str) -> Result<Pins> {
             "filename" => pin.filename = string()?,
             "sha256" => pin.sha256 = string()?,
             "size" => pin.size = value.parse().with_context(|| format!("{}: expected a number", at()))?,
+            "depends" => {
+                pin.depends = Some(strings(value).with_context(|| format!("{}: expected a list of strings", at()))?)
+            }
             _ => bail!("{}: unknown key", at()),
         }
         seen.push(match key {
@@ -233,6 +278,7 @@ pub fn parse(text: &str) -> Result<Pins> {
             "architecture" => "architecture",
             "filename" => "filename",
             "sha256" => "sha256",
+            "depends" => "depends",
             _ => "size",
         });
     }
@@ -245,10 +291,24 @@ pub fn parse(text: &str) -> Result<Pins> {
     }
 }
 
+/// `["a", "b"]`: names in double quotes, comma-separated, in brackets.
+fn strings(value: &str) -> Option<Vec<String>> {
+    let inner = value.strip_prefix('[')?.strip_suffix(']')?.trim();
+    if inner.is_empty() {
+        return Some(Vec::new());
+    }
+    inner
+        .split(',')
+        .map(|v| v.trim().strip_prefix('"')?.strip_suffix('"').filter(|v| !v.is_empty() && !v.contains('"')))
+        .map(|v| v.map(str::to_string))
+        .collect()
+}
+
 /// Every Debian package name the workspace's named systems and the image tools ask for.
 pub fn wanted() -> Vec<String> {
     let mut names: Vec<String> = crate::image_tools::PACKAGES.iter().map(|p| p.to_string()).collect();
-    for system in os_configs::all() {
+    // The systems made to be refused (`invalid-...`) ask for what cannot be locked.
+    for system in os_configs::all().into_iter().filter(|s| !s.name.starts_with("invalid-")) {
         if let os_configs::Kernel::Debian { package } = &system.kernel {
             names.push(package.clone());
         }
@@ -277,6 +337,7 @@ mod tests {
             filename: format!("pool/main/x/{package}_{version}_amd64.deb"),
             sha256: "ab".repeat(32),
             size: 1234,
+            depends: None,
         }
     }
 
@@ -285,7 +346,11 @@ mod tests {
         let mut pins = Pins::new();
         pins.insert("zlib1g".into(), pin("zlib1g", "1:1.2.13"));
         pins.insert("linux-image-amd64".into(), pin("linux-image-6.1.0-56-amd64", "6.1.192-2"));
-        pins.insert("libstdc++6".into(), pin("libstdc++6", "12.2.0-14"));
+        pins.insert(
+            "libstdc++6".into(),
+            Pin { depends: Some(vec!["libc6".into(), "libgcc-s1".into()]), ..pin("libstdc++6", "12.2.0-14") },
+        );
+        pins.insert("libc6".into(), Pin { depends: Some(vec![]), ..pin("libc6", "2.36") });
         let text = format(&pins);
         assert_eq!(parse(&text).unwrap(), pins);
         let order: Vec<usize> = ["[\"libstdc++6\"]", "[\"linux-image-amd64\"]", "[\"zlib1g\"]"]
@@ -294,6 +359,9 @@ mod tests {
             .collect();
         assert!(order.windows(2).all(|w| w[0] < w[1]), "{text}");
         assert!(text.contains("\n[\"linux-image-amd64\"]\npackage = \"linux-image-6.1.0-56-amd64\"\n"), "{text}");
+        assert!(text.contains("sha256 = \"abab"));
+        assert!(text.contains("\ndepends = [\"libc6\", \"libgcc-s1\"]\n"), "{text}");
+        assert!(text.contains("\ndepends = []\n"), "{text}");
         assert!(text.starts_with("# vm.lock"));
         assert_eq!(format(&parse(&text).unwrap()), text, "not stable");
     }
@@ -306,6 +374,12 @@ mod tests {
         assert!(parse(&good.replace("size = 1234", "size = many")).is_err());
         assert!(parse(&good.replace("sha256 = \"", "sha256 = ")).is_err());
         assert!(parse(&good.replace("size = 1234", "colour = \"blue\"")).is_err());
+        assert!(parse(&format!("{good}depends = [\"a\" \"b\"]\n")).is_err());
+        assert!(parse(&format!("{good}depends = [a]\n")).is_err());
+        assert_eq!(
+            parse(&format!("{good}depends = [ \"x\",\"y\" ]\n")).unwrap()["a"].depends,
+            Some(vec!["x".into(), "y".into()])
+        );
         assert_eq!(parse("").unwrap(), Pins::new());
     }
 
@@ -329,7 +403,7 @@ mod tests {
                 filename: p.filename,
                 sha256: p.sha256,
                 size: p.size,
-                depends: Vec::new(),
+                ..Stanza::default()
             })
         };
         assert_eq!(super::pin("busybox-static", candidate).unwrap(), locked);

@@ -73,11 +73,17 @@ pub fn lower_boot(store: &Store, ws: &Workspace, system: &System, verbose: bool)
 }
 
 /// The rest of [`lower`]: `system`'s packages, added to what [`lower_boot`] made.
+///
+/// A system with Debian packages gets their dependency closure ([`debian::closure`]),
+/// each package its own item, and a profile of them all laid out as Debian lays out a
+/// system ([`debian::profile`]), busybox's applets included when it has busybox.
 pub fn lower_packages(store: &Store, ws: &Workspace, system: &System, verbose: bool, boot: Lowered) -> Result<Lowered> {
     let mut packages = Vec::new();
     let mut links = Vec::new();
     let mut path = Vec::new();
     let mut resolver = None;
+    let debian_roots = debian_packages(system);
+    let mut busybox_item = None;
     for package in &system.packages {
         match package {
             Package::Crate { package, bin } => {
@@ -101,29 +107,57 @@ pub fn lower_packages(store: &Store, ws: &Workspace, system: &System, verbose: b
             }
             Package::Busybox => {
                 let item = busybox(store)?;
-                let bin = format!("{}/bin", item.guest_path());
-                for link in ["/bin", "/sbin", "/usr/bin", "/usr/sbin"] {
-                    links.push((link.to_string(), bin.clone()));
-                }
-                path.push("/bin".to_string());
-                packages.push(item);
-            }
-            Package::Debian { package } => {
-                let pin = debian::pin(package)?;
-                let item = debian::unpacked(store, &pin)?;
-                for dir in ["usr/bin", "bin", "usr/sbin", "sbin"] {
-                    if item.path.join(dir).is_dir() {
-                        path.push(format!("{}/{dir}", item.guest_path()));
+                if debian_roots.is_empty() {
+                    let bin = format!("{}/bin", item.guest_path());
+                    for link in ["/bin", "/sbin", "/usr/bin", "/usr/sbin"] {
+                        links.push((link.to_string(), bin.clone()));
                     }
+                    path.push("/bin".to_string());
                 }
+                busybox_item = Some(item.clone());
                 packages.push(item);
             }
+            Package::Debian { .. } => {}
         }
+    }
+    if !debian_roots.is_empty() {
+        let closure = debian::closure::closure(&debian_roots)
+            .with_context(|| format!("resolving the Debian packages of system `{}`", system.name))?;
+        let mut unpacked = Vec::new();
+        for (_, pin) in &closure {
+            unpacked.push(debian::unpacked(store, pin)?);
+        }
+        let profile = debian::profile::profile(store, &unpacked, busybox_item.as_ref())
+            .with_context(|| format!("laying out the Debian packages of system `{}`", system.name))?;
+        links.extend(debian::profile::guest_links(&profile, &etc_written(system))?);
+        path.extend(["/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin"].map(String::from));
+        packages.extend(unpacked);
+        packages.push(profile);
     }
     if path.is_empty() {
         path.push("/bin".to_string());
     }
     Ok(Lowered { packages, links, path: path.join(":"), ..boot })
+}
+
+/// The Debian packages `system` declares, in order.
+pub fn debian_packages(system: &System) -> Vec<String> {
+    system
+        .packages
+        .iter()
+        .filter_map(|p| match p {
+            Package::Debian { package } => Some(package.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The entries of `/etc` the guest helper writes for `system` (by their first component),
+/// which a Debian package's `/etc` file does not replace.
+fn etc_written(system: &System) -> Vec<String> {
+    let mut names: Vec<String> = ["passwd", "group", "hostname"].map(String::from).to_vec();
+    names.extend(system.etc_files.iter().filter_map(|f| f.path.split('/').next().map(str::to_string)));
+    names
 }
 
 /// The system item: `system.json` ([`SystemConfig`]) for the guest helper, referring to

@@ -12,6 +12,7 @@ use std::fmt;
 use anyhow::Result;
 use os_configs::{Device, Package, System};
 
+use crate::debian::closure::Refusal;
 use crate::store::{self, Store};
 use crate::vm::Failure;
 use crate::{debian, kernel, packages, system, Workspace};
@@ -41,8 +42,9 @@ pub trait Facts {
     fn fresh_workspace_bins(&mut self) -> Result<BTreeMap<String, Vec<String>>> {
         self.workspace_bins()
     }
-    /// Whether apt knows a Debian package of this name.
-    fn debian_package_exists(&mut self, name: &str) -> Result<bool>;
+    /// The dependency closure of the system's Debian packages (package names), or why
+    /// apt cannot install them together.
+    fn debian_closure(&mut self, roots: &[String]) -> Result<std::result::Result<Vec<String>, Refusal>>;
     /// The program names a (known to exist) package provides.
     fn programs(&mut self, package: &Package) -> Result<BTreeSet<String>>;
     /// Whether the system's kernel has this module, as a module or built in.
@@ -159,12 +161,8 @@ pub fn problems(system: &System, facts: &mut dyn Facts) -> Result<Vec<Problem>> 
     for (i, package) in system.packages.iter().enumerate() {
         let missing = match package {
             Package::Busybox => None,
-            Package::Debian { package: name } => (!facts.debian_package_exists(name)?).then(|| {
-                (
-                    format!("Debian package `{name}` is unknown to apt"),
-                    "check the name (`apt-cache search`), or run `apt-get update`".to_string(),
-                )
-            }),
+            // Checked together, below.
+            Package::Debian { .. } => None,
             Package::Crate { package: name, bin } => {
                 let mut bins = facts.workspace_bins()?;
                 if !bins.get(name).is_some_and(|names| names.contains(bin)) {
@@ -195,6 +193,26 @@ pub fn problems(system: &System, facts: &mut dyn Facts) -> Result<Vec<Problem>> 
         match missing {
             Some((message, fix)) => problem(format!("packages[{i}]"), message, fix),
             None => known.push(package),
+        }
+    }
+    let roots = system::debian_packages(system);
+    if !roots.is_empty() {
+        if let Err(refusal) = facts.debian_closure(&roots)? {
+            let at = system
+                .packages
+                .iter()
+                .position(|p| matches!(p, Package::Debian { package } if Some(package) == refusal.root.as_ref()));
+            known.retain(|p| !matches!(p, Package::Debian { .. }));
+            problem(at.map(|i| format!("packages[{i}]")).unwrap_or("packages".into()), refusal.message, refusal.fix);
+        }
+        if let Some(i) = system.packages.iter().position(|p| matches!(p, Package::Host { .. })) {
+            problem(
+                format!("packages[{i}]"),
+                "a system with Debian packages cannot also take programs from the host: the host's libraries \
+                 and loader would shadow the packages' own"
+                    .into(),
+                "declare the Debian package that has the program instead of Package::Host".into(),
+            );
         }
     }
     let all_known = known.len() == system.packages.len();
@@ -288,16 +306,26 @@ impl Facts for HostFacts<'_> {
         Ok(self.bins.as_ref().map(|(b, _)| b.clone()).unwrap_or_default())
     }
 
-    fn debian_package_exists(&mut self, name: &str) -> Result<bool> {
-        Ok(debian::pin(name).is_ok())
+    fn debian_closure(&mut self, roots: &[String]) -> Result<std::result::Result<Vec<String>, Refusal>> {
+        match debian::closure::closure(roots) {
+            Ok(closure) => Ok(Ok(closure.into_iter().map(|(name, _)| name).collect())),
+            Err(e) => match e.downcast_ref::<Refusal>() {
+                Some(refusal) => Ok(Err(refusal.clone())),
+                None => Err(e),
+            },
+        }
     }
 
     fn programs(&mut self, package: &Package) -> Result<BTreeSet<String>> {
         Ok(match package {
             Package::Busybox => packages::programs_in(&system::busybox(self.store)?.path),
+            // The programs of its whole closure (python3's `python3` is python3-minimal's).
             Package::Debian { package } => {
-                let pin = debian::pin(package)?;
-                packages::programs_in(&debian::unpacked(self.store, &pin)?.path)
+                let mut names = BTreeSet::new();
+                for (_, pin) in debian::closure::closure(std::slice::from_ref(package))? {
+                    names.extend(packages::programs_in(&debian::unpacked(self.store, &pin)?.path));
+                }
+                names
             }
             Package::Crate { bin, .. } => BTreeSet::from([bin.clone()]),
             Package::Host { path } => path.file_name().map(|n| n.to_string_lossy().into_owned()).into_iter().collect(),
@@ -325,8 +353,16 @@ mod tests {
         fn workspace_bins(&mut self) -> Result<BTreeMap<String, Vec<String>>> {
             Ok(BTreeMap::from([("hello-service".to_string(), vec!["hello-service".to_string()])]))
         }
-        fn debian_package_exists(&mut self, name: &str) -> Result<bool> {
-            Ok(name == "jq")
+        fn debian_closure(&mut self, roots: &[String]) -> Result<std::result::Result<Vec<String>, Refusal>> {
+            let refused = |r: &&String| ["no-such", "xtask-fixture", "busybox"].iter().any(|p| r.starts_with(p));
+            match roots.iter().find(refused) {
+                Some(other) => Ok(Err(Refusal {
+                    root: Some(other.clone()),
+                    message: format!("Debian package `{other}` does not exist in apt's lists"),
+                    fix: "check the name".into(),
+                })),
+                None => Ok(Ok(vec!["jq".into(), "libjq1".into(), "libc6".into()])),
+            }
         }
         fn programs(&mut self, package: &Package) -> Result<BTreeSet<String>> {
             Ok(match package {
@@ -431,7 +467,14 @@ mod tests {
         s.packages.push(Package::Debian { package: "no-such-deb".into() });
         let p = only_problem(&s);
         assert_eq!(p.field, "packages[1]");
-        assert!(p.message.contains("Debian package `no-such-deb` is unknown"), "{p}");
+        assert!(p.message.contains("Debian package `no-such-deb` does not exist"), "{p}");
+        // A known one is fine; with a program from the host it is not.
+        s.packages[1] = Package::Debian { package: "jq".into() };
+        assert!(problems(&s, &mut Fake).unwrap().is_empty());
+        s.packages.push(Package::Host { path: "/bin/sh".into() });
+        let p = only_problem(&s);
+        assert_eq!(p.field, "packages[2]");
+        assert!(p.message.contains("cannot also take programs from the host"), "{p}");
     }
 
     #[test]

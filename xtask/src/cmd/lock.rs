@@ -1,7 +1,8 @@
 //! `cargo xtask lock [--update [PACKAGE...]]`: the workspace's lock file `vm.lock`.
 //! Without `--update`, adds every package the named systems and the image tools use that
 //! it lacks; with it, moves pins forward to what apt's lists offer now and prints what
-//! changed.
+//! changed. Either way, the dependency closure of every named system's Debian packages
+//! is locked too.
 
 use anyhow::{Context, Result};
 
@@ -31,6 +32,7 @@ impl Lock {
             for change in changes {
                 println!("{change}");
             }
+            lock_closures()?;
         } else {
             let locked = lock::read(&path)?;
             let missing: Vec<String> = lock::wanted().into_iter().filter(|n| !locked.contains_key(n)).collect();
@@ -39,7 +41,21 @@ impl Lock {
             if added.is_empty() {
                 eprintln!("{}: every package the systems and image tools use is locked", path.display());
             }
+            lock_closures()?;
         }
         Ok(0)
     }
+}
+
+/// Locks the dependency closure of each named system's Debian packages (resolving those
+/// the lock lacks, or whose pins moved).
+fn lock_closures() -> Result<()> {
+    for system in os_configs::all().into_iter().filter(|s| !s.name.starts_with("invalid-")) {
+        let roots = crate::system::debian_packages(&system);
+        if !roots.is_empty() {
+            debian::closure::closure(&roots)
+                .with_context(|| format!("locking the Debian packages of `{}`", system.name))?;
+        }
+    }
+    Ok(())
 }
