@@ -52,6 +52,23 @@ pub fn copy_items(to: &Path, hard_links: bool, mut keep: impl FnMut(&str) -> boo
     }
 }
 
+/// The `qemu-system-x86_64` tests start themselves: the host's when it has one, else
+/// the store's (`xtask --qemu store` makes it), as xtask chooses.
+pub fn qemu_system() -> PathBuf {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let on_host = std::env::split_paths(&path).map(|d| d.join("qemu-system-x86_64")).find(|p| p.is_file());
+    if let Some(found) = on_host {
+        return found;
+    }
+    let made = xtask(&["--qemu", "store", "run-vm", "--timeout", TIMEOUT, "--", "true"]);
+    assert_eq!(made.code, 0, "{made:#?}");
+    items()
+        .into_iter()
+        .find(|i| i.to_string_lossy().ends_with("-qemu-store"))
+        .map(|i| i.join("bin/qemu-system-x86_64"))
+        .expect("no QEMU on this host, and xtask made none in the store")
+}
+
 /// Builds `xtask` once per test process and returns its path.
 pub fn xtask_bin() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();

@@ -450,7 +450,7 @@ fn missing_or_failing_qemu_says_what_to_do() {
     vm_tests::run_vm(&["true"]).expect_code(0);
     let empty = tempfile::tempdir().unwrap();
     let run = xtask_env(
-        &["run-vm", "--accel", "tcg", "--", "true"],
+        &["--qemu", "host", "run-vm", "--accel", "tcg", "--", "true"],
         &[("PATH", empty.path().as_os_str()), ("XTASK_NO_INSTALL", OsStr::new("1"))],
     );
     assert_eq!(run.code, 1, "{run:#?}");
@@ -460,7 +460,7 @@ fn missing_or_failing_qemu_says_what_to_do() {
     let fake =
         fake_tool_dir("#!/bin/sh\necho 'qemu-system-x86_64: -machine microvm: unsupported machine type' >&2\nexit 1\n");
     let path = std::env::join_paths([fake.path(), Path::new("/usr/bin"), Path::new("/bin")]).unwrap();
-    let run = xtask_env(&["run-vm", "--accel", "tcg", "--", "true"], &[("PATH", path.as_os_str())]);
+    let run = xtask_env(&["--qemu", "host", "run-vm", "--accel", "tcg", "--", "true"], &[("PATH", path.as_os_str())]);
     assert_eq!(run.code, 1, "{run:#?}");
     assert!(run.stderr.contains("QEMU failed"), "{run:#?}");
     assert!(run.stderr.contains("unsupported machine type"), "QEMU's message is missing: {run:#?}");
@@ -531,7 +531,11 @@ fn qemu_runs_sandboxed_without_defaults_or_network() {
     let run = xtask(&["run-vm", "-v", "--timeout", TIMEOUT, "--", "ls", "/sys/class/net"]);
     run.expect_code(0);
     assert_eq!(run.stdout, "lo\n", "the guest has a network device");
-    let cmdline = run.stderr.lines().find(|l| l.starts_with("+ qemu-system-x86_64")).expect("no QEMU command line");
+    let cmdline = run
+        .stderr
+        .lines()
+        .find(|l| l.starts_with("+ ") && l.contains("qemu-system-x86_64 "))
+        .expect("no QEMU command line");
     assert!(cmdline.contains("-nodefaults"));
     assert!(
         cmdline.contains("-sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"),
@@ -565,7 +569,11 @@ fn a_guest_writing_a_qcow2_header_into_a_raw_disk_stays_raw() {
         script,
     ]);
     run.expect_code(0);
-    let cmdline = run.stderr.lines().find(|l| l.starts_with("+ qemu-system-x86_64")).expect("no QEMU command line");
+    let cmdline = run
+        .stderr
+        .lines()
+        .find(|l| l.starts_with("+ ") && l.contains("qemu-system-x86_64 "))
+        .expect("no QEMU command line");
     assert!(cmdline.contains("format=raw"), "{cmdline}");
     let disk = fs::read(Path::new(run.stdout.trim_end()).join("disk.raw")).unwrap();
     assert_eq!(disk.len(), 1 << 20, "the raw disk must stay a 1 MiB raw file");

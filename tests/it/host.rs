@@ -17,19 +17,69 @@ use vm_tests::{store_dir, workspace_root, Run, TIMEOUT};
 pub const HOST_PROGRAMS: &[&str] =
     &["cargo", "rustc", "cc", "apt-get", "apt-cache", "dpkg-deb", "tar", "qemu-system-x86_64", "qemu-img"];
 
-/// A directory of links to [`HOST_PROGRAMS`] and nothing else; fails naming a missing one.
+/// A directory of links to [`HOST_PROGRAMS`] and nothing else; fails naming a missing one
+/// (but for QEMU, which then comes from the store).
 fn restricted_path(dir: &Path) -> PathBuf {
+    links_to(dir, HOST_PROGRAMS, &["qemu-system-x86_64"])
+}
+
+/// `dir/bin` with a link to each of `programs` found on `PATH`; one not found fails the
+/// test unless it is `optional`.
+fn links_to(dir: &Path, programs: &[&str], optional: &[&str]) -> PathBuf {
     let bin = dir.join("bin");
     std::fs::create_dir_all(&bin).unwrap();
     let path = std::env::var_os("PATH").unwrap_or_default();
-    for program in HOST_PROGRAMS {
-        let found = std::env::split_paths(&path)
-            .map(|d| d.join(program))
-            .find(|p| p.is_file())
-            .unwrap_or_else(|| panic!("`{program}`, which the README says a host needs, is not on PATH"));
-        std::os::unix::fs::symlink(&found, bin.join(program)).unwrap();
+    for program in programs {
+        let found = std::env::split_paths(&path).map(|d| d.join(program)).find(|p| p.is_file());
+        match found {
+            Some(found) => std::os::unix::fs::symlink(&found, bin.join(program)).unwrap(),
+            None if optional.contains(program) => {}
+            None => panic!("`{program}`, which the README says a host needs, is not on PATH"),
+        }
     }
     bin
+}
+
+#[test]
+fn an_unprivileged_user_without_qemu_runs_the_default_system() {
+    // Everything but QEMU's choice is in the store already (made by this test run).
+    vm_tests::run_vm(&["true"]).expect_code(0);
+    let tmp = tempfile::tempdir_in(store_dir().parent().unwrap()).unwrap();
+    let bin = links_to(tmp.path(), &["apt-get", "apt-cache", "dpkg-deb", "tar"], &[]);
+    assert!(!bin.join("qemu-system-x86_64").exists());
+    // The user's own store (the items as hard links: read-only to it) and target dir.
+    let store = tmp.path().join("store");
+    vm_tests::copy_items(&store, true, |_| true);
+    let target = tmp.path().join("target");
+    let memo = Path::new("guest-helper/last-build");
+    std::fs::create_dir_all(target.join("guest-helper")).unwrap();
+    std::fs::copy(store_dir().parent().unwrap().join(memo), target.join(memo)).expect("the guest helper's memo");
+    let lock = tmp.path().join("vm.lock");
+    std::fs::copy(workspace_root().join("vm.lock"), &lock).unwrap();
+    let mut cmd = Command::new(vm_tests::xtask_bin());
+    cmd.args(["run-vm", "--timeout", TIMEOUT, "--", "uname", "-r"])
+        .env_clear()
+        .env("PATH", &bin)
+        .env("HOME", tmp.path())
+        .env("XTASK_VMSTORE", &store)
+        .env("CARGO_TARGET_DIR", &target)
+        .env("XTASK_LOCK", &lock);
+    // (/proc/self belongs to the effective user.)
+    if std::os::unix::fs::MetadataExt::uid(&std::fs::metadata("/proc/self").unwrap()) == 0 {
+        // nobody (supplementary groups dropped by std): the directories it writes become its own.
+        for dir in
+            [tmp.path(), &store, &store.join("items"), &store.join("meta"), &target, &target.join("guest-helper")]
+        {
+            std::os::unix::fs::chown(dir, Some(65534), Some(65534)).unwrap();
+        }
+        std::os::unix::fs::chown(&lock, Some(65534), Some(65534)).unwrap();
+        std::os::unix::process::CommandExt::uid(&mut cmd, 65534);
+        std::os::unix::process::CommandExt::gid(&mut cmd, 65534);
+    }
+    let run = vm_tests::output_within(cmd, 1800);
+    run.expect_code(0);
+    assert!(run.stdout.trim().ends_with("-amd64"), "{run:#?}");
+    assert!(run.stderr.contains("using Debian's `qemu-system-x86` from the store"), "{run:#?}");
 }
 
 /// `cargo xtask ARGS` in the workspace with `PATH` = `bin` alone, installing turned off,

@@ -99,7 +99,7 @@ impl Drop for Qemu {
 
 /// The plain command line a user types: no -kernel, the disk on QEMU's default bus.
 fn qemu(image: &Path, format: &str) -> Command {
-    let mut cmd = Command::new("qemu-system-x86_64");
+    let mut cmd = Command::new(vm_tests::qemu_system());
     cmd.args(["-m", "512", "-display", "none", "-no-reboot", "-monitor", "none"])
         .arg("-drive")
         .arg(format!("file={},format={format}", image.display()));

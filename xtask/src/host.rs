@@ -139,7 +139,7 @@ fn has_package_lists() -> bool {
 /// Whether the host's QEMU accepts [`crate::qemu::SANDBOX`] (it needs seccomp support).
 /// The answer is remembered in `cache_dir` ([`remembered`]).
 pub fn qemu_supports_sandbox(cache_dir: &std::path::Path) -> bool {
-    let Some(qemu) = which(QEMU_SYSTEM.program) else { return false };
+    let Ok(qemu) = crate::qemu_program::absolute() else { return false };
     let question = format!("-sandbox {} -version", crate::qemu::SANDBOX);
     let answer = remembered(cache_dir, &qemu, &question, || {
         // Options are parsed in order: an unsupported -sandbox fails before -version exits.

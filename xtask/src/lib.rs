@@ -17,6 +17,7 @@ pub mod packages;
 pub mod programs;
 pub mod progress;
 pub mod qemu;
+pub mod qemu_program;
 pub mod report;
 pub mod scenario;
 pub mod script;

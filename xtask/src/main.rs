@@ -16,6 +16,10 @@ struct Cli {
     /// Print nothing but results (stdout) and errors: no progress, no step lines.
     #[arg(long, global = true)]
     quiet: bool,
+    /// Which QEMU runs the VMs: the host's, or Debian's from the store (default: the
+    /// host's when it has one or can install it as root, else the store's).
+    #[arg(long, global = true, value_enum, value_name = "FROM")]
+    qemu: Option<xtask::qemu_program::Choice>,
     #[command(subcommand)]
     command: Cmd,
 }
@@ -109,6 +113,14 @@ fn main() -> ExitCode {
         }
     };
     xtask::progress::set_quiet(cli.quiet);
+    if let Some(choice) = cli.qemu {
+        // Read by every QEMU use of this process (and passed on to the xtask the bench runs).
+        let value = match choice {
+            xtask::qemu_program::Choice::Host => "host",
+            xtask::qemu_program::Choice::Store => "store",
+        };
+        std::env::set_var(xtask::qemu_program::QEMU_ENV, value);
+    }
     let ws = Workspace::current();
     let result = match cli.command {
         Cmd::RunVm(cmd) => cmd.run(&ws),

@@ -39,7 +39,7 @@ const fn store(name: &'static str, package: &'static str, used_for: &'static str
 
 /// The programs.
 pub const PROGRAMS: &[Program] = &[
-    host("qemu-system-x86_64", "qemu-system-x86", false, "every VM"),
+    host("qemu-system-x86_64", "qemu-system-x86", false, "every VM (the host's; see the store's below)"),
     host("qemu-img", "qemu-utils", false, "qcow2 images and disks"),
     host("apt-get", "apt", true, "downloading Debian packages (`apt-get download`, no root)"),
     host("apt-cache", "apt", true, "resolving a package not locked yet, `lock --update`"),
@@ -60,6 +60,11 @@ pub const PROGRAMS: &[Program] = &[
     store("sfdisk", "fdisk", "partition tables"),
     store("grub-mkimage", "grub-common", "GRUB's core.img"),
     store("ld-linux-x86-64.so.2", "libc6", "the loader the store's tools run through"),
+    store(
+        "qemu-system-x86_64",
+        "qemu-system-x86",
+        "every VM when the host has no QEMU and xtask is not root, or with `--qemu store` (with its closure and firmware)",
+    ),
     Program { name: "xtask", source: Source::Built, used_for: "bench: the subcommands measured" },
 ];
 

@@ -20,7 +20,7 @@
 use std::ffi::OsString;
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::{Context, Result};
 use guest::Request;
@@ -44,7 +44,8 @@ pub fn script_item(
     command: &Request,
     interactive: &Request,
 ) -> Result<Item> {
-    let qemu = find_program(crate::host::QEMU_SYSTEM.program)?;
+    // The script runs later, with another PATH: QEMU by its absolute path.
+    let qemu = crate::qemu_program::absolute()?;
     let text = script_text(system_name, &qemu, spec, command, interactive)?;
     let recipe = Recipe::new("run-vm-script", &format!("run-vm-{system_name}.sh")).param("script", text.clone());
     store.realise(&recipe, |out| {
@@ -52,14 +53,6 @@ pub fn script_item(
         fs::set_permissions(out, fs::Permissions::from_mode(0o755))?;
         Ok(())
     })
-}
-
-fn find_program(name: &str) -> Result<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .filter_map(|dir| std::path::absolute(dir.join(name)).ok())
-        .find(|p| fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0))
-        .with_context(|| format!("`{name}` is not on PATH; install Debian's `{}`", crate::host::QEMU_SYSTEM.package))
 }
 
 /// QEMU's arguments as shell words, with the per-run directory as `"$run_q"` (its path

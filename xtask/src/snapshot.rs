@@ -109,7 +109,7 @@ fn recipe(store: &Store, spec: &VmSpec) -> Result<Recipe> {
 }
 
 fn qemu_version(store: &Store) -> Result<String> {
-    let program = host::which(host::QEMU_SYSTEM.program).context("QEMU is not installed")?;
+    let program = crate::qemu_program::absolute()?;
     host::remembered(&store.cache_dir(), &program, "version", || {
         let out = std::process::Command::new(&program).arg("--version").output().context("running QEMU --version")?;
         Ok(String::from_utf8_lossy(&out.stdout).lines().next().unwrap_or_default().to_string())

@@ -105,7 +105,7 @@ impl VmRun<'_> {
     /// Boots the VM, waits for it to end and returns the status the guest reported.
     /// Every way of ending without a status is an error carrying the console's tail.
     pub fn run(mut self) -> Result<Status> {
-        host::ensure(&[host::QEMU_SYSTEM])?;
+        crate::qemu_program::program()?;
         let interactive = self.request.mode == Mode::Interactive;
         fs::create_dir_all(&self.log_dir).with_context(|| format!("creating `{}`", self.log_dir.display()))?;
         let log_path = self.log_dir.join(format!("{}-{}.log", self.label, std::process::id()));
@@ -150,7 +150,7 @@ impl VmRun<'_> {
         let args = qemu::args(&self.spec);
         if self.verbose {
             let shown: Vec<String> = args.iter().map(|a| shell_quote(&a.to_string_lossy())).collect();
-            eprintln!("+ {} {}", host::QEMU_SYSTEM.program, shown.join(" "));
+            eprintln!("+ {} {}", crate::qemu_program::known().display(), shown.join(" "));
         }
         let saved_tty = interactive.then(save_terminal).flatten();
         let started = Instant::now();
@@ -606,7 +606,7 @@ fn run_qemu(
 /// which then stops it (QEMU itself would exit 0 on SIGINT, as if all went well).
 /// stderr is piped.
 pub fn qemu_command(args: &[std::ffi::OsString], interactive: bool) -> Command {
-    let mut cmd = Command::new(host::QEMU_SYSTEM.program);
+    let mut cmd = Command::new(crate::qemu_program::known());
     cmd.args(args).stderr(Stdio::piped());
     if !interactive {
         cmd.stdin(Stdio::null()).stdout(Stdio::null());

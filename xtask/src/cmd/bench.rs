@@ -120,7 +120,7 @@ impl Bench {
             let marker = scratch.path().join("done");
             let _ = fs::remove_file(&marker);
             let mut qemu = Command::new("timeout");
-            qemu.args(["300", host::QEMU_SYSTEM.program]).args(qemu::args(&floor_spec(scratch.path())));
+            qemu.arg("300").arg(crate::qemu_program::program()?).args(qemu::args(&floor_spec(scratch.path())));
             let ran = run_quiet(&mut qemu);
             if ran.is_err() || !marker.exists() {
                 let console = fs::read_to_string(scratch.path().join("console")).unwrap_or_default();

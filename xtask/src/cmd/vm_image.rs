@@ -55,11 +55,11 @@ impl VmImage {
     pub fn run(self, ws: &Workspace) -> Result<i32> {
         let started = std::time::Instant::now();
         let system = super::lookup_system(&self.system)?;
-        // The image tools come from the store; only QEMU is the host's.
-        let mut host_tools = match self.builder {
-            Builder::Host => vec![],
-            Builder::Vm => vec![host::QEMU_SYSTEM],
-        };
+        // The image tools come from the store; QEMU from the host or the store.
+        if self.builder == Builder::Vm {
+            crate::qemu_program::program()?;
+        }
+        let mut host_tools = vec![];
         if self.format == DiskFormat::Qcow2 {
             host_tools.push(host::QEMU_IMG);
         }

@@ -1,0 +1,167 @@
+//! Which `qemu-system-x86_64` runs the VMs: the host's, or Debian's `qemu-system-x86`
+//! with its dependency closure and firmware from the store, run through the store's
+//! libc6 loader (no root, nothing installed).
+//!
+//! `--qemu host|store` (or `XTASK_QEMU`) chooses; without either, the host's is used
+//! when it has one, it is installed when running as root (as before), and otherwise the
+//! store's is used, said once on stderr. The store's is a wrapper script in the
+//! `qemu-store` item (`bin/qemu-system-x86_64`) that finds the store from its own path,
+//! so every caller (VMs, snapshots, the bench, `run-vm.sh`) runs it as a plain program.
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+use anyhow::{bail, Context, Result};
+
+use crate::store::{Item, Recipe, Store};
+use crate::{debian, host, Workspace};
+
+/// Chooses the QEMU: `host` or `store`.
+pub const QEMU_ENV: &str = "XTASK_QEMU";
+/// The Debian package QEMU comes from, with its closure.
+pub const PACKAGE: &str = "qemu-system-x86";
+/// The dynamic loader, inside libc6.
+const LOADER: &str = "lib/x86_64-linux-gnu/ld-linux-x86-64.so.2";
+/// Where the packages put shared libraries.
+const LIB_DIRS: &[&str] = &["lib/x86_64-linux-gnu", "usr/lib/x86_64-linux-gnu"];
+/// Firmware directories (`-L`), by package: QEMU's own images (microvm's qboot), SeaBIOS,
+/// iPXE's option ROMs.
+const DATA_DIRS: &[(&str, &str)] =
+    &[("qemu-system-data", "usr/share/qemu"), ("seabios", "usr/share/seabios"), ("ipxe-qemu", "usr/lib/ipxe/qemu")];
+/// The program, inside qemu-system-x86.
+const QEMU_BIN: &str = "usr/bin/qemu-system-x86_64";
+/// QEMU's loadable modules (the TCG accelerator is one), in qemu-system-common.
+const MODULES: (&str, &str) = ("qemu-system-common", "usr/lib/x86_64-linux-gnu/qemu");
+
+/// Where the QEMU that runs VMs comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Choice {
+    /// The host's `qemu-system-x86_64` (installed first when running as root).
+    Host,
+    /// Debian's `qemu-system-x86` from the store, locked in vm.lock.
+    Store,
+}
+
+static PROGRAM: OnceLock<std::result::Result<PathBuf, String>> = OnceLock::new();
+
+/// The `qemu-system-x86_64` to run, found (and made, for the store's) once per process.
+pub fn program() -> Result<PathBuf> {
+    PROGRAM.get_or_init(|| choose().map_err(|e| format!("{e:#}"))).clone().map_err(anyhow::Error::msg)
+}
+
+/// [`program`] as an absolute path (the host's found on `PATH`), for what is remembered
+/// about the program's file.
+pub fn absolute() -> Result<PathBuf> {
+    let program = program()?;
+    if program.is_absolute() {
+        return Ok(program);
+    }
+    host::which(&program.to_string_lossy()).with_context(|| format!("`{}` is not on PATH", program.display()))
+}
+
+/// The program as [`program`] found it, or the plain name when it was not asked yet.
+pub fn known() -> PathBuf {
+    PROGRAM.get().and_then(|p| p.as_ref().ok().cloned()).unwrap_or_else(|| PathBuf::from(host::QEMU_SYSTEM.program))
+}
+
+fn choose() -> Result<PathBuf> {
+    let choice = match std::env::var(QEMU_ENV).ok().as_deref() {
+        None | Some("") => None,
+        Some("host") => Some(Choice::Host),
+        Some("store") => Some(Choice::Store),
+        Some(other) => bail!("{QEMU_ENV}={other:?} is neither `host` nor `store`"),
+    };
+    let on_host = host::which(host::QEMU_SYSTEM.program);
+    let can_install =
+        host::is_root() && host::which("apt-get").is_some() && std::env::var_os(host::NO_INSTALL_ENV).is_none();
+    // The host's is run by its name, found on PATH.
+    let host_qemu = || -> Result<PathBuf> {
+        host::ensure(&[host::QEMU_SYSTEM])?;
+        Ok(PathBuf::from(host::QEMU_SYSTEM.program))
+    };
+    match choice {
+        Some(Choice::Host) => host_qemu(),
+        None if on_host.is_some() || can_install => host_qemu(),
+        Some(Choice::Store) | None => {
+            if choice.is_none() {
+                eprintln!(
+                    "no `{}` on this host and not root to install it: using Debian's `{PACKAGE}` from the store \
+                     (locked in vm.lock; `--qemu host` to insist on the host's)",
+                    host::QEMU_SYSTEM.program
+                );
+            }
+            let store = Store::open(&Workspace::current().store_dir, false)?;
+            Ok(from_store(&store)?.path.join("bin").join(host::QEMU_SYSTEM.program))
+        }
+    }
+}
+
+/// The `qemu-store` item: the wrapper script over the unpacked closure of
+/// [`PACKAGE`].
+pub fn from_store(store: &Store) -> Result<Item> {
+    let closure = debian::closure::closure(&[PACKAGE.to_string()]).context("locking QEMU's Debian packages")?;
+    let mut items = Vec::new();
+    for (name, pin) in &closure {
+        items.push((name.clone(), debian::unpacked(store, pin).with_context(|| format!("unpacking `{name}`"))?));
+    }
+    let item_of = |package: &str| {
+        items
+            .iter()
+            .find(|(n, _)| n == package)
+            .map(|(_, i)| i)
+            .with_context(|| format!("`{package}` is not in QEMU's closure"))
+    };
+    // Paths relative to the store's directory of items, found from the script's own path.
+    let rel = |item: &Item, sub: &str| format!("$s/{}/{sub}", item.file_name());
+    let (libc6, qemu) = (item_of("libc6")?, item_of(PACKAGE)?);
+    let lib_dirs: Vec<(&Item, &str)> = items
+        .iter()
+        .flat_map(|(_, i)| LIB_DIRS.iter().filter(|d| i.path.join(d).is_dir()).map(move |d| (i, *d)))
+        .collect();
+    let libs: Vec<String> = lib_dirs.iter().map(|(i, d)| rel(i, d)).collect();
+    let mut data = Vec::new();
+    for (package, dir) in DATA_DIRS {
+        data.push(format!("-L \"{}\"", rel(item_of(package)?, dir)));
+    }
+    let modules = rel(item_of(MODULES.0)?, MODULES.1);
+    let script = format!(
+        "#!/bin/sh\n# qemu-system-x86_64 from Debian's packages in the store, through libc6's loader.\n\
+         s=$(cd \"${{0%/*}}/../..\" && pwd) || exit 127\n\
+         QEMU_MODULE_DIR=\"{modules}\" exec \"{}\" --inhibit-cache --library-path \"{}\" \"{}\" {} \"$@\"\n",
+        rel(libc6, LOADER),
+        libs.join(":"),
+        rel(qemu, QEMU_BIN),
+        data.join(" ")
+    );
+    let mut recipe = Recipe::new("qemu-store", "qemu-store").param("script", script.clone());
+    for (_, item) in &items {
+        recipe = recipe.reference(item);
+    }
+    store.realise(&recipe, |out| {
+        let _step = crate::progress::step(&format!("making QEMU from {} Debian packages", items.len()));
+        // The same command with the items' paths: a QEMU that does not run is never stored.
+        let abs_libs: Vec<String> = lib_dirs.iter().map(|(i, d)| i.path.join(d).display().to_string()).collect();
+        let mut check = host::command(libc6.path.join(LOADER));
+        check
+            .args(["--inhibit-cache", "--library-path", &abs_libs.join(":")])
+            .arg(qemu.path.join(QEMU_BIN))
+            .arg("-version");
+        let shown = crate::image::describe(&check);
+        let ran = check.output().with_context(|| format!("running `{shown}`"))?;
+        if !ran.status.success() {
+            bail!(
+                "QEMU from the store does not run (`{shown}`: {}): {}",
+                ran.status,
+                String::from_utf8_lossy(&ran.stderr).trim()
+            );
+        }
+        let bin = out.join("bin");
+        fs::create_dir_all(&bin)?;
+        let file = bin.join(host::QEMU_SYSTEM.program);
+        fs::write(&file, &script).with_context(|| format!("writing `{}`", file.display()))?;
+        fs::set_permissions(&file, fs::Permissions::from_mode(0o755))?;
+        Ok(())
+    })
+}
