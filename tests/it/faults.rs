@@ -599,3 +599,56 @@ fn a_command_killed_by_the_out_of_memory_killer_fails() {
     // Either the OOM killer's SIGKILL is reported, or the guest died without a status.
     assert!(run.stderr.contains("signal 9") || run.stderr.contains("without reporting a status"), "{run:#?}");
 }
+
+/// Every process descended from `pid`, with its command name.
+fn descendants(pid: u32) -> Vec<(u32, String)> {
+    let mut found = Vec::new();
+    let mut parents = vec![pid];
+    while let Some(parent) = parents.pop() {
+        for entry in fs::read_dir("/proc").unwrap().flatten() {
+            let Ok(child) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
+            let stat = fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+            // `PID (COMM) STATE PPID ...`: the name may hold spaces, the last `)` ends it.
+            let Some((head, rest)) = stat.rsplit_once(") ") else { continue };
+            let ppid = rest.split_whitespace().nth(1).and_then(|p| p.parse::<u32>().ok());
+            if ppid == Some(parent) {
+                let comm = head.split_once(" (").map(|(_, c)| c.to_string()).unwrap_or_default();
+                found.push((child, comm));
+                parents.push(child);
+            }
+        }
+    }
+    found
+}
+
+#[test]
+fn sigkill_to_xtask_mid_image_build_leaves_no_image_tool_running() {
+    let store = private_store_copy();
+    let env = [("XTASK_VMSTORE", store.path().as_os_str())];
+    // A size no other test asks for: this image is built, not found.
+    let size = format!("{}M", 1100 + std::process::id() % 97);
+    let child = spawn(&["vm-image", "--system", "hello", "--format", "qcow2", "--size", &size], &env);
+    let pid = child.id();
+    let mut seen = Vec::new();
+    assert!(
+        wait_until(600, || {
+            seen = descendants(pid);
+            seen.iter().any(|(_, comm)| comm == "qemu-img")
+        }),
+        "xtask {pid} never ran qemu-img convert"
+    );
+    // Stopped, the tools cannot finish on their own before they are looked at: only
+    // dying with xtask (PR_SET_PDEATHSIG's SIGKILL, which a stopped process gets too)
+    // ends them.
+    for (tool, _) in &seen {
+        // (One may have ended since it was seen.)
+        let _ = Command::new("kill").args(["-STOP", &tool.to_string()]).status();
+    }
+    send_signal(pid, "KILL");
+    finish(child);
+    let left: Vec<&(u32, String)> = seen.iter().filter(|(tool, _)| !wait_until(10, || process_gone(*tool))).collect();
+    for (tool, _) in &left {
+        let _ = Command::new("kill").args(["-KILL", &tool.to_string()]).status();
+    }
+    assert!(left.is_empty(), "outlived a SIGKILLed xtask: {left:?}");
+}

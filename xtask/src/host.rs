@@ -143,7 +143,7 @@ pub fn qemu_supports_sandbox(cache_dir: &std::path::Path) -> bool {
     let question = format!("-sandbox {} -version", crate::qemu::SANDBOX);
     let answer = remembered(cache_dir, &qemu, &question, || {
         // Options are parsed in order: an unsupported -sandbox fails before -version exits.
-        let supported = Command::new(&qemu)
+        let supported = command(&qemu)
             .args(["-sandbox", crate::qemu::SANDBOX, "-version"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -194,7 +194,7 @@ pub fn userns_bind_mounts() -> bool {
         if std::env::var_os(NO_USERNS_ENV).is_some_and(|v| v == "1") {
             return false;
         }
-        Command::new("unshare")
+        command("unshare")
             .args(["--user", "--map-root-user", "--mount", "--", "true"])
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -386,7 +386,7 @@ pub enum Builder {
 /// recipe, so a new QEMU makes a new image rather than passing for the old one.
 pub fn tool_versions(store: &Store, format: DiskFormat) -> Result<String> {
     Ok(match format {
-        DiskFormat::Qcow2 => version_line(store, Command::new(host::QEMU_IMG.program), "--version")?,
+        DiskFormat::Qcow2 => version_line(store, host::command(host::QEMU_IMG.program), "--version")?,
         DiskFormat::Raw => String::new(),
     })
 }
@@ -549,7 +549,7 @@ pub(crate) fn store_disk(raw: &Path, out: &Path, format: DiskFormat, progress: P
         DiskFormat::Raw => fs::rename(raw, &dest).with_context(|| format!("moving the image to `{}`", dest.display())),
         DiskFormat::Qcow2 => {
             progress.step("converting to qcow2");
-            let mut cmd = Command::new(host::QEMU_IMG.program);
+            let mut cmd = host::command(host::QEMU_IMG.program);
             // `-t unsafe`: no flush of the new file when done (which waited for the disk:
             // half of the conversion's time for a 1.4 GiB image here). The store syncs no
             // item; `store verify` finds one a crash damaged.

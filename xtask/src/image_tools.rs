@@ -207,7 +207,7 @@ fn check_libraries(tools: &Packages, program: &str) -> Result<()> {
     let cmd = tools.command(program)?;
     // `ld.so --list PROGRAM` prints the libraries it would load.
     let args: Vec<_> = cmd.get_args().map(|a| a.to_os_string()).collect();
-    let mut list = Command::new(cmd.get_program());
+    let mut list = crate::host::command(cmd.get_program());
     list.args(&args[..3]).arg("--list").args(&args[3..]);
     let shown = image::describe(&list);
     let out = list.output().with_context(|| format!("running `{shown}`"))?;

@@ -88,7 +88,7 @@ impl Bench {
         // share, writes a file there and powers off.
         let accel_flag = ["--accel", accel.name()];
         let ours = measure(warmup, runs, || {
-            run_quiet(Command::new(&xtask).arg("run-vm").args(accel_flag).args([
+            run_quiet(host::command(&xtask).arg("run-vm").args(accel_flag).args([
                 "--cold",
                 "--timeout",
                 "300",
@@ -119,7 +119,7 @@ impl Bench {
         let floor = measure(warmup, runs, || {
             let marker = scratch.path().join("done");
             let _ = fs::remove_file(&marker);
-            let mut qemu = Command::new("timeout");
+            let mut qemu = host::command("timeout");
             qemu.arg("300").arg(crate::qemu_program::program()?).args(qemu::args(&floor_spec(scratch.path())));
             let ran = run_quiet(&mut qemu);
             if ran.is_err() || !marker.exists() {
@@ -146,7 +146,7 @@ impl Bench {
         // boot-to-result-warm: the same run restored from its snapshot (made in the first
         // warm-up run) against the cold floor above.
         let ours = measure(warmup, runs, || {
-            run_quiet(Command::new(&xtask).arg("run-vm").args(accel_flag).args([
+            run_quiet(host::command(&xtask).arg("run-vm").args(accel_flag).args([
                 "--warm",
                 "--timeout",
                 "300",
@@ -168,14 +168,14 @@ impl Bench {
         let selection = ["-p", "vm-checks", "--test", "in_vm"].map(String::from);
         let binaries = super::test::build_test_binaries(ws, &selection)?;
         let ours = measure(warmup, runs, || {
-            let mut cmd = Command::new(&xtask);
+            let mut cmd = host::command(&xtask);
             cmd.args(["test", "--cold", "--system", "hello", "--timeout", "300"]).args(accel_flag).args(&selection);
             run_quiet(cmd.args(["--", "--ignored"]))
         })?;
         let host_run = measure(warmup, runs, || {
             for b in &binaries {
                 // On the host they fail at once (not in the VM): only their time counts.
-                let _ = Command::new(&b.path).arg("--ignored").current_dir(&b.package_dir).output()?;
+                let _ = host::command(&b.path).arg("--ignored").current_dir(&b.package_dir).output()?;
             }
             Ok(())
         })?;
@@ -191,7 +191,7 @@ impl Bench {
         // scenario: `hello-pair` end to end (two nodes booting at once, a request, the
         // link cut for a 3 s timeout and restored) against one bare boot.
         let ours = measure(warmup, runs, || {
-            let mut cmd = Command::new(&xtask);
+            let mut cmd = host::command(&xtask);
             run_quiet(cmd.args(["scenario", "hello-pair"]).args(accel_flag))
         })?;
         figures.push(figure("scenario", ours, floor_boot, accel, "xtask scenario hello-pair", "bare qemu boot"));
@@ -210,7 +210,7 @@ impl Bench {
         let ask = ["--timeout", "300", "--", "sh", "-c", "nc 127.0.0.1 7878 </dev/null"];
         let ours = measure(warmup, runs, || {
             touch()?;
-            run_quiet(Command::new(&xtask).args(["run-vm", "--cold", "--system", "hello"]).args(accel_flag).args(ask))
+            run_quiet(host::command(&xtask).args(["run-vm", "--cold", "--system", "hello"]).args(accel_flag).args(ask))
         })?;
         let cargo_build = measure(warmup, runs, || {
             touch()?;
@@ -246,16 +246,16 @@ impl Bench {
 
         // cache-hit: a build-in-vm whose result is stored, timed as the xtask binary
         // alone and through cargo, against `true`.
-        run_quiet(Command::new(&xtask).args(["vm-image"]))?;
-        let image_hit = measure(warmup, runs.max(5), || run_quiet(Command::new(&xtask).args(["vm-image"])))?;
+        run_quiet(host::command(&xtask).args(["vm-image"]))?;
+        let image_hit = measure(warmup, runs.max(5), || run_quiet(host::command(&xtask).args(["vm-image"])))?;
         let build = ["build-in-vm", "--name", "bench-cache-hit", "--", "sh", "-c", "echo hit > $out/f"];
-        run_quiet(Command::new(&xtask).args(build))?;
-        let hit = measure(warmup, runs.max(5), || run_quiet(Command::new(&xtask).args(build)))?;
+        run_quiet(host::command(&xtask).args(build))?;
+        let hit = measure(warmup, runs.max(5), || run_quiet(host::command(&xtask).args(build)))?;
         let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
         let hit_cargo = measure(warmup, runs.max(5), || {
-            run_quiet(Command::new(&cargo).current_dir(&ws.root).arg("xtask").args(build))
+            run_quiet(host::command(&cargo).current_dir(&ws.root).arg("xtask").args(build))
         })?;
-        let t = measure(warmup, runs.max(5), || run_quiet(&mut Command::new("true")))?;
+        let t = measure(warmup, runs.max(5), || run_quiet(&mut host::command("true")))?;
         figures.push(figure("cache-hit", hit, t, accel, "xtask build-in-vm (stored)", "true"));
         figures.push(figure("cache-hit-vm-image", image_hit, t, accel, "xtask vm-image (stored)", "true"));
         figures.push(figure("cache-hit-cargo", hit_cargo, t, accel, "cargo xtask build-in-vm (stored)", "true"));
@@ -296,7 +296,7 @@ impl Bench {
             store.remove_entry(&image_item)?;
             quiesce();
             let start = Instant::now();
-            run_quiet(Command::new(&xtask).arg("vm-image").args(args))?;
+            run_quiet(host::command(&xtask).arg("vm-image").args(args))?;
             Ok(start.elapsed())
         };
         let ours = measure_timed(warmup.min(1), runs.min(5), || cold_image(&[]))?;
@@ -475,7 +475,7 @@ const FLOOR_IMAGE: &str = "mke2fs -d of the staged tree + qemu-img convert -t un
 /// Runs `xtask vm-image ARGS` (building the image if needed) and returns the image
 /// item's store entry name.
 fn stored_image_item(xtask: &Path, args: &[&str]) -> Result<String> {
-    let out = Command::new(xtask).arg("vm-image").args(args).stdin(Stdio::null()).output()?;
+    let out = host::command(xtask).arg("vm-image").args(args).stdin(Stdio::null()).output()?;
     if !out.status.success() {
         bail!("xtask vm-image failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr).trim());
     }
@@ -538,7 +538,7 @@ fn floor_image_build(store: &Store, closure: &Closure, warmup: usize, runs: usiz
         )?;
         run_quiet(
             // As the image builder converts: no flush at the end.
-            Command::new(host::QEMU_IMG.program)
+            host::command(host::QEMU_IMG.program)
                 .args(["convert", "-t", "unsafe", "-f", "raw", "-O", "qcow2"])
                 .arg(&raw)
                 .arg(&qcow2),
