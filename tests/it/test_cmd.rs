@@ -47,10 +47,14 @@ fn vm_tests_pass_in_the_vm_and_fail_clearly_on_the_host() {
 fn a_failing_test_gives_101_and_its_panic_message() {
     let run = xtask_test(&[], &["--test", "fails", "--", "--ignored"]);
     run.expect_code(101);
-    // As under `cargo test`: the captured panic in the report on stdout, the failed
-    // binary on stderr.
+    // As under `cargo test`: the captured panic in the report on stdout; and on stderr
+    // too, with the failed binary.
     assert!(run.stdout.contains("deliberate failure after the service said \"hello-service v1"), "{run:#?}");
     assert!(run.stderr.contains("error: test failed: tests/fails.rs"), "{run:#?}");
+    assert!(run.stderr.contains("---- fails_on_purpose stdout ----"), "{run:#?}");
+    assert!(run.stderr.contains("panicked at examples/vm-checks/tests/fails.rs"), "{run:#?}");
+    assert!(run.stderr.contains("deliberate failure after the service said \"hello-service v1"), "{run:#?}");
+    assert!(!run.stderr.contains("test result:"), "only the failure reports are copied: {run:#?}");
     let nocapture = xtask_test(&[], &["--test", "fails", "--", "--ignored", "--nocapture"]);
     nocapture.expect_code(101);
     assert!(nocapture.stderr.contains("panicked at examples/vm-checks/tests/fails.rs"), "{nocapture:#?}");

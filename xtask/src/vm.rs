@@ -47,6 +47,58 @@ pub const EXIT_TIMEOUT: i32 = 124;
 pub enum Sink {
     Stdout,
     Stderr,
+    /// Stdout, with libtest's failure reports copied to stderr as well ([`FailureEcho`]).
+    TestStdout,
+}
+
+/// Copies the failure reports libtest writes on stdout (from `---- NAME stdout ----` to
+/// the `failures:` list) to `out` as they pass, so a failed test's panic message is on
+/// stderr too while stdout stays what `cargo test` prints. Lines are cut at 64 KiB (the
+/// bytes come from the guest).
+pub struct FailureEcho<W: Write> {
+    line: Vec<u8>,
+    inside: bool,
+    out: W,
+}
+
+impl<W: Write> FailureEcho<W> {
+    const LINE_CAP: usize = 64 * 1024;
+
+    pub fn new(out: W) -> FailureEcho<W> {
+        FailureEcho { line: Vec::new(), inside: false, out }
+    }
+
+    fn end_line(&mut self) -> std::io::Result<()> {
+        let line = String::from_utf8_lossy(&self.line);
+        let text = line.trim_end_matches('\n');
+        if text.starts_with("---- ") && text.ends_with(" ----") {
+            self.inside = true;
+        } else if text == "failures:" {
+            self.inside = false;
+        }
+        if self.inside {
+            self.out.write_all(&self.line)?;
+            self.out.flush()?;
+        }
+        self.line.clear();
+        Ok(())
+    }
+}
+
+impl<W: Write> Write for FailureEcho<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        for &b in buf {
+            self.line.push(b);
+            if b == b'\n' || self.line.len() >= Self::LINE_CAP {
+                self.end_line()?;
+            }
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.out.flush()
+    }
 }
 
 /// Makes a request while its VM boots ([`VmRun::later`]).
@@ -125,11 +177,14 @@ impl VmRun<'_> {
             self.spec.console = Console::File(fifo);
             for (name, sink) in [("stdout", self.stdout), ("stderr", self.stderr)] {
                 let fifo = self.fifo(name)?;
-                let out: Box<dyn Write + Send> = match sink {
-                    Sink::Stdout => Box::new(std::io::stdout()),
-                    Sink::Stderr => Box::new(std::io::stderr()),
+                let out: Vec<Box<dyn Write + Send>> = match sink {
+                    Sink::Stdout => vec![Box::new(std::io::stdout())],
+                    Sink::Stderr => vec![Box::new(std::io::stderr())],
+                    Sink::TestStdout => {
+                        vec![Box::new(std::io::stdout()), Box::new(FailureEcho::new(std::io::stderr()))]
+                    }
                 };
-                relays.push(Relay::start(&fifo, vec![out], None)?);
+                relays.push(Relay::start(&fifo, out, None)?);
                 self.spec.ports.push(Port { name: name.to_string(), path: fifo });
             }
             self.request.stdout_port = Some("stdout".to_string());
@@ -693,6 +748,24 @@ pub fn shell_quote(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn failure_reports_are_copied_and_nothing_else() {
+        let report = "running 2 tests\ntest a ... ok\ntest b ... FAILED\n\nfailures:\n\n---- b stdout ----\n\n\
+                      thread 'b' panicked at t.rs:1:1:\nboom\n\n\nfailures:\n    b\n\ntest result: FAILED. 1 passed\n";
+        let mut echo = FailureEcho::new(Vec::new());
+        // In pieces, as a pipe gives it.
+        for chunk in report.as_bytes().chunks(7) {
+            echo.write_all(chunk).unwrap();
+        }
+        assert_eq!(
+            String::from_utf8(echo.out).unwrap(),
+            "---- b stdout ----\n\nthread 'b' panicked at t.rs:1:1:\nboom\n\n\n"
+        );
+        let mut long = FailureEcho::new(Vec::new());
+        long.write_all(&vec![b'x'; 200_000]).unwrap();
+        assert!(long.line.len() < 64 * 1024 && long.out.is_empty());
+    }
 
     #[test]
     fn quotes_shell_words() {

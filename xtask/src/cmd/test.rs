@@ -180,7 +180,7 @@ fn run_in_vm(ws: &Workspace, opts: &VmOpts, binaries: &[TestBinary], test_args: 
         label: "test".into(),
         timeout: opts.timeout,
         verbose: opts.verbose,
-        stdout: Sink::Stdout,
+        stdout: Sink::TestStdout,
         stderr: Sink::Stderr,
         snapshots: Some((store.clone(), opts.warmth())),
     };
