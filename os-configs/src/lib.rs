@@ -473,6 +473,7 @@ pub fn debian_examples() -> Vec<System> {
         with_debian("debian-iproute2", "minimal plus Debian's iproute2 (`ip`, `ss`, ...)", &["iproute2"]),
         with_debian("debian-e2fsprogs", "minimal plus Debian's e2fsprogs (`mke2fs`, `e2fsck`, ...)", &["e2fsprogs"]),
         with_debian("debian-strace", "minimal plus Debian's strace", &["strace"]),
+        with_debian("debian-mawk", "minimal plus Debian's mawk, as `awk` (its update-alternatives link)", &["mawk"]),
         with_debian(
             "debian-jq-strace",
             "(for tests) two Debian packages sharing libraries: jq and strace",

@@ -66,6 +66,17 @@ fn strace_traces_a_child() {
 }
 
 #[test]
+fn update_alternatives_links_are_made() {
+    // mawk's postinst links awk and nawk to it; Debian's awk wins over busybox's applet.
+    let run = run_on("debian-mawk", &["awk", "-W", "version"]);
+    run.expect_code(0);
+    assert!(run.stdout.starts_with("mawk 1.3.4"), "{run:#?}");
+    let run = run_on("debian-mawk", &["nawk", "BEGIN { printf \"%d\\n\", 6 * 7 }"]);
+    run.expect_code(0);
+    assert_eq!(run.stdout, "42\n", "{run:#?}");
+}
+
+#[test]
 fn the_layout_is_debian_s_with_the_loader_at_its_standard_path() {
     let script = "/lib64/ld-linux-x86-64.so.2 --version | head -1; ls /usr/lib/x86_64-linux-gnu/libjq.so.1 \
                   /lib/x86_64-linux-gnu/libc.so.6 /bin/jq; echo PATH=$PATH";

@@ -198,8 +198,119 @@ pub fn unpacked(store: &Store, pin: &Pin) -> Result<Item> {
         let _step = crate::progress::step(&format!("unpacking Debian package {} {}", pin.package, pin.version));
         let status = host::command("dpkg-deb").arg("-x").arg(&deb).arg(out).status().context("running dpkg-deb")?;
         ensure!(status.success(), "`dpkg-deb -x {}` failed ({status})", deb.display());
+        // While the .deb is here: what its maintainer script would link.
+        alternatives_from(store, pin, &deb)?;
         Ok(())
     })
+}
+
+/// One link `update-alternatives --install` makes in a package's `postinst`: the link,
+/// the alternative's name, the file it points to, and its priority (a `--slave` link has
+/// its master's).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Alternative {
+    pub link: String,
+    pub name: String,
+    pub path: String,
+    pub priority: i64,
+}
+
+fn alternatives_recipe(pin: &Pin) -> Recipe {
+    Recipe::new("debian-alternatives", &format!("{}-{}-alternatives", pin.package, pin.version))
+        .param("package", &pin.package)
+        .param("version", &pin.version)
+        .param("sha256", &pin.sha256)
+}
+
+/// The `update-alternatives` links the package's `postinst` makes, as an item (a file
+/// `alternatives`, a line `PRIORITY NAME LINK PATH` each): made when the package is
+/// unpacked, else from a fresh download.
+pub fn alternatives(store: &Store, pin: &Pin) -> Result<Item> {
+    let item = store.item_for(&alternatives_recipe(pin));
+    if store.is_present(&item) {
+        return Ok(item);
+    }
+    let scratch = store.scratch(&pin.package)?;
+    let deb = download(pin, scratch.path())?;
+    alternatives_from(store, pin, &deb)
+}
+
+fn alternatives_from(store: &Store, pin: &Pin, deb: &Path) -> Result<Item> {
+    store.realise(&alternatives_recipe(pin), |out| {
+        let control = store.scratch("control")?;
+        let status = host::command("dpkg-deb")
+            .arg("-e")
+            .arg(deb)
+            .arg(control.path().join("c"))
+            .status()
+            .context("running dpkg-deb")?;
+        ensure!(status.success(), "`dpkg-deb -e {}` failed ({status})", deb.display());
+        let postinst = fs::read_to_string(control.path().join("c/postinst")).unwrap_or_default();
+        let lines: String = parse_alternatives(&postinst)
+            .iter()
+            .map(|a| format!("{} {} {} {}\n", a.priority, a.name, a.link, a.path))
+            .collect();
+        fs::create_dir(out)?;
+        fs::write(out.join("alternatives"), lines)?;
+        Ok(())
+    })
+}
+
+/// Reads an alternatives item's file.
+pub fn read_alternatives(item: &Item) -> Result<Vec<Alternative>> {
+    let text = fs::read_to_string(item.path.join("alternatives"))
+        .with_context(|| format!("reading `{}`", item.path.join("alternatives").display()))?;
+    Ok(text
+        .lines()
+        .filter_map(|l| {
+            let mut w = l.split(' ');
+            let priority = w.next()?.parse().ok()?;
+            let (name, link, path) = (w.next()?, w.next()?, w.next()?);
+            Some(Alternative { link: link.into(), name: name.into(), path: path.into(), priority })
+        })
+        .collect())
+}
+
+/// The `update-alternatives --install LINK NAME PATH PRIORITY [--slave LINK NAME PATH]...`
+/// calls of a maintainer script (lines joined at a trailing `\`); one with a shell
+/// variable or an unusual word in it is left out.
+pub fn parse_alternatives(script: &str) -> Vec<Alternative> {
+    let joined = script.replace("\\\n", " ");
+    let mut found = Vec::new();
+    for line in joined.lines() {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let Some(at) = words.windows(2).position(|w| w[0] == "update-alternatives" && w[1] == "--install") else {
+            continue;
+        };
+        let plain = |w: &&str| w.starts_with('/') && !w.contains(['$', '`', '"', '\'', ' ']);
+        let rest = &words[at + 2..];
+        let (Some(link), Some(name), Some(path), Some(priority)) =
+            (rest.first(), rest.get(1), rest.get(2), rest.get(3))
+        else {
+            continue;
+        };
+        let Ok(priority) = priority.parse::<i64>() else { continue };
+        if !plain(link) || !plain(path) || name.contains(['$', '/']) {
+            continue;
+        }
+        found.push(Alternative { link: link.to_string(), name: name.to_string(), path: path.to_string(), priority });
+        let mut slaves = &rest[4..];
+        while let [flag, link, name, path, tail @ ..] = slaves {
+            if *flag != "--slave" {
+                break;
+            }
+            if plain(link) && plain(path) && !name.contains(['$', '/']) {
+                found.push(Alternative {
+                    link: link.to_string(),
+                    name: name.to_string(),
+                    path: path.to_string(),
+                    priority,
+                });
+            }
+            slaves = tail;
+        }
+    }
+    found
 }
 
 /// Fetches the pinned `.deb` into `dir` and checks its sha256: with `apt-get download`
@@ -396,6 +507,28 @@ mod tests {
                        Types: deb\nURIs: http://off.example/debian\nEnabled: no\n\n\
                        Types: deb\nURIs: http://a.example/d http://b.example/d\n";
         assert_eq!(deb822_uris(sources), ["http://deb.debian.org/debian", "http://a.example/d", "http://b.example/d"]);
+    }
+
+    #[test]
+    fn alternatives_are_read_from_postinst() {
+        let postinst = "#!/bin/sh\nset -e\nif [ \"$1\" = \"configure\" ]; then\n        \
+                        update-alternatives --install /usr/bin/awk awk /usr/bin/mawk 5 \\\n            \
+                        --slave /usr/share/man/man1/awk.1.gz awk.1.gz /usr/share/man/man1/mawk.1.gz \\\n            \
+                        --slave /usr/bin/nawk nawk /usr/bin/mawk\nfi\n\
+                        update-alternatives --install /usr/bin/x x \"$dir/x\" 10\n\
+                        update-alternatives --remove awk /usr/bin/mawk\n";
+        let found = parse_alternatives(postinst);
+        let links: Vec<(&str, &str, i64)> =
+            found.iter().map(|a| (a.link.as_str(), a.path.as_str(), a.priority)).collect();
+        assert_eq!(
+            links,
+            [
+                ("/usr/bin/awk", "/usr/bin/mawk", 5),
+                ("/usr/share/man/man1/awk.1.gz", "/usr/share/man/man1/mawk.1.gz", 5),
+                ("/usr/bin/nawk", "/usr/bin/mawk", 5)
+            ]
+        );
+        assert!(parse_alternatives("update-alternatives --install /a a /b notanumber\n").is_empty());
     }
 
     #[test]

@@ -123,11 +123,12 @@ pub fn lower_packages(store: &Store, ws: &Workspace, system: &System, verbose: b
     if !debian_roots.is_empty() {
         let closure = debian::closure::closure(&debian_roots)
             .with_context(|| format!("resolving the Debian packages of system `{}`", system.name))?;
-        let mut unpacked = Vec::new();
+        let (mut unpacked, mut alternatives) = (Vec::new(), Vec::new());
         for (_, pin) in &closure {
             unpacked.push(debian::unpacked(store, pin)?);
+            alternatives.push(debian::alternatives(store, pin)?);
         }
-        let profile = debian::profile::profile(store, &unpacked, busybox_item.as_ref())
+        let profile = debian::profile::profile(store, &unpacked, &alternatives, busybox_item.as_ref())
             .with_context(|| format!("laying out the Debian packages of system `{}`", system.name))?;
         links.extend(debian::profile::guest_links(&profile, &etc_written(system))?);
         path.extend(["/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin"].map(String::from));

@@ -21,6 +21,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 
+use crate::debian::{read_alternatives, Alternative};
 use crate::store::{Item, Recipe, Store};
 
 /// Top-level directories merged into `usr/`.
@@ -38,11 +39,18 @@ struct Entry {
 }
 
 /// The profile of `packages` (unpacked Debian packages, in priority order), with the
-/// applets in `bin/` of `busybox` (when given) last.
-pub fn profile(store: &Store, packages: &[Item], busybox: Option<&Item>) -> Result<Item> {
-    let mut recipe = Recipe::new("debian-profile", "debian-profile").param("layout", "merged-usr-v1");
+/// applets in `bin/` of `busybox` (when given) last, and the `update-alternatives` links
+/// of `alternatives` (the packages' [`crate::debian::alternatives`] items): for each
+/// link, the alternative with the highest priority, as `update-alternatives` chooses in
+/// its automatic mode (where the link's directory is the profile's own: `usr/bin`,
+/// `usr/sbin`, or one several packages share).
+pub fn profile(store: &Store, packages: &[Item], alternatives: &[Item], busybox: Option<&Item>) -> Result<Item> {
+    let mut recipe = Recipe::new("debian-profile", "debian-profile").param("layout", "merged-usr-v2");
     for item in packages.iter().chain(busybox) {
         recipe = recipe.reference(item);
+    }
+    for item in alternatives {
+        recipe = recipe.input_item("alternatives", item);
     }
     let order: Vec<String> = packages.iter().chain(busybox).map(Item::file_name).collect();
     recipe = recipe.param("order", order.join(" "));
@@ -69,9 +77,45 @@ pub fn profile(store: &Store, packages: &[Item], busybox: Option<&Item>) -> Resu
             });
         }
         fs::create_dir(out)?;
-        merge(&out.join("usr"), usr, true, &["lib"])?;
-        merge(out, top, false, &["etc"])
+        merge(&out.join("usr"), usr, true, &["bin", "lib", "sbin"])?;
+        merge(out, top, false, &["etc"])?;
+        let mut chosen: BTreeMap<String, Alternative> = BTreeMap::new();
+        for item in alternatives {
+            for alt in read_alternatives(item)? {
+                if chosen.get(&alt.link).is_none_or(|c| c.priority < alt.priority) {
+                    chosen.insert(alt.link.clone(), alt);
+                }
+            }
+        }
+        for alt in chosen.values() {
+            link_alternative(out, alt)?;
+        }
+        Ok(())
     })
+}
+
+/// Links `alt.link` (mapped into merged `/usr`) to `alt.path` in the profile at `out`,
+/// over what a package or busybox has there, when its directory is one of the profile's
+/// own (not a link to a package's).
+fn link_alternative(out: &Path, alt: &Alternative) -> Result<()> {
+    let rel = alt.link.trim_start_matches('/');
+    let rel = match rel.split_once('/') {
+        Some((top, rest)) if MERGED.contains(&top) => format!("usr/{top}/{rest}"),
+        _ => rel.to_string(),
+    };
+    let at = out.join(&rel);
+    let mut dir = out.to_path_buf();
+    for part in Path::new(&rel).parent().into_iter().flat_map(|p| p.components()) {
+        dir.push(part);
+        if !fs::symlink_metadata(&dir).is_ok_and(|m| m.is_dir()) {
+            return Ok(());
+        }
+    }
+    if fs::symlink_metadata(&at).is_ok_and(|m| m.is_dir()) {
+        return Ok(());
+    }
+    let _ = fs::remove_file(&at);
+    symlink(&alt.path, &at).with_context(|| format!("linking `{}` to `{}`", at.display(), alt.path))
 }
 
 /// The entries of directory `host` (sorted by name), `guest` being its guest path.
@@ -200,7 +244,15 @@ mod tests {
             symlink("busybox", o.join("bin/ls")).unwrap();
             symlink("busybox", o.join("bin/sh")).unwrap();
         });
-        let profile = profile(&store, &[py, libc.clone(), py311.clone()], Some(&busybox)).unwrap();
+        let alternatives = make("mawk-alternatives", &|o| {
+            fs::write(
+                o.join("alternatives"),
+                "5 awk /usr/bin/awk /usr/bin/mawk\n5 nawk /usr/bin/nawk /usr/bin/mawk\n\
+                                              1 awk /usr/bin/awk /usr/bin/lesser\n5 x /usr/share/x/y /usr/bin/mawk\n",
+            )
+            .unwrap();
+        });
+        let profile = profile(&store, &[py, libc.clone(), py311.clone()], &[alternatives], Some(&busybox)).unwrap();
         let p = &profile.path;
         let link = |rel: &str| {
             fs::read_link(p.join(rel)).unwrap_or_else(|e| panic!("{rel}: {e}")).to_string_lossy().into_owned()
@@ -223,6 +275,11 @@ mod tests {
         // Busybox comes last: its `sh` loses to a package's, its `ls` is there.
         assert_eq!(link("usr/bin/sh"), format!("{}/bin/sh", py311.guest_path()));
         assert_eq!(link("usr/bin/ls"), "busybox");
+        // The alternative with the highest priority, over busybox's applet; none where
+        // the directory is a package's (usr/share is linked whole).
+        assert_eq!(link("usr/bin/awk"), "/usr/bin/mawk");
+        assert_eq!(link("usr/bin/nawk"), "/usr/bin/mawk");
+        assert!(!p.join("usr/share/x").exists());
         assert!(!p.join("DEBIAN").exists());
         let links = guest_links(&profile, &["passwd".into()]).unwrap();
         assert!(links.contains(&("/lib64".into(), "usr/lib64".into())), "{links:?}");
