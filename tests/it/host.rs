@@ -1,8 +1,9 @@
 //! What a host needs, as the README says it: `cargo xtask` run with `PATH` holding only
 //! the Rust toolchain (cargo, rustc and the C compiler driver `cc` it links with), apt
 //! (apt-get, apt-cache), dpkg-deb with the tar it runs, and QEMU (qemu-system-x86_64,
-//! qemu-img), and with installing turned off, builds an image of `hello` and runs a
-//! command in it, from an empty store: Debian's packages fetched as `vm.lock` pins them,
+//! qemu-img; QEMU may be missing, and then comes from the store), and with installing
+//! turned off, builds an image of `hello`, runs a command in it and builds an item in a
+//! VM, from an empty store: Debian's packages fetched as `vm.lock` pins them,
 //! the image written with the tools from the store. (rustup's `cargo` proxy puts its own
 //! directory, `~/.cargo/bin`, which holds only the toolchain's programs, first on the
 //! `PATH` it passes on.)
@@ -123,4 +124,13 @@ fn a_host_with_only_what_the_readme_lists_builds_and_runs_hello() {
     let run = cargo_xtask(&bin, &store, &args);
     run.expect_code(0);
     assert_eq!(run.stdout, "hello-service v1: hello from the VM\n", "{run:#?}");
+
+    let args =
+        ["build-in-vm", "--name", "bare-host", "--timeout", TIMEOUT, "--", "sh", "-c", "uname -r > $out/release"];
+    let built = cargo_xtask(&bin, &store, &args);
+    built.expect_code(0);
+    let out = PathBuf::from(built.stdout.lines().last().unwrap_or_default());
+    assert!(out.starts_with(&store), "{built:#?}");
+    let release = std::fs::read_to_string(out.join("release")).unwrap();
+    assert!(release.trim_end().ends_with("-amd64"), "{release}");
 }
