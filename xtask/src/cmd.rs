@@ -18,9 +18,9 @@ use anyhow::Result;
 use os_configs::{Kernel, System};
 
 use crate::host;
-use crate::qemu::{self, Accel, AccelChoice, Console, Share, VmSpec};
+use crate::lower::system::Lowered;
 use crate::store::Store;
-use crate::system::Lowered;
+use crate::vm::qemu::{self, Accel, AccelChoice, Console, Share, VmSpec};
 use crate::vm::Failure;
 use crate::Workspace;
 
@@ -79,8 +79,8 @@ impl VmOpts {
     }
 
     /// Whether runs restore snapshots: `--cold`, `--warm`, or when one exists.
-    pub fn warmth(&self) -> crate::snapshot::Warmth {
-        use crate::snapshot::Warmth;
+    pub fn warmth(&self) -> crate::vm::snapshot::Warmth {
+        use crate::vm::snapshot::Warmth;
         match (self.cold, self.warm) {
             (true, _) => Warmth::Cold,
             (_, true) => Warmth::Make,

@@ -1,6 +1,6 @@
 //! The host's own tools (QEMU, apt, dpkg-deb): finding them, and installing the missing
 //! ones from Debian's packages when running as root, or saying exactly what to run. The
-//! tools that write disk images are not the host's: see [`crate::image_tools`].
+//! tools that write disk images are not the host's: see [`crate::image::tools`].
 
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -136,15 +136,15 @@ fn has_package_lists() -> bool {
         .unwrap_or(false)
 }
 
-/// Whether the host's QEMU accepts [`crate::qemu::SANDBOX`] (it needs seccomp support).
+/// Whether the host's QEMU accepts [`crate::vm::qemu::SANDBOX`] (it needs seccomp support).
 /// The answer is remembered in `cache_dir` ([`remembered`]).
 pub fn qemu_supports_sandbox(cache_dir: &std::path::Path) -> bool {
-    let Ok(qemu) = crate::qemu_program::absolute() else { return false };
-    let question = format!("-sandbox {} -version", crate::qemu::SANDBOX);
+    let Ok(qemu) = crate::vm::qemu_program::absolute() else { return false };
+    let question = format!("-sandbox {} -version", crate::vm::qemu::SANDBOX);
     let answer = remembered(cache_dir, &qemu, &question, || {
         // Options are parsed in order: an unsupported -sandbox fails before -version exits.
         let supported = command(&qemu)
-            .args(["-sandbox", crate::qemu::SANDBOX, "-version"])
+            .args(["-sandbox", crate::vm::qemu::SANDBOX, "-version"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status()

@@ -3,28 +3,14 @@
 //! them. `main.rs` only parses flags and dispatches to [`cmd`].
 
 pub mod cmd;
-pub mod cpio;
-pub mod debian;
-pub mod helper;
 pub mod host;
 pub mod image;
-pub mod image_tools;
-pub mod image_vm;
-pub mod initrd;
-pub mod kernel;
 pub mod lock;
-pub mod packages;
+pub mod lower;
 pub mod programs;
 pub mod progress;
-pub mod qemu;
-pub mod qemu_program;
 pub mod report;
-pub mod scenario;
-pub mod script;
-pub mod snapshot;
 pub mod store;
-pub mod system;
-pub mod validate;
 pub mod vm;
 
 use std::path::{Path, PathBuf};

@@ -5,7 +5,7 @@
 //! on either machine.
 //!
 //! Builds read it. A package it does not have yet is resolved from apt's lists
-//! ([`crate::debian::resolve`]) and added, saying so on stderr; `cargo xtask lock
+//! ([`crate::lower::debian::resolve`]) and added, saying so on stderr; `cargo xtask lock
 //! --update [PACKAGE]` moves pins forward on purpose. The format is a small subset of
 //! TOML written by hand, one table per package sorted by name, one field per line, so a
 //! change reads as a small diff:
@@ -30,7 +30,7 @@ use std::sync::Mutex;
 
 use anyhow::{bail, Context, Result};
 
-use crate::debian::{Pin, Stanza};
+use crate::lower::debian::{Pin, Stanza};
 
 /// The lock file's name in the workspace's root.
 pub const LOCK_FILE: &str = "vm.lock";
@@ -304,9 +304,11 @@ fn strings(value: &str) -> Option<Vec<String>> {
         .collect()
 }
 
-/// Every Debian package name the workspace's named systems and the image tools ask for.
+/// Every Debian package name the workspace's named systems, the image tools and QEMU from
+/// the store ask for (not their dependencies).
 pub fn wanted() -> Vec<String> {
-    let mut names: Vec<String> = crate::image_tools::PACKAGES.iter().map(|p| p.to_string()).collect();
+    let mut names: Vec<String> = crate::image::tools::PACKAGES.iter().map(|p| p.to_string()).collect();
+    names.push(crate::vm::qemu_program::PACKAGE.to_string());
     // The systems made to be refused (`invalid-...`) ask for what cannot be locked.
     for system in os_configs::all().into_iter().filter(|s| !s.name.starts_with("invalid-")) {
         if let os_configs::Kernel::Debian { package } = &system.kernel {
@@ -314,7 +316,7 @@ pub fn wanted() -> Vec<String> {
         }
         for package in &system.packages {
             match package {
-                os_configs::Package::Busybox => names.push(crate::system::BUSYBOX_PACKAGE.to_string()),
+                os_configs::Package::Busybox => names.push(crate::lower::system::BUSYBOX_PACKAGE.to_string()),
                 os_configs::Package::Debian { package } => names.push(package.clone()),
                 _ => {}
             }

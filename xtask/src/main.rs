@@ -19,7 +19,7 @@ struct Cli {
     /// Which QEMU runs the VMs: the host's, or Debian's from the store (default: the
     /// host's when it has one or can install it as root, else the store's).
     #[arg(long, global = true, value_enum, value_name = "FROM")]
-    qemu: Option<xtask::qemu_program::Choice>,
+    qemu: Option<xtask::vm::qemu_program::Choice>,
     #[command(subcommand)]
     command: Cmd,
 }
@@ -116,10 +116,10 @@ fn main() -> ExitCode {
     if let Some(choice) = cli.qemu {
         // Read by every QEMU use of this process (and passed on to the xtask the bench runs).
         let value = match choice {
-            xtask::qemu_program::Choice::Host => "host",
-            xtask::qemu_program::Choice::Store => "store",
+            xtask::vm::qemu_program::Choice::Host => "host",
+            xtask::vm::qemu_program::Choice::Store => "store",
         };
-        std::env::set_var(xtask::qemu_program::QEMU_ENV, value);
+        std::env::set_var(xtask::vm::qemu_program::QEMU_ENV, value);
     }
     let ws = Workspace::current();
     let result = match cli.command {

@@ -191,7 +191,7 @@ mod tests {
                 "{program:?} vs host::{constant}"
             );
         }
-        for (name, package) in crate::image_tools::PROGRAMS {
+        for (name, package) in crate::image::tools::PROGRAMS {
             let program = declared(name).unwrap_or_else(|| panic!("image tool `{name}` is not declared"));
             assert_eq!(program.source, Source::Store { package }, "{name}");
         }
@@ -205,6 +205,6 @@ mod tests {
                 );
             }
         }
-        assert_eq!(declared(crate::debian::APT_HELPER).map(|p| p.name), Some(crate::debian::APT_HELPER));
+        assert_eq!(declared(crate::lower::debian::APT_HELPER).map(|p| p.name), Some(crate::lower::debian::APT_HELPER));
     }
 }

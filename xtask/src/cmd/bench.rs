@@ -12,13 +12,13 @@ use anyhow::{bail, Context, Result};
 use serde::Serialize;
 
 use super::VmOpts;
-use crate::cpio::CpioWriter;
 use crate::image::{self, Closure, ImageOptions, Layout, Progress};
-use crate::kernel::ModuleIndex;
-use crate::qemu::DiskFormat;
-use crate::qemu::{self, Accel, Console, Share, VmSpec};
+use crate::lower::cpio::CpioWriter;
+use crate::lower::kernel::ModuleIndex;
 use crate::store::{self, Item, Recipe, Store};
-use crate::{host, initrd, system, Workspace};
+use crate::vm::qemu::DiskFormat;
+use crate::vm::qemu::{self, Accel, Console, Share, VmSpec};
+use crate::{host, lower::initrd, lower::system, Workspace};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct Bench {
@@ -120,7 +120,7 @@ impl Bench {
             let marker = scratch.path().join("done");
             let _ = fs::remove_file(&marker);
             let mut qemu = host::command("timeout");
-            qemu.arg("300").arg(crate::qemu_program::program()?).args(qemu::args(&floor_spec(scratch.path())));
+            qemu.arg("300").arg(crate::vm::qemu_program::program()?).args(qemu::args(&floor_spec(scratch.path())));
             let ran = run_quiet(&mut qemu);
             if ran.is_err() || !marker.exists() {
                 let console = fs::read_to_string(scratch.path().join("console")).unwrap_or_default();
@@ -215,12 +215,12 @@ impl Bench {
         let cargo_build = measure(warmup, runs, || {
             touch()?;
             let dir = ws.target_dir.join("vm-packages");
-            crate::packages::cargo_build_static(
+            crate::lower::packages::cargo_build_static(
                 ws,
                 "hello-service",
                 "hello-service",
                 &dir,
-                crate::packages::RUSTFLAGS,
+                crate::lower::packages::RUSTFLAGS,
                 false,
             )
             .map(drop)
@@ -413,7 +413,7 @@ fn run_quiet(cmd: &mut Command) -> Result<()> {
 
 /// The floor's initramfs: busybox and the same modules as the real initrd (without
 /// their signatures, as there), and a shell script as `/init`.
-fn floor_initrd(store: &Store, kernel: &crate::kernel::KernelTree) -> Result<Item> {
+fn floor_initrd(store: &Store, kernel: &crate::lower::kernel::KernelTree) -> Result<Item> {
     let busybox = system::busybox(store)?;
     let recipe = kernel
         .identify(Recipe::new("bench-floor-initrd", "bench-floor-initrd"))?
@@ -498,7 +498,7 @@ fn cold_library_image(store: &Store, closure: &Closure) -> Result<Duration> {
     let quiet = Progress { steps: false, verbose: false, expected_bytes: 0 };
     quiesce();
     let start = Instant::now();
-    let tools = crate::image_tools::tools(store)?;
+    let tools = crate::image::tools::tools(store)?;
     let recipe = image::recipe(closure, &opts, &tools, &image::tool_versions(store, opts.format)?);
     let uuid = image::uuid_for(&recipe.hash());
     let item = store.realise(&recipe, |out| image::build_on_host(store, closure, &opts, &uuid, &tools, out, quiet))?;
@@ -519,7 +519,7 @@ fn floor_image_build(store: &Store, closure: &Closure, warmup: usize, runs: usiz
     let raw = scratch.path().join("disk.raw");
     let qcow2 = scratch.path().join("disk.qcow2");
     // The same mke2fs as the image builder's: Debian's, from the store.
-    let tools = crate::image_tools::tools(store)?;
+    let tools = crate::image::tools::tools(store)?;
     let floor = measure_timed(warmup, runs, || {
         for file in [&raw, &qcow2] {
             if file.exists() {

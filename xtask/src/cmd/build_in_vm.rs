@@ -10,12 +10,12 @@ use anyhow::{anyhow, bail, Context, Result};
 use guest::{Mode, Request, Status};
 
 use super::{is_env_name, parse_bounded_size, parse_key_value, usage_error, VmOpts};
-use crate::qemu::{self, Disk, DiskFormat};
 use crate::report::ItemReport;
 use crate::store::ingest::{self, Limits};
 use crate::store::{self, DirFd, Item, Recipe, Store};
+use crate::vm::qemu::{self, Disk, DiskFormat};
 use crate::vm::{Failure, Sink, VmRun};
-use crate::{host, system, Workspace};
+use crate::{host, lower::system, Workspace};
 
 /// Default size of the fresh disk given with `--disk-image` (as in the reference).
 const DEFAULT_DISK_SIZE: u64 = 100 << 20;
@@ -73,7 +73,7 @@ impl BuildInVm {
             system.initrd_modules.push(qemu::NET_MODULE.to_string());
         }
         let store = self.vm.open_store(ws)?;
-        crate::validate::check(&system, &mut crate::validate::HostFacts::new(&store, ws))?;
+        crate::lower::validate::check(&system, &mut crate::lower::validate::HostFacts::new(&store, ws))?;
         let inputs = self.add_inputs(&store)?;
         let lowered = system::lower(&store, ws, &system, self.vm.verbose)?;
         let mut env: Vec<(String, String)> = vec![

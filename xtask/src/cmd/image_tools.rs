@@ -5,11 +5,11 @@
 use anyhow::Result;
 
 use crate::store::Store;
-use crate::{image_tools, Workspace};
+use crate::{image::tools, Workspace};
 
 pub fn run(ws: &Workspace) -> Result<i32> {
     let store = Store::open(&ws.store_dir, false)?;
-    let tools = image_tools::tools(&store)?;
+    let tools = tools::tools(&store)?;
     println!("{}", tools.bin_dir().display());
     Ok(0)
 }

@@ -6,7 +6,7 @@
 
 use anyhow::{Context, Result};
 
-use crate::{debian, lock};
+use crate::{lock, lower::debian};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct Lock {
@@ -50,10 +50,10 @@ impl Lock {
 /// Locks the dependency closure of each named system's Debian packages (resolving those
 /// the lock lacks, or whose pins moved).
 fn lock_closures() -> Result<()> {
-    let qemu = crate::qemu_program::PACKAGE.to_string();
+    let qemu = crate::vm::qemu_program::PACKAGE.to_string();
     debian::closure::closure(&[qemu]).context("locking QEMU's Debian packages (`--qemu store`)")?;
     for system in os_configs::all().into_iter().filter(|s| !s.name.starts_with("invalid-")) {
-        let roots = crate::system::debian_packages(&system);
+        let roots = crate::lower::system::debian_packages(&system);
         if !roots.is_empty() {
             debian::closure::closure(&roots)
                 .with_context(|| format!("locking the Debian packages of `{}`", system.name))?;

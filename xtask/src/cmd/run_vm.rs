@@ -10,11 +10,11 @@ use guest::{Mode, NetConfig, Request, Status};
 use os_configs::{Device, System};
 
 use super::VmOpts;
-use crate::qemu::{Disk, DiskFormat};
+use crate::lower::system::Lowered;
 use crate::store::{Item, Store};
-use crate::system::Lowered;
+use crate::vm::qemu::{Disk, DiskFormat};
 use crate::vm::{LaterRequest, Sink, VmRun};
-use crate::{image, qemu, script, system, validate, Workspace};
+use crate::{image, lower::system, lower::validate, vm::qemu, vm::script, Workspace};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct RunVm {

@@ -1,5 +1,5 @@
 //! `cargo xtask scenario NAME`: boots a scenario's nodes on their virtual networks and
-//! runs its script ([`crate::scenario`]); `--keep` leaves the nodes up afterwards, and
+//! runs its script ([`crate::vm::scenario`]); `--keep` leaves the nodes up afterwards, and
 //! `--shell NODE` (from another terminal) runs commands on a kept node.
 
 use std::io::{BufRead, BufReader, Write};
@@ -11,7 +11,7 @@ use guest::control::{base64_decode, FromGuest, ToGuest};
 use serde::{Deserialize, Serialize};
 
 use super::{usage_error, VmOpts};
-use crate::scenario::{named, Driver};
+use crate::vm::scenario::{named, Driver};
 use crate::Workspace;
 
 #[derive(Debug, Clone, clap::Args)]

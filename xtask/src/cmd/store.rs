@@ -4,9 +4,9 @@
 use anyhow::Result;
 use serde::Serialize;
 
-use crate::debian::{self, Pin};
+use crate::lower::debian::{self, Pin};
 use crate::store::{Meta, Store};
-use crate::{system, Workspace};
+use crate::{lower::system, Workspace};
 
 #[derive(Debug, Clone, clap::Subcommand)]
 pub enum StoreCmd {

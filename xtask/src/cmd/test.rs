@@ -18,9 +18,9 @@ use guest::{Mode, MountSpec};
 
 use super::run_vm::{self, request};
 use super::{usage_error, VmOpts};
-use crate::qemu::{self, Disk, DiskFormat, Share};
+use crate::vm::qemu::{self, Disk, DiskFormat, Share};
 use crate::vm::{shell_quote, Sink, VmRun};
-use crate::{packages, system, validate, Workspace};
+use crate::{lower::packages, lower::system, lower::validate, Workspace};
 
 /// The 9p tag of the workspace share.
 const WORKSPACE_TAG: &str = "workspace";

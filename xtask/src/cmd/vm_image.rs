@@ -6,10 +6,10 @@ use anyhow::{Context, Result};
 
 use super::{parse_bounded_size, usage_error};
 use crate::image::{self, Builder, ImageOptions, Layout, Progress};
-use crate::qemu::DiskFormat;
 use crate::store::{Outcome, Store};
+use crate::vm::qemu::DiskFormat;
 use crate::vm::Failure;
-use crate::{host, image_tools, image_vm, Workspace};
+use crate::{host, image::tools, image::vm_builder, Workspace};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct VmImage {
@@ -57,7 +57,7 @@ impl VmImage {
         let system = super::lookup_system(&self.system)?;
         // The image tools come from the store; QEMU from the host or the store.
         if self.builder == Builder::Vm {
-            crate::qemu_program::program()?;
+            crate::vm::qemu_program::program()?;
         }
         let mut host_tools = vec![];
         if self.format == DiskFormat::Qcow2 {
@@ -67,7 +67,7 @@ impl VmImage {
         let store = Store::open(&ws.store_dir, self.explain)?;
         // As run-vm does: a system that cannot work (or a field that cannot act) is
         // refused before anything is built.
-        crate::validate::check(&system, &mut crate::validate::HostFacts::new(&store, ws))?;
+        crate::lower::validate::check(&system, &mut crate::lower::validate::HostFacts::new(&store, ws))?;
         let closure = image::closure(&store, ws, &system, self.verbose)
             .with_context(|| format!("lowering system `{}` for a disk image", system.name))?;
         let footprint = image::footprint(&closure)?;
@@ -95,14 +95,14 @@ impl VmImage {
         };
         let opts =
             ImageOptions { format: self.format, layout, volatile: self.volatile, verify_store: self.verify_store };
-        let tools = image_tools::tools(&store).context("getting the image tools")?;
+        let tools = tools::tools(&store).context("getting the image tools")?;
         let versions = image::tool_versions(&store, self.format)?;
         let recipe = image::recipe(&closure, &opts, &tools, &versions);
         let uuid = image::uuid_for(&recipe.hash());
         let progress = Progress::for_stderr(self.verbose);
         let build = |out: &std::path::Path| match self.builder {
             Builder::Host => image::build_on_host(&store, &closure, &opts, &uuid, &tools, out, progress),
-            Builder::Vm => image_vm::build(&store, ws, &closure, &opts, &uuid, &tools, out, progress),
+            Builder::Vm => vm_builder::build(&store, ws, &closure, &opts, &uuid, &tools, out, progress),
         };
         let (item, outcome) = store.realise_with_outcome(&recipe, build)?;
         let path = image::image_path(&item, self.format);

@@ -21,8 +21,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use crate::qemu::{self, Console, VmSpec};
 use crate::store::{Item, Recipe, Store};
+use crate::vm::qemu::{self, Console, VmSpec};
 use crate::{host, vm};
 
 /// The saved state, inside the snapshot item.
@@ -109,7 +109,7 @@ fn recipe(store: &Store, spec: &VmSpec) -> Result<Recipe> {
 }
 
 fn qemu_version(store: &Store) -> Result<String> {
-    let program = crate::qemu_program::absolute()?;
+    let program = crate::vm::qemu_program::absolute()?;
     host::remembered(&store.cache_dir(), &program, "version", || {
         let out = host::command(&program).arg("--version").output().context("running QEMU --version")?;
         Ok(String::from_utf8_lossy(&out.stdout).lines().next().unwrap_or_default().to_string())

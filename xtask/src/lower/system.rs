@@ -10,9 +10,9 @@ use anyhow::{bail, Context, Result};
 use guest::{Check, FileSpec, HomeSpec, Mode, MountSpec, Readiness, Request, ServiceSpec, SystemConfig};
 use os_configs::{Device, FileSystem, Package, Ready, Restart, System};
 
-use crate::kernel::{self, KernelTree};
+use crate::lower::kernel::{self, KernelTree};
 use crate::store::{Item, Recipe, Store};
-use crate::{debian, helper, initrd, packages, Workspace};
+use crate::{lower::debian, lower::helper, lower::initrd, lower::packages, Workspace};
 
 /// Everything needed to boot a system.
 #[derive(Debug, Clone)]

@@ -12,10 +12,10 @@ use std::fmt;
 use anyhow::Result;
 use os_configs::{Device, Package, System};
 
-use crate::debian::closure::Refusal;
+use crate::lower::debian::closure::Refusal;
 use crate::store::{self, Store};
 use crate::vm::Failure;
-use crate::{debian, kernel, packages, system, Workspace};
+use crate::{lower::debian, lower::kernel, lower::packages, lower::system, Workspace};
 
 /// One thing wrong with a system.
 #[derive(Debug, Clone, PartialEq, Eq)]

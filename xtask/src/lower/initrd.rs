@@ -6,8 +6,8 @@ use std::io::BufWriter;
 
 use anyhow::{Context, Result};
 
-use crate::cpio::CpioWriter;
-use crate::kernel::{KernelTree, ModuleIndex};
+use crate::lower::cpio::CpioWriter;
+use crate::lower::kernel::{KernelTree, ModuleIndex};
 use crate::store::{self, Item, Recipe, Store};
 
 /// Modules every VM needs: the virtio MMIO transport (QEMU's `microvm` machine), 9p

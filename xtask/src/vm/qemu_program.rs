@@ -16,7 +16,7 @@ use std::sync::OnceLock;
 use anyhow::{bail, Context, Result};
 
 use crate::store::{Item, Recipe, Store};
-use crate::{debian, host, Workspace};
+use crate::{host, lower::debian, Workspace};
 
 /// Chooses the QEMU: `host` or `store`.
 pub const QEMU_ENV: &str = "XTASK_QEMU";

@@ -23,9 +23,9 @@ use guest::{Mode, NetConfig};
 use os_configs::{EtcFile, System};
 
 use crate::cmd::{run_vm, VmOpts};
-use crate::qemu::{self, Accel, Console, Disk, DiskFormat, Lan as LanSpec};
 use crate::store::Store;
-use crate::{system, validate, vm, Workspace};
+use crate::vm::qemu::{self, Accel, Console, Disk, DiskFormat, Lan as LanSpec};
+use crate::{lower::system, lower::validate, vm, Workspace};
 
 /// A scenario: nodes, the networks joining them, and the script that drives them.
 pub struct Scenario {

@@ -10,7 +10,7 @@
 //! twice as long. The store share stays for the tools and the helper.
 //!
 //! The guest runs e2fsprogs and fdisk from Debian's packages in the store
-//! ([`crate::image_tools`]), through the dynamic loader of Debian's libc6 package with
+//! ([`crate::image::tools`]), through the dynamic loader of Debian's libc6 package with
 //! the packages' library directories, so nothing is installed on the host or in the
 //! guest. The host builder runs the very same programs, with the same options, the same
 //! staging tree and the same GRUB images, so both builders write the same bytes.
@@ -24,12 +24,12 @@ use anyhow::{bail, Context, Result};
 use guest::{Mode, Request, Status};
 use os_configs::System;
 
+use crate::image::tools::StoreTools;
 use crate::image::{self, Closure, ImageOptions, Progress};
-use crate::image_tools::StoreTools;
-use crate::qemu::{self, AccelChoice, Console, Disk, DiskFormat, Share, VmSpec};
 use crate::store::{self, Item, Store};
+use crate::vm::qemu::{self, AccelChoice, Console, Disk, DiskFormat, Share, VmSpec};
 use crate::vm::{shell_quote, Failure, Sink, VmRun};
-use crate::{host, system, Workspace};
+use crate::{host, lower::system, Workspace};
 
 /// Guest memory of the builder VM.
 const MEMORY_MIB: u32 = 512;

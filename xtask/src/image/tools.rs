@@ -17,7 +17,7 @@ use std::process::Command;
 use anyhow::{bail, ensure, Context, Result};
 
 use crate::store::{Item, Recipe, Store};
-use crate::{debian, image};
+use crate::{image, lower::debian};
 
 /// Debian packages the image tools come from: the programs' packages and the shared
 /// libraries their programs load (checked when the tools item is made).
@@ -220,7 +220,7 @@ fn check_libraries(tools: &Packages, program: &str) -> Result<()> {
         if !roots.iter().any(|r| Path::new(path).starts_with(r)) {
             bail!(
                 "`{program}` needs `{}`, which none of the image tools' Debian packages has (found: `{}`); \
-                 add its package to image_tools::PACKAGES",
+                 add its package to tools::PACKAGES",
                 lib.trim(),
                 rest.trim()
             );

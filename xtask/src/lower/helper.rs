@@ -25,7 +25,7 @@ pub fn build(store: &Store, ws: &Workspace, verbose: bool) -> Result<Item> {
     {
         return Ok(item);
     }
-    let binary = crate::packages::cargo_build_static(ws, "guest", "guest", &target_dir, RUSTFLAGS, verbose)
+    let binary = crate::lower::packages::cargo_build_static(ws, "guest", "guest", &target_dir, RUSTFLAGS, verbose)
         .context("building the guest helper")?;
     check_static(&binary)?;
     let recipe = Recipe::new("file", "guest-helper").input_content("content", &store::sha256_file(&binary)?);
