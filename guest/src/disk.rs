@@ -1,7 +1,7 @@
-//! Booting from a disk image (`cargo xtask vm-image`): find the root file system by
-//! UUID, mount it (read-only under a tmpfs overlay when volatile), make it `/`,
-//! optionally verify the store against the image's database, apply the system item's
-//! configuration and start its services, run the system's request and power off. No shares, no `/xchg`: everything comes from the disk.
+//! Booting from a disk image (`cargo xtask vm-image`): find the root file system by UUID, mount it
+//! (read-only under a tmpfs overlay when volatile), make it `/`, optionally verify the store
+//! against the image's database, apply the system item's configuration and start its services, run
+//! the system's request and power off. No shares, no `/xchg`: everything comes from the disk.
 
 use std::fs::{self, File};
 use std::io::{Read, Write};

@@ -13,10 +13,10 @@
 //!    holds what does not depend on packages (`/etc` files, home directories).
 //!    When the request names a system item, the helper applies that item's
 //!    [`SYSTEM_CONFIG_FILE`] ([`SystemConfig`]): host name, mounts, `/etc` files, home
-//!    directories (both skipped when they come from the root device), links, then starts the services and waits until each is up (a service
-//!    that exits before it is up, or is not up within [`SERVICE_READY_SECS`], is an
-//!    error). Then it runs the request's command (or shell). Services run on until the
-//!    end; their output goes to `/var/log/NAME.log`.
+//!    directories (both skipped when they come from the root device), links, then starts the
+//!    services and waits until each is up (a service that exits before it is up, or is not up
+//!    within [`SERVICE_READY_SECS`], is an error). Then it runs the request's command (or shell).
+//!    Services run on until the end; their output goes to `/var/log/NAME.log`.
 //! 4. It writes a [`Status`] line to [`STATUS_FILE`] in the exchange directory, syncs and
 //!    powers the VM off (`reboot(2)`; the host runs QEMU with `-no-reboot`). A missing
 //!    status file means the guest never finished: the host reports that as an error.

@@ -18,6 +18,7 @@ mod scenario;
 mod store;
 mod systems;
 mod test_cmd;
+mod tidy;
 mod trust;
 mod vm_image;
 mod warm;

@@ -39,8 +39,10 @@ fn workspace_service_answers_a_command() {
 
 #[test]
 fn users_groups_homes_and_hostname_are_as_declared() {
-    let script = "hostname; cat /etc/hostname; id alice; id hello; stat -c '%n %U:%G %a' /home/alice /var/lib/hello /root; \
-                  ps -o user,args | grep '[h]ello-service' | sed 's/ .*//'; mount | grep -c ' /var/cache/hello type tmpfs'";
+    let script = "hostname; cat /etc/hostname; id alice; id hello; \
+                  stat -c '%n %U:%G %a' /home/alice /var/lib/hello /root; \
+                  ps -o user,args | grep '[h]ello-service' | sed 's/ .*//'; \
+                  mount | grep -c ' /var/cache/hello type tmpfs'";
     let run = run_system("hello", &["sh", "-c", script]);
     run.expect_code(0);
     let expected = "hello-vm\nhello-vm\n\
@@ -207,7 +209,10 @@ fn edited_service_shows_new_behaviour_and_only_small_items_are_rebuilt() {
     assert!(status.success());
     // The answer, then where the root comes from: the shared-store image's partition,
     // read-only under the overlay.
-    let ask = format!("{ASK_HELLO}; grep -c '^overlay / overlay ' /proc/mounts; grep '^/dev/vda1 ' /proc/mounts | cut -d' ' -f1,3,4 | cut -d, -f1");
+    let ask = format!(
+        "{ASK_HELLO}; grep -c '^overlay / overlay ' /proc/mounts; \
+         grep '^/dev/vda1 ' /proc/mounts | cut -d' ' -f1,3,4 | cut -d, -f1"
+    );
     let args = ["run-vm", "--system", "hello", "--explain", "--timeout", TIMEOUT, "--", "sh", "-c", &ask];
     let root = "1\n/dev/vda1 ext4 ro\n";
 

@@ -67,7 +67,8 @@ fn a_failing_test_gives_101_and_its_panic_message() {
 #[test]
 fn cargo_runs_test_binaries_in_the_vm_through_its_runner() {
     let runner = format!(
-        "target.x86_64-unknown-linux-gnu.runner=[\"{}\", \"test-runner\", \"--system\", \"hello\", \"--timeout\", \"{TIMEOUT}\"]",
+        "target.x86_64-unknown-linux-gnu.runner=[\"{}\", \"test-runner\", \"--system\", \"hello\", \
+            \"--timeout\", \"{TIMEOUT}\"]",
         xtask_bin().display()
     );
     for (test, code, needle) in

@@ -63,7 +63,8 @@ pub const PROGRAMS: &[Program] = &[
     store(
         "qemu-system-x86_64",
         "qemu-system-x86",
-        "every VM when the host has no QEMU and xtask is not root, or with `--qemu store` (with its closure and firmware)",
+        "every VM when the host has no QEMU and xtask is not root, or with `--qemu store` (with its closure \
+            and firmware)",
     ),
     Program { name: "xtask", source: Source::Built, used_for: "bench: the subcommands measured" },
 ];

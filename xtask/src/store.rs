@@ -261,7 +261,8 @@ impl Store {
         }
         if moved > 0 {
             eprintln!(
-                "store: moved {moved} entries of an earlier layout into `{}/items` and `meta` (guests now see only items)",
+                "store: moved {moved} entries of an earlier layout into `{}/items` and `meta` (guests now see \
+                    only items)",
                 self.root.display()
             );
         }

@@ -501,7 +501,10 @@ fn cold_library_image(store: &Store, closure: &Closure) -> Result<Duration> {
     let tools = crate::image::tools::tools(store)?;
     let recipe = image::recipe(closure, &opts, &tools, &image::tool_versions(store, opts.format)?);
     let uuid = image::uuid_for(&recipe.hash());
-    let item = store.realise(&recipe, |out| image::build_on_host(store, closure, &opts, &uuid, &tools, out, quiet))?;
+    let item = store.realise(&recipe, |out| {
+        let job = image::ImageJob { store, closure, opts: &opts, uuid: &uuid, tools: &tools, progress: quiet };
+        image::build_on_host(&job, out)
+    })?;
     let took = start.elapsed();
     store.remove_entry(&item.file_name())?;
     Ok(took)

@@ -100,9 +100,11 @@ impl VmImage {
         let recipe = image::recipe(&closure, &opts, &tools, &versions);
         let uuid = image::uuid_for(&recipe.hash());
         let progress = Progress::for_stderr(self.verbose);
+        let job =
+            image::ImageJob { store: &store, closure: &closure, opts: &opts, uuid: &uuid, tools: &tools, progress };
         let build = |out: &std::path::Path| match self.builder {
-            Builder::Host => image::build_on_host(&store, &closure, &opts, &uuid, &tools, out, progress),
-            Builder::Vm => vm_builder::build(&store, ws, &closure, &opts, &uuid, &tools, out, progress),
+            Builder::Host => image::build_on_host(&job, out),
+            Builder::Vm => vm_builder::build(&job, ws, out),
         };
         let (item, outcome) = store.realise_with_outcome(&recipe, build)?;
         let path = image::image_path(&item, self.format);

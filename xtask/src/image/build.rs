@@ -7,8 +7,8 @@
 //! the file system with `mke2fs -d` straight into the partition's offset of the image
 //! file, GRUB's `boot.img` and `core.img` written into the file, `qemu-img convert` for
 //! qcow2. sfdisk, mke2fs, debugfs and grub-mkimage are Debian's, from the store
-//! ([`crate::image::tools`]), not the host's. Everything that would vary between builds is fixed: UUIDs, hash seed, disk
-//! identifier, timestamps and owners.
+//! ([`crate::image::tools`]), not the host's. Everything that would vary between builds
+//! is fixed: UUIDs, hash seed, disk identifier, timestamps and owners.
 
 use std::collections::BTreeSet;
 use std::fs::{self, File};
@@ -181,7 +181,9 @@ pub fn shared_store_image(store: &Store, system_name: &str, config: &guest::Syst
         fix_times(&root, &entries)?;
         let raw = scratch.path().join("disk.raw");
         let progress = Progress { steps: false, verbose: false, expected_bytes: 0 };
-        let built = write_raw(&raw, &root, &[], &owners, &layout, &uuid, &tools, None, progress);
+        let job =
+            RawImage { root: &root, mounts: &[], owners: &owners, layout, uuid: &uuid, tools: &tools, grub: None };
+        let built = write_raw(&raw, job, progress);
         store::remove_tree(&root)?;
         built?;
         store_disk(&raw, out, DiskFormat::Raw, progress)
@@ -492,17 +494,22 @@ impl Progress {
     }
 }
 
+/// One image to build, for either builder: the closure, the options, the UUID (from
+/// the recipe's hash) and the tools.
+#[derive(Clone, Copy)]
+pub struct ImageJob<'a> {
+    pub store: &'a Store,
+    pub closure: &'a Closure,
+    pub opts: &'a ImageOptions,
+    pub uuid: &'a str,
+    pub tools: &'a StoreTools,
+    pub progress: Progress,
+}
+
 /// Builds the image into the directory `out` (created), as `disk.FORMAT`, on the host.
 /// `scratch` holds the staging tree and the raw image meanwhile.
-pub fn build_on_host(
-    store: &Store,
-    closure: &Closure,
-    opts: &ImageOptions,
-    uuid: &str,
-    tools: &StoreTools,
-    out: &Path,
-    progress: Progress,
-) -> Result<()> {
+pub fn build_on_host(job: &ImageJob, out: &Path) -> Result<()> {
+    let ImageJob { store, closure, opts, uuid, tools, progress } = *job;
     let scratch = store.scratch("vm-image")?;
     let root = scratch.path().join("root");
     progress.step(&format!("staging the closure of `{}` ({} items)", closure.system_name, closure.items.len()));
@@ -533,7 +540,9 @@ pub fn build_on_host(
         eprintln!("  (the raw image is written to `{}`)", raw.display());
     }
     let grub = grub_boot_code(store, tools, progress)?;
-    let built = write_raw(&raw, &root, &mounts, &[], &opts.layout, uuid, tools, Some(grub), progress);
+    let job =
+        RawImage { root: &root, mounts: &mounts, owners: &[], layout: opts.layout, uuid, tools, grub: Some(grub) };
+    let built = write_raw(&raw, job, progress);
     // The staging tree has read-only directories; remove it before the TempDir tries.
     store::remove_tree(&root)?;
     built?;
@@ -679,22 +688,25 @@ pub(crate) fn list(dir: &Path, rel: &Path, out: &mut Vec<String>) -> Result<()> 
     Ok(())
 }
 
-/// Writes the raw image: partition table, file system of `root` (with `mounts` made
-/// for mke2fs: source, mount point), fixed inodes (owned by root but for `owners`: path
-/// relative to the root, uid, gid) and GRUB's boot code (MBR, core.img) if given.
-#[allow(clippy::too_many_arguments)]
-fn write_raw(
-    raw: &Path,
-    root: &Path,
-    mounts: &[host::BindMount],
-    owners: &[(String, u32, u32)],
-    layout: &Layout,
-    uuid: &str,
-    tools: &StoreTools,
+/// What [`write_raw`] writes.
+struct RawImage<'a> {
+    /// The staging tree the file system is made of.
+    root: &'a Path,
+    /// Bind mounts made for mke2fs: source, mount point.
+    mounts: &'a [host::BindMount],
+    /// Inodes not owned by root: path relative to the root, uid, gid.
+    owners: &'a [(String, u32, u32)],
+    layout: Layout,
+    uuid: &'a str,
+    tools: &'a StoreTools,
+    /// GRUB's boot code (MBR, core.img), if any.
     grub: Option<(Vec<u8>, Vec<u8>)>,
-    progress: Progress,
-) -> Result<()> {
-    let layout = *layout;
+}
+
+/// Writes the raw image `raw`: partition table, file system of the staging tree, fixed
+/// inodes and GRUB's boot code, as `job` says.
+fn write_raw(raw: &Path, job: RawImage, progress: Progress) -> Result<()> {
+    let RawImage { root, mounts, owners, layout, uuid, tools, grub } = job;
     let file = File::create(raw).with_context(|| format!("creating `{}`", raw.display()))?;
     file.set_len(layout.size).with_context(|| format!("sizing `{}`", raw.display()))?;
     drop(file);
@@ -990,9 +1002,13 @@ mod tests {
         let opts = ImageOptions { format: DiskFormat::Raw, layout, volatile: true, verify_store: false };
         let cfg = grub_cfg(&closure, &opts, "u-u");
         let hs = "h".repeat(32);
-        assert!(cfg.contains(&format!(
-            "    linux /store/k/boot/vmlinuz console=tty0 console=ttyS0 quiet vm.root=UUID=u-u vm.system=/store/{hs}-system-minimal vm.volatile vm.boot-check\n"
-        )), "{cfg}");
+        assert!(
+            cfg.contains(&format!(
+                "    linux /store/k/boot/vmlinuz console=tty0 console=ttyS0 quiet vm.root=UUID=u-u \
+             vm.system=/store/{hs}-system-minimal vm.volatile vm.boot-check\n"
+            )),
+            "{cfg}"
+        );
         assert!(cfg.contains("    initrd /store/i/initrd\n"), "{cfg}");
         assert!(cfg.contains("--fs-uuid --set=root u-u"), "{cfg}");
         assert!(!cfg.contains("verify-store"));

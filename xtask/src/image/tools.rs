@@ -190,7 +190,8 @@ pub fn tools(store: &Store) -> Result<StoreTools> {
             let script = format!(
                 "#!/bin/sh\n# {program} from Debian's packages in the store, through libc6's loader.\n\
                  s=$(cd \"${{0%/*}}/../..\" && pwd) || exit 127\n\
-                 MKE2FS_CONFIG=\"{conf}\" exec \"{loader}\" --inhibit-cache --library-path \"{lib_path}\" \"{prog}\" \"$@\"\n",
+                 MKE2FS_CONFIG=\"{conf}\" exec \"{loader}\" --inhibit-cache --library-path \"{lib_path}\" \
+                     \"{prog}\" \"$@\"\n",
             );
             let file = bin.join(program);
             fs::write(&file, script).with_context(|| format!("writing `{}`", file.display()))?;

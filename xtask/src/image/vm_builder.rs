@@ -25,8 +25,8 @@ use guest::{Mode, Request, Status};
 use os_configs::System;
 
 use crate::image::tools::StoreTools;
-use crate::image::{self, Closure, ImageOptions, Progress};
-use crate::store::{self, Item, Store};
+use crate::image::{self, Closure, ImageJob, ImageOptions, Progress};
+use crate::store::{self, Item};
 use crate::vm::qemu::{self, AccelChoice, Console, Disk, DiskFormat, Share, VmSpec};
 use crate::vm::{shell_quote, Failure, Sink, VmRun};
 use crate::{host, lower::system, Workspace};
@@ -40,17 +40,8 @@ const TIMEOUT: Duration = Duration::from_secs(30 * 60);
 const INPUT_DIR: &str = "in";
 
 /// Builds the image into `out` (created) as `disk.FORMAT`, in a VM.
-#[allow(clippy::too_many_arguments)]
-pub fn build(
-    store: &Store,
-    ws: &Workspace,
-    closure: &Closure,
-    opts: &ImageOptions,
-    uuid: &str,
-    tools: &StoreTools,
-    out: &Path,
-    progress: Progress,
-) -> Result<()> {
+pub fn build(job: &ImageJob, ws: &Workspace, out: &Path) -> Result<()> {
+    let ImageJob { store, closure, opts, uuid, tools, progress } = *job;
     let xchg = store.scratch("xchg")?;
     let input = xchg.path().join(INPUT_DIR);
     fs::create_dir_all(input.join("files"))?;

@@ -122,7 +122,8 @@ pub fn show(package: &str) -> Result<Stanza> {
             String::from_utf8_lossy(&out.stderr).trim()
         ),
         None => bail!(
-            "Debian package `{package}` is unknown to apt; check the name, or run `sudo apt-get update` if apt has never been updated here"
+            "Debian package `{package}` is unknown to apt; check the name, or run `sudo apt-get update` if \
+                apt has never been updated here"
         ),
     }
 }
@@ -475,7 +476,8 @@ mod tests {
     #[test]
     fn parses_apt_cache_show() {
         let text = "Package: linux-image-amd64\nSource: linux-signed-amd64 (6.1.192+2)\nVersion: 6.1.192-2\n\
-                    Architecture: amd64\nFilename: pool/main/l/linux-signed-amd64/linux-image-amd64_6.1.192-2_amd64.deb\n\
+                    Architecture: amd64\n\
+                    Filename: pool/main/l/linux-signed-amd64/linux-image-amd64_6.1.192-2_amd64.deb\n\
                     Depends: linux-image-6.1.0-56-amd64 (= 6.1.192-2), foo | bar\nSize: 1480\n\
                     SHA256: abc123\nDescription: x\n\nPackage: other\n";
         let s = parse_stanza(text).unwrap();

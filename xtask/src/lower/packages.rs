@@ -77,7 +77,10 @@ pub fn cargo_build_static(
     }
     let status = cmd.status().with_context(|| format!("running cargo to build `{bin}` of package `{package}`"))?;
     if !status.success() {
-        bail!("building `{bin}` of package `{package}` (`cargo build -p {package} --bin {bin} --target {TARGET}`) failed ({status})");
+        bail!(
+            "building `{bin}` of package `{package}` (`cargo build -p {package} --bin {bin} --target \
+            {TARGET}`) failed ({status})"
+        );
     }
     Ok(target_dir.join(TARGET).join("release").join(bin))
 }

@@ -63,7 +63,8 @@ pub fn problems(system: &System, facts: &mut dyn Facts) -> Result<Vec<Problem>> 
         problem(
             "file_systems".into(),
             "no file system is mounted on `/`".into(),
-            "add one whose mount_point is \"/\", e.g. FileSystem::block(\"/\", Device::Label(\"vmroot\".into()), \"ext4\")"
+            "add one whose mount_point is \"/\", e.g. FileSystem::block(\"/\", \
+                Device::Label(\"vmroot\".into()), \"ext4\")"
                 .into(),
         );
     }

@@ -419,7 +419,8 @@ mod tests {
             "-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
             "-m", "256",
             "-kernel", "/s/vmlinux", "-initrd", "/s/initrd",
-            "-append", "console=ttyS0 reboot=t panic=-1 quiet pci=off cryptomgr.notests rdinit=/init tsc_early_khz=2596122 foo=1",
+            "-append", "console=ttyS0 reboot=t panic=-1 quiet pci=off cryptomgr.notests rdinit=/init \
+                tsc_early_khz=2596122 foo=1",
             "-chardev", "file,id=console,path=/r/console", "-serial", "chardev:console",
             "-fsdev", "local,id=fs0,security_model=none,path=/s,readonly=on",
             "-device", "virtio-9p-device,fsdev=fs0,mount_tag=store",

@@ -269,10 +269,9 @@ impl VmRun<'_> {
         let elapsed = started.elapsed();
         match read_status(&self.xchg) {
             StatusFile::Found(bytes) => match Status::decode(&bytes) {
-                Ok(Status::Error(msg)) => bail!(
-                    "the guest helper failed: {msg}{}",
-                    self.console_note(&tail_text, &log_path)
-                ),
+                Ok(Status::Error(msg)) => {
+                    bail!("the guest helper failed: {msg}{}", self.console_note(&tail_text, &log_path))
+                }
                 Ok(status) => {
                     let _ = fs::remove_file(&log_path);
                     if self.verbose {
@@ -280,10 +279,9 @@ impl VmRun<'_> {
                     }
                     Ok(status)
                 }
-                Err(why) => bail!(
-                    "the guest wrote an invalid status: {why}{}",
-                    self.console_note(&tail_text, &log_path)
-                ),
+                Err(why) => {
+                    bail!("the guest wrote an invalid status: {why}{}", self.console_note(&tail_text, &log_path))
+                }
             },
             StatusFile::Refused(why) => bail!(
                 "the guest left an unusable status file (`{}` in the exchange directory): {why}; it was not read{}",
@@ -301,7 +299,8 @@ impl VmRun<'_> {
                 self.console_note(&tail_text, &log_path)
             ),
             StatusFile::Missing => bail!(
-                "the guest stopped without reporting a status (kernel panic, a crash of the guest helper, or out of memory?){}",
+                "the guest stopped without reporting a status (kernel panic, a crash of the guest helper, or \
+                    out of memory?){}",
                 self.console_note(&tail_text, &log_path)
             ),
         }
