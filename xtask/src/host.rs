@@ -39,6 +39,23 @@ pub fn command(program: impl AsRef<std::ffi::OsStr>) -> Command {
     cmd
 }
 
+/// Runs `cmd` to its end, its output captured; a failure (it could not start, or it
+/// exited unsuccessfully) names the program, its arguments and the tail of its stderr.
+pub fn run(cmd: &mut Command) -> Result<std::process::Output> {
+    let shown = std::iter::once(cmd.get_program())
+        .chain(cmd.get_args())
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect::<Vec<_>>()
+        .join(" ");
+    let out = cmd.stdin(Stdio::null()).output().with_context(|| format!("starting `{shown}`"))?;
+    if !out.status.success() {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let tail: Vec<&str> = stderr.lines().rev().take(10).collect::<Vec<_>>().into_iter().rev().collect();
+        bail!("`{shown}` failed ({}): {}", out.status, tail.join("\n"));
+    }
+    Ok(out)
+}
+
 /// Finds `program` on `PATH`.
 pub fn which(program: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;

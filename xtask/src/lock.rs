@@ -23,8 +23,8 @@
 //! The table's name is what a system asks for; `package` is what it resolved to (they
 //! differ for a metapackage such as `linux-image-amd64`).
 
+use fs_err as fs;
 use std::collections::BTreeMap;
-use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 

@@ -1,7 +1,7 @@
 //! Machine-readable results: what `--json` prints on stdout, one JSON document per run
 //! (and nothing else there).
 
-use std::fs;
+use fs_err as fs;
 use std::path::Path;
 use std::time::Instant;
 

@@ -15,7 +15,8 @@ pub mod ingest;
 
 pub use fd::{DirFd, Kind};
 
-use std::fs::{self, File};
+use fs_err as fs;
+use std::fs::File;
 use std::io::{self, Write};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -251,11 +252,11 @@ impl Store {
             // Moving a directory to another parent rewrites its `..`: it must be writable.
             let dir = fs::symlink_metadata(&from)?.is_dir();
             if dir {
-                fs::set_permissions(&from, fs::Permissions::from_mode(0o755))?;
+                fs::set_permissions(&from, std::fs::Permissions::from_mode(0o755))?;
             }
             fs::rename(&from, &to).with_context(|| format!("moving `{}` to `{}`", from.display(), to.display()))?;
             if dir {
-                fs::set_permissions(&to, fs::Permissions::from_mode(0o555))?;
+                fs::set_permissions(&to, std::fs::Permissions::from_mode(0o555))?;
             }
             moved += 1;
         }
@@ -468,7 +469,7 @@ impl Store {
             .with_context(|| format!("moving `{}` to `{}`", tmp.display(), item.path.display()))?;
         fault_point(4);
         if fs::symlink_metadata(&item.path)?.is_dir() {
-            fs::set_permissions(&item.path, fs::Permissions::from_mode(0o555))
+            fs::set_permissions(&item.path, std::fs::Permissions::from_mode(0o555))
                 .with_context(|| format!("making `{}` read-only", item.path.display()))?;
         }
         fd::sync_dir(&self.items_dir()).context("flushing the store's items directory")?;
@@ -497,13 +498,15 @@ impl Store {
             .with_context(|| format!("opening lock `{}`", path.display()))?;
         match file.try_lock() {
             Ok(()) => {}
-            Err(fs::TryLockError::WouldBlock) => {
+            Err(std::fs::TryLockError::WouldBlock) => {
                 if crate::progress::shown() {
                     eprintln!("waiting for another process building `{}`", item.name);
                 }
                 file.lock().with_context(|| format!("locking `{}`", path.display()))?;
             }
-            Err(fs::TryLockError::Error(e)) => return Err(e).with_context(|| format!("locking `{}`", path.display())),
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(e).with_context(|| format!("locking `{}`", path.display()))
+            }
         }
         Ok(file)
     }
@@ -723,7 +726,7 @@ fn canonicalize(path: &Path, top: bool) -> Result<()> {
         // The item's own directory stays writable until it has been moved into place
         // (moving a directory to another parent rewrites its `..`).
         let mode = if top && ft.is_dir() { mode | 0o200 } else { mode };
-        fs::set_permissions(path, fs::Permissions::from_mode(mode))
+        fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
             .with_context(|| format!("setting permissions of `{}`", path.display()))?;
     }
     let t = nix::sys::time::TimeSpec::new(FIXED_MTIME_SECS, 0);
@@ -847,13 +850,13 @@ mod tests {
         let _sound = build("sound");
         assert_eq!(store.verify().unwrap(), vec![]);
 
-        let writable = |p: &Path| fs::set_permissions(p, fs::Permissions::from_mode(0o755)).unwrap();
-        fs::set_permissions(flipped.path.join("a"), fs::Permissions::from_mode(0o644)).unwrap();
+        let writable = |p: &Path| fs::set_permissions(p, std::fs::Permissions::from_mode(0o755)).unwrap();
+        fs::set_permissions(flipped.path.join("a"), std::fs::Permissions::from_mode(0o644)).unwrap();
         fs::write(flipped.path.join("a"), "aaab").unwrap();
-        fs::set_permissions(flipped.path.join("a"), fs::Permissions::from_mode(0o444)).unwrap();
+        fs::set_permissions(flipped.path.join("a"), std::fs::Permissions::from_mode(0o444)).unwrap();
         writable(&deleted.path);
         fs::remove_file(deleted.path.join("b")).unwrap();
-        fs::set_permissions(&deleted.path, fs::Permissions::from_mode(0o555)).unwrap();
+        fs::set_permissions(&deleted.path, std::fs::Permissions::from_mode(0o555)).unwrap();
         writable(&stray.path);
         fs::write(stray.path.join("extra"), "x").unwrap();
         fs::create_dir(dir.path().join("junk")).unwrap();
@@ -890,7 +893,7 @@ mod tests {
         let outside = dir.path().join("outside");
         fs::create_dir(&outside).unwrap();
         fs::write(outside.join("keep"), "keep").unwrap();
-        fs::set_permissions(&outside, fs::Permissions::from_mode(0o555)).unwrap();
+        fs::set_permissions(&outside, std::fs::Permissions::from_mode(0o555)).unwrap();
         let root = dir.path().join("store");
         Store::open(&root, false).unwrap();
         // pid_max is at most 2^22: this process does not exist.
@@ -898,8 +901,8 @@ mod tests {
         fs::create_dir_all(scratch.join("out/deep")).unwrap();
         std::os::unix::fs::symlink(&outside, scratch.join("out/link")).unwrap();
         std::os::unix::fs::symlink(&outside, scratch.join("out/deep/link")).unwrap();
-        fs::set_permissions(scratch.join("out/deep"), fs::Permissions::from_mode(0o000)).unwrap();
-        fs::set_permissions(scratch.join("out"), fs::Permissions::from_mode(0o500)).unwrap();
+        fs::set_permissions(scratch.join("out/deep"), std::fs::Permissions::from_mode(0o000)).unwrap();
+        fs::set_permissions(scratch.join("out"), std::fs::Permissions::from_mode(0o500)).unwrap();
         Store::open(&root, false).unwrap();
         assert!(fs::symlink_metadata(&scratch).is_err(), "the dead run's scratch is still there");
         assert_eq!(fs::read_to_string(outside.join("keep")).unwrap(), "keep");
@@ -1003,7 +1006,7 @@ mod tests {
         fs::create_dir(&t).unwrap();
         fs::write(t.join("a"), "1").unwrap();
         let h1 = hash_path(&t).unwrap();
-        fs::set_permissions(t.join("a"), fs::Permissions::from_mode(0o755)).unwrap();
+        fs::set_permissions(t.join("a"), std::fs::Permissions::from_mode(0o755)).unwrap();
         let h2 = hash_path(&t).unwrap();
         assert_ne!(h1, h2);
         std::os::unix::fs::symlink("a", t.join("b")).unwrap();
@@ -1028,7 +1031,7 @@ mod tests {
                 for f in 0..50 {
                     fs::write(sub.join(format!("f{f}")), "x").unwrap();
                 }
-                fs::set_permissions(&sub, fs::Permissions::from_mode(0o555)).unwrap();
+                fs::set_permissions(&sub, std::fs::Permissions::from_mode(0o555)).unwrap();
             }
             let (a, b) = (tree.clone(), tree.clone());
             let one = std::thread::spawn(move || remove_tree(&a));

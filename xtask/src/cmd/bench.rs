@@ -2,7 +2,7 @@
 //! (a bare QEMU boot, `true`, ...) and prints ratios, so figures from a noisy, shared
 //! machine still compare. Writes `target/bench/latest.json`.
 
-use std::fs;
+use fs_err as fs;
 use std::io::BufWriter;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};

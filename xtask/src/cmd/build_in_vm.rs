@@ -2,8 +2,8 @@
 //! `$out` as a store item keyed by everything that went in (the reference's
 //! `expression->derivation-in-linux-vm`). Same inputs again: the stored item, no VM.
 
+use fs_err as fs;
 use std::ffi::OsStr;
-use std::fs;
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -325,7 +325,7 @@ pub fn add_path(store: &Store, path: &Path) -> Result<(Item, Option<String>)> {
         std::io::copy(&mut from, &mut to).with_context(|| format!("copying `{}`", path.display()))?;
         use std::os::unix::fs::PermissionsExt;
         let exec = from.metadata()?.permissions().mode() & 0o111 != 0;
-        to.set_permissions(fs::Permissions::from_mode(if exec { 0o755 } else { 0o644 }))?;
+        to.set_permissions(std::fs::Permissions::from_mode(if exec { 0o755 } else { 0o644 }))?;
         Some(file_name.clone())
     };
     let sha = store::hash_path(&copy)?;

@@ -10,8 +10,9 @@
 //! ([`crate::image::tools`]), not the host's. Everything that would vary between builds
 //! is fixed: UUIDs, hash seed, disk identifier, timestamps and owners.
 
+use fs_err as fs;
 use std::collections::BTreeSet;
-use std::fs::{self, File};
+use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -219,17 +220,17 @@ fn stage_skeleton(config: &guest::SystemConfig, root: &Path) -> Result<Vec<(Stri
             dir.push(part);
             if !dir.exists() {
                 fs::create_dir(&dir).with_context(|| format!("creating `{}`", dir.display()))?;
-                fs::set_permissions(&dir, fs::Permissions::from_mode(0o755))?;
+                fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))?;
             }
         }
         Ok(())
     };
     fs::create_dir(root).with_context(|| format!("creating `{}`", root.display()))?;
-    fs::set_permissions(root, fs::Permissions::from_mode(0o755))?;
+    fs::set_permissions(root, std::fs::Permissions::from_mode(0o755))?;
     for dir in SHARED_STORE_DIRS {
         mkdirs(Path::new(dir))?;
     }
-    fs::set_permissions(root.join("tmp"), fs::Permissions::from_mode(0o1777))?;
+    fs::set_permissions(root.join("tmp"), std::fs::Permissions::from_mode(0o1777))?;
     for f in &config.files {
         let rel = Path::new(f.path.trim_start_matches('/'));
         if let Some(parent) = rel.parent() {
@@ -237,13 +238,13 @@ fn stage_skeleton(config: &guest::SystemConfig, root: &Path) -> Result<Vec<(Stri
         }
         let path = root.join(rel);
         fs::write(&path, &f.contents).with_context(|| format!("writing `{}`", path.display()))?;
-        fs::set_permissions(&path, fs::Permissions::from_mode(f.mode))?;
+        fs::set_permissions(&path, std::fs::Permissions::from_mode(f.mode))?;
     }
     let mut owners = Vec::new();
     for h in &config.homes {
         let rel = h.path.trim_start_matches('/');
         mkdirs(Path::new(rel))?;
-        fs::set_permissions(root.join(rel), fs::Permissions::from_mode(0o700))?;
+        fs::set_permissions(root.join(rel), std::fs::Permissions::from_mode(0o700))?;
         owners.push((rel.to_string(), h.uid, h.gid));
     }
     Ok(owners)
@@ -608,10 +609,10 @@ pub(crate) fn stage(
     }
     // Modes set explicitly: what create_dir leaves depends on the caller's umask.
     for dir in std::iter::once(root.to_path_buf()).chain(dirs.iter().map(|d| root.join(d))) {
-        fs::set_permissions(&dir, fs::Permissions::from_mode(0o755))?;
+        fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))?;
     }
-    fs::set_permissions(root.join("tmp"), fs::Permissions::from_mode(0o1777))?;
-    fs::set_permissions(root.join("root"), fs::Permissions::from_mode(0o700))?;
+    fs::set_permissions(root.join("tmp"), std::fs::Permissions::from_mode(0o1777))?;
+    fs::set_permissions(root.join("root"), std::fs::Permissions::from_mode(0o700))?;
     fs::write(root.join("boot/grub/grub.cfg"), grub_cfg(closure, opts, uuid)).context("writing grub.cfg")?;
     let db = store_db(store, closure)?;
     fs::write(root.join(db_path), serde_json::to_vec_pretty(&db)?).context("writing the store database")?;
@@ -620,7 +621,7 @@ pub(crate) fn stage(
         if let Some(parent) = path.parent() {
             if !parent.exists() {
                 fs::create_dir_all(parent)?;
-                fs::set_permissions(parent, fs::Permissions::from_mode(0o755))?;
+                fs::set_permissions(parent, std::fs::Permissions::from_mode(0o755))?;
             }
         }
         std::os::unix::fs::symlink(target, &path).with_context(|| format!("linking `{link}` in the staging tree"))?;
@@ -654,7 +655,7 @@ fn link_tree(src: &Path, dst: &Path) -> Result<()> {
         for name in names {
             link_tree(&src.join(&name), &dst.join(&name))?;
         }
-        fs::set_permissions(dst, fs::Permissions::from_mode(meta.mode() & 0o7777))?;
+        fs::set_permissions(dst, std::fs::Permissions::from_mode(meta.mode() & 0o7777))?;
     } else if meta.is_symlink() {
         std::os::unix::fs::symlink(fs::read_link(src)?, dst)
             .with_context(|| format!("creating link `{}`", dst.display()))?;

@@ -9,7 +9,7 @@
 //! store from its own path (`bin/` of an item in the store's directory of items), so the
 //! same script runs in the guest (`/store/...`) and on the host.
 
-use std::fs;
+use fs_err as fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -195,7 +195,7 @@ pub fn tools(store: &Store) -> Result<StoreTools> {
             );
             let file = bin.join(program);
             fs::write(&file, script).with_context(|| format!("writing `{}`", file.display()))?;
-            fs::set_permissions(&file, fs::Permissions::from_mode(0o755))?;
+            fs::set_permissions(&file, std::fs::Permissions::from_mode(0o755))?;
         }
         Ok(())
     })?;

@@ -15,7 +15,7 @@
 //! guest. The host builder runs the very same programs, with the same options, the same
 //! staging tree and the same GRUB images, so both builders write the same bytes.
 
-use std::fs;
+use fs_err as fs;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::time::Duration;
@@ -299,9 +299,9 @@ mod tests {
         fs::create_dir_all(&files).unwrap();
         fs::write(root.join("boot/grub/grub.cfg"), "cfg").unwrap();
         fs::write(root.join("store/h-item/bin/x"), "x").unwrap();
-        fs::set_permissions(root.join("boot/grub/grub.cfg"), fs::Permissions::from_mode(0o644)).unwrap();
-        fs::set_permissions(root.join("boot"), fs::Permissions::from_mode(0o755)).unwrap();
-        fs::set_permissions(root.join("boot/grub"), fs::Permissions::from_mode(0o700)).unwrap();
+        fs::set_permissions(root.join("boot/grub/grub.cfg"), std::fs::Permissions::from_mode(0o644)).unwrap();
+        fs::set_permissions(root.join("boot"), std::fs::Permissions::from_mode(0o755)).unwrap();
+        fs::set_permissions(root.join("boot/grub"), std::fs::Permissions::from_mode(0o700)).unwrap();
         std::os::unix::fs::symlink("/store/h-item/bin", root.join("bin")).unwrap();
         let mut entries = Vec::new();
         image::list(&root, Path::new(""), &mut entries).unwrap();

@@ -5,7 +5,7 @@
 //! checked against the pin and unpacked with `dpkg-deb -x`; no root is needed for any
 //! of it.
 
-use std::fs;
+use fs_err as fs;
 use std::path::Path;
 use std::process::Stdio;
 
@@ -197,8 +197,7 @@ pub fn unpacked(store: &Store, pin: &Pin) -> Result<Item> {
         let scratch = store.scratch(&pin.package)?;
         let deb = download(pin, scratch.path())?;
         let _step = crate::progress::step(&format!("unpacking Debian package {} {}", pin.package, pin.version));
-        let status = host::command("dpkg-deb").arg("-x").arg(&deb).arg(out).status().context("running dpkg-deb")?;
-        ensure!(status.success(), "`dpkg-deb -x {}` failed ({status})", deb.display());
+        host::run(host::command("dpkg-deb").arg("-x").arg(&deb).arg(out))?;
         // While the .deb is here: what its maintainer script would link.
         alternatives_from(store, pin, &deb)?;
         Ok(())
@@ -239,13 +238,7 @@ pub fn alternatives(store: &Store, pin: &Pin) -> Result<Item> {
 fn alternatives_from(store: &Store, pin: &Pin, deb: &Path) -> Result<Item> {
     store.realise(&alternatives_recipe(pin), |out| {
         let control = store.scratch("control")?;
-        let status = host::command("dpkg-deb")
-            .arg("-e")
-            .arg(deb)
-            .arg(control.path().join("c"))
-            .status()
-            .context("running dpkg-deb")?;
-        ensure!(status.success(), "`dpkg-deb -e {}` failed ({status})", deb.display());
+        host::run(host::command("dpkg-deb").arg("-e").arg(deb).arg(control.path().join("c")))?;
         let postinst = fs::read_to_string(control.path().join("c/postinst")).unwrap_or_default();
         let lines: String = parse_alternatives(&postinst)
             .iter()

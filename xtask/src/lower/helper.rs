@@ -2,7 +2,7 @@
 //! store by content. A fingerprint of its sources (paths, sizes, mtimes) lets an
 //! unchanged helper skip the cargo invocation altogether on the hot path.
 
-use std::fs;
+use fs_err as fs;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};

@@ -1,7 +1,7 @@
 //! The initrd: an uncompressed cpio archive holding the guest helper as `/init` and the
 //! kernel modules the VM's devices need, in load order.
 
-use std::fs;
+use fs_err as fs;
 use std::io::BufWriter;
 
 use anyhow::{Context, Result};

@@ -2,8 +2,8 @@
 //! `vmlinux` that boots fast, and kernel-module dependency closures read from each
 //! module's `.modinfo` (Debian ships no `modules.dep`).
 
+use fs_err as fs;
 use std::collections::{BTreeMap, BTreeSet};
-use std::fs;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};

@@ -4,8 +4,8 @@
 //! its interpreter). Each is a store item; an item's references (a program's libraries)
 //! are recorded as `ref` inputs of its recipe, so [`Store::closure`] computes closures.
 
+use fs_err as fs;
 use std::collections::{BTreeMap, BTreeSet};
-use std::fs;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};

@@ -3,7 +3,7 @@
 //! them together for the guest helper (`system.json`: `/etc` files, users, mounts,
 //! services).
 
-use std::fs;
+use fs_err as fs;
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};

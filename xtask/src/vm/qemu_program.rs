@@ -8,7 +8,7 @@
 //! `qemu-store` item (`bin/qemu-system-x86_64`) that finds the store from its own path,
 //! so every caller (VMs, snapshots, the bench, `run-vm.sh`) runs it as a plain program.
 
-use std::fs;
+use fs_err as fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::sync::OnceLock;
@@ -161,7 +161,7 @@ pub fn from_store(store: &Store) -> Result<Item> {
         fs::create_dir_all(&bin)?;
         let file = bin.join(host::QEMU_SYSTEM.program);
         fs::write(&file, &script).with_context(|| format!("writing `{}`", file.display()))?;
-        fs::set_permissions(&file, fs::Permissions::from_mode(0o755))?;
+        fs::set_permissions(&file, std::fs::Permissions::from_mode(0o755))?;
         Ok(())
     })
 }

@@ -17,8 +17,8 @@
 //! arithmetic ([`STATUS_FUNCTION`]); guest text is shown with anything but printable
 //! ASCII replaced.
 
+use fs_err as fs;
 use std::ffi::OsString;
-use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
@@ -50,7 +50,7 @@ pub fn script_item(
     let recipe = Recipe::new("run-vm-script", &format!("run-vm-{system_name}.sh")).param("script", text.clone());
     store.realise(&recipe, |out| {
         fs::write(out, &text).with_context(|| format!("writing `{}`", out.display()))?;
-        fs::set_permissions(out, fs::Permissions::from_mode(0o755))?;
+        fs::set_permissions(out, std::fs::Permissions::from_mode(0o755))?;
         Ok(())
     })
 }

@@ -12,8 +12,8 @@
 //! clock and fresh random bytes. A snapshot that fails to load is removed, said in one
 //! line, and the run boots cold.
 
+use fs_err as fs;
 use std::ffi::OsString;
-use std::fs;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};

@@ -13,9 +13,9 @@
 //! packages first) wins, as a program declared by the system wins over busybox's applet
 //! of the same name, which comes last.
 
+use fs_err as fs;
 use std::collections::BTreeMap;
 use std::ffi::OsString;
-use std::fs;
 use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
 
