@@ -30,6 +30,8 @@ const LIB_DIRS: &[&str] = &["lib/x86_64-linux-gnu", "usr/lib/x86_64-linux-gnu"];
 /// iPXE's option ROMs.
 const DATA_DIRS: &[(&str, &str)] =
     &[("qemu-system-data", "usr/share/qemu"), ("seabios", "usr/share/seabios"), ("ipxe-qemu", "usr/lib/ipxe/qemu")];
+/// In the wrapper's item: a link to libc6's loader named as QEMU.
+const LOADER_LINK: &str = "libexec/qemu-system-x86_64";
 /// The program, inside qemu-system-x86.
 const QEMU_BIN: &str = "usr/bin/qemu-system-x86_64";
 /// QEMU's loadable modules (the TCG accelerator is one), in qemu-system-common.
@@ -129,8 +131,8 @@ pub fn from_store(store: &Store) -> Result<Item> {
     let script = format!(
         "#!/bin/sh\n# qemu-system-x86_64 from Debian's packages in the store, through libc6's loader.\n\
          s=$(cd \"${{0%/*}}/../..\" && pwd) || exit 127\n\
-         QEMU_MODULE_DIR=\"{modules}\" exec \"{}\" --inhibit-cache --library-path \"{}\" \"{}\" {} \"$@\"\n",
-        rel(libc6, LOADER),
+         QEMU_MODULE_DIR=\"{modules}\" exec \"${{0%/*}}/../{LOADER_LINK}\" --inhibit-cache --library-path \"{}\" \
+         \"{}\" {} \"$@\"\n",
         libs.join(":"),
         rel(qemu, QEMU_BIN),
         data.join(" ")
@@ -159,6 +161,11 @@ pub fn from_store(store: &Store) -> Result<Item> {
         }
         let bin = out.join("bin");
         fs::create_dir_all(&bin)?;
+        // The loader under QEMU's name: the process's name is the file it was started
+        // from, so QEMU shows as `qemu-system-x86` (in `ps`, to `pkill`), not `ld-linux`.
+        let link = out.join(LOADER_LINK);
+        fs::create_dir_all(link.parent().context("a parent")?)?;
+        std::os::unix::fs::symlink(format!("../../{}/{LOADER}", libc6.file_name()), &link)?;
         let file = bin.join(host::QEMU_SYSTEM.program);
         fs::write(&file, &script).with_context(|| format!("writing `{}`", file.display()))?;
         fs::set_permissions(&file, std::fs::Permissions::from_mode(0o755))?;
