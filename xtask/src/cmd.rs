@@ -20,7 +20,7 @@ use os_configs::{Kernel, System};
 use crate::host;
 use crate::lower::system::Lowered;
 use crate::store::Store;
-use crate::vm::qemu::{self, Accel, AccelChoice, Console, Share, VmSpec};
+use crate::vm::qemu::{Accel, AccelChoice, Share, VmSpec};
 use crate::vm::Failure;
 use crate::Workspace;
 
@@ -94,26 +94,13 @@ impl VmOpts {
 
     /// The QEMU configuration for booting `lowered` with the store and `xchg` shared.
     pub fn spec(&self, accel: Accel, store: &Store, lowered: &Lowered, xchg: PathBuf) -> VmSpec {
+        let shares = vec![
+            Share { tag: guest::STORE_TAG.into(), path: store.items_dir(), readonly: true },
+            Share { tag: guest::XCHG_TAG.into(), path: xchg, readonly: false },
+        ];
         VmSpec {
-            accel,
-            memory_mib: self.memory,
-            kernel: lowered.boot_image.clone(),
-            initrd: lowered.initrd.path.join("initrd"),
-            kernel_args: lowered.kernel_args.clone(),
-            tsc_khz: if accel == Accel::Tcg { qemu::host_tsc_khz() } else { None },
-            console: Console::Stdio,
-            shares: vec![
-                Share { tag: guest::STORE_TAG.into(), path: store.items_dir(), readonly: true },
-                Share { tag: guest::XCHG_TAG.into(), path: xchg, readonly: false },
-            ],
-            disks: Vec::new(),
-            ports: Vec::new(),
             sandbox: host::qemu_supports_sandbox(&store.cache_dir()),
-            forwards: Vec::new(),
-            outside: false,
-            control: None,
-            lans: Vec::new(),
-            snapshot_port: None,
+            ..VmSpec::direct(accel, self.memory, crate::lower::system::boot_of(lowered), shares)
         }
     }
 }

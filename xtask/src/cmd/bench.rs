@@ -98,22 +98,14 @@ impl Bench {
         })?;
         let floor_initrd = floor_initrd(&store, &lowered.kernel)?;
         let floor_spec = |xchg: &Path| VmSpec {
-            accel,
-            memory_mib: self.vm.memory,
-            kernel: lowered.boot_image.clone(),
-            initrd: floor_initrd.path.join("initrd"),
-            kernel_args: Vec::new(),
-            tsc_khz: if accel == Accel::Tcg { qemu::host_tsc_khz() } else { None },
             console: Console::File(xchg.join("console")),
-            shares: vec![Share { tag: guest::XCHG_TAG.into(), path: xchg.to_path_buf(), readonly: false }],
-            disks: Vec::new(),
-            ports: Vec::new(),
             sandbox: host::qemu_supports_sandbox(&store.cache_dir()),
-            forwards: Vec::new(),
-            outside: false,
-            control: None,
-            lans: Vec::new(),
-            snapshot_port: None,
+            ..VmSpec::direct(
+                accel,
+                self.vm.memory,
+                (lowered.boot_image.clone(), floor_initrd.path.join("initrd"), Vec::new()),
+                vec![Share { tag: guest::XCHG_TAG.into(), path: xchg.to_path_buf(), readonly: false }],
+            )
         };
         let scratch = store.scratch("bench")?;
         let floor = measure(warmup, runs, || {

@@ -7,7 +7,7 @@ use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
-use guest::{Mode, Request, Status};
+use guest::{Request, Status};
 
 use super::{is_env_name, parse_bounded_size, parse_key_value, usage_error, VmOpts};
 use crate::report::ItemReport;
@@ -122,20 +122,6 @@ impl BuildInVm {
                 None => None,
             };
             let request = Request {
-                version: guest::PROTOCOL_VERSION,
-                mode: Mode::Command,
-                argv: self.command.clone(),
-                env: env.clone(),
-                cwd: "/tmp".into(),
-                links: lowered.links.clone(),
-                dirs: Vec::new(),
-                hostname: "builder".into(),
-                stdout_port: None,
-                stderr_port: None,
-                system: None,
-                argv_file: None,
-                root_device: None,
-                mounts: Vec::new(),
                 nets: if self.net {
                     vec![guest::NetConfig {
                         interface: qemu::GUEST_INTERFACE.into(),
@@ -146,6 +132,7 @@ impl BuildInVm {
                 } else {
                     Vec::new()
                 },
+                ..system::command_request(&lowered, self.command.clone(), env.clone(), "builder")
             };
             if self.vm.explain {
                 eprintln!("vm: booting to build `{}`", self.name);

@@ -21,13 +21,13 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use guest::{Mode, Request, Status};
+use guest::Status;
 use os_configs::System;
 
 use crate::image::tools::StoreTools;
 use crate::image::{self, Closure, ImageJob, ImageOptions, Progress};
 use crate::store::{self, Item};
-use crate::vm::qemu::{self, AccelChoice, Console, Disk, DiskFormat, Share, VmSpec};
+use crate::vm::qemu::{self, AccelChoice, Disk, DiskFormat, Share, VmSpec};
 use crate::vm::{shell_quote, Failure, Sink, VmRun};
 use crate::{host, lower::system, Workspace};
 
@@ -82,50 +82,24 @@ pub fn build(job: &ImageJob, ws: &Workspace, out: &Path) -> Result<()> {
     let lowered = system::lower(store, ws, &builder, progress.verbose)
         .with_context(|| format!("lowering system `{}` to build the image in", builder.name))?;
     let accel = qemu::choose_accel(AccelChoice::Auto)?;
+    let shares = vec![
+        Share { tag: guest::STORE_TAG.into(), path: store.items_dir(), readonly: true },
+        Share { tag: guest::XCHG_TAG.into(), path: xchg.path().to_path_buf(), readonly: false },
+    ];
     let spec = VmSpec {
-        accel,
-        memory_mib: MEMORY_MIB,
-        kernel: lowered.boot_image.clone(),
-        initrd: lowered.initrd.path.join("initrd"),
-        kernel_args: lowered.kernel_args.clone(),
-        tsc_khz: if accel == qemu::Accel::Tcg { qemu::host_tsc_khz() } else { None },
-        console: Console::Stdio,
-        shares: vec![
-            Share { tag: guest::STORE_TAG.into(), path: store.items_dir(), readonly: true },
-            Share { tag: guest::XCHG_TAG.into(), path: xchg.path().to_path_buf(), readonly: false },
-        ],
         disks: vec![
             Disk { path: disk.clone(), format: DiskFormat::Raw, readonly: false },
             Disk { path: closure_disk.clone(), format: DiskFormat::Raw, readonly: true },
         ],
-        ports: Vec::new(),
         sandbox: host::qemu_supports_sandbox(&store.cache_dir()),
-        forwards: Vec::new(),
-        outside: false,
-        control: None,
-        lans: Vec::new(),
-        snapshot_port: None,
+        ..VmSpec::direct(accel, MEMORY_MIB, system::boot_of(&lowered), shares)
     };
-    let request = Request {
-        version: guest::PROTOCOL_VERSION,
-        mode: Mode::Command,
-        argv: vec!["/bin/sh".into(), format!("{}/{INPUT_DIR}/build.sh", guest::XCHG_MOUNT)],
-        env: vec![
-            ("PATH".into(), format!("{}/bin:{}", tools.wrappers.guest_path(), lowered.path)),
-            ("HOME".into(), "/tmp".into()),
-        ],
-        cwd: "/tmp".into(),
-        links: lowered.links.clone(),
-        dirs: Vec::new(),
-        hostname: "image-builder".into(),
-        stdout_port: None,
-        stderr_port: None,
-        system: None,
-        argv_file: None,
-        root_device: None,
-        mounts: Vec::new(),
-        nets: Vec::new(),
-    };
+    let argv = vec!["/bin/sh".into(), format!("{}/{INPUT_DIR}/build.sh", guest::XCHG_MOUNT)];
+    let env = vec![
+        ("PATH".into(), format!("{}/bin:{}", tools.wrappers.guest_path(), lowered.path)),
+        ("HOME".into(), "/tmp".into()),
+    ];
+    let request = system::command_request(&lowered, argv, env, "image-builder");
     progress.step(&format!(
         "booting a VM to partition the disk, make the file system ({} MiB) with the closure and install GRUB",
         opts.layout.size >> 20

@@ -324,6 +324,34 @@ pub fn busybox(store: &Store) -> Result<Item> {
     })
 }
 
+/// The request that runs `argv` (a command, no system item) with `env` in `/tmp`, as the
+/// builder VMs do; callers add what differs with struct update syntax.
+pub fn command_request(lowered: &Lowered, argv: Vec<String>, env: Vec<(String, String)>, hostname: &str) -> Request {
+    Request {
+        version: guest::PROTOCOL_VERSION,
+        mode: Mode::Command,
+        argv,
+        env,
+        cwd: "/tmp".into(),
+        links: lowered.links.clone(),
+        dirs: Vec::new(),
+        hostname: hostname.into(),
+        stdout_port: None,
+        stderr_port: None,
+        system: None,
+        argv_file: None,
+        root_device: None,
+        mounts: Vec::new(),
+        nets: Vec::new(),
+    }
+}
+
+/// The boot triple of a lowered system for [`crate::vm::qemu::VmSpec::direct`]: kernel,
+/// initrd, kernel arguments.
+pub fn boot_of(lowered: &Lowered) -> (PathBuf, PathBuf, Vec<String>) {
+    (lowered.boot_image.clone(), lowered.initrd.path.join("initrd"), lowered.kernel_args.clone())
+}
+
 /// The request that runs `argv` as root on a lowered system (a shell on the console when
 /// interactive), with `TERM` set to `term`. Links come from the system's configuration
 /// or its image, so the request makes none; callers set `system` and `root_device`.

@@ -160,6 +160,33 @@ pub struct VmSpec {
     pub snapshot_port: Option<PathBuf>,
 }
 
+impl VmSpec {
+    /// A VM that boots `kernel` and `initrd` directly, with `shares` and nothing else: no
+    /// disk, port or network, the console on stdio (change what differs with struct
+    /// update syntax).
+    pub fn direct(accel: Accel, memory_mib: u32, boot: (PathBuf, PathBuf, Vec<String>), shares: Vec<Share>) -> VmSpec {
+        let (kernel, initrd, kernel_args) = boot;
+        VmSpec {
+            accel,
+            memory_mib,
+            kernel,
+            initrd,
+            kernel_args,
+            tsc_khz: if accel == Accel::Tcg { host_tsc_khz() } else { None },
+            console: Console::Stdio,
+            shares,
+            disks: Vec::new(),
+            ports: Vec::new(),
+            sandbox: false,
+            forwards: Vec::new(),
+            outside: false,
+            control: None,
+            lans: Vec::new(),
+            snapshot_port: None,
+        }
+    }
+}
+
 /// One network interface on a LAN of xtask's hub: QEMU's `dgram` netdev bound at
 /// `local`, sending to the hub's socket `hub`.
 #[derive(Debug, Clone, PartialEq, Eq)]
