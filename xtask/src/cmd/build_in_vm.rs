@@ -7,14 +7,14 @@ use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
-use guest::{Request, Status};
+use guest::Request;
 
 use super::{is_env_name, parse_bounded_size, parse_key_value, usage_error, VmOpts};
 use crate::report::ItemReport;
 use crate::store::ingest::{self, Limits};
 use crate::store::{self, DirFd, Item, Recipe, Store};
 use crate::vm::qemu::{self, Disk, DiskFormat};
-use crate::vm::{Failure, Sink, VmRun};
+use crate::vm::{Sink, VmRun};
 use crate::{host, lower::system, Workspace};
 
 /// Default size of the fresh disk given with `--disk-image` (as in the reference).
@@ -153,24 +153,7 @@ impl BuildInVm {
                 snapshots: Some((store.clone(), self.vm.warmth())),
             }
             .run()?;
-            match status {
-                Status::Exited(0) => {}
-                Status::Exited(code) => {
-                    return Err(Failure {
-                        code,
-                        message: format!("the build command exited with status {code}; nothing was stored"),
-                    }
-                    .into())
-                }
-                Status::Signaled(sig) => {
-                    return Err(Failure {
-                        code: 128 + sig,
-                        message: format!("the build command was killed by signal {sig}; nothing was stored"),
-                    }
-                    .into())
-                }
-                Status::Error(msg) => bail!("the guest helper failed: {msg}"),
-            }
+            crate::vm::require_success(&status, "the build command", "; nothing was stored")?;
             // The guest is gone: copy what it left, through descriptors, into the new item.
             let xchg_dir = DirFd::open(xchg.path()).context("opening the exchange directory")?;
             let out_fd = xchg_dir.open_dir(OsStr::new("out")).map_err(|e| {

@@ -204,18 +204,12 @@ impl RunVm {
 
 /// The exit status xtask reports for a guest status; a signal death is never success.
 pub fn exit_code(status: &Status, argv: &[String]) -> i32 {
-    match status {
-        Status::Exited(code) => *code,
-        Status::Signaled(sig) => {
-            let name = nix::sys::signal::Signal::try_from(*sig).map(|s| s.as_str()).unwrap_or("?");
-            eprintln!("error: `{}` was killed by signal {sig} ({name}) in the guest", argv.join(" "));
-            128 + sig
-        }
-        Status::Error(msg) => {
-            eprintln!("error: {msg}");
-            1
-        }
+    let (code, message) = crate::vm::exit_status(status, &format!("`{}`", argv.join(" ")));
+    // A command's own non-zero exit is its business, as in a shell: said only otherwise.
+    if let (Some(message), false) = (message, matches!(status, Status::Exited(_))) {
+        eprintln!("error: {message}");
     }
+    code
 }
 
 #[cfg(test)]

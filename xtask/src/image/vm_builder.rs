@@ -21,14 +21,13 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use guest::Status;
 use os_configs::System;
 
 use crate::image::tools::StoreTools;
 use crate::image::{self, Closure, ImageJob, ImageOptions, Progress};
 use crate::store::{self, Item};
 use crate::vm::qemu::{self, AccelChoice, Disk, DiskFormat, Share, VmSpec};
-use crate::vm::{shell_quote, Failure, Sink, VmRun};
+use crate::vm::{shell_quote, Sink, VmRun};
 use crate::{host, lower::system, Workspace};
 
 /// Guest memory of the builder VM.
@@ -120,20 +119,7 @@ pub fn build(job: &ImageJob, ws: &Workspace, out: &Path) -> Result<()> {
     }
     .run()
     .context("building the image in a VM")?;
-    match status {
-        Status::Exited(0) => {}
-        Status::Exited(code) => {
-            return Err(Failure {
-                code: 1,
-                message: format!(
-                    "building the image in a VM: the build script exited with status {code}; nothing was stored"
-                ),
-            }
-            .into())
-        }
-        Status::Signaled(sig) => bail!("building the image in a VM: the build script was killed by signal {sig}"),
-        Status::Error(msg) => bail!("building the image in a VM: the guest helper failed: {msg}"),
-    }
+    crate::vm::require_success(&status, "building the image in a VM: the build script", "; nothing was stored")?;
     image::store_disk(&disk, out, opts.format, progress)
 }
 

@@ -744,6 +744,31 @@ pub fn shell_quote(s: &str) -> String {
     }
 }
 
+/// The one mapping from a guest's status to xtask's exit status, as a shell maps a
+/// command's: its exit code; 128 + the signal that killed it; 1 when the guest helper
+/// itself failed. With it, what to say when the status is not 0 (`what` names the
+/// command: "the build command", "`uname -r`").
+pub fn exit_status(status: &Status, what: &str) -> (i32, Option<String>) {
+    match status {
+        Status::Exited(0) => (0, None),
+        Status::Exited(code) => (*code, Some(format!("{what} exited with status {code}"))),
+        Status::Signaled(sig) => {
+            let name = nix::sys::signal::Signal::try_from(*sig).map(|s| s.as_str()).unwrap_or("?");
+            (128 + sig, Some(format!("{what} was killed by signal {sig} ({name}) in the guest")))
+        }
+        Status::Error(msg) => (1, Some(format!("the guest helper failed: {msg}"))),
+    }
+}
+
+/// [`exit_status`] as a result: `Ok` for status 0, else a [`Failure`] with that exit
+/// status, its message followed by `then` ("; nothing was stored").
+pub fn require_success(status: &Status, what: &str, then: &str) -> Result<()> {
+    match exit_status(status, what) {
+        (0, _) => Ok(()),
+        (code, message) => Err(Failure { code, message: format!("{}{then}", message.unwrap_or_default()) }.into()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
