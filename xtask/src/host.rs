@@ -190,11 +190,8 @@ pub fn remembered(
         return Ok(answer);
     }
     let answer = ask()?;
-    // Whole or not at all: another xtask may be reading it.
-    let tmp = memo.with_extension(format!("{}", std::process::id()));
-    if std::fs::write(&tmp, format!("{key}{answer}")).is_err() || std::fs::rename(&tmp, &memo).is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
+    // Whole or not at all: another xtask may be reading it. Only speed depends on it.
+    let _ = crate::store::write_atomically(&memo, format!("{key}{answer}").as_bytes());
     Ok(answer)
 }
 

@@ -173,9 +173,7 @@ pub fn read(path: &Path) -> Result<Pins> {
 }
 
 fn write(path: &Path, pins: &Pins) -> Result<()> {
-    let tmp = path.with_extension(format!("lock.{}", std::process::id()));
-    fs::write(&tmp, format(pins)).with_context(|| format!("writing `{}`", tmp.display()))?;
-    fs::rename(&tmp, path).with_context(|| format!("writing `{}`", path.display()))
+    crate::store::write_atomically(path, format(pins).as_bytes())
 }
 
 /// Holds the lock of the lock file's directory (`flock`): its writers take it.

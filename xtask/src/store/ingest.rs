@@ -80,22 +80,30 @@ pub fn resolve<'a>(tree: &'a Tree, dir: &[OsString], target: &'a OsStr) -> Resul
     let mut cur: Vec<OsString> = dir.to_vec();
     let mut todo: VecDeque<Component<'a>> = VecDeque::new();
     let mut hops = 0;
+    // Split at every `/` by hand: `Path::components` drops a `.` or an empty name after
+    // the first, which the kernel does not (`file/.` and `file/` are not `file`: the
+    // name before them must be a directory).
     fn expand<'a>(todo: &mut VecDeque<Component<'a>>, text: &'a OsStr) -> Result<(), Unresolved> {
-        let path = Path::new(text);
-        if path.has_root() {
+        use std::os::unix::ffi::OsStrExt;
+        if text.as_bytes().first() == Some(&b'/') {
             return Err(Unresolved::Absolute);
         }
         if text.is_empty() {
             return Err(Unresolved::Missing);
         }
-        for c in path.components().rev() {
-            todo.push_front(c);
+        for part in text.as_bytes().split(|b| *b == b'/').rev() {
+            todo.push_front(match part {
+                b"" | b"." => Component::CurDir,
+                b".." => Component::ParentDir,
+                name => Component::Normal(OsStr::from_bytes(name)),
+            });
         }
         Ok(())
     }
     expand(&mut todo, target)?;
     while let Some(c) = todo.pop_front() {
         match c {
+            // `cur` is always a directory: a `.` after a file was caught below.
             Component::CurDir => {}
             Component::ParentDir => {
                 if cur.pop().is_none() {
@@ -419,6 +427,9 @@ mod tests {
         assert!(try_tree(None, &[Dir(s("a/b")), File(s("f")), Link(s("a/b/l"), s("../../f"))]));
         assert!(!try_tree(None, &[Dir(s("a/b")), Link(s("a/b/x"), s("../../.."))]));
         assert!(!try_tree(None, &[Dir(s("a/b")), Link(s("a/up"), s("..")), Link(s("a/b/x"), s("../up/../../x"))]));
+        // A name after which `.` or `/` comes must be a directory (the case proptest found).
+        assert!(!try_tree(None, &[File(s("b")), Link(s("x"), s("b/."))]));
+        assert!(!try_tree(None, &[File(s("b")), Link(s("x"), s("b/"))]));
         assert!(!try_tree(None, &[Link(s("abs"), s("/etc/shadow"))]));
         assert!(!try_tree(None, &[Link(s("l1"), s("l2")), Link(s("l2"), s("l1"))]));
         assert!(!try_tree(None, &[Fifo(s("p"))]));

@@ -552,10 +552,7 @@ impl Drop for QemuGuard {
 /// Writes the request where the guest helper reads it, whole or not at all (it may be
 /// looking for it already).
 pub fn write_request(xchg: &Path, request: &Request) -> Result<()> {
-    let path = xchg.join(guest::REQUEST_FILE);
-    let tmp = xchg.join(format!(".{}.tmp", guest::REQUEST_FILE));
-    fs::write(&tmp, serde_json::to_vec_pretty(request)?).with_context(|| format!("writing `{}`", tmp.display()))?;
-    fs::rename(&tmp, &path).with_context(|| format!("writing `{}`", path.display()))
+    crate::store::write_atomically(&xchg.join(guest::REQUEST_FILE), &serde_json::to_vec_pretty(request)?)
 }
 
 /// Runs QEMU under a guard until it ends, calling `started` once it is running (an
