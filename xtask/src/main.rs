@@ -80,9 +80,8 @@ enum Cmd {
     Test(Test),
     /// Cargo's runner: run one test binary in a VM (`target.<triple>.runner`).
     #[command(after_help = r#"Example:
-  cargo test -p vm-checks \
-    --config 'target.x86_64-unknown-linux-gnu.runner=["target/debug/xtask", "test-runner", "--system", "hello"]' \
-    -- --ignored"#)]
+  cargo test --config 'target.x86_64-unknown-linux-gnu.runner="target/debug/xtask test-runner --system hello"' \
+    -p vm-checks -- --ignored"#)]
     TestRunner(TestRunner),
     /// Boot a scenario's VMs on their virtual networks and run its script.
     #[command(after_help = "Examples:
