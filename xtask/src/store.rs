@@ -288,7 +288,7 @@ impl Store {
             let pid = name.strip_prefix("scratch-").and_then(|r| r.split('-').next()).and_then(|p| p.parse().ok());
             if let Some(pid) = pid {
                 if !process_alive(pid) {
-                    remove_tree(&entry.path())?;
+                    remove_leftover(&entry.path())?;
                 }
             }
         }
@@ -523,7 +523,7 @@ impl Store {
         for entry in fs::read_dir(&tmp_dir).with_context(|| format!("listing `{}`", tmp_dir.display()))? {
             let entry = entry?;
             if entry.file_name().to_string_lossy().starts_with(&prefix) {
-                remove_tree(&entry.path())?;
+                remove_leftover(&entry.path())?;
             }
         }
         Ok(())
@@ -742,6 +742,22 @@ fn canonicalize(path: &Path, top: bool) -> Result<()> {
 /// up the same leftovers of a killed run at once.
 pub fn remove_tree(path: &Path) -> Result<()> {
     fd::remove_path(path).with_context(|| format!("removing `{}`", path.display()))
+}
+
+/// [`remove_tree`] for what a killed run left: a grandchild of that run may still be
+/// writing into it for a moment (`dpkg-deb` dies with xtask, the `tar` it started does
+/// not), which makes a removal fail with "directory not empty"; retried for up to 10 s.
+fn remove_leftover(path: &Path) -> Result<()> {
+    let mut tries = 0;
+    loop {
+        match remove_tree(path) {
+            Err(_) if tries < 100 => {
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            done => return done,
+        }
+    }
 }
 
 /// Whether `file_name` has the form of an item's: `<32 hex digits>-<name>`.
