@@ -89,9 +89,11 @@ fn choose() -> Result<PathBuf> {
         Some(Choice::Store) | None => {
             if choice.is_none() {
                 eprintln!(
-                    "no `{}` on this host and not root to install it: using Debian's `{PACKAGE}` from the store \
-                     (locked in vm.lock; `--qemu host` to insist on the host's)",
-                    host::QEMU_SYSTEM.program
+                    "no `{}` on this host, and xtask cannot install it (not root, or {} set): \
+                     using Debian's `{PACKAGE}` from the store (locked in vm.lock; `--qemu host` to insist on \
+                     the host's)",
+                    host::QEMU_SYSTEM.program,
+                    host::NO_INSTALL_ENV
                 );
             }
             let store = Store::open(&Workspace::current().store_dir, false)?;
