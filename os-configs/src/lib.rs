@@ -254,8 +254,9 @@ impl User {
 }
 
 impl System {
-    /// A system with Debian's kernel, a volatile `tmpfs` root and nothing else: the
-    /// starting point of the named systems (fill in the rest with struct update syntax).
+    /// A system with Debian's kernel, booted by GRUB, its root the ext4 file system
+    /// labelled `vmroot` (a disk image's), and nothing else: the starting point of the
+    /// named systems (fill in the rest with struct update syntax).
     pub fn base(name: &str, description: &str) -> System {
         System {
             name: name.to_string(),
@@ -285,10 +286,11 @@ impl System {
     /// (read-only) at `/store`, a volatile root, and no bootloader (QEMU loads the
     /// kernel). File systems bound to real devices are dropped: the VM has none of them.
     ///
-    /// `run-vm` gives the VM no disk: the volatile root's `/dev/vda1` is satisfied by
-    /// the initramfs the kernel unpacks into memory, which the guest helper fills from
-    /// the system item (`/etc`, homes, links) — what an empty ext4 image under a tmpfs
-    /// overlay would give, without the disk.
+    /// `run-vm` boots a system with users, groups or `/etc` files from the small
+    /// shared-store image (`/dev/vda1`: those files and homes, under a tmpfs overlay);
+    /// the others get no disk: their volatile root is the initramfs the kernel unpacks
+    /// into memory, which the guest helper fills from the system item (`/etc`, homes,
+    /// links) — what an empty ext4 image under a tmpfs overlay would give.
     pub fn virtualized(&self) -> System {
         let mut file_systems = vec![
             FileSystem {

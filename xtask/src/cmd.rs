@@ -70,6 +70,14 @@ pub struct VmOpts {
 
 impl VmOpts {
     /// The named system, with the kernel override applied.
+    /// The selected system ([`VmOpts::system`]), refused (exit 2, nothing built) unless it
+    /// can work.
+    pub fn valid_system(&self, store: &Store, ws: &Workspace) -> Result<System> {
+        let system = self.system()?;
+        crate::lower::validate::check_here(&system, store, ws)?;
+        Ok(system)
+    }
+
     pub fn system(&self) -> Result<System> {
         let mut system = lookup_system(&self.system)?;
         if let (Some(image), Some(modules)) = (&self.kernel, &self.modules) {

@@ -68,12 +68,11 @@ impl BuildInVm {
     pub fn run(self, ws: &Workspace) -> Result<i32> {
         let started = std::time::Instant::now();
         self.validate()?;
-        let mut system = self.vm.system()?;
+        let store = self.vm.open_store(ws)?;
+        let mut system = self.vm.valid_system(&store, ws)?;
         if self.net {
             system.initrd_modules.push(qemu::NET_MODULE.to_string());
         }
-        let store = self.vm.open_store(ws)?;
-        crate::lower::validate::check(&system, &mut crate::lower::validate::HostFacts::new(&store, ws))?;
         let inputs = self.add_inputs(&store)?;
         let lowered = system::lower(&store, ws, &system, self.vm.verbose)?;
         let mut env: Vec<(String, String)> = vec![

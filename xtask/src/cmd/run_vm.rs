@@ -14,7 +14,7 @@ use crate::lower::system::Lowered;
 use crate::store::{Item, Store};
 use crate::vm::qemu::{Disk, DiskFormat};
 use crate::vm::{LaterRequest, Sink, VmRun};
-use crate::{image, lower::system, lower::validate, vm::qemu, vm::script, Workspace};
+use crate::{image, lower::system, vm::qemu, vm::script, Workspace};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct RunVm {
@@ -102,10 +102,9 @@ pub fn root_image(store: &Store, system: &System, boot: &Lowered) -> Result<Opti
 impl RunVm {
     /// Returns the exit status for xtask: the command's own.
     pub fn run(self, ws: &Workspace) -> Result<i32> {
-        let declared = self.vm.system()?;
         let store = self.vm.open_store(ws)?;
         // The system as declared: virtualizing it would paper over a missing root.
-        validate::check(&declared, &mut validate::HostFacts::new(&store, ws))?;
+        let declared = self.vm.valid_system(&store, ws)?;
         let mut system = declared.virtualized();
         add_root_image_modules(&mut system);
         let nets: Vec<NetConfig> = if self.forwards.is_empty() {

@@ -20,7 +20,7 @@ use super::run_vm::{self, request};
 use super::{usage_error, VmOpts};
 use crate::vm::qemu::{self, Disk, DiskFormat, Share};
 use crate::vm::{shell_quote, Sink, VmRun};
-use crate::{lower::packages, lower::system, lower::validate, Workspace};
+use crate::{lower::packages, lower::system, Workspace};
 
 /// The 9p tag of the workspace share.
 const WORKSPACE_TAG: &str = "workspace";
@@ -65,7 +65,7 @@ impl Test {
         };
         // The system is checked before anything is built, the test binaries included.
         let store = self.vm.open_store(ws)?;
-        validate::check(&self.vm.system()?, &mut validate::HostFacts::new(&store, ws))?;
+        self.vm.valid_system(&store, ws)?;
         let binaries = build_test_binaries(ws, &cargo_args)?;
         if binaries.is_empty() {
             eprintln!("no test binaries to run");
@@ -129,9 +129,8 @@ pub fn build_test_binaries(ws: &Workspace, cargo_args: &[String]) -> Result<Vec<
 
 /// Boots the selected system once and runs `binaries` in it, one after another.
 fn run_in_vm(ws: &Workspace, opts: &VmOpts, binaries: &[TestBinary], test_args: &[String]) -> Result<i32> {
-    let declared = opts.system()?;
     let store = opts.open_store(ws)?;
-    validate::check(&declared, &mut validate::HostFacts::new(&store, ws))?;
+    let declared = opts.valid_system(&store, ws)?;
     let mut system = declared.virtualized();
     run_vm::add_root_image_modules(&mut system);
     let accel = qemu::choose_accel(opts.accel)?;

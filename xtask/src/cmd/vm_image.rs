@@ -67,7 +67,7 @@ impl VmImage {
         let store = Store::open(&ws.store_dir, self.explain)?;
         // As run-vm does: a system that cannot work (or a field that cannot act) is
         // refused before anything is built.
-        crate::lower::validate::check(&system, &mut crate::lower::validate::HostFacts::new(&store, ws))?;
+        crate::lower::validate::check_here(&system, &store, ws)?;
         let closure = image::closure(&store, ws, &system, self.verbose)
             .with_context(|| format!("lowering system `{}` for a disk image", system.name))?;
         let footprint = image::footprint(&closure)?;

@@ -246,6 +246,12 @@ pub fn problems(system: &System, facts: &mut dyn Facts) -> Result<Vec<Problem>> 
     Ok(found)
 }
 
+/// [`check`] against the world as it is ([`HostFacts`]): what every command runs on the
+/// system it is given, before it builds anything.
+pub fn check_here(system: &System, store: &Store, ws: &Workspace) -> Result<()> {
+    check(system, &mut HostFacts::new(store, ws))
+}
+
 /// Fails, with every problem listed, unless `system` can work.
 pub fn check(system: &System, facts: &mut dyn Facts) -> Result<()> {
     let problems = problems(system, facts)?;

@@ -219,7 +219,7 @@ impl NodePlan<'_> {
     /// Lowers the node's system and prepares its VM (started by [`Node::spawn`]).
     fn prepare(&self, ws: &Workspace, opts: &VmOpts, store: &Store, accel: Accel) -> Result<Node> {
         let NodePlan { scenario, node, declared, hosts, lans, sockets } = *self;
-        validate::check(declared, &mut validate::HostFacts::new(store, ws))?;
+        validate::check_here(declared, store, ws)?;
         let mut system = declared.virtualized();
         system.name = format!("{scenario}-{node}");
         system.hostname = node.to_string();
