@@ -14,7 +14,7 @@ use crate::report::ItemReport;
 use crate::store::ingest::{self, Limits};
 use crate::store::{self, DirFd, Item, Recipe, Store};
 use crate::vm::qemu::{self, Disk, DiskFormat};
-use crate::vm::{Sink, VmRun};
+use crate::vm::{GuestRequest, Sink, VmRun};
 use crate::{host, lower::system, Workspace};
 
 /// Default size of the fresh disk given with `--disk-image` (as in the reference).
@@ -138,8 +138,7 @@ impl BuildInVm {
             }
             let status = VmRun {
                 spec,
-                request,
-                later: None,
+                request: GuestRequest::Now(Box::new(request)),
                 xchg: xchg.path().to_path_buf(),
                 runtime: runtime.path().to_path_buf(),
                 log_dir: ws.log_dir(),

@@ -13,7 +13,7 @@ use super::VmOpts;
 use crate::lower::system::Lowered;
 use crate::store::{Item, Store};
 use crate::vm::qemu::{Disk, DiskFormat};
-use crate::vm::{LaterRequest, Sink, VmRun};
+use crate::vm::{GuestRequest, LaterRequest, Sink, VmRun};
 use crate::{image, lower::system, vm::qemu, vm::script, Workspace};
 
 #[derive(Debug, Clone, clap::Args)]
@@ -166,27 +166,21 @@ impl RunVm {
             eprintln!("booting `{}`: a shell on the serial console; `poweroff` or Ctrl-a x ends it", system.name);
         }
         // A shell takes the terminal from the start, so nothing is built under it; a
-        // command's VM boots while its packages are built (the request's stand-in gives
-        // only the mode until then).
-        let (first, later): (_, Option<LaterRequest>) = if interactive {
+        // command's VM boots while its packages are built.
+        let guest_request = if interactive {
             let (lowered, system_item) = lower(boot.clone())?;
-            (request(&system, &lowered, &system_item, root_device.as_deref(), mode, argv), None)
+            GuestRequest::Now(Box::new(request(&system, &lowered, &system_item, root_device.as_deref(), mode, argv)))
         } else {
-            let placeholder = Request {
-                nets: nets.clone(),
-                ..system::root_request(&system, &boot, mode, argv.clone(), String::new())
-            };
             let later = || {
                 let (lowered, system_item) = lower(boot.clone())?;
                 Ok(request(&system, &lowered, &system_item, root_device.as_deref(), mode, argv))
             };
-            (placeholder, Some(Box::new(later)))
+            GuestRequest::Later(mode, Box::new(later) as LaterRequest)
         };
         let spec = spec(xchg.path().to_path_buf());
         let run = VmRun {
             spec,
-            request: first,
-            later,
+            request: guest_request,
             xchg: xchg.path().to_path_buf(),
             runtime: runtime.path().to_path_buf(),
             log_dir: ws.log_dir(),

@@ -19,7 +19,7 @@ use guest::{Mode, MountSpec};
 use super::run_vm::{self, request};
 use super::{usage_error, VmOpts};
 use crate::vm::qemu::{self, Disk, DiskFormat, Share};
-use crate::vm::{shell_quote, Sink, VmRun};
+use crate::vm::{shell_quote, GuestRequest, Sink, VmRun};
 use crate::{lower::packages, lower::system, Workspace};
 
 /// The 9p tag of the workspace share.
@@ -171,8 +171,7 @@ fn run_in_vm(ws: &Workspace, opts: &VmOpts, binaries: &[TestBinary], test_args: 
     }
     let run = VmRun {
         spec,
-        request: req,
-        later: None,
+        request: GuestRequest::Now(Box::new(req)),
         xchg: xchg.path().to_path_buf(),
         runtime: runtime.path().to_path_buf(),
         log_dir: ws.log_dir(),

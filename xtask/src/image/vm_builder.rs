@@ -27,7 +27,7 @@ use crate::image::tools::StoreTools;
 use crate::image::{self, Closure, ImageJob, ImageOptions, Progress};
 use crate::store::{self, Item};
 use crate::vm::qemu::{self, AccelChoice, Disk, DiskFormat, Share, VmSpec};
-use crate::vm::{shell_quote, Sink, VmRun};
+use crate::vm::{shell_quote, GuestRequest, Sink, VmRun};
 use crate::{host, lower::system, Workspace};
 
 /// Guest memory of the builder VM.
@@ -105,8 +105,7 @@ pub fn build(job: &ImageJob, ws: &Workspace, out: &Path) -> Result<()> {
     ));
     let status = VmRun {
         spec,
-        request,
-        later: None,
+        request: GuestRequest::Now(Box::new(request)),
         xchg: xchg.path().to_path_buf(),
         runtime: runtime.path().to_path_buf(),
         log_dir: ws.log_dir(),

@@ -101,19 +101,33 @@ impl<W: Write> Write for FailureEcho<W> {
     }
 }
 
-/// Makes a request while its VM boots ([`VmRun::later`]).
+/// Makes a request while its VM boots ([`GuestRequest::Later`]).
 pub type LaterRequest<'a> = Box<dyn FnOnce() -> Result<Request> + 'a>;
+
+/// The request a VM's guest helper runs: written before QEMU starts, or made while the
+/// VM boots: QEMU starts first and the guest helper waits for the request file, so
+/// building what the request names (a workspace crate, the system item) overlaps the
+/// boot. A failure to make it stops the VM and is the run's error.
+pub enum GuestRequest<'a> {
+    Now(Box<Request>),
+    /// Made later; its mode is known now (a shell takes the terminal from the start).
+    Later(Mode, LaterRequest<'a>),
+}
+
+impl GuestRequest<'_> {
+    pub fn mode(&self) -> Mode {
+        match self {
+            GuestRequest::Now(request) => request.mode,
+            GuestRequest::Later(mode, _) => *mode,
+        }
+    }
+}
 
 /// One VM run.
 pub struct VmRun<'a> {
     /// QEMU's configuration; the console and ports are filled in by [`VmRun::run`].
     pub spec: VmSpec,
-    /// The request; with [`VmRun::later`], a stand-in that gives only its mode.
-    pub request: Request,
-    /// Makes the request while the VM boots: QEMU starts first and the guest helper waits
-    /// for the request file, so building what the request names (a workspace crate, the
-    /// system item) overlaps the boot. A failure stops the VM and is the run's error.
-    pub later: Option<LaterRequest<'a>>,
+    pub request: GuestRequest<'a>,
     /// The directory shared read-write as `/xchg`.
     pub xchg: PathBuf,
     /// Scratch space for FIFOs.
@@ -158,11 +172,12 @@ impl VmRun<'_> {
     /// Every way of ending without a status is an error carrying the console's tail.
     pub fn run(mut self) -> Result<Status> {
         crate::vm::qemu_program::program()?;
-        let interactive = self.request.mode == Mode::Interactive;
+        let interactive = self.request.mode() == Mode::Interactive;
         fs::create_dir_all(&self.log_dir).with_context(|| format!("creating `{}`", self.log_dir.display()))?;
         let log_path = self.log_dir.join(format!("{}-{}.log", self.label, std::process::id()));
 
         let mut relays = Vec::new();
+        let mut ports = (None, None);
         let tail = Arc::new(Mutex::new(VecDeque::new()));
         if interactive {
             self.spec.console = Console::Stdio;
@@ -187,18 +202,22 @@ impl VmRun<'_> {
                 relays.push(Relay::start(&fifo, out, None)?);
                 self.spec.ports.push(Port { name: name.to_string(), path: fifo });
             }
-            self.request.stdout_port = Some("stdout".to_string());
-            self.request.stderr_port = Some("stderr".to_string());
+            ports = (Some("stdout".to_string()), Some("stderr".to_string()));
         }
 
         let warm = match self.snapshots.take() {
             Some((store, warmth)) => crate::vm::snapshot::prepare(&store, &mut self.spec, &self.runtime, warmth)?,
             None => None,
         };
-        let later = self.later.take();
-        if later.is_none() {
-            write_request(&self.xchg, &self.request)?;
-        }
+        let mut later = match self.request {
+            GuestRequest::Now(request) => {
+                let mut request = *request;
+                (request.stdout_port, request.stderr_port) = ports.clone();
+                write_request(&self.xchg, &request)?;
+                None
+            }
+            GuestRequest::Later(_, make) => Some(make),
+        };
         let status_path = self.xchg.join(guest::STATUS_FILE);
         let _ = fs::remove_file(&status_path);
 
@@ -209,9 +228,7 @@ impl VmRun<'_> {
         }
         let saved_tty = interactive.then(save_terminal).flatten();
         let started = Instant::now();
-        let ports = (self.request.stdout_port.clone(), self.request.stderr_port.clone());
         let xchg = self.xchg.clone();
-        let mut later = later;
         let mut started_fn = move || match later.take() {
             None => Ok(()),
             Some(make) => {
@@ -251,7 +268,7 @@ impl VmRun<'_> {
                     message: format!(
                         "the VM ran past its timeout of {}s and was killed{}",
                         self.timeout.map(|t| t.as_secs_f64()).unwrap_or_default(),
-                        self.console_note(&tail_text, &log_path)
+                        console_note(interactive, &tail_text, &log_path)
                     ),
                 }
                 .into())
@@ -270,7 +287,7 @@ impl VmRun<'_> {
         match read_status(&self.xchg) {
             StatusFile::Found(bytes) => match Status::decode(&bytes) {
                 Ok(Status::Error(msg)) => {
-                    bail!("the guest helper failed: {msg}{}", self.console_note(&tail_text, &log_path))
+                    bail!("the guest helper failed: {msg}{}", console_note(interactive, &tail_text, &log_path))
                 }
                 Ok(status) => {
                     let _ = fs::remove_file(&log_path);
@@ -280,13 +297,16 @@ impl VmRun<'_> {
                     Ok(status)
                 }
                 Err(why) => {
-                    bail!("the guest wrote an invalid status: {why}{}", self.console_note(&tail_text, &log_path))
+                    bail!(
+                        "the guest wrote an invalid status: {why}{}",
+                        console_note(interactive, &tail_text, &log_path)
+                    )
                 }
             },
             StatusFile::Refused(why) => bail!(
                 "the guest left an unusable status file (`{}` in the exchange directory): {why}; it was not read{}",
                 guest::STATUS_FILE,
-                self.console_note(&tail_text, &log_path)
+                console_note(interactive, &tail_text, &log_path)
             ),
             StatusFile::Missing if interactive && qemu_status.success() => {
                 eprintln!("the VM ended without the guest reporting a status (Ctrl-a x, or a guest crash)");
@@ -296,12 +316,12 @@ impl VmRun<'_> {
                 "QEMU failed ({qemu_status}): {}\n(is the `{}` package installed and working?){}",
                 qemu_stderr.trim(),
                 host::QEMU_SYSTEM.package,
-                self.console_note(&tail_text, &log_path)
+                console_note(interactive, &tail_text, &log_path)
             ),
             StatusFile::Missing => bail!(
                 "the guest stopped without reporting a status (kernel panic, a crash of the guest helper, or \
                     out of memory?){}",
-                self.console_note(&tail_text, &log_path)
+                console_note(interactive, &tail_text, &log_path)
             ),
         }
     }
@@ -312,13 +332,15 @@ impl VmRun<'_> {
             .with_context(|| format!("creating FIFO `{}`", path.display()))?;
         Ok(path)
     }
+}
 
-    fn console_note(&self, tail: &str, log: &Path) -> String {
-        if self.request.mode == Mode::Interactive {
-            return String::new();
-        }
-        format!("\nlast console lines (full log: {}):\n{tail}", log.display())
+/// The console's last lines for an error message (none for an interactive run: they
+/// were on the terminal).
+fn console_note(interactive: bool, tail: &str, log: &Path) -> String {
+    if interactive {
+        return String::new();
     }
+    format!("\nlast console lines (full log: {}):\n{tail}", log.display())
 }
 
 /// What the guest left where its status goes.
