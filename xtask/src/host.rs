@@ -50,10 +50,16 @@ pub fn run(cmd: &mut Command) -> Result<std::process::Output> {
     let out = cmd.stdin(Stdio::null()).output().with_context(|| format!("starting `{shown}`"))?;
     if !out.status.success() {
         let stderr = String::from_utf8_lossy(&out.stderr);
-        let tail: Vec<&str> = stderr.lines().rev().take(10).collect::<Vec<_>>().into_iter().rev().collect();
-        bail!("`{shown}` failed ({}): {}", out.status, tail.join("\n"));
+        bail!("`{shown}` failed ({}): {}", out.status, last_lines(&stderr));
     }
     Ok(out)
+}
+
+/// The last 10 non-empty lines of a host program's output, for an error message (a
+/// guest's console goes through [`crate::vm::tail_lines`], which escapes it).
+pub fn last_lines(text: &str) -> String {
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    lines[lines.len().saturating_sub(10)..].join("\n")
 }
 
 /// Finds `program` on `PATH`.

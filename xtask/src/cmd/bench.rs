@@ -115,12 +115,10 @@ impl Bench {
             qemu.arg("300").arg(crate::vm::qemu_program::program()?).args(qemu::args(&floor_spec(scratch.path())));
             let ran = run_quiet(&mut qemu);
             if ran.is_err() || !marker.exists() {
-                let console = fs::read_to_string(scratch.path().join("console")).unwrap_or_default();
-                let tail: Vec<&str> = console.lines().rev().take(20).collect();
-                let tail: Vec<&str> = tail.into_iter().rev().collect();
+                let console = fs::read(scratch.path().join("console")).unwrap_or_default();
                 bail!(
                     "the bare QEMU floor failed or did not write its marker ({ran:?}); console:\n{}",
-                    tail.join("\n")
+                    crate::vm::tail_lines(&console)
                 );
             }
             Ok(())

@@ -891,14 +891,9 @@ fn run_with_input(mut cmd: Command, input: &[u8], progress: Progress) -> Result<
     let _ = writer.join();
     let stdout = String::from_utf8_lossy(&reader.join().unwrap_or_default()).into_owned();
     if !status.success() {
-        bail!("`{shown}` failed ({status}): {}", tail(&format!("{stdout}{stderr}")));
+        bail!("`{shown}` failed ({status}): {}", host::last_lines(&format!("{stdout}{stderr}")));
     }
     Ok(stderr)
-}
-
-fn tail(text: &str) -> String {
-    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
-    lines[lines.len().saturating_sub(10)..].join("\n")
 }
 
 /// The first byte offset at which two files differ (a shorter file differs where it
