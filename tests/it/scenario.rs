@@ -59,6 +59,9 @@ fn kept_nodes_take_a_shell_and_end_with_ctrl_c() {
         .spawn()
         .unwrap();
     let pid = keeper.id();
+    // Should an assertion fail, the kept scenario (and its nodes, which die with it) must
+    // not outlive the test.
+    let _guard = KillOnDrop(pid);
     assert!(wait_until(600, || kept.is_file()), "the scenario never said its nodes were kept");
     let qemus = children_named(pid, "qemu-system-x86");
     assert_eq!(qemus.len(), 2, "two nodes should be up: {qemus:?}");
@@ -85,6 +88,17 @@ fn kept_nodes_take_a_shell_and_end_with_ctrl_c() {
     }
     let run = xtask_env(&["scenario", "hello-pair-broken", "--shell", "server"], &[]);
     assert_ne!(run.code, 0, "a shell attached to a scenario no longer running: {run:#?}");
+}
+
+/// SIGKILLs a process that is still running when dropped.
+struct KillOnDrop(u32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if !process_gone(self.0) {
+            let _ = Command::new("kill").args(["-KILL", &self.0.to_string()]).status();
+        }
+    }
 }
 
 #[test]
