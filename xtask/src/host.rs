@@ -42,17 +42,21 @@ pub fn command(program: impl AsRef<std::ffi::OsStr>) -> Command {
 /// Runs `cmd` to its end, its output captured; a failure (it could not start, or it
 /// exited unsuccessfully) names the program, its arguments and the tail of its stderr.
 pub fn run(cmd: &mut Command) -> Result<std::process::Output> {
-    let shown = std::iter::once(cmd.get_program())
-        .chain(cmd.get_args())
-        .map(|a| a.to_string_lossy().into_owned())
-        .collect::<Vec<_>>()
-        .join(" ");
+    let shown = describe(cmd);
     let out = cmd.stdin(Stdio::null()).output().with_context(|| format!("starting `{shown}`"))?;
     if !out.status.success() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         bail!("`{shown}` failed ({}): {}", out.status, last_lines(&stderr));
     }
     Ok(out)
+}
+
+/// A command as a shell would take it: the program, then the arguments, quoted where
+/// needed.
+pub fn describe(cmd: &Command) -> String {
+    let mut words = vec![cmd.get_program().to_string_lossy().into_owned()];
+    words.extend(cmd.get_args().map(|a| crate::vm::shell_quote(&a.to_string_lossy())));
+    words.join(" ")
 }
 
 /// The last 10 non-empty lines of a host program's output, for an error message (a

@@ -26,7 +26,7 @@ use os_configs::System;
 use crate::image::tools::{self, StoreTools};
 use crate::store::{self, Item, Recipe, Store};
 use crate::vm::qemu::DiskFormat;
-use crate::{host, lower::system, vm::shell_quote, Workspace};
+use crate::{host, lower::system, Workspace};
 
 /// Version of the image layout and of the way it is built; part of every image recipe,
 /// so a change to the builder makes new items instead of passing for the old ones.
@@ -194,7 +194,7 @@ pub fn shared_store_image(store: &Store, system_name: &str, config: &guest::Syst
 /// The first line `cmd FLAG` prints (a tool's version), remembered in the store's cache
 /// while the program is unchanged ([`host::remembered`]).
 fn version_line(store: &Store, mut cmd: Command, flag: &str) -> Result<String> {
-    let shown = format!("{} {flag}", describe(&cmd));
+    let shown = format!("{} {flag}", host::describe(&cmd));
     let program = PathBuf::from(cmd.get_program());
     let mut ask = || -> Result<String> {
         let out = cmd.arg(flag).output().with_context(|| format!("running `{shown}`"))?;
@@ -847,12 +847,6 @@ pub(crate) fn grub_boot_code(store: &Store, tools: &StoreTools, progress: Progre
 /// Where GRUB's core.img looks for its configuration: the first partition.
 const GRUB_PREFIX: &str = "(hd0,msdos1)/boot/grub";
 
-pub(crate) fn describe(cmd: &Command) -> String {
-    let mut words = vec![cmd.get_program().to_string_lossy().into_owned()];
-    words.extend(cmd.get_args().map(|a| shell_quote(&a.to_string_lossy())));
-    words.join(" ")
-}
-
 /// Runs a command; a failure names it and carries its stderr.
 pub(crate) fn run(cmd: Command, progress: Progress) -> Result<()> {
     run_with_input(cmd, &[], progress).map(drop)
@@ -860,7 +854,7 @@ pub(crate) fn run(cmd: Command, progress: Progress) -> Result<()> {
 
 /// Runs a command with `input` on stdin; returns its stderr.
 fn run_with_input(mut cmd: Command, input: &[u8], progress: Progress) -> Result<String> {
-    let shown = describe(&cmd);
+    let shown = host::describe(&cmd);
     if progress.verbose {
         eprintln!("+ {shown}");
     }

@@ -16,8 +16,8 @@ use std::process::Command;
 
 use anyhow::{bail, ensure, Context, Result};
 
+use crate::lower::debian;
 use crate::store::{Item, Recipe, Store};
-use crate::{image, lower::debian};
 
 /// Debian packages the image tools come from: the programs' packages and the shared
 /// libraries their programs load (checked when the tools item is made).
@@ -210,7 +210,7 @@ fn check_libraries(tools: &Packages, program: &str) -> Result<()> {
     let args: Vec<_> = cmd.get_args().map(|a| a.to_os_string()).collect();
     let mut list = crate::host::command(cmd.get_program());
     list.args(&args[..3]).arg("--list").args(&args[3..]);
-    let shown = image::describe(&list);
+    let shown = crate::host::describe(&list);
     let out = list.output().with_context(|| format!("running `{shown}`"))?;
     let text = String::from_utf8_lossy(&out.stdout);
     ensure!(out.status.success(), "`{shown}` failed ({}): {text}{}", out.status, String::from_utf8_lossy(&out.stderr));

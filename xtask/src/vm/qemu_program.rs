@@ -152,15 +152,7 @@ pub fn from_store(store: &Store) -> Result<Item> {
             .args(["--inhibit-cache", "--library-path", &abs_libs.join(":")])
             .arg(qemu.path.join(QEMU_BIN))
             .arg("-version");
-        let shown = crate::image::describe(&check);
-        let ran = check.output().with_context(|| format!("running `{shown}`"))?;
-        if !ran.status.success() {
-            bail!(
-                "QEMU from the store does not run (`{shown}`: {}): {}",
-                ran.status,
-                String::from_utf8_lossy(&ran.stderr).trim()
-            );
-        }
+        host::run(&mut check).context("QEMU from the store does not run")?;
         let bin = out.join("bin");
         fs::create_dir_all(&bin)?;
         // The loader under QEMU's name: the process's name is the file it was started
