@@ -165,6 +165,13 @@ pub fn run_vm(command: &[&str]) -> Run {
     xtask(&args)
 }
 
+/// `xtask run-vm --system SYSTEM --timeout T -- COMMAND...`
+pub fn run_vm_on(system: &str, command: &[&str]) -> Run {
+    let mut args = vec!["run-vm", "--system", system, "--timeout", TIMEOUT, "--"];
+    args.extend_from_slice(command);
+    xtask(&args)
+}
+
 /// Store entries whose name ends with `-NAME` (items and their `.meta` files).
 pub fn store_entries_named(name: &str) -> Vec<String> {
     let suffix = format!("-{name}");

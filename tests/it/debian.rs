@@ -7,17 +7,11 @@
 use std::fs;
 use std::path::Path;
 
-use vm_tests::{store_dir, xtask, xtask_env, Run, TIMEOUT};
-
-fn run_on(system: &str, command: &[&str]) -> Run {
-    let mut args = vec!["run-vm", "--system", system, "--timeout", TIMEOUT, "--"];
-    args.extend_from_slice(command);
-    xtask(&args)
-}
+use vm_tests::{run_vm_on, store_dir, xtask, xtask_env};
 
 #[test]
 fn jq_evaluates_an_expression() {
-    let run = run_on("debian-jq", &["jq", "-c", "-n", "[range(1;5)] | {sum: add, max: max}"]);
+    let run = run_vm_on("debian-jq", &["jq", "-c", "-n", "[range(1;5)] | {sum: add, max: max}"]);
     run.expect_code(0);
     assert_eq!(run.stdout.trim(), r#"{"sum":10,"max":4}"#, "{run:#?}");
 }
@@ -26,18 +20,18 @@ fn jq_evaluates_an_expression() {
 fn python3_computes_and_imports_the_standard_library() {
     let script = "import hashlib, json, sys; print(json.dumps({'n': sum(i * i for i in range(10)), \
                   'sha': hashlib.sha256(b'vm').hexdigest()[:12], 'v': sys.version_info[:2]}))";
-    let run = run_on("debian-python3", &["python3", "-c", script]);
+    let run = run_vm_on("debian-python3", &["python3", "-c", script]);
     run.expect_code(0);
     assert_eq!(run.stdout.trim(), r#"{"n": 285, "sha": "5bce98f73f3e", "v": [3, 11]}"#, "{run:#?}");
 }
 
 #[test]
 fn ip_link_lists_the_loopback_device() {
-    let run = run_on("debian-iproute2", &["ip", "-o", "link"]);
+    let run = run_vm_on("debian-iproute2", &["ip", "-o", "link"]);
     run.expect_code(0);
     assert!(run.stdout.lines().any(|l| l.starts_with("1: lo: <LOOPBACK")), "{run:#?}");
     // iproute2's own `ip`, not busybox's applet.
-    let run = run_on("debian-iproute2", &["ip", "-V"]);
+    let run = run_vm_on("debian-iproute2", &["ip", "-V"]);
     assert!(run.stdout.contains("iproute2-6.1.0"), "{run:#?}");
 }
 
@@ -45,11 +39,11 @@ fn ip_link_lists_the_loopback_device() {
 fn mke2fs_from_e2fsprogs_formats_a_file() {
     let script = "mke2fs -V 2>&1 | head -1; /usr/sbin/mke2fs -q -t ext4 -L guestfs -F /tmp/fs.img 8M && \
                   /sbin/e2fsck -fn /tmp/fs.img >/dev/null && /sbin/dumpe2fs -h /tmp/fs.img 2>/dev/null | grep name";
-    let run = run_on("debian-e2fsprogs", &["sh", "-c", script]);
+    let run = run_vm_on("debian-e2fsprogs", &["sh", "-c", script]);
     run.expect_code(0);
     assert!(run.stdout.contains("Filesystem volume name:   guestfs"), "{run:#?}");
     // With no shell in between, PATH finds e2fsprogs' mke2fs.
-    let run = run_on("debian-e2fsprogs", &["mke2fs", "-V"]);
+    let run = run_vm_on("debian-e2fsprogs", &["mke2fs", "-V"]);
     assert!(run.stderr.contains("mke2fs 1.47.0") && run.stderr.contains("EXT2FS Library"), "{run:#?}");
 }
 
@@ -57,7 +51,7 @@ fn mke2fs_from_e2fsprogs_formats_a_file() {
 fn strace_traces_a_child() {
     // `-f` follows the shell's child, which runs strace's own binary again.
     let script = "/usr/bin/strace -V > /dev/null; exit 3";
-    let run = run_on("debian-strace", &["strace", "-f", "-e", "trace=execve", "sh", "-c", script]);
+    let run = run_vm_on("debian-strace", &["strace", "-f", "-e", "trace=execve", "sh", "-c", script]);
     run.expect_code(3);
     assert!(run.stderr.contains("execve(\"/usr/bin/sh\", [\"sh\", \"-c\""), "{run:#?}");
     let child = run.stderr.lines().find(|l| l.starts_with("[pid ") && l.contains("execve(\"/usr/bin/strace\""));
@@ -68,10 +62,10 @@ fn strace_traces_a_child() {
 #[test]
 fn update_alternatives_links_are_made() {
     // mawk's postinst links awk and nawk to it; Debian's awk wins over busybox's applet.
-    let run = run_on("debian-mawk", &["awk", "-W", "version"]);
+    let run = run_vm_on("debian-mawk", &["awk", "-W", "version"]);
     run.expect_code(0);
     assert!(run.stdout.starts_with("mawk 1.3.4"), "{run:#?}");
-    let run = run_on("debian-mawk", &["nawk", "BEGIN { printf \"%d\\n\", 6 * 7 }"]);
+    let run = run_vm_on("debian-mawk", &["nawk", "BEGIN { printf \"%d\\n\", 6 * 7 }"]);
     run.expect_code(0);
     assert_eq!(run.stdout, "42\n", "{run:#?}");
 }
@@ -80,7 +74,7 @@ fn update_alternatives_links_are_made() {
 fn the_layout_is_debian_s_with_the_loader_at_its_standard_path() {
     let script = "/lib64/ld-linux-x86-64.so.2 --version | head -1; ls /usr/lib/x86_64-linux-gnu/libjq.so.1 \
                   /lib/x86_64-linux-gnu/libc.so.6 /bin/jq; echo PATH=$PATH";
-    let run = run_on("debian-jq", &["sh", "-c", script]);
+    let run = run_vm_on("debian-jq", &["sh", "-c", script]);
     run.expect_code(0);
     assert!(run.stdout.contains("ld.so (Debian GLIBC 2.36"), "{run:#?}");
     assert!(run.stdout.contains("/bin/jq") && run.stdout.contains("/lib/x86_64-linux-gnu/libc.so.6"), "{run:#?}");
@@ -109,10 +103,10 @@ fn system_refs(system: &str) -> Vec<String> {
 
 #[test]
 fn two_packages_sharing_a_library_store_it_once() {
-    let run = run_on("debian-jq-strace", &["sh", "-c", "jq -n 1 && strace -o /dev/null true && echo both"]);
+    let run = run_vm_on("debian-jq-strace", &["sh", "-c", "jq -n 1 && strace -o /dev/null true && echo both"]);
     run.expect_code(0);
     assert_eq!(run.stdout.lines().last(), Some("both"), "{run:#?}");
-    run_on("debian-jq", &["true"]).expect_code(0);
+    run_vm_on("debian-jq", &["true"]).expect_code(0);
     let pair = system_refs("debian-jq-strace");
     let libc: Vec<&String> = pair.iter().filter(|r| r.contains("-libc6-")).collect();
     assert_eq!(libc.len(), 1, "{pair:#?}");

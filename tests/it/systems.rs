@@ -8,16 +8,10 @@ use std::process::{Command, Stdio};
 use std::time::Instant;
 
 use crate::nonce;
-use vm_tests::{store_dir, workspace_root, xtask, Run, TIMEOUT};
+use vm_tests::{run_vm_on, store_dir, workspace_root, xtask, Run, TIMEOUT};
 
 /// The query the tests send to the `hello` system's service (busybox's nc).
 const ASK_HELLO: &str = "nc 127.0.0.1 7878 </dev/null";
-
-fn run_system(system: &str, command: &[&str]) -> Run {
-    let mut args = vec!["run-vm", "--system", system, "--timeout", TIMEOUT, "--"];
-    args.extend_from_slice(command);
-    xtask(&args)
-}
 
 #[test]
 fn systems_are_listed_one_line_each() {
@@ -32,7 +26,7 @@ fn systems_are_listed_one_line_each() {
 
 #[test]
 fn workspace_service_answers_a_command() {
-    let run = run_system("hello", &["sh", "-c", ASK_HELLO]);
+    let run = run_vm_on("hello", &["sh", "-c", ASK_HELLO]);
     run.expect_code(0);
     assert_eq!(run.stdout, "hello-service v1: hello from the VM\n");
 }
@@ -43,7 +37,7 @@ fn users_groups_homes_and_hostname_are_as_declared() {
                   stat -c '%n %U:%G %a' /home/alice /var/lib/hello /root; \
                   ps -o user,args | grep '[h]ello-service' | sed 's/ .*//'; \
                   mount | grep -c ' /var/cache/hello type tmpfs'";
-    let run = run_system("hello", &["sh", "-c", script]);
+    let run = run_vm_on("hello", &["sh", "-c", script]);
     run.expect_code(0);
     let expected = "hello-vm\nhello-vm\n\
         uid=1000(alice) gid=100(users) groups=100(users),900(hello)\n\
@@ -56,7 +50,7 @@ fn users_groups_homes_and_hostname_are_as_declared() {
 #[test]
 fn file_systems_needed_for_boot_are_mounted_before_services_and_the_others_after() {
     // The service saw /early mounted and /late not; the command sees both.
-    let run = run_system("fs-order", &["sh", "-c", "cat /run/probe; grep -c ' /late ' /proc/mounts"]);
+    let run = run_vm_on("fs-order", &["sh", "-c", "cat /run/probe; grep -c ' /late ' /proc/mounts"]);
     run.expect_code(0);
     assert_eq!(run.stdout, "1\n0\n1\n", "{run:#?}");
 }
@@ -65,7 +59,7 @@ fn file_systems_needed_for_boot_are_mounted_before_services_and_the_others_after
 fn host_program_runs_with_its_shared_libraries() {
     let script = "findmnt --version; findmnt -n -o FSTYPE /store; findmnt -n -o OPTIONS /store | cut -d, -f1; \
                   ls /lib/x86_64-linux-gnu";
-    let run = run_system("host-findmnt", &["sh", "-c", script]);
+    let run = run_vm_on("host-findmnt", &["sh", "-c", script]);
     run.expect_code(0);
     assert!(run.stdout.starts_with("findmnt from util-linux"), "{run:#?}");
     let mount: Vec<&str> = run.stdout.lines().skip(1).take(2).collect();
