@@ -409,26 +409,17 @@ mod tests {
     use super::*;
 
     fn spec() -> VmSpec {
+        let shares = vec![
+            Share { tag: "store".into(), path: "/s".into(), readonly: true },
+            Share { tag: "xchg".into(), path: "/x".into(), readonly: false },
+        ];
         VmSpec {
-            accel: Accel::Tcg,
-            memory_mib: 256,
-            kernel: "/s/vmlinux".into(),
-            initrd: "/s/initrd".into(),
-            kernel_args: vec!["foo=1".into()],
             tsc_khz: Some(2596122),
             console: Console::File("/r/console".into()),
-            shares: vec![
-                Share { tag: "store".into(), path: "/s".into(), readonly: true },
-                Share { tag: "xchg".into(), path: "/x".into(), readonly: false },
-            ],
             disks: vec![Disk { path: "/x/disk.raw".into(), format: DiskFormat::Raw, readonly: false }],
             ports: vec![Port { name: "stdout".into(), path: "/r/out".into() }],
             sandbox: true,
-            forwards: Vec::new(),
-            outside: false,
-            control: None,
-            lans: Vec::new(),
-            snapshot_port: None,
+            ..VmSpec::direct(Accel::Tcg, 256, ("/s/vmlinux".into(), "/s/initrd".into(), vec!["foo=1".into()]), shares)
         }
     }
 

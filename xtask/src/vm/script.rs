@@ -253,27 +253,12 @@ mod tests {
     use crate::vm::qemu::{Accel, Share};
 
     fn spec() -> VmSpec {
-        VmSpec {
-            accel: Accel::Tcg,
-            memory_mib: 256,
-            kernel: "/s/k-vmlinux/vmlinux".into(),
-            initrd: "/s/i-initrd/initrd".into(),
-            kernel_args: Vec::new(),
-            tsc_khz: None,
-            console: Console::Stdio,
-            shares: vec![
-                Share { tag: "store".into(), path: "/s".into(), readonly: true },
-                Share { tag: "xchg".into(), path: "/tmp/scratch".into(), readonly: false },
-            ],
-            disks: Vec::new(),
-            ports: Vec::new(),
-            sandbox: false,
-            forwards: Vec::new(),
-            outside: false,
-            control: None,
-            lans: Vec::new(),
-            snapshot_port: None,
-        }
+        let shares = vec![
+            Share { tag: "store".into(), path: "/s".into(), readonly: true },
+            Share { tag: "xchg".into(), path: "/tmp/scratch".into(), readonly: false },
+        ];
+        let boot = ("/s/k-vmlinux/vmlinux".into(), "/s/i-initrd/initrd".into(), Vec::new());
+        VmSpec { tsc_khz: None, ..VmSpec::direct(Accel::Tcg, 256, boot, shares) }
     }
 
     fn request() -> Request {
