@@ -324,16 +324,17 @@ pub fn busybox(store: &Store) -> Result<Item> {
     })
 }
 
-/// The request that runs `argv` (a command, no system item) with `env` in `/tmp`, as the
-/// builder VMs do; callers add what differs with struct update syntax.
-pub fn command_request(lowered: &Lowered, argv: Vec<String>, env: Vec<(String, String)>, hostname: &str) -> Request {
+/// A request for `argv` in `mode` with `env`, run in `cwd` on a VM named `hostname`, and
+/// nothing else: no links, directories, ports, system item, root device, mounts or
+/// network (callers add what differs with struct update syntax).
+pub fn bare_request(mode: Mode, argv: Vec<String>, env: Vec<(String, String)>, cwd: &str, hostname: &str) -> Request {
     Request {
         version: guest::PROTOCOL_VERSION,
-        mode: Mode::Command,
+        mode,
         argv,
         env,
-        cwd: "/tmp".into(),
-        links: lowered.links.clone(),
+        cwd: cwd.into(),
+        links: Vec::new(),
         dirs: Vec::new(),
         hostname: hostname.into(),
         stdout_port: None,
@@ -346,6 +347,12 @@ pub fn command_request(lowered: &Lowered, argv: Vec<String>, env: Vec<(String, S
     }
 }
 
+/// The request that runs `argv` (a command, no system item) with `env` in `/tmp`, as the
+/// builder VMs do; callers add what differs with struct update syntax.
+pub fn command_request(lowered: &Lowered, argv: Vec<String>, env: Vec<(String, String)>, hostname: &str) -> Request {
+    Request { links: lowered.links.clone(), ..bare_request(Mode::Command, argv, env, "/tmp", hostname) }
+}
+
 /// The boot triple of a lowered system for [`crate::vm::qemu::VmSpec::direct`]: kernel,
 /// initrd, kernel arguments.
 pub fn boot_of(lowered: &Lowered) -> (PathBuf, PathBuf, Vec<String>) {
@@ -356,27 +363,12 @@ pub fn boot_of(lowered: &Lowered) -> (PathBuf, PathBuf, Vec<String>) {
 /// interactive), with `TERM` set to `term`. Links come from the system's configuration
 /// or its image, so the request makes none; callers set `system` and `root_device`.
 pub fn root_request(system: &System, lowered: &Lowered, mode: Mode, argv: Vec<String>, term: String) -> Request {
-    Request {
-        version: guest::PROTOCOL_VERSION,
-        mode,
-        argv,
-        env: vec![
-            ("PATH".into(), lowered.path.clone()),
-            ("HOME".into(), "/root".into()),
-            ("USER".into(), "root".into()),
-            ("TERM".into(), term),
-            ("PS1".into(), format!("[{}:\\w]# ", system.name)),
-        ],
-        cwd: "/root".into(),
-        links: Vec::new(),
-        dirs: vec!["/root".into()],
-        hostname: system.hostname.clone(),
-        stdout_port: None,
-        stderr_port: None,
-        system: None,
-        argv_file: None,
-        root_device: None,
-        mounts: Vec::new(),
-        nets: Vec::new(),
-    }
+    let env = vec![
+        ("PATH".into(), lowered.path.clone()),
+        ("HOME".into(), "/root".into()),
+        ("USER".into(), "root".into()),
+        ("TERM".into(), term),
+        ("PS1".into(), format!("[{}:\\w]# ", system.name)),
+    ];
+    Request { dirs: vec!["/root".into()], ..bare_request(mode, argv, env, "/root", &system.hostname) }
 }

@@ -262,23 +262,9 @@ mod tests {
     }
 
     fn request() -> Request {
-        Request {
-            version: guest::PROTOCOL_VERSION,
-            mode: guest::Mode::Command,
-            argv: vec!["true".into()],
-            env: Vec::new(),
-            cwd: "/root".into(),
-            links: Vec::new(),
-            dirs: Vec::new(),
-            hostname: "h".into(),
-            stdout_port: None,
-            stderr_port: None,
-            system: Some("/store/x-system-h".into()),
-            argv_file: None,
-            root_device: None,
-            mounts: Vec::new(),
-            nets: Vec::new(),
-        }
+        let bare =
+            crate::lower::system::bare_request(guest::Mode::Command, vec!["true".into()], Vec::new(), "/root", "h");
+        Request { system: Some("/store/x-system-h".into()), ..bare }
     }
 
     #[test]
