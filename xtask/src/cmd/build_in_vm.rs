@@ -136,19 +136,15 @@ impl BuildInVm {
             if self.vm.explain {
                 eprintln!("vm: booting to build `{}`", self.name);
             }
+            let request = GuestRequest::Now(Box::new(request));
+            let label = format!("build-{}", recipe.name());
             let status = VmRun {
-                spec,
-                request: GuestRequest::Now(Box::new(request)),
-                xchg: xchg.path().to_path_buf(),
-                runtime: runtime.path().to_path_buf(),
-                log_dir: ws.log_dir(),
-                label: format!("build-{}", recipe.name()),
                 timeout: self.vm.timeout,
                 verbose: self.vm.verbose,
                 // stdout carries only the result's path.
                 stdout: Sink::Stderr,
-                stderr: Sink::Stderr,
                 snapshots: Some((store.clone(), self.vm.warmth())),
+                ..VmRun::new(spec, request, xchg.path(), runtime.path(), ws.log_dir(), label)
             }
             .run()?;
             crate::vm::require_success(&status, "the build command", "; nothing was stored")?;

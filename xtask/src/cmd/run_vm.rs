@@ -13,7 +13,7 @@ use super::VmOpts;
 use crate::lower::system::Lowered;
 use crate::store::{Item, Store};
 use crate::vm::qemu::{Disk, DiskFormat};
-use crate::vm::{GuestRequest, LaterRequest, Sink, VmRun};
+use crate::vm::{GuestRequest, LaterRequest, VmRun};
 use crate::{image, lower::system, vm::qemu, vm::script, Workspace};
 
 #[derive(Debug, Clone, clap::Args)]
@@ -179,17 +179,10 @@ impl RunVm {
         };
         let spec = spec(xchg.path().to_path_buf());
         let run = VmRun {
-            spec,
-            request: guest_request,
-            xchg: xchg.path().to_path_buf(),
-            runtime: runtime.path().to_path_buf(),
-            log_dir: ws.log_dir(),
-            label: "run-vm".into(),
             timeout: self.vm.timeout,
             verbose: self.vm.verbose,
-            stdout: Sink::Stdout,
-            stderr: Sink::Stderr,
             snapshots: Some((store.clone(), self.vm.warmth())),
+            ..VmRun::new(spec, guest_request, xchg.path(), runtime.path(), ws.log_dir(), "run-vm")
         };
         Ok(exit_code(&run.run()?, &self.command))
     }

@@ -170,17 +170,11 @@ fn run_in_vm(ws: &Workspace, opts: &VmOpts, binaries: &[TestBinary], test_args: 
         spec.disks.push(Disk { path: path.clone(), format: DiskFormat::Raw, readonly: true });
     }
     let run = VmRun {
-        spec,
-        request: GuestRequest::Now(Box::new(req)),
-        xchg: xchg.path().to_path_buf(),
-        runtime: runtime.path().to_path_buf(),
-        log_dir: ws.log_dir(),
-        label: "test".into(),
         timeout: opts.timeout,
         verbose: opts.verbose,
         stdout: Sink::TestStdout,
-        stderr: Sink::Stderr,
         snapshots: Some((store.clone(), opts.warmth())),
+        ..VmRun::new(spec, GuestRequest::Now(Box::new(req)), xchg.path(), runtime.path(), ws.log_dir(), "test")
     };
     let names: Vec<String> = binaries.iter().map(|b| b.path.display().to_string()).collect();
     match run_vm::exit_code(&run.run()?, &names) {

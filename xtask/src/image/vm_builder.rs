@@ -103,18 +103,13 @@ pub fn build(job: &ImageJob, ws: &Workspace, out: &Path) -> Result<()> {
         "booting a VM to partition the disk, make the file system ({} MiB) with the closure and install GRUB",
         opts.layout.size >> 20
     ));
+    let request = GuestRequest::Now(Box::new(request));
+    let label = format!("vm-image-{}", closure.system_name);
     let status = VmRun {
-        spec,
-        request: GuestRequest::Now(Box::new(request)),
-        xchg: xchg.path().to_path_buf(),
-        runtime: runtime.path().to_path_buf(),
-        log_dir: ws.log_dir(),
-        label: format!("vm-image-{}", closure.system_name),
         timeout: Some(TIMEOUT),
         verbose: progress.verbose,
         stdout: Sink::Stderr,
-        stderr: Sink::Stderr,
-        snapshots: None,
+        ..VmRun::new(spec, request, xchg.path(), runtime.path(), ws.log_dir(), label)
     }
     .run()
     .context("building the image in a VM")?;

@@ -167,7 +167,34 @@ const CONSOLE_TAIL_LINES: usize = 25;
 /// How many bytes of QEMU's own messages are kept for error messages.
 const QEMU_STDERR_BYTES: usize = 16 * 1024;
 
-impl VmRun<'_> {
+impl<'a> VmRun<'a> {
+    /// A run of `spec` for `request`, its exchange directory `xchg`, its FIFOs in `runtime`
+    /// and its console log in `log_dir` named after `label`: no timeout, quiet, the
+    /// command's output on stdout and stderr, no snapshot (change what differs with
+    /// struct update syntax).
+    pub fn new(
+        spec: VmSpec,
+        request: GuestRequest<'a>,
+        xchg: &Path,
+        runtime: &Path,
+        log_dir: PathBuf,
+        label: impl Into<String>,
+    ) -> VmRun<'a> {
+        VmRun {
+            spec,
+            request,
+            xchg: xchg.to_path_buf(),
+            runtime: runtime.to_path_buf(),
+            log_dir,
+            label: label.into(),
+            timeout: None,
+            verbose: false,
+            stdout: Sink::Stdout,
+            stderr: Sink::Stderr,
+            snapshots: None,
+        }
+    }
+
     /// Boots the VM, waits for it to end and returns the status the guest reported.
     /// Every way of ending without a status is an error carrying the console's tail.
     pub fn run(mut self) -> Result<Status> {
