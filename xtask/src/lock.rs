@@ -69,7 +69,7 @@ pub fn pin(name: &str, resolve: impl FnOnce(&str) -> Result<Stanza>) -> Result<P
         *loaded = Some(pins);
         return Ok(pin);
     }
-    let pin = resolve(name)?.pin();
+    let pin = resolve(name)?.pin;
     check_fields(name, &pin)?;
     pins.insert(name.to_string(), pin.clone());
     write(&path, &pins)?;
@@ -131,7 +131,7 @@ pub fn update(names: &[String], resolve: impl Fn(&str) -> Result<Stanza>) -> Res
     let names: Vec<String> = if names.is_empty() { pins.keys().cloned().collect() } else { names.to_vec() };
     let mut changes = Vec::new();
     for name in &names {
-        let mut new = resolve(name).with_context(|| format!("resolving `{name}`"))?.pin();
+        let mut new = resolve(name).with_context(|| format!("resolving `{name}`"))?.pin;
         check_fields(name, &new)?;
         match pins.get(name) {
             Some(old) if Pin { depends: None, ..old.clone() } == new => new.depends = old.depends.clone(),
@@ -395,16 +395,7 @@ mod tests {
         let asked = std::cell::Cell::new(0);
         let candidate = |name: &str| {
             asked.set(asked.get() + 1);
-            let p = pin(name, "9.9");
-            Ok(Stanza {
-                package: p.package,
-                version: p.version,
-                architecture: p.architecture,
-                filename: p.filename,
-                sha256: p.sha256,
-                size: p.size,
-                ..Stanza::default()
-            })
+            Ok(Stanza { pin: pin(name, "9.9"), ..Stanza::default() })
         };
         assert_eq!(super::pin("busybox-static", candidate).unwrap(), locked);
         assert_eq!(asked.get(), 0);

@@ -37,32 +37,15 @@ pub struct Pin {
 /// The fields of one `apt-cache show` stanza that matter here.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Stanza {
-    pub package: String,
-    pub version: String,
-    pub architecture: String,
-    pub filename: String,
-    pub sha256: String,
-    pub size: u64,
+    /// Package, version, architecture, pool path, size and sha256 (`depends` unset: that
+    /// is the lock's, resolved against a closure).
+    pub pin: Pin,
     /// The first alternative of each `Depends`/`Pre-Depends` clause.
     pub depends: Vec<String>,
     /// Each `Depends`/`Pre-Depends` clause: its alternatives, names only.
     pub relations: Vec<Vec<String>>,
     /// The virtual packages it provides.
     pub provides: Vec<String>,
-}
-
-impl Stanza {
-    pub fn pin(self) -> Pin {
-        Pin {
-            package: self.package,
-            version: self.version,
-            architecture: self.architecture,
-            filename: self.filename,
-            sha256: self.sha256,
-            size: self.size,
-            depends: None,
-        }
-    }
 }
 
 /// Parses the first stanza of `apt-cache show` output.
@@ -74,12 +57,12 @@ pub fn parse_stanza(text: &str) -> Option<Stanza> {
         }
         let Some((key, value)) = line.split_once(": ") else { continue };
         match key {
-            "Package" => s.package = value.to_string(),
-            "Version" => s.version = value.to_string(),
-            "SHA256" => s.sha256 = value.to_string(),
-            "Architecture" => s.architecture = value.to_string(),
-            "Filename" => s.filename = value.to_string(),
-            "Size" => s.size = value.parse().unwrap_or(0),
+            "Package" => s.pin.package = value.to_string(),
+            "Version" => s.pin.version = value.to_string(),
+            "SHA256" => s.pin.sha256 = value.to_string(),
+            "Architecture" => s.pin.architecture = value.to_string(),
+            "Filename" => s.pin.filename = value.to_string(),
+            "Size" => s.pin.size = value.parse().unwrap_or(0),
             "Depends" | "Pre-Depends" => {
                 for clause in value.split(',') {
                     let alternatives: Vec<String> = clause.split('|').filter_map(relation_name).collect();
@@ -91,7 +74,8 @@ pub fn parse_stanza(text: &str) -> Option<Stanza> {
             _ => {}
         }
     }
-    (!s.package.is_empty() && !s.version.is_empty() && !s.sha256.is_empty()).then_some(s)
+    let p = &s.pin;
+    (!p.package.is_empty() && !p.version.is_empty() && !p.sha256.is_empty()).then_some(s)
 }
 
 /// The package a relation names: `libc6 (>= 2.34)` and `python3:any` name `libc6` and
@@ -133,7 +117,7 @@ pub fn show(package: &str) -> Result<Stanza> {
 pub fn resolve(name: &str) -> Result<Stanza> {
     let stanza = show(name)?;
     match stanza.depends.iter().find(|d| is_versioned_image_package(d)) {
-        Some(real) if is_image_metapackage(&stanza.package) => show(real),
+        Some(real) if is_image_metapackage(&stanza.pin.package) => show(real),
         _ => Ok(stanza),
     }
 }
@@ -155,9 +139,9 @@ pub fn resolve_many(names: &[String]) -> Result<std::collections::BTreeMap<Strin
     let text = String::from_utf8_lossy(&out.stdout);
     let stanzas = parse_stanzas(&text);
     for name in names {
-        match stanzas.iter().find(|s| &s.package == name) {
+        match stanzas.iter().find(|s| &s.pin.package == name) {
             Some(s) if is_image_metapackage(name) => {
-                resolved.insert(name.clone(), resolve(&s.package)?);
+                resolved.insert(name.clone(), resolve(&s.pin.package)?);
             }
             Some(s) => {
                 resolved.insert(name.clone(), s.clone());
@@ -474,12 +458,12 @@ mod tests {
                     Depends: linux-image-6.1.0-56-amd64 (= 6.1.192-2), foo | bar\nSize: 1480\n\
                     SHA256: abc123\nDescription: x\n\nPackage: other\n";
         let s = parse_stanza(text).unwrap();
-        assert_eq!(s.package, "linux-image-amd64");
-        assert_eq!(s.version, "6.1.192-2");
-        assert_eq!(s.sha256, "abc123");
-        assert_eq!(s.size, 1480);
-        assert_eq!(s.architecture, "amd64");
-        assert_eq!(s.filename, "pool/main/l/linux-signed-amd64/linux-image-amd64_6.1.192-2_amd64.deb");
+        assert_eq!(s.pin.package, "linux-image-amd64");
+        assert_eq!(s.pin.version, "6.1.192-2");
+        assert_eq!(s.pin.sha256, "abc123");
+        assert_eq!(s.pin.size, 1480);
+        assert_eq!(s.pin.architecture, "amd64");
+        assert_eq!(s.pin.filename, "pool/main/l/linux-signed-amd64/linux-image-amd64_6.1.192-2_amd64.deb");
         assert_eq!(s.depends, vec!["linux-image-6.1.0-56-amd64", "foo"]);
         assert_eq!(s.relations, vec![vec!["linux-image-6.1.0-56-amd64".to_string()], vec!["foo".into(), "bar".into()]]);
         let s = parse_stanza(

@@ -112,10 +112,10 @@ fn resolve(roots: &[String]) -> Result<Vec<Pin>> {
     for (package, version) in &chosen {
         let stanza = stanzas
             .iter()
-            .find(|s| &s.package == package && &s.version == version)
+            .find(|s| &s.pin.package == package && &s.pin.version == version)
             .with_context(|| format!("apt-cache show says nothing of {package} {version}, which apt would install"))?;
         let depends = dependencies(stanza, &stanzas);
-        pins.push(Pin { depends: Some(depends), ..stanza.clone().pin() });
+        pins.push(Pin { depends: Some(depends), ..stanza.pin.clone() });
     }
     Ok(pins)
 }
@@ -140,11 +140,11 @@ pub fn dependencies(stanza: &Stanza, closure: &[Stanza]) -> Vec<String> {
         let pick = clause.iter().find_map(|alt| {
             closure
                 .iter()
-                .find(|s| &s.package == alt)
+                .find(|s| &s.pin.package == alt)
                 .or_else(|| closure.iter().find(|s| s.provides.contains(alt)))
-                .map(|s| s.package.clone())
+                .map(|s| s.pin.package.clone())
         });
-        found.extend(pick.filter(|p| p != &stanza.package));
+        found.extend(pick.filter(|p| p != &stanza.pin.package));
     }
     found.into_iter().collect()
 }
@@ -300,8 +300,7 @@ mod tests {
 
     fn stanza(package: &str, relations: &[&[&str]], provides: &[&str]) -> Stanza {
         Stanza {
-            package: package.into(),
-            version: "1".into(),
+            pin: Pin { package: package.into(), version: "1".into(), ..Pin::default() },
             relations: relations.iter().map(|c| c.iter().map(|s| s.to_string()).collect()).collect(),
             provides: provides.iter().map(|s| s.to_string()).collect(),
             ..Stanza::default()
