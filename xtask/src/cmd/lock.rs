@@ -52,7 +52,7 @@ impl Lock {
 fn lock_closures() -> Result<()> {
     let qemu = crate::vm::qemu_program::PACKAGE.to_string();
     debian::closure::closure(&[qemu]).context("locking QEMU's Debian packages (`--qemu store`)")?;
-    for system in os_configs::all().into_iter().filter(|s| !s.name.starts_with("invalid-")) {
+    for system in lock::locked_systems() {
         let roots = crate::lower::system::debian_packages(&system);
         if !roots.is_empty() {
             debian::closure::closure(&roots)
