@@ -96,7 +96,10 @@ impl VmOpts {
         }
     }
 
+    /// The store, opened for this command (with --verbose, host commands are shown from
+    /// here on).
     pub fn open_store(&self, ws: &Workspace) -> Result<Store> {
+        crate::process::set_verbose(self.verbose);
         Store::open(&ws.store_dir, self.explain)
     }
 

@@ -3,7 +3,9 @@
 //! tools that write disk images are not the host's: see [`crate::image::tools`].
 
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Command;
+
+use crate::process::command;
 use std::sync::OnceLock;
 
 use anyhow::{bail, Context, Result};
@@ -21,50 +23,6 @@ pub const APT_GET: Tool = Tool { program: "apt-get", package: "apt" };
 pub const DPKG_DEB: Tool = Tool { program: "dpkg-deb", package: "dpkg" };
 /// When set, missing host programs are reported instead of installed.
 pub const NO_INSTALL_ENV: &str = "XTASK_NO_INSTALL";
-
-/// A command for a host tool that dies with xtask (`PR_SET_PDEATHSIG`), so a killed
-/// xtask leaves no download or unpack running into a directory the next run removes.
-pub fn command(program: impl AsRef<std::ffi::OsStr>) -> Command {
-    use std::os::unix::process::CommandExt;
-    let mut cmd = Command::new(program);
-    // SAFETY: prctl is async-signal-safe.
-    unsafe {
-        cmd.pre_exec(|| {
-            if nix::libc::prctl(nix::libc::PR_SET_PDEATHSIG, nix::libc::SIGKILL) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    cmd
-}
-
-/// Runs `cmd` to its end, its output captured; a failure (it could not start, or it
-/// exited unsuccessfully) names the program, its arguments and the tail of its stderr.
-pub fn run(cmd: &mut Command) -> Result<std::process::Output> {
-    let shown = describe(cmd);
-    let out = cmd.stdin(Stdio::null()).output().with_context(|| format!("starting `{shown}`"))?;
-    if !out.status.success() {
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        bail!("`{shown}` failed ({}): {}", out.status, last_lines(&stderr));
-    }
-    Ok(out)
-}
-
-/// A command as a shell would take it: the program, then the arguments, quoted where
-/// needed.
-pub fn describe(cmd: &Command) -> String {
-    let mut words = vec![cmd.get_program().to_string_lossy().into_owned()];
-    words.extend(cmd.get_args().map(|a| crate::vm::shell_quote(&a.to_string_lossy())));
-    words.join(" ")
-}
-
-/// The last 10 non-empty lines of a host program's output, for an error message (a
-/// guest's console goes through [`crate::vm::tail_lines`], which escapes it).
-pub fn last_lines(text: &str) -> String {
-    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
-    lines[lines.len().saturating_sub(10)..].join("\n")
-}
 
 /// Finds `program` on `PATH`.
 pub fn which(program: &str) -> Option<PathBuf> {
@@ -107,16 +65,12 @@ pub fn ensure(tools: &[Tool]) -> Result<()> {
     }
     eprintln!("installing missing host program(s) {}: apt-get install {}", programs.join(", "), packages.join(" "));
     apt_update_once()?;
-    let status = command("apt-get")
+    let mut install = command("apt-get");
+    install
         .args(["install", "-y", "-q", "--no-install-recommends", "--allow-downgrades"])
         .args(&packages)
-        .env("DEBIAN_FRONTEND", "noninteractive")
-        .stdout(Stdio::null())
-        .status()
-        .context("running apt-get install")?;
-    if !status.success() {
-        bail!("`apt-get install {}` failed ({status}); install them by hand and retry", packages.join(" "));
-    }
+        .env("DEBIAN_FRONTEND", "noninteractive");
+    crate::process::run(&install).context("installing them failed; install them by hand and retry")?;
     for t in &missing {
         if is_missing(t) {
             bail!("`{}` is still missing after installing `{}`", t.program, t.package);
@@ -132,7 +86,7 @@ fn is_missing(tool: &Tool) -> bool {
 
 fn candidate_version(package: &str) -> Result<String> {
     apt_update_once()?;
-    let out = command("apt-cache").args(["policy", package]).output().context("running apt-cache policy")?;
+    let out = crate::process::output(command("apt-cache").args(["policy", package]))?;
     let text = String::from_utf8_lossy(&out.stdout);
     text.lines()
         .find_map(|l| l.trim().strip_prefix("Candidate:").map(|v| v.trim().to_string()))
@@ -148,11 +102,7 @@ pub fn apt_update_once() -> Result<()> {
         return Ok(());
     }
     eprintln!("apt has no package lists yet: running apt-get update");
-    let status =
-        command("apt-get").args(["update", "-q"]).stdout(Stdio::null()).status().context("running apt-get update")?;
-    if !status.success() {
-        bail!("`apt-get update` failed ({status})");
-    }
+    crate::process::run(command("apt-get").args(["update", "-q"]))?;
     let _ = DONE.set(());
     Ok(())
 }
@@ -170,12 +120,8 @@ pub fn qemu_supports_sandbox(cache_dir: &std::path::Path) -> bool {
     let question = format!("-sandbox {} -version", crate::vm::qemu::SANDBOX);
     let answer = remembered(cache_dir, &qemu, &question, || {
         // Options are parsed in order: an unsupported -sandbox fails before -version exits.
-        let supported = command(&qemu)
-            .args(["-sandbox", crate::vm::qemu::SANDBOX, "-version"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
+        let supported = crate::process::output(command(&qemu).args(["-sandbox", crate::vm::qemu::SANDBOX, "-version"]))
+            .is_ok_and(|o| o.status.success());
         Ok(if supported { "yes" } else { "no" }.to_string())
     });
     answer.is_ok_and(|a| a == "yes")
@@ -218,13 +164,8 @@ pub fn userns_bind_mounts() -> bool {
         if std::env::var_os(NO_USERNS_ENV).is_some_and(|v| v == "1") {
             return false;
         }
-        command("unshare")
-            .args(["--user", "--map-root-user", "--mount", "--", "true"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success())
+        crate::process::output(command("unshare").args(["--user", "--map-root-user", "--mount", "--", "true"]))
+            .is_ok_and(|o| o.status.success())
     })
 }
 

@@ -7,6 +7,7 @@ pub mod host;
 pub mod image;
 pub mod lock;
 pub mod lower;
+pub mod process;
 pub mod programs;
 pub mod progress;
 pub mod report;

@@ -174,7 +174,7 @@ mod tests {
 
     #[test]
     fn the_scan_finds_what_it_should() {
-        let code = r#"let a = Command::new("frobnicate"); host::command("cp").arg("x");
+        let code = r#"let a = Command::new("frobnicate"); crate::process::command("cp").arg("x");
                       Command::new(host::QEMU_IMG.program); tools.command("sfdisk")?; Command::new(&dynamic);"#;
         assert_eq!(started(code), ["frobnicate", "host::QEMU_IMG", "cp", "sfdisk"]);
         assert!(declared("frobnicate").is_none());

@@ -956,12 +956,12 @@ mod tests {
         let exe = std::env::current_exe().unwrap();
         for step in 1..=6 {
             let dir = tempfile::tempdir().unwrap();
-            let out = std::process::Command::new(&exe)
+            let mut child = crate::process::command(&exe);
+            child
                 .args(["--exact", "store::tests::commit_fault_child", "--ignored", "--nocapture"])
                 .env(FAULT_ENV, step.to_string())
-                .env("XTASK_FAULT_STORE", dir.path())
-                .output()
-                .unwrap();
+                .env("XTASK_FAULT_STORE", dir.path());
+            let out = crate::process::output(&child).unwrap();
             let stderr = String::from_utf8_lossy(&out.stderr);
             assert!(!out.status.success(), "step {step}: the child did not abort: {stderr}");
             assert!(stderr.contains(&format!("aborting at commit step {step}")), "step {step}: {stderr}");

@@ -5,7 +5,7 @@
 use fs_err as fs;
 use std::io::BufWriter;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -88,7 +88,7 @@ impl Bench {
         // share, writes a file there and powers off.
         let accel_flag = ["--accel", accel.name()];
         let ours = measure(warmup, runs, || {
-            run_quiet(host::command(&xtask).arg("run-vm").args(accel_flag).args([
+            run_quiet(crate::process::command(&xtask).arg("run-vm").args(accel_flag).args([
                 "--cold",
                 "--timeout",
                 "300",
@@ -111,9 +111,9 @@ impl Bench {
         let floor = measure(warmup, runs, || {
             let marker = scratch.path().join("done");
             let _ = fs::remove_file(&marker);
-            let mut qemu = host::command("timeout");
+            let mut qemu = crate::process::command("timeout");
             qemu.arg("300").arg(crate::vm::qemu_program::program()?).args(qemu::args(&floor_spec(scratch.path())));
-            let ran = run_quiet(&mut qemu);
+            let ran = run_quiet(&qemu);
             if ran.is_err() || !marker.exists() {
                 let console = fs::read(scratch.path().join("console")).unwrap_or_default();
                 bail!(
@@ -136,7 +136,7 @@ impl Bench {
         // boot-to-result-warm: the same run restored from its snapshot (made in the first
         // warm-up run) against the cold floor above.
         let ours = measure(warmup, runs, || {
-            run_quiet(host::command(&xtask).arg("run-vm").args(accel_flag).args([
+            run_quiet(crate::process::command(&xtask).arg("run-vm").args(accel_flag).args([
                 "--warm",
                 "--timeout",
                 "300",
@@ -158,14 +158,14 @@ impl Bench {
         let selection = ["-p", "vm-checks", "--test", "in_vm"].map(String::from);
         let binaries = super::test::build_test_binaries(ws, &selection)?;
         let ours = measure(warmup, runs, || {
-            let mut cmd = host::command(&xtask);
+            let mut cmd = crate::process::command(&xtask);
             cmd.args(["test", "--cold", "--system", "hello", "--timeout", "300"]).args(accel_flag).args(&selection);
             run_quiet(cmd.args(["--", "--ignored"]))
         })?;
         let host_run = measure(warmup, runs, || {
             for b in &binaries {
                 // On the host they fail at once (not in the VM): only their time counts.
-                let _ = host::command(&b.path).arg("--ignored").current_dir(&b.package_dir).output()?;
+                crate::process::output(crate::process::command(&b.path).arg("--ignored").current_dir(&b.package_dir))?;
             }
             Ok(())
         })?;
@@ -181,7 +181,7 @@ impl Bench {
         // scenario: `hello-pair` end to end (two nodes booting at once, a request, the
         // link cut for a 3 s timeout and restored) against one bare boot.
         let ours = measure(warmup, runs, || {
-            let mut cmd = host::command(&xtask);
+            let mut cmd = crate::process::command(&xtask);
             run_quiet(cmd.args(["scenario", "hello-pair"]).args(accel_flag))
         })?;
         figures.push(figure("scenario", ours, floor_boot, accel, "xtask scenario hello-pair", "bare qemu boot"));
@@ -200,7 +200,12 @@ impl Bench {
         let ask = ["--timeout", "300", "--", "sh", "-c", "nc 127.0.0.1 7878 </dev/null"];
         let ours = measure(warmup, runs, || {
             touch()?;
-            run_quiet(host::command(&xtask).args(["run-vm", "--cold", "--system", "hello"]).args(accel_flag).args(ask))
+            run_quiet(
+                crate::process::command(&xtask)
+                    .args(["run-vm", "--cold", "--system", "hello"])
+                    .args(accel_flag)
+                    .args(ask),
+            )
         })?;
         let cargo_build = measure(warmup, runs, || {
             touch()?;
@@ -236,16 +241,16 @@ impl Bench {
 
         // cache-hit: a build-in-vm whose result is stored, timed as the xtask binary
         // alone and through cargo, against `true`.
-        run_quiet(host::command(&xtask).args(["vm-image"]))?;
-        let image_hit = measure(warmup, runs.max(5), || run_quiet(host::command(&xtask).args(["vm-image"])))?;
+        run_quiet(crate::process::command(&xtask).args(["vm-image"]))?;
+        let image_hit = measure(warmup, runs.max(5), || run_quiet(crate::process::command(&xtask).args(["vm-image"])))?;
         let build = ["build-in-vm", "--name", "bench-cache-hit", "--", "sh", "-c", "echo hit > $out/f"];
-        run_quiet(host::command(&xtask).args(build))?;
-        let hit = measure(warmup, runs.max(5), || run_quiet(host::command(&xtask).args(build)))?;
+        run_quiet(crate::process::command(&xtask).args(build))?;
+        let hit = measure(warmup, runs.max(5), || run_quiet(crate::process::command(&xtask).args(build)))?;
         let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
         let hit_cargo = measure(warmup, runs.max(5), || {
-            run_quiet(host::command(&cargo).current_dir(&ws.root).arg("xtask").args(build))
+            run_quiet(crate::process::command(&cargo).current_dir(&ws.root).arg("xtask").args(build))
         })?;
-        let t = measure(warmup, runs.max(5), || run_quiet(&mut host::command("true")))?;
+        let t = measure(warmup, runs.max(5), || run_quiet(&crate::process::command("true")))?;
         figures.push(figure("cache-hit", hit, t, accel, "xtask build-in-vm (stored)", "true"));
         figures.push(figure("cache-hit-vm-image", image_hit, t, accel, "xtask vm-image (stored)", "true"));
         figures.push(figure("cache-hit-cargo", hit_cargo, t, accel, "cargo xtask build-in-vm (stored)", "true"));
@@ -286,7 +291,7 @@ impl Bench {
             store.remove_entry(&image_item)?;
             quiesce();
             let start = Instant::now();
-            run_quiet(host::command(&xtask).arg("vm-image").args(args))?;
+            run_quiet(crate::process::command(&xtask).arg("vm-image").args(args))?;
             Ok(start.elapsed())
         };
         let ours = measure_timed(warmup.min(1), runs.min(5), || cold_image(&[]))?;
@@ -393,12 +398,8 @@ fn median(sorted: &[Duration]) -> Duration {
     }
 }
 
-fn run_quiet(cmd: &mut Command) -> Result<()> {
-    let out = cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).output()?;
-    if !out.status.success() {
-        bail!("{cmd:?} failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr).trim());
-    }
-    Ok(())
+fn run_quiet(cmd: &Command) -> Result<()> {
+    crate::process::run(cmd).map(drop)
 }
 
 /// The floor's initramfs: busybox and the same modules as the real initrd (without
@@ -465,10 +466,7 @@ const FLOOR_IMAGE: &str = "mke2fs -d of the staged tree + qemu-img convert -t un
 /// Runs `xtask vm-image ARGS` (building the image if needed) and returns the image
 /// item's store entry name.
 fn stored_image_item(xtask: &Path, args: &[&str]) -> Result<String> {
-    let out = host::command(xtask).arg("vm-image").args(args).stdin(Stdio::null()).output()?;
-    if !out.status.success() {
-        bail!("xtask vm-image failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr).trim());
-    }
+    let out = crate::process::run(crate::process::command(xtask).arg("vm-image").args(args))?;
     let stdout = String::from_utf8_lossy(&out.stdout);
     let path = Path::new(stdout.lines().last().unwrap_or_default());
     let item = path.parent().and_then(Path::file_name).context("vm-image printed no image path")?;
@@ -531,7 +529,7 @@ fn floor_image_build(store: &Store, closure: &Closure, warmup: usize, runs: usiz
         )?;
         run_quiet(
             // As the image builder converts: no flush at the end.
-            host::command(host::QEMU_IMG.program)
+            crate::process::command(host::QEMU_IMG.program)
                 .args(["convert", "-t", "unsafe", "-f", "raw", "-O", "qcow2"])
                 .arg(&raw)
                 .arg(&qcow2),

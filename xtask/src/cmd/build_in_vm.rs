@@ -310,21 +310,9 @@ fn guest_input_path(item: &Item, rel: &Option<String>) -> String {
 
 fn create_disk(path: &PathBuf, format: DiskFormat, size: u64) -> Result<()> {
     host::ensure(&[host::QEMU_IMG])?;
-    let out = host::command(host::QEMU_IMG.program)
-        .args(["create", "-q", "-f", format.name()])
-        .arg(path)
-        .arg(size.to_string())
-        .output()
-        .context("running qemu-img create")?;
-    if !out.status.success() {
-        bail!(
-            "`qemu-img create -f {} {} {size}` failed: {}",
-            format.name(),
-            path.display(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
+    let mut create = crate::process::command(host::QEMU_IMG.program);
+    create.args(["create", "-q", "-f", format.name()]).arg(path).arg(size.to_string());
+    crate::process::run(&create).map(drop)
 }
 
 #[cfg(test)]

@@ -96,7 +96,7 @@ impl TestRunner {
 /// `cargo test --no-run` with `cargo_args`; the test executables it built.
 pub fn build_test_binaries(ws: &Workspace, cargo_args: &[String]) -> Result<Vec<TestBinary>> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let mut child = crate::host::command(&cargo)
+    let mut child = crate::process::command(&cargo)
         .args(["test", "--no-run", "--message-format=json-render-diagnostics"])
         .args(cargo_args)
         .current_dir(&ws.root)

@@ -54,6 +54,7 @@ pub struct VmImage {
 impl VmImage {
     pub fn run(self, ws: &Workspace) -> Result<i32> {
         let started = std::time::Instant::now();
+        crate::process::set_verbose(self.verbose);
         let system = super::lookup_system(&self.system)?;
         // The image tools come from the store; QEMU from the host or the store.
         if self.builder == Builder::Vm {

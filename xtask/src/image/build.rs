@@ -16,7 +16,7 @@ use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use anyhow::{bail, ensure, Context, Result};
 use guest::image::{Registration, StoreDb};
@@ -24,6 +24,7 @@ use guest::Mode;
 use os_configs::System;
 
 use crate::image::tools::{self, StoreTools};
+use crate::process::{self, Stdin};
 use crate::store::{self, Item, Recipe, Store};
 use crate::vm::qemu::DiskFormat;
 use crate::{host, lower::system, Workspace};
@@ -194,10 +195,10 @@ pub fn shared_store_image(store: &Store, system_name: &str, config: &guest::Syst
 /// The first line `cmd FLAG` prints (a tool's version), remembered in the store's cache
 /// while the program is unchanged ([`host::remembered`]).
 fn version_line(store: &Store, mut cmd: Command, flag: &str) -> Result<String> {
-    let shown = format!("{} {flag}", host::describe(&cmd));
+    let shown = format!("{} {flag}", crate::process::describe(&cmd));
     let program = PathBuf::from(cmd.get_program());
     let mut ask = || -> Result<String> {
-        let out = cmd.arg(flag).output().with_context(|| format!("running `{shown}`"))?;
+        let out = crate::process::output(cmd.arg(flag))?;
         let text = if out.stdout.is_empty() { out.stderr } else { out.stdout };
         let first = String::from_utf8_lossy(&text).lines().next().unwrap_or_default().to_string();
         ensure!(out.status.success() && !first.is_empty(), "`{shown}` failed ({})", out.status);
@@ -389,7 +390,7 @@ pub enum Builder {
 /// recipe, so a new QEMU makes a new image rather than passing for the old one.
 pub fn tool_versions(store: &Store, format: DiskFormat) -> Result<String> {
     Ok(match format {
-        DiskFormat::Qcow2 => version_line(store, host::command(host::QEMU_IMG.program), "--version")?,
+        DiskFormat::Qcow2 => version_line(store, crate::process::command(host::QEMU_IMG.program), "--version")?,
         DiskFormat::Raw => String::new(),
     })
 }
@@ -540,7 +541,7 @@ pub fn build_on_host(job: &ImageJob, out: &Path) -> Result<()> {
     if progress.verbose {
         eprintln!("  (the raw image is written to `{}`)", raw.display());
     }
-    let grub = grub_boot_code(store, tools, progress)?;
+    let grub = grub_boot_code(store, tools)?;
     let job =
         RawImage { root: &root, mounts: &mounts, owners: &[], layout: opts.layout, uuid, tools, grub: Some(grub) };
     let built = write_raw(&raw, job, progress);
@@ -559,7 +560,7 @@ pub(crate) fn store_disk(raw: &Path, out: &Path, format: DiskFormat, progress: P
         DiskFormat::Raw => fs::rename(raw, &dest).with_context(|| format!("moving the image to `{}`", dest.display())),
         DiskFormat::Qcow2 => {
             progress.step("converting to qcow2");
-            let mut cmd = host::command(host::QEMU_IMG.program);
+            let mut cmd = crate::process::command(host::QEMU_IMG.program);
             // `-t unsafe`: no flush of the new file when done (which waited for the disk:
             // half of the conversion's time for a 1.4 GiB image here). The store syncs no
             // item; `store verify` finds one a crash damaged.
@@ -567,7 +568,7 @@ pub(crate) fn store_disk(raw: &Path, out: &Path, format: DiskFormat, progress: P
             cmd.arg(raw).arg(&dest);
             let total = fs::metadata(raw).map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512).ok();
             let _bar = crate::progress::file_bar("qemu-img convert", &dest, total);
-            run(cmd, progress)
+            process::run(&cmd).map(drop)
         }
     }
 }
@@ -714,7 +715,8 @@ fn write_raw(raw: &Path, job: RawImage, progress: Progress) -> Result<()> {
 
     let mut sfdisk = tools.command("sfdisk")?;
     sfdisk.args(SFDISK_ARGS).arg(raw);
-    run_with_input(sfdisk, partition_table(uuid).as_bytes(), progress).context("writing the partition table")?;
+    process::run_with(&sfdisk, Stdin::Bytes(partition_table(uuid).as_bytes()))
+        .context("writing the partition table")?;
 
     progress.step(&format!("making the ext4 file system ({} MiB) with the closure", (layout.fs_blocks * BLOCK) >> 20));
     let mut mke2fs = tools.command("mke2fs")?;
@@ -730,7 +732,7 @@ fn write_raw(raw: &Path, job: RawImage, progress: Progress) -> Result<()> {
     }
     let bar =
         crate::progress::file_bar("mke2fs -d", raw, (progress.expected_bytes > 0).then_some(progress.expected_bytes));
-    let made = run(mke2fs, progress);
+    let made = process::run(&mke2fs);
     drop(bar);
     made.with_context(|| {
         format!(
@@ -756,7 +758,8 @@ fn write_raw(raw: &Path, job: RawImage, progress: Progress) -> Result<()> {
             .collect();
         let mut debugfs = tools.command("debugfs")?;
         debugfs.args(["-w", "-f", "-"]).arg(&fs_spec).env("E2FSPROGS_FAKE_TIME", FIXED_TIME);
-        let errors = run_with_input(debugfs, script.as_bytes(), progress).context("setting owners")?;
+        let out = process::run_with(&debugfs, Stdin::Bytes(script.as_bytes())).context("setting owners")?;
+        let errors = String::from_utf8_lossy(&out.stderr);
         let errors: Vec<&str> = errors.lines().filter(|l| !l.starts_with("debugfs ")).collect();
         if !errors.is_empty() {
             bail!("debugfs could not set owners: {}", errors.join("; "));
@@ -812,7 +815,7 @@ pub(crate) fn mke2fs_options(layout: &Layout, uuid: &str) -> Vec<String> {
 /// them stay), and `core.img`, for sector 1, where boot.img and core.img's own first
 /// sector look for it by default. core.img (grub-mkimage's output) is a store item: it
 /// depends only on GRUB's version and the modules built in.
-pub(crate) fn grub_boot_code(store: &Store, tools: &StoreTools, progress: Progress) -> Result<(Vec<u8>, Vec<u8>)> {
+pub(crate) fn grub_boot_code(store: &Store, tools: &StoreTools) -> Result<(Vec<u8>, Vec<u8>)> {
     let dir = tools.grub_i386_pc();
     let boot_path = dir.join("boot.img");
     let recipe = Recipe::new("grub-core", "grub-core-i386-pc")
@@ -824,7 +827,7 @@ pub(crate) fn grub_boot_code(store: &Store, tools: &StoreTools, progress: Progre
         let mut mkimage = tools.command("grub-mkimage")?;
         mkimage.args(["-O", "i386-pc", "-p", GRUB_PREFIX, "-d"]).arg(&dir).arg("-o").arg(out.join("core.img"));
         mkimage.args(GRUB_MODULES);
-        run(mkimage, progress).context("making GRUB's core.img")
+        process::run(&mkimage).map(drop).context("making GRUB's core.img")
     })?;
     let core = item.path.join("core.img");
     let core_bytes = fs::read(&core).with_context(|| format!("reading `{}`", core.display()))?;
@@ -846,49 +849,6 @@ pub(crate) fn grub_boot_code(store: &Store, tools: &StoreTools, progress: Progre
 
 /// Where GRUB's core.img looks for its configuration: the first partition.
 const GRUB_PREFIX: &str = "(hd0,msdos1)/boot/grub";
-
-/// Runs a command; a failure names it and carries its stderr.
-pub(crate) fn run(cmd: Command, progress: Progress) -> Result<()> {
-    run_with_input(cmd, &[], progress).map(drop)
-}
-
-/// Runs a command with `input` on stdin; returns its stderr.
-fn run_with_input(mut cmd: Command, input: &[u8], progress: Progress) -> Result<String> {
-    let shown = host::describe(&cmd);
-    if progress.verbose {
-        eprintln!("+ {shown}");
-    }
-    let interactive_progress = cmd.get_args().any(|a| a == "-p");
-    cmd.stdin(Stdio::piped()).stdout(Stdio::piped());
-    if !interactive_progress {
-        cmd.stderr(Stdio::piped());
-    }
-    let started = std::time::Instant::now();
-    let mut child = cmd.spawn().with_context(|| format!("starting `{shown}`"))?;
-    let mut stdin = child.stdin.take().context("stdin")?;
-    let input = input.to_vec();
-    let writer = std::thread::spawn(move || stdin.write_all(&input));
-    let mut stdout = child.stdout.take().context("stdout")?;
-    let reader = std::thread::spawn(move || {
-        let mut s = Vec::new();
-        let _ = stdout.read_to_end(&mut s);
-        s
-    });
-    let mut stderr = String::new();
-    if let Some(mut e) = child.stderr.take() {
-        let _ = e.read_to_string(&mut stderr);
-    }
-    let status = child.wait().with_context(|| format!("waiting for `{shown}`"))?;
-    if progress.verbose {
-        eprintln!("  ({:.2} s)", started.elapsed().as_secs_f64());
-    }
-    let _ = writer.join();
-    let stdout = String::from_utf8_lossy(&reader.join().unwrap_or_default()).into_owned();
-    if !status.success() {
-        bail!("`{shown}` failed ({status}): {}", host::last_lines(&format!("{stdout}{stderr}")));
-    }
-    Ok(stderr)
-}
 
 /// The first byte offset at which two files differ (a shorter file differs where it
 /// ends), or `None` when they are identical.

@@ -14,7 +14,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{bail, Context, Result};
 
 use crate::lower::debian;
 use crate::store::{Item, Recipe, Store};
@@ -145,7 +145,7 @@ impl Packages {
 
     fn command(&self, program: &str) -> Result<Command> {
         let (item, rel) = self.program(program)?;
-        let mut cmd = crate::host::command(self.package("libc6").path.join(LOADER));
+        let mut cmd = crate::process::command(self.package("libc6").path.join(LOADER));
         let libs = self.lib_dirs(|i| i.path.display().to_string()).join(":");
         cmd.args(["--inhibit-cache", "--library-path", &libs])
             .arg(item.path.join(rel))
@@ -208,12 +208,10 @@ fn check_libraries(tools: &Packages, program: &str) -> Result<()> {
     let cmd = tools.command(program)?;
     // `ld.so --list PROGRAM` prints the libraries it would load.
     let args: Vec<_> = cmd.get_args().map(|a| a.to_os_string()).collect();
-    let mut list = crate::host::command(cmd.get_program());
+    let mut list = crate::process::command(cmd.get_program());
     list.args(&args[..3]).arg("--list").args(&args[3..]);
-    let shown = crate::host::describe(&list);
-    let out = list.output().with_context(|| format!("running `{shown}`"))?;
+    let out = crate::process::run(&list)?;
     let text = String::from_utf8_lossy(&out.stdout);
-    ensure!(out.status.success(), "`{shown}` failed ({}): {text}{}", out.status, String::from_utf8_lossy(&out.stderr));
     let roots: Vec<&Path> = tools.0.iter().map(|(_, i)| i.path.as_path()).collect();
     for line in text.lines() {
         let Some((lib, rest)) = line.split_once("=>") else { continue };

@@ -63,7 +63,7 @@ pub fn build(job: &ImageJob, ws: &Workspace, out: &Path) -> Result<()> {
     let tree = tree?;
     made?;
 
-    let (mbr, core) = image::grub_boot_code(store, tools, progress)?;
+    let (mbr, core) = image::grub_boot_code(store, tools)?;
     fs::write(input.join("mbr"), mbr)?;
     fs::write(input.join("core.img"), core)?;
     fs::write(input.join("table"), image::partition_table(uuid))?;
@@ -140,7 +140,7 @@ fn closure_disk_image(
         .arg(items)
         .arg(disk)
         .arg(blocks.to_string());
-    image::run(cmd, progress).context("making the closure's disk")
+    crate::process::run(&cmd).map(drop).context("making the closure's disk")
 }
 
 /// Shell commands that recreate the staging tree at `$r` in the guest: directories,

@@ -7,7 +7,6 @@
 
 use fs_err as fs;
 use std::path::Path;
-use std::process::Stdio;
 
 use anyhow::{bail, ensure, Context, Result};
 
@@ -94,10 +93,8 @@ pub fn parse_stanzas(text: &str) -> Vec<Stanza> {
 pub fn show(package: &str) -> Result<Stanza> {
     host::ensure(&[host::APT_GET])?;
     host::apt_update_once()?;
-    let out = host::command("apt-cache")
-        .args(["show", "--no-all-versions", package])
-        .output()
-        .context("running apt-cache show")?;
+    let out =
+        crate::process::output(crate::process::command("apt-cache").args(["show", "--no-all-versions", package]))?;
     let text = String::from_utf8_lossy(&out.stdout);
     match parse_stanza(&text) {
         Some(s) => Ok(s),
@@ -131,11 +128,8 @@ pub fn resolve_many(names: &[String]) -> Result<std::collections::BTreeMap<Strin
     }
     host::ensure(&[host::APT_GET])?;
     host::apt_update_once()?;
-    let out = host::command("apt-cache")
-        .args(["show", "--no-all-versions"])
-        .args(names)
-        .output()
-        .context("running apt-cache show")?;
+    let out =
+        crate::process::output(crate::process::command("apt-cache").args(["show", "--no-all-versions"]).args(names))?;
     let text = String::from_utf8_lossy(&out.stdout);
     let stanzas = parse_stanzas(&text);
     for name in names {
@@ -181,7 +175,7 @@ pub fn unpacked(store: &Store, pin: &Pin) -> Result<Item> {
         let scratch = store.scratch(&pin.package)?;
         let deb = download(pin, scratch.path())?;
         let _step = crate::progress::step(&format!("unpacking Debian package {} {}", pin.package, pin.version));
-        host::run(host::command("dpkg-deb").arg("-x").arg(&deb).arg(out))?;
+        crate::process::run(crate::process::command("dpkg-deb").arg("-x").arg(&deb).arg(out))?;
         // While the .deb is here: what its maintainer script would link.
         alternatives_from(store, pin, &deb)?;
         Ok(())
@@ -222,7 +216,7 @@ pub fn alternatives(store: &Store, pin: &Pin) -> Result<Item> {
 fn alternatives_from(store: &Store, pin: &Pin, deb: &Path) -> Result<Item> {
     store.realise(&alternatives_recipe(pin), |out| {
         let control = store.scratch("control")?;
-        host::run(host::command("dpkg-deb").arg("-e").arg(deb).arg(control.path().join("c")))?;
+        crate::process::run(crate::process::command("dpkg-deb").arg("-e").arg(deb).arg(control.path().join("c")))?;
         let postinst = fs::read_to_string(control.path().join("c/postinst")).unwrap_or_default();
         let lines: String = parse_alternatives(&postinst)
             .iter()
@@ -299,18 +293,13 @@ fn download(pin: &Pin, dir: &Path) -> Result<std::path::PathBuf> {
     // apt-get writes the .deb (under a partial name) in `dir`: its growth is the progress.
     let _step = crate::progress::step(&format!("fetching Debian package {} {}{size}", pin.package, pin.version))
         .watch_dir(dir, (pin.size > 0).then_some(pin.size));
-    let mut cmd = host::command("apt-get");
+    let mut cmd = crate::process::command("apt-get");
     cmd.args(["download", "-q"]);
     if host::is_root() {
         // apt's download sandbox user cannot write into a root-owned directory.
         cmd.args(["-o", "APT::Sandbox::User=root"]);
     }
-    let out = cmd
-        .arg(format!("{}={}", pin.package, pin.version))
-        .current_dir(dir)
-        .stdout(Stdio::null())
-        .output()
-        .context("running apt-get download")?;
+    let out = crate::process::output(cmd.arg(format!("{}={}", pin.package, pin.version)).current_dir(dir))?;
     let deb = if out.status.success() {
         fs::read_dir(dir)?
             .flatten()
@@ -356,17 +345,12 @@ fn from_pool(pin: &Pin, dir: &Path, apt_error: &str) -> Result<std::path::PathBu
     for mirror in &mirrors {
         let url = format!("{}/{}", mirror.trim_end_matches('/'), pin.filename.replace('+', "%2b"));
         let deb = dir.join(format!("{}_{}.deb", pin.package, pin.architecture));
-        let mut cmd = host::command(helper);
+        let mut cmd = crate::process::command(helper);
         if host::is_root() {
             cmd.args(["-o", "APT::Sandbox::User=root"]);
         }
-        let out = cmd
-            .args(["download-file", &url])
-            .arg(&deb)
-            .arg(format!("SHA256:{}", pin.sha256))
-            .stdout(Stdio::null())
-            .output()
-            .with_context(|| format!("running `{APT_HELPER}`"))?;
+        let out =
+            crate::process::output(cmd.args(["download-file", &url]).arg(&deb).arg(format!("SHA256:{}", pin.sha256)))?;
         if out.status.success() && deb.is_file() {
             return Ok(deb);
         }

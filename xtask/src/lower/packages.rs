@@ -21,11 +21,13 @@ pub const RUSTFLAGS: &str = "-C target-feature=+crt-static";
 
 /// The workspace's packages and their binary targets, from `cargo metadata`.
 pub fn workspace_bins(ws: &Workspace) -> Result<BTreeMap<String, Vec<String>>> {
-    let metadata = cargo_metadata::MetadataCommand::new()
-        .manifest_path(ws.root.join("Cargo.toml"))
-        .no_deps()
-        .exec()
-        .context("reading the workspace's packages with `cargo metadata`")?;
+    let mut query = cargo_metadata::MetadataCommand::new();
+    query.manifest_path(ws.root.join("Cargo.toml")).no_deps();
+    // cargo_metadata's own runner would not give cargo the death signal: it goes through
+    // the process layer, and cargo_metadata parses what it printed.
+    let out = crate::process::run(&query.cargo_command()).context("reading the workspace's packages")?;
+    let metadata = cargo_metadata::MetadataCommand::parse(String::from_utf8_lossy(&out.stdout))
+        .context("parsing `cargo metadata`")?;
     let mut bins = BTreeMap::new();
     for package in metadata.workspace_packages() {
         let names =
@@ -66,7 +68,7 @@ pub fn cargo_build_static(
     verbose: bool,
 ) -> Result<PathBuf> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let mut cmd = crate::host::command(cargo);
+    let mut cmd = crate::process::command(cargo);
     cmd.args(["build", "--release", "--package", package, "--bin", bin, "--target", TARGET])
         .arg("--target-dir")
         .arg(target_dir)
@@ -143,10 +145,8 @@ const LIBRARY_DIRS: &[&str] =
 
 impl LibraryResolver {
     pub fn from_host() -> LibraryResolver {
-        let text = crate::host::command("ldconfig")
-            .arg("-p")
-            .output()
-            .or_else(|_| crate::host::command("/sbin/ldconfig").arg("-p").output())
+        let text = crate::process::output(crate::process::command("ldconfig").arg("-p"))
+            .or_else(|_| crate::process::output(crate::process::command("/sbin/ldconfig").arg("-p")))
             .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
             .unwrap_or_default();
         LibraryResolver { cache: parse_ldconfig(&text) }

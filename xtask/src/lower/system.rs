@@ -6,7 +6,7 @@
 use fs_err as fs;
 use std::path::PathBuf;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use guest::{Check, FileSpec, HomeSpec, Mode, MountSpec, Readiness, Request, ServiceSpec, SystemConfig};
 use os_configs::{Device, FileSystem, Package, Ready, Restart, System};
 
@@ -311,10 +311,7 @@ pub fn busybox(store: &Store) -> Result<Item> {
         let bin = out.join("bin");
         fs::create_dir_all(&bin)?;
         fs::copy(&src, bin.join("busybox")).with_context(|| format!("copying `{}`", src.display()))?;
-        let list = crate::host::command(&src).arg("--list").output().context("running busybox --list")?;
-        if !list.status.success() {
-            bail!("`busybox --list` failed ({})", list.status);
-        }
+        let list = crate::process::run(crate::process::command(&src).arg("--list"))?;
         for applet in String::from_utf8_lossy(&list.stdout).lines() {
             if !applet.is_empty() && applet != "busybox" && !applet.contains('/') {
                 std::os::unix::fs::symlink("busybox", bin.join(applet))?;

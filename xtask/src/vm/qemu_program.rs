@@ -147,12 +147,12 @@ pub fn from_store(store: &Store) -> Result<Item> {
         let _step = crate::progress::step(&format!("making QEMU from {} Debian packages", items.len()));
         // The same command with the items' paths: a QEMU that does not run is never stored.
         let abs_libs: Vec<String> = lib_dirs.iter().map(|(i, d)| i.path.join(d).display().to_string()).collect();
-        let mut check = host::command(libc6.path.join(LOADER));
+        let mut check = crate::process::command(libc6.path.join(LOADER));
         check
             .args(["--inhibit-cache", "--library-path", &abs_libs.join(":")])
             .arg(qemu.path.join(QEMU_BIN))
             .arg("-version");
-        host::run(&mut check).context("QEMU from the store does not run")?;
+        crate::process::run(&check).context("QEMU from the store does not run")?;
         let bin = out.join("bin");
         fs::create_dir_all(&bin)?;
         // The loader under QEMU's name: the process's name is the file it was started

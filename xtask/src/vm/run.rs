@@ -706,18 +706,15 @@ fn run_qemu(
 /// which then stops it (QEMU itself would exit 0 on SIGINT, as if all went well).
 /// stderr is piped.
 pub fn qemu_command(args: &[std::ffi::OsString], interactive: bool) -> Command {
-    let mut cmd = Command::new(crate::vm::qemu_program::known());
+    // QEMU dies with xtask, even when xtask is SIGKILLed.
+    let mut cmd = crate::process::command(crate::vm::qemu_program::known());
     cmd.args(args).stderr(Stdio::piped());
     if !interactive {
         cmd.stdin(Stdio::null()).stdout(Stdio::null());
     }
-    // SAFETY: prctl, seccomp (with a static filter) and setpgid are async-signal-safe.
+    // SAFETY: seccomp (with a static filter) and setpgid are async-signal-safe.
     unsafe {
         cmd.pre_exec(move || {
-            // QEMU dies with xtask, even when xtask is SIGKILLed.
-            if nix::libc::prctl(nix::libc::PR_SET_PDEATHSIG, nix::libc::SIGKILL) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
             // The guest must not make device nodes, FIFOs or sockets on the host through
             // its 9p shares, whoever runs QEMU: it never gets to call mknod.
             deny_mknod()?;

@@ -111,7 +111,7 @@ fn recipe(store: &Store, spec: &VmSpec) -> Result<Recipe> {
 fn qemu_version(store: &Store) -> Result<String> {
     let program = crate::vm::qemu_program::absolute()?;
     host::remembered(&store.cache_dir(), &program, "version", || {
-        let out = host::command(&program).arg("--version").output().context("running QEMU --version")?;
+        let out = crate::process::run(crate::process::command(&program).arg("--version"))?;
         Ok(String::from_utf8_lossy(&out.stdout).lines().next().unwrap_or_default().to_string())
     })
 }

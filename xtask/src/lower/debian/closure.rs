@@ -85,15 +85,15 @@ fn resolve(roots: &[String]) -> Result<Vec<Pin>> {
     let scratch = tempfile::tempdir().context("creating a scratch directory")?;
     let status = scratch.path().join("status");
     std::fs::write(&status, "").context("writing an empty dpkg status")?;
-    let out = host::command("apt-get")
+    let mut simulate = crate::process::command("apt-get");
+    simulate
         .args(["--simulate", "-q", "-o", "APT::Install-Recommends=false", "-o", "APT::Install-Suggests=false"])
         .arg("-o")
         .arg(format!("Dir::State::status={}", status.display()))
         .arg("install")
         .args(roots)
-        .env("LC_ALL", "C")
-        .output()
-        .context("running apt-get --simulate install")?;
+        .env("LC_ALL", "C");
+    let out = crate::process::output(&simulate)?;
     let stdout = String::from_utf8_lossy(&out.stdout);
     if !out.status.success() {
         let said = format!("{stdout}{}", String::from_utf8_lossy(&out.stderr));
@@ -101,12 +101,8 @@ fn resolve(roots: &[String]) -> Result<Vec<Pin>> {
     }
     let chosen = installs(&stdout);
     let wanted: Vec<String> = chosen.iter().map(|(p, v)| format!("{p}={v}")).collect();
-    let shown = host::command("apt-cache")
-        .arg("show")
-        .args(&wanted)
-        .env("LC_ALL", "C")
-        .output()
-        .context("running apt-cache show")?;
+    let shown =
+        crate::process::output(crate::process::command("apt-cache").arg("show").args(&wanted).env("LC_ALL", "C"))?;
     let stanzas = parse_stanzas(&String::from_utf8_lossy(&shown.stdout));
     let mut pins = Vec::new();
     for (package, version) in &chosen {
@@ -240,12 +236,13 @@ fn refusal(roots: &[String], said: &str) -> Refusal {
 
 /// Who depends on whom, as `apt-cache depends --recurse` tells (every alternative).
 fn dependency_graph(roots: &[String]) -> BTreeMap<String, Vec<String>> {
-    let out = host::command("apt-cache")
+    let mut depends = crate::process::command("apt-cache");
+    depends
         .args(["depends", "--recurse", "--no-recommends", "--no-suggests", "--no-conflicts", "--no-breaks"])
         .args(["--no-replaces", "--no-enhances"])
         .args(roots)
-        .env("LC_ALL", "C")
-        .output();
+        .env("LC_ALL", "C");
+    let out = crate::process::output(&depends);
     parse_depends(&out.map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default())
 }
 
