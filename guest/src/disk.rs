@@ -3,9 +3,9 @@
 //! against the image's database, apply the system item's configuration and start its services, run
 //! the system's request and power off. No shares, no `/xchg`: everything comes from the disk.
 
-use std::fs::{self, File};
-use std::io::{Read, Write};
-use std::path::{Path, PathBuf};
+use std::fs::{self};
+use std::io::Write;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use guest::image::{BootArgs, StoreDb};
@@ -15,12 +15,11 @@ use nix::sys::reboot::{reboot, RebootMode};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
+use crate::devices::{find_root, ROOT_WAIT};
+use crate::execute::{execute_supervised, prepare, start_config};
 use crate::services::{self, Supervisor};
-use crate::{execute_supervised, log, Result};
+use crate::sys::{log, Result};
 
-/// How long the root device may take to appear (the SCSI/ATA scan is asynchronous,
-/// and slow under TCG).
-const ROOT_WAIT: Duration = Duration::from_secs(60);
 /// Where the root file system is assembled before it becomes `/`.
 const NEW_ROOT: &str = "/sysroot";
 const LOWER: &str = "/run/vm-root/lower";
@@ -54,11 +53,11 @@ fn run(args: &BootArgs) -> Result<Status> {
         return boot_check(args);
     }
     let request = read_request(&args.system)?;
-    crate::prepare(&request)?;
+    prepare(&request)?;
     // The system item's configuration, as over 9p: files, homes, links, mounts, services.
     let mut supervisor = Supervisor::default();
     if Path::new(&args.system).join(guest::SYSTEM_CONFIG_FILE).exists() {
-        crate::start_config(&services::read_config(&args.system)?, false, &mut supervisor)?;
+        start_config(&services::read_config(&args.system)?, false, &mut supervisor)?;
     }
     execute_supervised(&request, &mut supervisor)
 }
@@ -81,83 +80,6 @@ fn check_root(device: &Path, args: &BootArgs) -> Result<()> {
             .map_err(|e| format!("cannot make the root file system {} writable: {e}", device.display()))?;
     }
     Ok(())
-}
-
-/// The block device a mount source names: `LABEL=NAME` or `UUID=...` (an ext2/3/4
-/// file system's, looked for among the block devices), or a path, each waited for as
-/// the root device is. Any other source (a 9p tag, `tmpfs`) is returned as it is.
-pub fn resolve_device(source: &str) -> Result<String> {
-    let wanted = if let Some(label) = source.strip_prefix("LABEL=") {
-        (None, Some(label))
-    } else if let Some(uuid) = source.strip_prefix("UUID=") {
-        (Some(uuid.to_ascii_lowercase()), None)
-    } else if source.starts_with("/dev/") {
-        let deadline = Instant::now() + ROOT_WAIT;
-        while !Path::new(source).exists() {
-            if Instant::now() >= deadline {
-                return Err(format!("the device {source} did not appear (waited {ROOT_WAIT:?})"));
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        return Ok(source.to_string());
-    } else {
-        return Ok(source.to_string());
-    };
-    let deadline = Instant::now() + ROOT_WAIT;
-    loop {
-        let entries = fs::read_dir("/sys/class/block").map_err(|e| format!("cannot list /sys/class/block: {e}"))?;
-        for entry in entries.flatten() {
-            let dev = Path::new("/dev").join(entry.file_name());
-            let Some((uuid, label)) = ext_ids(&dev) else { continue };
-            if wanted.0.as_deref().is_some_and(|u| u == uuid) || wanted.1.is_some_and(|l| l == label) {
-                return Ok(dev.to_string_lossy().into_owned());
-            }
-        }
-        if Instant::now() >= deadline {
-            return Err(format!("no block device holds a file system with {source} (waited {ROOT_WAIT:?})"));
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// Finds the block device holding the ext4 file system with `uuid`, waiting for it.
-fn find_root(uuid: &str) -> Result<PathBuf> {
-    let deadline = Instant::now() + ROOT_WAIT;
-    loop {
-        let entries = fs::read_dir("/sys/class/block").map_err(|e| format!("cannot list /sys/class/block: {e}"))?;
-        for entry in entries.flatten() {
-            let dev = Path::new("/dev").join(entry.file_name());
-            if ext4_uuid(&dev).is_some_and(|u| u == uuid) {
-                return Ok(dev);
-            }
-        }
-        if Instant::now() >= deadline {
-            return Err(format!("no block device holds the root file system UUID={uuid} (waited {ROOT_WAIT:?})"));
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// The UUID of the ext2/3/4 file system on `dev`, if it holds one.
-fn ext4_uuid(dev: &Path) -> Option<String> {
-    ext_ids(dev).map(|(uuid, _)| uuid)
-}
-
-/// The UUID and the label of the ext2/3/4 file system on `dev`, if it holds one.
-fn ext_ids(dev: &Path) -> Option<(String, String)> {
-    let mut sb = [0u8; 2048];
-    File::open(dev).ok()?.read_exact(&mut sb).ok()?;
-    // The superblock starts at byte 1024: magic 0xEF53 at 0x38, UUID at 0x68, the
-    // volume name (16 bytes, NUL-padded) at 0x78.
-    if sb[1024 + 0x38..1024 + 0x3a] != [0x53, 0xef] {
-        return None;
-    }
-    let u = &sb[1024 + 0x68..1024 + 0x78];
-    let hex: String = u.iter().map(|b| format!("{b:02x}")).collect();
-    let uuid = format!("{}-{}-{}-{}-{}", &hex[..8], &hex[8..12], &hex[12..16], &hex[16..20], &hex[20..]);
-    let name = &sb[1024 + 0x78..1024 + 0x88];
-    let label = String::from_utf8_lossy(&name[..name.iter().position(|&b| b == 0).unwrap_or(16)]).into_owned();
-    Some((uuid, label))
 }
 
 fn mkdir(path: &str) -> Result<()> {

@@ -3,24 +3,27 @@
 //! VM off. Whatever goes wrong, it reports and powers off: it never leaves the VM hanging.
 
 use std::ffi::CString;
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io::Write;
-use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::path::Path;
 use std::time::Duration;
 
-use guest::{Mode, Request, Status};
+use guest::{Request, Status};
 use nix::mount::{mount, MsFlags};
 use nix::sys::reboot::{reboot, RebootMode};
-use nix::sys::signal::{kill, SigSet, Signal};
-use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
+mod devices;
 mod disk;
+mod execute;
 mod serve;
 mod services;
 mod snapshot;
+mod sys;
+
+use execute::{execute_supervised, prepare, start_system};
+use sys::{log, Result};
 
 fn main() {
     // Not PID 1: a tool that the VM image builder's script runs.
@@ -37,8 +40,6 @@ fn main() {
     };
     finish(&status);
 }
-
-type Result<T> = std::result::Result<T, String>;
 
 /// How long the helper waits for the host's request.
 const REQUEST_WAIT: Duration = Duration::from_secs(3600);
@@ -102,41 +103,6 @@ fn run() -> Result<Status> {
         }
     }
     execute_supervised(&request, &mut supervisor)
-}
-
-/// Applies the request's system item, if it names one, and starts its services.
-/// `root_has_files`: the root file system already holds its `/etc` files and homes.
-fn start_system(request: &Request, root_has_files: bool, supervisor: &mut services::Supervisor) -> Result<()> {
-    if let Some(system) = &request.system {
-        start_config(&services::read_config(system)?, root_has_files, supervisor)?;
-    }
-    Ok(())
-}
-
-/// Applies a system configuration and starts its services, each up before the next.
-fn start_config(
-    config: &guest::SystemConfig,
-    root_has_files: bool,
-    supervisor: &mut services::Supervisor,
-) -> Result<()> {
-    block_signals()?;
-    services::apply(config, root_has_files)?;
-    supervisor.start_all(&config.services)?;
-    log("services up");
-    // File systems not needed for boot: once the services are up.
-    for m in &config.late_mounts {
-        services::mount_checked(m, &config.fsck)?;
-    }
-    Ok(())
-}
-
-pub(crate) fn log(msg: &str) {
-    // Seconds since boot (CLOCK_BOOTTIME, as /proc/uptime, which is not mounted yet at first).
-    let uptime = nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
-        .map(|t| format!("{}.{:02}", t.tv_sec(), t.tv_nsec() / 10_000_000))
-        .unwrap_or_else(|_| "?".to_string());
-    // The console is the only place this can go; a failed write has nowhere to be reported.
-    let _ = writeln!(std::io::stderr(), "guest[{uptime}]: {msg}");
 }
 
 fn mount_basics() -> Result<()> {
@@ -232,150 +198,6 @@ fn read_request() -> Result<Request> {
         return Err("request has an empty argv".to_string());
     }
     Ok(request)
-}
-
-fn prepare(request: &Request) -> Result<()> {
-    for dir in &request.dirs {
-        fs::create_dir_all(dir).map_err(|e| format!("cannot create {dir}: {e}"))?;
-    }
-    for (link, target) in &request.links {
-        if let Some(parent) = Path::new(link).parent() {
-            fs::create_dir_all(parent).map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
-        }
-        std::os::unix::fs::symlink(target, link).map_err(|e| format!("cannot link {link} -> {target}: {e}"))?;
-    }
-    nix::unistd::sethostname(&request.hostname)
-        .map_err(|e| format!("cannot set host name {}: {e}", request.hostname))?;
-    Ok(())
-}
-
-/// Finds `/dev/vportNpM` for the virtio serial port called `name`. Ports are announced
-/// by the host after the device is up and added by the driver asynchronously, so this
-/// waits for them (a few seconds at most, for a loaded host).
-pub(crate) fn port_device(name: &str) -> Result<PathBuf> {
-    let class = Path::new("/sys/class/virtio-ports");
-    for _ in 0..1000 {
-        for entry in fs::read_dir(class).into_iter().flatten().flatten() {
-            let port_name = fs::read_to_string(entry.path().join("name")).unwrap_or_default();
-            let dev = Path::new("/dev").join(entry.file_name());
-            if port_name.trim_end() == name && dev.exists() {
-                return Ok(dev);
-            }
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    Err(format!("no virtio serial port named `{name}` appeared in {}", class.display()))
-}
-
-fn output(port: &Option<String>) -> Result<Stdio> {
-    match port {
-        None => Ok(Stdio::inherit()),
-        Some(name) => {
-            let dev = port_device(name)?;
-            let file =
-                OpenOptions::new().write(true).open(&dev).map_err(|e| format!("cannot open {}: {e}", dev.display()))?;
-            Ok(Stdio::from(file))
-        }
-    }
-}
-
-/// Signals that ask PID 1 to shut down (busybox `poweroff` sends SIGUSR2, `reboot`
-/// SIGTERM, `halt` SIGUSR1; Ctrl-Alt-Del is SIGINT).
-pub(crate) const SHUTDOWN_SIGNALS: [Signal; 5] =
-    [Signal::SIGUSR1, Signal::SIGUSR2, Signal::SIGTERM, Signal::SIGINT, Signal::SIGPWR];
-
-fn handled_signals() -> SigSet {
-    let mut signals = SigSet::empty();
-    signals.add(Signal::SIGCHLD);
-    for s in SHUTDOWN_SIGNALS {
-        signals.add(s);
-    }
-    signals
-}
-
-/// Blocks the signals PID 1 handles, to receive them with sigwait; children start with
-/// an empty mask.
-fn block_signals() -> Result<()> {
-    handled_signals().thread_block().map_err(|e| format!("cannot block signals: {e}"))
-}
-
-/// Runs the request's program; services that exit meanwhile are restarted when asked.
-fn execute_supervised(request: &Request, supervisor: &mut services::Supervisor) -> Result<Status> {
-    let signals = handled_signals();
-    block_signals()?;
-
-    if request.mode == Mode::Serve {
-        return serve::serve(request, supervisor, signals);
-    }
-    let mut cmd = Command::new(&request.argv[0]);
-    cmd.args(&request.argv[1..]).env_clear().envs(request.env.iter().map(|(k, v)| (k, v))).current_dir(&request.cwd);
-    match request.mode {
-        Mode::Command => {
-            cmd.stdin(Stdio::null()).stdout(output(&request.stdout_port)?).stderr(output(&request.stderr_port)?);
-        }
-        Mode::Serve => unreachable!("served above"),
-        Mode::Interactive => {
-            let tty = "/dev/ttyS0";
-            let open =
-                || OpenOptions::new().read(true).write(true).open(tty).map_err(|e| format!("cannot open {tty}: {e}"));
-            cmd.stdin(open()?).stdout(open()?).stderr(open()?);
-            // SAFETY: only async-signal-safe calls (setsid, ioctl) between fork and exec.
-            unsafe {
-                cmd.pre_exec(|| {
-                    nix::unistd::setsid()?;
-                    if nix::libc::ioctl(0, nix::libc::TIOCSCTTY, 1) != 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    Ok(())
-                });
-            }
-        }
-    }
-    let child = cmd.spawn().map_err(|e| format!("cannot run `{}`: {e}", request.argv[0]))?;
-    let main_pid = Pid::from_raw(child.id() as i32);
-    log(&format!("running {:?}", request.argv));
-
-    loop {
-        let signal = signals.wait().map_err(|e| format!("sigwait: {e}"))?;
-        if signal == Signal::SIGCHLD {
-            let (status, others) = reap(main_pid);
-            for (pid, how) in others {
-                supervisor.exited(pid, &how);
-            }
-            if let Some(status) = status {
-                return Ok(status);
-            }
-        } else if SHUTDOWN_SIGNALS.contains(&signal) {
-            log(&format!("{signal} received: shutting down"));
-            return Ok(match request.mode {
-                Mode::Interactive | Mode::Serve => Status::Exited(0),
-                Mode::Command => Status::Error(format!(
-                    "the guest was shut down ({signal} to init) before `{}` exited",
-                    request.argv[0]
-                )),
-            });
-        }
-    }
-}
-
-/// Reaps every exited child (PID 1 adopts orphans); returns the main child's status
-/// once it has exited, and how the other children ended.
-pub(crate) fn reap(main_pid: Pid) -> (Option<Status>, Vec<(Pid, Status)>) {
-    let mut found = None;
-    let mut others = Vec::new();
-    loop {
-        let (pid, status) = match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
-            Ok(WaitStatus::Exited(pid, code)) => (pid, Status::Exited(code)),
-            Ok(WaitStatus::Signaled(pid, sig, _)) => (pid, Status::Signaled(sig as i32)),
-            Ok(WaitStatus::StillAlive) | Err(_) => return (found, others),
-            Ok(_) => continue,
-        };
-        if pid == main_pid {
-            found = Some(status);
-        } else {
-            others.push((pid, status));
-        }
-    }
 }
 
 fn finish(status: &Status) -> ! {

@@ -17,7 +17,7 @@ use nix::sys::signal::{kill, SigSet, Signal};
 use nix::unistd::Pid;
 
 use crate::services::Supervisor;
-use crate::{log, port_device, reap, Result, SHUTDOWN_SIGNALS};
+use crate::sys::{log, port_device, reap, Result, SHUTDOWN_SIGNALS};
 
 /// Children the control thread waits for, and where their statuses go.
 type Waiting = Arc<Mutex<HashMap<Pid, Sender<Status>>>>;

@@ -15,7 +15,7 @@ use nix::mount::{mount, MsFlags};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::{Gid, Pid, Uid};
 
-use crate::{log, Result};
+use crate::sys::{log, Result};
 
 /// Reads `system.json` from the system item at `system` (a path in the guest).
 pub fn read_config(system: &str) -> Result<SystemConfig> {
@@ -76,7 +76,7 @@ pub fn apply(config: &SystemConfig, root_has_files: bool) -> Result<()> {
 /// for (and waited for), and checked first when the system asks (`fsck`: e2fsck's
 /// command line).
 pub fn mount_checked(m: &guest::MountSpec, fsck: &[String]) -> Result<()> {
-    let device = crate::disk::resolve_device(&m.source)?;
+    let device = crate::devices::resolve_device(&m.source)?;
     check(fsck, &device, m.check)?;
     mount_spec(&guest::MountSpec { source: device, ..m.clone() })
 }

@@ -9,7 +9,7 @@ use std::os::fd::AsRawFd;
 
 use guest::snapshot::{parse_go, WAITING};
 
-use crate::{log, port_device, Result};
+use crate::sys::{log, port_device, Result};
 
 /// `RNDADDENTROPY`: `_IOW('R', 0x03, int[2])`.
 const RNDADDENTROPY: u64 = 0x4008_5203;
