@@ -614,6 +614,19 @@ impl Store {
         self.parse_entry(base)
     }
 
+    /// The present items called `name`, whatever their recipe.
+    pub fn items_named(&self, name: &str) -> Result<Vec<Item>> {
+        let dir = self.items_dir();
+        let entries = fs::read_dir(&dir).with_context(|| format!("listing `{}`", dir.display()))?;
+        let mut items: Vec<Item> = entries
+            .flatten()
+            .filter_map(|e| self.parse_entry(&e.file_name().to_string_lossy()))
+            .filter(|item| item.name == name && self.is_present(item))
+            .collect();
+        items.sort_by(|a, b| a.hash.cmp(&b.hash));
+        Ok(items)
+    }
+
     /// Removes a store entry as [`Store::verify`] names it (an item and its `.meta`, a
     /// record, or a stray entry), under the item's lock.
     pub fn remove_entry(&self, entry: &str) -> Result<()> {

@@ -46,6 +46,31 @@ pub struct Figure {
     /// For the scaling figures: closure MiB per second of image building.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub mib_per_s: Option<f64>,
+    /// For the scaling figures: each step of ours and of the floor, median seconds.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub steps: Vec<Step>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub floor_steps: Vec<Step>,
+}
+
+/// One step of a profiled figure.
+#[derive(Debug, Clone, Serialize)]
+pub struct Step {
+    pub name: String,
+    pub s: f64,
+}
+
+/// The warm start's snapshot, made again once by the bench.
+#[derive(Debug, Clone, Serialize)]
+pub struct SnapshotReport {
+    /// The saved state's size.
+    pub bytes: u64,
+    /// Booting to the snapshot point, as `run-vm` reports it.
+    pub boot_s: f64,
+    /// Saving the state, as `run-vm` reports it.
+    pub save_s: f64,
+    /// The whole `run-vm --warm -- true` that made it.
+    pub make_s: f64,
 }
 
 /// What `target/bench/latest.json` holds.
@@ -55,6 +80,7 @@ pub struct Report {
     pub runs: usize,
     pub machine: String,
     pub figures: Vec<Figure>,
+    pub snapshot: Option<SnapshotReport>,
 }
 
 /// What `bench --json` prints on stdout: the report and where it was written.
@@ -73,7 +99,6 @@ impl Bench {
         let system = self.vm.system()?;
         let xtask = std::env::current_exe().context("finding the xtask binary")?;
         let lowered = system::lower(&store, ws, &system, false)?;
-        let mut figures = Vec::new();
         // The scaling figures' packages are made first: writing a GiB of them leaves the
         // disk of a machine like this one slow for a while.
         let sizes: &[u64] = if self.quick { &[64, 256] } else { &[64, 256, 1024] };
@@ -82,246 +107,64 @@ impl Bench {
             packages.push((mib, random_packages(&store, mib)?));
         }
         quiesce();
+        let b = Bencher { ws, store: &store, xtask: &xtask, accel, warmup, runs, opts: &self };
 
-        // boot-to-result: `run-vm -- true`, warm, against a bare QEMU booting the same
-        // kernel with a busybox initramfs that loads the same modules, mounts a 9p
-        // share, writes a file there and powers off.
-        let accel_flag = ["--accel", accel.name()];
-        let ours = measure(warmup, runs, || {
-            run_quiet(crate::process::command(&xtask).arg("run-vm").args(accel_flag).args([
-                "--cold",
-                "--timeout",
-                "300",
-                "--",
-                "true",
-            ]))
-        })?;
-        let floor_initrd = floor_initrd(&store, &lowered.kernel)?;
-        let floor_spec = |xchg: &Path| VmSpec {
-            console: Console::File(xchg.join("console")),
-            sandbox: host::qemu_supports_sandbox(&store.cache_dir()),
-            ..VmSpec::direct(
-                accel,
-                self.vm.memory,
-                (lowered.boot_image.clone(), floor_initrd.path.join("initrd"), Vec::new()),
-                vec![Share { tag: guest::XCHG_TAG.into(), path: xchg.to_path_buf(), readonly: false }],
-            )
-        };
-        let scratch = store.scratch("bench")?;
-        let floor = measure(warmup, runs, || {
-            let marker = scratch.path().join("done");
-            let _ = fs::remove_file(&marker);
-            let mut qemu = crate::process::command("timeout");
-            qemu.arg("300").arg(crate::vm::qemu_program::program()?).args(qemu::args(&floor_spec(scratch.path())));
-            let ran = run_quiet(&qemu);
-            if ran.is_err() || !marker.exists() {
-                let console = fs::read(scratch.path().join("console")).unwrap_or_default();
-                bail!(
-                    "the bare QEMU floor failed or did not write its marker ({ran:?}); console:\n{}",
-                    crate::vm::tail_lines(&console)
-                );
-            }
-            Ok(())
-        })?;
-        figures.push(figure(
-            "boot-to-result",
-            ours,
-            floor,
-            accel,
-            "xtask run-vm -- true",
-            "bare qemu + busybox initramfs",
-        ));
-        let (floor_boot, our_boot) = (floor, ours);
-
-        // boot-to-result-warm: the same run restored from its snapshot (made in the first
-        // warm-up run) against the cold floor above.
-        let ours = measure(warmup, runs, || {
-            run_quiet(crate::process::command(&xtask).arg("run-vm").args(accel_flag).args([
-                "--warm",
-                "--timeout",
-                "300",
-                "--",
-                "true",
-            ]))
-        })?;
-        figures.push(figure(
-            "boot-to-result-warm",
-            ours,
-            floor_boot,
-            accel,
-            "xtask run-vm --warm -- true (restored from its snapshot)",
-            "bare qemu + busybox initramfs, cold",
-        ));
-
-        // xtask-test: `cargo xtask test` of the example crate (its binaries already built)
-        // against running the same binaries on the host plus the bare boot above.
-        let selection = ["-p", "vm-checks", "--test", "in_vm"].map(String::from);
-        let binaries = super::test::build_test_binaries(ws, &selection)?;
-        let ours = measure(warmup, runs, || {
-            let mut cmd = crate::process::command(&xtask);
-            cmd.args(["test", "--cold", "--system", "hello", "--timeout", "300"]).args(accel_flag).args(&selection);
-            run_quiet(cmd.args(["--", "--ignored"]))
-        })?;
-        let host_run = measure(warmup, runs, || {
-            for b in &binaries {
-                // On the host they fail at once (not in the VM): only their time counts.
-                crate::process::output(crate::process::command(&b.path).arg("--ignored").current_dir(&b.package_dir))?;
-            }
-            Ok(())
-        })?;
-        figures.push(figure(
-            "xtask-test",
-            ours,
-            host_run + floor_boot,
-            accel,
-            "xtask test --system hello -p vm-checks --test in_vm -- --ignored (built)",
-            "the same binaries on the host + bare qemu boot",
-        ));
-
-        // scenario: `hello-pair` end to end (two nodes booting at once, a request, the
-        // link cut for a 3 s timeout and restored) against one bare boot.
-        let ours = measure(warmup, runs, || {
-            let mut cmd = crate::process::command(&xtask);
-            run_quiet(cmd.args(["scenario", "hello-pair"]).args(accel_flag))
-        })?;
-        figures.push(figure("scenario", ours, floor_boot, accel, "xtask scenario hello-pair", "bare qemu boot"));
-
-        // inner-loop: touch the `hello` system's service source, then ask the service in
-        // a VM, against cargo building that crate the same way plus the floor's boot.
-        let service_src = ws.root.join("examples/hello-service/src/main.rs");
-        if os_configs::by_name("hello").is_none() || !service_src.is_file() {
-            bail!("the inner-loop figure needs the `hello` system and `{}`", service_src.display());
-        }
-        let touch = || -> Result<()> {
-            let file = fs::File::options().append(true).open(&service_src)?;
-            file.set_modified(std::time::SystemTime::now()).context("touching the service's source")?;
-            Ok(())
-        };
-        let ask = ["--timeout", "300", "--", "sh", "-c", "nc 127.0.0.1 7878 </dev/null"];
-        let ours = measure(warmup, runs, || {
-            touch()?;
-            run_quiet(
-                crate::process::command(&xtask)
-                    .args(["run-vm", "--cold", "--system", "hello"])
-                    .args(accel_flag)
-                    .args(ask),
-            )
-        })?;
-        let cargo_build = measure(warmup, runs, || {
-            touch()?;
-            let dir = ws.target_dir.join("vm-packages");
-            crate::lower::packages::cargo_build_static(
-                ws,
-                "hello-service",
-                "hello-service",
-                &dir,
-                crate::lower::packages::RUSTFLAGS,
-                false,
-            )
-            .map(drop)
-        })?;
-        figures.push(figure(
-            "inner-loop",
-            ours,
-            cargo_build + floor_boot,
-            accel,
-            "touch service source; xtask run-vm --system hello -- nc ...",
-            "cargo build of the crate + bare qemu boot",
-        ));
-        // The same against our own boot-to-result: what the system, its service and the
-        // store cost on top of building the crate and booting.
-        figures.push(figure(
-            "inner-loop-vs-run-vm",
-            ours,
-            cargo_build + our_boot,
-            accel,
-            "touch service source; xtask run-vm --system hello -- nc ...",
-            "cargo build of the crate + xtask run-vm -- true",
-        ));
-
-        // cache-hit: a build-in-vm whose result is stored, timed as the xtask binary
-        // alone and through cargo, against `true`.
-        run_quiet(crate::process::command(&xtask).args(["vm-image"]))?;
-        let image_hit = measure(warmup, runs.max(5), || run_quiet(crate::process::command(&xtask).args(["vm-image"])))?;
-        let build = ["build-in-vm", "--name", "bench-cache-hit", "--", "sh", "-c", "echo hit > $out/f"];
-        run_quiet(crate::process::command(&xtask).args(build))?;
-        let hit = measure(warmup, runs.max(5), || run_quiet(crate::process::command(&xtask).args(build)))?;
-        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-        let hit_cargo = measure(warmup, runs.max(5), || {
-            run_quiet(crate::process::command(&cargo).current_dir(&ws.root).arg("xtask").args(build))
-        })?;
-        let t = measure(warmup, runs.max(5), || run_quiet(&crate::process::command("true")))?;
-        figures.push(figure("cache-hit", hit, t, accel, "xtask build-in-vm (stored)", "true"));
-        figures.push(figure("cache-hit-vm-image", image_hit, t, accel, "xtask vm-image (stored)", "true"));
-        figures.push(figure("cache-hit-cargo", hit_cargo, t, accel, "cargo xtask build-in-vm (stored)", "true"));
-
+        let mut figures = Vec::new();
+        let boot = b.boot_to_result(&lowered)?;
+        let (floor_boot, our_boot) = (boot.floor_s, boot.ours_s);
+        figures.push(boot);
+        figures.push(b.boot_to_result_warm(floor_boot)?);
+        let snapshot = b.snapshot()?;
+        figures.push(b.xtask_test(floor_boot)?);
+        figures.push(b.scenario(floor_boot)?);
+        figures.extend(b.inner_loop(floor_boot, our_boot)?);
+        figures.extend(b.cache_hits()?);
         let closure = image::closure(&store, ws, &system, false)?;
-        // scaling: image-build (below) with packages of random data added to the closure,
-        // built through the library (the data is in no system) and stored, as vm-image
-        // does. Before image-build: right after that figure, which deletes many large
-        // images, the 1 GiB runs here were often half as long again.
-        let mut rates = Vec::new();
-        for (mib, items) in packages {
-            let mut big = closure.clone();
-            for (i, item) in items.into_iter().enumerate() {
-                big.items.insert(i, item);
-            }
-            let reps = if self.quick { 1 } else { 3 };
-            let ours = measure_timed(0, reps, || cold_library_image(&store, &big))?;
-            let floor = floor_image_build(&store, &big, 0, reps)?;
-            let bytes = image::footprint(&big)?.bytes as f64 / f64::from(1 << 20);
-            rates.push((mib, bytes / ours, ours));
-            let mut f = figure(
-                &format!("scaling-{mib}MiB"),
-                ours,
-                floor,
-                accel,
-                "image-build (stored), closure + random packages",
-                FLOOR_IMAGE,
-            );
-            f.mib_per_s = Some(bytes / ours);
-            figures.push(f);
+        // Before image-build: right after that figure, which deletes many large images,
+        // the 1 GiB runs here were often half as long again.
+        let (scaling, rates) = b.scaling(&closure, packages)?;
+        figures.extend(scaling);
+        figures.extend(b.image_build(&closure)?);
+
+        let report = Report { accel: accel.name().into(), runs, machine: machine_description(), figures, snapshot };
+        self.print(&report, &rates);
+        let out = report_path(ws);
+        fs::create_dir_all(out.parent().unwrap_or(Path::new(".")))?;
+        fs::write(&out, serde_json::to_vec_pretty(&report)?).with_context(|| format!("writing `{}`", out.display()))?;
+        if self.json {
+            crate::report::print_json(&JsonOutput { report: &report, report_path: out.display().to_string() })?;
+        } else {
+            println!("{}", out.display());
         }
+        Ok(0)
+    }
 
-        // image-build: `vm-image` of the system, cold (its image removed from the store
-        // before each run, everything else stored), against mke2fs -d of the same tree
-        // (made beforehand) into a raw file plus qemu-img convert to qcow2.
-        let image_item = stored_image_item(&xtask, &[])?;
-        let cold_image = |args: &[&str]| -> Result<Duration> {
-            store.remove_entry(&image_item)?;
-            quiesce();
-            let start = Instant::now();
-            run_quiet(crate::process::command(&xtask).arg("vm-image").args(args))?;
-            Ok(start.elapsed())
-        };
-        let ours = measure_timed(warmup.min(1), runs.min(5), || cold_image(&[]))?;
-        let floor = floor_image_build(&store, &closure, warmup.min(1), runs.min(5))?;
-        figures.push(figure("image-build", ours, floor, accel, "xtask vm-image (cold)", FLOOR_IMAGE));
-
-        if !self.quick {
-            // The VM builder writes the same bytes, so it makes the same item. Last: the
-            // disk traffic of its VM would still be settling during the figures after it.
-            let ours = measure_timed(0, 1, || cold_image(&["--builder", "vm"]))?;
-            figures.push(figure(
-                "image-build-vm",
-                ours,
-                floor,
-                accel,
-                "xtask vm-image --builder vm (cold)",
-                FLOOR_IMAGE,
-            ));
-        }
-
-        // The table is the result, unless the JSON document is.
+    /// The table, the scaling rates and the profiles: on stdout, unless the JSON document
+    /// is the result (then on stderr).
+    fn print(&self, report: &Report, rates: &[(u64, f64, f64)]) {
         let json = self.json;
         let say = |line: String| if json { eprintln!("{line}") } else { println!("{line}") };
-        for f in &figures {
+        for f in &report.figures {
             say(format!(
                 "{:<20} ours {:>8.3}s  floor {:>8.3}s  ratio {:>6.2}  [{}]",
                 f.name, f.ours_s, f.floor_s, f.ratio, f.accel
             ));
         }
-        for (mib, rate, _) in &rates {
+        if let Some(s) = &report.snapshot {
+            say(format!(
+                "snapshot: {:.1} MiB, saved in {:.2} s after booting to its point in {:.2} s ({:.2} s in all)",
+                s.bytes as f64 / f64::from(1 << 20),
+                s.save_s,
+                s.boot_s,
+                s.make_s
+            ));
+        }
+        for f in report.figures.iter().filter(|f| !f.steps.is_empty()) {
+            let steps = |steps: &[Step]| steps.iter().map(|s| format!("{} {:.2}", s.name, s.s)).collect::<Vec<_>>();
+            say(format!("{} profile (s): {}", f.name, steps(&f.steps).join(", ")));
+            say(format!("{} floor profile (s): {}", f.name, steps(&f.floor_steps).join(", ")));
+        }
+        for (mib, rate, _) in rates {
             say(format!("scaling: closure with {mib:>4} MiB of data: {rate:.1} MiB/s"));
         }
         // What each added MiB costs between two sizes: constant if the cost is linear.
@@ -340,17 +183,307 @@ impl Bench {
                 first.0
             ));
         }
-        let report = Report { accel: accel.name().into(), runs, machine: machine_description(), figures };
-        let out = report_path(ws);
-        fs::create_dir_all(out.parent().unwrap_or(Path::new(".")))?;
-        fs::write(&out, serde_json::to_vec_pretty(&report)?).with_context(|| format!("writing `{}`", out.display()))?;
-        if self.json {
-            crate::report::print_json(&JsonOutput { report: &report, report_path: out.display().to_string() })?;
-        } else {
-            println!("{}", out.display());
-        }
-        Ok(0)
     }
+}
+
+/// What every figure's measurement shares: the workspace, the store, the xtask binary
+/// measured, the accelerator and the repetitions.
+struct Bencher<'a> {
+    ws: &'a Workspace,
+    store: &'a Store,
+    xtask: &'a Path,
+    accel: Accel,
+    warmup: usize,
+    runs: usize,
+    opts: &'a Bench,
+}
+
+impl Bencher<'_> {
+    /// `xtask SUBCOMMAND --accel ACCEL ARGS`.
+    fn xtask(&self, subcommand: &str, args: &[&str]) -> Command {
+        let mut cmd = crate::process::command(self.xtask);
+        cmd.arg(subcommand).args(["--accel", self.accel.name()]).args(args);
+        cmd
+    }
+
+    fn measure(&self, f: impl FnMut() -> Result<()>) -> Result<f64> {
+        measure(self.warmup, self.runs, f)
+    }
+
+    /// boot-to-result: `run-vm -- true`, cold, against a bare QEMU booting the same
+    /// kernel with a busybox initramfs that loads the same modules, mounts a 9p share,
+    /// writes a file there and powers off.
+    fn boot_to_result(&self, lowered: &crate::lower::system::Lowered) -> Result<Figure> {
+        let run = self.xtask("run-vm", &["--cold", "--timeout", "300", "--", "true"]);
+        let ours = self.measure(|| run_quiet(&run))?;
+        let store = self.store;
+        let floor_initrd = floor_initrd(store, &lowered.kernel)?;
+        let floor_spec = |xchg: &Path| VmSpec {
+            console: Console::File(xchg.join("console")),
+            sandbox: host::qemu_supports_sandbox(&store.cache_dir()),
+            ..VmSpec::direct(
+                self.accel,
+                self.opts.vm.memory,
+                (lowered.boot_image.clone(), floor_initrd.path.join("initrd"), Vec::new()),
+                vec![Share { tag: guest::XCHG_TAG.into(), path: xchg.to_path_buf(), readonly: false }],
+            )
+        };
+        let scratch = store.scratch("bench")?;
+        let floor = self.measure(|| {
+            let marker = scratch.path().join("done");
+            let _ = fs::remove_file(&marker);
+            let mut qemu = crate::process::command("timeout");
+            qemu.arg("300").arg(crate::vm::qemu_program::program()?).args(qemu::args(&floor_spec(scratch.path())));
+            let ran = run_quiet(&qemu);
+            if ran.is_err() || !marker.exists() {
+                let console = fs::read(scratch.path().join("console")).unwrap_or_default();
+                bail!(
+                    "the bare QEMU floor failed or did not write its marker ({ran:?}); console:\n{}",
+                    crate::vm::tail_lines(&console)
+                );
+            }
+            Ok(())
+        })?;
+        Ok(self.figure("boot-to-result", ours, floor, "xtask run-vm -- true", "bare qemu + busybox initramfs"))
+    }
+
+    /// boot-to-result-warm: the same run restored from its snapshot (made in the first
+    /// warm-up run) against the cold floor.
+    fn boot_to_result_warm(&self, floor_boot: f64) -> Result<Figure> {
+        let run = self.xtask("run-vm", &["--warm", "--timeout", "300", "--", "true"]);
+        let ours = self.measure(|| run_quiet(&run))?;
+        Ok(self.figure(
+            "boot-to-result-warm",
+            ours,
+            floor_boot,
+            "xtask run-vm --warm -- true (restored from its snapshot)",
+            "bare qemu + busybox initramfs, cold",
+        ))
+    }
+
+    /// The snapshot of `run-vm -- true`'s VM made again (its item removed first): its
+    /// size, and the times `run-vm` reports for booting to the snapshot point and saving.
+    fn snapshot(&self) -> Result<Option<SnapshotReport>> {
+        for item in self.store.items_named(crate::vm::snapshot::ITEM_NAME)? {
+            self.store.remove_entry(&item.file_name())?;
+        }
+        let started = Instant::now();
+        let out = crate::process::run(&self.xtask("run-vm", &["--warm", "--timeout", "300", "--", "true"]))?;
+        let make_s = started.elapsed().as_secs_f64();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let Some(said) = stderr.lines().find_map(crate::vm::snapshot::parse_saved_line) else {
+            bail!("`run-vm --warm` made no snapshot, or did not say so: {}", crate::process::last_lines(&stderr));
+        };
+        Ok(Some(SnapshotReport { bytes: said.bytes, boot_s: said.boot_s, save_s: said.save_s, make_s }))
+    }
+
+    /// xtask-test: `cargo xtask test` of the example crate (its binaries already built)
+    /// against running the same binaries on the host plus the bare boot.
+    fn xtask_test(&self, floor_boot: f64) -> Result<Figure> {
+        let selection = ["-p", "vm-checks", "--test", "in_vm"];
+        let binaries = super::test::build_test_binaries(self.ws, &selection.map(String::from))?;
+        let mut test = self.xtask("test", &["--cold", "--system", "hello", "--timeout", "300"]);
+        test.args(selection).args(["--", "--ignored"]);
+        let ours = self.measure(|| run_quiet(&test))?;
+        let host_run = self.measure(|| {
+            for b in &binaries {
+                // On the host they fail at once (not in the VM): only their time counts.
+                crate::process::output(crate::process::command(&b.path).arg("--ignored").current_dir(&b.package_dir))?;
+            }
+            Ok(())
+        })?;
+        Ok(self.figure(
+            "xtask-test",
+            ours,
+            host_run + floor_boot,
+            "xtask test --system hello -p vm-checks --test in_vm -- --ignored (built)",
+            "the same binaries on the host + bare qemu boot",
+        ))
+    }
+
+    /// scenario: `hello-pair` end to end (two nodes booting at once, a request, the link
+    /// cut for a 3 s timeout and restored) against one bare boot.
+    fn scenario(&self, floor_boot: f64) -> Result<Figure> {
+        let scenario = self.xtask("scenario", &["hello-pair"]);
+        let ours = self.measure(|| run_quiet(&scenario))?;
+        Ok(self.figure("scenario", ours, floor_boot, "xtask scenario hello-pair", "bare qemu boot"))
+    }
+
+    /// inner-loop: touch the `hello` system's service source, then ask the service in a
+    /// VM (cold, then restored from a snapshot), against cargo building that crate the
+    /// same way plus the floor's boot; and cold against our own boot-to-result.
+    fn inner_loop(&self, floor_boot: f64, our_boot: f64) -> Result<Vec<Figure>> {
+        let ws = self.ws;
+        let service_src = ws.root.join("examples/hello-service/src/main.rs");
+        if os_configs::by_name("hello").is_none() || !service_src.is_file() {
+            bail!("the inner-loop figure needs the `hello` system and `{}`", service_src.display());
+        }
+        let touch = || -> Result<()> {
+            let file = fs::File::options().append(true).open(&service_src)?;
+            file.set_modified(std::time::SystemTime::now()).context("touching the service's source")?;
+            Ok(())
+        };
+        let ask = ["--system", "hello", "--timeout", "300", "--", "sh", "-c", "nc 127.0.0.1 7878 </dev/null"];
+        let mut loops = Vec::new();
+        for warmth in ["--cold", "--warm"] {
+            let ask = self.xtask("run-vm", &[&[warmth][..], &ask].concat());
+            loops.push(self.measure(|| {
+                touch()?;
+                run_quiet(&ask)
+            })?);
+        }
+        let cargo_build = self.measure(|| {
+            touch()?;
+            let dir = ws.target_dir.join("vm-packages");
+            crate::lower::packages::cargo_build_static(
+                ws,
+                "hello-service",
+                "hello-service",
+                &dir,
+                crate::lower::packages::RUSTFLAGS,
+                false,
+            )
+            .map(drop)
+        })?;
+        const WHAT: &str = "touch service source; xtask run-vm --system hello -- nc ...";
+        Ok(vec![
+            self.figure(
+                "inner-loop",
+                loops[0],
+                cargo_build + floor_boot,
+                WHAT,
+                "cargo build of the crate + bare qemu boot",
+            ),
+            self.figure(
+                "inner-loop-warm",
+                loops[1],
+                cargo_build + floor_boot,
+                "the same, --warm (restored from its snapshot)",
+                "cargo build of the crate + bare qemu boot (cold)",
+            ),
+            // What the system, its service and the store cost on top of building the
+            // crate and booting.
+            self.figure(
+                "inner-loop-vs-run-vm",
+                loops[0],
+                cargo_build + our_boot,
+                WHAT,
+                "cargo build of the crate + xtask run-vm -- true",
+            ),
+        ])
+    }
+
+    /// cache-hit: a stored `vm-image`, and a `build-in-vm` whose result is stored, timed
+    /// as the xtask binary alone and through cargo, against `true`.
+    fn cache_hits(&self) -> Result<Vec<Figure>> {
+        let (warmup, runs) = (self.warmup, self.runs.max(5));
+        let mut image = crate::process::command(self.xtask);
+        image.arg("vm-image");
+        run_quiet(&image)?;
+        let image_hit = measure(warmup, runs, || run_quiet(&image))?;
+        let build = ["build-in-vm", "--name", "bench-cache-hit", "--", "sh", "-c", "echo hit > $out/f"];
+        let mut direct = crate::process::command(self.xtask);
+        direct.args(build);
+        run_quiet(&direct)?;
+        let hit = measure(warmup, runs, || run_quiet(&direct))?;
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let mut through_cargo = crate::process::command(&cargo);
+        through_cargo.current_dir(&self.ws.root).arg("xtask").args(build);
+        let hit_cargo = measure(warmup, runs, || run_quiet(&through_cargo))?;
+        let t = measure(warmup, runs, || run_quiet(&crate::process::command("true")))?;
+        Ok(vec![
+            self.figure("cache-hit", hit, t, "xtask build-in-vm (stored)", "true"),
+            self.figure("cache-hit-vm-image", image_hit, t, "xtask vm-image (stored)", "true"),
+            self.figure("cache-hit-cargo", hit_cargo, t, "cargo xtask build-in-vm (stored)", "true"),
+        ])
+    }
+
+    /// scaling: an image build with packages of random data added to the closure, built
+    /// through the library (the data is in no system) and stored, as vm-image does, each
+    /// step profiled; against the floor, also profiled. Also the rates: (MiB of data,
+    /// MiB/s of closure, seconds).
+    fn scaling(&self, closure: &Closure, packages: Vec<(u64, Vec<Item>)>) -> Result<(Vec<Figure>, Vec<Rate>)> {
+        let mut figures = Vec::new();
+        let mut rates = Vec::new();
+        for (mib, items) in packages {
+            let mut big = closure.clone();
+            for (i, item) in items.into_iter().enumerate() {
+                big.items.insert(i, item);
+            }
+            let reps = if self.opts.quick { 1 } else { 3 };
+            let mut steps = Vec::new();
+            let ours = measure_timed(0, reps, || {
+                let (took, profile) = cold_library_image(self.store, &big)?;
+                steps.push(profile);
+                Ok(took)
+            })?;
+            let (floor, floor_steps) = floor_image_build(self.store, &big, 0, reps)?;
+            let bytes = image::footprint(&big)?.bytes as f64 / f64::from(1 << 20);
+            rates.push((mib, bytes / ours, ours));
+            let mut f = self.figure(
+                &format!("scaling-{mib}MiB"),
+                ours,
+                floor,
+                "image-build (stored), closure + random packages",
+                FLOOR_IMAGE,
+            );
+            f.mib_per_s = Some(bytes / ours);
+            f.steps = median_steps(&steps);
+            f.floor_steps = median_steps(&floor_steps);
+            figures.push(f);
+        }
+        Ok((figures, rates))
+    }
+
+    /// image-build: `vm-image` of the system, cold (its image removed from the store
+    /// before each run, everything else stored), against mke2fs -d of the same tree (made
+    /// beforehand) into a raw file plus qemu-img convert to qcow2; with the full bench,
+    /// also the VM builder.
+    fn image_build(&self, closure: &Closure) -> Result<Vec<Figure>> {
+        let image_item = stored_image_item(self.xtask, &[])?;
+        let cold_image = |args: &[&str]| -> Result<Duration> {
+            self.store.remove_entry(&image_item)?;
+            quiesce();
+            let start = Instant::now();
+            run_quiet(crate::process::command(self.xtask).arg("vm-image").args(args))?;
+            Ok(start.elapsed())
+        };
+        let (warmup, runs) = (self.warmup.min(1), self.runs.min(5));
+        let ours = measure_timed(warmup, runs, || cold_image(&[]))?;
+        let (floor, _) = floor_image_build(self.store, closure, warmup, runs)?;
+        let mut figures = vec![self.figure("image-build", ours, floor, "xtask vm-image (cold)", FLOOR_IMAGE)];
+        if !self.opts.quick {
+            // The VM builder writes the same bytes, so it makes the same item. Last: the
+            // disk traffic of its VM would still be settling during the figures after it.
+            let ours = measure_timed(0, 1, || cold_image(&["--builder", "vm"]))?;
+            figures.push(self.figure("image-build-vm", ours, floor, "xtask vm-image --builder vm (cold)", FLOOR_IMAGE));
+        }
+        Ok(figures)
+    }
+
+    fn figure(&self, name: &str, ours: f64, floor: f64, what: &str, floor_what: &str) -> Figure {
+        figure(name, ours, floor, self.accel, what, floor_what)
+    }
+}
+
+/// A scaling figure's rate: MiB of added data, MiB/s of closure, seconds.
+type Rate = (u64, f64, f64);
+
+/// Each step's median over runs (steps in the first run's order).
+fn median_steps(runs: &[Vec<(&'static str, f64)>]) -> Vec<Step> {
+    let Some(first) = runs.first() else { return Vec::new() };
+    first
+        .iter()
+        .map(|(name, _)| {
+            let mut times: Vec<Duration> = runs
+                .iter()
+                .filter_map(|r| r.iter().find(|(n, _)| n == name))
+                .map(|(_, s)| Duration::from_secs_f64(*s))
+                .collect();
+            times.sort();
+            Step { name: name.to_string(), s: median(&times).as_secs_f64() }
+        })
+        .collect()
 }
 
 fn figure(name: &str, ours: f64, floor: f64, accel: Accel, what: &str, floor_what: &str) -> Figure {
@@ -363,6 +496,8 @@ fn figure(name: &str, ours: f64, floor: f64, accel: Accel, what: &str, floor_wha
         ours: what.into(),
         floor: floor_what.into(),
         mib_per_s: None,
+        steps: Vec::new(),
+        floor_steps: Vec::new(),
     }
 }
 
@@ -479,29 +614,39 @@ fn default_qcow2(closure: &Closure) -> Result<ImageOptions> {
     Ok(ImageOptions { format: DiskFormat::Qcow2, layout, volatile: false, verify_store: false })
 }
 
+/// A profile: each step's name and seconds.
+type Profile = Vec<(&'static str, f64)>;
+
 /// Builds and stores a qcow2 image of `closure` as `vm-image` does (host builder), then
-/// removes it; returns the time it took to build and store.
-fn cold_library_image(store: &Store, closure: &Closure) -> Result<Duration> {
+/// removes it; returns the time it took to build and store, and each step's.
+fn cold_library_image(store: &Store, closure: &Closure) -> Result<(Duration, Profile)> {
     let opts = default_qcow2(closure)?;
-    let quiet = Progress { steps: false, verbose: false, expected_bytes: 0 };
+    let quiet = Progress { steps: false, verbose: false, expected_bytes: 0, profile: true };
     quiesce();
+    image::take_profile();
     let start = Instant::now();
+    quiet.mark("tools");
     let tools = crate::image::tools::tools(store)?;
     let recipe = image::recipe(closure, &opts, &tools, &image::tool_versions(store, opts.format)?);
     let uuid = image::uuid_for(&recipe.hash());
     let item = store.realise(&recipe, |out| {
         let job = image::ImageJob { store, closure, opts: &opts, uuid: &uuid, tools: &tools, progress: quiet };
-        image::build_on_host(&job, out)
+        image::build_on_host(&job, out)?;
+        // What is left: hashing the item and committing it.
+        quiet.mark("store");
+        Ok(())
     })?;
     let took = start.elapsed();
+    let profile = image::take_profile();
     store.remove_entry(&item.file_name())?;
-    Ok(took)
+    Ok((took, profile))
 }
 
 /// The floor of building an image of `closure`: its tree staged beforehand (as the
 /// image builder stages it), then, timed, `mke2fs -d` into a raw file of the image's
-/// file system size and `qemu-img convert` to qcow2. Returns the median in seconds.
-fn floor_image_build(store: &Store, closure: &Closure, warmup: usize, runs: usize) -> Result<f64> {
+/// file system size and `qemu-img convert` to qcow2. Returns the median in seconds, and
+/// each measured run's profile.
+fn floor_image_build(store: &Store, closure: &Closure, warmup: usize, runs: usize) -> Result<(f64, Vec<Profile>)> {
     let opts = default_qcow2(closure)?;
     let uuid = image::uuid_for(&"0".repeat(32));
     let scratch = store.scratch("bench-floor-image")?;
@@ -511,6 +656,7 @@ fn floor_image_build(store: &Store, closure: &Closure, warmup: usize, runs: usiz
     let qcow2 = scratch.path().join("disk.qcow2");
     // The same mke2fs as the image builder's: Debian's, from the store.
     let tools = crate::image::tools::tools(store)?;
+    let mut profiles = Vec::new();
     let floor = measure_timed(warmup, runs, || {
         for file in [&raw, &qcow2] {
             if file.exists() {
@@ -527,6 +673,7 @@ fn floor_image_build(store: &Store, closure: &Closure, warmup: usize, runs: usiz
                 .arg(&raw)
                 .arg(format!("{}k", opts.layout.fs_blocks * 4)),
         )?;
+        let made = start.elapsed();
         run_quiet(
             // As the image builder converts: no flush at the end.
             crate::process::command(host::QEMU_IMG.program)
@@ -534,10 +681,14 @@ fn floor_image_build(store: &Store, closure: &Closure, warmup: usize, runs: usiz
                 .arg(&raw)
                 .arg(&qcow2),
         )?;
-        Ok(start.elapsed())
+        let took = start.elapsed();
+        profiles.push(vec![("mke2fs", made.as_secs_f64()), ("qcow2", (took - made).as_secs_f64())]);
+        Ok(took)
     });
     store::remove_tree(&root)?;
-    floor
+    // The warm-up runs' profiles are not the measured ones.
+    let measured = profiles.split_off(profiles.len().saturating_sub(runs));
+    Ok((floor?, measured))
 }
 
 /// Packages of generated data for the scaling figures: one per [`PACKAGE_MIB`] MiB.
@@ -591,11 +742,13 @@ mod tests {
     fn the_json_document_holds_the_report_and_its_path() {
         let mut f = figure("scaling-64MiB", 1.5, 1.25, Accel::Tcg, "ours", "floor");
         f.mib_per_s = Some(300.0);
+        f.steps = vec![Step { name: "mke2fs".into(), s: 1.0 }];
         let report = Report {
             accel: "tcg".into(),
             runs: 3,
             machine: "test, 2 CPUs".into(),
             figures: vec![figure("boot-to-result", 1.2, 1.0, Accel::Tcg, "ours", "floor"), f],
+            snapshot: Some(SnapshotReport { bytes: 65 << 20, boot_s: 1.5, save_s: 0.9, make_s: 3.0 }),
         };
         let text = crate::report::to_json(&JsonOutput { report: &report, report_path: "/t/bench/latest.json".into() })
             .unwrap();
@@ -609,6 +762,9 @@ mod tests {
         assert!((figures[0]["ratio"].as_f64().unwrap() - 1.2).abs() < 1e-9);
         assert!(figures[0].get("mib_per_s").is_none());
         assert_eq!(figures[1]["mib_per_s"], 300.0);
+        assert!(figures[0].get("steps").is_none());
+        assert_eq!(figures[1]["steps"][0]["name"], "mke2fs");
+        assert_eq!(value["snapshot"]["bytes"], 65 << 20);
         // Exactly one document.
         assert_eq!(serde_json::Deserializer::from_str(&text).into_iter::<serde_json::Value>().count(), 1);
     }

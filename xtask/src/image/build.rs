@@ -182,7 +182,7 @@ pub fn shared_store_image(store: &Store, system_name: &str, config: &guest::Syst
         list(&root, Path::new(""), &mut entries)?;
         fix_times(&root, &entries)?;
         let raw = scratch.path().join("disk.raw");
-        let progress = Progress { steps: false, verbose: false, expected_bytes: 0 };
+        let progress = Progress { steps: false, verbose: false, expected_bytes: 0, profile: false };
         let job =
             RawImage { root: &root, mounts: &[], owners: &owners, layout, uuid: &uuid, tools: &tools, grub: None };
         let built = write_raw(&raw, job, progress);
@@ -481,12 +481,33 @@ pub struct Progress {
     pub verbose: bool,
     /// What mke2fs is to write (the closure), for its bar; 0: not known.
     pub expected_bytes: u64,
+    /// Record when each step starts ([`take_profile`]): the bench's profile of a build.
+    pub profile: bool,
+}
+
+/// The steps' starts recorded by builds with [`Progress::profile`], in order.
+static PROFILE: std::sync::Mutex<Vec<(&'static str, std::time::Instant)>> = std::sync::Mutex::new(Vec::new());
+
+/// The steps recorded since the last call, each with the time until the next one (the
+/// last one until now), in seconds.
+pub fn take_profile() -> Vec<(&'static str, f64)> {
+    let marks = std::mem::take(&mut *PROFILE.lock().unwrap_or_else(|e| e.into_inner()));
+    let now = std::time::Instant::now();
+    let ends = marks.iter().skip(1).map(|(_, t)| *t).chain([now]);
+    marks.iter().zip(ends).map(|((name, start), end)| (*name, (end - *start).as_secs_f64())).collect()
 }
 
 impl Progress {
     /// Step lines unless `--quiet`.
     pub fn for_stderr(verbose: bool) -> Progress {
-        Progress { steps: crate::progress::shown() || verbose, verbose, expected_bytes: 0 }
+        Progress { steps: crate::progress::shown() || verbose, verbose, expected_bytes: 0, profile: false }
+    }
+
+    /// Records that step `name` starts now, when profiling.
+    pub fn mark(&self, name: &'static str) {
+        if self.profile {
+            PROFILE.lock().unwrap_or_else(|e| e.into_inner()).push((name, std::time::Instant::now()));
+        }
     }
 
     pub(crate) fn step(&self, msg: &str) {
@@ -514,6 +535,7 @@ pub fn build_on_host(job: &ImageJob, out: &Path) -> Result<()> {
     let ImageJob { store, closure, opts, uuid, tools, progress } = *job;
     let scratch = store.scratch("vm-image")?;
     let root = scratch.path().join("root");
+    progress.mark("stage");
     progress.step(&format!("staging the closure of `{}` ({} items)", closure.system_name, closure.items.len()));
     let progress = match crate::progress::mode() {
         crate::progress::Mode::Bars => Progress { expected_bytes: footprint(closure)?.bytes, ..progress },
@@ -541,11 +563,13 @@ pub fn build_on_host(job: &ImageJob, out: &Path) -> Result<()> {
     if progress.verbose {
         eprintln!("  (the raw image is written to `{}`)", raw.display());
     }
+    progress.mark("grub");
     let grub = grub_boot_code(store, tools)?;
     let job =
         RawImage { root: &root, mounts: &mounts, owners: &[], layout: opts.layout, uuid, tools, grub: Some(grub) };
     let built = write_raw(&raw, job, progress);
     // The staging tree has read-only directories; remove it before the TempDir tries.
+    progress.mark("unstage");
     store::remove_tree(&root)?;
     built?;
     store_disk(&raw, out, opts.format, progress)
@@ -556,6 +580,7 @@ pub fn build_on_host(job: &ImageJob, out: &Path) -> Result<()> {
 pub(crate) fn store_disk(raw: &Path, out: &Path, format: DiskFormat, progress: Progress) -> Result<()> {
     fs::create_dir(out).with_context(|| format!("creating `{}`", out.display()))?;
     let dest = out.join(file_name(format));
+    progress.mark(format.name());
     match format {
         DiskFormat::Raw => fs::rename(raw, &dest).with_context(|| format!("moving the image to `{}`", dest.display())),
         DiskFormat::Qcow2 => {
@@ -713,11 +738,13 @@ fn write_raw(raw: &Path, job: RawImage, progress: Progress) -> Result<()> {
     file.set_len(layout.size).with_context(|| format!("sizing `{}`", raw.display()))?;
     drop(file);
 
+    progress.mark("sfdisk");
     let mut sfdisk = tools.command("sfdisk")?;
     sfdisk.args(SFDISK_ARGS).arg(raw);
     process::run_with(&sfdisk, Stdin::Bytes(partition_table(uuid).as_bytes()))
         .context("writing the partition table")?;
 
+    progress.mark("mke2fs");
     progress.step(&format!("making the ext4 file system ({} MiB) with the closure", (layout.fs_blocks * BLOCK) >> 20));
     let mut mke2fs = tools.command("mke2fs")?;
     mke2fs
@@ -743,6 +770,7 @@ fn write_raw(raw: &Path, job: RawImage, progress: Progress) -> Result<()> {
 
     // mke2fs copies ctime, atime (which its own reading may have just updated) and
     // owners from the staging tree; make them fixed, then give `owners` theirs.
+    progress.mark("inodes");
     let fixed = guest::ext4::Fixed { time: FIXED_TIME.parse()?, uid: 0, gid: 0 };
     let started = std::time::Instant::now();
     let inodes =
@@ -756,6 +784,7 @@ fn write_raw(raw: &Path, job: RawImage, progress: Progress) -> Result<()> {
             .iter()
             .map(|(path, uid, gid)| format!("sif \"/{path}\" uid {uid}\nsif \"/{path}\" gid {gid}\n"))
             .collect();
+        progress.mark("debugfs");
         let mut debugfs = tools.command("debugfs")?;
         debugfs.args(["-w", "-f", "-"]).arg(&fs_spec).env("E2FSPROGS_FAKE_TIME", FIXED_TIME);
         let out = process::run_with(&debugfs, Stdin::Bytes(script.as_bytes())).context("setting owners")?;
@@ -769,6 +798,7 @@ fn write_raw(raw: &Path, job: RawImage, progress: Progress) -> Result<()> {
     let Some((mbr, core)) = grub else {
         return Ok(());
     };
+    progress.mark("boot-code");
     let mut file = File::options().write(true).open(raw).with_context(|| format!("opening `{}`", raw.display()))?;
     file.write_all(&mbr).context("writing GRUB's boot.img into the MBR")?;
     file.seek(SeekFrom::Start(SECTOR))?;

@@ -27,6 +27,8 @@ use crate::{host, vm};
 
 /// The saved state, inside the snapshot item.
 const STATE_FILE: &str = "state";
+/// The snapshot items' name.
+pub const ITEM_NAME: &str = "vm-snapshot";
 
 /// A run restored from a snapshot.
 #[derive(Debug, Clone)]
@@ -105,7 +107,7 @@ fn recipe(store: &Store, spec: &VmSpec) -> Result<Recipe> {
         .map(|a| a.to_string_lossy().replace(&*items.to_string_lossy(), guest::STORE_MOUNT))
         .collect();
     let qemu = qemu_version(store)?;
-    Ok(Recipe::new("vm-snapshot", "vm-snapshot").param("args", args.join("\n")).param("qemu", qemu))
+    Ok(Recipe::new("vm-snapshot", ITEM_NAME).param("args", args.join("\n")).param("qemu", qemu))
 }
 
 fn qemu_version(store: &Store) -> Result<String> {
@@ -145,10 +147,12 @@ fn make(store: &Store, spec: &VmSpec, out: &Path) -> Result<()> {
     mon.push(&monitor);
     mon.push(",server=on,wait=off");
     args.extend(["-monitor".into(), mon]);
+    let started = Instant::now();
     let mut child = vm::qemu_command(&args, false).spawn().context("starting QEMU to make a snapshot")?;
-    let made = (|| -> Result<()> {
+    let made = (|| -> Result<Saved> {
         let deadline = Instant::now() + Duration::from_secs(120);
         wait_for_waiting(&socket, deadline, || matches!(child.try_wait(), Ok(None)))?;
+        let booted = Instant::now();
         let mut hmp = Monitor::connect(&monitor)?;
         let state = out.join(STATE_FILE);
         let shown = state.to_string_lossy();
@@ -166,20 +170,64 @@ fn make(store: &Store, spec: &VmSpec, out: &Path) -> Result<()> {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
+        let save_s = booted.elapsed().as_secs_f64();
         let _ = hmp.ask("quit");
-        Ok(())
+        let bytes = fs::metadata(&state)?.len();
+        Ok(Saved { bytes, boot_s: (booted - started).as_secs_f64(), save_s })
     })();
     let _ = child.kill();
     let status = child.wait();
-    if let Err(e) = made {
-        let mut stderr = String::new();
-        if let Some(mut s) = child.stderr.take() {
-            let _ = s.read_to_string(&mut stderr);
+    match made {
+        Ok(saved) => {
+            eprintln!("{}", saved.line());
+            Ok(())
         }
-        let console = fs::read(dir.join("console")).unwrap_or_default();
-        bail!("{e:#} (QEMU: {status:?}: {})\nconsole:\n{}", stderr.trim(), vm::tail_lines(&console));
+        Err(e) => {
+            let mut stderr = String::new();
+            if let Some(mut s) = child.stderr.take() {
+                let _ = s.read_to_string(&mut stderr);
+            }
+            let console = fs::read(dir.join("console")).unwrap_or_default();
+            bail!("{e:#} (QEMU: {status:?}: {})\nconsole:\n{}", stderr.trim(), vm::tail_lines(&console));
+        }
     }
-    Ok(())
+}
+
+/// What making a snapshot took, as said on stderr.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Saved {
+    /// The saved state's size.
+    pub bytes: u64,
+    /// From starting QEMU to the guest waiting at the snapshot point.
+    pub boot_s: f64,
+    /// Saving the state.
+    pub save_s: f64,
+}
+
+const SAVED_PREFIX: &str = "snapshot saved: ";
+
+impl Saved {
+    /// The line said on stderr ([`parse_saved_line`] reads it back).
+    pub fn line(&self) -> String {
+        format!(
+            "{SAVED_PREFIX}{} bytes ({:.1} MiB) in {:.2} s, after booting to the snapshot point in {:.2} s",
+            self.bytes,
+            self.bytes as f64 / f64::from(1 << 20),
+            self.save_s,
+            self.boot_s
+        )
+    }
+}
+
+/// The [`Saved`] a line of `run-vm`'s stderr reports, if it is that line.
+pub fn parse_saved_line(line: &str) -> Option<Saved> {
+    let words: Vec<&str> = line.strip_prefix(SAVED_PREFIX)?.split_whitespace().collect();
+    match words[..] {
+        [bytes, "bytes", _, _, "in", save, "s,", "after", "booting", "to", "the", "snapshot", "point", "in", boot, "s"] => {
+            Some(Saved { bytes: bytes.parse().ok()?, boot_s: boot.parse().ok()?, save_s: save.parse().ok()? })
+        }
+        _ => None,
+    }
 }
 
 /// Connects to the handshake's socket and reads until the guest says it waits, while
@@ -259,5 +307,18 @@ impl Monitor {
             return Ok(String::new());
         }
         self.read_prompt()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_saved_line_reads_back() {
+        let saved = Saved { bytes: 68_157_440, boot_s: 1.52, save_s: 0.87 };
+        assert_eq!(parse_saved_line(&saved.line()), Some(saved));
+        assert_eq!(parse_saved_line("snapshot saved: lots"), None);
+        assert_eq!(parse_saved_line("guest[0.1]: started"), None);
     }
 }
