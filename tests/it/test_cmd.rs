@@ -43,6 +43,17 @@ fn vm_tests_pass_in_the_vm_and_fail_clearly_on_the_host() {
     assert!(again.stderr.contains("-host-in_vm-"), "the test binary's item is not named: {again:#?}");
 }
 
+/// The VM boots while cargo builds the tests: when cargo fails, the run ends with its
+/// error, not a test result.
+#[test]
+fn a_failing_test_build_ends_the_run_with_cargos_error() {
+    let run = xtask(&["test", "--system", "hello", "--timeout", TIMEOUT, "-p", "no-such-crate"]);
+    assert!(run.code != 0 && run.code != 101, "{run:#?}");
+    assert!(run.stderr.contains("`no-such-crate` did not match any packages"), "cargo's own error: {run:#?}");
+    assert!(run.stderr.contains("`cargo test --no-run -p no-such-crate` failed"), "{run:#?}");
+    assert!(!run.stdout.contains("test result"), "{run:#?}");
+}
+
 #[test]
 fn a_failing_test_gives_101_and_its_panic_message() {
     let run = xtask_test(&[], &["--test", "fails", "--", "--ignored"]);

@@ -13,7 +13,7 @@
 mod fd;
 pub mod ingest;
 
-pub use fd::{DirFd, Kind};
+pub use fd::{start_file_writeback, DirFd, Kind};
 
 use fs_err as fs;
 use std::fs::File;
@@ -461,6 +461,8 @@ impl Store {
         }
         fault_point(1);
         canonicalize(tmp, true)?;
+        // The disk writes the item back while it is hashed; the flush below waits for less.
+        fd::start_writeback(tmp).with_context(|| format!("writing `{}` back", tmp.display()))?;
         let content_sha256 = hash_path(tmp)?;
         fault_point(2);
         fd::sync_tree(tmp).with_context(|| format!("flushing `{}` to disk", tmp.display()))?;

@@ -175,7 +175,8 @@ impl Bench {
                 1000.0 * (tb - ta) / (b - a) as f64
             ));
         }
-        if let (Some(first), Some(last)) = (rates.iter().find(|(m, _, _)| *m >= 256), rates.last()) {
+        let first = rates.iter().find(|(m, _, _)| *m >= 256);
+        if let (Some(first), Some(last)) = (first, rates.last().filter(|last| Some(last.0) != first.map(|f| f.0))) {
             say(format!(
                 "scaling: throughput at {} MiB is {:.0}% of that at {} MiB",
                 last.0,

@@ -63,15 +63,9 @@ impl Test {
             Some(i) => (self.args[..i].to_vec(), self.args[i + 1..].to_vec()),
             None => (self.args.clone(), Vec::new()),
         };
-        // The system is checked before anything is built, the test binaries included.
-        let store = self.vm.open_store(ws)?;
-        self.vm.valid_system(&store, ws)?;
-        let binaries = build_test_binaries(ws, &cargo_args)?;
-        if binaries.is_empty() {
-            eprintln!("no test binaries to run");
-            return Ok(0);
-        }
-        run_in_vm(ws, &self.vm, &binaries, &test_args)
+        // The system is checked before anything is built; the test binaries are built
+        // while the VM boots.
+        run_in_vm(ws, &self.vm, || build_test_binaries(ws, &cargo_args), &test_args)
     }
 }
 
@@ -89,7 +83,7 @@ impl TestRunner {
         let package = std::env::var("CARGO_PKG_NAME").unwrap_or_default();
         let label = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         let binary = TestBinary { path, package_dir, package, label };
-        run_in_vm(ws, &self.vm, &[binary], test_args)
+        run_in_vm(ws, &self.vm, || Ok(vec![binary]), test_args)
     }
 }
 
@@ -127,19 +121,83 @@ pub fn build_test_binaries(ws: &Workspace, cargo_args: &[String]) -> Result<Vec<
     Ok(binaries)
 }
 
-/// Boots the selected system once and runs `binaries` in it, one after another.
-fn run_in_vm(ws: &Workspace, opts: &VmOpts, binaries: &[TestBinary], test_args: &[String]) -> Result<i32> {
+/// Boots the selected system once and runs the test binaries `binaries` gives in it, one
+/// after another. What QEMU needs is made first; the binaries (`cargo test --no-run`),
+/// their items, the packages and the system item are made while the VM boots.
+fn run_in_vm(
+    ws: &Workspace,
+    opts: &VmOpts,
+    binaries: impl FnOnce() -> Result<Vec<TestBinary>>,
+    test_args: &[String],
+) -> Result<i32> {
     let store = opts.open_store(ws)?;
     let declared = opts.valid_system(&store, ws)?;
     let mut system = declared.virtualized();
     run_vm::add_root_image_modules(&mut system);
     let accel = qemu::choose_accel(opts.accel)?;
-    let mut lowered = system::lower(&store, ws, &system, opts.verbose)?;
-    let root_image = run_vm::root_image(&store, &system, &lowered)?;
+    let boot = system::lower_boot(&store, ws, &system, opts.verbose)?;
+    let root_image = run_vm::root_image(&store, &system, &boot)?;
+    let root_device = root_image.as_ref().map(|(_, device)| device.clone());
+    // What the request is made of, for the exit status's message once the VM has ended.
+    let names = std::cell::RefCell::new(Vec::new());
+    let later = || -> Result<guest::Request> {
+        let binaries = binaries()?;
+        if binaries.is_empty() {
+            eprintln!("no test binaries to run");
+        }
+        let mut lowered = system::lower_packages(&store, ws, &system, opts.verbose, boot.clone())?;
+        let commands = add_test_binaries(ws, &store, &mut lowered, &binaries, test_args)?;
+        *names.borrow_mut() = binaries.iter().map(|b| b.path.display().to_string()).collect();
+        let system_item = system::system_item(&store, &system, &lowered)?;
+        let script = format!("{RUN_FUNCTION}\n{}\nexit $failed\n", commands.join("\n"));
+        let argv = vec!["sh".into(), "-c".into(), script];
+        let mut req = request(&system, &lowered, &system_item, root_device.as_deref(), Mode::Command, argv);
+        req.mounts = workspace_mounts(ws);
+        Ok(req)
+    };
+    let xchg = store.scratch("xchg")?;
+    let runtime = store.scratch("run")?;
+    let mut spec = opts.spec(accel, &store, &boot, xchg.path().to_path_buf());
+    spec.shares.push(Share { tag: WORKSPACE_TAG.into(), path: ws.root.clone(), readonly: true });
+    if let Some((path, _)) = &root_image {
+        spec.disks.push(Disk { path: path.clone(), format: DiskFormat::Raw, readonly: true });
+    }
+    let run = VmRun {
+        timeout: opts.timeout,
+        verbose: opts.verbose,
+        stdout: Sink::TestStdout,
+        snapshots: Some((store.clone(), opts.warmth())),
+        ..VmRun::new(
+            spec,
+            GuestRequest::Later(Mode::Command, Box::new(later)),
+            xchg.path(),
+            runtime.path(),
+            ws.log_dir(),
+            "test",
+        )
+    };
+    let status = run.run()?;
+    let names = names.borrow().clone();
+    match run_vm::exit_code(&status, &names) {
+        0 => Ok(0),
+        EXIT_TEST_FAILED => Ok(EXIT_TEST_FAILED),
+        other => bail!("the test script in the guest ended with status {other}"),
+    }
+}
+
+/// Adds each test binary with its shared-library closure to the store and to `lowered`
+/// (its links and packages); returns the guest script's `run` line for each.
+fn add_test_binaries(
+    ws: &Workspace,
+    store: &crate::store::Store,
+    lowered: &mut system::Lowered,
+    binaries: &[TestBinary],
+    test_args: &[String],
+) -> Result<Vec<String>> {
     let resolver = packages::LibraryResolver::from_host();
     let mut commands = Vec::new();
     for binary in binaries {
-        let program = packages::host_program(&store, &resolver, &binary.path)
+        let program = packages::host_program(store, &resolver, &binary.path)
             .with_context(|| format!("adding the test binary `{}` to the store", binary.path.display()))?;
         for link in program.links {
             if !lowered.links.contains(&link) {
@@ -156,32 +214,7 @@ fn run_in_vm(ws: &Workspace, opts: &VmOpts, binaries: &[TestBinary], test_args: 
             }
         }
     }
-    let system_item = system::system_item(&store, &system, &lowered)?;
-    let script = format!("{RUN_FUNCTION}\n{}\nexit $failed\n", commands.join("\n"));
-    let root_device = root_image.as_ref().map(|(_, device)| device.as_str());
-    let mut req =
-        request(&system, &lowered, &system_item, root_device, Mode::Command, vec!["sh".into(), "-c".into(), script]);
-    req.mounts = workspace_mounts(ws);
-    let xchg = store.scratch("xchg")?;
-    let runtime = store.scratch("run")?;
-    let mut spec = opts.spec(accel, &store, &lowered, xchg.path().to_path_buf());
-    spec.shares.push(Share { tag: WORKSPACE_TAG.into(), path: ws.root.clone(), readonly: true });
-    if let Some((path, _)) = &root_image {
-        spec.disks.push(Disk { path: path.clone(), format: DiskFormat::Raw, readonly: true });
-    }
-    let run = VmRun {
-        timeout: opts.timeout,
-        verbose: opts.verbose,
-        stdout: Sink::TestStdout,
-        snapshots: Some((store.clone(), opts.warmth())),
-        ..VmRun::new(spec, GuestRequest::Now(Box::new(req)), xchg.path(), runtime.path(), ws.log_dir(), "test")
-    };
-    let names: Vec<String> = binaries.iter().map(|b| b.path.display().to_string()).collect();
-    match run_vm::exit_code(&run.run()?, &names) {
-        0 => Ok(0),
-        EXIT_TEST_FAILED => Ok(EXIT_TEST_FAILED),
-        other => bail!("the test script in the guest ended with status {other}"),
-    }
+    Ok(commands)
 }
 
 /// The guest's shell function that runs one binary as cargo would, says how it ended,

@@ -593,7 +593,22 @@ pub(crate) fn store_disk(raw: &Path, out: &Path, format: DiskFormat, progress: P
             cmd.arg(raw).arg(&dest);
             let total = fs::metadata(raw).map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512).ok();
             let _bar = crate::progress::file_bar("qemu-img convert", &dest, total);
-            process::run(&cmd).map(drop)
+            // The store flushes the item to disk when it commits it: have the disk write
+            // the image back while qemu-img is still converting, not all after.
+            let converted = std::sync::atomic::AtomicBool::new(false);
+            std::thread::scope(|s| {
+                s.spawn(|| {
+                    while !converted.load(std::sync::atomic::Ordering::Relaxed) {
+                        std::thread::sleep(std::time::Duration::from_millis(100));
+                        if let Ok(file) = File::open(&dest) {
+                            let _ = store::start_file_writeback(&file);
+                        }
+                    }
+                });
+                let ran = process::run(&cmd).map(drop);
+                converted.store(true, std::sync::atomic::Ordering::Relaxed);
+                ran
+            })
         }
     }
 }
