@@ -28,6 +28,7 @@ fn quick_bench_prints_and_writes_a_valid_report() {
         "boot-to-result",
         "boot-to-result-warm",
         "xtask-test",
+        "xtask-test-warm",
         "scenario",
         "inner-loop",
         "inner-loop-warm",
