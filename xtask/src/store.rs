@@ -22,6 +22,7 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
+use camino::{Utf8Path, Utf8PathBuf};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -130,9 +131,10 @@ impl Item {
         format!("{}-{}", self.hash, self.name)
     }
 
-    /// Where the guest sees this item (the store is shared at a fixed mount point).
-    pub fn guest_path(&self) -> String {
-        format!("{}/{}", guest::STORE_MOUNT, self.file_name())
+    /// Where the guest sees this item (the store is shared at a fixed mount point): UTF-8
+    /// by construction, as the mount point, the hash and the sanitized name are.
+    pub fn guest_path(&self) -> Utf8PathBuf {
+        Utf8Path::new(guest::STORE_MOUNT).join(self.file_name())
     }
 }
 

@@ -304,7 +304,7 @@ pub fn add_path(store: &Store, path: &Path) -> Result<(Item, Option<String>)> {
 fn guest_input_path(item: &Item, rel: &Option<String>) -> String {
     match rel {
         Some(rel) => format!("{}/{rel}", item.guest_path()),
-        None => item.guest_path(),
+        None => item.guest_path().into_string(),
     }
 }
 

@@ -59,7 +59,7 @@ pub fn request(
     let term = std::env::var("TERM").unwrap_or_else(|_| "linux".to_string());
     Request {
         // The system item's configuration makes the links.
-        system: Some(system_item.guest_path()),
+        system: Some(system_item.guest_path().into_string()),
         root_device: root_device.map(str::to_string),
         ..system::root_request(system, lowered, mode, argv, term)
     }

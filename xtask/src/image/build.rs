@@ -464,11 +464,15 @@ pub fn store_db(store: &Store, closure: &Closure) -> Result<StoreDb> {
     let mut items = Vec::new();
     for item in &closure.items {
         let references = if item == &closure.system {
-            closure.items.iter().filter(|i| *i != item).map(Item::guest_path).collect()
+            closure.items.iter().filter(|i| *i != item).map(|i| i.guest_path().into_string()).collect()
         } else {
             Vec::new()
         };
-        items.push(Registration { path: item.guest_path(), sha256: store.meta(item)?.content_sha256, references });
+        items.push(Registration {
+            path: item.guest_path().into_string(),
+            sha256: store.meta(item)?.content_sha256,
+            references,
+        });
     }
     Ok(StoreDb { version: guest::image::STORE_DB_VERSION, items })
 }

@@ -95,7 +95,7 @@ impl StoreTools {
             format!("{}/{LOADER}", self.packages.package("libc6").guest_path()),
             "--inhibit-cache".into(),
             "--library-path".into(),
-            self.packages.lib_dirs(Item::guest_path).join(":"),
+            self.packages.lib_dirs(|item| item.guest_path().into_string()).join(":"),
             format!("{}/{rel}", item.guest_path()),
         ])
     }

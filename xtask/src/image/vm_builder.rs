@@ -67,7 +67,7 @@ pub fn build(job: &ImageJob, ws: &Workspace, out: &Path) -> Result<()> {
     fs::write(input.join("mbr"), mbr)?;
     fs::write(input.join("core.img"), core)?;
     fs::write(input.join("table"), image::partition_table(uuid))?;
-    let script = guest_script(&tree, opts, uuid, &tools.wrappers.guest_path(), progress.verbose);
+    let script = guest_script(&tree, opts, uuid, tools.wrappers.guest_path().as_str(), progress.verbose);
     fs::write(input.join("build.sh"), script)?;
 
     let disk = runtime.path().join("disk.raw");

@@ -58,7 +58,7 @@ pub fn profile(store: &Store, packages: &[Item], alternatives: &[Item], busybox:
         let _step = crate::progress::step(&format!("linking a profile of {} Debian packages", packages.len()));
         let (mut top, mut usr) = (Vec::new(), Vec::new());
         for item in packages {
-            for entry in entries(&item.path, &item.guest_path())? {
+            for entry in entries(&item.path, item.guest_path().as_str())? {
                 let name = entry.name.to_string_lossy();
                 if name == "usr" {
                     usr.extend(entries(&entry.host, &entry.guest)?);
