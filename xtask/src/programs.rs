@@ -2,7 +2,8 @@
 //! package the host has (the README lists what a host needs), the Rust toolchain, or a
 //! Debian package locked in `vm.lock` and run from the store. A unit test reads xtask's
 //! sources and fails when code starts a program (a string literal given to
-//! `Command::new(` or `command(`, or a `host::` tool) that is not declared here.
+//! `Command::new(` or `command(`, the first word of an xshell `cmd!`, or a `host::` tool)
+//! that is not declared here.
 
 /// Where a program comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -86,9 +87,18 @@ mod tests {
     use std::path::Path;
 
     /// Programs started in `text`: string literals given to `Command::new(` or
-    /// `command(`, and `host::NAME.program` tools (as `host::NAME`).
+    /// `command(`, the first word of an xshell `cmd!(SHELL, "...")` unless it is
+    /// interpolated, and `host::NAME.program` tools (as `host::NAME`).
     fn started(text: &str) -> Vec<String> {
         let mut found = Vec::new();
+        for (i, _) in text.match_indices("cmd!(") {
+            let rest = &text[i..];
+            let literal = rest.split_once('"').and_then(|(_, r)| r.split('"').next()).unwrap_or_default();
+            let program = literal.split_whitespace().next().unwrap_or_default();
+            if !program.is_empty() && !program.starts_with('{') {
+                found.push(program.to_string());
+            }
+        }
         for opener in ["Command::new(", "command("] {
             for (i, _) in text.match_indices(opener) {
                 let rest = &text[i + opener.len()..];
@@ -175,8 +185,9 @@ mod tests {
     #[test]
     fn the_scan_finds_what_it_should() {
         let code = r#"let a = Command::new("frobnicate"); crate::process::command("cp").arg("x");
-                      Command::new(host::QEMU_IMG.program); tools.command("sfdisk")?; Command::new(&dynamic);"#;
-        assert_eq!(started(code), ["frobnicate", "host::QEMU_IMG", "cp", "sfdisk"]);
+                      Command::new(host::QEMU_IMG.program); tools.command("sfdisk")?; Command::new(&dynamic);
+                      cmd!(sh, "timeout 300 {qemu}"); cmd!(sh, "{xtask} vm-image");"#;
+        assert_eq!(started(code), ["timeout", "frobnicate", "host::QEMU_IMG", "cp", "sfdisk"]);
         assert!(declared("frobnicate").is_none());
         assert!(declared("/sbin/ldconfig").is_some());
         assert!(declared("/usr/sbin/mke2fs").is_none(), "a store program must not be taken from the host");

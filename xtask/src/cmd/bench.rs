@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
+use xshell::{cmd, Shell};
 
 use super::VmOpts;
 use crate::image::{self, Closure, ImageOptions, Layout, Progress};
@@ -107,7 +108,9 @@ impl Bench {
             packages.push((mib, random_packages(&store, mib)?));
         }
         quiesce();
-        let b = Bencher { ws, store: &store, xtask: &xtask, accel, warmup, runs, opts: &self };
+        let sh = Shell::new().context("xshell")?;
+        sh.change_dir(&ws.root);
+        let b = Bencher { ws, store: &store, xtask: &xtask, accel, warmup, runs, opts: &self, sh };
 
         let mut figures = Vec::new();
         let boot = b.boot_to_result(&lowered)?;
@@ -197,14 +200,16 @@ struct Bencher<'a> {
     warmup: usize,
     runs: usize,
     opts: &'a Bench,
+    /// The commands measured are written with xshell's `cmd!` (run through
+    /// [`crate::process`]), in the workspace's root.
+    sh: Shell,
 }
 
 impl Bencher<'_> {
-    /// `xtask SUBCOMMAND --accel ACCEL ARGS`.
-    fn xtask(&self, subcommand: &str, args: &[&str]) -> Command {
-        let mut cmd = crate::process::command(self.xtask);
-        cmd.arg(subcommand).args(["--accel", self.accel.name()]).args(args);
-        cmd
+    /// `xtask run-vm --accel ACCEL WARMTH --timeout 300 -- true`.
+    fn run_true(&self, warmth: &str) -> Command {
+        let (xtask, accel) = (self.xtask, self.accel.name());
+        cmd!(self.sh, "{xtask} run-vm --accel {accel} {warmth} --timeout 300 -- true").into()
     }
 
     fn measure(&self, f: impl FnMut() -> Result<()>) -> Result<f64> {
@@ -215,7 +220,7 @@ impl Bencher<'_> {
     /// kernel with a busybox initramfs that loads the same modules, mounts a 9p share,
     /// writes a file there and powers off.
     fn boot_to_result(&self, lowered: &crate::lower::system::Lowered) -> Result<Figure> {
-        let run = self.xtask("run-vm", &["--cold", "--timeout", "300", "--", "true"]);
+        let run = self.run_true("--cold");
         let ours = self.measure(|| run_quiet(&run))?;
         let store = self.store;
         let floor_initrd = floor_initrd(store, &lowered.kernel)?;
@@ -233,9 +238,8 @@ impl Bencher<'_> {
         let floor = self.measure(|| {
             let marker = scratch.path().join("done");
             let _ = fs::remove_file(&marker);
-            let mut qemu = crate::process::command("timeout");
-            qemu.arg("300").arg(crate::vm::qemu_program::program()?).args(qemu::args(&floor_spec(scratch.path())));
-            let ran = run_quiet(&qemu);
+            let (qemu, args) = (crate::vm::qemu_program::program()?, qemu::args(&floor_spec(scratch.path())));
+            let ran = run_quiet(&cmd!(self.sh, "timeout 300 {qemu} {args...}").into());
             if ran.is_err() || !marker.exists() {
                 let console = fs::read(scratch.path().join("console")).unwrap_or_default();
                 bail!(
@@ -251,7 +255,7 @@ impl Bencher<'_> {
     /// boot-to-result-warm: the same run restored from its snapshot (made in the first
     /// warm-up run) against the cold floor.
     fn boot_to_result_warm(&self, floor_boot: f64) -> Result<Figure> {
-        let run = self.xtask("run-vm", &["--warm", "--timeout", "300", "--", "true"]);
+        let run = self.run_true("--warm");
         let ours = self.measure(|| run_quiet(&run))?;
         Ok(self.figure(
             "boot-to-result-warm",
@@ -269,7 +273,7 @@ impl Bencher<'_> {
             self.store.remove_entry(&item.file_name())?;
         }
         let started = Instant::now();
-        let out = crate::process::run(&self.xtask("run-vm", &["--warm", "--timeout", "300", "--", "true"]))?;
+        let out = crate::process::run(&self.run_true("--warm"))?;
         let make_s = started.elapsed().as_secs_f64();
         let stderr = String::from_utf8_lossy(&out.stderr);
         let Some(said) = stderr.lines().find_map(crate::vm::snapshot::parse_saved_line) else {
@@ -284,10 +288,13 @@ impl Bencher<'_> {
     fn xtask_test(&self, floor_boot: f64) -> Result<Vec<Figure>> {
         let selection = ["-p", "vm-checks", "--test", "in_vm"];
         let binaries = super::test::build_test_binaries(self.ws, &selection.map(String::from))?;
+        let (xtask, accel) = (self.xtask, self.accel.name());
         let mut runs = Vec::new();
         for warmth in ["--cold", "--warm"] {
-            let mut test = self.xtask("test", &[warmth, "--system", "hello", "--timeout", "300"]);
-            test.args(selection).args(["--", "--ignored"]);
+            let test: Command =
+                cmd!(self.sh, "{xtask} test --accel {accel} {warmth} --system hello --timeout 300 {selection...}")
+                    .args(["--", "--ignored"])
+                    .into();
             runs.push(self.measure(|| run_quiet(&test))?);
         }
         let host_run = self.measure(|| {
@@ -313,7 +320,8 @@ impl Bencher<'_> {
     /// scenario: `hello-pair` end to end (two nodes booting at once, a request, the link
     /// cut for a 3 s timeout and restored) against one bare boot.
     fn scenario(&self, floor_boot: f64) -> Result<Figure> {
-        let scenario = self.xtask("scenario", &["hello-pair"]);
+        let (xtask, accel) = (self.xtask, self.accel.name());
+        let scenario = cmd!(self.sh, "{xtask} scenario --accel {accel} hello-pair").into();
         let ours = self.measure(|| run_quiet(&scenario))?;
         Ok(self.figure("scenario", ours, floor_boot, "xtask scenario hello-pair", "bare qemu boot"))
     }
@@ -332,10 +340,12 @@ impl Bencher<'_> {
             file.set_modified(std::time::SystemTime::now()).context("touching the service's source")?;
             Ok(())
         };
-        let ask = ["--system", "hello", "--timeout", "300", "--", "sh", "-c", "nc 127.0.0.1 7878 </dev/null"];
+        let (xtask, accel, nc) = (self.xtask, self.accel.name(), "nc 127.0.0.1 7878 </dev/null");
         let mut loops = Vec::new();
         for warmth in ["--cold", "--warm"] {
-            let ask = self.xtask("run-vm", &[&[warmth][..], &ask].concat());
+            let ask: Command =
+                cmd!(self.sh, "{xtask} run-vm --accel {accel} {warmth} --system hello --timeout 300 -- sh -c {nc}")
+                    .into();
             loops.push(self.measure(|| {
                 touch()?;
                 run_quiet(&ask)
@@ -386,20 +396,18 @@ impl Bencher<'_> {
     /// as the xtask binary alone and through cargo, against `true`.
     fn cache_hits(&self) -> Result<Vec<Figure>> {
         let (warmup, runs) = (self.warmup, self.runs.max(5));
-        let mut image = crate::process::command(self.xtask);
-        image.arg("vm-image");
+        let (xtask, sh) = (self.xtask, &self.sh);
+        let image = cmd!(sh, "{xtask} vm-image").into();
         run_quiet(&image)?;
         let image_hit = measure(warmup, runs, || run_quiet(&image))?;
         let build = ["build-in-vm", "--name", "bench-cache-hit", "--", "sh", "-c", "echo hit > $out/f"];
-        let mut direct = crate::process::command(self.xtask);
-        direct.args(build);
+        let direct = cmd!(sh, "{xtask} {build...}").into();
         run_quiet(&direct)?;
         let hit = measure(warmup, runs, || run_quiet(&direct))?;
         let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-        let mut through_cargo = crate::process::command(&cargo);
-        through_cargo.current_dir(&self.ws.root).arg("xtask").args(build);
+        let through_cargo = cmd!(sh, "{cargo} xtask {build...}").into();
         let hit_cargo = measure(warmup, runs, || run_quiet(&through_cargo))?;
-        let t = measure(warmup, runs, || run_quiet(&crate::process::command("true")))?;
+        let t = measure(warmup, runs, || run_quiet(&cmd!(sh, "true").into()))?;
         Ok(vec![
             self.figure("cache-hit", hit, t, "xtask build-in-vm (stored)", "true"),
             self.figure("cache-hit-vm-image", image_hit, t, "xtask vm-image (stored)", "true"),
@@ -449,12 +457,17 @@ impl Bencher<'_> {
     /// beforehand) into a raw file plus qemu-img convert to qcow2; with the full bench,
     /// also the VM builder.
     fn image_build(&self, closure: &Closure) -> Result<Vec<Figure>> {
-        let image_item = stored_image_item(self.xtask, &[])?;
+        let xtask = self.xtask;
+        let out = crate::process::run(&cmd!(self.sh, "{xtask} vm-image").into())?;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let path = Path::new(stdout.lines().last().unwrap_or_default());
+        let image_item = path.parent().and_then(Path::file_name).context("vm-image printed no image path")?;
+        let image_item = image_item.to_string_lossy().into_owned();
         let cold_image = |args: &[&str]| -> Result<Duration> {
             self.store.remove_entry(&image_item)?;
             quiesce();
             let start = Instant::now();
-            run_quiet(crate::process::command(self.xtask).arg("vm-image").args(args))?;
+            run_quiet(&cmd!(self.sh, "{xtask} vm-image {args...}").into())?;
             Ok(start.elapsed())
         };
         let (warmup, runs) = (self.warmup.min(1), self.runs.min(5));
@@ -606,16 +619,6 @@ fn quiesce() {
 }
 
 const FLOOR_IMAGE: &str = "mke2fs -d of the staged tree + qemu-img convert -t unsafe";
-
-/// Runs `xtask vm-image ARGS` (building the image if needed) and returns the image
-/// item's store entry name.
-fn stored_image_item(xtask: &Path, args: &[&str]) -> Result<String> {
-    let out = crate::process::run(crate::process::command(xtask).arg("vm-image").args(args))?;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let path = Path::new(stdout.lines().last().unwrap_or_default());
-    let item = path.parent().and_then(Path::file_name).context("vm-image printed no image path")?;
-    Ok(item.to_string_lossy().into_owned())
-}
 
 /// What `vm-image` builds by default for `closure`: qcow2, the default size.
 fn default_qcow2(closure: &Closure) -> Result<ImageOptions> {
