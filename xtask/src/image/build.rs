@@ -591,8 +591,8 @@ pub(crate) fn store_disk(raw: &Path, out: &Path, format: DiskFormat, progress: P
             progress.step("converting to qcow2");
             let mut cmd = crate::process::command(host::QEMU_IMG.program);
             // `-t unsafe`: no flush of the new file when done (which waited for the disk:
-            // half of the conversion's time for a 1.4 GiB image here). The store syncs no
-            // item; `store verify` finds one a crash damaged.
+            // half of the conversion's time for a 1.4 GiB image here); the store flushes
+            // the item when it commits it, and the thread below starts that early.
             cmd.args(["convert", "-t", "unsafe", "-f", "raw", "-O", "qcow2"]);
             cmd.arg(raw).arg(&dest);
             let total = fs::metadata(raw).map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512).ok();
