@@ -72,6 +72,7 @@ enum Cmd {
     /// Measure against floors measured in the same run; write target/bench/latest.json.
     #[command(after_help = "Examples:
   cargo xtask bench --quick
+  cargo xtask bench --only scaling --only image-build
   cargo xtask bench --json > bench.json")]
     Bench(Bench),
     /// Build the workspace's test binaries and run them in a VM of a system.

@@ -29,8 +29,33 @@ pub struct Bench {
     /// Print the report as one JSON document on stdout (the table goes to stderr).
     #[arg(long)]
     pub json: bool,
+    /// Measure only these groups of figures (repeatable; the floors they are measured
+    /// against come along).
+    #[arg(long, value_enum, value_name = "GROUP")]
+    pub only: Vec<Group>,
     #[command(flatten)]
     pub vm: VmOpts,
+}
+
+/// The groups of figures `--only` selects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Group {
+    /// boot-to-result.
+    Boot,
+    /// boot-to-result-warm and the snapshot's size and times.
+    Warm,
+    /// xtask-test and xtask-test-warm.
+    Test,
+    Scenario,
+    /// inner-loop, inner-loop-warm, inner-loop-vs-run-vm.
+    InnerLoop,
+    /// cache-hit, cache-hit-vm-image, cache-hit-cargo.
+    CacheHit,
+    /// scaling-*, with each step's profile.
+    Scaling,
+    /// image-build and (not with --quick) image-build-vm.
+    ImageBuild,
 }
 
 /// One measured figure.
@@ -82,6 +107,9 @@ pub struct Report {
     pub machine: String,
     pub figures: Vec<Figure>,
     pub snapshot: Option<SnapshotReport>,
+    /// With `--only`: the groups measured.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub only: Vec<Group>,
 }
 
 /// What `bench --json` prints on stdout: the report and where it was written.
@@ -100,11 +128,12 @@ impl Bench {
         let system = self.vm.system()?;
         let xtask = std::env::current_exe().context("finding the xtask binary")?;
         let lowered = system::lower(&store, ws, &system, false)?;
+        let wanted = |group: Group| self.only.is_empty() || self.only.contains(&group);
         // The scaling figures' packages are made first: writing a GiB of them leaves the
         // disk of a machine like this one slow for a while.
         let sizes: &[u64] = if self.quick { &[64, 256] } else { &[64, 256, 1024] };
         let mut packages = Vec::new();
-        for &mib in sizes {
+        for &mib in sizes.iter().filter(|_| wanted(Group::Scaling)) {
             packages.push((mib, random_packages(&store, mib)?));
         }
         quiesce();
@@ -113,23 +142,41 @@ impl Bench {
         let b = Bencher { ws, store: &store, xtask: &xtask, accel, warmup, runs, opts: &self, sh };
 
         let mut figures = Vec::new();
-        let boot = b.boot_to_result(&lowered)?;
-        let (floor_boot, our_boot) = (boot.floor_s, boot.ours_s);
-        figures.push(boot);
-        figures.push(b.boot_to_result_warm(floor_boot)?);
-        let snapshot = b.snapshot()?;
-        figures.extend(b.xtask_test(floor_boot)?);
-        figures.push(b.scenario(floor_boot)?);
-        figures.extend(b.inner_loop(floor_boot, our_boot)?);
-        figures.extend(b.cache_hits()?);
+        let mut snapshot = None;
+        // The bare boot is the floor of the VM figures.
+        let on_boot = [Group::Boot, Group::Warm, Group::Test, Group::Scenario, Group::InnerLoop];
+        if on_boot.into_iter().any(wanted) {
+            let boot = b.boot_to_result(&lowered)?;
+            let (floor_boot, our_boot) = (boot.floor_s, boot.ours_s);
+            figures.push(boot);
+            if wanted(Group::Warm) {
+                figures.push(b.boot_to_result_warm(floor_boot)?);
+                snapshot = b.snapshot()?;
+            }
+            if wanted(Group::Test) {
+                figures.extend(b.xtask_test(floor_boot)?);
+            }
+            if wanted(Group::Scenario) {
+                figures.push(b.scenario(floor_boot)?);
+            }
+            if wanted(Group::InnerLoop) {
+                figures.extend(b.inner_loop(floor_boot, our_boot)?);
+            }
+        }
+        if wanted(Group::CacheHit) {
+            figures.extend(b.cache_hits()?);
+        }
         let closure = image::closure(&store, ws, &system, false)?;
         // Before image-build: right after that figure, which deletes many large images,
         // the 1 GiB runs here were often half as long again.
         let (scaling, rates) = b.scaling(&closure, packages)?;
         figures.extend(scaling);
-        figures.extend(b.image_build(&closure)?);
+        if wanted(Group::ImageBuild) {
+            figures.extend(b.image_build(&closure)?);
+        }
 
-        let report = Report { accel: accel.name().into(), runs, machine: machine_description(), figures, snapshot };
+        let machine = machine_description();
+        let report = Report { accel: accel.name().into(), runs, machine, figures, snapshot, only: self.only.clone() };
         self.print(&report, &rates);
         let out = report_path(ws);
         fs::create_dir_all(out.parent().unwrap_or(Path::new(".")))?;
@@ -761,6 +808,7 @@ mod tests {
             machine: "test, 2 CPUs".into(),
             figures: vec![figure("boot-to-result", 1.2, 1.0, Accel::Tcg, "ours", "floor"), f],
             snapshot: Some(SnapshotReport { bytes: 65 << 20, boot_s: 1.5, save_s: 0.9, make_s: 3.0 }),
+            only: Vec::new(),
         };
         let text = crate::report::to_json(&JsonOutput { report: &report, report_path: "/t/bench/latest.json".into() })
             .unwrap();
@@ -777,6 +825,7 @@ mod tests {
         assert!(figures[0].get("steps").is_none());
         assert_eq!(figures[1]["steps"][0]["name"], "mke2fs");
         assert_eq!(value["snapshot"]["bytes"], 65 << 20);
+        assert!(value.get("only").is_none());
         // Exactly one document.
         assert_eq!(serde_json::Deserializer::from_str(&text).into_iter::<serde_json::Value>().count(), 1);
     }
