@@ -53,7 +53,8 @@ pub struct VmOpts {
     /// The modules tree (`/lib/modules/RELEASE`) of the --kernel image.
     #[arg(long, requires = "kernel")]
     pub modules: Option<PathBuf>,
-    /// Show kernel and helper messages on stderr and print QEMU's command line.
+    /// Show kernel and helper messages on stderr, and the command lines of QEMU and of
+    /// the host tools run.
     #[arg(short, long)]
     pub verbose: bool,
     /// Say for every store item whether it was found or built.
