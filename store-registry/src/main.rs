@@ -343,7 +343,11 @@ async fn fetch(
     };
     let (mut memory, mut hasher, mut got) = (Vec::new(), Sha256::new(), 0u64);
     while let Some(chunk) = stream.stream.next().await {
-        let chunk = chunk.map_err(|e| Failure(Why::Unreachable, format!("fetching blob {}: {e}", blob.digest)))?;
+        let chunk = chunk.map_err(|e| {
+            let digest = e.get_ref().is_some_and(|inner| inner.is::<oci_client::errors::DigestError>());
+            let why = if digest { Why::Altered } else { Why::Unreachable };
+            Failure(why, format!("fetching blob {}: {e}", blob.digest))
+        })?;
         got += chunk.len() as u64;
         if got > blob.size as u64 {
             return Err(Failure(Why::Altered, format!("blob {} is longer than its {} bytes", blob.digest, blob.size)));

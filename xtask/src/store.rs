@@ -160,6 +160,8 @@ pub struct Problem {
 pub enum Outcome {
     Hit,
     Built,
+    /// Fetched from a registry ([`crate::substitute`]) instead of built.
+    Substituted,
 }
 
 /// The store directory and its conventions.
@@ -368,7 +370,7 @@ impl Store {
         let item = self.parse_entry(file_name)?;
         let present = self.is_present(&item);
         if present {
-            self.record(&item);
+            self.record(&item, "hit");
         }
         present.then_some(item)
     }
@@ -439,21 +441,21 @@ impl Store {
         let item = self.item_for(recipe);
         if self.is_present(&item) {
             self.say("hit", &item);
-            self.record(&item);
+            self.record(&item, "hit");
             return Ok((item, Outcome::Hit));
         }
         let _lock = self.lock(&item)?;
         if self.is_present(&item) {
             self.say("hit", &item);
-            self.record(&item);
+            self.record(&item, "hit");
             return Ok((item, Outcome::Hit));
         }
         self.clear_leftovers(&item)?;
         let tmp = self.tmp_dir().join(format!("{}.{}", item.file_name(), std::process::id()));
         if crate::substitute::substitute(self, recipe, &item, &tmp) {
             self.say("substituted", &item);
-            self.record(&item);
-            return Ok((item, Outcome::Hit));
+            self.record(&item, "substituted");
+            return Ok((item, Outcome::Substituted));
         }
         if self.explain {
             eprintln!("store: building {} ({})", item.file_name(), self.why(recipe, &item));
@@ -466,7 +468,7 @@ impl Store {
             return Err(err);
         }
         self.say("built", &item);
-        self.record(&item);
+        self.record(&item, "built");
         Ok((item, Outcome::Built))
     }
 
@@ -536,10 +538,11 @@ impl Store {
     }
 
     /// With `XTASK_RECORD_ITEMS=FILE`, appends each item this process finds or makes to
-    /// FILE, one file name a line (what `store push --system` pushes).
-    fn record(&self, item: &Item) {
+    /// FILE, a line `hit|built|substituted FILE_NAME` each (what `store push --system`
+    /// pushes, and `store pull --system` reports).
+    fn record(&self, item: &Item, how: &str) {
         if let Some(file) = std::env::var_os(RECORD_ENV) {
-            let line = format!("{}\n", item.file_name());
+            let line = format!("{how} {}\n", item.file_name());
             let written =
                 File::options().create(true).append(true).open(&file).and_then(|mut f| f.write_all(line.as_bytes()));
             if let Err(e) = written {

@@ -95,6 +95,9 @@ pub struct MovedReport {
     pub registry: String,
     #[serde(flatten)]
     pub moved: Moved,
+    /// `pull --system`: each item used, and how it came (`substituted`, `hit`, `built`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub how: Option<Vec<(String, String)>>,
     pub wall_s: f64,
 }
 
@@ -272,18 +275,19 @@ fn keygen(ws: &Workspace, name: &str, out: &Path) -> Result<i32> {
 
 /// The items `run-vm --system NAME` and `vm-image --system NAME` use, found by running
 /// them (`run-vm --script`, which boots nothing) with the store recording what they
-/// find or make, optionally with `substitutes` as the only substitutes.
-fn system_items(store: &Store, system: &str, substitutes: Option<&str>) -> Result<Vec<crate::store::Item>> {
+/// find or make, with `substitutes` as the only substitutes; each with how it came
+/// (`hit`, `built`, `substituted`).
+fn system_items(store: &Store, system: &str, substitutes: &str) -> Result<Vec<(String, crate::store::Item)>> {
     super::lookup_system(system)?;
     let scratch = store.scratch("record")?;
     let record = scratch.path().join("items");
     let exe = std::env::current_exe().context("finding the xtask binary")?;
     for args in [vec!["run-vm", "--system", system, "--script"], vec!["vm-image", "--system", system]] {
         let mut cmd = crate::host::command(&exe);
-        cmd.args(&args).env(crate::store::RECORD_ENV, &record).env(crate::STORE_ENV, store.root());
-        if let Some(from) = substitutes {
-            cmd.env(substitute::SUBSTITUTES_ENV, from);
-        }
+        cmd.args(&args)
+            .env(crate::store::RECORD_ENV, &record)
+            .env(crate::STORE_ENV, store.root())
+            .env(substitute::SUBSTITUTES_ENV, substitutes);
         let status = cmd
             .stdout(std::process::Stdio::null())
             .status()
@@ -293,12 +297,13 @@ fn system_items(store: &Store, system: &str, substitutes: Option<&str>) -> Resul
         }
     }
     let text = fs_err::read_to_string(&record).unwrap_or_default();
-    let mut items = Vec::new();
-    for name in text.lines() {
+    let mut items: Vec<(String, crate::store::Item)> = Vec::new();
+    for line in text.lines() {
+        let (how, name) = line.split_once(' ').context("a recorded line")?;
         // run-vm.sh holds this checkout's paths: of no use anywhere else.
         let item = store.lookup(name).with_context(|| format!("`{name}` was used but is not in the store"))?;
-        if !items.contains(&item) && !item.name.starts_with("run-vm-") {
-            items.push(item);
+        if !items.iter().any(|(_, i)| *i == item) && !item.name.starts_with("run-vm-") {
+            items.push((how.to_string(), item));
         }
     }
     Ok(items)
@@ -331,7 +336,7 @@ fn push(
         What::Item(name) => vec![store.lookup(&name).ok_or_else(|| {
             usage_error(format!("`{}` is not an item in the store `{}`", name.escape_debug(), store.root().display()))
         })?],
-        What::System(system) => system_items(&store, &system, Some(""))?,
+        What::System(system) => system_items(&store, &system, "")?.into_iter().map(|(_, i)| i).collect(),
         What::All => {
             let mut names: Vec<String> = fs_err::read_dir(store.items_dir())?
                 .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
@@ -342,7 +347,7 @@ fn push(
     };
     let items = store.closure(&roots)?;
     let moved = substitute::push(ws, &store, &registry, &items, &key)?;
-    report(&registry, moved, json, started, "pushed")
+    report(&registry, moved, None, json, started, "pushed")
 }
 
 fn pull(
@@ -354,7 +359,7 @@ fn pull(
     started: std::time::Instant,
 ) -> Result<i32> {
     let registry = registry_arg(from)?;
-    let config = substitute::Config::load(ws)?;
+    let config = substitute::Config::load(ws).map_err(|e| usage_error(format!("{e:#}")))?;
     if config.trusted.is_empty() {
         return Err(usage_error(format!(
             "no trusted keys in `{}`: add a `trusted-key NAME:BASE64` line (from `store keygen`)",
@@ -363,11 +368,16 @@ fn pull(
     }
     let store = Store::open(&ws.store_dir, false)?;
     let mut moved = Moved::default();
+    let mut how = None;
     if let Some(system) = system {
-        let before = count_items(&store)?;
-        let used = system_items(&store, &system, Some(from))?;
-        moved.items = count_items(&store)?.saturating_sub(before);
-        moved.present = used.len() as u64;
+        let used = system_items(&store, &system, from)?;
+        for (came, _) in &used {
+            match came.as_str() {
+                "substituted" => moved.items += 1,
+                _ => moved.present += 1,
+            }
+        }
+        how = Some(used.into_iter().map(|(came, item)| (item.file_name(), came)).collect());
     } else {
         let mut helper = substitute::Helper::start(ws)?;
         for name in items {
@@ -380,16 +390,20 @@ fn pull(
             substitute::pull(&store, &mut helper, &registry, &config.trusted, name, &mut moved)?;
         }
     }
-    report(&registry, moved, json, started, "pulled")
+    report(&registry, moved, how, json, started, "pulled")
 }
 
-fn count_items(store: &Store) -> Result<u64> {
-    Ok(fs_err::read_dir(store.items_dir())?.count() as u64)
-}
-
-fn report(registry: &Registry, moved: Moved, json: bool, started: std::time::Instant, verb: &str) -> Result<i32> {
+fn report(
+    registry: &Registry,
+    moved: Moved,
+    how: Option<Vec<(String, String)>>,
+    json: bool,
+    started: std::time::Instant,
+    verb: &str,
+) -> Result<i32> {
     if json {
-        let report = MovedReport { registry: registry.to_string(), moved, wall_s: started.elapsed().as_secs_f64() };
+        let report =
+            MovedReport { registry: registry.to_string(), moved, how, wall_s: started.elapsed().as_secs_f64() };
         crate::report::print_json(&report)?;
     } else {
         println!("{verb} {} items ({} bytes), {} already there, `{registry}`", moved.items, moved.bytes, moved.present);
