@@ -103,3 +103,34 @@ pub fn verify(trusted: &[(String, VerifyingKey)], signature: &str, message: &[u8
         Err(Refused::Invalid(format!("not made by the trusted key `{name}`")))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_trusted_key_of_the_signatures_name_verifies_the_signed_message() {
+        let dir = tempfile::tempdir().unwrap();
+        let pair = |name: &str, file: &str| {
+            let (secret, public) = (dir.path().join(file), dir.path().join(format!("{file}.pub")));
+            generate(name, &secret, &public).unwrap();
+            (read_secret(&secret).unwrap(), std::fs::read_to_string(&public).unwrap().trim().to_string())
+        };
+        let (team, team_pub) = pair("team", "a");
+        let (impostor, _) = pair("team", "b");
+        let (stranger, stranger_pub) = pair("stranger", "c");
+        let trusted = parse_trusted(&[team_pub]).unwrap();
+        let signature = team.sign(b"message");
+        assert_eq!(verify(&trusted, &signature, b"message").ok(), Some("team".to_string()));
+        assert!(matches!(verify(&trusted, &signature, b"messagf"), Err(Refused::Invalid(_))));
+        assert!(matches!(verify(&trusted, &impostor.sign(b"message"), b"message"), Err(Refused::Invalid(_))));
+        assert!(matches!(verify(&trusted, &stranger.sign(b"message"), b"message"), Err(Refused::UnknownKey(_))));
+        assert!(matches!(verify(&trusted, "team:bm90IGEgc2lnbmF0dXJl", b"message"), Err(Refused::Invalid(_))));
+        assert!(matches!(verify(&trusted, "garbage", b"message"), Err(Refused::Invalid(_))));
+        assert!(parse_trusted(&[stranger_pub, "x y:AAAA".into()]).is_err());
+        // The secret key file is the owner's alone, and is never overwritten.
+        let mode = std::fs::metadata(dir.path().join("a")).unwrap().permissions();
+        assert_eq!(std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777, 0o600);
+        assert!(generate("team", &dir.path().join("a"), &dir.path().join("d")).is_err());
+    }
+}

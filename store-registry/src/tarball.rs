@@ -155,3 +155,99 @@ fn check_name(raw: &[u8]) -> Result<Vec<u8>> {
     }
     Ok(trimmed.to_vec())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn a_packed_tree_unpacks_the_same_and_packs_to_the_same_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let tree = dir.path().join("tree");
+        std::fs::create_dir_all(tree.join("sub/deep")).unwrap();
+        std::fs::write(tree.join("sub/deep/f"), "data").unwrap();
+        std::fs::write(tree.join("x"), "exec").unwrap();
+        std::fs::set_permissions(tree.join("x"), std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::os::unix::fs::symlink("/absolute/elsewhere", tree.join("abs")).unwrap();
+        std::os::unix::fs::symlink("sub/deep/f", tree.join("rel")).unwrap();
+        let long = "n".repeat(200);
+        std::fs::write(tree.join("sub").join(&long), "long name").unwrap();
+        let packed = pack(&tree).unwrap();
+        assert_eq!(packed, pack(&tree).unwrap(), "packing is deterministic");
+        let layer = dir.path().join("layer");
+        std::fs::write(&layer, &packed).unwrap();
+        let out = dir.path().join("out");
+        std::fs::create_dir(&out).unwrap();
+        unpack(&layer, &out.join("item"), 1 << 20).unwrap();
+        let item = out.join("item");
+        assert_eq!(std::fs::read_to_string(item.join("sub/deep/f")).unwrap(), "data");
+        assert_eq!(std::fs::read_to_string(item.join("sub").join(&long)).unwrap(), "long name");
+        assert_eq!(std::fs::read_link(item.join("abs")).unwrap(), Path::new("/absolute/elsewhere"));
+        assert!(std::fs::metadata(item.join("x")).unwrap().permissions().mode() & 0o111 != 0);
+        assert!(std::fs::metadata(item.join("sub/deep/f")).unwrap().permissions().mode() & 0o111 == 0);
+        let over = dir.path().join("over");
+        std::fs::create_dir(&over).unwrap();
+        assert!(unpack(&layer, &over.join("item"), 10).is_err(), "the size bound holds");
+    }
+
+    /// A tar entry: name, type, link target, data.
+    type Entry<'a> = (&'a str, tar::EntryType, &'a str, &'a [u8]);
+
+    /// A layer of `entries`, gzip-compressed.
+    fn layer(entries: &[Entry]) -> Vec<u8> {
+        let mut tar = tar::Builder::new(flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast()));
+        for (name, kind, target, data) in entries {
+            let mut h = tar::Header::new_old();
+            // Written raw: the tar crate refuses to write `..` itself.
+            let bytes = name.as_bytes();
+            h.as_old_mut().name[..bytes.len()].copy_from_slice(bytes);
+            h.set_entry_type(*kind);
+            h.set_mode(0o644);
+            h.set_size(data.len() as u64);
+            if !target.is_empty() {
+                h.set_link_name(target).unwrap();
+            }
+            h.set_cksum();
+            tar.append(&h, *data).unwrap();
+        }
+        tar.into_inner().unwrap().finish().unwrap()
+    }
+
+    #[test]
+    fn hostile_layers_are_refused_and_write_nothing_outside() {
+        use tar::EntryType::{Block, Char, Directory, Fifo, Link, Regular, Symlink};
+        let cases: Vec<(&str, Vec<Entry>)> = vec![
+            ("dot-dot", vec![("item", Directory, "", b""), ("item/../escape", Regular, "", b"x")]),
+            ("absolute", vec![("/tmp/escape", Regular, "", b"x")]),
+            ("not below item", vec![("other", Regular, "", b"x")]),
+            (
+                "through a link",
+                vec![
+                    ("item", Directory, "", b""),
+                    ("item/l", Symlink, "/tmp", b""),
+                    ("item/l/escape", Regular, "", b"x"),
+                ],
+            ),
+            (
+                "a link replaced",
+                vec![("item", Directory, "", b""), ("item/l", Symlink, "../..", b""), ("item/l", Regular, "", b"x")],
+            ),
+            ("hard link", vec![("item", Directory, "", b""), ("item/h", Link, "/etc/passwd", b"")]),
+            ("device", vec![("item", Directory, "", b""), ("item/d", Char, "", b"")]),
+            ("block", vec![("item", Directory, "", b""), ("item/d", Block, "", b"")]),
+            ("fifo", vec![("item", Directory, "", b""), ("item/d", Fifo, "", b"")]),
+            ("no parent", vec![("item", Directory, "", b""), ("item/a/b", Regular, "", b"x")]),
+            ("empty", vec![]),
+        ];
+        for (what, entries) in cases {
+            let scratch = tempfile::tempdir().unwrap();
+            let file = scratch.path().join("layer");
+            std::fs::write(&file, layer(&entries)).unwrap();
+            let out = scratch.path().join("out");
+            std::fs::create_dir(&out).unwrap();
+            assert!(unpack(&file, &out.join("item"), 1 << 20).is_err(), "{what}: accepted");
+            assert!(!scratch.path().join("escape").exists() && !Path::new("/tmp/escape").exists(), "{what}");
+        }
+    }
+}

@@ -38,7 +38,8 @@ pub fn from_store(store: &Store) -> Result<Item> {
     let script = format!(
         "#!/bin/sh\n# docker-registry from Debian's package in the store, through libc6's loader.\n\
          s=$(cd \"${{0%/*}}/../..\" && pwd) || exit 127\n\
-         exec \"${{0%/*}}/../{LOADER_LINK}\" --inhibit-cache --library-path \"$s/{}/{LIB_DIR}\" \"$s/{}/{BIN}\" \"$@\"\n",
+         exec \"${{0%/*}}/../{LOADER_LINK}\" --inhibit-cache --library-path \"$s/{}/{LIB_DIR}\" \
+         \"$s/{}/{BIN}\" \"$@\"\n",
         libc6.file_name(),
         registry.file_name(),
     );

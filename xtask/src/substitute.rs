@@ -402,7 +402,13 @@ fn fetch_into(
     let hash = file_name.split('-').next().unwrap_or_default();
     let request = with(
         at(registry, hash, timeout),
-        json!({"op": "pull", "item": file_name, "trusted": trusted, "dir": scratch.path(), "max_bytes": MAX_ITEM_BYTES}),
+        json!({
+            "op": "pull",
+            "item": file_name,
+            "trusted": trusted,
+            "dir": scratch.path(),
+            "max_bytes": MAX_ITEM_BYTES,
+        }),
     );
     let answer = helper.call(&request, None)?;
     if !answer.ok {
@@ -627,7 +633,8 @@ mod tests {
     #[test]
     fn the_configuration_is_parsed_strictly() {
         let c = Config::parse(
-            "# team\nsubstitute 127.0.0.1:5000/team/store\ntrusted-key ci:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=\ntimeout 3\n",
+            "# team\nsubstitute 127.0.0.1:5000/team/store\n\
+             trusted-key ci:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=\ntimeout 3\n",
         )
         .unwrap();
         assert_eq!(c.substitutes.len(), 1);
