@@ -86,6 +86,30 @@ impl Registry {
         format!("127.0.0.1:{}/{name}", self.port)
     }
 
+    /// Rewrites the manifest `repo:tag` in the registry's storage (as someone with
+    /// write access to it could), `edit` changing its JSON.
+    fn rewrite_manifest(&self, repo: &str, tag: &str, edit: impl FnOnce(&mut serde_json::Value)) {
+        let v2 = self.dir.path().join("data/docker/registry/v2");
+        let manifests = v2.join("repositories").join(repo).join("_manifests");
+        let current = manifests.join("tags").join(tag).join("current/link");
+        let digest = std::fs::read_to_string(&current).unwrap();
+        let hex = digest.trim().strip_prefix("sha256:").unwrap().to_string();
+        let blob = |hex: &str| v2.join("blobs/sha256").join(&hex[..2]).join(hex).join("data");
+        let mut manifest: serde_json::Value = serde_json::from_slice(&std::fs::read(blob(&hex)).unwrap()).unwrap();
+        edit(&mut manifest);
+        let bytes = serde_json::to_vec(&manifest).unwrap();
+        let scratch = self.dir.path().join("manifest");
+        std::fs::write(&scratch, &bytes).unwrap();
+        let sum = Command::new("sha256sum").arg(&scratch).output().unwrap();
+        let hex = String::from_utf8(sum.stdout).unwrap().split_whitespace().next().unwrap().to_string();
+        std::fs::create_dir_all(blob(&hex).parent().unwrap()).unwrap();
+        std::fs::write(blob(&hex), &bytes).unwrap();
+        let revision = manifests.join("revisions/sha256").join(&hex).join("link");
+        std::fs::create_dir_all(revision.parent().unwrap()).unwrap();
+        std::fs::write(revision, format!("sha256:{hex}")).unwrap();
+        std::fs::write(current, format!("sha256:{hex}")).unwrap();
+    }
+
     /// The blob files in the registry's storage, largest first.
     fn blobs(&self) -> Vec<PathBuf> {
         let mut found = Vec::new();
@@ -181,6 +205,15 @@ fn small_closure() -> String {
     item.file_name().unwrap().to_string_lossy().into_owned()
 }
 
+/// Pushes `item` again after its manifest was rewritten: its tag removed first, so the
+/// push does not find it there.
+fn push_again(registry: &Registry, item: &str, to: &str, key: &Path) {
+    let tag = item.split('-').next().unwrap();
+    let tags = registry.dir.path().join("data/docker/registry/v2/repositories/team/vmstore/_manifests/tags");
+    std::fs::remove_dir_all(tags.join(tag)).unwrap();
+    push(item, to, key).expect_code(0);
+}
+
 fn push(item: &str, to: &str, key: &Path) -> Run {
     xtask(&["store", "push", item, "--to", to, "--key", key.to_str().unwrap()])
 }
@@ -206,7 +239,10 @@ fn the_default_systems_closure_is_pushed_pulled_into_an_empty_store_and_boots() 
     assert!(!pulled.stderr.contains("fetching Debian package"), "something was fetched, not pulled: {pulled:#?}");
     let report: serde_json::Value = serde_json::from_str(&pulled.stdout).unwrap();
     let how = report["how"].as_array().unwrap();
-    let image = first["item"].as_str().unwrap();
+    let file_name = |report: &serde_json::Value| {
+        Path::new(report["item"].as_str().unwrap()).file_name().unwrap().to_string_lossy().into_owned()
+    };
+    let image = file_name(&first);
     assert!(
         how.iter().any(|h| h[0] == image && h[1] == "substituted"),
         "the image `{image}` was not a substitute: {pulled:#?}"
@@ -223,7 +259,7 @@ fn the_default_systems_closure_is_pushed_pulled_into_an_empty_store_and_boots() 
     second.expect_code(0);
     let second: serde_json::Value = serde_json::from_str(&second.stdout).unwrap();
     assert_eq!(second["outcome"], "hit", "{second:#}");
-    assert_eq!(second["item"], first["item"]);
+    assert_eq!(file_name(&second), image);
     let (a, b) = (second["path"].as_str().unwrap(), first["path"].as_str().unwrap());
     assert_ne!(a, b);
     assert!(std::fs::read(a).unwrap() == std::fs::read(b).unwrap(), "the pulled image differs from the pushed one");
@@ -263,6 +299,52 @@ fn unknown_keys_wrong_signatures_and_tampered_blobs_are_refused_and_built_locall
     assert_eq!(refused.code, 1, "{refused:#?}");
     assert!(refused.stderr.contains("wrongly signed"), "{refused:#?}");
     assert!(store.items().is_empty());
+
+    // The signature taken out of the manifest: unsigned.
+    let tag = item.split('-').next().unwrap();
+    registry.rewrite_manifest("team/vmstore", tag, |m| {
+        m["annotations"].as_object_mut().unwrap().remove("org.vmstore.signature").expect("a signature");
+    });
+    let store = Store::new(&[&public], "");
+    let refused = store.run(&["store", "pull", &item, "--from", &to], "");
+    assert_eq!(refused.code, 1, "{refused:#?}");
+    assert!(refused.stderr.contains("unsigned"), "{refused:#?}");
+    assert!(store.items().is_empty());
+    let built = store.run(&["store", "registry-program"], &to);
+    built.expect_code(0);
+    assert!(built.stderr.contains("refused: unsigned") && built.stderr.contains("building it here"), "{built:#?}");
+    store.assert_sound();
+    // Another item's signature and content hash under this item's tag: wrongly signed.
+    let other_tag = {
+        let shared = store_dir().join("items");
+        let deps: Vec<String> = std::fs::read_dir(&shared)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.contains("-libc6-") && !n.ends_with("-alternatives"))
+            .collect();
+        deps[0].split('-').next().unwrap().to_string()
+    };
+    let other = {
+        let v2 = registry.dir.path().join("data/docker/registry/v2/repositories/team/vmstore/_manifests/tags");
+        let digest = std::fs::read_to_string(v2.join(&other_tag).join("current/link")).unwrap();
+        let hex = digest.trim().strip_prefix("sha256:").unwrap().to_string();
+        let blob =
+            registry.dir.path().join("data/docker/registry/v2/blobs/sha256").join(&hex[..2]).join(&hex).join("data");
+        serde_json::from_slice::<serde_json::Value>(&std::fs::read(blob).unwrap()).unwrap()
+    };
+    registry.rewrite_manifest("team/vmstore", tag, |m| {
+        for key in ["org.vmstore.signature", "org.vmstore.content-sha256"] {
+            m["annotations"][key] = other["annotations"][key].clone();
+        }
+    });
+    let store = Store::new(&[&public], "");
+    let refused = store.run(&["store", "pull", &item, "--from", &to], "");
+    assert_eq!(refused.code, 1, "{refused:#?}");
+    assert!(refused.stderr.contains("wrongly signed"), "{refused:#?}");
+    assert!(!store.items().contains(&item));
+    store.assert_sound();
+    push_again(&registry, &item, &to, &key);
 
     // The right key, then a blob changed in the registry's storage.
     let store = Store::new(&[&public], "");
