@@ -368,11 +368,7 @@ impl Store {
     /// The present item called `file_name` (`<hash>-<name>`), if there is one.
     pub fn lookup(&self, file_name: &str) -> Option<Item> {
         let item = self.parse_entry(file_name)?;
-        let present = self.is_present(&item);
-        if present {
-            self.record(&item, "hit");
-        }
-        present.then_some(item)
+        self.is_present(&item).then_some(item)
     }
 
     fn meta_path(&self, item: &Item) -> PathBuf {
@@ -381,7 +377,11 @@ impl Store {
 
     /// Whether the item is complete: its content and its `.meta` are both in place.
     pub fn is_present(&self, item: &Item) -> bool {
-        fs::symlink_metadata(&item.path).is_ok() && self.meta_path(item).is_file()
+        let present = fs::symlink_metadata(&item.path).is_ok() && self.meta_path(item).is_file();
+        if present {
+            self.record(item, "hit");
+        }
+        present
     }
 
     /// Reads an item's recorded metadata.
@@ -441,20 +441,18 @@ impl Store {
         let item = self.item_for(recipe);
         if self.is_present(&item) {
             self.say("hit", &item);
-            self.record(&item, "hit");
             return Ok((item, Outcome::Hit));
         }
         let _lock = self.lock(&item)?;
         if self.is_present(&item) {
             self.say("hit", &item);
-            self.record(&item, "hit");
             return Ok((item, Outcome::Hit));
         }
         self.clear_leftovers(&item)?;
         let tmp = self.tmp_dir().join(format!("{}.{}", item.file_name(), std::process::id()));
-        if crate::substitute::substitute(self, recipe, &item, &tmp) {
+        if let Some(bytes) = crate::substitute::substitute(self, recipe, &item, &tmp) {
             self.say("substituted", &item);
-            self.record(&item, "substituted");
+            self.record(&item, &format!("substituted {bytes}"));
             return Ok((item, Outcome::Substituted));
         }
         if self.explain {
@@ -538,8 +536,8 @@ impl Store {
     }
 
     /// With `XTASK_RECORD_ITEMS=FILE`, appends each item this process finds or makes to
-    /// FILE, a line `hit|built|substituted FILE_NAME` each (what `store push --system`
-    /// pushes, and `store pull --system` reports).
+    /// FILE, a line `hit|built FILE_NAME` or `substituted BYTES FILE_NAME` each (what
+    /// `store push --system` pushes, `store pull --system` reports and the bench counts).
     fn record(&self, item: &Item, how: &str) {
         if let Some(file) = std::env::var_os(RECORD_ENV) {
             let line = format!("{how} {}\n", item.file_name());

@@ -517,9 +517,9 @@ fn substitutes() -> Option<&'static Mutex<Substitutes>> {
 /// Called by the store, with the item's lock held, before it builds `item`: looks it up
 /// in the configured registries and commits it at `tmp` when one has it, signed by a
 /// trusted key, with the content the signature names. Any failure is a warning (then the
-/// item is built here); `true` when the item is now in the store.
-pub fn substitute(store: &Store, recipe: &Recipe, item: &Item, tmp: &Path) -> bool {
-    let Some(state) = substitutes() else { return false };
+/// item is built here); the bytes received when the item is now in the store.
+pub fn substitute(store: &Store, recipe: &Recipe, item: &Item, tmp: &Path) -> Option<u64> {
+    let state = substitutes()?;
     let mut state = state.lock().unwrap_or_else(|e| e.into_inner());
     let timeout = state.config.timeout.unwrap_or(DEFAULT_TIMEOUT);
     let file_name = item.file_name();
@@ -535,7 +535,7 @@ pub fn substitute(store: &Store, recipe: &Recipe, item: &Item, tmp: &Path) -> bo
                 Ok(h) => state.helper = Some(h),
                 Err(e) => {
                     warn(&format!("{e:#}"));
-                    return false;
+                    return None;
                 }
             }
         }
@@ -582,20 +582,22 @@ pub fn substitute(store: &Store, recipe: &Recipe, item: &Item, tmp: &Path) -> bo
             }
         };
         let _step = crate::progress::step(&format!("fetching `{}` from `{registry}`", item.name));
+        let mut bytes = 0;
         let filled = store.fill_verified(recipe, item, tmp, &content, |tmp| {
             let answer = fetch_into(store, helper, &registry, &file_name, &trusted, timeout, tmp)?;
             if !answer.ok {
                 bail!("{}", answer.says());
             }
             checked_meta(&file_name, &answer)?;
+            bytes = answer.bytes;
             Ok(())
         });
         match filled {
-            Ok(()) => return true,
+            Ok(()) => return Some(bytes),
             Err(e) => warn(&format!("{e:#}")),
         }
     }
-    false
+    None
 }
 
 #[cfg(test)]

@@ -2,6 +2,8 @@
 //! (a bare QEMU boot, `true`, ...) and prints ratios, so figures from a noisy, shared
 //! machine still compare. Writes `target/bench/latest.json`.
 
+mod substitutes;
+
 use fs_err as fs;
 use std::io::BufWriter;
 use std::path::{Path, PathBuf};
@@ -46,6 +48,12 @@ pub struct Figure {
     /// For the scaling figures: closure MiB per second of image building.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub mib_per_s: Option<f64>,
+    /// For `substitutes`: bytes received from the registry (ours) and `.deb` bytes
+    /// fetched from Debian's archive (the floor).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ours_bytes: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub floor_bytes: Option<u64>,
 }
 
 /// What `target/bench/latest.json` holds.
@@ -307,6 +315,21 @@ impl Bench {
             ));
         }
 
+        // substitutes: a cold start from a registry against the same built here.
+        let m = substitutes::measure(ws, &store, &xtask, &system.name, accel.name())?;
+        figures.push(Figure {
+            ours_bytes: Some(m.pulled_bytes),
+            floor_bytes: Some(m.built_bytes),
+            ..figure(
+                "substitutes",
+                m.pulled_s,
+                m.built_s,
+                accel,
+                "xtask run-vm -- true, cold, every item from a registry",
+                "the same, built here (kernel fetched and unpacked, initrd, helper)",
+            )
+        });
+
         // The table is the result, unless the JSON document is.
         let json = self.json;
         let say = |line: String| if json { eprintln!("{line}") } else { println!("{line}") };
@@ -314,6 +337,14 @@ impl Bench {
             say(format!(
                 "{:<20} ours {:>8.3}s  floor {:>8.3}s  ratio {:>6.2}  [{}]",
                 f.name, f.ours_s, f.floor_s, f.ratio, f.accel
+            ));
+        }
+        for f in figures.iter().filter(|f| f.ours_bytes.is_some()) {
+            say(format!(
+                "{}: {} bytes received from the registry, {} bytes of .debs fetched to build",
+                f.name,
+                f.ours_bytes.unwrap_or(0),
+                f.floor_bytes.unwrap_or(0)
             ));
         }
         for (mib, rate, _) in &rates {
@@ -358,6 +389,8 @@ fn figure(name: &str, ours: f64, floor: f64, accel: Accel, what: &str, floor_wha
         ours: what.into(),
         floor: floor_what.into(),
         mib_per_s: None,
+        ours_bytes: None,
+        floor_bytes: None,
     }
 }
 

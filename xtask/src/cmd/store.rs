@@ -277,7 +277,7 @@ fn keygen(ws: &Workspace, name: &str, out: &Path) -> Result<i32> {
 /// them (`run-vm --script`, which boots nothing) with the store recording what they
 /// find or make, with `substitutes` as the only substitutes; each with how it came
 /// (`hit`, `built`, `substituted`).
-fn system_items(store: &Store, system: &str, substitutes: &str) -> Result<Vec<(String, crate::store::Item)>> {
+pub fn system_items(store: &Store, system: &str, substitutes: &str) -> Result<Vec<(String, crate::store::Item)>> {
     super::lookup_system(system)?;
     let scratch = store.scratch("record")?;
     let record = scratch.path().join("items");
@@ -299,7 +299,8 @@ fn system_items(store: &Store, system: &str, substitutes: &str) -> Result<Vec<(S
     let text = fs_err::read_to_string(&record).unwrap_or_default();
     let mut items: Vec<(String, crate::store::Item)> = Vec::new();
     for line in text.lines() {
-        let (how, name) = line.split_once(' ').context("a recorded line")?;
+        let how = line.split(' ').next().unwrap_or_default();
+        let name = line.rsplit(' ').next().unwrap_or_default();
         // run-vm.sh holds this checkout's paths: of no use anywhere else.
         let item = store.lookup(name).with_context(|| format!("`{name}` was used but is not in the store"))?;
         if !items.iter().any(|(_, i)| *i == item) && !item.name.starts_with("run-vm-") {
