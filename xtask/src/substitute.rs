@@ -534,7 +534,9 @@ pub fn substitute(store: &Store, recipe: &Recipe, item: &Item, tmp: &Path) -> Op
             match Helper::start(&Workspace::current()) {
                 Ok(h) => state.helper = Some(h),
                 Err(e) => {
+                    // Said once: without the client no registry can be asked.
                     warn(&format!("{e:#}"));
+                    state.down = state.config.substitutes.clone();
                     return None;
                 }
             }

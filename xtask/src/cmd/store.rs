@@ -299,8 +299,8 @@ pub fn system_items(store: &Store, system: &str, substitutes: &str) -> Result<Ve
     let text = fs_err::read_to_string(&record).unwrap_or_default();
     let mut items: Vec<(String, crate::store::Item)> = Vec::new();
     for line in text.lines() {
-        let how = line.split(' ').next().unwrap_or_default();
-        let name = line.rsplit(' ').next().unwrap_or_default();
+        // `hit NAME`, `built NAME`, `substituted BYTES NAME`: how is all but the name.
+        let (how, name) = line.rsplit_once(' ').context("a recorded line")?;
         // run-vm.sh holds this checkout's paths: of no use anywhere else.
         let item = store.lookup(name).with_context(|| format!("`{name}` was used but is not in the store"))?;
         if !items.iter().any(|(_, i)| *i == item) && !item.name.starts_with("run-vm-") {
@@ -373,12 +373,16 @@ fn pull(
     if let Some(system) = system {
         let used = system_items(&store, &system, from)?;
         for (came, _) in &used {
-            match came.as_str() {
-                "substituted" => moved.items += 1,
+            match came.split_once(' ') {
+                Some(("substituted", bytes)) => {
+                    moved.items += 1;
+                    moved.bytes += bytes.parse::<u64>().unwrap_or(0);
+                }
                 _ => moved.present += 1,
             }
         }
-        how = Some(used.into_iter().map(|(came, item)| (item.file_name(), came)).collect());
+        let word = |came: String| came.split(' ').next().unwrap_or_default().to_string();
+        how = Some(used.into_iter().map(|(came, item)| (item.file_name(), word(came))).collect());
     } else {
         let mut helper = substitute::Helper::start(ws)?;
         for name in items {
