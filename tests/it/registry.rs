@@ -497,6 +497,8 @@ fn bad_registry_references_keys_and_names_are_usage_errors() {
         assert_eq!(run.code, 2, "{bad:?}: {run:#?}");
         assert!(run.stderr.contains(&bad.escape_debug().to_string()), "{bad:?}: {run:#?}");
     }
+    let run = xtask(&["store", "push", "--all", "--to", "127.0.0.1:1/a", "--key", key]);
+    assert_eq!(run.code, 2, "a key file that holds no key: {run:#?}");
     let missing = keys.path().join("missing.key");
     let run = xtask(&["store", "push", "--all", "--to", "127.0.0.1:1/a", "--key", missing.to_str().unwrap()]);
     assert_eq!(run.code, 2, "{run:#?}");

@@ -332,6 +332,11 @@ fn push(
     if !key.is_file() {
         return Err(usage_error(format!("the signing key `{}` is not a file", key.display())));
     }
+    // The same form as a public key: NAME and 32 bytes of base64.
+    let text = fs_err::read_to_string(&key).unwrap_or_default();
+    if substitute::check_public_key(text.trim()).is_err() {
+        return Err(usage_error(format!("`{}` is not a signing key made by `store keygen`", key.display())));
+    }
     let store = Store::open(&ws.store_dir, false)?;
     let roots = match what {
         What::Item(name) => vec![store.lookup(&name).ok_or_else(|| {
