@@ -8,7 +8,8 @@
 //! renamed into place, then the `.meta` is written the same way; an item counts as
 //! present only when both exist. A `flock` per item makes concurrent runs build it once.
 //! Leftovers of a killed run are removed by the next run that takes the item's lock, and
-//! are never served.
+//! are never served. With registries configured, a missing item is first looked up as a
+//! substitute ([`crate::substitute`]), committed the same way once verified.
 
 mod fd;
 pub mod ingest;
