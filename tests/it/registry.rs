@@ -346,6 +346,21 @@ fn unknown_keys_wrong_signatures_and_tampered_blobs_are_refused_and_built_locall
     store.assert_sound();
     push_again(&registry, &item, &to, &key);
 
+    // Another item's layer (whole, matching its digest) under this item's signed
+    // manifest: the content's hash is not the signed one.
+    registry.rewrite_manifest("team/vmstore", tag, |m| m["layers"] = other["layers"].clone());
+    let store = Store::new(&[&public], "");
+    let refused = store.run(&["store", "pull", &item, "--from", &to], "");
+    assert_eq!(refused.code, 1, "{refused:#?}");
+    assert!(refused.stderr.contains(&format!("the content of `{}` was altered", &item[33..])), "{refused:#?}");
+    assert!(!store.items().contains(&item), "{:?}", store.items());
+    store.assert_sound();
+    let built = store.run(&["store", "registry-program"], &to);
+    built.expect_code(0);
+    assert!(built.stderr.contains("was altered") && built.stderr.contains("building it here"), "{built:#?}");
+    store.assert_sound();
+    push_again(&registry, &item, &to, &key);
+
     // The right key, then a blob changed in the registry's storage.
     let store = Store::new(&[&public], "");
     store.run(&["store", "pull", &item, "--from", &to], "").expect_code(0);
