@@ -224,12 +224,19 @@ fn the_default_systems_closure_is_pushed_pulled_into_an_empty_store_and_boots() 
     let keys = tempfile::tempdir().unwrap();
     let (key, public) = keygen(keys.path(), "team-ci");
     let to = registry.repo("team/vmstore");
-    let pushed =
-        xtask(&["store", "push", "--system", "minimal", "--to", &to, "--key", key.to_str().unwrap(), "--json"]);
+    // The first store: the shared one's items, hard-linked (other tests remove and
+    // rebuild images in the shared store meanwhile).
+    let source = tempfile::tempdir_in(store_dir().parent().unwrap()).unwrap();
+    vm_tests::copy_items(source.path(), true, |_| true);
+    let env = [("XTASK_VMSTORE", source.path().as_os_str())];
+    let pushed = xtask_env(
+        &["store", "push", "--system", "minimal", "--to", &to, "--key", key.to_str().unwrap(), "--json"],
+        &env,
+    );
     pushed.expect_code(0);
     let report: serde_json::Value = serde_json::from_str(&pushed.stdout).unwrap();
     assert!(report["items"].as_u64().unwrap() >= 5, "{pushed:#?}");
-    let first = xtask(&["vm-image", "--json"]);
+    let first = xtask_env(&["vm-image", "--json"], &env);
     first.expect_code(0);
     let first: serde_json::Value = serde_json::from_str(&first.stdout).unwrap();
 
@@ -487,6 +494,9 @@ fn a_registry_with_basic_auth_takes_pushes_and_pulls_only_with_credentials() {
     let right = env(&with("secret"));
     let right: Vec<(&str, &std::ffi::OsStr)> = right.iter().map(|(k, v)| (*k, v.as_os_str())).collect();
     xtask_env(&args, &right).expect_code(0);
+    let again = xtask_env(&args, &right);
+    again.expect_code(0);
+    assert!(again.stdout.starts_with("pushed 0 items (0 bytes), 3 already there"), "{again:#?}");
 
     let store = Store::new(&[&public], "");
     let conf = store.dir.path().join("vmstore.conf");
