@@ -135,6 +135,9 @@ struct Answer {
     /// Pull: the trusted key that signed it.
     #[serde(skip_serializing_if = "Option::is_none")]
     key: Option<String>,
+    /// Pull: the size of the layer, as the manifest says.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    layer_bytes: Option<u64>,
 }
 
 #[derive(Debug)]
@@ -310,7 +313,15 @@ async fn pull(at: &At, item: &str, trusted: &[String], dir: Option<PathBuf>, max
         tarball::unpack(&file, &dir.join("item"), max_bytes).map_err(|e| altered(format!("unpacking: {e:#}")))?;
         let _ = std::fs::remove_file(&file);
     }
-    Ok(Answer { meta: Some(meta), content_sha256: Some(content), key: Some(key), bytes, ..Answer::default() })
+    let layer_bytes = Some(manifest.layers[0].size.max(0) as u64);
+    Ok(Answer {
+        meta: Some(meta),
+        content_sha256: Some(content),
+        key: Some(key),
+        bytes,
+        layer_bytes,
+        ..Answer::default()
+    })
 }
 
 /// Downloads a blob (into memory, or into `file`), at most `max` bytes, checking its

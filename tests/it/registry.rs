@@ -389,9 +389,21 @@ fn unknown_keys_wrong_signatures_and_tampered_blobs_are_refused_and_built_locall
     store.assert_sound();
 }
 
-/// A TCP proxy to `port` that stops (closing every connection and no longer
-/// accepting) once `limit` bytes came back from the registry.
+/// What a proxy does once `limit` bytes came back from the registry.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Then {
+    /// Closes every connection and accepts no more.
+    Stop,
+    /// Goes on at 256 bytes a second.
+    Trickle,
+}
+
+/// A TCP proxy to `port` that does `then` once `limit` bytes came back from it.
 fn cutting_proxy(port: u16, limit: u64) -> u16 {
+    slow_proxy(port, limit, Then::Stop)
+}
+
+fn slow_proxy(port: u16, limit: u64, then: Then) -> u16 {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let proxy = listener.local_addr().unwrap().port();
     let sent = Arc::new(AtomicU64::new(0));
@@ -416,11 +428,20 @@ fn cutting_proxy(port: u16, limit: u64) -> u16 {
                         Ok(0) | Err(_) => break,
                         Ok(n) => n,
                     };
-                    if sent.fetch_add(n as u64, Ordering::SeqCst) + n as u64 > limit {
+                    let over = sent.fetch_add(n as u64, Ordering::SeqCst) + n as u64 > limit;
+                    if over && then == Then::Stop {
                         stopped.store(true, Ordering::SeqCst);
                         break;
                     }
-                    if c_out.write_all(&buf[..n]).is_err() {
+                    let pieces: Vec<&[u8]> = if over { buf[..n].chunks(256).collect() } else { vec![&buf[..n]] };
+                    let mut written = true;
+                    for piece in pieces {
+                        if over {
+                            std::thread::sleep(Duration::from_secs(1));
+                        }
+                        written = written && c_out.write_all(piece).is_ok();
+                    }
+                    if !written {
                         break;
                     }
                 }
@@ -470,6 +491,22 @@ fn a_registry_that_stops_mid_pull_or_hangs_leaves_nothing_half_written_and_fails
     assert!(started.elapsed() < Duration::from_secs(120), "{:?}", started.elapsed());
     store.assert_sound();
     drop(silent);
+
+    // One that trickles (256 bytes a second, never idle for the timeout): given up on
+    // within its deadline (three timeouts and a second per MiB of the layer).
+    let trickle = slow_proxy(registry.port, 64 << 10, Then::Trickle);
+    let store = Store::new(&[&public], "timeout 2\n");
+    let started = std::time::Instant::now();
+    let mut cmd = Command::new(vm_tests::xtask_bin());
+    cmd.args(["store", "registry-program"])
+        .env("XTASK_VMSTORE", store.root())
+        .env("XTASK_STORE_CONFIG", store.dir.path().join("vmstore.conf"))
+        .env("XTASK_SUBSTITUTES", format!("127.0.0.1:{trickle}/team/vmstore"));
+    let built = vm_tests::output_within(cmd, 120);
+    built.expect_code(0);
+    assert!(built.stderr.contains("no answer within") && built.stderr.contains("building it here"), "{built:#?}");
+    assert!(started.elapsed() < Duration::from_secs(90), "{:?}", started.elapsed());
+    store.assert_sound();
 }
 
 #[test]

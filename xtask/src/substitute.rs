@@ -194,6 +194,7 @@ pub struct Answer {
     pub meta: Option<String>,
     pub content_sha256: Option<String>,
     pub key: Option<String>,
+    pub layer_bytes: Option<u64>,
 }
 
 impl Answer {
@@ -369,6 +370,10 @@ pub fn push(ws: &Workspace, store: &Store, registry: &Registry, items: &[Item], 
     Ok(moved)
 }
 
+/// The slowest transfer a substitute may take: a registry slower than this is given up
+/// on (and the item built here).
+const MIN_BYTES_PER_S: u64 = 1 << 20;
+
 /// A verified `.meta` from a registry: it names `file_name` (its recipe's hash and name)
 /// and records the content sha256 that was signed.
 fn checked_meta(file_name: &str, answer: &Answer) -> Result<(Recipe, String)> {
@@ -398,6 +403,18 @@ fn fetch_into(
     timeout: Duration,
     tmp: &Path,
 ) -> Result<Answer> {
+    fetch_within(store, helper, (registry, file_name, trusted), timeout, None, tmp)
+}
+
+/// [`fetch_into`], the whole answer awaited at most `deadline`.
+fn fetch_within(
+    store: &Store,
+    helper: &mut Helper,
+    (registry, file_name, trusted): (&Registry, &str, &[String]),
+    timeout: Duration,
+    deadline: Option<Duration>,
+    tmp: &Path,
+) -> Result<Answer> {
     let scratch = store.scratch("pull")?;
     let hash = file_name.split('-').next().unwrap_or_default();
     let request = with(
@@ -410,7 +427,7 @@ fn fetch_into(
             "max_bytes": MAX_ITEM_BYTES,
         }),
     );
-    let answer = helper.call(&request, None)?;
+    let answer = helper.call(&request, deadline)?;
     if !answer.ok {
         return Ok(answer);
     }
@@ -585,8 +602,11 @@ pub fn substitute(store: &Store, recipe: &Recipe, item: &Item, tmp: &Path) -> Op
         };
         let _step = crate::progress::step(&format!("fetching `{}` from `{registry}`", item.name));
         let mut bytes = 0;
+        // However slowly a registry sends, the build goes on here after this long.
+        let deadline = timeout * 3 + Duration::from_secs(answer.layer_bytes.unwrap_or(0) / MIN_BYTES_PER_S);
         let filled = store.fill_verified(recipe, item, tmp, &content, |tmp| {
-            let answer = fetch_into(store, helper, &registry, &file_name, &trusted, timeout, tmp)?;
+            let at = (&registry, file_name.as_str(), trusted.as_slice());
+            let answer = fetch_within(store, helper, at, timeout, Some(deadline), tmp)?;
             if !answer.ok {
                 bail!("{}", answer.says());
             }
@@ -596,7 +616,14 @@ pub fn substitute(store: &Store, recipe: &Recipe, item: &Item, tmp: &Path) -> Op
         });
         match filled {
             Ok(()) => return Some(bytes),
-            Err(e) => warn(&format!("{e:#}")),
+            Err(e) => {
+                warn(&format!("{e:#}"));
+                // A helper given up on mid-transfer was killed: start another next time.
+                if format!("{e:#}").contains("no answer within") {
+                    state.helper = None;
+                    state.down.push(registry.clone());
+                }
+            }
         }
     }
     None
