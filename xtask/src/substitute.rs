@@ -342,6 +342,13 @@ pub fn push(ws: &Workspace, store: &Store, registry: &Registry, items: &[Item], 
         let meta = store.meta_bytes(item)?;
         let parsed: Meta =
             serde_json::from_slice(&meta).with_context(|| format!("parsing the record of `{}`", item.name))?;
+        // A signature vouches for the content: what is signed is what is here now.
+        if store::hash_path(&item.path)? != parsed.content_sha256 {
+            bail!(
+                "`{}` does not match its recorded hash (damaged?); `cargo xtask store verify --repair` first",
+                item.file_name()
+            );
+        }
         let request = with(
             at(registry, &item.hash, timeout),
             json!({
