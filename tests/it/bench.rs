@@ -38,6 +38,7 @@ fn quick_bench_prints_and_writes_a_valid_report() {
         "image-build",
         "scaling-64MiB",
         "scaling-256MiB",
+        "substitutes",
     ] {
         assert!(names.contains(&name), "figure {name} missing: {names:?}");
     }
@@ -45,6 +46,9 @@ fn quick_bench_prints_and_writes_a_valid_report() {
         for key in ["ours_s", "floor_s", "ratio"] {
             let v = f[key].as_f64().unwrap_or(-1.0);
             assert!(v > 0.0 && v.is_finite(), "{key} of {} is {v}", f["name"]);
+        }
+        if f["name"] == "substitutes" {
+            assert!(f["ours_bytes"].as_u64().unwrap_or(0) > 0 && f["floor_bytes"].as_u64().unwrap_or(0) > 0, "{f}");
         }
         if f["name"].as_str().unwrap().starts_with("scaling-") {
             assert!(f["mib_per_s"].as_f64().unwrap_or(0.0) > 0.0, "{f}");

@@ -13,6 +13,7 @@ mod json;
 mod limits;
 mod lock;
 mod progress;
+mod registry;
 mod run_vm;
 mod scenario;
 mod store;

@@ -10,8 +10,10 @@ pub mod lower;
 pub mod process;
 pub mod programs;
 pub mod progress;
+pub mod registry_server;
 pub mod report;
 pub mod store;
+pub mod substitute;
 pub mod vm;
 
 use std::path::{Path, PathBuf};

@@ -313,6 +313,7 @@ pub fn locked_systems() -> impl Iterator<Item = os_configs::System> {
 pub fn wanted() -> Vec<String> {
     let mut names: Vec<String> = crate::image::tools::PACKAGES.iter().map(|p| p.to_string()).collect();
     names.push(crate::vm::qemu_program::PACKAGE.to_string());
+    names.push(crate::registry_server::PACKAGE.to_string());
     for system in locked_systems() {
         if let os_configs::Kernel::Debian { package } = &system.kernel {
             names.push(package.clone());

@@ -66,7 +66,17 @@ pub const PROGRAMS: &[Program] = &[
         "every VM when the host has no QEMU and xtask is not root, or with `--qemu store` (with its closure \
             and firmware)",
     ),
-    Program { name: "xtask", source: Source::Built, used_for: "bench: the subcommands measured" },
+    store("docker-registry", "docker-registry", "a local OCI registry (`store registry-program`; the tests)"),
+    Program {
+        name: "xtask",
+        source: Source::Built,
+        used_for: "bench: the subcommands measured; `store push --system`",
+    },
+    Program {
+        name: "xtask-registry",
+        source: Source::Built,
+        used_for: "the OCI registry client of `store push`/`pull` and substitutes (built from the workspace)",
+    },
 ];
 
 /// The declaration of `name` (a name, or an absolute path whose file name is declared

@@ -44,6 +44,7 @@ impl ItemReport {
             outcome: match outcome {
                 Outcome::Hit => "hit",
                 Outcome::Built => "built",
+                Outcome::Substituted => "substituted",
             },
             wall_s: started.elapsed().as_secs_f64(),
         })

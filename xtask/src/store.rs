@@ -8,7 +8,8 @@
 //! renamed into place, then the `.meta` is written the same way; an item counts as
 //! present only when both exist. A `flock` per item makes concurrent runs build it once.
 //! Leftovers of a killed run are removed by the next run that takes the item's lock, and
-//! are never served.
+//! are never served. With registries configured, a missing item is first looked up as a
+//! substitute ([`crate::substitute`]), committed the same way once verified.
 
 mod fd;
 pub mod ingest;
@@ -162,6 +163,8 @@ pub struct Problem {
 pub enum Outcome {
     Hit,
     Built,
+    /// Fetched from a registry ([`crate::substitute`]) instead of built.
+    Substituted,
 }
 
 /// The store directory and its conventions.
@@ -180,6 +183,9 @@ const METAS: &str = "meta";
 const BOOKKEEPING: [&str; 6] = [METAS, ".tmp", ".locks", ".cache", ".layout", ".pins"];
 /// What [`Store::open`] writes to `.layout`; an older store has none.
 const LAYOUT: &str = "2: items/ holds only items; bookkeeping beside it\n";
+
+/// Where the items a process finds or makes are recorded (see [`Store::record`]).
+pub const RECORD_ENV: &str = "XTASK_RECORD_ITEMS";
 
 /// Test-only fault injection: `XTASK_FAULT_COMMIT=N` aborts the process at step N of
 /// committing an item (see [`Store::commit`]), to prove that a crash at any point
@@ -212,6 +218,11 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
         let _ = fs::remove_file(&tmp);
     }
     written.with_context(|| format!("writing `{}`", path.display()))
+}
+
+/// `path`'s directory and last component (it must have both).
+pub fn split_path(path: &Path) -> Result<(&Path, &std::ffi::OsStr)> {
+    fd::split(path).with_context(|| format!("splitting `{}`", path.display()))
 }
 
 /// The tmpfs for [`Store::memory_scratch`].
@@ -369,7 +380,11 @@ impl Store {
 
     /// Whether the item is complete: its content and its `.meta` are both in place.
     pub fn is_present(&self, item: &Item) -> bool {
-        fs::symlink_metadata(&item.path).is_ok() && self.meta_path(item).is_file()
+        let present = fs::symlink_metadata(&item.path).is_ok() && self.meta_path(item).is_file();
+        if present {
+            self.record(item, "hit");
+        }
+        present
     }
 
     /// Reads an item's recorded metadata.
@@ -438,18 +453,103 @@ impl Store {
         }
         self.clear_leftovers(&item)?;
         let tmp = self.tmp_dir().join(format!("{}.{}", item.file_name(), std::process::id()));
+        if let Some(bytes) = crate::substitute::substitute(self, recipe, &item, &tmp) {
+            self.say("substituted", &item);
+            self.record(&item, &format!("substituted {bytes}"));
+            return Ok((item, Outcome::Substituted));
+        }
         if self.explain {
             eprintln!("store: building {} ({})", item.file_name(), self.why(recipe, &item));
         }
         let built = build(&tmp)
             .with_context(|| format!("building store item `{}`", item.name))
-            .and_then(|()| self.commit(recipe, &item, &tmp));
+            .and_then(|()| self.commit(recipe, &item, &tmp, None));
         if let Err(err) = built {
             remove_tree(&tmp).ok();
             return Err(err);
         }
         self.say("built", &item);
+        self.record(&item, "built");
         Ok((item, Outcome::Built))
+    }
+
+    /// Puts an item made elsewhere into the store: `fill` gets a path that does not exist
+    /// and must create the item's content there, which is committed as a build is, but
+    /// only if its content hash is `content_sha256`; otherwise nothing is stored. Under
+    /// the item's lock; a present item is a hit and `fill` is not called. No substitute
+    /// is looked up.
+    pub fn insert_verified(
+        &self,
+        recipe: &Recipe,
+        content_sha256: &str,
+        fill: impl FnOnce(&Path) -> Result<()>,
+    ) -> Result<(Item, Outcome)> {
+        let item = self.item_for(recipe);
+        let _lock = self.lock(&item)?;
+        if self.is_present(&item) {
+            return Ok((item, Outcome::Hit));
+        }
+        self.clear_leftovers(&item)?;
+        let tmp = self.tmp_dir().join(format!("{}.{}", item.file_name(), std::process::id()));
+        self.fill_verified(recipe, &item, &tmp, content_sha256, fill)?;
+        Ok((item, Outcome::Built))
+    }
+
+    /// With the item's lock held and its leftovers cleared: [`Store::insert_verified`].
+    pub(crate) fn fill_verified(
+        &self,
+        recipe: &Recipe,
+        item: &Item,
+        tmp: &Path,
+        content_sha256: &str,
+        fill: impl FnOnce(&Path) -> Result<()>,
+    ) -> Result<()> {
+        let done = fill(tmp).and_then(|()| self.commit(recipe, item, tmp, Some(content_sha256)));
+        if let Err(err) = done {
+            remove_tree(tmp).ok();
+            return Err(err);
+        }
+        Ok(())
+    }
+
+    /// The recipe an item's `.meta` records (its hash names the item).
+    pub fn recipe_of(meta: &Meta) -> Recipe {
+        Recipe {
+            kind: meta.kind.clone(),
+            name: meta.name.clone(),
+            params: meta.params.clone(),
+            inputs: meta.inputs.clone(),
+        }
+    }
+
+    /// The file names of the items a recipe refers to ([`Recipe::reference`]).
+    pub fn references(recipe: &Recipe) -> Vec<String> {
+        recipe
+            .inputs
+            .iter()
+            .filter(|(label, _)| label == REFERENCE)
+            .map(|(_, v)| v.strip_prefix("item:").unwrap_or(v).to_string())
+            .collect()
+    }
+
+    /// The `.meta` of an item, as stored (the bytes a pushed item's signature covers).
+    pub fn meta_bytes(&self, item: &Item) -> Result<Vec<u8>> {
+        let path = self.meta_path(item);
+        fs::read(&path).with_context(|| format!("reading `{}`", path.display()))
+    }
+
+    /// With `XTASK_RECORD_ITEMS=FILE`, appends each item this process finds or makes to
+    /// FILE, a line `hit|built FILE_NAME` or `substituted BYTES FILE_NAME` each (what
+    /// `store push --system` pushes, `store pull --system` reports and the bench counts).
+    fn record(&self, item: &Item, how: &str) {
+        if let Some(file) = std::env::var_os(RECORD_ENV) {
+            let line = format!("{how} {}\n", item.file_name());
+            let written =
+                File::options().create(true).append(true).open(&file).and_then(|mut f| f.write_all(line.as_bytes()));
+            if let Err(e) = written {
+                eprintln!("warning: recording `{}` in `{}`: {e}", item.file_name(), Path::new(&file).display());
+            }
+        }
     }
 
     /// Moves a finished build into place: canonical, hashed, flushed to disk, renamed,
@@ -457,7 +557,7 @@ impl Store {
     /// at any step (see [`FAULT_ENV`]) leaves either no item (at most a temporary or an
     /// unrecorded directory, which is never served and is removed by the next build) or
     /// a complete one.
-    fn commit(&self, recipe: &Recipe, item: &Item, tmp: &Path) -> Result<()> {
+    fn commit(&self, recipe: &Recipe, item: &Item, tmp: &Path, expected: Option<&str>) -> Result<()> {
         if fs::symlink_metadata(tmp).is_err() {
             bail!("the build of `{}` produced nothing", item.name);
         }
@@ -466,6 +566,9 @@ impl Store {
         // The disk writes the item back while it is hashed; the flush below waits for less.
         fd::start_writeback(tmp).with_context(|| format!("writing `{}` back", tmp.display()))?;
         let content_sha256 = hash_path(tmp)?;
+        if let Some(expected) = expected.filter(|e| *e != content_sha256) {
+            bail!("the content of `{}` was altered: its sha256 is {content_sha256}, not {expected}", item.name);
+        }
         fault_point(2);
         fd::sync_tree(tmp).with_context(|| format!("flushing `{}` to disk", tmp.display()))?;
         fault_point(3);

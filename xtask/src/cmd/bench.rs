@@ -2,6 +2,8 @@
 //! (a bare QEMU boot, `true`, ...) and prints ratios, so figures from a noisy, shared
 //! machine still compare. Writes `target/bench/latest.json`.
 
+mod substitutes;
+
 use fs_err as fs;
 use std::io::BufWriter;
 use std::path::{Path, PathBuf};
@@ -56,6 +58,8 @@ pub enum Group {
     Scaling,
     /// image-build and (not with --quick) image-build-vm.
     ImageBuild,
+    /// substitutes: a cold start from a registry, and the bytes moved.
+    Substitutes,
 }
 
 /// One measured figure.
@@ -77,6 +81,12 @@ pub struct Figure {
     pub steps: Vec<Step>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub floor_steps: Vec<Step>,
+    /// For `substitutes`: bytes received from the registry (ours) and `.deb` bytes
+    /// fetched from Debian's archive (the floor).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ours_bytes: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub floor_bytes: Option<u64>,
 }
 
 /// One step of a profiled figure.
@@ -174,6 +184,9 @@ impl Bench {
         if wanted(Group::ImageBuild) {
             figures.extend(b.image_build(&closure)?);
         }
+        if wanted(Group::Substitutes) {
+            figures.push(b.substitutes(&system.name)?);
+        }
 
         let machine = machine_description();
         let report = Report { accel: accel.name().into(), runs, machine, figures, snapshot, only: self.only.clone() };
@@ -198,6 +211,14 @@ impl Bench {
             say(format!(
                 "{:<20} ours {:>8.3}s  floor {:>8.3}s  ratio {:>6.2}  [{}]",
                 f.name, f.ours_s, f.floor_s, f.ratio, f.accel
+            ));
+        }
+        for f in report.figures.iter().filter(|f| f.ours_bytes.is_some()) {
+            say(format!(
+                "{}: {} bytes received from the registry, {} bytes of .debs fetched to build",
+                f.name,
+                f.ours_bytes.unwrap_or(0),
+                f.floor_bytes.unwrap_or(0)
             ));
         }
         if let Some(s) = &report.snapshot {
@@ -534,6 +555,22 @@ impl Bencher<'_> {
         Ok(figures)
     }
 
+    /// substitutes: a cold start from a registry against the same built here.
+    fn substitutes(&self, system: &str) -> Result<Figure> {
+        let m = substitutes::measure(self.ws, self.store, self.xtask, system, self.accel.name())?;
+        Ok(Figure {
+            ours_bytes: Some(m.pulled_bytes),
+            floor_bytes: Some(m.built_bytes),
+            ..self.figure(
+                "substitutes",
+                m.pulled_s,
+                m.built_s,
+                "xtask run-vm -- true, cold, every item from a registry",
+                "the same, built here (kernel fetched and unpacked, initrd, helper)",
+            )
+        })
+    }
+
     fn figure(&self, name: &str, ours: f64, floor: f64, what: &str, floor_what: &str) -> Figure {
         figure(name, ours, floor, self.accel, what, floor_what)
     }
@@ -571,6 +608,8 @@ fn figure(name: &str, ours: f64, floor: f64, accel: Accel, what: &str, floor_wha
         mib_per_s: None,
         steps: Vec::new(),
         floor_steps: Vec::new(),
+        ours_bytes: None,
+        floor_bytes: None,
     }
 }
 

@@ -1,8 +1,15 @@
 //! `cargo xtask store verify [--repair]`: re-hashes every store item against the hash
 //! recorded when it was stored, and reports (or repairs) what does not match.
+//! `store keygen`, `store push` and `store pull`: sharing items through an OCI registry
+//! (see [`crate::substitute`]); `store registry-program`: a local registry from the store.
 
-use anyhow::Result;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
 use serde::Serialize;
+
+use super::usage_error;
+use crate::substitute::{self, Moved, Registry};
 
 use crate::lower::debian::{self, Pin};
 use crate::store::{Meta, Store};
@@ -23,6 +30,75 @@ pub enum StoreCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Make an ed25519 key pair for signing pushed items: FILE (secret, mode 0600) and
+    /// FILE.pub (the `trusted-key` line's value for vmstore.conf).
+    #[command(after_help = "Examples:
+  cargo xtask store keygen --name team-ci --out ~/.config/vmstore/team-ci.key")]
+    Keygen {
+        /// The key's name (letters, digits, `-`, `_`, `.`), recorded in each signature.
+        #[arg(long)]
+        name: String,
+        /// Where to write the secret key; the public key goes to FILE.pub.
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+    },
+    /// Push items, signed, to an OCI registry: one item (by its file name in the store), a
+    /// system's items (what `run-vm --system NAME` and `vm-image --system NAME` use), or
+    /// every item; each with its references, references first.
+    #[command(after_help = "Examples:
+  cargo xtask store push --system minimal --to registry.example.org/team/vmstore --key team-ci.key
+  cargo xtask store push --all --to 127.0.0.1:5000/vmstore")]
+    Push {
+        /// An item's file name (`<hash>-<name>`).
+        #[arg(conflicts_with_all = ["system", "all"], required_unless_present_any = ["system", "all"])]
+        item: Option<String>,
+        #[arg(long, conflicts_with = "all")]
+        system: Option<String>,
+        #[arg(long)]
+        all: bool,
+        /// REGISTRY/REPOSITORY (`http://` for a registry without TLS; loopback hosts use it by default).
+        #[arg(long)]
+        to: String,
+        /// The secret key (default: $XTASK_SIGNING_KEY).
+        #[arg(long, value_name = "FILE")]
+        key: Option<PathBuf>,
+        /// Print one JSON document: items pushed, already there, bytes sent.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Pull items from an OCI registry into the store: items by file name (with their
+    /// references), or a system's items (as substitutes while lowering it as `push
+    /// --system` does). Only items signed by a key trusted in vmstore.conf are taken.
+    #[command(after_help = "Examples:
+  cargo xtask store pull --system minimal --from registry.example.org/team/vmstore")]
+    Pull {
+        /// Items' file names (`<hash>-<name>`).
+        #[arg(required_unless_present = "system", conflicts_with = "system")]
+        items: Vec<String>,
+        #[arg(long)]
+        system: Option<String>,
+        /// REGISTRY/REPOSITORY.
+        #[arg(long)]
+        from: String,
+        /// Print one JSON document: items pulled, already present, bytes received.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the path of Debian's docker-registry from the store (made on first use): a
+    /// local OCI registry (`docker-registry serve CONFIG.yml`).
+    RegistryProgram,
+}
+
+/// What `store push --json` and `store pull --json` print.
+#[derive(Debug, Serialize)]
+pub struct MovedReport {
+    pub registry: String,
+    #[serde(flatten)]
+    pub moved: Moved,
+    /// `pull --system`: each item used, and how it came (`substituted`, `hit`, `built`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub how: Option<Vec<(String, String)>>,
+    pub wall_s: f64,
 }
 
 /// What `store verify --json` prints.
@@ -61,7 +137,28 @@ fn problem_reports(problems: &[crate::store::Problem]) -> Vec<ProblemReport> {
 impl StoreCmd {
     pub fn run(self, ws: &Workspace) -> Result<i32> {
         let started = std::time::Instant::now();
-        let StoreCmd::Verify { repair, json } = self;
+        let (repair, json) = match self {
+            StoreCmd::Verify { repair, json } => (repair, json),
+            StoreCmd::Keygen { name, out } => return keygen(ws, &name, &out),
+            StoreCmd::Push { item, system, all, to, key, json } => {
+                let what = match (item, system) {
+                    (Some(item), _) => What::Item(item),
+                    (None, Some(system)) => What::System(system),
+                    (None, None) => {
+                        debug_assert!(all, "clap requires one of them");
+                        What::All
+                    }
+                };
+                return push(ws, what, &to, key, json, started);
+            }
+            StoreCmd::Pull { items, system, from, json } => return pull(ws, &items, system, &from, json, started),
+            StoreCmd::RegistryProgram => {
+                let store = Store::open(&ws.store_dir, false)?;
+                let item = crate::registry_server::from_store(&store)?;
+                println!("{}", item.path.join("bin/docker-registry").display());
+                return Ok(0);
+            }
+        };
         let store = Store::open(&ws.store_dir, false)?;
         let problems = store.verify()?;
         let mut report = VerifyReport {
@@ -153,4 +250,167 @@ fn rebuild(store: &Store, meta: &Meta) -> Result<bool> {
         }
         _ => Ok(false),
     }
+}
+
+fn registry_arg(text: &str) -> Result<Registry> {
+    Registry::parse(text).map_err(|e| usage_error(format!("{e:#}")))
+}
+
+fn keygen(ws: &Workspace, name: &str, out: &Path) -> Result<i32> {
+    let name_ok =
+        !name.is_empty() && name.len() <= 64 && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+    if !name_ok {
+        return Err(usage_error(format!("key name `{}` must be 1 to 64 of A-Z a-z 0-9 - _ .", name.escape_debug())));
+    }
+    if out.exists() {
+        return Err(usage_error(format!("`{}` exists; keygen does not overwrite a key", out.display())));
+    }
+    let public = substitute::keygen(ws, name, out)?;
+    let key = fs_err::read_to_string(&public)?;
+    eprintln!("secret key: {} (keep it secret; `store push --key` signs with it)", out.display());
+    eprintln!("public key: {}; to trust it, add to vmstore.conf:", public.display());
+    println!("trusted-key {}", key.trim());
+    Ok(0)
+}
+
+/// The items `run-vm --system NAME` and `vm-image --system NAME` use, found by running
+/// them (`run-vm --script`, which boots nothing) with the store recording what they
+/// find or make, with `substitutes` as the only substitutes; each with how it came
+/// (`hit`, `built`, `substituted`).
+pub fn system_items(store: &Store, system: &str, substitutes: &str) -> Result<Vec<(String, crate::store::Item)>> {
+    super::lookup_system(system)?;
+    let scratch = store.scratch("record")?;
+    let record = scratch.path().join("items");
+    let exe = std::env::current_exe().context("finding the xtask binary")?;
+    for args in [vec!["run-vm", "--system", system, "--script"], vec!["vm-image", "--system", system]] {
+        let mut cmd = crate::process::command(&exe);
+        cmd.args(&args)
+            .env(crate::store::RECORD_ENV, &record)
+            .env(crate::STORE_ENV, store.root())
+            .env(substitute::SUBSTITUTES_ENV, substitutes);
+        crate::process::run(&cmd).with_context(|| format!("finding the items of `xtask {}`", args.join(" ")))?;
+    }
+    let text = fs_err::read_to_string(&record).unwrap_or_default();
+    let mut items: Vec<(String, crate::store::Item)> = Vec::new();
+    for line in text.lines() {
+        // `hit NAME`, `built NAME`, `substituted BYTES NAME`: how is all but the name.
+        let (how, name) = line.rsplit_once(' ').context("a recorded line")?;
+        // run-vm.sh holds this checkout's paths: of no use anywhere else.
+        let item = store.lookup(name).with_context(|| format!("`{name}` was used but is not in the store"))?;
+        if !items.iter().any(|(_, i)| *i == item) && !item.name.starts_with("run-vm-") {
+            items.push((how.to_string(), item));
+        }
+    }
+    Ok(items)
+}
+
+/// What `store push` pushes (with the closure of each).
+enum What {
+    Item(String),
+    System(String),
+    All,
+}
+
+fn push(
+    ws: &Workspace,
+    what: What,
+    to: &str,
+    key: Option<PathBuf>,
+    json: bool,
+    started: std::time::Instant,
+) -> Result<i32> {
+    let registry = registry_arg(to)?;
+    let key = key.or_else(|| std::env::var_os(substitute::SIGNING_KEY_ENV).map(PathBuf::from)).ok_or_else(|| {
+        usage_error(format!("no signing key: give --key FILE or set {}", substitute::SIGNING_KEY_ENV))
+    })?;
+    if !key.is_file() {
+        return Err(usage_error(format!("the signing key `{}` is not a file", key.display())));
+    }
+    // The same form as a public key: NAME and 32 bytes of base64.
+    let text = fs_err::read_to_string(&key).unwrap_or_default();
+    if substitute::check_public_key(text.trim()).is_err() {
+        return Err(usage_error(format!("`{}` is not a signing key made by `store keygen`", key.display())));
+    }
+    let store = Store::open(&ws.store_dir, false)?;
+    let roots = match what {
+        What::Item(name) => vec![store.lookup(&name).ok_or_else(|| {
+            usage_error(format!("`{}` is not an item in the store `{}`", name.escape_debug(), store.root().display()))
+        })?],
+        What::System(system) => system_items(&store, &system, "")?.into_iter().map(|(_, i)| i).collect(),
+        What::All => {
+            let mut names: Vec<String> = fs_err::read_dir(store.items_dir())?
+                .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
+                .collect::<std::io::Result<_>>()?;
+            names.sort();
+            names.iter().filter_map(|n| store.lookup(n)).collect()
+        }
+    };
+    let items = store.closure(&roots)?;
+    let moved = substitute::push(ws, &store, &registry, &items, &key)?;
+    report(&registry, moved, None, json, started, "pushed")
+}
+
+fn pull(
+    ws: &Workspace,
+    items: &[String],
+    system: Option<String>,
+    from: &str,
+    json: bool,
+    started: std::time::Instant,
+) -> Result<i32> {
+    let registry = registry_arg(from)?;
+    let config = substitute::Config::load(ws).map_err(|e| usage_error(format!("{e:#}")))?;
+    if config.trusted.is_empty() {
+        return Err(usage_error(format!(
+            "no trusted keys in `{}`: add a `trusted-key NAME:BASE64` line (from `store keygen`)",
+            config.source
+        )));
+    }
+    let store = Store::open(&ws.store_dir, false)?;
+    let mut moved = Moved::default();
+    let mut how = None;
+    if let Some(system) = system {
+        let used = system_items(&store, &system, from)?;
+        for (came, _) in &used {
+            match came.split_once(' ') {
+                Some(("substituted", bytes)) => {
+                    moved.items += 1;
+                    moved.bytes += bytes.parse::<u64>().unwrap_or(0);
+                }
+                _ => moved.present += 1,
+            }
+        }
+        let word = |came: String| came.split(' ').next().unwrap_or_default().to_string();
+        how = Some(used.into_iter().map(|(came, item)| (item.file_name(), word(came))).collect());
+    } else {
+        let mut helper = substitute::Helper::start(ws)?;
+        for name in items {
+            if store.item_of_entry(name).is_none_or(|i| i.file_name() != *name) {
+                return Err(usage_error(format!(
+                    "`{}` is not an item's file name (<hash>-<name>)",
+                    name.escape_debug()
+                )));
+            }
+            substitute::pull(&store, &mut helper, &registry, &config.trusted, name, &mut moved)?;
+        }
+    }
+    report(&registry, moved, how, json, started, "pulled")
+}
+
+fn report(
+    registry: &Registry,
+    moved: Moved,
+    how: Option<Vec<(String, String)>>,
+    json: bool,
+    started: std::time::Instant,
+    verb: &str,
+) -> Result<i32> {
+    if json {
+        let report =
+            MovedReport { registry: registry.to_string(), moved, how, wall_s: started.elapsed().as_secs_f64() };
+        crate::report::print_json(&report)?;
+    } else {
+        println!("{verb} {} items ({} bytes), {} already there, `{registry}`", moved.items, moved.bytes, moved.present);
+    }
+    Ok(0)
 }

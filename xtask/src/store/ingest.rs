@@ -148,6 +148,22 @@ pub fn display(shown: &str, rel: &[OsString]) -> String {
 /// `shown` names the source in errors. On error `to` may hold part of the copy: it is
 /// always a store temporary, removed by the caller.
 pub fn copy_dir(src: &DirFd, shown: &str, to: &Path, limits: &Limits) -> Result<Tree> {
+    copy_dir_with(src, shown, to, limits, Links::Inside)
+}
+
+/// Which symbolic links a copy keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Links {
+    /// Only those that resolve inside the tree (what a guest or an input may hold).
+    Inside,
+    /// Every link, as it is: for content whose hash a trusted key signed (a pulled
+    /// substitute, made by a store like this one, whose Debian packages hold absolute
+    /// links). Links are never followed while copying, whichever is chosen.
+    Any,
+}
+
+/// [`copy_dir`], keeping the `links` chosen.
+pub fn copy_dir_with(src: &DirFd, shown: &str, to: &Path, limits: &Limits, keep: Links) -> Result<Tree> {
     std::fs::create_dir(to).with_context(|| format!("creating `{}`", to.display()))?;
     let dst = DirFd::open(to).with_context(|| format!("opening `{}`", to.display()))?;
     let mut walk = Walk { shown, limits, tree: Tree::new(), bytes: 0, entries: 0 };
@@ -161,7 +177,7 @@ pub fn copy_dir(src: &DirFd, shown: &str, to: &Path, limits: &Limits) -> Result<
             _ => None,
         })
         .collect();
-    for (path, target) in &links {
+    for (path, target) in links.iter().filter(|_| keep == Links::Inside) {
         if let Err(why) = resolve(&walk.tree, &path[..path.len() - 1], target) {
             bail!(
                 "`{}` is a symbolic link to `{}`, which {}; links must resolve inside {shown}",

@@ -221,9 +221,10 @@ impl Saved {
 
 /// The [`Saved`] a line of `run-vm`'s stderr reports, if it is that line.
 pub fn parse_saved_line(line: &str) -> Option<Saved> {
-    let words: Vec<&str> = line.strip_prefix(SAVED_PREFIX)?.split_whitespace().collect();
-    match words[..] {
-        [bytes, "bytes", _, _, "in", save, "s,", "after", "booting", "to", "the", "snapshot", "point", "in", boot, "s"] => {
+    let (saved, booted) = line.strip_prefix(SAVED_PREFIX)?.split_once(", after booting to the snapshot point in ")?;
+    let words: Vec<&str> = saved.split_whitespace().collect();
+    match (&words[..], booted.strip_suffix(" s")) {
+        ([bytes, "bytes", _, _, "in", save, "s"], Some(boot)) => {
             Some(Saved { bytes: bytes.parse().ok()?, boot_s: boot.parse().ok()?, save_s: save.parse().ok()? })
         }
         _ => None,

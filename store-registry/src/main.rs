@@ -1,0 +1,377 @@
+//! `xtask-registry`: the OCI registry client behind `cargo xtask store push/pull` and
+//! substitutes. It keeps oci-client, tokio and ed25519 out of xtask's own build: xtask
+//! builds it on first use and drives it over stdin/stdout, one JSON request per line, one
+//! JSON answer per line (see [`Request`] and [`Answer`]).
+//!
+//! A store item is one OCI artifact: its tag is the item's recipe hash, its config blob
+//! the item's `.meta` (exactly the bytes signed), its one layer a deterministic tar
+//! (gzip) of the item under the name `item`. The manifest's annotations carry the item's
+//! file name, its content sha256 and the signature: `KEYNAME:BASE64` of an ed25519
+//! signature over [`signed_message`]. A pull verifies the signature against the trusted
+//! keys it is given before it downloads the layer; xtask then checks the rest (the
+//! recipe hash of the `.meta`, the content hash of what it ingests) before anything
+//! enters the store.
+
+mod keys;
+mod tarball;
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, Write};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use futures_util::StreamExt;
+use oci_client::client::{ClientConfig, ClientProtocol, Config, ImageLayer};
+use oci_client::manifest::{OciDescriptor, OciImageManifest};
+use oci_client::secrets::RegistryAuth;
+use oci_client::{Client, Reference};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// The config blob's media type: the item's `.meta`.
+pub const META_MEDIA_TYPE: &str = "application/vnd.vmstore.item.meta.v1+json";
+/// The artifact type of an item's manifest.
+pub const ARTIFACT_TYPE: &str = "application/vnd.vmstore.item.v1";
+/// The layer's media type.
+pub const LAYER_MEDIA_TYPE: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
+/// Manifest annotations.
+pub const ITEM_ANNOTATION: &str = "org.vmstore.item";
+pub const CONTENT_ANNOTATION: &str = "org.vmstore.content-sha256";
+pub const SIGNATURE_ANNOTATION: &str = "org.vmstore.signature";
+/// The largest `.meta` accepted.
+const MAX_META: u64 = 4 << 20;
+/// Environment variables with the registry's basic-auth credentials.
+pub const USERNAME_ENV: &str = "XTASK_REGISTRY_USERNAME";
+pub const PASSWORD_ENV: &str = "XTASK_REGISTRY_PASSWORD";
+
+/// The bytes a signature covers: the item's file name (`<recipe hash>-<name>`), its
+/// content sha256 and the sha256 of its `.meta`, each on a line after a version line.
+pub fn signed_message(item: &str, content_sha256: &str, meta: &[u8]) -> Vec<u8> {
+    format!("vmstore-item-signature-v1\n{item}\n{content_sha256}\n{}\n", hex(&Sha256::digest(meta))).into_bytes()
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A request, one JSON object per line on stdin.
+#[derive(Debug, Deserialize)]
+#[serde(tag = "op", rename_all = "kebab-case")]
+enum Request {
+    /// Makes a key pair: `secret` (mode 0600) and `public`, each `NAME:BASE64`.
+    Keygen { name: String, secret: PathBuf, public: PathBuf },
+    /// Pushes an item unless its tag is there already.
+    Push {
+        #[serde(flatten)]
+        at: At,
+        /// `<hash>-<name>`.
+        item: String,
+        path: PathBuf,
+        /// The `.meta`, as stored.
+        meta: String,
+        content_sha256: String,
+        /// The secret key file.
+        key: PathBuf,
+    },
+    /// Fetches an item's manifest and `.meta`, verifies its signature against `trusted`,
+    /// and with `dir` downloads its layer and unpacks it as `dir/item`.
+    Pull {
+        #[serde(flatten)]
+        at: At,
+        item: String,
+        trusted: Vec<String>,
+        dir: Option<PathBuf>,
+        max_bytes: u64,
+    },
+}
+
+/// Where: `registry/repository`, the tag, plain HTTP or not, and the read timeout.
+#[derive(Debug, Deserialize)]
+struct At {
+    registry: String,
+    repository: String,
+    tag: String,
+    insecure: bool,
+    timeout_ms: u64,
+}
+
+/// Why a request failed, for xtask to say and decide on.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+enum Why {
+    /// The registry has no such tag.
+    Missing,
+    /// The registry cannot be reached, or answered too slowly.
+    Unreachable,
+    /// The manifest carries no signature.
+    Unsigned,
+    /// Signed by a key not in the trusted list.
+    UnknownKey,
+    /// The signature does not verify: the content or the `.meta` was altered.
+    BadSignature,
+    /// A blob does not match its digest, or the artifact is malformed or too large.
+    Altered,
+    /// Anything else (a local error: a key file, a path).
+    Error,
+}
+
+#[derive(Debug, Serialize, Default)]
+struct Answer {
+    ok: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    why: Option<Why>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+    /// Push: whether it was pushed (false: it was there already).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pushed: Option<bool>,
+    /// Bytes sent or received (compressed layer, `.meta` and manifest).
+    bytes: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    meta: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    content_sha256: Option<String>,
+    /// Pull: the trusted key that signed it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    key: Option<String>,
+    /// Pull: the size of the layer, as the manifest says.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    layer_bytes: Option<u64>,
+}
+
+#[derive(Debug)]
+struct Failure(Why, String);
+
+impl Failure {
+    fn from_oci(e: oci_client::errors::OciDistributionError, doing: &str) -> Failure {
+        use oci_client::errors::OciDistributionError as E;
+        let why = match &e {
+            E::ImageManifestNotFoundError(_) => Why::Missing,
+            E::ServerError { code: 404, .. } => Why::Missing,
+            E::RegistryError { envelope, .. }
+                if envelope.errors.iter().any(|e| format!("{:?}", e.code).contains("Unknown")) =>
+            {
+                Why::Missing
+            }
+            E::DigestError(_) => Why::Altered,
+            E::AuthenticationFailure(_) | E::UnauthorizedError { .. } => Why::Error,
+            _ => Why::Unreachable,
+        };
+        Failure(why, format!("{doing}: {e}"))
+    }
+}
+
+type Outcome<T> = std::result::Result<T, Failure>;
+
+fn local<T>(r: Result<T>) -> Outcome<T> {
+    r.map_err(|e| Failure(Why::Error, format!("{e:#}")))
+}
+
+fn main() {
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("xtask-registry: starting the runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    let stdin = std::io::stdin();
+    for line in stdin.lock().lines() {
+        let Ok(line) = line else { break };
+        if line.trim().is_empty() {
+            continue;
+        }
+        let answer = match serde_json::from_str::<Request>(&line) {
+            Ok(request) => match runtime.block_on(handle(request)) {
+                Ok(answer) => Answer { ok: true, ..answer },
+                Err(Failure(why, error)) => {
+                    Answer { ok: false, why: Some(why), error: Some(error), ..Answer::default() }
+                }
+            },
+            Err(e) => Answer {
+                ok: false,
+                why: Some(Why::Error),
+                error: Some(format!("bad request: {e}")),
+                ..Answer::default()
+            },
+        };
+        let mut out = std::io::stdout().lock();
+        let written = serde_json::to_writer(&mut out, &answer).is_ok() && writeln!(out).is_ok() && out.flush().is_ok();
+        if !written {
+            break;
+        }
+    }
+}
+
+async fn handle(request: Request) -> Outcome<Answer> {
+    match request {
+        Request::Keygen { name, secret, public } => {
+            local(keys::generate(&name, &secret, &public))?;
+            Ok(Answer::default())
+        }
+        Request::Push { at, item, path, meta, content_sha256, key } => {
+            push(&at, &item, &path, &meta, &content_sha256, &key).await
+        }
+        Request::Pull { at, item, trusted, dir, max_bytes } => pull(&at, &item, &trusted, dir, max_bytes).await,
+    }
+}
+
+fn client(at: &At) -> (Client, Reference, RegistryAuth) {
+    let config = ClientConfig {
+        protocol: if at.insecure { ClientProtocol::Http } else { ClientProtocol::Https },
+        connect_timeout: Some(Duration::from_millis(at.timeout_ms)),
+        read_timeout: Some(Duration::from_millis(at.timeout_ms)),
+        ..ClientConfig::default()
+    };
+    let reference = Reference::with_tag(at.registry.clone(), at.repository.clone(), at.tag.clone());
+    let auth = match (std::env::var(USERNAME_ENV), std::env::var(PASSWORD_ENV)) {
+        (Ok(user), Ok(password)) => RegistryAuth::Basic(user, password),
+        _ => RegistryAuth::Anonymous,
+    };
+    (Client::new(config), reference, auth)
+}
+
+async fn push(
+    at: &At,
+    item: &str,
+    path: &std::path::Path,
+    meta: &str,
+    content: &str,
+    key: &std::path::Path,
+) -> Outcome<Answer> {
+    let signing = local(keys::read_secret(key))?;
+    let (client, reference, auth) = client(at);
+    let op = oci_client::RegistryOperation::Push;
+    client.auth(&reference, &auth, op).await.map_err(|e| Failure::from_oci(e, "authenticating"))?;
+    if client.fetch_manifest_digest(&reference, &auth).await.is_ok() {
+        return Ok(Answer { pushed: Some(false), ..Answer::default() });
+    }
+    let tar = local(tarball::pack(path))?;
+    let layer = ImageLayer::new(tar, LAYER_MEDIA_TYPE.to_string(), None);
+    let config = Config::new(meta.as_bytes().to_vec(), META_MEDIA_TYPE.to_string(), None);
+    let signature = signing.sign(&signed_message(item, content, meta.as_bytes()));
+    let annotations = BTreeMap::from([
+        (ITEM_ANNOTATION.to_string(), item.to_string()),
+        (CONTENT_ANNOTATION.to_string(), content.to_string()),
+        (SIGNATURE_ANNOTATION.to_string(), signature),
+    ]);
+    let mut manifest = OciImageManifest::build(std::slice::from_ref(&layer), &config, Some(annotations));
+    manifest.artifact_type = Some(ARTIFACT_TYPE.to_string());
+    let bytes = (layer.data.len() + config.data.len()) as u64;
+    client
+        .push(&reference, &[layer], config, &auth, Some(manifest))
+        .await
+        .map_err(|e| Failure::from_oci(e, "pushing"))?;
+    Ok(Answer { pushed: Some(true), bytes, ..Answer::default() })
+}
+
+async fn pull(at: &At, item: &str, trusted: &[String], dir: Option<PathBuf>, max_bytes: u64) -> Outcome<Answer> {
+    let trusted = local(keys::parse_trusted(trusted))?;
+    let (client, reference, auth) = client(at);
+    client
+        .auth(&reference, &auth, oci_client::RegistryOperation::Pull)
+        .await
+        .map_err(|e| Failure::from_oci(e, "authenticating"))?;
+    let (manifest, _) = client
+        .pull_image_manifest(&reference, &auth)
+        .await
+        .map_err(|e| Failure::from_oci(e, "fetching the manifest"))?;
+    let annotation = |key: &str| manifest.annotations.as_ref().and_then(|a| a.get(key)).cloned();
+    let altered = |what: String| Failure(Why::Altered, what);
+    if manifest.config.media_type != META_MEDIA_TYPE || manifest.layers.len() != 1 {
+        return Err(altered(format!("the artifact is not a store item (config {:?})", manifest.config.media_type)));
+    }
+    if annotation(ITEM_ANNOTATION).as_deref() != Some(item) {
+        return Err(altered(format!("the artifact is of {:?}, not of `{item}`", annotation(ITEM_ANNOTATION))));
+    }
+    let content = annotation(CONTENT_ANNOTATION)
+        .filter(|c| c.len() == 64 && c.bytes().all(|b| b.is_ascii_hexdigit()))
+        .ok_or_else(|| altered("the artifact has no valid content sha256".into()))?;
+    let Some(signature) = annotation(SIGNATURE_ANNOTATION) else {
+        return Err(Failure(Why::Unsigned, format!("`{item}` is not signed")));
+    };
+    let mut bytes = 0;
+    let meta = fetch(&client, &reference, &manifest.config, MAX_META, None, &mut bytes).await?;
+    let key = keys::verify(&trusted, &signature, &signed_message(item, &content, &meta)).map_err(|e| match e {
+        keys::Refused::UnknownKey(name) => {
+            Failure(Why::UnknownKey, format!("`{item}` is signed by `{name}`, which is not a trusted key"))
+        }
+        keys::Refused::Invalid(why) => Failure(
+            Why::BadSignature,
+            format!("the signature of `{item}` does not verify ({why}): its content or record was altered"),
+        ),
+    })?;
+    let meta = String::from_utf8(meta).map_err(|_| altered("the `.meta` is not UTF-8".into()))?;
+    if let Some(dir) = dir {
+        let layer = &manifest.layers[0];
+        if layer.media_type != LAYER_MEDIA_TYPE {
+            return Err(altered(format!("the layer's media type is {:?}", layer.media_type)));
+        }
+        let file = dir.join("layer.tar.gz");
+        fetch(&client, &reference, layer, max_bytes, Some(&file), &mut bytes).await?;
+        tarball::unpack(&file, &dir.join("item"), max_bytes).map_err(|e| altered(format!("unpacking: {e:#}")))?;
+        let _ = std::fs::remove_file(&file);
+    }
+    let layer_bytes = Some(manifest.layers[0].size.max(0) as u64);
+    Ok(Answer {
+        meta: Some(meta),
+        content_sha256: Some(content),
+        key: Some(key),
+        bytes,
+        layer_bytes,
+        ..Answer::default()
+    })
+}
+
+/// Downloads a blob (into memory, or into `file`), at most `max` bytes, checking its
+/// sha256 against the descriptor's digest.
+async fn fetch(
+    client: &Client,
+    reference: &Reference,
+    blob: &OciDescriptor,
+    max: u64,
+    file: Option<&std::path::Path>,
+    total: &mut u64,
+) -> Outcome<Vec<u8>> {
+    let expected = blob
+        .digest
+        .strip_prefix("sha256:")
+        .filter(|d| d.len() == 64)
+        .ok_or_else(|| Failure(Why::Altered, format!("digest {:?} is not a sha256", blob.digest)))?
+        .to_string();
+    if blob.size < 0 || blob.size as u64 > max {
+        return Err(Failure(
+            Why::Altered,
+            format!("blob {} is {} bytes, over the limit of {max}", blob.digest, blob.size),
+        ));
+    }
+    let mut stream =
+        client.pull_blob_stream(reference, blob).await.map_err(|e| Failure::from_oci(e, "fetching a blob"))?;
+    let mut out = match file {
+        Some(f) => Some(local(std::fs::File::create_new(f).with_context(|| format!("creating `{}`", f.display())))?),
+        None => None,
+    };
+    let (mut memory, mut hasher, mut got) = (Vec::new(), Sha256::new(), 0u64);
+    while let Some(chunk) = stream.stream.next().await {
+        let chunk = chunk.map_err(|e| {
+            let digest = e.get_ref().is_some_and(|inner| inner.is::<oci_client::errors::DigestError>());
+            let why = if digest { Why::Altered } else { Why::Unreachable };
+            Failure(why, format!("fetching blob {}: {e}", blob.digest))
+        })?;
+        got += chunk.len() as u64;
+        if got > blob.size as u64 {
+            return Err(Failure(Why::Altered, format!("blob {} is longer than its {} bytes", blob.digest, blob.size)));
+        }
+        hasher.update(&chunk);
+        match &mut out {
+            Some(f) => local(f.write_all(&chunk).context("writing the layer"))?,
+            None => memory.extend_from_slice(&chunk),
+        }
+    }
+    *total += got;
+    if hex(&hasher.finalize()) != expected || got != blob.size as u64 {
+        return Err(Failure(Why::Altered, format!("blob {} does not match its digest", blob.digest)));
+    }
+    Ok(memory)
+}

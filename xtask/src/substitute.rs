@@ -1,0 +1,685 @@
+//! Sharing store items through OCI registries: `store push`/`store pull`, and
+//! substitutes (a missing item is looked up in the configured registries before it is
+//! built). The registry protocol, compression and ed25519 live in a separate workspace
+//! binary, `xtask-registry` (`store-registry/`), built on first use and driven over
+//! stdin/stdout, so xtask's own build stays small; the store logic stays here.
+//!
+//! What comes back is checked before anything enters the store: the helper verifies the
+//! signature over (item file name, content sha256, `.meta`) against the trusted keys
+//! before it downloads the layer and unpacks it with checked names into scratch space;
+//! here the `.meta` must give the item's recipe hash (and equal the recipe being built),
+//! the unpacked tree is ingested through directory descriptors ([`store::ingest`]), and
+//! the commit refuses content whose hash is not the signed one.
+
+use fs_err as fs;
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Stdio};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::{Mutex, OnceLock};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::store::{self, ingest, DirFd, Item, Kind, Meta, Recipe, Store};
+use crate::Workspace;
+
+/// The workspace file that configures substitutes and trusted keys (in the workspace's
+/// root), unless `XTASK_STORE_CONFIG` names another.
+pub const CONFIG_FILE: &str = "vmstore.conf";
+pub const CONFIG_ENV: &str = "XTASK_STORE_CONFIG";
+/// Registries to look substitutes up in, separated by spaces; replaces the file's
+/// `substitute` lines (empty: none).
+pub const SUBSTITUTES_ENV: &str = "XTASK_SUBSTITUTES";
+/// The signing key `store push` uses when `--key` is not given.
+pub const SIGNING_KEY_ENV: &str = "XTASK_SIGNING_KEY";
+/// The helper's package and binary.
+pub const HELPER: &str = "xtask-registry";
+/// How long a registry may take to answer a lookup by default.
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
+/// The largest item accepted from a registry (unpacked, and its compressed layer).
+pub const MAX_ITEM_BYTES: u64 = 64 << 30;
+
+/// A registry and repository: `[http://|https://]HOST[:PORT]/REPOSITORY`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Registry {
+    pub registry: String,
+    pub repository: String,
+    /// Plain HTTP: `http://`, or a loopback host without a scheme.
+    pub insecure: bool,
+}
+
+impl std::fmt::Display for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.registry, self.repository)
+    }
+}
+
+impl Registry {
+    /// Parses a registry reference, naming it in the error.
+    pub fn parse(text: &str) -> Result<Registry> {
+        let bad = |why: &str| anyhow::anyhow!("registry `{}` {why}", text.escape_debug());
+        let (scheme, rest) = match text.split_once("://") {
+            Some(("http", rest)) => (Some(true), rest),
+            Some(("https", rest)) => (Some(false), rest),
+            Some(_) => return Err(bad("has a scheme other than http:// or https://")),
+            None => (None, text),
+        };
+        let (host, repository) =
+            rest.split_once('/').ok_or_else(|| bad("is not REGISTRY/REPOSITORY (e.g. 127.0.0.1:5000/team/store)"))?;
+        let (name, port) = match host.rsplit_once(':') {
+            Some((name, port)) => (name, Some(port)),
+            None => (host, None),
+        };
+        let name_ok = !name.is_empty()
+            && name.len() <= 253
+            && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-');
+        if !name_ok {
+            return Err(bad("has an invalid host name (letters, digits, `.` and `-`)"));
+        }
+        if port.is_some_and(|p| p.parse::<u16>().ok().filter(|p| *p > 0).is_none()) {
+            return Err(bad("has an invalid port (1 to 65535)"));
+        }
+        // The distribution spec's repository names: lowercase components joined by `/`.
+        let component_ok = |c: &str| {
+            !c.is_empty()
+                && c.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b))
+                && c.as_bytes()[0].is_ascii_alphanumeric()
+                && c.as_bytes()[c.len() - 1].is_ascii_alphanumeric()
+        };
+        if repository.len() > 255 || !repository.split('/').all(component_ok) {
+            return Err(bad("has an invalid repository (lowercase letters, digits, `.`, `_`, `-`, joined by `/`)"));
+        }
+        let loopback = name == "localhost" || name.starts_with("127.");
+        Ok(Registry {
+            registry: host.to_string(),
+            repository: repository.to_string(),
+            insecure: scheme.unwrap_or(loopback),
+        })
+    }
+}
+
+/// The workspace's configuration of substitutes.
+#[derive(Debug, Clone, Default)]
+pub struct Config {
+    pub substitutes: Vec<Registry>,
+    /// `NAME:BASE64` public keys whose signatures are trusted.
+    pub trusted: Vec<String>,
+    pub timeout: Option<Duration>,
+    /// Where it was read from, for messages.
+    pub source: String,
+}
+
+impl Config {
+    /// The configuration: [`CONFIG_FILE`] (or `XTASK_STORE_CONFIG`), then
+    /// `XTASK_SUBSTITUTES`. A file that does not exist is an empty configuration.
+    pub fn load(ws: &Workspace) -> Result<Config> {
+        let path = std::env::var_os(CONFIG_ENV).map(PathBuf::from).unwrap_or_else(|| ws.root.join(CONFIG_FILE));
+        let mut config = match fs::read_to_string(&path) {
+            Ok(text) => Config::parse(&text).with_context(|| format!("in `{}`", path.display()))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Config::default(),
+            Err(e) => return Err(e).context("reading the store's configuration"),
+        };
+        config.source = path.display().to_string();
+        if let Some(list) = std::env::var_os(SUBSTITUTES_ENV) {
+            let list = list.to_string_lossy().into_owned();
+            config.substitutes = list
+                .split_whitespace()
+                .map(Registry::parse)
+                .collect::<Result<_>>()
+                .with_context(|| format!("in {SUBSTITUTES_ENV}"))?;
+        }
+        Ok(config)
+    }
+
+    /// `substitute REGISTRY/REPOSITORY`, `trusted-key NAME:BASE64`, `timeout SECONDS`
+    /// lines; `#` comments and blank lines.
+    pub fn parse(text: &str) -> Result<Config> {
+        let mut config = Config::default();
+        for (n, line) in text.lines().enumerate() {
+            let line = line.split('#').next().unwrap_or("").trim();
+            if line.is_empty() {
+                continue;
+            }
+            let at = || format!("line {}", n + 1);
+            let (key, value) = line.split_once(char::is_whitespace).map(|(k, v)| (k, v.trim())).unwrap_or((line, ""));
+            match key {
+                "substitute" => config.substitutes.push(Registry::parse(value).with_context(at)?),
+                "trusted-key" => {
+                    check_public_key(value).with_context(at)?;
+                    config.trusted.push(value.to_string());
+                }
+                "timeout" => {
+                    let secs: u64 = value
+                        .parse()
+                        .ok()
+                        .filter(|s| (1..=3600).contains(s))
+                        .with_context(|| format!("{}: timeout {value:?} is not 1 to 3600 seconds", at()))?;
+                    config.timeout = Some(Duration::from_secs(secs));
+                }
+                other => bail!("{}: unknown setting `{}`", at(), other.escape_debug()),
+            }
+        }
+        Ok(config)
+    }
+}
+
+/// A public key's form: `NAME:BASE64` (32 bytes, so 44 characters of base64).
+pub fn check_public_key(key: &str) -> Result<()> {
+    let ok = key.split_once(':').is_some_and(|(name, b64)| {
+        !name.is_empty()
+            && name.len() <= 64
+            && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+            && b64.len() == 44
+            && b64.ends_with('=')
+            && b64.bytes().all(|b| b.is_ascii_alphanumeric() || b"+/=".contains(&b))
+    });
+    if !ok {
+        bail!("`{}` is not a public key (NAME:BASE64, as `store keygen` writes)", key.escape_debug());
+    }
+    Ok(())
+}
+
+/// The helper's answer to one request.
+#[derive(Debug, Deserialize, Default)]
+pub struct Answer {
+    pub ok: bool,
+    pub why: Option<String>,
+    pub error: Option<String>,
+    pub pushed: Option<bool>,
+    #[serde(default)]
+    pub bytes: u64,
+    pub meta: Option<String>,
+    pub content_sha256: Option<String>,
+    pub key: Option<String>,
+    pub layer_bytes: Option<u64>,
+}
+
+impl Answer {
+    /// What went wrong, as a sentence.
+    pub fn says(&self) -> String {
+        let error = self.error.clone().unwrap_or_default();
+        match self.why.as_deref() {
+            Some("unsigned") => format!("refused: unsigned ({error})"),
+            Some("unknown-key") => format!("refused: signed by an unknown key ({error})"),
+            Some("bad-signature") => format!("refused: wrongly signed ({error})"),
+            Some("altered") => format!("refused: altered content ({error})"),
+            Some("missing") => format!("not in the registry ({error})"),
+            Some("unreachable") => format!("registry unreachable ({error})"),
+            _ => error,
+        }
+    }
+}
+
+/// A running `xtask-registry`.
+pub struct Helper {
+    child: Child,
+    stdin: ChildStdin,
+    lines: Receiver<std::io::Result<String>>,
+}
+
+impl Drop for Helper {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Builds `xtask-registry` (cargo, into the workspace's target directory) once per
+/// process and returns its path.
+pub fn helper_program(ws: &Workspace) -> Result<PathBuf> {
+    static BUILT: OnceLock<std::result::Result<PathBuf, String>> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let mut cmd = crate::process::command("cargo");
+            cmd.current_dir(&ws.root)
+                .args(["build", "--quiet", "--package", HELPER, "--bin", HELPER, "--target-dir"])
+                .arg(&ws.target_dir)
+                .env_remove("RUSTFLAGS")
+                .env_remove("CARGO_ENCODED_RUSTFLAGS")
+                .env_remove("CARGO_BUILD_TARGET");
+            let _step = crate::progress::step("building the registry client (xtask-registry), once");
+            crate::process::run(&cmd).map_err(|e| format!("{e:#}"))?;
+            Ok(ws.target_dir.join("debug").join(HELPER))
+        })
+        .clone()
+        .map_err(anyhow::Error::msg)
+}
+
+impl Helper {
+    pub fn start(ws: &Workspace) -> Result<Helper> {
+        let program = helper_program(ws)?;
+        let mut child = crate::process::command(&program)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .with_context(|| format!("starting `{}`", program.display()))?;
+        let stdin = child.stdin.take().context("the helper's stdin")?;
+        let stdout = child.stdout.take().context("the helper's stdout")?;
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(Helper { child, stdin, lines })
+    }
+
+    /// Sends one request and waits for its answer, at most `timeout` (then the helper is
+    /// killed: it is not used again).
+    pub fn call(&mut self, request: &serde_json::Value, timeout: Option<Duration>) -> Result<Answer> {
+        let line = serde_json::to_string(request)?;
+        writeln!(self.stdin, "{line}").and_then(|()| self.stdin.flush()).context("writing to the registry client")?;
+        let got = match timeout {
+            Some(t) => self.lines.recv_timeout(t),
+            None => self.lines.recv().map_err(|_| RecvTimeoutError::Disconnected),
+        };
+        match got {
+            Ok(Ok(line)) => serde_json::from_str(&line).context("parsing the registry client's answer"),
+            Ok(Err(e)) => Err(e).context("reading the registry client's answer"),
+            Err(RecvTimeoutError::Timeout) => {
+                let _ = self.child.kill();
+                Ok(Answer {
+                    why: Some("unreachable".into()),
+                    error: Some(format!("no answer within {} s", timeout.unwrap_or_default().as_secs())),
+                    ..Answer::default()
+                })
+            }
+            Err(RecvTimeoutError::Disconnected) => bail!("the registry client exited"),
+        }
+    }
+}
+
+fn at(registry: &Registry, tag: &str, timeout: Duration) -> serde_json::Value {
+    json!({
+        "registry": registry.registry,
+        "repository": registry.repository,
+        "tag": tag,
+        "insecure": registry.insecure,
+        "timeout_ms": timeout.as_millis() as u64,
+    })
+}
+
+fn with(mut base: serde_json::Value, more: serde_json::Value) -> serde_json::Value {
+    if let (Some(b), serde_json::Value::Object(m)) = (base.as_object_mut(), more) {
+        b.extend(m);
+    }
+    base
+}
+
+/// Makes a key pair with the helper: `secret` (mode 0600) and `secret.pub`.
+pub fn keygen(ws: &Workspace, name: &str, secret: &Path) -> Result<PathBuf> {
+    let public = PathBuf::from(format!("{}.pub", secret.display()));
+    let mut helper = Helper::start(ws)?;
+    let answer = helper.call(&json!({"op": "keygen", "name": name, "secret": secret, "public": public}), None)?;
+    if !answer.ok {
+        bail!("{}", answer.says());
+    }
+    Ok(public)
+}
+
+/// What a push or a pull moved.
+#[derive(Debug, Default, Clone, Copy, serde::Serialize)]
+pub struct Moved {
+    /// Items sent or received.
+    pub items: u64,
+    /// Items the other side had already.
+    pub present: u64,
+    pub bytes: u64,
+}
+
+/// Pushes `items` (in this order: references first) to `registry`, signed with `key`.
+pub fn push(ws: &Workspace, store: &Store, registry: &Registry, items: &[Item], key: &Path) -> Result<Moved> {
+    let mut helper = Helper::start(ws)?;
+    let mut moved = Moved::default();
+    let timeout = Config::load(ws)?.timeout.unwrap_or(DEFAULT_TIMEOUT) * 6;
+    for item in items {
+        let meta = store.meta_bytes(item)?;
+        let parsed: Meta =
+            serde_json::from_slice(&meta).with_context(|| format!("parsing the record of `{}`", item.name))?;
+        // A signature vouches for the content: what is signed is what is here now.
+        if store::hash_path(&item.path)? != parsed.content_sha256 {
+            bail!(
+                "`{}` does not match its recorded hash (damaged?); `cargo xtask store verify --repair` first",
+                item.file_name()
+            );
+        }
+        let request = with(
+            at(registry, &item.hash, timeout),
+            json!({
+                "op": "push",
+                "item": item.file_name(),
+                "path": item.path,
+                "meta": String::from_utf8(meta).context("a .meta that is not UTF-8")?,
+                "content_sha256": parsed.content_sha256,
+                "key": key,
+            }),
+        );
+        let answer = helper.call(&request, None)?;
+        if !answer.ok {
+            bail!("pushing `{}` to `{registry}`: {}", item.file_name(), answer.says());
+        }
+        match answer.pushed {
+            Some(true) => moved.items += 1,
+            _ => moved.present += 1,
+        }
+        moved.bytes += answer.bytes;
+        if crate::progress::shown() {
+            let what = if answer.pushed == Some(true) { "pushed" } else { "already there:" };
+            eprintln!("{what} {}", item.file_name());
+        }
+    }
+    Ok(moved)
+}
+
+/// The slowest transfer a substitute may take: a registry slower than this is given up
+/// on (and the item built here).
+const MIN_BYTES_PER_S: u64 = 1 << 20;
+
+/// A verified `.meta` from a registry: it names `file_name` (its recipe's hash and name)
+/// and records the content sha256 that was signed.
+fn checked_meta(file_name: &str, answer: &Answer) -> Result<(Recipe, String)> {
+    let text = answer.meta.as_deref().context("no .meta in the answer")?;
+    let meta: Meta = serde_json::from_str(text).context("the `.meta` is not a store record")?;
+    let recipe = Store::recipe_of(&meta);
+    let named = format!("{}-{}", recipe.hash(), recipe.name());
+    if named != file_name {
+        bail!("refused: altered record: its recipe makes `{named}`, not `{file_name}`");
+    }
+    let signed = answer.content_sha256.as_deref().unwrap_or_default();
+    if meta.content_sha256 != signed {
+        bail!("refused: altered record: it records content {}, the signature {signed}", meta.content_sha256);
+    }
+    Ok((recipe, meta.content_sha256))
+}
+
+/// Downloads `file_name` from `registry` into scratch space and ingests it into `tmp`
+/// (which must not exist). Returns the helper's answer (a refusal or failure as an error
+/// whose text says which).
+fn fetch_into(
+    store: &Store,
+    helper: &mut Helper,
+    registry: &Registry,
+    file_name: &str,
+    trusted: &[String],
+    timeout: Duration,
+    tmp: &Path,
+) -> Result<Answer> {
+    fetch_within(store, helper, (registry, file_name, trusted), timeout, None, tmp)
+}
+
+/// [`fetch_into`], the whole answer awaited at most `deadline`.
+fn fetch_within(
+    store: &Store,
+    helper: &mut Helper,
+    (registry, file_name, trusted): (&Registry, &str, &[String]),
+    timeout: Duration,
+    deadline: Option<Duration>,
+    tmp: &Path,
+) -> Result<Answer> {
+    let scratch = store.scratch("pull")?;
+    let hash = file_name.split('-').next().unwrap_or_default();
+    let request = with(
+        at(registry, hash, timeout),
+        json!({
+            "op": "pull",
+            "item": file_name,
+            "trusted": trusted,
+            "dir": scratch.path(),
+            "max_bytes": MAX_ITEM_BYTES,
+        }),
+    );
+    let answer = helper.call(&request, deadline)?;
+    if !answer.ok {
+        return Ok(answer);
+    }
+    ingest_pulled(scratch.path(), tmp)?;
+    Ok(answer)
+}
+
+/// Copies `scratch/item` (a file or a directory the helper unpacked from a layer) into
+/// `to` through directory descriptors, as a guest's output is ingested.
+fn ingest_pulled(scratch: &Path, to: &Path) -> Result<()> {
+    let dir = DirFd::open(scratch).with_context(|| format!("opening `{}`", scratch.display()))?;
+    let name = std::ffi::OsStr::new("item");
+    let st = dir.stat(name).context("the pulled item")?;
+    let limits = ingest::Limits::output(MAX_ITEM_BYTES);
+    match Kind::of(&st) {
+        Kind::Dir => {
+            let src = dir.open_dir(name).context("opening the pulled item")?;
+            ingest::copy_dir_with(&src, "the pulled item", to, &limits, ingest::Links::Any)?;
+        }
+        Kind::File => {
+            let mut from = dir.open_file(name).context("opening the pulled item")?;
+            let mode = if st.st_mode & 0o111 != 0 { 0o700 } else { 0o600 };
+            let (parent, file) = store::split_path(to)?;
+            let mut out = DirFd::open(parent)?.create_file(file, mode).context("copying the pulled item")?;
+            std::io::copy(&mut from, &mut out).context("copying the pulled item")?;
+        }
+        _ => bail!("the pulled item is neither a file nor a directory"),
+    }
+    Ok(())
+}
+
+/// Pulls `file_name` and its closure from `registry` into `store`: references first,
+/// each item committed only once it is whole and verified. Returns the item.
+pub fn pull(
+    store: &Store,
+    helper: &mut Helper,
+    registry: &Registry,
+    trusted: &[String],
+    file_name: &str,
+    moved: &mut Moved,
+) -> Result<Item> {
+    if let Some(item) = store.lookup(file_name) {
+        moved.present += 1;
+        return Ok(item);
+    }
+    let timeout = DEFAULT_TIMEOUT * 6;
+    let hash = file_name.split('-').next().unwrap_or_default();
+    let request = with(
+        at(registry, hash, timeout),
+        json!({"op": "pull", "item": file_name, "trusted": trusted, "dir": null, "max_bytes": MAX_ITEM_BYTES}),
+    );
+    let answer = helper.call(&request, Some(timeout))?;
+    if !answer.ok {
+        bail!("pulling `{file_name}` from `{registry}`: {}", answer.says());
+    }
+    let (recipe, content) = checked_meta(file_name, &answer).with_context(|| format!("pulling `{file_name}`"))?;
+    for reference in Store::references(&recipe) {
+        pull(store, helper, registry, trusted, &reference, moved)?;
+    }
+    let mut got = 0;
+    let (item, _) = store
+        .insert_verified(&recipe, &content, |tmp| {
+            let answer = fetch_into(store, helper, registry, file_name, trusted, timeout, tmp)?;
+            if !answer.ok {
+                bail!("{}", answer.says());
+            }
+            checked_meta(file_name, &answer)?;
+            got = answer.bytes;
+            Ok(())
+        })
+        .with_context(|| format!("pulling `{file_name}` from `{registry}`"))?;
+    moved.items += 1;
+    moved.bytes += got;
+    if crate::progress::shown() {
+        eprintln!("pulled {file_name}");
+    }
+    Ok(item)
+}
+
+/// The substitutes of this process: the configuration, a helper started on first need,
+/// and the registries found unreachable (not asked again).
+struct Substitutes {
+    config: Config,
+    helper: Option<Helper>,
+    down: Vec<Registry>,
+}
+
+fn substitutes() -> Option<&'static Mutex<Substitutes>> {
+    static STATE: OnceLock<Option<Mutex<Substitutes>>> = OnceLock::new();
+    STATE
+        .get_or_init(|| match Config::load(&Workspace::current()) {
+            Ok(config) if !config.substitutes.is_empty() => {
+                Some(Mutex::new(Substitutes { config, helper: None, down: Vec::new() }))
+            }
+            Ok(_) => None,
+            Err(e) => {
+                eprintln!("warning: substitutes are off: {e:#}");
+                None
+            }
+        })
+        .as_ref()
+}
+
+/// Called by the store, with the item's lock held, before it builds `item`: looks it up
+/// in the configured registries and commits it at `tmp` when one has it, signed by a
+/// trusted key, with the content the signature names. Any failure is a warning (then the
+/// item is built here); the bytes received when the item is now in the store.
+pub fn substitute(store: &Store, recipe: &Recipe, item: &Item, tmp: &Path) -> Option<u64> {
+    let state = substitutes()?;
+    let mut state = state.lock().unwrap_or_else(|e| e.into_inner());
+    let timeout = state.config.timeout.unwrap_or(DEFAULT_TIMEOUT);
+    let file_name = item.file_name();
+    for registry in state.config.substitutes.clone() {
+        if state.down.contains(&registry) {
+            continue;
+        }
+        let trusted = state.config.trusted.clone();
+        let warn =
+            |what: &str| eprintln!("warning: substitute `{file_name}` from `{registry}`: {what}; building it here");
+        if state.helper.is_none() {
+            match Helper::start(&Workspace::current()) {
+                Ok(h) => state.helper = Some(h),
+                Err(e) => {
+                    // Said once: without the client no registry can be asked.
+                    warn(&format!("{e:#}"));
+                    state.down = state.config.substitutes.clone();
+                    return None;
+                }
+            }
+        }
+        let helper = state.helper.as_mut().expect("started above");
+        // The record first, within the timeout: a registry that is down or slow costs
+        // one timeout, once per process.
+        let request = with(
+            at(&registry, &item.hash, timeout),
+            json!({"op": "pull", "item": file_name, "trusted": trusted, "dir": null, "max_bytes": MAX_ITEM_BYTES}),
+        );
+        let answer = match helper.call(&request, Some(timeout + Duration::from_secs(1))) {
+            Ok(a) => a,
+            Err(e) => {
+                state.helper = None;
+                warn(&format!("{e:#}"));
+                continue;
+            }
+        };
+        if !answer.ok {
+            match answer.why.as_deref() {
+                Some("missing") => {}
+                Some("unreachable") => {
+                    warn(&answer.says());
+                    state.down.push(registry.clone());
+                    if answer.error.as_deref().is_some_and(|e| e.starts_with("no answer")) {
+                        state.helper = None;
+                    }
+                }
+                _ => warn(&answer.says()),
+            }
+            continue;
+        }
+        let checked = checked_meta(&file_name, &answer).and_then(|(pulled, content)| {
+            if pulled.encode() != recipe.encode() {
+                bail!("refused: altered record: it is not this recipe");
+            }
+            Ok(content)
+        });
+        let content = match checked {
+            Ok(c) => c,
+            Err(e) => {
+                warn(&format!("{e:#}"));
+                continue;
+            }
+        };
+        let _step = crate::progress::step(&format!("fetching `{}` from `{registry}`", item.name));
+        let mut bytes = 0;
+        // However slowly a registry sends, the build goes on here after this long.
+        let deadline = timeout * 3 + Duration::from_secs(answer.layer_bytes.unwrap_or(0) / MIN_BYTES_PER_S);
+        let filled = store.fill_verified(recipe, item, tmp, &content, |tmp| {
+            let at = (&registry, file_name.as_str(), trusted.as_slice());
+            let answer = fetch_within(store, helper, at, timeout, Some(deadline), tmp)?;
+            if !answer.ok {
+                bail!("{}", answer.says());
+            }
+            checked_meta(&file_name, &answer)?;
+            bytes = answer.bytes;
+            Ok(())
+        });
+        match filled {
+            Ok(()) => return Some(bytes),
+            Err(e) => {
+                warn(&format!("{e:#}"));
+                // A helper given up on mid-transfer was killed: start another next time.
+                if format!("{e:#}").contains("no answer within") {
+                    state.helper = None;
+                    state.down.push(registry.clone());
+                }
+            }
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn registry_references_are_checked() {
+        let r = Registry::parse("127.0.0.1:5000/team/store").unwrap();
+        assert_eq!((r.registry.as_str(), r.repository.as_str(), r.insecure), ("127.0.0.1:5000", "team/store", true));
+        assert!(!Registry::parse("registry.example.org/a").unwrap().insecure);
+        assert!(Registry::parse("http://registry.example.org/a").unwrap().insecure);
+        assert!(!Registry::parse("https://localhost/a").unwrap().insecure);
+        for bad in [
+            "",
+            "host",
+            "host/",
+            "host/Upper",
+            "ho st/a",
+            "host/a b",
+            "host/a,b",
+            "host/a\nb",
+            "host:0/a",
+            "host:99999/a",
+            "ftp://host/a",
+            "host/a//b",
+            "host/-a",
+            "/a",
+        ] {
+            let err = Registry::parse(bad).unwrap_err().to_string();
+            assert!(err.contains(&bad.escape_debug().to_string()), "{bad:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn the_configuration_is_parsed_strictly() {
+        let c = Config::parse(
+            "# team\nsubstitute 127.0.0.1:5000/team/store\n\
+             trusted-key ci:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=\ntimeout 3\n",
+        )
+        .unwrap();
+        assert_eq!(c.substitutes.len(), 1);
+        assert_eq!(c.trusted, vec!["ci:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=".to_string()]);
+        assert_eq!(c.timeout, Some(Duration::from_secs(3)));
+        for bad in ["substitute nope", "trusted-key ci:short", "timeout 0", "frobnicate 1", "trusted-key a b:AAAA"] {
+            assert!(Config::parse(bad).is_err(), "{bad}");
+        }
+    }
+}
