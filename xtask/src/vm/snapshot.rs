@@ -113,7 +113,8 @@ fn recipe(store: &Store, spec: &VmSpec) -> Result<Recipe> {
 fn qemu_version(store: &Store) -> Result<String> {
     let program = crate::vm::qemu_program::absolute()?;
     host::remembered(&store.cache_dir(), &program, "version", || {
-        let out = crate::process::run(crate::process::command(&program).arg("--version"))?;
+        // A QEMU that fails even this is reported by the run itself, with its hint.
+        let out = crate::process::output(crate::process::command(&program).arg("--version"))?;
         Ok(String::from_utf8_lossy(&out.stdout).lines().next().unwrap_or_default().to_string())
     })
 }
