@@ -86,6 +86,8 @@ pub enum StoreCmd {
     },
     /// Print the path of Debian's docker-registry from the store (made on first use): a
     /// local OCI registry (`docker-registry serve CONFIG.yml`).
+    #[command(after_help = "Example:
+  cargo xtask store registry-program")]
     RegistryProgram,
 }
 
