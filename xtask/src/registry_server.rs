@@ -4,9 +4,6 @@
 //! docker-registry`). A real OCI registry on 127.0.0.1 for trying `store push`/`pull`
 //! and substitutes without a registry of one's own, and for the tests.
 
-use fs_err as fs;
-use std::os::unix::fs::PermissionsExt;
-
 use anyhow::{Context, Result};
 
 use crate::lower::debian;
@@ -16,11 +13,8 @@ use crate::store::{Item, Recipe, Store};
 pub const PACKAGE: &str = "docker-registry";
 /// The program, inside the package.
 const BIN: &str = "usr/bin/docker-registry";
-/// The dynamic loader, inside libc6.
-const LOADER: &str = "lib/x86_64-linux-gnu/ld-linux-x86-64.so.2";
+/// libc6's libraries.
 const LIB_DIR: &str = "lib/x86_64-linux-gnu";
-/// In the wrapper's item: a link to libc6's loader named as the registry.
-const LOADER_LINK: &str = "libexec/docker-registry";
 
 /// The `docker-registry-store` item: the wrapper over the unpacked package and libc6.
 pub fn from_store(store: &Store) -> Result<Item> {
@@ -37,8 +31,9 @@ pub fn from_store(store: &Store) -> Result<Item> {
     let script = format!(
         "#!/bin/sh\n# docker-registry from Debian's package in the store, through libc6's loader.\n\
          s=$(cd \"${{0%/*}}/../..\" && pwd) || exit 127\n\
-         exec \"${{0%/*}}/../{LOADER_LINK}\" --inhibit-cache --library-path \"$s/{}/{LIB_DIR}\" \
+         exec \"${{0%/*}}/../{}\" --inhibit-cache --library-path \"$s/{}/{LIB_DIR}\" \
          \"$s/{}/{BIN}\" \"$@\"\n",
+        debian::loader_link(PACKAGE),
         libc6.file_name(),
         registry.file_name(),
     );
@@ -47,18 +42,9 @@ pub fn from_store(store: &Store) -> Result<Item> {
         .reference(&registry)
         .reference(&libc6);
     store.realise(&recipe, |out| {
-        let mut check = crate::process::command(libc6.path.join(LOADER));
+        let mut check = crate::process::command(libc6.path.join(debian::LOADER));
         check.args(["--inhibit-cache", "--library-path"]).arg(libc6.path.join(LIB_DIR)).arg(registry.path.join(BIN));
         check.arg("--version");
-        crate::process::run(&check).context("docker-registry from the store does not run")?;
-        let link = out.join(LOADER_LINK);
-        fs::create_dir_all(link.parent().context("a parent")?)?;
-        std::os::unix::fs::symlink(format!("../../{}/{LOADER}", libc6.file_name()), &link)?;
-        let bin = out.join("bin");
-        fs::create_dir_all(&bin)?;
-        let file = bin.join("docker-registry");
-        fs::write(&file, &script).with_context(|| format!("writing `{}`", file.display()))?;
-        fs::set_permissions(&file, std::fs::Permissions::from_mode(0o755))?;
-        Ok(())
+        debian::write_loader_wrapper(out, &libc6, PACKAGE, &script, &check)
     })
 }

@@ -164,6 +164,40 @@ pub fn pin(name: &str) -> Result<Pin> {
     lock::pin(name, resolve)
 }
 
+/// libc6's dynamic loader, inside its package: the store's Debian programs run through it.
+pub const LOADER: &str = "lib/x86_64-linux-gnu/ld-linux-x86-64.so.2";
+
+/// Where a [`write_loader_wrapper`] item has the loader under the name `name`; its script
+/// execs `"${0%/*}/../` and this.
+pub fn loader_link(name: &str) -> String {
+    format!("libexec/{name}")
+}
+
+/// Fills the item directory `out` with a wrapper that runs program `name`, from Debian's
+/// packages in the store, through libc6's loader: `libexec/NAME`, a link to the loader
+/// under the program's name (a process is named after the file it was started from, so
+/// it shows as NAME, not `ld-linux`), and `bin/NAME`, the `script` that execs it. `check`
+/// runs the program through the loader by the items' own paths first: a wrapper over a
+/// program that does not run is never stored.
+pub fn write_loader_wrapper(
+    out: &Path,
+    libc6: &Item,
+    name: &str,
+    script: &str,
+    check: &std::process::Command,
+) -> Result<()> {
+    crate::process::run(check).with_context(|| format!("`{name}` from the store does not run"))?;
+    let link = out.join(loader_link(name));
+    fs::create_dir_all(link.parent().context("a parent")?)?;
+    std::os::unix::fs::symlink(format!("../../{}/{LOADER}", libc6.file_name()), &link)?;
+    let bin = out.join("bin");
+    fs::create_dir_all(&bin)?;
+    let file = bin.join(name);
+    fs::write(&file, script)?;
+    fs::set_permissions(&file, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+    Ok(())
+}
+
 /// The unpacked package as a store item (its whole file tree, as `dpkg-deb -x` gives it).
 pub fn unpacked(store: &Store, pin: &Pin) -> Result<Item> {
     let recipe = Recipe::new("debian-package", &format!("{}-{}", pin.package, pin.version))

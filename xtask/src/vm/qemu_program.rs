@@ -8,8 +8,6 @@
 //! `qemu-store` item (`bin/qemu-system-x86_64`) that finds the store from its own path,
 //! so every caller (VMs, snapshots, the bench, `run-vm.sh`) runs it as a plain program.
 
-use fs_err as fs;
-use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
@@ -22,16 +20,12 @@ use crate::{host, lower::debian, Workspace};
 pub const QEMU_ENV: &str = "XTASK_QEMU";
 /// The Debian package QEMU comes from, with its closure.
 pub const PACKAGE: &str = "qemu-system-x86";
-/// The dynamic loader, inside libc6.
-const LOADER: &str = "lib/x86_64-linux-gnu/ld-linux-x86-64.so.2";
 /// Where the packages put shared libraries.
 const LIB_DIRS: &[&str] = &["lib/x86_64-linux-gnu", "usr/lib/x86_64-linux-gnu"];
 /// Firmware directories (`-L`), by package: QEMU's own images (microvm's qboot), SeaBIOS,
 /// iPXE's option ROMs.
 const DATA_DIRS: &[(&str, &str)] =
     &[("qemu-system-data", "usr/share/qemu"), ("seabios", "usr/share/seabios"), ("ipxe-qemu", "usr/lib/ipxe/qemu")];
-/// In the wrapper's item: a link to libc6's loader named as QEMU.
-const LOADER_LINK: &str = "libexec/qemu-system-x86_64";
 /// The program, inside qemu-system-x86.
 const QEMU_BIN: &str = "usr/bin/qemu-system-x86_64";
 /// QEMU's loadable modules (the TCG accelerator is one), in qemu-system-common.
@@ -133,8 +127,9 @@ pub fn from_store(store: &Store) -> Result<Item> {
     let script = format!(
         "#!/bin/sh\n# qemu-system-x86_64 from Debian's packages in the store, through libc6's loader.\n\
          s=$(cd \"${{0%/*}}/../..\" && pwd) || exit 127\n\
-         QEMU_MODULE_DIR=\"{modules}\" exec \"${{0%/*}}/../{LOADER_LINK}\" --inhibit-cache --library-path \"{}\" \
+         QEMU_MODULE_DIR=\"{modules}\" exec \"${{0%/*}}/../{}\" --inhibit-cache --library-path \"{}\" \
          \"{}\" {} \"$@\"\n",
+        debian::loader_link(host::QEMU_SYSTEM.program),
         libs.join(":"),
         rel(qemu, QEMU_BIN),
         data.join(" ")
@@ -147,22 +142,12 @@ pub fn from_store(store: &Store) -> Result<Item> {
         let _step = crate::progress::step(&format!("making QEMU from {} Debian packages", items.len()));
         // The same command with the items' paths: a QEMU that does not run is never stored.
         let abs_libs: Vec<String> = lib_dirs.iter().map(|(i, d)| i.path.join(d).display().to_string()).collect();
-        let mut check = crate::process::command(libc6.path.join(LOADER));
+        let mut check = crate::process::command(libc6.path.join(debian::LOADER));
         check
             .args(["--inhibit-cache", "--library-path", &abs_libs.join(":")])
             .arg(qemu.path.join(QEMU_BIN))
             .arg("-version");
-        crate::process::run(&check).context("QEMU from the store does not run")?;
-        let bin = out.join("bin");
-        fs::create_dir_all(&bin)?;
-        // The loader under QEMU's name: the process's name is the file it was started
-        // from, so QEMU shows as `qemu-system-x86` (in `ps`, to `pkill`), not `ld-linux`.
-        let link = out.join(LOADER_LINK);
-        fs::create_dir_all(link.parent().context("a parent")?)?;
-        std::os::unix::fs::symlink(format!("../../{}/{LOADER}", libc6.file_name()), &link)?;
-        let file = bin.join(host::QEMU_SYSTEM.program);
-        fs::write(&file, &script).with_context(|| format!("writing `{}`", file.display()))?;
-        fs::set_permissions(&file, std::fs::Permissions::from_mode(0o755))?;
-        Ok(())
+        // QEMU shows as `qemu-system-x86` (in `ps`, to `pkill`), not `ld-linux`.
+        debian::write_loader_wrapper(out, libc6, host::QEMU_SYSTEM.program, &script, &check)
     })
 }
