@@ -452,7 +452,7 @@ impl Store {
             return Ok((item, Outcome::Hit));
         }
         self.clear_leftovers(&item)?;
-        let tmp = self.tmp_dir().join(format!("{}.{}", item.file_name(), std::process::id()));
+        let tmp = self.tmp_for(&item);
         if let Some(bytes) = crate::substitute::substitute(self, recipe, &item, &tmp) {
             self.say("substituted", &item);
             self.record(&item, &format!("substituted {bytes}"));
@@ -461,13 +461,8 @@ impl Store {
         if self.explain {
             eprintln!("store: building {} ({})", item.file_name(), self.why(recipe, &item));
         }
-        let built = build(&tmp)
-            .with_context(|| format!("building store item `{}`", item.name))
-            .and_then(|()| self.commit(recipe, &item, &tmp, None));
-        if let Err(err) = built {
-            remove_tree(&tmp).ok();
-            return Err(err);
-        }
+        let build = |tmp: &Path| build(tmp).with_context(|| format!("building store item `{}`", item.name));
+        self.fill(recipe, &item, &tmp, None, build)?;
         self.say("built", &item);
         self.record(&item, "built");
         Ok((item, Outcome::Built))
@@ -490,26 +485,33 @@ impl Store {
             return Ok((item, Outcome::Hit));
         }
         self.clear_leftovers(&item)?;
-        let tmp = self.tmp_dir().join(format!("{}.{}", item.file_name(), std::process::id()));
-        self.fill_verified(recipe, &item, &tmp, content_sha256, fill)?;
+        let tmp = self.tmp_for(&item);
+        self.fill(recipe, &item, &tmp, Some(content_sha256), fill)?;
         Ok((item, Outcome::Built))
     }
 
-    /// With the item's lock held and its leftovers cleared: [`Store::insert_verified`].
-    pub(crate) fn fill_verified(
+    /// With the item's lock held and its leftovers cleared: `fill` makes the item at `tmp`
+    /// (a path that does not exist yet), then it is committed, only if its content hash is
+    /// `expected` when one is given. On error nothing is stored.
+    pub(crate) fn fill(
         &self,
         recipe: &Recipe,
         item: &Item,
         tmp: &Path,
-        content_sha256: &str,
+        expected: Option<&str>,
         fill: impl FnOnce(&Path) -> Result<()>,
     ) -> Result<()> {
-        let done = fill(tmp).and_then(|()| self.commit(recipe, item, tmp, Some(content_sha256)));
+        let done = fill(tmp).and_then(|()| self.commit(recipe, item, tmp, expected));
         if let Err(err) = done {
             remove_tree(tmp).ok();
             return Err(err);
         }
         Ok(())
+    }
+
+    /// Where this process builds `item` before committing it.
+    fn tmp_for(&self, item: &Item) -> PathBuf {
+        self.tmp_dir().join(format!("{}.{}", item.file_name(), std::process::id()))
     }
 
     /// The recipe an item's `.meta` records (its hash names the item).
