@@ -398,30 +398,18 @@ fn checked_meta(file_name: &str, answer: &Answer) -> Result<(Recipe, String)> {
     Ok((recipe, meta.content_sha256))
 }
 
-/// Downloads `file_name` from `registry` into scratch space and ingests it into `tmp`
-/// (which must not exist). Returns the helper's answer (a refusal or failure as an error
-/// whose text says which).
+/// Downloads `file_name` from `registry` into scratch space, the whole answer awaited at
+/// most `deadline`, checks its record again ([`checked_meta`]) and ingests it into `tmp`
+/// (which must not exist). Returns the bytes received; a refusal or failure is an error
+/// whose text says which.
 fn fetch_into(
-    store: &Store,
-    helper: &mut Helper,
-    registry: &Registry,
-    file_name: &str,
-    trusted: &[String],
-    timeout: Duration,
-    tmp: &Path,
-) -> Result<Answer> {
-    fetch_within(store, helper, (registry, file_name, trusted), timeout, None, tmp)
-}
-
-/// [`fetch_into`], the whole answer awaited at most `deadline`.
-fn fetch_within(
     store: &Store,
     helper: &mut Helper,
     (registry, file_name, trusted): (&Registry, &str, &[String]),
     timeout: Duration,
     deadline: Option<Duration>,
     tmp: &Path,
-) -> Result<Answer> {
+) -> Result<u64> {
     let scratch = store.scratch("pull")?;
     let hash = file_name.split('-').next().unwrap_or_default();
     let request = with(
@@ -436,10 +424,11 @@ fn fetch_within(
     );
     let answer = helper.call(&request, deadline)?;
     if !answer.ok {
-        return Ok(answer);
+        bail!("{}", answer.says());
     }
+    checked_meta(file_name, &answer)?;
     ingest_pulled(scratch.path(), tmp)?;
-    Ok(answer)
+    Ok(answer.bytes)
 }
 
 /// Copies `scratch/item` (a file or a directory the helper unpacked from a layer) into
@@ -497,12 +486,7 @@ pub fn pull(
     let mut got = 0;
     let (item, _) = store
         .insert_verified(&recipe, &content, |tmp| {
-            let answer = fetch_into(store, helper, registry, file_name, trusted, timeout, tmp)?;
-            if !answer.ok {
-                bail!("{}", answer.says());
-            }
-            checked_meta(file_name, &answer)?;
-            got = answer.bytes;
+            got = fetch_into(store, helper, (registry, file_name, trusted), timeout, None, tmp)?;
             Ok(())
         })
         .with_context(|| format!("pulling `{file_name}` from `{registry}`"))?;
@@ -613,12 +597,7 @@ pub fn substitute(store: &Store, recipe: &Recipe, item: &Item, tmp: &Path) -> Op
         let deadline = timeout * 3 + Duration::from_secs(answer.layer_bytes.unwrap_or(0) / MIN_BYTES_PER_S);
         let filled = store.fill(recipe, item, tmp, Some(&content), |tmp| {
             let at = (&registry, file_name.as_str(), trusted.as_slice());
-            let answer = fetch_within(store, helper, at, timeout, Some(deadline), tmp)?;
-            if !answer.ok {
-                bail!("{}", answer.says());
-            }
-            checked_meta(&file_name, &answer)?;
-            bytes = answer.bytes;
+            bytes = fetch_into(store, helper, at, timeout, Some(deadline), tmp)?;
             Ok(())
         });
         match filled {
