@@ -495,18 +495,14 @@ impl Bencher<'_> {
             for (i, item) in items.into_iter().enumerate() {
                 big.items.insert(i, item);
             }
-            let reps = if self.opts.quick { 1 } else { 3 };
+            let reps = if self.opts.quick { 1 } else { 5 };
             // One build first, untimed, for ours and the floor alike: the first to read
             // the closure after the VM figures (or the packages' writing) found it
             // partly out of the page cache, and paid for reading it from disk.
-            let mut steps = Vec::new();
-            let ours = measure_timed(1, reps, || {
-                let (took, profile) = cold_library_image(self.store, &big)?;
-                steps.push(profile);
-                Ok(took)
-            })?;
-            let steps = steps.split_off(1);
-            let (floor, floor_steps) = floor_image_build(self.store, &big, 1, reps)?;
+            let floor_image = FloorImage::stage(self.store, &big)?;
+            let [(ours, steps), (floor, floor_steps)] =
+                alternating(1, reps, || cold_library_image(self.store, &big), || floor_image.build())?;
+            drop(floor_image);
             let bytes = image::footprint(&big)?.bytes as f64 / f64::from(1 << 20);
             rates.push((mib, bytes / ours, ours));
             let mut f = self.figure(
@@ -535,21 +531,22 @@ impl Bencher<'_> {
         let path = Path::new(stdout.lines().last().unwrap_or_default());
         let image_item = path.parent().and_then(Path::file_name).context("vm-image printed no image path")?;
         let image_item = image_item.to_string_lossy().into_owned();
-        let cold_image = |args: &[&str]| -> Result<Duration> {
+        let cold_image = |args: &[&str]| -> Result<(Duration, Profile)> {
             self.store.remove_entry(&image_item)?;
             quiesce();
             let start = Instant::now();
             run_quiet(&cmd!(self.sh, "{xtask} vm-image {args...}").into())?;
-            Ok(start.elapsed())
+            Ok((start.elapsed(), Vec::new()))
         };
         let (warmup, runs) = (self.warmup.min(1), self.runs.min(5));
-        let ours = measure_timed(warmup, runs, || cold_image(&[]))?;
-        let (floor, _) = floor_image_build(self.store, closure, warmup, runs)?;
+        let floor_image = FloorImage::stage(self.store, closure)?;
+        let [(ours, _), (floor, _)] = alternating(warmup, runs, || cold_image(&[]), || floor_image.build())?;
+        drop(floor_image);
         let mut figures = vec![self.figure("image-build", ours, floor, "xtask vm-image (cold)", FLOOR_IMAGE)];
         if !self.opts.quick {
             // The VM builder writes the same bytes, so it makes the same item. Last: the
             // disk traffic of its VM would still be settling during the figures after it.
-            let ours = measure_timed(0, 1, || cold_image(&["--builder", "vm"]))?;
+            let ours = cold_image(&["--builder", "vm"])?.0.as_secs_f64();
             figures.push(self.figure("image-build-vm", ours, floor, "xtask vm-image --builder vm (cold)", FLOOR_IMAGE));
         }
         Ok(figures)
@@ -615,22 +612,14 @@ fn figure(name: &str, ours: f64, floor: f64, accel: Accel, what: &str, floor_wha
 
 /// Median wall time of `runs` calls after `warmup` unmeasured ones.
 fn measure(warmup: usize, runs: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
-    measure_timed(warmup, runs, || {
-        let start = Instant::now();
-        f()?;
-        Ok(start.elapsed())
-    })
-}
-
-/// Median of the times `f` reports for `runs` calls after `warmup` unmeasured ones
-/// (for work that needs untimed preparation).
-fn measure_timed(warmup: usize, runs: usize, mut f: impl FnMut() -> Result<Duration>) -> Result<f64> {
     for _ in 0..warmup {
         f()?;
     }
     let mut times = Vec::with_capacity(runs);
     for _ in 0..runs {
-        times.push(f()?);
+        let start = Instant::now();
+        f()?;
+        times.push(start.elapsed());
     }
     times.sort();
     Ok(median(&times).as_secs_f64())
@@ -744,36 +733,40 @@ fn cold_library_image(store: &Store, closure: &Closure) -> Result<(Duration, Pro
     Ok((took, profile))
 }
 
-/// The floor of building an image of `closure`: its tree staged beforehand (as the
-/// image builder stages it), then, timed, `mke2fs -d` into a raw file of the image's
-/// file system size and `qemu-img convert` to qcow2. Returns the median in seconds, and
-/// each measured run's profile.
-fn floor_image_build(store: &Store, closure: &Closure, warmup: usize, runs: usize) -> Result<(f64, Vec<Profile>)> {
-    let opts = default_qcow2(closure)?;
-    let uuid = image::uuid_for(&"0".repeat(32));
-    let scratch = store.scratch("bench-floor-image")?;
-    let root = scratch.path().join("root");
-    image::stage(store, closure, &opts, &uuid, &root, image::Staging::HardLinks)?;
-    let raw = scratch.path().join("disk.raw");
-    let qcow2 = scratch.path().join("disk.qcow2");
-    // The same mke2fs as the image builder's: Debian's, from the store.
-    let tools = crate::image::tools::tools(store)?;
-    let mut profiles = Vec::new();
-    let floor = measure_timed(warmup, runs, || {
-        for file in [&raw, &qcow2] {
-            if file.exists() {
-                fs::remove_file(file)?;
-            }
-        }
+/// The floor of building an image of a closure: its tree staged beforehand (as the
+/// image builder stages it), then, in each timed [`FloorImage::build`], `mke2fs -d` into a
+/// raw file of the image's file system size and `qemu-img convert` to qcow2.
+struct FloorImage {
+    scratch: tempfile::TempDir,
+    fs_kib: u64,
+    tools: crate::image::tools::StoreTools,
+}
+
+impl FloorImage {
+    fn stage(store: &Store, closure: &Closure) -> Result<FloorImage> {
+        let opts = default_qcow2(closure)?;
+        let uuid = image::uuid_for(&"0".repeat(32));
+        let scratch = store.scratch("bench-floor-image")?;
+        image::stage(store, closure, &opts, &uuid, &scratch.path().join("root"), image::Staging::HardLinks)?;
+        // The same mke2fs as the image builder's: Debian's, from the store.
+        let tools = crate::image::tools::tools(store)?;
+        Ok(FloorImage { scratch, fs_kib: opts.layout.fs_blocks * 4, tools })
+    }
+
+    /// One build, after the disk has written back what came before: its time and profile.
+    /// Its files are removed at once, before the kernel writes them back: the floor
+    /// leaves no disk traffic behind for the next build.
+    fn build(&self) -> Result<(Duration, Profile)> {
+        let (root, raw, qcow2) = (self.path("root"), self.path("disk.raw"), self.path("disk.qcow2"));
         quiesce();
         let start = Instant::now();
         run_quiet(
-            tools
+            self.tools
                 .command("mke2fs")?
                 .args(["-q", "-F", "-t", "ext4", "-b", "4096", "-d"])
                 .arg(&root)
                 .arg(&raw)
-                .arg(format!("{}k", opts.layout.fs_blocks * 4)),
+                .arg(format!("{}k", self.fs_kib)),
         )?;
         let made = start.elapsed();
         run_quiet(
@@ -784,13 +777,49 @@ fn floor_image_build(store: &Store, closure: &Closure, warmup: usize, runs: usiz
                 .arg(&qcow2),
         )?;
         let took = start.elapsed();
-        profiles.push(vec![("mke2fs", made.as_secs_f64()), ("qcow2", (took - made).as_secs_f64())]);
-        Ok(took)
-    });
-    store::remove_tree(&root)?;
-    // The warm-up runs' profiles are not the measured ones.
-    let measured = profiles.split_off(profiles.len().saturating_sub(runs));
-    Ok((floor?, measured))
+        for file in [&raw, &qcow2] {
+            fs::remove_file(file)?;
+        }
+        Ok((took, vec![("mke2fs", made.as_secs_f64()), ("qcow2", (took - made).as_secs_f64())]))
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.scratch.path().join(name)
+    }
+}
+
+impl Drop for FloorImage {
+    /// The staging tree has read-only directories; remove it before the TempDir tries.
+    fn drop(&mut self) {
+        let _ = store::remove_tree(&self.path("root"));
+    }
+}
+
+/// Medians of ours and of the floor over `runs` builds of each after `warmup` unmeasured
+/// ones, the two taken in turn (ours first, then the floor first, and so on), so that a
+/// change in the machine's speed during the measurement (the disk, another job) falls on
+/// both alike. Also each measured run's profile, ours and the floor's.
+fn alternating(
+    warmup: usize,
+    runs: usize,
+    mut ours: impl FnMut() -> Result<(Duration, Profile)>,
+    mut floor: impl FnMut() -> Result<(Duration, Profile)>,
+) -> Result<[(f64, Vec<Profile>); 2]> {
+    let mut results: [(Vec<Duration>, Vec<Profile>); 2] = Default::default();
+    for i in 0..warmup + runs {
+        let order = if i % 2 == 0 { [0, 1] } else { [1, 0] };
+        for side in order {
+            let (took, profile) = if side == 0 { ours()? } else { floor()? };
+            if i >= warmup {
+                results[side].0.push(took);
+                results[side].1.push(profile);
+            }
+        }
+    }
+    Ok(results.map(|(mut times, profiles)| {
+        times.sort();
+        (median(&times).as_secs_f64(), profiles)
+    }))
 }
 
 /// Packages of generated data for the scaling figures: one per [`PACKAGE_MIB`] MiB.
