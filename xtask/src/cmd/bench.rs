@@ -156,7 +156,8 @@ impl Bench {
         // The bare boot is the floor of the VM figures.
         let on_boot = [Group::Boot, Group::Warm, Group::Test, Group::Scenario, Group::InnerLoop];
         if on_boot.into_iter().any(wanted) {
-            let boot = b.boot_to_result(&lowered)?;
+            let bare = BareBoot::new(&b, &lowered)?;
+            let boot = b.boot_to_result(&bare)?;
             let (floor_boot, our_boot) = (boot.floor_s, boot.ours_s);
             figures.push(boot);
             if wanted(Group::Warm) {
@@ -164,7 +165,7 @@ impl Bench {
                 snapshot = b.snapshot()?;
             }
             if wanted(Group::Test) {
-                figures.extend(b.xtask_test(floor_boot)?);
+                figures.extend(b.xtask_test(&bare)?);
             }
             if wanted(Group::Scenario) {
                 figures.push(b.scenario(floor_boot)?);
@@ -284,39 +285,11 @@ impl Bencher<'_> {
         measure(self.warmup, self.runs, f)
     }
 
-    /// boot-to-result: `run-vm -- true`, cold, against a bare QEMU booting the same
-    /// kernel with a busybox initramfs that loads the same modules, mounts a 9p share,
-    /// writes a file there and powers off.
-    fn boot_to_result(&self, lowered: &crate::lower::system::Lowered) -> Result<Figure> {
+    /// boot-to-result: `run-vm -- true`, cold, against the bare boot, taken in turn.
+    fn boot_to_result(&self, bare: &BareBoot) -> Result<Figure> {
         let run = self.run_true("--cold");
-        let ours = self.measure(|| run_quiet(&run))?;
-        let store = self.store;
-        let floor_initrd = floor_initrd(store, &lowered.kernel)?;
-        let floor_spec = |xchg: &Path| VmSpec {
-            console: Console::File(xchg.join("console")),
-            sandbox: host::qemu_supports_sandbox(&store.cache_dir()),
-            ..VmSpec::direct(
-                self.accel,
-                self.opts.vm.memory,
-                (lowered.boot_image.clone(), floor_initrd.path.join("initrd"), Vec::new()),
-                vec![Share { tag: guest::XCHG_TAG.into(), path: xchg.to_path_buf(), readonly: false }],
-            )
-        };
-        let scratch = store.scratch("bench")?;
-        let floor = self.measure(|| {
-            let marker = scratch.path().join("done");
-            let _ = fs::remove_file(&marker);
-            let (qemu, args) = (crate::vm::qemu_program::program()?, qemu::args(&floor_spec(scratch.path())));
-            let ran = run_quiet(&cmd!(self.sh, "timeout 300 {qemu} {args...}").into());
-            if ran.is_err() || !marker.exists() {
-                let console = fs::read(scratch.path().join("console")).unwrap_or_default();
-                bail!(
-                    "the bare QEMU floor failed or did not write its marker ({ran:?}); console:\n{}",
-                    crate::vm::tail_lines(&console)
-                );
-            }
-            Ok(())
-        })?;
+        let [(ours, _), (floor, _)] =
+            alternating(self.warmup, self.runs, || timed(|| run_quiet(&run)), || timed(|| bare.boot(&self.sh)))?;
         Ok(self.figure("boot-to-result", ours, floor, "xtask run-vm -- true", "bare qemu + busybox initramfs"))
     }
 
@@ -353,18 +326,22 @@ impl Bencher<'_> {
     /// xtask-test: `cargo xtask test` of the example crate (its binaries already built),
     /// cold and restored from a snapshot, against running the same binaries on the host
     /// plus the bare boot.
-    fn xtask_test(&self, floor_boot: f64) -> Result<Vec<Figure>> {
+    fn xtask_test(&self, bare: &BareBoot) -> Result<Vec<Figure>> {
         let selection = ["-p", "vm-checks", "--test", "in_vm"];
         let binaries = super::test::build_test_binaries(self.ws, &selection.map(String::from))?;
         let (xtask, accel) = (self.xtask, self.accel.name());
-        let mut runs = Vec::new();
-        for warmth in ["--cold", "--warm"] {
-            let test: Command =
-                cmd!(self.sh, "{xtask} test --accel {accel} {warmth} --system hello --timeout 300 {selection...}")
-                    .args(["--", "--ignored"])
-                    .into();
-            runs.push(self.measure(|| run_quiet(&test))?);
-        }
+        let test = |warmth: &str| -> Command {
+            cmd!(self.sh, "{xtask} test --accel {accel} {warmth} --system hello --timeout 300 {selection...}")
+                .args(["--", "--ignored"])
+                .into()
+        };
+        // Cold, in turn with the bare boot: the two are alike, and a change in the
+        // machine's speed meanwhile falls on both.
+        let cold = test("--cold");
+        let [(cold, _), (floor_boot, _)] =
+            alternating(self.warmup, self.runs, || timed(|| run_quiet(&cold)), || timed(|| bare.boot(&self.sh)))?;
+        let warm = test("--warm");
+        let warm = self.measure(|| run_quiet(&warm))?;
         let host_run = self.measure(|| {
             for b in &binaries {
                 // On the host they fail at once (not in the VM): only their time counts.
@@ -376,12 +353,12 @@ impl Bencher<'_> {
         Ok(vec![
             self.figure(
                 "xtask-test",
-                runs[0],
+                cold,
                 host_run + floor_boot,
                 "xtask test --cold --system hello -p vm-checks --test in_vm -- --ignored (built)",
                 FLOOR,
             ),
-            self.figure("xtask-test-warm", runs[1], host_run + floor_boot, "the same, --warm", FLOOR),
+            self.figure("xtask-test-warm", warm, host_run + floor_boot, "the same, --warm", FLOOR),
         ])
     }
 
@@ -733,6 +710,57 @@ fn cold_library_image(store: &Store, closure: &Closure) -> Result<(Duration, Pro
     Ok((took, profile))
 }
 
+/// The floor of the VM figures: a bare QEMU booting the same kernel, with the same flags
+/// and command line, and a busybox initramfs that loads the same modules, mounts a 9p
+/// share, writes a file there and powers off.
+struct BareBoot {
+    qemu: PathBuf,
+    args: Vec<std::ffi::OsString>,
+    scratch: tempfile::TempDir,
+}
+
+impl BareBoot {
+    fn new(b: &Bencher, lowered: &crate::lower::system::Lowered) -> Result<BareBoot> {
+        let initrd = floor_initrd(b.store, &lowered.kernel)?;
+        let scratch = b.store.scratch("bench")?;
+        let spec = VmSpec {
+            console: Console::File(scratch.path().join("console")),
+            sandbox: host::qemu_supports_sandbox(&b.store.cache_dir()),
+            ..VmSpec::direct(
+                b.accel,
+                b.opts.vm.memory,
+                (lowered.boot_image.clone(), initrd.path.join("initrd"), Vec::new()),
+                vec![Share { tag: guest::XCHG_TAG.into(), path: scratch.path().to_path_buf(), readonly: false }],
+            )
+        };
+        let args = qemu::args(&spec);
+        Ok(BareBoot { qemu: crate::vm::qemu_program::program()?, args, scratch })
+    }
+
+    /// One boot to the marker and power-off.
+    fn boot(&self, sh: &Shell) -> Result<()> {
+        let marker = self.scratch.path().join("done");
+        let _ = fs::remove_file(&marker);
+        let (qemu, args) = (&self.qemu, &self.args);
+        let ran = run_quiet(&cmd!(sh, "timeout 300 {qemu} {args...}").into());
+        if ran.is_err() || !marker.exists() {
+            let console = fs::read(self.scratch.path().join("console")).unwrap_or_default();
+            bail!(
+                "the bare QEMU floor failed or did not write its marker ({ran:?}); console:\n{}",
+                crate::vm::tail_lines(&console)
+            );
+        }
+        Ok(())
+    }
+}
+
+/// The wall time of `f`, with no profile.
+fn timed(f: impl FnOnce() -> Result<()>) -> Result<(Duration, Profile)> {
+    let start = Instant::now();
+    f()?;
+    Ok((start.elapsed(), Vec::new()))
+}
+
 /// The floor of building an image of a closure: its tree staged beforehand (as the
 /// image builder stages it), then, in each timed [`FloorImage::build`], `mke2fs -d` into a
 /// raw file of the image's file system size and `qemu-img convert` to qcow2.
@@ -795,7 +823,7 @@ impl Drop for FloorImage {
     }
 }
 
-/// Medians of ours and of the floor over `runs` builds of each after `warmup` unmeasured
+/// Medians of ours and of the floor over `runs` runs of each after `warmup` unmeasured
 /// ones, the two taken in turn (ours first, then the floor first, and so on), so that a
 /// change in the machine's speed during the measurement (the disk, another job) falls on
 /// both alike. Also each measured run's profile, ours and the floor's.
