@@ -178,6 +178,25 @@ impl Store {
         names
     }
 
+    /// `store pull ITEM --from TO` fails with exit status 1 saying `why`, and `item` is
+    /// not in the store.
+    fn assert_pull_refused(&self, item: &str, to: &str, why: &str) {
+        let refused = self.run(&["store", "pull", item, "--from", to], "");
+        assert_eq!(refused.code, 1, "{refused:#?}");
+        assert!(refused.stderr.contains(why), "{refused:#?}");
+        assert!(!self.items().iter().any(|n| n == item), "{:?}", self.items());
+    }
+
+    /// `store registry-program` with `substitutes` succeeds, having warned `why` and said
+    /// that it builds the item here; the store is sound after it. Returns the run.
+    fn assert_built_here(&self, substitutes: &str, why: &str) -> Run {
+        let built = self.run(&["store", "registry-program"], substitutes);
+        built.expect_code(0);
+        assert!(built.stderr.contains(why) && built.stderr.contains("building it here"), "{built:#?}");
+        self.assert_sound();
+        built
+    }
+
     /// Nothing half-written: the store verifies, its scratch is empty, and every item's
     /// references are present.
     fn assert_sound(&self) {
@@ -285,26 +304,16 @@ fn unknown_keys_wrong_signatures_and_tampered_blobs_are_refused_and_built_locall
 
     // Signed by a key nobody trusts.
     let store = Store::new(&[&stranger], "");
-    let refused = store.run(&["store", "pull", &item, "--from", &to], "");
-    assert_eq!(refused.code, 1, "{refused:#?}");
-    assert!(refused.stderr.contains("signed by an unknown key"), "{refused:#?}");
+    store.assert_pull_refused(&item, &to, "signed by an unknown key");
     assert!(store.items().is_empty(), "{:?}", store.items());
     store.assert_sound();
     // As a substitute: a warning saying why, then built here.
-    let built = store.run(&["store", "registry-program"], &to);
-    built.expect_code(0);
-    assert!(
-        built.stderr.contains("signed by an unknown key") && built.stderr.contains("building it here"),
-        "{built:#?}"
-    );
+    let built = store.assert_built_here(&to, "signed by an unknown key");
     assert!(built.stderr.contains("fetching Debian package"), "{built:#?}");
-    store.assert_sound();
 
     // A key of the trusted name that is not the trusted key.
     let store = Store::new(&[&impostor], "");
-    let refused = store.run(&["store", "pull", &item, "--from", &to], "");
-    assert_eq!(refused.code, 1, "{refused:#?}");
-    assert!(refused.stderr.contains("wrongly signed"), "{refused:#?}");
+    store.assert_pull_refused(&item, &to, "wrongly signed");
     assert!(store.items().is_empty());
 
     // The signature taken out of the manifest: unsigned.
@@ -313,14 +322,9 @@ fn unknown_keys_wrong_signatures_and_tampered_blobs_are_refused_and_built_locall
         m["annotations"].as_object_mut().unwrap().remove("org.vmstore.signature").expect("a signature");
     });
     let store = Store::new(&[&public], "");
-    let refused = store.run(&["store", "pull", &item, "--from", &to], "");
-    assert_eq!(refused.code, 1, "{refused:#?}");
-    assert!(refused.stderr.contains("unsigned"), "{refused:#?}");
+    store.assert_pull_refused(&item, &to, "unsigned");
     assert!(store.items().is_empty());
-    let built = store.run(&["store", "registry-program"], &to);
-    built.expect_code(0);
-    assert!(built.stderr.contains("refused: unsigned") && built.stderr.contains("building it here"), "{built:#?}");
-    store.assert_sound();
+    store.assert_built_here(&to, "refused: unsigned");
     // Another item's signature and content hash under this item's tag: wrongly signed.
     let other_tag = {
         let shared = store_dir().join("items");
@@ -346,10 +350,7 @@ fn unknown_keys_wrong_signatures_and_tampered_blobs_are_refused_and_built_locall
         }
     });
     let store = Store::new(&[&public], "");
-    let refused = store.run(&["store", "pull", &item, "--from", &to], "");
-    assert_eq!(refused.code, 1, "{refused:#?}");
-    assert!(refused.stderr.contains("wrongly signed"), "{refused:#?}");
-    assert!(!store.items().contains(&item));
+    store.assert_pull_refused(&item, &to, "wrongly signed");
     store.assert_sound();
     push_again(&registry, &item, &to, &key);
 
@@ -357,15 +358,9 @@ fn unknown_keys_wrong_signatures_and_tampered_blobs_are_refused_and_built_locall
     // manifest: the content's hash is not the signed one.
     registry.rewrite_manifest("team/vmstore", tag, |m| m["layers"] = other["layers"].clone());
     let store = Store::new(&[&public], "");
-    let refused = store.run(&["store", "pull", &item, "--from", &to], "");
-    assert_eq!(refused.code, 1, "{refused:#?}");
-    assert!(refused.stderr.contains(&format!("the content of `{}` was altered", &item[33..])), "{refused:#?}");
-    assert!(!store.items().contains(&item), "{:?}", store.items());
+    store.assert_pull_refused(&item, &to, &format!("the content of `{}` was altered", &item[33..]));
     store.assert_sound();
-    let built = store.run(&["store", "registry-program"], &to);
-    built.expect_code(0);
-    assert!(built.stderr.contains("was altered") && built.stderr.contains("building it here"), "{built:#?}");
-    store.assert_sound();
+    store.assert_built_here(&to, "was altered");
     push_again(&registry, &item, &to, &key);
 
     // The right key, then a blob changed in the registry's storage.
@@ -378,15 +373,9 @@ fn unknown_keys_wrong_signatures_and_tampered_blobs_are_refused_and_built_locall
     bytes[middle] ^= 0x40;
     std::fs::write(&blob, &bytes).unwrap();
     let store = Store::new(&[&public], "");
-    let refused = store.run(&["store", "pull", &item, "--from", &to], "");
-    assert_eq!(refused.code, 1, "{refused:#?}");
-    assert!(refused.stderr.contains("altered"), "{refused:#?}");
-    assert!(!store.items().contains(&item), "{:?}", store.items());
+    store.assert_pull_refused(&item, &to, "altered");
     store.assert_sound();
-    let built = store.run(&["store", "registry-program"], &to);
-    built.expect_code(0);
-    assert!(built.stderr.contains("altered content") && built.stderr.contains("building it here"), "{built:#?}");
-    store.assert_sound();
+    store.assert_built_here(&to, "altered content");
 }
 
 /// What a proxy does once `limit` bytes came back from the registry.
