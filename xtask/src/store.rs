@@ -414,11 +414,8 @@ impl Store {
         if !seen.insert(item.file_name()) {
             return Ok(());
         }
-        for (label, value) in self.meta(item)?.inputs {
-            if label != REFERENCE {
-                continue;
-            }
-            let file_name = value.strip_prefix("item:").unwrap_or(&value);
+        let meta = self.meta(item)?;
+        for file_name in referenced(&meta.inputs) {
             let referenced = self
                 .lookup(file_name)
                 .with_context(|| format!("store item `{}` refers to `{file_name}`, which is missing", item.name))?;
@@ -526,12 +523,7 @@ impl Store {
 
     /// The file names of the items a recipe refers to ([`Recipe::reference`]).
     pub fn references(recipe: &Recipe) -> Vec<String> {
-        recipe
-            .inputs
-            .iter()
-            .filter(|(label, _)| label == REFERENCE)
-            .map(|(_, v)| v.strip_prefix("item:").unwrap_or(v).to_string())
-            .collect()
+        referenced(&recipe.inputs).map(String::from).collect()
     }
 
     /// The `.meta` of an item, as stored (the bytes a pushed item's signature covers).
@@ -725,14 +717,23 @@ impl Store {
 
     /// The present items called `name`, whatever their recipe.
     pub fn items_named(&self, name: &str) -> Result<Vec<Item>> {
+        Ok(self.entries()?.into_iter().filter(|item| item.name == name && self.is_present(item)).collect())
+    }
+
+    /// Every present item, by file name.
+    pub fn items(&self) -> Result<Vec<Item>> {
+        Ok(self.entries()?.into_iter().filter(|item| self.is_present(item)).collect())
+    }
+
+    /// The entries of `items/` named as items are, present or not, by file name.
+    fn entries(&self) -> Result<Vec<Item>> {
         let dir = self.items_dir();
-        let entries = fs::read_dir(&dir).with_context(|| format!("listing `{}`", dir.display()))?;
-        let mut items: Vec<Item> = entries
-            .flatten()
-            .filter_map(|e| self.parse_entry(&e.file_name().to_string_lossy()))
-            .filter(|item| item.name == name && self.is_present(item))
-            .collect();
-        items.sort_by(|a, b| a.hash.cmp(&b.hash));
+        let mut items = Vec::new();
+        for entry in fs::read_dir(&dir).with_context(|| format!("listing `{}`", dir.display()))? {
+            let entry = entry.with_context(|| format!("listing `{}`", dir.display()))?;
+            items.extend(self.parse_entry(&entry.file_name().to_string_lossy()));
+        }
+        items.sort_by_key(Item::file_name);
         Ok(items)
     }
 
@@ -897,6 +898,11 @@ pub fn sha256_bytes(bytes: &[u8]) -> String {
 /// sha256 of a file's bytes, as hex.
 pub fn sha256_file(path: &Path) -> Result<String> {
     guest::image::file_hash(path).with_context(|| format!("reading `{}`", path.display()))
+}
+
+/// The file names of the items that a recipe's or `.meta`'s `inputs` refer to.
+fn referenced(inputs: &[(String, String)]) -> impl Iterator<Item = &str> {
+    inputs.iter().filter(|(label, _)| label == REFERENCE).map(|(_, v)| v.strip_prefix("item:").unwrap_or(v))
 }
 
 /// sha256 of a file or tree's content ([`guest::image::tree_hash`], which the guest

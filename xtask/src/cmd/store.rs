@@ -339,13 +339,7 @@ fn push(
             usage_error(format!("`{}` is not an item in the store `{}`", name.escape_debug(), store.root().display()))
         })?],
         What::System(system) => system_items(&store, &system, "")?.into_iter().map(|(_, i)| i).collect(),
-        What::All => {
-            let mut names: Vec<String> = fs_err::read_dir(store.items_dir())?
-                .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
-                .collect::<std::io::Result<_>>()?;
-            names.sort();
-            names.iter().filter_map(|n| store.lookup(n)).collect()
-        }
+        What::All => store.items()?,
     };
     let items = store.closure(&roots)?;
     let moved = substitute::push(ws, &store, &registry, &items, &key)?;
