@@ -17,7 +17,7 @@ use std::process::Command;
 use anyhow::{bail, Context, Result};
 
 use crate::lower::debian;
-use crate::lower::debian::LOADER;
+use crate::lower::debian::{LIB_DIRS, LOADER};
 use crate::store::{Item, Recipe, Store};
 
 /// Debian packages the image tools come from: the programs' packages and the shared
@@ -51,8 +51,6 @@ pub const PROGRAMS: &[(&str, &str)] = &[
     ("sfdisk", "fdisk"),
     ("grub-mkimage", "grub-common"),
 ];
-/// Where Debian's packages put shared libraries.
-const LIB_DIRS: &[&str] = &["lib/x86_64-linux-gnu", "usr/lib/x86_64-linux-gnu"];
 /// mke2fs's configuration, inside e2fsprogs.
 const MKE2FS_CONF: &str = "etc/mke2fs.conf";
 /// GRUB's BIOS images and modules, inside grub-pc-bin.

@@ -166,6 +166,8 @@ pub fn pin(name: &str) -> Result<Pin> {
 
 /// libc6's dynamic loader, inside its package: the store's Debian programs run through it.
 pub const LOADER: &str = "lib/x86_64-linux-gnu/ld-linux-x86-64.so.2";
+/// Where Debian's packages put shared libraries.
+pub const LIB_DIRS: &[&str] = &["lib/x86_64-linux-gnu", "usr/lib/x86_64-linux-gnu"];
 
 /// Where a [`write_loader_wrapper`] item has the loader under the name `name`; its script
 /// execs `"${0%/*}/../` and this.

@@ -20,8 +20,6 @@ use crate::{host, lower::debian, Workspace};
 pub const QEMU_ENV: &str = "XTASK_QEMU";
 /// The Debian package QEMU comes from, with its closure.
 pub const PACKAGE: &str = "qemu-system-x86";
-/// Where the packages put shared libraries.
-const LIB_DIRS: &[&str] = &["lib/x86_64-linux-gnu", "usr/lib/x86_64-linux-gnu"];
 /// Firmware directories (`-L`), by package: QEMU's own images (microvm's qboot), SeaBIOS,
 /// iPXE's option ROMs.
 const DATA_DIRS: &[(&str, &str)] =
@@ -116,7 +114,7 @@ pub fn from_store(store: &Store) -> Result<Item> {
     let (libc6, qemu) = (item_of("libc6")?, item_of(PACKAGE)?);
     let lib_dirs: Vec<(&Item, &str)> = items
         .iter()
-        .flat_map(|(_, i)| LIB_DIRS.iter().filter(|d| i.path.join(d).is_dir()).map(move |d| (i, *d)))
+        .flat_map(|(_, i)| debian::LIB_DIRS.iter().filter(|d| i.path.join(d).is_dir()).map(move |d| (i, *d)))
         .collect();
     let libs: Vec<String> = lib_dirs.iter().map(|(i, d)| rel(i, d)).collect();
     let mut data = Vec::new();
