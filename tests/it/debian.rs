@@ -122,7 +122,10 @@ fn an_unknown_package_is_refused_naming_it() {
     let run = xtask(&["vm-image", "--system", "invalid-debian-unknown"]);
     run.expect_code(2);
     assert!(run.stderr.contains("field `packages[2]`"), "{run:#?}");
-    assert!(run.stderr.contains("Debian package `no-such-package-xtask` does not exist in apt's lists"), "{run:#?}");
+    assert!(
+        run.stderr.contains("Debian package `no-such-package-xtask` does not exist in xtask's Debian index"),
+        "{run:#?}"
+    );
     assert!(run.stderr.contains("nothing was built"), "{run:#?}");
 }
 
@@ -134,10 +137,10 @@ fn conflicting_packages_are_refused() {
     assert!(run.stderr.contains("busybox-static"), "{run:#?}");
 }
 
-/// An apt configuration that sees only a repository of three made-up packages:
-/// `xtask-fixture-app` needs `xtask-fixture-lib`, which needs `xtask-fixture-gone`,
-/// which no package is.
-fn fixture_apt(dir: &Path) -> std::path::PathBuf {
+/// A copy of the workspace's lock file in `dir` whose sources (`vm.sources` beside it)
+/// are only a repository of three made-up packages: `xtask-fixture-app` needs
+/// `xtask-fixture-lib`, which needs `xtask-fixture-gone`, which no package is.
+fn fixture_lock(dir: &Path) -> std::path::PathBuf {
     let stanza = |name: &str, depends: &str| {
         format!(
             "Package: {name}\nVersion: 1.0\nArchitecture: all\n{depends}Filename: ./{name}.deb\nSize: 10\n\
@@ -145,42 +148,26 @@ fn fixture_apt(dir: &Path) -> std::path::PathBuf {
             "0".repeat(64)
         )
     };
-    for sub in ["repo", "lists/partial", "cache/archives/partial", "parts"] {
-        fs::create_dir_all(dir.join(sub)).unwrap();
-    }
+    fs::create_dir_all(dir.join("repo")).unwrap();
     let packages = [
         stanza("xtask-fixture-app", "Depends: xtask-fixture-lib (>= 1)\n"),
         stanza("xtask-fixture-lib", "Depends: xtask-fixture-gone\n"),
         stanza("libc6", ""),
     ];
     fs::write(dir.join("repo/Packages"), packages.concat()).unwrap();
-    fs::write(dir.join("sources.list"), format!("deb [trusted=yes] file:{} ./\n", dir.join("repo").display())).unwrap();
-    let conf = dir.join("apt.conf");
-    let d = dir.display();
-    fs::write(
-        &conf,
-        format!(
-            "Dir::Etc::SourceList \"{d}/sources.list\";\nDir::Etc::SourceParts \"{d}/parts\";\n\
-             Dir::State::Lists \"{d}/lists\";\nDir::Cache \"{d}/cache\";\n"
-        ),
-    )
-    .unwrap();
-    let update = std::process::Command::new("apt-get")
-        .args(["update", "-q", "-o", "APT::Sandbox::User=root"])
-        .env("APT_CONFIG", &conf)
-        .output()
-        .expect("running apt-get update for the fixture repository");
-    assert!(update.status.success(), "apt-get update of the fixture: {}", String::from_utf8_lossy(&update.stderr));
-    conf
+    fs::write(dir.join("vm.sources"), format!("deb [trusted=yes] file:{} ./\n", dir.join("repo").display())).unwrap();
+    let lock = dir.join("vm.lock");
+    fs::copy(vm_tests::workspace_root().join("vm.lock"), &lock).unwrap();
+    lock
 }
 
 #[test]
 fn a_dependency_nothing_provides_is_refused_with_the_chain() {
     let dir = tempfile::tempdir().unwrap();
-    let conf = fixture_apt(dir.path());
+    let lock = fixture_lock(dir.path());
     let run = xtask_env(
         &["run-vm", "--system", "invalid-debian-unresolvable", "--", "true"],
-        &[("APT_CONFIG", conf.as_os_str())],
+        &[("XTASK_LOCK", lock.as_os_str())],
     );
     run.expect_code(2);
     assert!(run.stderr.contains("field `packages[1]`"), "{run:#?}");

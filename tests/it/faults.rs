@@ -352,7 +352,10 @@ fn a_full_file_system_is_a_clear_error_with_nothing_left() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "unshare failed: {stderr}");
     assert!(stdout.contains("exit=1"), "expected a failure: {stdout}\n{stderr}");
-    assert!(stderr.contains("No space left on device") || stderr.contains("ENOSPC"), "unclear error: {stderr}");
+    assert!(
+        stderr.contains(&format!("no space left on device in `{}", store.path().display())),
+        "the full disk is not said, or not where: {stderr}"
+    );
     let leftovers: Vec<&str> = stdout.lines().filter(|l| !l.starts_with("exit=") && !l.starts_with("item:")).collect();
     assert!(leftovers.is_empty(), "temporaries left in .tmp: {leftovers:?}");
     assert!(
@@ -655,4 +658,36 @@ fn sigkill_to_xtask_mid_image_build_leaves_no_image_tool_running() {
         let _ = Command::new("kill").args(["-KILL", &tool.to_string()]).status();
     }
     assert!(left.is_empty(), "outlived a SIGKILLed xtask: {left:?}");
+}
+
+#[test]
+fn a_full_file_system_under_the_debian_index_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let index = dir.path().join("index");
+    fs::create_dir(&index).unwrap();
+    let lock = dir.path().join("vm.lock");
+    fs::copy(vm_tests::workspace_root().join("vm.lock"), &lock).unwrap();
+    // A 1 MiB tmpfs as xtask's Debian index (its lists are tens of MB).
+    let script = format!(
+        "mount -t tmpfs -o size=1m tmpfs '{0}' && XTASK_DEBIAN_INDEX='{0}' XTASK_LOCK='{1}' '{2}' lock --update \
+         busybox-static; echo \"exit=$?\"; find '{0}' -name '*Packages*' | sed 's/^/list:/'; exit 0",
+        index.display(),
+        lock.display(),
+        xtask_bin().display(),
+    );
+    let out = Command::new("unshare")
+        .args(["-rm", "sh", "-c", &script])
+        .stdin(Stdio::null())
+        .output()
+        .expect("running unshare (util-linux)");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "unshare failed: {stderr}");
+    assert!(stdout.contains("exit=1"), "expected a failure: {stdout}\n{stderr}");
+    assert!(
+        stderr.contains(&format!("no space left on device in `{}", index.display())),
+        "the full disk is not said, or not where: {stderr}"
+    );
+    assert!(!stdout.contains("list:"), "a half-fetched list was left: {stdout}");
+    assert_eq!(fs::read(&lock).unwrap(), fs::read(vm_tests::workspace_root().join("vm.lock")).unwrap());
 }

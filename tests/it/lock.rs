@@ -1,8 +1,10 @@
-//! The lock file `vm.lock`: it is complete (the test suite adds nothing to it), it wins
-//! over apt's lists, a package it lacks is added (and said so), `lock --update` says
-//! what moved, a locked version nobody offers is a clear error, and two checkouts in
-//! different directories, one whose apt lists offer another version than the locked
-//! one, compute the same item hashes and a byte-identical raw image.
+//! The lock file `vm.lock`: it is complete (the test suite adds nothing to it), a package
+//! it lacks is added from xtask's own Debian index (and said so) whatever the host's apt
+//! lists hold, `lock --update` says what moved and what uses it, a locked version the
+//! mirrors no longer have is a clear error with the ways out (a fixture repository plays
+//! the mirror), and two checkouts in different directories, one whose host apt lists
+//! offer another version than the locked one, compute the same item hashes and a
+//! byte-identical raw image.
 
 use std::collections::BTreeSet;
 use std::fs;
@@ -37,12 +39,37 @@ fn the_committed_lock_has_every_package_the_workspace_uses() {
     assert_eq!(fs::read(&copy).unwrap(), fs::read(workspace_root().join("vm.lock")).unwrap());
 }
 
-/// The version apt's lists offer for `package` now (its candidate).
-fn apt_candidate(package: &str) -> String {
-    let out = Command::new("apt-cache").args(["show", "--no-all-versions", package]).output().unwrap();
+/// The version xtask's own Debian index (of the host's mirrors, in the shared store)
+/// offers for `package` now (its candidate), asked of apt directly.
+fn index_candidate(package: &str) -> String {
+    let mut confs: Vec<(std::time::SystemTime, PathBuf)> = fs::read_dir(store_dir().join("debian-index"))
+        .expect("xtask made no Debian index in the store")
+        .flatten()
+        .map(|e| e.path())
+        .filter(|d| fs::read_to_string(d.join("sources.list")).is_ok_and(|s| !s.contains("file:")))
+        .filter_map(|d| Some((fs::metadata(d.join("lists")).ok()?.modified().ok()?, d.join("apt.conf"))))
+        .collect();
+    confs.sort();
+    let (_, conf) = confs.pop().expect("xtask's Debian index has no lists");
+    let out = Command::new("apt-cache")
+        .args(["show", "--no-all-versions", package])
+        .env("APT_CONFIG", &conf)
+        .output()
+        .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     let version = text.lines().find_map(|l| l.strip_prefix("Version: "));
-    version.unwrap_or_else(|| panic!("apt's lists do not know `{package}`; run `apt-get update`")).to_string()
+    version.unwrap_or_else(|| panic!("xtask's Debian index ({}) does not know `{package}`", conf.display())).to_string()
+}
+
+/// An apt configuration whose lists are empty: a host that never ran `apt-get update`.
+fn empty_host_apt(dir: &Path) -> PathBuf {
+    for sub in ["lists/partial", "cache/archives/partial"] {
+        fs::create_dir_all(dir.join(sub)).unwrap();
+    }
+    let conf = dir.join("apt.conf");
+    let d = dir.display();
+    fs::write(&conf, format!("Dir::State::lists \"{d}/lists/\";\nDir::Cache \"{d}/cache/\";\n")).unwrap();
+    conf
 }
 
 #[test]
@@ -51,9 +78,12 @@ fn a_package_missing_from_the_lock_is_resolved_added_and_said() {
     let copy = lock_copy(dir.path(), |t| without(&t, "busybox-static"));
     let others = fs::read_to_string(&copy).unwrap();
     assert!(!others.contains("busybox-static"));
-    let run = xtask_env(&["run-vm", "--timeout", TIMEOUT, "--", "true"], &[("XTASK_LOCK", copy.as_os_str())]);
+    // The host's apt lists are empty: xtask's own index resolves it.
+    let apt = empty_host_apt(&dir.path().join("apt"));
+    let env = [("XTASK_LOCK", copy.as_os_str()), ("APT_CONFIG", apt.as_os_str())];
+    let run = xtask_env(&["run-vm", "--timeout", TIMEOUT, "--", "true"], &env);
     run.expect_code(0);
-    let candidate = apt_candidate("busybox-static");
+    let candidate = index_candidate("busybox-static");
     assert!(
         run.stderr.contains(&format!("`busybox-static` was not locked; added busybox-static {candidate} ")),
         "{run:#?}"
@@ -71,15 +101,23 @@ fn lock_update_moves_a_pin_forward_and_says_what_changed() {
     let dir = tempfile::tempdir().unwrap();
     let (_, version) = locked_field("busybox-static", "version");
     let copy = lock_copy(dir.path(), |t| t.replacen(&format!("version = \"{version}\""), "version = \"1:0.1-1\"", 1));
-    let run = xtask_env(&["lock", "--update", "busybox-static"], &[("XTASK_LOCK", copy.as_os_str())]);
+    let apt = empty_host_apt(&dir.path().join("apt"));
+    let env = [("XTASK_LOCK", copy.as_os_str()), ("APT_CONFIG", apt.as_os_str())];
+    let run = xtask_env(&["lock", "--update", "busybox-static"], &env);
     run.expect_code(0);
-    let candidate = apt_candidate("busybox-static");
-    assert_eq!(run.stdout, format!("busybox-static: 1:0.1-1 -> {candidate}\n"), "{run:#?}");
+    assert!(
+        run.stderr.contains("xtask's Debian index: `lock --update` asks for what the mirrors offer now"),
+        "{run:#?}"
+    );
+    let candidate = index_candidate("busybox-static");
+    let line = run.stdout.lines().next().unwrap_or_default();
+    assert!(line.starts_with(&format!("busybox-static: 1:0.1-1 -> {candidate} (used by system minimal, ")), "{run:#?}");
+    assert_eq!(run.stdout.lines().count(), 1, "{run:#?}");
     assert_eq!(locked_in(&copy, "busybox-static", "version"), candidate);
     // Everything at apt's candidates now: nothing more moves.
-    let all = xtask_env(&["lock", "--update"], &[("XTASK_LOCK", copy.as_os_str())]);
+    let all = xtask_env(&["lock", "--update"], &env);
     all.expect_code(0);
-    let again = xtask_env(&["lock", "--update"], &[("XTASK_LOCK", copy.as_os_str())]);
+    let again = xtask_env(&["lock", "--update"], &env);
     again.expect_code(0);
     assert_eq!(again.stdout, "", "{again:#?}");
     assert!(again.stderr.contains("no changes"), "{again:#?}");
@@ -92,50 +130,33 @@ fn locked_in(path: &Path, name: &str, field: &str) -> String {
     table.lines().find_map(|l| l.strip_prefix(&format!("{field} = "))).unwrap().trim_matches('"').to_string()
 }
 
-/// An apt configuration (for `APT_CONFIG`) whose package lists are this machine's, but
-/// for `package`, which they offer at `version` only: as on a machine whose apt lists
-/// moved on (or lag behind) since the lock was written. The sources, and so the
-/// mirrors, stay the machine's.
+/// A host apt configuration (for `APT_CONFIG`) whose lists offer `package` at `version`
+/// only (from a flat repository of one made-up stanza): as on a machine whose apt lists
+/// moved on (or lag behind) since the lock was written.
 fn apt_lists_offering(dir: &Path, package: &str, version: &str) -> PathBuf {
-    let lists = dir.join("lists");
-    for sub in ["lists/partial", "cache/archives/partial"] {
+    for sub in ["repo", "lists/partial", "cache/archives/partial", "parts"] {
         fs::create_dir_all(dir.join(sub)).unwrap();
     }
-    let mut changed = 0;
-    for entry in fs::read_dir("/var/lib/apt/lists").expect("reading apt's lists").flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if name.ends_with("_InRelease") || name.ends_with("_Release") {
-            fs::copy(entry.path(), lists.join(&name)).unwrap();
-            continue;
-        }
-        let Some(at) = name.find("_Packages") else { continue };
-        // apt's own reader, whatever the compression.
-        let out = Command::new("/usr/lib/apt/apt-helper").arg("cat-file").arg(entry.path()).output().unwrap();
-        assert!(out.status.success(), "apt-helper cat-file {name}: {}", String::from_utf8_lossy(&out.stderr));
-        let text = String::from_utf8(out.stdout).unwrap();
-        let stanzas: Vec<String> = text
-            .split("\n\n")
-            .map(|stanza| {
-                if !stanza.starts_with(&format!("Package: {package}\n")) {
-                    return stanza.to_string();
-                }
-                changed += 1;
-                let lines = stanza.lines().map(|l| {
-                    if l.starts_with("Version: ") {
-                        format!("Version: {version}")
-                    } else {
-                        l.to_string()
-                    }
-                });
-                lines.collect::<Vec<_>>().join("\n")
-            })
-            .collect();
-        fs::write(lists.join(&name[..at + "_Packages".len()]), stanzas.join("\n\n")).unwrap();
-    }
-    assert!(changed > 0, "apt's lists on this machine do not have `{package}`; run `apt-get update`");
+    let stanza = format!(
+        "Package: {package}\nVersion: {version}\nArchitecture: amd64\nFilename: ./{package}.deb\nSize: 10\n\
+         SHA256: {}\nDescription: fixture\n\n",
+        "0".repeat(64)
+    );
+    fs::write(dir.join("repo/Packages"), stanza).unwrap();
+    fs::write(dir.join("sources.list"), format!("deb [trusted=yes] file:{} ./\n", dir.join("repo").display())).unwrap();
     let conf = dir.join("apt.conf");
-    let text = format!("Dir::State::lists \"{}/\";\nDir::Cache \"{}/cache/\";\n", lists.display(), dir.display());
+    let d = dir.display();
+    let text = format!(
+        "Dir::Etc::SourceList \"{d}/sources.list\";\nDir::Etc::SourceParts \"{d}/parts\";\n\
+         Dir::State::Lists \"{d}/lists/\";\nDir::Cache \"{d}/cache/\";\n"
+    );
     fs::write(&conf, text).unwrap();
+    let update = Command::new("apt-get")
+        .args(["update", "-q", "-o", "APT::Sandbox::User=root"])
+        .env("APT_CONFIG", &conf)
+        .output()
+        .expect("running apt-get update for the fixture repository");
+    assert!(update.status.success(), "apt-get update of the fixture: {}", String::from_utf8_lossy(&update.stderr));
     let out = Command::new("apt-cache")
         .args(["show", "--no-all-versions", package])
         .env("APT_CONFIG", &conf)
@@ -146,8 +167,39 @@ fn apt_lists_offering(dir: &Path, package: &str, version: &str) -> PathBuf {
     conf
 }
 
+/// A flat apt repository in `dir` (`repo/`) offering `package` at `version` only, as a
+/// `.deb` made here, and a `vm.sources` beside the lock copy in `dir` naming it as the
+/// workspace's mirror.
+fn fixture_mirror(dir: &Path, package: &str, version: &str) {
+    let root = dir.join("deb");
+    fs::create_dir_all(root.join("DEBIAN")).unwrap();
+    fs::create_dir_all(root.join("usr/share/doc").join(package)).unwrap();
+    fs::write(root.join("usr/share/doc").join(package).join("fixture"), "a fixture\n").unwrap();
+    let control = format!(
+        "Package: {package}\nVersion: {version}\nArchitecture: amd64\nMaintainer: fixture <f@example.org>\n\
+         Description: fixture\n"
+    );
+    fs::write(root.join("DEBIAN/control"), control).unwrap();
+    let repo = dir.join("repo");
+    fs::create_dir_all(&repo).unwrap();
+    let deb = repo.join(format!("{package}_fixture_amd64.deb"));
+    let out = Command::new("dpkg-deb").args(["--root-owner-group", "--build"]).arg(&root).arg(&deb).output().unwrap();
+    assert!(out.status.success(), "dpkg-deb --build: {}", String::from_utf8_lossy(&out.stderr));
+    let bytes = fs::read(&deb).unwrap();
+    let sha = Command::new("sha256sum").arg(&deb).output().unwrap();
+    let sha = String::from_utf8_lossy(&sha.stdout).split_whitespace().next().unwrap().to_string();
+    let stanza = format!(
+        "Package: {package}\nVersion: {version}\nArchitecture: amd64\nFilename: ./{}\nSize: {}\nSHA256: {sha}\n\
+         Description: fixture\n\n",
+        deb.file_name().unwrap().to_string_lossy(),
+        bytes.len()
+    );
+    fs::write(repo.join("Packages"), stanza).unwrap();
+    fs::write(dir.join("vm.sources"), format!("deb [trusted=yes] file:{} ./\n", repo.display())).unwrap();
+}
+
 #[test]
-fn a_locked_version_nobody_offers_is_an_error_naming_it_and_the_fix() {
+fn a_locked_version_gone_from_the_mirrors_is_an_error_naming_it_and_the_ways_out() {
     let dir = tempfile::tempdir_in(store_dir().parent().unwrap()).unwrap();
     let (_, version) = locked_field("busybox-static", "version");
     let (_, filename) = locked_field("busybox-static", "filename");
@@ -159,6 +211,8 @@ fn a_locked_version_nobody_offers_is_an_error_naming_it_and_the_fix() {
             1,
         )
     });
+    // The workspace's mirror: a repository that has moved on to another version.
+    fixture_mirror(dir.path(), "busybox-static", "1:9.9-1");
     let store = store_of_debian_packages_but(&dir.path().join("store"), "-busybox-static-");
     let env = [("XTASK_LOCK", copy.as_os_str()), ("XTASK_VMSTORE", store.as_os_str())];
     let run = xtask_env(&["run-vm", "--timeout", TIMEOUT, "--", "true"], &env);
@@ -168,8 +222,24 @@ fn a_locked_version_nobody_offers_is_an_error_naming_it_and_the_fix() {
         "the package and version are not named: {run:#?}"
     );
     assert!(run.stderr.contains("busybox-static_1.35.0-4+never1_amd64.deb"), "no pool path: {run:#?}");
+    assert!(run.stderr.contains("the mirrors no longer have it"), "not said why: {run:#?}");
     assert!(run.stderr.contains("cargo xtask lock --update busybox-static"), "no fix: {run:#?}");
+    assert!(run.stderr.contains("a registry substitute that has its store item `"), "no substitute: {run:#?}");
+    assert!(run.stderr.contains("-busybox-static-1_1.35.0-4+never1`"), "the item is not named: {run:#?}");
     assert!(!run.stderr.contains("was not locked"), "the lock was changed: {run:#?}");
+
+    // The second way out, without root: the pin moves to what the mirror offers.
+    let update = xtask_env(&["lock", "--update", "busybox-static"], &env);
+    update.expect_code(0);
+    assert!(
+        update.stdout.starts_with(&format!("busybox-static: {gone} -> 1:9.9-1 (used by system minimal")),
+        "{update:#?}"
+    );
+    assert_eq!(locked_in(&copy, "busybox-static", "version"), "1:9.9-1");
+    assert_eq!(locked_in(&copy, "busybox-static", "filename"), "./busybox-static_fixture_amd64.deb");
+    // And it is fetched from there (it is no busybox: only the fetch is checked).
+    let fetched = xtask_env(&["run-vm", "--timeout", TIMEOUT, "--", "true"], &env);
+    assert!(fetched.stderr.contains("unpacking Debian package busybox-static 1:9.9-1"), "{fetched:#?}");
 }
 
 /// A new store at `store` with hard links to the shared store's Debian packages (the
@@ -208,8 +278,8 @@ fn two_checkouts_with_different_apt_lists_give_the_same_items_and_image() {
 
     // Another checkout of the same commit, elsewhere, with a store of its own holding
     // only Debian's packages (hard links: the kernel is 70 MB) but busybox-static's, and
-    // with apt's lists offering another busybox-static than the locked one: the lock's
-    // is fetched (by its pool path, as apt's lists do not have it).
+    // with the host's apt lists offering another busybox-static than the locked one:
+    // the lock's is fetched all the same (the host's lists play no part).
     let tmp = tempfile::tempdir_in(store_dir().parent().unwrap()).unwrap();
     let checkout = tmp.path().join("somewhere/else/checkout");
     copy_workspace(&checkout);
@@ -220,7 +290,6 @@ fn two_checkouts_with_different_apt_lists_give_the_same_items_and_image() {
     let there = cargo_xtask_in(&checkout, &args, &env);
     there.expect_code(0);
     assert!(there.stderr.contains(&format!("fetching Debian package busybox-static {locked} ")), "{there:#?}");
-    assert!(there.stderr.contains("fetching it by its pool path"), "busybox-static was not fetched: {there:#?}");
     assert!(!there.stderr.contains("was not locked"), "the checkout's lock changed: {there:#?}");
     assert_eq!(fs::read(checkout.join("vm.lock")).unwrap(), fs::read(workspace_root().join("vm.lock")).unwrap());
     assert!(there.stderr.contains("store: built "), "nothing was built in the other store: {there:#?}");

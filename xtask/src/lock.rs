@@ -1,10 +1,11 @@
 //! The lock file `vm.lock` in the workspace: every Debian package the systems and the
 //! image tools use, pinned to a version, its architecture, its pool path in the archive
 //! and the `.deb`'s sha256. Committed like `Cargo.lock`, so two checkouts of one commit
-//! fetch the same packages and compute the same item hashes, whatever apt's lists say
-//! on either machine.
+//! fetch the same packages and compute the same item hashes, whatever the host's apt
+//! lists say on either machine. Its `release` line names the Debian release whose suites
+//! xtask's own Debian index follows.
 //!
-//! Builds read it. A package it does not have yet is resolved from apt's lists
+//! Builds read it. A package it does not have yet is resolved in xtask's own Debian index
 //! ([`crate::lower::debian::resolve`]) and added, saying so on stderr; `cargo xtask lock
 //! --update [PACKAGE]` moves pins forward on purpose. The format is a small subset of
 //! TOML written by hand, one table per package sorted by name, one field per line, so a
@@ -37,6 +38,8 @@ pub const LOCK_FILE: &str = "vm.lock";
 /// Names another lock file to use instead of the workspace's (for tests working on a copy).
 pub const LOCK_ENV: &str = "XTASK_LOCK";
 const FORMAT_VERSION: &str = "1";
+/// The Debian release a lock file without a `release` line is for.
+pub const DEFAULT_RELEASE: &str = "bookworm";
 const HEADER: &str = "# vm.lock: the Debian packages this workspace's systems and image tools use, with the\n\
                       # exact version, pool path and .deb sha256 of each. Written by `cargo xtask`; commit it.\n\
                       # `cargo xtask lock --update [PACKAGE]` moves pins forward and says what changed.\n";
@@ -123,8 +126,9 @@ pub fn record_closure(roots: &[String], resolved: Vec<Pin>) -> Result<()> {
 }
 
 /// Re-resolves the pins named in `names` (all of them when empty; a name not in the lock
-/// is added) with `resolve`, writes the lock file and returns what changed, one line each.
-pub fn update(names: &[String], resolve: impl Fn(&str) -> Result<Stanza>) -> Result<Vec<String>> {
+/// is added) with `resolve`, writes the lock file and returns what changed: the name and
+/// a line saying how.
+pub fn update(names: &[String], resolve: impl Fn(&str) -> Result<Stanza>) -> Result<Vec<(String, String)>> {
     let path = path();
     let _guard = lock_dir(&path)?;
     let mut pins = read(&path)?;
@@ -136,12 +140,13 @@ pub fn update(names: &[String], resolve: impl Fn(&str) -> Result<Stanza>) -> Res
         match pins.get(name) {
             Some(old) if Pin { depends: None, ..old.clone() } == new => new.depends = old.depends.clone(),
             Some(old) if old.package == new.package => {
-                changes.push(format!("{name}: {} -> {}", old.version, new.version))
+                changes.push((name.clone(), format!("{name}: {} -> {}", old.version, new.version)))
             }
-            Some(old) => {
-                changes.push(format!("{name}: {} {} -> {} {}", old.package, old.version, new.package, new.version))
-            }
-            None => changes.push(format!("{name}: added {} {}", new.package, new.version)),
+            Some(old) => changes.push((
+                name.clone(),
+                format!("{name}: {} {} -> {} {}", old.package, old.version, new.package, new.version),
+            )),
+            None => changes.push((name.clone(), format!("{name}: added {} {}", new.package, new.version))),
         }
         pins.insert(name.clone(), new);
     }
@@ -173,7 +178,28 @@ pub fn read(path: &Path) -> Result<Pins> {
 }
 
 fn write(path: &Path, pins: &Pins) -> Result<()> {
-    crate::store::write_atomically(path, format(pins).as_bytes())
+    let release = release_at(path)?;
+    crate::store::write_atomically(path, format_for(&release, pins).as_bytes())
+}
+
+/// The Debian release the workspace's lock file is for (its `release` line): the suites
+/// xtask's own Debian index follows ([`crate::lower::debian::index`]).
+pub fn release() -> Result<String> {
+    release_at(&path())
+}
+
+fn release_at(path: &Path) -> Result<String> {
+    let text = match fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(DEFAULT_RELEASE.to_string()),
+        Err(e) => return Err(e).with_context(|| format!("reading the lock file `{}`", path.display())),
+    };
+    let before_tables = text.lines().take_while(|l| !l.trim_start().starts_with('['));
+    let release = before_tables
+        .filter_map(|l| l.split_once('=').filter(|(k, _)| k.trim() == "release"))
+        .map(|(_, v)| v.trim().trim_matches('"').to_string())
+        .next();
+    Ok(release.unwrap_or_else(|| DEFAULT_RELEASE.to_string()))
 }
 
 /// Holds the lock of the lock file's directory (`flock`): its writers take it.
@@ -195,9 +221,14 @@ fn check_fields(name: &str, pin: &Pin) -> Result<()> {
     Ok(())
 }
 
-/// The lock file's text: sorted by name, one field per line.
+/// The lock file's text for [`DEFAULT_RELEASE`]: sorted by name, one field per line.
 pub fn format(pins: &Pins) -> String {
-    let mut s = format!("{HEADER}\nversion = {FORMAT_VERSION}\n");
+    format_for(DEFAULT_RELEASE, pins)
+}
+
+/// The lock file's text for Debian release `release`.
+pub fn format_for(release: &str, pins: &Pins) -> String {
+    let mut s = format!("{HEADER}\nversion = {FORMAT_VERSION}\nrelease = \"{release}\"\n");
     for (name, p) in pins {
         s.push_str(&format!(
             "\n[\"{name}\"]\npackage = \"{}\"\nversion = \"{}\"\narchitecture = \"{}\"\nfilename = \"{}\"\n\
@@ -254,6 +285,12 @@ pub fn parse(text: &str) -> Result<Pins> {
         let Some((_, pin, seen)) = current.as_mut() else {
             match key {
                 "version" => version = Some(value.to_string()),
+                "release" => {
+                    let release = string()?;
+                    if release.is_empty() || !release.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
+                        bail!("{}: expected a Debian release name such as \"{DEFAULT_RELEASE}\"", at());
+                    }
+                }
                 _ => bail!("{}: unknown key before the first package", at()),
             }
             continue;
@@ -413,7 +450,7 @@ mod tests {
         assert_eq!(on_disk["busybox-static"], locked);
         // Moving forward on purpose says what changed.
         let changes = update(&["busybox-static".to_string()], candidate).unwrap();
-        assert_eq!(changes, ["busybox-static: 1:1.30 -> 9.9"]);
+        assert_eq!(changes, [("busybox-static".to_string(), "busybox-static: 1:1.30 -> 9.9".to_string())]);
         assert_eq!(read(&file).unwrap()["busybox-static"].version, "9.9");
         assert!(update(&[], candidate).unwrap().is_empty());
         std::env::remove_var(LOCK_ENV);

@@ -42,8 +42,8 @@ const fn store(name: &'static str, package: &'static str, used_for: &'static str
 pub const PROGRAMS: &[Program] = &[
     host("qemu-system-x86_64", "qemu-system-x86", false, "every VM (the host's; see the store's below)"),
     host("qemu-img", "qemu-utils", false, "qcow2 images and disks"),
-    host("apt-get", "apt", true, "downloading Debian packages (`apt-get download`, no root)"),
-    host("apt-cache", "apt", true, "resolving a package not locked yet, `lock --update`"),
+    host("apt-get", "apt", true, "xtask's own Debian index (`apt-get update`, no root), closures (`--simulate`)"),
+    host("apt-cache", "apt", true, "resolving a package not locked yet, `lock --update`, over xtask's index"),
     host("/usr/lib/apt/apt-helper", "apt", true, "fetching a locked package by its pool path"),
     host("dpkg-deb", "dpkg", true, "unpacking Debian packages (it runs tar)"),
     host("ldconfig", "libc-bin", true, "finding a host program's libraries (`Package::Host`)"),

@@ -13,6 +13,7 @@
 
 mod fd;
 pub mod ingest;
+pub mod space;
 
 pub use fd::{start_file_writeback, DirFd, Kind};
 
@@ -501,7 +502,7 @@ impl Store {
         let done = fill(tmp).and_then(|()| self.commit(recipe, item, tmp, expected));
         if let Err(err) = done {
             remove_tree(tmp).ok();
-            return Err(err);
+            return Err(space::annotate(err, &self.root, None));
         }
         Ok(())
     }

@@ -1,8 +1,9 @@
 //! `cargo xtask lock [--update [PACKAGE...]]`: the workspace's lock file `vm.lock`.
 //! Without `--update`, adds every package the named systems and the image tools use that
-//! it lacks; with it, moves pins forward to what apt's lists offer now and prints what
-//! changed. Either way, the dependency closure of every named system's Debian packages
-//! is locked too.
+//! it lacks; with it, fetches xtask's own Debian index again, moves pins forward to what
+//! it offers now and prints what changed (package, old and new version, what uses it).
+//! Either way, the dependency closure of every named system's Debian packages is locked
+//! too. No root is needed: the index is xtask's own ([`debian::index`]).
 
 use anyhow::{Context, Result};
 
@@ -10,7 +11,8 @@ use crate::{lock, lower::debian};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct Lock {
-    /// Re-resolve the pins (all, or the PACKAGEs given) to apt's current candidates.
+    /// Re-resolve the pins (all, or the PACKAGEs given) to the versions Debian's mirrors
+    /// offer now (fetching xtask's own Debian index again).
     #[arg(long)]
     pub update: bool,
     /// With --update: only these packages (a package not locked yet is added).
@@ -24,15 +26,19 @@ impl Lock {
         if self.update {
             let names: Vec<String> =
                 if self.packages.is_empty() { lock::read(&path)?.into_keys().collect() } else { self.packages.clone() };
+            debian::index::Index::current()?.refresh("`lock --update` asks for what the mirrors offer now")?;
             let resolved = debian::resolve_many(&names)?;
             let changes = lock::update(&names, |name| resolved.get(name).cloned().context("not resolved"))?;
+            lock_closures()?;
             if changes.is_empty() {
                 eprintln!("{}: no changes", path.display());
             }
-            for change in changes {
-                println!("{change}");
+            let pins = lock::snapshot()?;
+            for (name, change) in changes {
+                let users = users(&pins, &name);
+                let users = if users.is_empty() { String::new() } else { format!(" (used by {})", users.join(", ")) };
+                println!("{change}{users}");
             }
-            lock_closures()?;
         } else {
             let locked = lock::read(&path)?;
             let missing: Vec<String> = lock::wanted().into_iter().filter(|n| !locked.contains_key(n)).collect();
@@ -60,4 +66,41 @@ fn lock_closures() -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// What uses the package locked as `name`: the named systems whose Debian packages,
+/// kernel or busybox have it in their closure, the image tools, QEMU from the store,
+/// docker-registry.
+fn users(pins: &lock::Pins, name: &str) -> Vec<String> {
+    let package = pins.get(name).map(|p| p.package.clone()).unwrap_or_else(|| name.to_string());
+    let uses = |roots: Vec<String>| match debian::closure::walk(pins, &roots) {
+        Some(closure) => closure.iter().any(|(n, p)| n == name || p.package == package),
+        None => roots.iter().any(|r| r == name),
+    };
+    let mut users = Vec::new();
+    for system in lock::locked_systems() {
+        let mut roots = crate::lower::system::debian_packages(&system);
+        if !roots.is_empty() {
+            roots.push(debian::closure::LIBC.to_string());
+        }
+        if let os_configs::Kernel::Debian { package } = &system.kernel {
+            roots.push(package.clone());
+        }
+        if system.packages.iter().any(|p| matches!(p, os_configs::Package::Busybox)) {
+            roots.push(crate::lower::system::BUSYBOX_PACKAGE.to_string());
+        }
+        if uses(roots) {
+            users.push(format!("system {}", system.name));
+        }
+    }
+    if uses(crate::image::tools::PACKAGES.iter().map(|p| p.to_string()).collect()) {
+        users.push("the image tools".to_string());
+    }
+    if uses(vec![crate::vm::qemu_program::PACKAGE.to_string(), debian::closure::LIBC.to_string()]) {
+        users.push("QEMU from the store".to_string());
+    }
+    if uses(vec![crate::registry_server::PACKAGE.to_string()]) {
+        users.push("docker-registry".to_string());
+    }
+    users
 }

@@ -1,9 +1,8 @@
-//! Debian packages as store items: a package name is resolved once to a version, its
-//! pool path and the `.deb`'s sha256 (a *pin*, kept in the workspace's lock file
-//! `vm.lock`, see [`crate::lock`]), fetched with `apt-get download` (or, when apt's lists
-//! no longer offer that version, by its pool path from the Debian mirror apt uses),
-//! checked against the pin and unpacked with `dpkg-deb -x`; no root is needed for any
-//! of it.
+//! Debian packages as store items: a package name is resolved once, in xtask's own
+//! Debian index ([`index`]), to a version, its pool path and the `.deb`'s sha256 (a
+//! *pin*, kept in the workspace's lock file `vm.lock`, see [`crate::lock`]), fetched by
+//! its pool path from the index's mirrors, checked against the pin and unpacked with
+//! `dpkg-deb -x`; no root is needed for any of it, and the host's apt lists play no part.
 
 use fs_err as fs;
 use std::path::Path;
@@ -12,8 +11,10 @@ use anyhow::{bail, ensure, Context, Result};
 
 use crate::store::{self, Item, Recipe, Store};
 use crate::{host, lock};
+use index::Index;
 
 pub mod closure;
+pub mod index;
 pub mod profile;
 
 /// A package resolved to an exact version, where the archive keeps it and its `.deb`'s
@@ -89,32 +90,43 @@ pub fn parse_stanzas(text: &str) -> Vec<Stanza> {
     text.split("\n\n").filter_map(parse_stanza).collect()
 }
 
-/// Looks a package up in apt's lists (the candidate version).
-pub fn show(package: &str) -> Result<Stanza> {
-    host::ensure(&[host::APT_GET])?;
-    host::apt_update_once()?;
-    let out =
-        crate::process::output(crate::process::command("apt-cache").args(["show", "--no-all-versions", package]))?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    match parse_stanza(&text) {
-        Some(s) => Ok(s),
-        None if host::is_root() => bail!(
-            "Debian package `{package}` is unknown to apt (apt-cache: {}); check the name, or run `apt-get update`",
-            String::from_utf8_lossy(&out.stderr).trim()
-        ),
-        None => bail!(
-            "Debian package `{package}` is unknown to apt; check the name, or run `sudo apt-get update` if \
-                apt has never been updated here"
-        ),
+/// The candidate stanzas xtask's own Debian index ([`index`]) has for `names` (those it
+/// knows); a name it does not know makes it fetch its lists again, once per process.
+fn show(index: &Index, names: &[String]) -> Result<Vec<Stanza>> {
+    if names.is_empty() {
+        return Ok(Vec::new());
     }
+    index.ready()?;
+    let ask = || -> Result<Vec<Stanza>> {
+        let out = crate::process::output(index.command("apt-cache").args(["show", "--no-all-versions"]).args(names))?;
+        Ok(parse_stanzas(&String::from_utf8_lossy(&out.stdout)))
+    };
+    let mut stanzas = ask()?;
+    let missing: Vec<&str> =
+        names.iter().filter(|n| !stanzas.iter().any(|s| &s.pin.package == *n)).map(String::as_str).collect();
+    if !missing.is_empty() && index.refresh(&format!("it does not know {}", missing.join(", ")))? {
+        stanzas = ask()?;
+    }
+    Ok(stanzas)
 }
 
-/// What `name` resolves to today in apt's lists: its candidate, or, for a kernel
-/// metapackage (`linux-image-amd64`), the real image package it depends on.
+/// What `name` resolves to today in xtask's own Debian index: its candidate, or, for a
+/// kernel metapackage (`linux-image-amd64`), the real image package it depends on.
 pub fn resolve(name: &str) -> Result<Stanza> {
-    let stanza = show(name)?;
+    let index = Index::current()?;
+    resolve_in(&index, name)
+}
+
+fn resolve_in(index: &Index, name: &str) -> Result<Stanza> {
+    let stanza = show(index, &[name.to_string()])?.into_iter().find(|s| s.pin.package == name).with_context(|| {
+        format!(
+            "Debian package `{name}` is unknown to xtask's Debian index (release {}, from {}); check the name",
+            crate::lock::release().unwrap_or_default(),
+            index.origin()
+        )
+    })?;
     match stanza.depends.iter().find(|d| is_versioned_image_package(d)) {
-        Some(real) if is_image_metapackage(&stanza.pin.package) => show(real),
+        Some(real) if is_image_metapackage(&stanza.pin.package) => resolve_in(index, &real.clone()),
         _ => Ok(stanza),
     }
 }
@@ -126,23 +138,19 @@ pub fn resolve_many(names: &[String]) -> Result<std::collections::BTreeMap<Strin
     if names.is_empty() {
         return Ok(resolved);
     }
-    host::ensure(&[host::APT_GET])?;
-    host::apt_update_once()?;
-    let out =
-        crate::process::output(crate::process::command("apt-cache").args(["show", "--no-all-versions"]).args(names))?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    let stanzas = parse_stanzas(&text);
+    let index = Index::current()?;
+    let stanzas = show(&index, names)?;
     for name in names {
         match stanzas.iter().find(|s| &s.pin.package == name) {
             Some(s) if is_image_metapackage(name) => {
-                resolved.insert(name.clone(), resolve(&s.pin.package)?);
+                resolved.insert(name.clone(), resolve_in(&index, &s.pin.package)?);
             }
             Some(s) => {
                 resolved.insert(name.clone(), s.clone());
             }
             // An unknown name: asked alone, for its own error.
             None => {
-                resolved.insert(name.clone(), resolve(name)?);
+                resolved.insert(name.clone(), resolve_in(&index, name)?);
             }
         }
     }
@@ -202,20 +210,25 @@ pub fn write_loader_wrapper(
 
 /// The unpacked package as a store item (its whole file tree, as `dpkg-deb -x` gives it).
 pub fn unpacked(store: &Store, pin: &Pin) -> Result<Item> {
-    let recipe = Recipe::new("debian-package", &format!("{}-{}", pin.package, pin.version))
-        .param("package", &pin.package)
-        .param("version", &pin.version)
-        .param("sha256", &pin.sha256);
-    store.realise(&recipe, |out| {
+    store.realise(&unpacked_recipe(pin), |out| {
         host::ensure(&[host::APT_GET, host::DPKG_DEB])?;
         let scratch = store.scratch(&pin.package)?;
-        let deb = download(pin, scratch.path())?;
+        let deb = download(store, pin, scratch.path())?;
         let _step = crate::progress::step(&format!("unpacking Debian package {} {}", pin.package, pin.version));
-        crate::process::run(crate::process::command("dpkg-deb").arg("-x").arg(&deb).arg(out))?;
+        crate::process::run(crate::process::command("dpkg-deb").arg("-x").arg(&deb).arg(out))
+            .map_err(|e| store::space::annotate(e, out, None))?;
         // While the .deb is here: what its maintainer script would link.
         alternatives_from(store, pin, &deb)?;
         Ok(())
     })
+}
+
+/// The recipe of a package's unpacked tree.
+fn unpacked_recipe(pin: &Pin) -> Recipe {
+    Recipe::new("debian-package", &format!("{}-{}", pin.package, pin.version))
+        .param("package", &pin.package)
+        .param("version", &pin.version)
+        .param("sha256", &pin.sha256)
 }
 
 /// One link `update-alternatives --install` makes in a package's `postinst`: the link,
@@ -245,7 +258,7 @@ pub fn alternatives(store: &Store, pin: &Pin) -> Result<Item> {
         return Ok(item);
     }
     let scratch = store.scratch(&pin.package)?;
-    let deb = download(pin, scratch.path())?;
+    let deb = download(store, pin, scratch.path())?;
     alternatives_from(store, pin, &deb)
 }
 
@@ -321,146 +334,103 @@ pub fn parse_alternatives(script: &str) -> Vec<Alternative> {
     found
 }
 
-/// Fetches the pinned `.deb` into `dir` and checks its sha256: with `apt-get download`
-/// of exactly that version, or, when apt's lists do not offer it (they moved on, or
-/// were never updated), by its pool path from the mirrors in apt's sources.
-fn download(pin: &Pin, dir: &Path) -> Result<std::path::PathBuf> {
-    let size = if pin.size > 0 { format!(" ({:.1} MB)", pin.size as f64 / 1e6) } else { String::new() };
-    // apt-get writes the .deb (under a partial name) in `dir`: its growth is the progress.
-    let _step = crate::progress::step(&format!("fetching Debian package {} {}{size}", pin.package, pin.version))
-        .watch_dir(dir, (pin.size > 0).then_some(pin.size));
-    let mut cmd = crate::process::command("apt-get");
-    cmd.args(["download", "-q"]);
-    if host::is_root() {
-        // apt's download sandbox user cannot write into a root-owned directory.
-        cmd.args(["-o", "APT::Sandbox::User=root"]);
-    }
-    let out = crate::process::output(cmd.arg(format!("{}={}", pin.package, pin.version)).current_dir(dir))?;
-    let deb = if out.status.success() {
-        fs::read_dir(dir)?
-            .flatten()
-            .map(|e| e.path())
-            .find(|p| p.extension().is_some_and(|e| e == "deb"))
-            .with_context(|| format!("apt-get download left no .deb for `{}`", pin.package))?
-    } else {
-        let apt_error = String::from_utf8_lossy(&out.stderr).trim().to_string();
-        from_pool(pin, dir, &apt_error)?
-    };
-    let actual = store::sha256_file(&deb)?;
-    ensure!(
-        actual == pin.sha256,
-        "sha256 mismatch for Debian package {} {}: locked {}, downloaded {}; refusing it",
-        pin.package,
-        pin.version,
-        pin.sha256,
-        actual
-    );
-    Ok(deb)
-}
-
-/// Fetches the pinned `.deb` by its pool path from each mirror apt's sources name, in
-/// turn, with apt's own downloader (`apt-helper download-file`, which checks the hash).
-fn from_pool(pin: &Pin, dir: &Path, apt_error: &str) -> Result<std::path::PathBuf> {
+/// Fetches the pinned `.deb` into `dir` by its pool path from each mirror of xtask's
+/// Debian index in turn, with apt's own downloader (`apt-helper download-file`, which
+/// checks the hash), and checks its sha256. No package list is needed for it.
+fn download(store: &Store, pin: &Pin, dir: &Path) -> Result<std::path::PathBuf> {
     let what = format!("{} {}", pin.package, pin.version);
-    let fix = format!(
-        "run `cargo xtask lock --update {}` to lock the version apt offers now (and commit vm.lock), \
-         or `sudo apt-get update` if apt's lists are older than the lock",
-        pin.package
-    );
     if pin.filename.is_empty() {
-        bail!(
-            "`apt-get download {}={}` failed: {apt_error}\nvm.lock has no pool path for {what}; {fix}",
-            pin.package,
-            pin.version
-        );
+        bail!("vm.lock has no pool path for Debian package {what}; run `cargo xtask lock --update {}`", pin.package);
     }
-    let mirrors = mirrors();
-    let helper = Path::new(APT_HELPER);
+    let index = Index::current()?;
+    index.prepare()?;
+    let size = if pin.size > 0 { format!(" ({:.1} MB)", pin.size as f64 / 1e6) } else { String::new() };
+    // apt-helper writes the .deb in `dir`: its growth is the progress.
+    let _step = crate::progress::step(&format!("fetching Debian package {what}{size}"))
+        .watch_dir(dir, (pin.size > 0).then_some(pin.size));
+    let needed = (pin.size > 0).then_some(pin.size);
+    if let Some(full) = store::space::explain_dir(dir, needed) {
+        bail!("{full}\nfetching Debian package {what} needs {} bytes there", pin.size);
+    }
+    let deb = dir.join(format!("{}_{}.deb", pin.package, pin.architecture));
     let mut tried = Vec::new();
-    eprintln!("apt's lists do not offer {what}; fetching it by its pool path `{}` from apt's mirrors", pin.filename);
-    for mirror in &mirrors {
+    for mirror in index.mirrors() {
         let url = format!("{}/{}", mirror.trim_end_matches('/'), pin.filename.replace('+', "%2b"));
-        let deb = dir.join(format!("{}_{}.deb", pin.package, pin.architecture));
-        let mut cmd = crate::process::command(helper);
-        if host::is_root() {
-            cmd.args(["-o", "APT::Sandbox::User=root"]);
-        }
-        let out =
-            crate::process::output(cmd.args(["download-file", &url]).arg(&deb).arg(format!("SHA256:{}", pin.sha256)))?;
+        let mut cmd = index.command(APT_HELPER);
+        cmd.args(["download-file", &url]).arg(&deb).arg(format!("SHA256:{}", pin.sha256));
+        let out = crate::process::output(&cmd)?;
         if out.status.success() && deb.is_file() {
+            let actual = store::sha256_file(&deb)?;
+            ensure!(
+                actual == pin.sha256,
+                "sha256 mismatch for Debian package {what}: locked {}, downloaded {actual}; refusing it",
+                pin.sha256
+            );
             return Ok(deb);
         }
         let _ = fs::remove_file(&deb);
-        tried
-            .push(format!("{url}: {}", String::from_utf8_lossy(&out.stderr).lines().last().unwrap_or("failed").trim()));
+        let said = String::from_utf8_lossy(&out.stderr).into_owned();
+        if store::space::said_full(&said) {
+            let err = anyhow::anyhow!("fetching Debian package {what} from {url} failed: {}", said.trim());
+            return Err(store::space::annotate(err, dir, needed));
+        }
+        tried.push((url.clone(), fetch_failure(&said, &url)));
     }
-    bail!(
-        "cannot fetch Debian package {what} (locked in vm.lock, pool path `{}`): apt's lists do not offer it \
-         (`apt-get download`: {apt_error}) and no mirror in apt's sources has it ({}); {fix}",
-        pin.filename,
-        if tried.is_empty() { "apt's sources name no mirror".to_string() } else { tried.join("; ") }
-    )
+    Err(not_on_mirrors(store, pin, &index, &tried))
+}
+
+/// Why apt-helper could not fetch `url`: the reason on its `E: Failed to fetch URL
+/// REASON` line (`404  Not Found`, `Could not resolve ...`), else its last line.
+fn fetch_failure(said: &str, url: &str) -> String {
+    let reason = said.lines().find_map(|l| l.strip_prefix("E: Failed to fetch ")?.strip_prefix(url).map(str::trim));
+    let last = || said.lines().rfind(|l| !l.trim().is_empty()).unwrap_or("failed").trim();
+    reason.filter(|r| !r.is_empty()).unwrap_or_else(last).to_string()
+}
+
+/// The error for a pinned package no mirror gave: gone from the mirrors (Debian drops
+/// superseded versions) or not reachable, with the ways out.
+fn not_on_mirrors(store: &Store, pin: &Pin, index: &Index, tried: &[(String, String)]) -> anyhow::Error {
+    let what = format!("{} {}", pin.package, pin.version);
+    let answers: Vec<String> = tried.iter().map(|(url, said)| format!("{url}: {said}")).collect();
+    let gone =
+        !tried.is_empty() && tried.iter().all(|(_, said)| said.contains("404") || said.contains("File not found"));
+    let item = store.item_for(&unpacked_recipe(pin));
+    let ways_out = format!(
+        "two ways out: a registry substitute that has its store item `{}` (a `substitute` line in \
+         vmstore.conf naming a registry that has it), or `cargo xtask lock --update {}` to lock the version the \
+         mirrors offer now (and commit vm.lock)",
+        item.file_name(),
+        pin.package
+    );
+    if gone {
+        anyhow::anyhow!(
+            "cannot fetch Debian package {what} (locked in vm.lock, pool path `{}`): the mirrors no longer have \
+             it (Debian drops superseded versions; asked {}: {}); {ways_out}",
+            pin.filename,
+            index.origin(),
+            answers.join("; ")
+        )
+    } else {
+        anyhow::anyhow!(
+            "cannot fetch Debian package {what} (locked in vm.lock, pool path `{}`) from {} ({}); check the \
+             network and the mirrors (a `{}` beside vm.lock names others), or {ways_out}",
+            pin.filename,
+            index.origin(),
+            if answers.is_empty() { "no mirror".to_string() } else { answers.join("; ") },
+            index::SOURCES_FILE
+        )
+    }
 }
 
 /// apt's downloader, in Debian's `apt` package.
 pub const APT_HELPER: &str = "/usr/lib/apt/apt-helper";
 
-/// The `deb` URIs of apt's sources (`/etc/apt/sources.list`, and `sources.list.d/` in
-/// both formats), in order, each once.
-fn mirrors() -> Vec<String> {
-    let mut texts = Vec::new();
-    texts.extend(fs::read_to_string("/etc/apt/sources.list").ok().map(|t| (false, t)));
-    let mut parts: Vec<_> =
-        fs::read_dir("/etc/apt/sources.list.d").map(|d| d.flatten().map(|e| e.path()).collect()).unwrap_or_default();
-    parts.sort();
-    for path in parts {
-        let deb822 = path.extension().is_some_and(|e| e == "sources");
-        if deb822 || path.extension().is_some_and(|e| e == "list") {
-            texts.extend(fs::read_to_string(&path).ok().map(|t| (deb822, t)));
-        }
-    }
-    let mut uris = Vec::new();
-    for (deb822, text) in texts {
-        for uri in if deb822 { deb822_uris(&text) } else { one_line_uris(&text) } {
-            if !uris.contains(&uri) {
-                uris.push(uri);
-            }
-        }
-    }
-    uris
-}
-
 /// URIs of `deb` lines in the one-line format: `deb [options] URI suite components`.
 pub fn one_line_uris(text: &str) -> Vec<String> {
     let mut uris = Vec::new();
-    for line in text.lines() {
-        let line = line.split('#').next().unwrap_or_default();
-        let mut words = line.split_whitespace();
-        if words.next() != Some("deb") {
-            continue;
-        }
-        let mut rest: Vec<&str> = words.collect();
-        if rest.first().is_some_and(|w| w.starts_with('[')) {
-            let end = rest.iter().position(|w| w.ends_with(']')).unwrap_or(0);
-            rest.drain(..=end);
-        }
-        uris.extend(rest.first().map(|u| u.to_string()));
-    }
-    uris
-}
-
-/// URIs of the stanzas with `Types: deb` in the deb822 format (`Enabled: no` skipped).
-pub fn deb822_uris(text: &str) -> Vec<String> {
-    let mut uris = Vec::new();
-    for stanza in text.split("\n\n") {
-        let field = |name: &str| {
-            stanza.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
-                l.split_once(':').filter(|(k, _)| k.trim().eq_ignore_ascii_case(name)).map(|(_, v)| v.trim())
-            })
-        };
-        let is_deb = field("Types").is_some_and(|t| t.split_whitespace().any(|t| t == "deb"));
-        if is_deb && field("Enabled") != Some("no") {
-            uris.extend(field("URIs").into_iter().flat_map(|u| u.split_whitespace().map(str::to_string)));
+    for entry in index::one_line_entries(text) {
+        if !uris.contains(&entry.uri) {
+            uris.push(entry.uri);
         }
     }
     uris
@@ -495,17 +465,23 @@ mod tests {
     }
 
     #[test]
-    fn mirrors_from_both_source_formats() {
+    fn fetch_failures_give_apts_reason() {
+        let url = "http://m.example/debian/pool/x.deb";
+        let said = format!(
+            "Err:1 {url}\n  404  Not Found [IP: 1.2.3.4 80]\nE: Failed to fetch {url}  404  Not Found [IP: 1.2.3.4 80]\n\
+             E: Download Failed\n"
+        );
+        assert_eq!(fetch_failure(&said, url), "404  Not Found [IP: 1.2.3.4 80]");
+        assert_eq!(fetch_failure("E: Download Failed\n", url), "E: Download Failed");
+    }
+
+    #[test]
+    fn mirrors_of_a_sources_list() {
         let list = "# comment\ndeb http://deb.debian.org/debian bookworm main\n\
                     deb [arch=amd64 signed-by=/k.gpg] http://mirror.example/debian bookworm main\n\
+                    deb http://deb.debian.org/debian bookworm-updates main\n\
                     deb-src http://src.example/debian bookworm main\n";
         assert_eq!(one_line_uris(list), ["http://deb.debian.org/debian", "http://mirror.example/debian"]);
-        let sources = "Types: deb\n# http://snapshot.debian.org/archive/debian/20250520T000000Z\n\
-                       URIs: http://deb.debian.org/debian\nSuites: bookworm\n\n\
-                       Types: deb-src\nURIs: http://src.example/debian\n\n\
-                       Types: deb\nURIs: http://off.example/debian\nEnabled: no\n\n\
-                       Types: deb\nURIs: http://a.example/d http://b.example/d\n";
-        assert_eq!(deb822_uris(sources), ["http://deb.debian.org/debian", "http://a.example/d", "http://b.example/d"]);
     }
 
     #[test]

@@ -365,7 +365,7 @@ mod tests {
             match roots.iter().find(refused) {
                 Some(other) => Ok(Err(Refusal {
                     root: Some(other.clone()),
-                    message: format!("Debian package `{other}` does not exist in apt's lists"),
+                    message: format!("Debian package `{other}` does not exist in xtask's Debian index"),
                     fix: "check the name".into(),
                 })),
                 None => Ok(Ok(vec!["jq".into(), "libjq1".into(), "libc6".into()])),

@@ -19,6 +19,7 @@ use std::fmt;
 
 use anyhow::{Context, Result};
 
+use super::index::Index;
 use super::{parse_stanzas, Pin, Stanza};
 use crate::{host, lock};
 
@@ -76,33 +77,32 @@ pub fn walk(pins: &lock::Pins, roots: &[String]) -> Option<Vec<(String, Pin)>> {
     Some(found)
 }
 
-/// Asks apt for the closure of `roots` (and each package's fields): the pins, each with
-/// its dependencies among them.
+/// Asks apt, over xtask's own Debian index, for the closure of `roots` (and each
+/// package's fields): the pins, each with its dependencies among them. When apt refuses,
+/// the index is fetched again once (it may predate a package) before the refusal is
+/// believed.
 fn resolve(roots: &[String]) -> Result<Vec<Pin>> {
     host::ensure(&[host::APT_GET])?;
-    host::apt_update_once()?;
+    let index = Index::current()?;
+    index.ready()?;
     let _step = crate::progress::step(&format!("resolving the Debian dependencies of {}", roots.join(", ")));
-    let scratch = tempfile::tempdir().context("creating a scratch directory")?;
-    let status = scratch.path().join("status");
-    std::fs::write(&status, "").context("writing an empty dpkg status")?;
-    let mut simulate = crate::process::command("apt-get");
-    simulate
-        .args(["--simulate", "-q", "-o", "APT::Install-Recommends=false", "-o", "APT::Install-Suggests=false"])
-        .arg("-o")
-        .arg(format!("Dir::State::status={}", status.display()))
-        .arg("install")
-        .args(roots)
-        .env("LC_ALL", "C");
-    let out = crate::process::output(&simulate)?;
+    let simulate = || {
+        let mut simulate = index.command("apt-get");
+        simulate.args(["--simulate", "-q", "install"]).args(roots);
+        crate::process::output(&simulate)
+    };
+    let mut out = simulate()?;
+    if !out.status.success() && index.refresh(&format!("apt cannot install {} from it", roots.join(", ")))? {
+        out = simulate()?;
+    }
     let stdout = String::from_utf8_lossy(&out.stdout);
     if !out.status.success() {
         let said = format!("{stdout}{}", String::from_utf8_lossy(&out.stderr));
-        return Err(refusal(roots, &said).into());
+        return Err(refusal(roots, &said, || dependency_graph(&index, roots)).into());
     }
     let chosen = installs(&stdout);
     let wanted: Vec<String> = chosen.iter().map(|(p, v)| format!("{p}={v}")).collect();
-    let shown =
-        crate::process::output(crate::process::command("apt-cache").arg("show").args(&wanted).env("LC_ALL", "C"))?;
+    let shown = crate::process::output(index.command("apt-cache").arg("show").args(&wanted))?;
     let stanzas = parse_stanzas(&String::from_utf8_lossy(&shown.stdout));
     let mut pins = Vec::new();
     for (package, version) in &chosen {
@@ -146,7 +146,7 @@ pub fn dependencies(stanza: &Stanza, closure: &[Stanza]) -> Vec<String> {
 }
 
 /// Turns apt's refusal into one naming the package at fault and the chain to it.
-fn refusal(roots: &[String], said: &str) -> Refusal {
+fn refusal(roots: &[String], said: &str, graph: impl FnOnce() -> BTreeMap<String, Vec<String>>) -> Refusal {
     let lines: Vec<&str> = said.lines().map(str::trim).collect();
     // `E: Unable to locate package NAME`, `E: Package 'NAME' has no installation candidate`.
     for line in &lines {
@@ -164,7 +164,7 @@ fn refusal(roots: &[String], said: &str) -> Refusal {
             return Refusal {
                 root: Some(name.to_string()),
                 message: if virtual_of.is_empty() {
-                    format!("Debian package `{name}` does not exist in apt's lists")
+                    format!("Debian package `{name}` does not exist in xtask's Debian index")
                 } else {
                     format!(
                         "Debian package `{name}` is virtual: several packages provide it ({})",
@@ -172,7 +172,8 @@ fn refusal(roots: &[String], said: &str) -> Refusal {
                     )
                 },
                 fix: if virtual_of.is_empty() {
-                    "check the name (`apt-cache search NAME`), or run `apt-get update` if apt's lists are old".into()
+                    "check the name (in the release vm.lock names; a `vm.sources` beside vm.lock can add mirrors)"
+                        .into()
                 } else {
                     "declare the one you want instead".into()
                 },
@@ -205,7 +206,7 @@ fn refusal(roots: &[String], said: &str) -> Refusal {
             unmet.get_or_insert((package.to_string(), relation.to_string()));
         }
     }
-    let graph = dependency_graph(roots);
+    let graph = graph();
     if let Some((package, relation)) = unmet {
         let (root, chain) = chain(roots, &graph, &package);
         return Refusal {
@@ -213,7 +214,7 @@ fn refusal(roots: &[String], said: &str) -> Refusal {
             message: format!(
                 "a dependency of Debian package `{package}` cannot be resolved: {relation} (needed by {chain})"
             ),
-            fix: "choose another package, or run `apt-get update` if apt's lists are old".into(),
+            fix: "choose another package".into(),
         };
     }
     if let Some((package, relation)) = conflict {
@@ -235,13 +236,12 @@ fn refusal(roots: &[String], said: &str) -> Refusal {
 }
 
 /// Who depends on whom, as `apt-cache depends --recurse` tells (every alternative).
-fn dependency_graph(roots: &[String]) -> BTreeMap<String, Vec<String>> {
-    let mut depends = crate::process::command("apt-cache");
+fn dependency_graph(index: &Index, roots: &[String]) -> BTreeMap<String, Vec<String>> {
+    let mut depends = index.command("apt-cache");
     depends
         .args(["depends", "--recurse", "--no-recommends", "--no-suggests", "--no-conflicts", "--no-breaks"])
         .args(["--no-replaces", "--no-enhances"])
-        .args(roots)
-        .env("LC_ALL", "C");
+        .args(roots);
     let out = crate::process::output(&depends);
     parse_depends(&out.map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default())
 }
@@ -338,12 +338,12 @@ mod tests {
     #[test]
     fn refusals_name_the_package_and_the_chain() {
         let roots = vec!["no-such".to_string()];
-        let r = refusal(&roots, "Reading package lists...\nE: Unable to locate package no-such\n");
+        let r = refusal(&roots, "Reading package lists...\nE: Unable to locate package no-such\n", BTreeMap::new);
         assert_eq!(r.root.as_deref(), Some("no-such"));
         assert!(r.message.contains("`no-such` does not exist"), "{r}");
         let said = "Package awk is a virtual package provided by:\n  original-awk 2022\n  mawk 1.3.4\n\n\
                     E: Package 'awk' has no installation candidate\n";
-        let r = refusal(&["awk".to_string()], said);
+        let r = refusal(&["awk".to_string()], said, BTreeMap::new);
         assert!(r.message.contains("virtual") && r.message.contains("original-awk, mawk"), "{r}");
 
         let graph = parse_depends("app\n  Depends: libmid\n |Depends: <other>\nlibmid\n  PreDepends: libgone:any\n");
