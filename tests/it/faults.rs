@@ -691,3 +691,66 @@ fn a_full_file_system_under_the_debian_index_is_a_clear_error() {
     assert!(!stdout.contains("list:"), "a half-fetched list was left: {stdout}");
     assert_eq!(fs::read(&lock).unwrap(), fs::read(vm_tests::workspace_root().join("vm.lock")).unwrap());
 }
+
+/// Runs xtask with `args` on a store of hard links to the shared store's items (but
+/// those whose name contains `without`) whose scratch `.tmp` is a tmpfs of `size`, in a
+/// private mount namespace: every build and fetch then works in that small file system.
+/// Returns xtask's exit status, stderr, and what was left in `.tmp` and `items`.
+fn with_small_scratch(size: &str, without: &str, args: &[&str]) -> (i32, String, Vec<String>, Vec<String>) {
+    vm_tests::run_vm(&["true"]).expect_code(0);
+    let store = tempfile::tempdir_in(store_dir().parent().unwrap()).unwrap();
+    vm_tests::copy_items(store.path(), true, |name| !name.contains(without));
+    let tmp = store.path().join(".tmp");
+    fs::create_dir(&tmp).unwrap();
+    let words: Vec<String> = args.iter().map(|a| format!("'{}'", a.replace('\'', "'\\''"))).collect();
+    let script = format!(
+        "mount -t tmpfs -o size={size} tmpfs '{0}/.tmp' && XTASK_VMSTORE='{0}' '{1}' {2}; echo \"exit=$?\"",
+        store.path().display(),
+        xtask_bin().display(),
+        words.join(" ")
+    );
+    let out = Command::new("unshare")
+        .args(["-rm", "sh", "-c", &script])
+        .stdin(Stdio::null())
+        .output()
+        .expect("running unshare (util-linux)");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "unshare failed: {stderr}");
+    let code = stdout.lines().find_map(|l| l.strip_prefix("exit=")).and_then(|c| c.parse().ok()).unwrap_or(-1);
+    let names = |dir: &Path| -> Vec<String> {
+        fs::read_dir(dir).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect()
+    };
+    let left = names(&tmp);
+    let items = names(&store.path().join("items"));
+    (code, stderr, left, items)
+}
+
+#[test]
+fn a_full_file_system_while_unpacking_is_a_clear_error_with_nothing_left() {
+    // The kernel's .deb (70 MB) fits in 100 MiB; unpacked it does not.
+    let (code, stderr, left, items) = with_small_scratch("100m", "-linux-image-", &["run-vm", "--", "true"]);
+    assert_eq!(code, 1, "expected a failure: {stderr}");
+    assert!(stderr.contains("unpacking Debian package linux-image-"), "the fetch did not fit: {stderr}");
+    let first = stderr.lines().find(|l| l.starts_with("error: ")).unwrap_or_default();
+    assert!(first.contains("no space left on device in `"), "the full disk is not said first: {stderr}");
+    assert!(first.contains("/.tmp/"), "the full directory is not named: {stderr}");
+    assert_eq!(first.matches("no space left on device in").count(), 1, "said more than once: {stderr}");
+    assert!(left.is_empty(), "temporaries left in .tmp: {left:?}");
+    assert!(!items.iter().any(|i| i.contains("-linux-image-")), "a half-unpacked kernel was stored: {items:?}");
+}
+
+#[test]
+fn a_full_file_system_while_ingesting_a_guests_output_is_a_clear_error_with_nothing_left() {
+    // 60 MiB of output fits in the exchange directory; its copy into the item does not.
+    let script = "head -c 62914560 /dev/zero > $out/big";
+    let name = format!("full-{}", nonce());
+    let args = ["build-in-vm", "--timeout", TIMEOUT, "--name", &name, "--", "sh", "-c", script];
+    let (code, stderr, left, items) = with_small_scratch("100m", "\0", &args);
+    assert_eq!(code, 1, "expected a failure: {stderr}");
+    let first = stderr.lines().find(|l| l.starts_with("error: ")).unwrap_or_default();
+    assert!(first.contains("no space left on device in `"), "the full disk is not said first: {stderr}");
+    assert!(first.contains("/.tmp"), "the full directory is not named: {stderr}");
+    assert!(left.is_empty(), "temporaries left in .tmp: {left:?}");
+    assert!(!items.iter().any(|i| i.ends_with(&name)), "a half-ingested output was stored: {items:?}");
+}

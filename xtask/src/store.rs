@@ -502,7 +502,7 @@ impl Store {
         let done = fill(tmp).and_then(|()| self.commit(recipe, item, tmp, expected));
         if let Err(err) = done {
             remove_tree(tmp).ok();
-            return Err(space::annotate(err, &self.root, None));
+            return Err(space::annotate(err, &self.tmp_dir(), None));
         }
         Ok(())
     }

@@ -57,7 +57,7 @@ fn size(bytes: u64) -> String {
 /// the free space says so (`needed`: the bytes the step needed, where known).
 pub fn annotate(err: impl Into<anyhow::Error>, dir: &Path, needed: Option<u64>) -> anyhow::Error {
     let err = err.into();
-    if err.chain().next().is_some_and(|c| c.to_string().starts_with("no space left on device in ")) {
+    if err.chain().any(|c| c.to_string().starts_with("no space left on device in ")) {
         return err;
     }
     let free = free_bytes(dir);
