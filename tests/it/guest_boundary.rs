@@ -142,3 +142,44 @@ fn a_planted_status_name_does_not_hide_the_real_status() {
         run.expect_code(3);
     }
 }
+
+/// Removes a file when dropped.
+struct Removed(std::path::PathBuf);
+
+impl Drop for Removed {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.0);
+    }
+}
+
+#[test]
+fn a_test_vm_sees_the_sources_and_items_only_whatever_it_unmounts_and_mounts() {
+    let n = nonce();
+    // An earlier build's `--env` value, and an ignored file in the workspace root.
+    let secret = format!("SECRET=XTASK-SENTINEL-{n}-env");
+    build("boundary-sentinel", &["--env", &secret], "true").expect_code(0);
+    let ignored = Removed(vm_tests::workspace_root().join(format!(".xtask-sentinel-{n}")));
+    fs::write(&ignored.0, format!("XTASK-SENTINEL-{n}-ignored\n")).unwrap();
+    let args = ["test", "--system", "hello", "--timeout", TIMEOUT, "-p", "vm-checks", "--test", "boundary"];
+    let run = xtask(&[&args[..], &["--", "--ignored", "--nocapture"]].concat());
+    drop(ignored);
+    run.expect_code(0);
+    let out = &run.stdout;
+    let leaks: Vec<&str> = out.lines().filter(|l| l.contains(&n)).collect();
+    assert!(leaks.is_empty(), "the guest reached what it must not: {leaks:#?}");
+    assert!(out.contains("TAG workspace mounted=true"), "{run:#?}");
+    assert!(out.contains("FILE workspace examples/vm-checks/tests/fixture.txt\n"), "no sources: {run:#?}");
+    assert!(out.contains("FILE workspace Cargo.toml\n"), "no sources: {run:#?}");
+    for line in out.lines().filter(|l| l.starts_with("FILE ") || l.starts_with("DIR ")) {
+        let path = line.splitn(3, ' ').nth(2).unwrap_or_default();
+        assert!(!path.starts_with(".git/") && path != ".git", "`.git` is shared: {line}");
+        let build_output = path.starts_with("target/") && !path.starts_with("target/tmp");
+        assert!(!build_output && !path.ends_with(".meta"), "more than sources are shared: {line}");
+    }
+    let entries: Vec<&str> = out.lines().filter_map(|l| l.strip_prefix("STORE-ENTRY ")).collect();
+    assert!(!entries.is_empty(), "the store share was not found: {run:#?}");
+    for entry in entries {
+        let hash = entry.split('-').next().unwrap_or_default();
+        assert!(hash.len() == 32 && hash.chars().all(|c| c.is_ascii_hexdigit()), "not an item: {entry}");
+    }
+}

@@ -49,6 +49,7 @@ pub const PROGRAMS: &[Program] = &[
     host("ldconfig", "libc-bin", true, "finding a host program's libraries (`Package::Host`)"),
     host("unshare", "util-linux", true, "mke2fs in a user namespace (else the staging tree is hard links)"),
     host("sh", "dash", true, "the bind mounts in that namespace"),
+    host("git", "git", false, "a workspace's sources for test VMs (`git ls-files`; without it, a walk)"),
     host("timeout", "coreutils", true, "bench: the floor's bare QEMU"),
     host("true", "coreutils", true, "bench: the cache-hit floor"),
     Program { name: "cargo", source: Source::Toolchain, used_for: "the guest helper and workspace crates" },

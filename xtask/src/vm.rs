@@ -9,5 +9,6 @@ pub mod run;
 pub mod scenario;
 pub mod script;
 pub mod snapshot;
+pub mod workspace_view;
 
 pub use run::*;

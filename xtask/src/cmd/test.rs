@@ -5,9 +5,9 @@
 //! `test` builds the selected test binaries with `cargo test --no-run` (read through
 //! `cargo_metadata`'s messages); `test-runner` is cargo's runner for one binary
 //! (`target.<triple>.runner`), so plain `cargo test` runs in the VM. Each binary is a
-//! store item with its shared-library closure (as a `Package::Host`); the workspace is
-//! shared read-only at its own path, with a tmpfs over `target/tmp`
-//! (`CARGO_TARGET_TMPDIR`) and over the store.
+//! store item with its shared-library closure (as a `Package::Host`); the workspace's
+//! sources (and nothing else of it: [`crate::vm::workspace_view`]) are shared read-only
+//! at its own path, with a tmpfs over `target/tmp` (`CARGO_TARGET_TMPDIR`).
 
 use std::io::BufReader;
 use std::path::{Path, PathBuf};
@@ -19,7 +19,7 @@ use guest::{Mode, MountSpec};
 use super::run_vm::{self, request};
 use super::{usage_error, VmOpts};
 use crate::vm::qemu::{self, Disk, DiskFormat, Share};
-use crate::vm::{shell_quote, GuestRequest, Sink, VmRun};
+use crate::vm::{shell_quote, workspace_view, GuestRequest, Sink, VmRun};
 use crate::{lower::packages, lower::system, Workspace};
 
 /// The 9p tag of the workspace share.
@@ -158,7 +158,10 @@ fn run_in_vm(
     let xchg = store.scratch("xchg")?;
     let runtime = store.scratch("run")?;
     let mut spec = opts.spec(accel, &store, &boot, xchg.path().to_path_buf());
-    spec.shares.push(Share { tag: WORKSPACE_TAG.into(), path: ws.root.clone(), readonly: true });
+    let mount_points: Vec<PathBuf> =
+        ws.target_dir.join("tmp").strip_prefix(&ws.root).map(Path::to_path_buf).into_iter().collect();
+    let view = workspace_view::stage(&store, &ws.root, &[&ws.target_dir, &ws.store_dir], &mount_points)?;
+    spec.shares.push(Share { tag: WORKSPACE_TAG.into(), path: view.path().to_path_buf(), readonly: true });
     if let Some((path, _)) = &root_image {
         spec.disks.push(Disk { path: path.clone(), format: DiskFormat::Raw, readonly: true });
     }
@@ -247,9 +250,8 @@ fn run_line(binary: &TestBinary, label: &str, guest_path: &str, test_args: &[Str
     words.join(" ")
 }
 
-/// The workspace at its host path, read-only; a tmpfs over `target/tmp` (writable, for
-/// `CARGO_TARGET_TMPDIR`) and one over the store (its records and scratch are not the
-/// tests' business: items are at `/store`).
+/// The workspace's sources at its host path, read-only; a tmpfs over `target/tmp`
+/// (writable, for `CARGO_TARGET_TMPDIR`).
 fn workspace_mounts(ws: &Workspace) -> Vec<MountSpec> {
     let root = ws.root.to_string_lossy().into_owned();
     let mut mounts = vec![MountSpec {
@@ -266,13 +268,10 @@ fn workspace_mounts(ws: &Workspace) -> Vec<MountSpec> {
         options: "mode=1777".into(),
         check: guest::Check::None,
     };
+    // Its mount point is made in the staged view when it is inside the workspace.
     let tmp = ws.target_dir.join("tmp");
-    // The mount points must exist in the read-only share.
-    let _ = std::fs::create_dir_all(&tmp);
-    for dir in [&ws.store_dir, &tmp] {
-        if dir.starts_with(&ws.root) && dir.is_dir() {
-            mounts.push(tmpfs(dir));
-        }
+    if tmp.starts_with(&ws.root) {
+        mounts.push(tmpfs(&tmp));
     }
     mounts
 }

@@ -1,0 +1,133 @@
+//! What a test VM sees of a workspace: its sources and nothing else. The files `git
+//! ls-files --cached --others --exclude-standard` lists (tracked, and untracked but not
+//! ignored; without git, every file but `target/` and `.git`) are staged in a private
+//! scratch directory as hard links (copies where a link cannot be made), which is
+//! shared read-only in the workspace's place. The store, the target directory, `.git`
+//! and ignored files (keys live there) are not in the share at all: no mount the guest
+//! could undo hides them.
+
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use fs_err as fs;
+
+/// The staged view of the workspace at `root` (without anything under `excluded`), with
+/// the empty directories `mount_points` (relative to `root`) made for mounts over it.
+pub fn stage(
+    store: &crate::store::Store,
+    root: &Path,
+    excluded: &[&Path],
+    mount_points: &[PathBuf],
+) -> Result<tempfile::TempDir> {
+    let files = sources(root).with_context(|| format!("listing the sources of the workspace `{}`", root.display()))?;
+    let view = store.scratch("workspace-view")?;
+    let _step = crate::progress::step(&format!("sharing {} source files of the workspace", files.len()));
+    for relative in &files {
+        let from = root.join(relative);
+        if excluded.iter().any(|e| from.starts_with(e)) || relative.components().any(|c| c.as_os_str() == ".git") {
+            continue;
+        }
+        place(&from, &view.path().join(relative))
+            .with_context(|| format!("staging `{}` for the VM", from.display()))
+            .map_err(|e| crate::store::space::annotate(e, view.path(), None))?;
+    }
+    for dir in mount_points {
+        make_dirs(&view.path().join(dir))?;
+    }
+    Ok(view)
+}
+
+/// The workspace's source files, relative to `root`.
+pub fn sources(root: &Path) -> Result<Vec<PathBuf>> {
+    let git = crate::process::command("git")
+        .args(["ls-files", "-z", "--cached", "--others", "--exclude-standard"])
+        .current_dir(root)
+        .env_remove("GIT_DIR")
+        .env_remove("GIT_WORK_TREE")
+        .output();
+    match git {
+        Ok(out) if out.status.success() => {
+            let listed = out.stdout.split(|b| *b == 0).filter(|p| !p.is_empty());
+            Ok(listed.map(|p| PathBuf::from(std::ffi::OsStr::from_bytes(p))).collect())
+        }
+        // Not a git work tree (or no git): everything but the build outputs and `.git`.
+        _ => {
+            let mut found = Vec::new();
+            walk(root, Path::new(""), &mut found)?;
+            Ok(found)
+        }
+    }
+}
+
+fn walk(root: &Path, relative: &Path, found: &mut Vec<PathBuf>) -> Result<()> {
+    for entry in fs::read_dir(root.join(relative))? {
+        let entry = entry?;
+        let name = entry.file_name();
+        if name == ".git" || relative.as_os_str().is_empty() && name == "target" {
+            continue;
+        }
+        let path = relative.join(&name);
+        if entry.file_type()?.is_dir() {
+            walk(root, &path, found)?;
+        } else {
+            found.push(path);
+        }
+    }
+    Ok(())
+}
+
+/// `from` at `to`: a link kept as a link, a regular file hard-linked (or copied), a
+/// directory (a git submodule) walked; anything else left out.
+fn place(from: &Path, to: &Path) -> Result<()> {
+    let Ok(meta) = fs::symlink_metadata(from) else {
+        // Listed by git but deleted since.
+        return Ok(());
+    };
+    if let Some(parent) = to.parent() {
+        make_dirs(parent)?;
+    }
+    if meta.file_type().is_symlink() {
+        std::os::unix::fs::symlink(fs::read_link(from)?, to)?;
+    } else if meta.is_file() {
+        if std::fs::hard_link(from, to).is_err() {
+            fs::copy(from, to)?;
+        }
+    } else if meta.is_dir() {
+        let mut inner = Vec::new();
+        walk(from, Path::new(""), &mut inner)?;
+        for relative in inner {
+            place(&from.join(&relative), &to.join(&relative))?;
+        }
+    }
+    Ok(())
+}
+
+fn make_dirs(dir: &Path) -> Result<()> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o755)
+        .create(dir)
+        .with_context(|| format!("creating `{}`", dir.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn without_git_everything_but_the_build_outputs_and_git() {
+        let dir = tempfile::tempdir().unwrap();
+        for file in ["src/lib.rs", "target/debug/x", ".git/config", "sub/.git/HEAD", "sub/f", "key.pem"] {
+            let path = dir.path().join(file);
+            fs::create_dir_all(path.parent().unwrap()).unwrap();
+            fs::write(&path, "x").unwrap();
+        }
+        let mut found = Vec::new();
+        walk(dir.path(), Path::new(""), &mut found).unwrap();
+        found.sort();
+        let found: Vec<String> = found.iter().map(|p| p.display().to_string()).collect();
+        assert_eq!(found, ["key.pem", "src/lib.rs", "sub/f"]);
+    }
+}
