@@ -11,7 +11,7 @@
 //! are never served. With registries configured, a missing item is first looked up as a
 //! substitute ([`crate::substitute`]), committed the same way once verified.
 
-mod fd;
+pub mod fd;
 pub mod ingest;
 pub mod space;
 

@@ -12,7 +12,7 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::ffi::{OsStr, OsString};
 use std::io::{self, Read};
-use std::path::{Component, Path};
+use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 
@@ -70,20 +70,29 @@ impl Unresolved {
     }
 }
 
-/// A tree: every entry by its path components below the top (the top is `[]`).
+/// A tree in memory: every entry by its path components below the top (the top is
+/// `[]`). Ingest itself keeps no such map (its memory would grow with the entries and
+/// their depth); it resolves links on the copy on disk ([`copy_dir`]).
 pub type Tree = BTreeMap<Vec<OsString>, Node>;
 
-/// Follows `target`, a link's text, from the directory `dir` inside `tree`, the way the
-/// kernel would (every link on the way followed, at most 40), and returns the entry it
-/// reaches. The top's `..` is outside: there is nothing above the tree.
-pub fn resolve<'a>(tree: &'a Tree, dir: &[OsString], target: &'a OsStr) -> Result<Vec<OsString>, Unresolved> {
-    let mut cur: Vec<OsString> = dir.to_vec();
-    let mut todo: VecDeque<Component<'a>> = VecDeque::new();
-    let mut hops = 0;
+/// Where a link's resolution stands: the directory it is in, and the entries there.
+trait Cursor {
+    /// What `name` is in the current directory (a link with its text), if anything.
+    fn look(&mut self, name: &OsStr) -> Option<Node>;
+    /// Goes into the directory `name`, just looked at.
+    fn enter(&mut self, name: &OsStr) -> bool;
+    /// Goes up; false at the top (there is nothing above the tree).
+    fn up(&mut self) -> bool;
+}
+
+/// Follows `target` from the cursor's directory the way the kernel would (every link
+/// on the way followed, at most 40): `Ok(Some(name))` when it ends at the file `name` of
+/// the cursor's directory, `Ok(None)` when it ends at the cursor's directory.
+fn follow(cursor: &mut impl Cursor, target: &OsStr) -> Result<Option<OsString>, Unresolved> {
     // Split at every `/` by hand: `Path::components` drops a `.` or an empty name after
     // the first, which the kernel does not (`file/.` and `file/` are not `file`: the
     // name before them must be a directory).
-    fn expand<'a>(todo: &mut VecDeque<Component<'a>>, text: &'a OsStr) -> Result<(), Unresolved> {
+    fn parts(text: &OsStr) -> Result<Vec<OsString>, Unresolved> {
         use std::os::unix::ffi::OsStrExt;
         if text.as_bytes().first() == Some(&b'/') {
             return Err(Unresolved::Absolute);
@@ -91,46 +100,102 @@ pub fn resolve<'a>(tree: &'a Tree, dir: &[OsString], target: &'a OsStr) -> Resul
         if text.is_empty() {
             return Err(Unresolved::Missing);
         }
-        for part in text.as_bytes().split(|b| *b == b'/').rev() {
-            todo.push_front(match part {
-                b"" | b"." => Component::CurDir,
-                b".." => Component::ParentDir,
-                name => Component::Normal(OsStr::from_bytes(name)),
-            });
-        }
-        Ok(())
+        Ok(text.as_bytes().split(|b| *b == b'/').map(|p| OsStr::from_bytes(p).into()).collect())
     }
-    expand(&mut todo, target)?;
-    while let Some(c) = todo.pop_front() {
-        match c {
-            // `cur` is always a directory: a `.` after a file was caught below.
-            Component::CurDir => {}
-            Component::ParentDir => {
-                if cur.pop().is_none() {
+    let mut pending: VecDeque<OsString> = parts(target)?.into();
+    let mut hops = 0;
+    while let Some(part) = pending.pop_front() {
+        match part.as_encoded_bytes() {
+            // The cursor is always at a directory: a `.` after a file was caught below.
+            b"" | b"." => {}
+            b".." => {
+                if !cursor.up() {
                     return Err(Unresolved::Outside);
                 }
             }
-            Component::Normal(name) => {
-                let mut next = cur.clone();
-                next.push(name.to_os_string());
-                match tree.get(&next) {
-                    None => return Err(Unresolved::Missing),
-                    Some(Node::Dir) => cur = next,
-                    Some(Node::File) if todo.is_empty() => return Ok(next),
-                    Some(Node::File) => return Err(Unresolved::NotADirectory),
-                    Some(Node::Link(text)) => {
-                        hops += 1;
-                        if hops > 40 {
-                            return Err(Unresolved::TooManyLinks);
-                        }
-                        expand(&mut todo, text)?;
+            _ => match cursor.look(&part) {
+                None => return Err(Unresolved::Missing),
+                Some(Node::Dir) => {
+                    if !cursor.enter(&part) {
+                        return Err(Unresolved::Missing);
                     }
                 }
-            }
-            Component::RootDir | Component::Prefix(_) => return Err(Unresolved::Absolute),
+                Some(Node::File) if pending.is_empty() => return Ok(Some(part)),
+                Some(Node::File) => return Err(Unresolved::NotADirectory),
+                Some(Node::Link(text)) => {
+                    hops += 1;
+                    if hops > 40 {
+                        return Err(Unresolved::TooManyLinks);
+                    }
+                    for p in parts(&text)?.into_iter().rev() {
+                        pending.push_front(p);
+                    }
+                }
+            },
         }
     }
-    Ok(cur)
+    Ok(None)
+}
+
+/// A cursor over a [`Tree`] in memory.
+struct TreeCursor<'a> {
+    tree: &'a Tree,
+    cur: Vec<OsString>,
+}
+
+impl Cursor for TreeCursor<'_> {
+    fn look(&mut self, name: &OsStr) -> Option<Node> {
+        let mut path = self.cur.clone();
+        path.push(name.to_os_string());
+        self.tree.get(&path).cloned()
+    }
+    fn enter(&mut self, name: &OsStr) -> bool {
+        self.cur.push(name.to_os_string());
+        true
+    }
+    fn up(&mut self) -> bool {
+        self.cur.pop().is_some()
+    }
+}
+
+/// A cursor over a tree on disk: the open directories from the top to where it is.
+struct DiskCursor {
+    stack: Vec<std::rc::Rc<DirFd>>,
+}
+
+impl Cursor for DiskCursor {
+    fn look(&mut self, name: &OsStr) -> Option<Node> {
+        let dir = self.stack.last()?;
+        let st = dir.stat(name).ok()?;
+        match Kind::of(&st) {
+            Kind::Dir => Some(Node::Dir),
+            Kind::Symlink => dir.read_link(name).ok().map(Node::Link),
+            Kind::File | Kind::Special => Some(Node::File),
+        }
+    }
+    fn enter(&mut self, name: &OsStr) -> bool {
+        match self.stack.last().map(|d| d.open_dir(name)) {
+            Some(Ok(dir)) => {
+                self.stack.push(std::rc::Rc::new(dir));
+                true
+            }
+            _ => false,
+        }
+    }
+    fn up(&mut self) -> bool {
+        self.stack.len() > 1 && self.stack.pop().is_some()
+    }
+}
+
+/// Follows `target`, a link's text, from the directory `dir` inside `tree`, the way the
+/// kernel would (every link on the way followed, at most 40), and returns the entry it
+/// reaches. The top's `..` is outside: there is nothing above the tree.
+pub fn resolve(tree: &Tree, dir: &[OsString], target: &OsStr) -> Result<Vec<OsString>, Unresolved> {
+    let mut cursor = TreeCursor { tree, cur: dir.to_vec() };
+    let file = follow(&mut cursor, target)?;
+    let mut at = cursor.cur;
+    at.extend(file);
+    Ok(at)
 }
 
 /// How an entry is named in messages: `shown` (e.g. `$out`) and the path below it,
@@ -147,7 +212,7 @@ pub fn display(shown: &str, rel: &[OsString]) -> String {
 /// Copies the directory `src` into `to` (which must not exist), as the module doc says.
 /// `shown` names the source in errors. On error `to` may hold part of the copy: it is
 /// always a store temporary, removed by the caller.
-pub fn copy_dir(src: &DirFd, shown: &str, to: &Path, limits: &Limits) -> Result<Tree> {
+pub fn copy_dir(src: &DirFd, shown: &str, to: &Path, limits: &Limits) -> Result<()> {
     copy_dir_with(src, shown, to, limits, Links::Inside)
 }
 
@@ -162,48 +227,59 @@ pub enum Links {
     Any,
 }
 
-/// [`copy_dir`], keeping the `links` chosen.
-pub fn copy_dir_with(src: &DirFd, shown: &str, to: &Path, limits: &Limits, keep: Links) -> Result<Tree> {
+/// [`copy_dir`], keeping the `links` chosen. Memory grows with the depth of the tree,
+/// not with its entries: links are made in the copy as they are met and, to keep only
+/// those inside, resolved afterwards on the copy itself, through descriptors.
+pub fn copy_dir_with(src: &DirFd, shown: &str, to: &Path, limits: &Limits, keep: Links) -> Result<()> {
     std::fs::create_dir(to).with_context(|| format!("creating `{}`", to.display()))?;
     let dst = DirFd::open(to).with_context(|| format!("opening `{}`", to.display()))?;
-    let mut walk = Walk { shown, limits, tree: Tree::new(), bytes: 0, entries: 0 };
-    walk.tree.insert(Vec::new(), Node::Dir);
+    let mut walk = Walk { shown, limits, bytes: 0, entries: 0, links: 0 };
     walk.dir(src, &dst, &mut Vec::new())?;
-    let links: Vec<(Vec<OsString>, OsString)> = walk
-        .tree
-        .iter()
-        .filter_map(|(path, node)| match node {
-            Node::Link(target) => Some((path.clone(), target.clone())),
-            _ => None,
-        })
-        .collect();
-    for (path, target) in links.iter().filter(|_| keep == Links::Inside) {
-        if let Err(why) = resolve(&walk.tree, &path[..path.len() - 1], target) {
-            bail!(
-                "`{}` is a symbolic link to `{}`, which {}; links must resolve inside {shown}",
-                display(shown, path),
-                target.to_string_lossy().escape_debug(),
-                why.says()
-            );
-        }
+    if keep == Links::Inside && walk.links > 0 {
+        let top = std::rc::Rc::new(DirFd::open(to).with_context(|| format!("opening `{}`", to.display()))?);
+        check_links(shown, &mut vec![top], &mut Vec::new())?;
     }
-    for (path, target) in &links {
-        let (name, parents) = path.split_last().expect("a link is below the top");
-        let mut dir = DirFd::open(to)?;
-        for p in parents {
-            dir = dir.open_dir(p)?;
+    Ok(())
+}
+
+/// Every link below the last directory of `stack` (open from the top of the copy) must
+/// resolve inside the copy.
+fn check_links(shown: &str, stack: &mut Vec<std::rc::Rc<DirFd>>, rel: &mut Vec<OsString>) -> Result<()> {
+    let dir = stack.last().expect("the top at least").clone();
+    for name in dir.names().with_context(|| format!("listing the copy of `{}`", display(shown, rel)))? {
+        rel.push(name.clone());
+        let st = dir.stat(&name).with_context(|| format!("reading the copy of `{}`", display(shown, rel)))?;
+        match Kind::of(&st) {
+            Kind::Dir => {
+                stack.push(std::rc::Rc::new(dir.open_dir(&name)?));
+                check_links(shown, stack, rel)?;
+                stack.pop();
+            }
+            Kind::Symlink => {
+                let target = dir.read_link(&name)?;
+                let mut cursor = DiskCursor { stack: stack.clone() };
+                if let Err(why) = follow(&mut cursor, &target) {
+                    bail!(
+                        "`{}` is a symbolic link to `{}`, which {}; links must resolve inside {shown}",
+                        display(shown, rel),
+                        target.to_string_lossy().escape_debug(),
+                        why.says()
+                    );
+                }
+            }
+            _ => {}
         }
-        dir.symlink(target, name).with_context(|| format!("recreating the link `{}`", display(shown, path)))?;
+        rel.pop();
     }
-    Ok(walk.tree)
+    Ok(())
 }
 
 struct Walk<'a> {
     shown: &'a str,
     limits: &'a Limits,
-    tree: Tree,
     bytes: u64,
     entries: u64,
+    links: u64,
 }
 
 impl Walk<'_> {
@@ -232,7 +308,6 @@ impl Walk<'_> {
                 dst.mkdir(name, 0o700).with_context(|| format!("copying `{}`", shown()))?;
                 let from = src.open_dir(name).with_context(|| format!("opening `{}`", shown()))?;
                 let to = dst.open_dir(name).with_context(|| format!("opening the copy of `{}`", shown()))?;
-                self.tree.insert(rel.clone(), Node::Dir);
                 self.dir(&from, &to, rel)?;
             }
             Kind::File => {
@@ -254,11 +329,12 @@ impl Walk<'_> {
                 if copied != size {
                     bail!("`{}` changed size while it was copied", shown());
                 }
-                self.tree.insert(rel.clone(), Node::File);
             }
             Kind::Symlink => {
                 let target = src.read_link(name).with_context(|| format!("reading the link `{}`", shown()))?;
-                self.tree.insert(rel.clone(), Node::Link(target));
+                // Made now (a link is never followed here), checked once the copy is whole.
+                dst.symlink(&target, name).with_context(|| format!("recreating the link `{}`", shown()))?;
+                self.links += 1;
             }
             Kind::Special => {
                 bail!("`{}` is a special file (device, FIFO or socket); the store takes none", shown())
