@@ -73,12 +73,15 @@ fn kept_nodes_take_a_shell_and_end_with_ctrl_c() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    shell.stdin.take().unwrap().write_all(b"hostname\ncat /etc/hosts\n").unwrap();
+    // The last command floods the node's console: its log stays bounded.
+    let flood = b"hostname\ncat /etc/hosts\nhead -c 3000000 /dev/zero | tr '\\0' x > /dev/console; echo flooded\n";
+    shell.stdin.take().unwrap().write_all(flood).unwrap();
     let out = shell.wait_with_output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(stdout.starts_with("server\n"), "{stdout}");
     assert!(stdout.contains("10.77.0.1 server\n10.77.0.2 client\n"), "{stdout}");
+    assert!(stdout.ends_with("flooded\n"), "{stdout}");
 
     send_signal(pid, "INT");
     let out = keeper.wait_with_output().unwrap();
@@ -86,6 +89,11 @@ fn kept_nodes_take_a_shell_and_end_with_ctrl_c() {
     for q in qemus {
         assert!(wait_until(30, || process_gone(q)), "node QEMU {q} outlived Ctrl-C");
     }
+    let log = vm_tests::workspace_root().join(format!("target/vmlogs/scenario-hello-pair-broken-server-{pid}.log"));
+    let size = std::fs::metadata(&log).unwrap_or_else(|e| panic!("{}: {e}", log.display())).len();
+    assert!(size <= (256 << 10) + (1 << 20) + 4096, "the console log holds {size} bytes");
+    let text = String::from_utf8_lossy(&std::fs::read(&log).unwrap()).into_owned();
+    assert!(text.contains("bytes of console output not kept ...]"), "no note of what was left out");
     let run = xtask_env(&["scenario", "hello-pair-broken", "--shell", "server"], &[]);
     assert_ne!(run.code, 0, "a shell attached to a scenario no longer running: {run:#?}");
 }

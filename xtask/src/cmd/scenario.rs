@@ -11,7 +11,7 @@ use guest::control::{base64_decode, FromGuest, ToGuest};
 use serde::{Deserialize, Serialize};
 
 use super::{usage_error, VmOpts};
-use crate::vm::scenario::{named, Driver};
+use crate::vm::scenario::{self, named, Driver};
 use crate::Workspace;
 
 #[derive(Debug, Clone, clap::Args)]
@@ -78,8 +78,17 @@ impl ScenarioCmd {
             for (node, _, console) in &nodes {
                 eprintln!("  {node}: console log {}", console.display());
             }
-            driver.wait_all();
+            // Ctrl-C ends the nodes here, so their console logs are completed.
+            let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+                signal_hook::flag::register(signal, stop.clone()).context("handling Ctrl-C")?;
+            }
+            let stopped = driver.wait_all(&stop);
             let _ = std::fs::remove_file(&path);
+            if stopped {
+                eprintln!("scenario `{name}`: the kept nodes were ended");
+                return Ok(130);
+            }
         }
         Ok(if result.is_ok() { 0 } else { 1 })
     }
@@ -112,13 +121,13 @@ fn shell(ws: &Workspace, name: &str, node: &str) -> Result<i32> {
         if line.trim().is_empty() {
             continue;
         }
-        let message = ToGuest::Run { argv: vec!["sh".into(), "-c".into(), line], timeout_ms: 600_000 };
+        let timeout = std::time::Duration::from_secs(600);
+        let message =
+            ToGuest::Run { argv: vec!["sh".into(), "-c".into(), line], timeout_ms: timeout.as_millis() as u64 };
         writer.write_all(format!("{}\n", serde_json::to_string(&message)?).as_bytes())?;
-        let mut answer = String::new();
-        if reader.read_line(&mut answer)? == 0 {
-            bail!("node `{node}` closed the control channel");
-        }
-        match serde_json::from_str::<FromGuest>(&answer)? {
+        let answer = scenario::read_message(&mut reader, timeout + scenario::ANSWER_GRACE)
+            .with_context(|| format!("node `{node}` gave no answer"))?;
+        match answer {
             FromGuest::Done { exit, signal, stdout, stderr, .. } => {
                 std::io::stdout().write_all(&base64_decode(&stdout).unwrap_or_default())?;
                 std::io::stderr().write_all(&base64_decode(&stderr).unwrap_or_default())?;

@@ -426,7 +426,8 @@ fn read_status(xchg: &Path) -> StatusFile {
     }
 }
 
-fn console_tail(tail: &Mutex<VecDeque<u8>>) -> String {
+/// The last lines of the console a [`Relay`] kept in `tail`, for an error message.
+pub(crate) fn console_tail(tail: &Mutex<VecDeque<u8>>) -> String {
     let bytes: Vec<u8> = tail.lock().map(|t| t.iter().copied().collect()).unwrap_or_default();
     tail_lines(&bytes)
 }
@@ -459,7 +460,7 @@ fn escape_controls(s: &str) -> String {
 /// A console log of bounded size, whatever the guest prints: the first [`LOG_HEAD`]
 /// bytes (the boot) as they come, then only the last [`LOG_TAIL`] bytes, written with a
 /// note of what was left out when the log is dropped.
-struct BoundedLog {
+pub(crate) struct BoundedLog {
     file: File,
     written: u64,
     tail: VecDeque<u8>,
@@ -470,7 +471,7 @@ const LOG_HEAD: u64 = 256 * 1024;
 const LOG_TAIL: usize = 1024 * 1024;
 
 impl BoundedLog {
-    fn new(file: File) -> BoundedLog {
+    pub(crate) fn new(file: File) -> BoundedLog {
         BoundedLog { file, written: 0, tail: VecDeque::new(), dropped: 0 }
     }
 }
@@ -508,13 +509,13 @@ impl Drop for BoundedLog {
 /// a write end that xtask keeps until QEMU has exited. So QEMU's own open never waits,
 /// the reader never sees end-of-file before QEMU has written everything, and it does
 /// see it once QEMU is gone, whether or not QEMU ever opened the FIFO.
-struct Relay {
+pub(crate) struct Relay {
     keeper: File,
     thread: JoinHandle<()>,
 }
 
 impl Relay {
-    fn start(
+    pub(crate) fn start(
         fifo: &Path,
         mut sinks: Vec<Box<dyn Write + Send>>,
         tail: Option<Arc<Mutex<VecDeque<u8>>>>,
@@ -551,7 +552,7 @@ impl Relay {
     }
 
     /// Call once QEMU has exited: drains what is left and waits for the thread.
-    fn finish(self) {
+    pub(crate) fn finish(self) {
         drop(self.keeper);
         let _ = self.thread.join();
     }

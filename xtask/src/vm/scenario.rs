@@ -11,7 +11,8 @@ pub mod hub;
 pub mod named;
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::Child;
@@ -40,6 +41,8 @@ pub struct Scenario {
 
 /// How long a node may take to boot and bring its services up.
 pub const BOOT_TIMEOUT: Duration = Duration::from_secs(240);
+/// How long past a command's own timeout its answer may take to arrive whole.
+pub const ANSWER_GRACE: Duration = Duration::from_secs(30);
 /// A command's timeout unless a call says otherwise.
 pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -63,6 +66,12 @@ pub struct Node {
     args: Vec<std::ffi::OsString>,
     control_path: PathBuf,
     console: PathBuf,
+    /// The FIFO QEMU writes the console into, in the private socket directory.
+    console_fifo: PathBuf,
+    /// Copies the console into its log, bounded ([`vm::BoundedLog`]), while QEMU runs.
+    console_relay: Option<vm::Relay>,
+    /// The console's last bytes, for errors.
+    console_tail: std::sync::Arc<std::sync::Mutex<std::collections::VecDeque<u8>>>,
     qemu: Option<Child>,
     control: Option<(BufReader<UnixStream>, UnixStream)>,
     _xchg: tempfile::TempDir,
@@ -192,13 +201,22 @@ impl Driver {
             .collect()
     }
 
-    /// Waits until every node's QEMU has ended (Ctrl-C ends them all with xtask).
-    pub fn wait_all(&mut self) {
-        for node in self.nodes.values_mut() {
-            if let Some(child) = &mut node.qemu {
-                let _ = child.wait();
+    /// Waits until every node's QEMU has ended, or `stop` is set (by Ctrl-C): then ends
+    /// them all. Either way each console's log is completed. Returns whether it was stopped.
+    pub fn wait_all(&mut self, stop: &std::sync::atomic::AtomicBool) -> bool {
+        let stopped = loop {
+            if stop.load(std::sync::atomic::Ordering::SeqCst) {
+                break true;
             }
+            if !self.nodes.values_mut().any(|n| n.running()) {
+                break false;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        for node in self.nodes.values_mut() {
+            let _ = node.crash();
         }
+        stopped
     }
 }
 
@@ -250,7 +268,10 @@ impl NodePlan<'_> {
             spec.disks.push(Disk { path: path.clone(), format: DiskFormat::Raw, readonly: true });
         }
         let console = ws.log_dir().join(format!("scenario-{scenario}-{node}-{}.log", std::process::id()));
-        spec.console = Console::File(console.clone());
+        let console_fifo = sockets.join(format!("{node}.console"));
+        nix::unistd::mkfifo(&console_fifo, nix::sys::stat::Mode::from_bits_truncate(0o600))
+            .with_context(|| format!("making `{}`", console_fifo.display()))?;
+        spec.console = Console::File(console_fifo.clone());
         let control_path = sockets.join(format!("{node}.control"));
         spec.control = Some(control_path.clone());
         spec.lans = lans
@@ -266,6 +287,9 @@ impl NodePlan<'_> {
             args: qemu::args(&spec),
             control_path,
             console,
+            console_fifo,
+            console_relay: None,
+            console_tail: Default::default(),
             qemu: None,
             control: None,
             _xchg: xchg,
@@ -276,6 +300,18 @@ impl NodePlan<'_> {
 impl Node {
     fn spawn(&mut self) -> Result<()> {
         let _ = std::fs::remove_file(&self.console);
+        if let Some(dir) = self.console.parent() {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating `{}`", dir.display()))?;
+        }
+        // A new file, never through a link: the guest's console is written there.
+        let log = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .custom_flags(nix::libc::O_NOFOLLOW)
+            .open(&self.console)
+            .with_context(|| format!("creating `{}`", self.console.display()))?;
+        let sinks: Vec<Box<dyn Write + Send>> = vec![Box::new(vm::BoundedLog::new(log))];
+        self.console_relay = Some(vm::Relay::start(&self.console_fifo, sinks, Some(self.console_tail.clone()))?);
         let child = vm::qemu_command(&self.args, false)
             .stderr(std::process::Stdio::null())
             .spawn()
@@ -295,10 +331,9 @@ impl Node {
             }
         };
         let remaining = deadline.saturating_duration_since(Instant::now()).max(Duration::from_secs(1));
-        stream.set_read_timeout(Some(remaining))?;
         let writer = stream.try_clone()?;
         let mut reader = BufReader::new(stream);
-        match read_message(&mut reader) {
+        match read_message(&mut reader, remaining) {
             Ok(FromGuest::Ready) => {}
             Ok(other) => return Err(self.error(&format!("said {other:?} instead of being ready"))),
             Err(e) => return Err(self.error(&format!("did not come up within {}s: {e:#}", BOOT_TIMEOUT.as_secs()))),
@@ -313,18 +348,11 @@ impl Node {
 
     /// An error about this node, with its console's tail.
     fn error(&self, what: &str) -> anyhow::Error {
-        let mut bytes = Vec::new();
-        if let Ok(mut f) = std::fs::File::open(&self.console) {
-            let len = f.metadata().map(|m| m.len()).unwrap_or(0);
-            use std::io::Seek;
-            let _ = f.seek(std::io::SeekFrom::Start(len.saturating_sub(16 * 1024)));
-            let _ = f.read_to_end(&mut bytes);
-        }
         anyhow!(
             "node `{}`: {what}\nlast console lines (full log: {}):\n{}",
             self.name,
             self.console.display(),
-            vm::tail_lines(&bytes)
+            vm::console_tail(&self.console_tail)
         )
     }
 
@@ -339,8 +367,10 @@ impl Node {
             timeout_ms: timeout.as_millis() as u64,
         };
         let line = format!("{}\n", serde_json::to_string(&message)?);
-        reader.get_ref().set_read_timeout(Some(timeout + Duration::from_secs(30)))?;
-        let answer = writer.write_all(line.as_bytes()).map_err(anyhow::Error::from).and_then(|()| read_message(reader));
+        let answer = writer
+            .write_all(line.as_bytes())
+            .map_err(anyhow::Error::from)
+            .and_then(|()| read_message(reader, timeout + ANSWER_GRACE));
         match answer {
             Ok(FromGuest::Done { exit, signal, timed_out, stdout, stderr }) => {
                 let text = |b64: &str| String::from_utf8_lossy(&base64_decode(b64).unwrap_or_default()).into_owned();
@@ -424,7 +454,7 @@ impl Node {
         let Some((reader, writer)) = &mut self.control else { bail!("node `{name}` is not running") };
         let message = ToGuest::Run { argv: vec!["sh".into(), "-c".into(), command.clone()], timeout_ms: 60_000 };
         writer.write_all(format!("{}\n", serde_json::to_string(&message)?).as_bytes())?;
-        match read_message(reader)? {
+        match read_message(reader, Duration::from_secs(60) + ANSWER_GRACE)? {
             FromGuest::Done { exit: Some(0), stdout, .. } => {
                 let bytes = base64_decode(&stdout).context("the guest's output is not base64")?;
                 std::fs::write(host_path, bytes).with_context(|| format!("writing `{}`", host_path.display()))
@@ -447,6 +477,7 @@ impl Node {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+        self.end_console();
         Ok(())
     }
 
@@ -457,7 +488,15 @@ impl Node {
             let _ = child.kill();
             let _ = child.wait();
         }
+        self.end_console();
         Ok(())
+    }
+
+    /// Once QEMU has ended: the console's log is completed.
+    fn end_console(&mut self) {
+        if let Some(relay) = self.console_relay.take() {
+            relay.finish();
+        }
     }
 }
 
@@ -467,12 +506,79 @@ impl Drop for Node {
     }
 }
 
-fn read_message(reader: &mut BufReader<UnixStream>) -> Result<FromGuest> {
-    let mut line = String::new();
-    // A guest could send an endless line: at most 64 MiB (output travels in one line).
-    let n = reader.by_ref().take(64 << 20).read_line(&mut line).context("reading the control channel")?;
-    if n == 0 {
-        bail!("the control channel closed (the node stopped?)");
+/// The longest message a guest may send (a command's output travels in one line).
+const MAX_MESSAGE: usize = 64 << 20;
+
+/// Reads one message from the control channel, all of it within `timeout`: a guest that
+/// sends its answer a byte at a time cannot hold the caller past it, nor past
+/// [`MAX_MESSAGE`] bytes.
+pub fn read_message(reader: &mut BufReader<UnixStream>, timeout: Duration) -> Result<FromGuest> {
+    let deadline = Instant::now() + timeout;
+    let mut line = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            bail!("no whole answer on the control channel within {}s ({} bytes came)", timeout.as_secs(), line.len());
+        }
+        reader.get_ref().set_read_timeout(Some(left)).context("setting the control channel's timeout")?;
+        let buf = match reader.fill_buf() {
+            Ok(buf) => buf,
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e).context("reading the control channel"),
+        };
+        if buf.is_empty() {
+            bail!("the control channel closed (the node stopped?)");
+        }
+        let (take, whole) = match buf.iter().position(|b| *b == b'\n') {
+            Some(i) => (i + 1, true),
+            None => (buf.len(), false),
+        };
+        if line.len() + take > MAX_MESSAGE {
+            bail!("a message longer than {MAX_MESSAGE} bytes on the control channel");
+        }
+        line.extend_from_slice(&buf[..take]);
+        reader.consume(take);
+        if whole {
+            break;
+        }
     }
-    serde_json::from_str(&line).map_err(|e| anyhow!("a garbled message on the control channel: {e}"))
+    serde_json::from_slice(&line).map_err(|e| anyhow!("a garbled message on the control channel: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_guest_that_drips_its_answer_cannot_hold_a_read_past_its_timeout() {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        std::thread::spawn(move || {
+            let mut theirs = theirs;
+            // One byte at a time, never a whole line, until the reader is gone.
+            while theirs.write_all(b"{").is_ok() {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        });
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut reader = BufReader::new(ours);
+            let _ = tx.send(read_message(&mut reader, Duration::from_secs(1)).map_err(|e| format!("{e:#}")));
+        });
+        // A bound on liveness, far above the timeout: the read must end at all.
+        let result = rx.recv_timeout(Duration::from_secs(60)).expect("the read outlived its timeout");
+        let err = result.expect_err("a dripped half line is no message");
+        assert!(err.contains("no whole answer on the control channel within 1s"), "{err}");
+    }
+
+    #[test]
+    fn a_whole_message_is_read_and_a_closed_channel_said() {
+        let (ours, mut theirs) = UnixStream::pair().unwrap();
+        theirs.write_all(format!("{}\n", serde_json::to_string(&FromGuest::Ready).unwrap()).as_bytes()).unwrap();
+        drop(theirs);
+        let mut reader = BufReader::new(ours);
+        assert!(matches!(read_message(&mut reader, Duration::from_secs(5)), Ok(FromGuest::Ready)));
+        let err = read_message(&mut reader, Duration::from_secs(5)).unwrap_err();
+        assert!(format!("{err}").contains("closed"), "{err}");
+    }
 }

@@ -152,7 +152,7 @@ pub fn script_text(
     let run = Path::new(RUN);
     let command_spec = with_xchg(
         spec,
-        Console::File(run.join("console.log")),
+        Console::File(run.join("console")),
         vec![
             Port { name: "stdout".into(), path: run.join("stdout") },
             Port { name: "stderr".into(), path: run.join("stderr") },
@@ -207,19 +207,22 @@ else
 {command_json}
 END_OF_REQUEST
     printf '%s\0' "$@" >"$xchg/{argv}"
-    # The command's output streams through FIFOs as it is written.
-    mkfifo "$run/stdout" "$run/stderr" || exit 1
+    # The command's output streams through FIFOs as it is written; the console's log
+    # keeps its first 256 KiB and its last 1 MiB, however much the guest writes.
+    mkfifo "$run/stdout" "$run/stderr" "$run/console" || exit 1
     cat "$run/stdout" &
     out_pid=$!
     cat "$run/stderr" >&2 &
     err_pid=$!
+    {{ head -c 262144; tail -c 1048576; }} <"$run/console" >"$run/console.log" &
+    con_pid=$!
     {command_qemu} </dev/null >"$run/qemu.log" 2>&1
     qemu_status=$?
     # A reader still waiting to open its FIFO (QEMU never opened it) gets a writer that
     # closes at once: end of file. Opening read-write never blocks.
-    exec 3<>"$run/stdout" 4<>"$run/stderr"
-    exec 3>&- 4>&-
-    wait "$out_pid" "$err_pid"
+    exec 3<>"$run/stdout" 4<>"$run/stderr" 5<>"$run/console"
+    exec 3>&- 4>&- 5>&-
+    wait "$out_pid" "$err_pid" "$con_pid"
 fi
 vm_status "$xchg/{status}"
 case $st_kind in
@@ -275,7 +278,11 @@ mod tests {
         assert!(text.contains("\\\n    -kernel /s/k-vmlinux/vmlinux \\\n"), "{text}");
         assert!(text.contains("'local,id=fs1,security_model=none,path='\"$run_q\"'/xchg'"), "{text}");
         assert!(text.contains("'file,id=port0,path='\"$run_q\"'/stdout'"), "{text}");
-        assert!(text.contains("'file,id=console,path='\"$run_q\"'/console.log'"), "{text}");
+        assert!(text.contains("'file,id=console,path='\"$run_q\"'/console'"), "{text}");
+        assert!(
+            text.contains("{ head -c 262144; tail -c 1048576; } <\"$run/console\" >\"$run/console.log\" &"),
+            "{text}"
+        );
         assert!(!text.contains("/tmp/scratch") && !text.contains(RUN), "{text}");
         assert!(text.contains(STATUS_FUNCTION));
         assert!(text.contains("\"argv_file\": \"argv\""));
