@@ -93,6 +93,60 @@ fn cargo_runs_test_binaries_in_the_vm_through_its_runner() {
     }
 }
 
+/// A crate of its own workspace, outside this repository (in a temporary directory,
+/// not a git work tree), whose test reads a fixture by `CARGO_MANIFEST_DIR`, writes to
+/// `CARGO_TARGET_TMPDIR` and needs the VM; run by plain `cargo test` there with xtask as
+/// the runner.
+#[test]
+fn the_runner_shares_the_workspace_of_a_crate_outside_this_repository() {
+    let dir = tempfile::tempdir().unwrap();
+    let krate = dir.path().join("elsewhere crate");
+    std::fs::create_dir_all(krate.join("tests")).unwrap();
+    std::fs::create_dir_all(krate.join("src")).unwrap();
+    let manifest = "[package]\nname = \"elsewhere\"\nversion = \"0.1.0\"\nedition = \"2021\"\n\n[workspace]\n";
+    std::fs::write(krate.join("Cargo.toml"), manifest).unwrap();
+    std::fs::write(krate.join("src/lib.rs"), "").unwrap();
+    std::fs::write(krate.join("tests/fixture.txt"), "from elsewhere\n").unwrap();
+    let test = r#"
+#[test]
+fn reads_its_fixture_in_the_vm() {
+    assert!(std::path::Path::new("/store").is_dir(), "not in a VM of xtask's");
+    let fixture = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixture.txt");
+    assert_eq!(std::fs::read_to_string(fixture).unwrap(), "from elsewhere
+");
+    let scratch = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("x");
+    std::fs::write(&scratch, "written").expect("CARGO_TARGET_TMPDIR is writable");
+}
+"#;
+    std::fs::write(krate.join("tests/in_vm.rs"), test).unwrap();
+    let runner = format!(
+        "target.x86_64-unknown-linux-gnu.runner=[\"{}\", \"test-runner\", \"--system\", \"minimal\", \
+            \"--timeout\", \"{TIMEOUT}\"]",
+        xtask_bin().display()
+    );
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.current_dir(&krate).args(["test", "--offline", "--config", &runner]).env_remove("CARGO_TARGET_DIR");
+    let run = output_within(cmd, 600);
+    assert_eq!(run.code, 0, "{run:#?}");
+    assert!(run.stdout.contains("test reads_its_fixture_in_the_vm ... ok"), "{run:#?}");
+
+    // Where its workspace cannot be found, the runner says so before booting: exit 2.
+    let binary = std::fs::read_dir(krate.join("target/debug/deps"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.file_name().unwrap().to_string_lossy().starts_with("in_vm-") && p.extension().is_none())
+        .expect("the test binary");
+    let gone = dir.path().join("no such package");
+    let run = vm_tests::xtask_env(
+        &["test-runner", "--system", "minimal", binary.to_str().unwrap()],
+        &[("CARGO_MANIFEST_DIR", gone.as_os_str())],
+    );
+    assert_eq!(run.code, 2, "{run:#?}");
+    assert!(run.stderr.contains("no such package` has no Cargo.toml"), "{run:#?}");
+    assert!(!run.stderr.contains("vm: booting"), "a VM was booted: {run:#?}");
+}
+
 /// Kills and reaps a child when dropped.
 struct Reaped(Child);
 

@@ -65,7 +65,8 @@ impl Test {
         };
         // The system is checked before anything is built; the test binaries are built
         // while the VM boots.
-        run_in_vm(ws, &self.vm, || build_test_binaries(ws, &cargo_args), &test_args)
+        let shared = Shared { root: ws.root.clone(), target_dir: ws.target_dir.clone() };
+        run_in_vm(ws, &shared, &self.vm, || build_test_binaries(ws, &cargo_args), &test_args)
     }
 }
 
@@ -82,8 +83,56 @@ impl TestRunner {
             .unwrap_or(std::env::current_dir().context("the current directory")?);
         let package = std::env::var("CARGO_PKG_NAME").unwrap_or_default();
         let label = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        // The binary's own workspace is shared, wherever it is: found before anything boots.
+        let shared = Shared::of_binary(&path, &package_dir)?;
         let binary = TestBinary { path, package_dir, package, label };
-        run_in_vm(ws, &self.vm, || Ok(vec![binary]), test_args)
+        run_in_vm(ws, &shared, &self.vm, || Ok(vec![binary]), test_args)
+    }
+}
+
+/// The workspace whose sources a test VM sees, and its target directory (whose `tmp`,
+/// `CARGO_TARGET_TMPDIR`, is writable there).
+#[derive(Debug, Clone)]
+pub struct Shared {
+    pub root: PathBuf,
+    pub target_dir: PathBuf,
+}
+
+impl Shared {
+    /// The workspace of a test binary cargo runs the runner with: the one cargo reports
+    /// for its package's directory (any workspace, not only xtask's), and the target
+    /// directory the binary was built in.
+    pub fn of_binary(binary: &Path, package_dir: &Path) -> Result<Shared> {
+        let how = "run it through cargo (`cargo test` with xtask's `test-runner` as the target's runner), which \
+                   sets CARGO_MANIFEST_DIR to the package's directory";
+        if !package_dir.join("Cargo.toml").is_file() {
+            return Err(usage_error(format!(
+                "the test binary's package directory `{}` has no Cargo.toml, so its workspace cannot be shared \
+                 with the VM; {how}",
+                package_dir.display()
+            )));
+        }
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let out = crate::process::output(
+            crate::process::command(&cargo)
+                .args(["locate-project", "--workspace", "--message-format", "plain"])
+                .current_dir(package_dir),
+        )?;
+        let manifest = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        let root = Path::new(&manifest).parent().filter(|_| out.status.success() && !manifest.is_empty());
+        let Some(root) = root else {
+            return Err(usage_error(format!(
+                "cargo finds no workspace for the test binary's package `{}` ({}); {how}",
+                package_dir.display(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        };
+        let target_dir = binary
+            .ancestors()
+            .find(|d| d.join("CACHEDIR.TAG").is_file())
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| root.join("target"));
+        Ok(Shared { root: root.to_path_buf(), target_dir })
     }
 }
 
@@ -126,6 +175,7 @@ pub fn build_test_binaries(ws: &Workspace, cargo_args: &[String]) -> Result<Vec<
 /// their items, the packages and the system item are made while the VM boots.
 fn run_in_vm(
     ws: &Workspace,
+    shared: &Shared,
     opts: &VmOpts,
     binaries: impl FnOnce() -> Result<Vec<TestBinary>>,
     test_args: &[String],
@@ -146,21 +196,21 @@ fn run_in_vm(
             eprintln!("no test binaries to run");
         }
         let mut lowered = system::lower_packages(&store, ws, &system, opts.verbose, boot.clone())?;
-        let commands = add_test_binaries(ws, &store, &mut lowered, &binaries, test_args)?;
+        let commands = add_test_binaries(shared, &store, &mut lowered, &binaries, test_args)?;
         *names.borrow_mut() = binaries.iter().map(|b| b.path.display().to_string()).collect();
         let system_item = system::system_item(&store, &system, &lowered)?;
         let script = format!("{RUN_FUNCTION}\n{}\nexit $failed\n", commands.join("\n"));
         let argv = vec!["sh".into(), "-c".into(), script];
         let mut req = request(&system, &lowered, &system_item, root_device.as_deref(), Mode::Command, argv);
-        req.mounts = workspace_mounts(ws);
+        req.mounts = workspace_mounts(shared);
         Ok(req)
     };
     let xchg = store.scratch("xchg")?;
     let runtime = store.scratch("run")?;
     let mut spec = opts.spec(accel, &store, &boot, xchg.path().to_path_buf());
     let mount_points: Vec<PathBuf> =
-        ws.target_dir.join("tmp").strip_prefix(&ws.root).map(Path::to_path_buf).into_iter().collect();
-    let view = workspace_view::stage(&store, &ws.root, &[&ws.target_dir, &ws.store_dir], &mount_points)?;
+        shared.target_dir.join("tmp").strip_prefix(&shared.root).map(Path::to_path_buf).into_iter().collect();
+    let view = workspace_view::stage(&store, &shared.root, &[&shared.target_dir, &ws.store_dir], &mount_points)?;
     spec.shares.push(Share { tag: WORKSPACE_TAG.into(), path: view.path().to_path_buf(), readonly: true });
     if let Some((path, _)) = &root_image {
         spec.disks.push(Disk { path: path.clone(), format: DiskFormat::Raw, readonly: true });
@@ -191,7 +241,7 @@ fn run_in_vm(
 /// Adds each test binary with its shared-library closure to the store and to `lowered`
 /// (its links and packages); returns the guest script's `run` line for each.
 fn add_test_binaries(
-    ws: &Workspace,
+    shared: &Shared,
     store: &crate::store::Store,
     lowered: &mut system::Lowered,
     binaries: &[TestBinary],
@@ -208,7 +258,7 @@ fn add_test_binaries(
             }
         }
         let name = binary.path.file_name().unwrap_or_default().to_string_lossy().into_owned();
-        let shown = binary.path.strip_prefix(&ws.root).unwrap_or(&binary.path).display().to_string();
+        let shown = binary.path.strip_prefix(&shared.root).unwrap_or(&binary.path).display().to_string();
         let label = format!("{} ({shown})", binary.label);
         commands.push(run_line(binary, &label, &format!("{}/bin/{name}", program.item.guest_path()), test_args));
         for item in store.closure(std::slice::from_ref(&program.item))? {
@@ -252,8 +302,8 @@ fn run_line(binary: &TestBinary, label: &str, guest_path: &str, test_args: &[Str
 
 /// The workspace's sources at its host path, read-only; a tmpfs over `target/tmp`
 /// (writable, for `CARGO_TARGET_TMPDIR`).
-fn workspace_mounts(ws: &Workspace) -> Vec<MountSpec> {
-    let root = ws.root.to_string_lossy().into_owned();
+fn workspace_mounts(shared: &Shared) -> Vec<MountSpec> {
+    let root = shared.root.to_string_lossy().into_owned();
     let mut mounts = vec![MountSpec {
         source: WORKSPACE_TAG.into(),
         target: root,
@@ -269,8 +319,8 @@ fn workspace_mounts(ws: &Workspace) -> Vec<MountSpec> {
         check: guest::Check::None,
     };
     // Its mount point is made in the staged view when it is inside the workspace.
-    let tmp = ws.target_dir.join("tmp");
-    if tmp.starts_with(&ws.root) {
+    let tmp = shared.target_dir.join("tmp");
+    if tmp.starts_with(&shared.root) {
         mounts.push(tmpfs(&tmp));
     }
     mounts
