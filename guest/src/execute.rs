@@ -13,7 +13,7 @@ use nix::unistd::Pid;
 
 use crate::serve;
 use crate::services::{self, Supervisor};
-use crate::sys::{block_signals, handled_signals, log, port_device, reap, Result, SHUTDOWN_SIGNALS};
+use crate::sys::{block_signals, clean_start, handled_signals, log, port_device, reap, Result, SHUTDOWN_SIGNALS};
 
 /// Applies the request's system item, if it names one, and starts its services.
 /// `root_has_files`: the root file system already holds its `/etc` files and homes.
@@ -78,6 +78,7 @@ pub(crate) fn execute_supervised(request: &Request, supervisor: &mut Supervisor)
     }
     let mut cmd = Command::new(&request.argv[0]);
     cmd.args(&request.argv[1..]).env_clear().envs(request.env.iter().map(|(k, v)| (k, v))).current_dir(&request.cwd);
+    clean_start(&mut cmd);
     match request.mode {
         Mode::Command => {
             cmd.stdin(Stdio::null()).stdout(output(&request.stdout_port)?).stderr(output(&request.stderr_port)?);
@@ -88,10 +89,10 @@ pub(crate) fn execute_supervised(request: &Request, supervisor: &mut Supervisor)
             let open =
                 || OpenOptions::new().read(true).write(true).open(tty).map_err(|e| format!("cannot open {tty}: {e}"));
             cmd.stdin(open()?).stdout(open()?).stderr(open()?);
-            // SAFETY: only async-signal-safe calls (setsid, ioctl) between fork and exec.
+            // After `clean_start`'s setsid: the terminal becomes the new session's.
+            // SAFETY: only an async-signal-safe call (ioctl) between fork and exec.
             unsafe {
                 cmd.pre_exec(|| {
-                    nix::unistd::setsid()?;
                     if nix::libc::ioctl(0, nix::libc::TIOCSCTTY, 1) != 0 {
                         return Err(std::io::Error::last_os_error());
                     }
