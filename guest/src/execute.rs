@@ -18,10 +18,10 @@ use crate::sys::{block_signals, clean_start, handled_signals, log, port_device, 
 /// Applies the request's system item, if it names one, and starts its services.
 /// `root_has_files`: the root file system already holds its `/etc` files and homes.
 pub(crate) fn start_system(request: &Request, root_has_files: bool, supervisor: &mut Supervisor) -> Result<()> {
-    if let Some(system) = &request.system {
-        start_config(&services::read_config(system)?, root_has_files, supervisor)?;
+    match &request.system {
+        Some(system) => start_config(&services::read_config(system)?, root_has_files, supervisor),
+        None => crate::base::etc(),
     }
-    Ok(())
 }
 
 /// Applies a system configuration and starts its services, each up before the next.
@@ -32,6 +32,7 @@ pub(crate) fn start_config(
 ) -> Result<()> {
     block_signals()?;
     services::apply(config, root_has_files)?;
+    crate::base::etc()?;
     supervisor.start_all(&config.services)?;
     log("services up");
     // File systems not needed for boot: once the services are up.
@@ -41,7 +42,10 @@ pub(crate) fn start_config(
     Ok(())
 }
 
+/// The request's directories, links and host name, on a machine with what every
+/// system has ([`crate::base::machine`]).
 pub(crate) fn prepare(request: &Request) -> Result<()> {
+    crate::base::machine()?;
     for dir in &request.dirs {
         fs::create_dir_all(dir).map_err(|e| format!("cannot create {dir}: {e}"))?;
     }

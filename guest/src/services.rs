@@ -228,7 +228,7 @@ fn default_route(gateway: &str) -> Result<()> {
 }
 
 /// Brings `lo` up, so services can listen on 127.0.0.1.
-fn loopback_up() -> Result<()> {
+pub(crate) fn loopback_up() -> Result<()> {
     use nix::libc;
     // SAFETY: a plain socket and two ioctls on a zeroed, NUL-terminated `ifreq`.
     unsafe {

@@ -1,6 +1,7 @@
-//! A command in the VM starts as on a freshly installed Debian machine: a clean process
-//! state (no signal blocked or ignored, a session and process group of its own,
-//! descriptors 0-2 only) whichever way it is run.
+//! A command in the VM starts and runs as on a freshly installed Debian machine: a clean
+//! process state (no signal blocked or ignored, a session and process group of its own,
+//! descriptors 0-2 only) whichever way it is run, and a normal Linux around it (devpts,
+//! `/dev/shm`, `/dev/fd`, `/tmp` and `/var/tmp`, `nobody`, the loopback, `/etc/hosts`).
 
 use crate::nonce;
 use vm_tests::{xtask, TIMEOUT};
@@ -17,6 +18,23 @@ echo descriptors $(ls /proc/self/fd)";
 /// What [`PROCESS_STATE`] prints on a host, for a command started from a shell.
 pub const CLEAN: &str = "SigBlk:\t0000000000000000\nSigIgn:\t0000000000000000\n\
 leads its session and group\ndescriptors 0 1 2 3\n";
+
+/// Prints `missing:` and what the machine lacks of a normal Linux, with busybox's tools.
+pub const NORMAL_LINUX: &str = "m=
+check() { \"$@\" >/dev/null 2>&1 || m=\"$m [$*]\"; }
+check grep -q ' /dev/pts devpts ' /proc/mounts
+check sh -c 'exec 3<>/dev/ptmx && test -c /dev/pts/0'
+check grep -q ' /dev/shm tmpfs ' /proc/mounts
+check test -k /tmp -a -w /tmp
+check test -k /var/tmp -a -w /var/tmp
+check test \"$(readlink /dev/fd)\" = /proc/self/fd
+check test -e /dev/stdin -a -e /dev/stdout -a -e /dev/stderr
+check grep -q '^nobody:x:65534:65534:' /etc/passwd
+check grep -q '^nogroup:x:65534:' /etc/group
+check grep -q '^127.0.0.1[[:space:]]*localhost' /etc/hosts
+check grep -q '^hosts:' /etc/nsswitch.conf
+check ip route get 127.0.0.1
+echo \"missing:$m\"";
 
 #[test]
 fn run_vm_commands_start_clean_warm_and_cold() {
@@ -35,10 +53,22 @@ read -r pid comm state ppid pgrp sid rest </proc/$p/stat; [ \"$pid\" = \"$sid\" 
 
 /// A build step, on a VM without a system item.
 #[test]
-fn a_build_step_starts_clean() {
+fn a_build_step_starts_clean_in_a_normal_linux() {
     let env = format!("NONCE={}", nonce());
     let args = ["build-in-vm", "--timeout", TIMEOUT, "--name", "process-state", "--env", &env, "--"];
-    let run = xtask(&[&args[..], &["sh", "-c", PROCESS_STATE]].concat());
+    let script = format!("{PROCESS_STATE}\n{NORMAL_LINUX}");
+    let run = xtask(&[&args[..], &["sh", "-c", &script]].concat());
     run.expect_code(0);
-    assert!(run.stderr.contains(CLEAN), "the build step's output (on stderr): {run:#?}");
+    assert!(run.stderr.contains(&format!("{CLEAN}missing:\n")), "the build step's output (on stderr): {run:#?}");
+}
+
+/// The minimal system over the shares (no root image), and `hello` with its root image
+/// and services.
+#[test]
+fn every_system_is_a_normal_linux() {
+    for system in ["minimal", "hello"] {
+        let run = xtask(&["run-vm", "--system", system, "--timeout", TIMEOUT, "--", "sh", "-c", NORMAL_LINUX]);
+        run.expect_code(0);
+        assert_eq!(run.stdout, "missing:\n", "{system}: {run:#?}");
+    }
 }
