@@ -3,8 +3,10 @@
 //! descriptors 0-2 only) whichever way it is run, and a normal Linux around it (devpts,
 //! `/dev/shm`, `/dev/fd`, `/tmp` and `/var/tmp`, `nobody`, the loopback, `/etc/hosts`).
 
+use std::process::Command;
+
 use crate::nonce;
-use vm_tests::{xtask, TIMEOUT};
+use vm_tests::{output_within, workspace_root, xtask, xtask_bin, TIMEOUT};
 
 /// Prints a command's process state: the signal masks its child inherits (grep's), whether
 /// it leads its own session and process group, and a child's open descriptors (`ls`'s,
@@ -71,4 +73,39 @@ fn every_system_is_a_normal_linux() {
         run.expect_code(0);
         assert_eq!(run.stdout, "missing:\n", "{system}: {run:#?}");
     }
+}
+
+/// `vm-checks`' process-state and Linux checks, through `cargo xtask test` and through
+/// cargo's runner.
+#[test]
+fn tests_start_clean_in_a_normal_linux() {
+    let tests = ["--test", "normal_linux", "--test", "clean_process", "--", "--ignored"];
+    let mut args = vec!["test", "--system", "hello", "--timeout", TIMEOUT, "-p", "vm-checks"];
+    args.extend(tests);
+    let run = xtask(&args);
+    run.expect_code(0);
+    assert!(run.stdout.contains("test result: ok. 1 passed; 0 failed"), "{run:#?}");
+    assert!(run.stdout.contains("test result: ok. 4 passed; 0 failed"), "{run:#?}");
+    // In cargo's order (by name), whatever the order asked, each said once.
+    let running: Vec<&str> = run.stderr.lines().filter(|l| l.starts_with("     Running ")).collect();
+    assert_eq!(running.len(), 2, "{run:#?}");
+    assert!(
+        running[0].starts_with("     Running tests/clean_process.rs (target/debug/deps/clean_process-"),
+        "{run:#?}"
+    );
+    assert!(running[1].starts_with("     Running tests/normal_linux.rs (target/debug/deps/normal_linux-"), "{run:#?}");
+
+    let runner = format!(
+        "target.x86_64-unknown-linux-gnu.runner=[\"{}\", \"test-runner\", \"--system\", \"hello\", \
+            \"--timeout\", \"{TIMEOUT}\"]",
+        xtask_bin().display()
+    );
+    let mut cargo = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cargo.current_dir(workspace_root()).args(["test", "-p", "vm-checks", "--config", &runner]).args(tests);
+    let run = output_within(cargo, 900);
+    run.expect_code(0);
+    // Cargo says `Running`; the runner does not say it again.
+    assert_eq!(run.stderr.matches("     Running ").count(), 2, "{run:#?}");
+    assert!(run.stdout.contains("test result: ok. 1 passed; 0 failed"), "{run:#?}");
+    assert!(run.stdout.contains("test result: ok. 4 passed; 0 failed"), "{run:#?}");
 }

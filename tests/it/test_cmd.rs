@@ -61,7 +61,8 @@ fn a_failing_test_gives_101_and_its_panic_message() {
     // As under `cargo test`: the captured panic in the report on stdout; and on stderr
     // too, with the failed binary.
     assert!(run.stdout.contains("deliberate failure after the service said \"hello-service v1"), "{run:#?}");
-    assert!(run.stderr.contains("error: test failed: tests/fails.rs"), "{run:#?}");
+    // Cargo's words.
+    assert!(run.stderr.contains("error: test failed, to rerun pass `-p vm-checks --test fails`"), "{run:#?}");
     assert!(run.stderr.contains("---- fails_on_purpose stdout ----"), "{run:#?}");
     assert!(run.stderr.contains("panicked at examples/vm-checks/tests/fails.rs"), "{run:#?}");
     assert!(run.stderr.contains("deliberate failure after the service said \"hello-service v1"), "{run:#?}");
