@@ -168,3 +168,66 @@ fn output_streams_while_the_command_runs() {
         assert!(vm.0.wait().unwrap().success(), "{what}");
     }
 }
+
+/// A test binary running past `--timeout` stops the VM: exit status 124, the test still
+/// running named (libtest names it as it starts, one test at a time on the VM's one
+/// CPU), the console's tail shown.
+#[test]
+fn a_hanging_test_is_ended_by_the_timeout_and_named() {
+    let run = xtask(&[
+        "test",
+        "--system",
+        "hello",
+        "--timeout",
+        "20s",
+        "-p",
+        "vm-checks",
+        "--test",
+        "hangs",
+        "--",
+        "--ignored",
+    ]);
+    run.expect_code(124);
+    assert!(run.stdout.contains("test hangs_on_purpose ... "), "{run:#?}");
+    for needle in [
+        "`tests/hangs.rs (target/debug/deps/hangs-",
+        "ran past its timeout of 20s and was killed; the test still running: hangs_on_purpose",
+        "last console lines (full log: ",
+    ] {
+        assert!(run.stderr.contains(needle), "missing {needle:?}: {run:#?}");
+    }
+}
+
+/// With tests on several threads, libtest names a test running for over 60 s: the line
+/// reaches stderr while the test still runs, and the timeout then names that test.
+#[test]
+fn a_slow_test_is_named_on_stderr_while_it_runs() {
+    let child = Command::new(xtask_bin())
+        .args(["test", "--system", "hello", "--timeout", "100s", "-p", "vm-checks", "--test", "hangs"])
+        .args(["--", "--ignored", "--test-threads=2"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut vm = Reaped(child);
+    let mut lines = BufReader::new(vm.0.stderr.take().unwrap()).lines();
+    let mut seen = Vec::new();
+    let slow = "test hangs_on_purpose has been running for over 60 seconds";
+    loop {
+        let line = lines.next().unwrap_or_else(|| panic!("no slow-test line on stderr: {seen:#?}")).unwrap();
+        if line == slow {
+            break;
+        }
+        seen.push(line);
+    }
+    assert!(vm.0.try_wait().unwrap().is_none(), "the slow-test line came only after the run ended");
+    let rest: Vec<String> = lines.map(|l| l.unwrap()).collect();
+    let status = vm.0.wait().unwrap();
+    assert_eq!(status.code(), Some(124), "{rest:#?}");
+    let rest = rest.join("\n");
+    assert!(
+        rest.contains("ran past its timeout of 100s and was killed; the test still running: hangs_on_purpose"),
+        "{rest}"
+    );
+}

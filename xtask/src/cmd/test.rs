@@ -1,6 +1,8 @@
 //! `cargo xtask test` and `cargo xtask test-runner`: the workspace's test binaries run
 //! inside a VM of a system (its services up first), one after another in `cargo test`'s
 //! order and with its words, their output streamed; exit status 101 when a test failed.
+//! Each binary has a timeout (`--timeout`, 10 minutes unless given): a binary running
+//! past it stops the VM, naming the test that was still running.
 //!
 //! `test` builds the selected test binaries with `cargo test --no-run` (read through
 //! `cargo_metadata`'s messages); `test-runner` is cargo's runner for one binary
@@ -12,6 +14,8 @@
 use std::io::BufReader;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use guest::{Mode, MountSpec};
@@ -249,9 +253,10 @@ fn run_in_vm(
     if let Some((path, _)) = &root_image {
         spec.disks.push(Disk { path: path.clone(), format: DiskFormat::Raw, readonly: true });
     }
+    let watch = Arc::new(TestWatch::new(opts.test_binary_timeout()));
     let run = VmRun {
-        timeout: opts.timeout,
         verbose: opts.verbose,
+        watch: Some(watch),
         stdout: Sink::TestStdout,
         snapshots: Some((store.clone(), opts.warmth())),
         ..VmRun::new(
@@ -407,9 +412,180 @@ fn workspace_mounts(ws: &Workspace) -> Vec<MountSpec> {
     mounts
 }
 
+/// How long a test may run before it is named on stderr (libtest's own notice, copied).
+const SLOW_NOTICE: &str = " has been running for over ";
+
+/// The per-binary timeout of a test run ([`crate::vm::Watch`]): the clock starts when the
+/// request is written and again at each `Running` line; libtest's lines on stdout tell
+/// which tests are running, so a timeout names them, and its notice of a test running
+/// for over 60 s is copied to stderr as it comes.
+struct TestWatch {
+    limit: Option<Duration>,
+    state: Mutex<WatchState>,
+}
+
+#[derive(Default)]
+struct WatchState {
+    /// When the binary (or the run, before the first `Running`) started.
+    since: Option<Instant>,
+    /// The binary running, as its `Running` line says it.
+    binary: Option<String>,
+    progress: Progress,
+    /// The line of stderr not ended yet.
+    stderr_line: Vec<u8>,
+}
+
+impl TestWatch {
+    fn new(limit: Option<Duration>) -> TestWatch {
+        TestWatch { limit, state: Mutex::default() }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, WatchState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl crate::vm::Watch for TestWatch {
+    fn output(&self, stderr: bool, bytes: &[u8]) {
+        let mut state = self.lock();
+        if !stderr {
+            for slow in state.progress.feed(bytes) {
+                eprintln!("{slow}");
+            }
+            return;
+        }
+        for &b in bytes {
+            if b != b'\n' {
+                if state.stderr_line.len() < Progress::LINE_CAP {
+                    state.stderr_line.push(b);
+                }
+                continue;
+            }
+            let line = String::from_utf8_lossy(&std::mem::take(&mut state.stderr_line)).into_owned();
+            if let Some(label) = line.strip_prefix("     Running ") {
+                state.binary = Some(label.to_string());
+                state.since = Some(Instant::now());
+                state.progress.running.clear();
+            }
+        }
+    }
+
+    fn expired(&self) -> Option<String> {
+        let limit = self.limit?;
+        let mut state = self.lock();
+        let since = *state.since.get_or_insert_with(Instant::now);
+        if since.elapsed() < limit {
+            return None;
+        }
+        let binary = state.binary.as_deref().map_or_else(|| "the test binary".to_string(), |b| format!("`{b}`"));
+        let running = state.progress.running();
+        let which = match running.as_slice() {
+            [] => "no test had said it started (libtest names a test when it starts with --test-threads=1, \
+                   and after 60 s otherwise)"
+                .to_string(),
+            [one] => format!("the test still running: {one}"),
+            many => format!("the tests still running: {}", many.join(", ")),
+        };
+        Some(format!(
+            "{binary} ran past its timeout of {} and was killed; {which} (give a longer --timeout, or \
+             --timeout none)",
+            shown(limit)
+        ))
+    }
+}
+
+/// `limit` as `--timeout` takes it: `10m`, `20s`, `1.5s`.
+fn shown(limit: Duration) -> String {
+    let secs = limit.as_secs_f64();
+    match limit.as_secs() {
+        s if s >= 60 && s % 60 == 0 && limit.subsec_nanos() == 0 => format!("{}m", s / 60),
+        _ => format!("{secs}s"),
+    }
+}
+
+/// Which tests of a libtest binary are running, from its output (stdout): `test NAME ... `
+/// when it starts (one test at a time), `test NAME has been running for over 60 seconds`,
+/// and `test NAME ... ok|FAILED|ignored` when it ends.
+#[derive(Default)]
+struct Progress {
+    line: Vec<u8>,
+    running: Vec<String>,
+}
+
+impl Progress {
+    /// Lines longer than this are cut (the bytes come from the guest).
+    const LINE_CAP: usize = 64 * 1024;
+
+    /// Takes the next bytes; returns the lines naming a slow test.
+    fn feed(&mut self, bytes: &[u8]) -> Vec<String> {
+        let mut slow = Vec::new();
+        for &b in bytes {
+            if b != b'\n' {
+                if self.line.len() < Self::LINE_CAP {
+                    self.line.push(b);
+                }
+                continue;
+            }
+            let line = String::from_utf8_lossy(&std::mem::take(&mut self.line)).into_owned();
+            let Some(rest) = line.strip_prefix("test ") else { continue };
+            if let Some((name, _)) = rest.split_once(SLOW_NOTICE) {
+                self.started(name);
+                slow.push(line.clone());
+            } else if let Some((name, after)) = rest.split_once(" ... ") {
+                let ended = ["ok", "FAILED", "ignored", "bench:"].iter().any(|r| after.starts_with(r));
+                if ended {
+                    self.running.retain(|n| n != name);
+                } else {
+                    // Started, and printing (`--nocapture`) on the same line.
+                    self.started(name);
+                }
+            }
+        }
+        slow
+    }
+
+    fn started(&mut self, name: &str) {
+        if !self.running.iter().any(|n| n == name) {
+            self.running.push(name.to_string());
+        }
+    }
+
+    /// The tests running now, oldest first (the line being written included).
+    fn running(&self) -> Vec<String> {
+        let mut running = self.running.clone();
+        let line = String::from_utf8_lossy(&self.line);
+        if let Some(name) = line.strip_prefix("test ").and_then(|l| l.strip_suffix(" ... ")) {
+            if !running.iter().any(|n| n == name) {
+                running.push(name.to_string());
+            }
+        }
+        running
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn progress_names_the_tests_still_running() {
+        let mut p = Progress::default();
+        assert!(p.feed(b"\nrunning 3 tests\ntest a ... ok\ntest b ... ").is_empty());
+        assert_eq!(p.running(), ["b"]);
+        p.feed(b"ok\ntest c ... ");
+        assert_eq!(p.running(), ["c"]);
+        // Many threads: a test is named only after 60 s, and copied to stderr.
+        let mut p = Progress::default();
+        let slow = p.feed(b"running 2 tests\ntest x ... ok\ntest hangs has been running for over 60 seconds\n");
+        assert_eq!(slow, ["test hangs has been running for over 60 seconds"]);
+        assert_eq!(p.running(), ["hangs"]);
+        p.feed(b"test hangs ... FAILED\n");
+        assert!(p.running().is_empty());
+        // A test printing on its own line (--nocapture) is still running.
+        let mut p = Progress::default();
+        p.feed(b"test talks ... hello\nmore\n");
+        assert_eq!(p.running(), ["talks"]);
+    }
 
     #[test]
     fn binaries_are_in_cargos_order() {
