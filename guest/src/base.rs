@@ -57,12 +57,28 @@ pub(crate) fn etc() -> Result<()> {
     add_entry("/etc/passwd", "nobody", "nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin")?;
     add_entry("/etc/group", "root", "root:x:0:")?;
     add_entry("/etc/group", "nogroup", "nogroup:x:65534:")?;
-    let hostname = nix::unistd::gethostname().map(|h| h.to_string_lossy().into_owned()).unwrap_or_default();
-    let mut hosts = String::from("127.0.0.1\tlocalhost\n::1\t\tlocalhost ip6-localhost ip6-loopback\n");
-    if !hostname.is_empty() && hostname != "localhost" {
-        hosts.push_str(&format!("127.0.1.1\t{hostname}\n"));
+    let localhost = "127.0.0.1\tlocalhost\n::1\t\tlocalhost ip6-localhost ip6-loopback\n";
+    match read("/etc/hosts")? {
+        None => {
+            let hostname = nix::unistd::gethostname().map(|h| h.to_string_lossy().into_owned()).unwrap_or_default();
+            let own = if hostname.is_empty() || hostname == "localhost" {
+                String::new()
+            } else {
+                format!("127.0.1.1\t{hostname}\n")
+            };
+            fs::write("/etc/hosts", format!("{localhost}{own}"))
+                .map_err(|e| format!("cannot write /etc/hosts: {e}"))?;
+        }
+        // A system's own (a scenario node's) without localhost: added.
+        Some(hosts)
+            if !hosts
+                .lines()
+                .any(|l| l.split('#').next().unwrap_or("").split_whitespace().skip(1).any(|n| n == "localhost")) =>
+        {
+            append("/etc/hosts", &hosts, localhost)?;
+        }
+        Some(_) => {}
     }
-    write_absent("/etc/hosts", &hosts)?;
     write_absent(
         "/etc/nsswitch.conf",
         "passwd: files\ngroup: files\nshadow: files\nhosts: files dns\nnetworks: files\n\
@@ -72,14 +88,24 @@ pub(crate) fn etc() -> Result<()> {
 
 /// Appends `line` to the colon-separated database `path` unless it has an entry `name`.
 fn add_entry(path: &str, name: &str, line: &str) -> Result<()> {
-    let text = match fs::read_to_string(path) {
-        Ok(text) => text,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
-        Err(e) => return Err(format!("cannot read {path}: {e}")),
-    };
+    let text = read(path)?.unwrap_or_default();
     if text.lines().any(|l| l.split(':').next() == Some(name)) {
         return Ok(());
     }
+    append(path, &text, &format!("{line}\n"))
+}
+
+/// The text of `path`, if there is a file.
+fn read(path: &str) -> Result<Option<String>> {
+    match fs::read_to_string(path) {
+        Ok(text) => Ok(Some(text)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(format!("cannot read {path}: {e}")),
+    }
+}
+
+/// Appends `lines` to `path`, whose text is `text` (a line it did not end is ended first).
+fn append(path: &str, text: &str, lines: &str) -> Result<()> {
     let separator = if text.is_empty() || text.ends_with('\n') { "" } else { "\n" };
     let mut file = OpenOptions::new()
         .create(true)
@@ -87,7 +113,7 @@ fn add_entry(path: &str, name: &str, line: &str) -> Result<()> {
         .mode(0o644)
         .open(path)
         .map_err(|e| format!("cannot open {path}: {e}"))?;
-    file.write_all(format!("{separator}{line}\n").as_bytes()).map_err(|e| format!("cannot write {path}: {e}"))
+    file.write_all(format!("{separator}{lines}").as_bytes()).map_err(|e| format!("cannot write {path}: {e}"))
 }
 
 /// Writes `contents` to `path` unless something is there already.

@@ -57,6 +57,9 @@ pub fn hello_pair() -> Scenario {
             ensure!(answer.starts_with("hello-service v1: "), "the client got {answer:?}");
             let state = d.node("client")?.succeed(PROCESS_STATE)?;
             ensure!(state == CLEAN_STATE, "a command's process state: {state:?}, not {CLEAN_STATE:?}");
+            // The nodes' own /etc/hosts, with localhost added, and what every system has.
+            d.node("client")?
+                .succeed("grep -qw localhost /etc/hosts && grep -q '^nobody:' /etc/passwd && test -k /var/tmp")?;
             // The nodes reach each other and nothing else: one route, their network's.
             let routes = d.node("client")?.succeed("ip route")?;
             ensure!(routes.lines().count() == 1 && routes.starts_with("10.77.0.0/24 dev eth0"), "routes: {routes:?}");
