@@ -73,6 +73,27 @@ fn a_failing_test_gives_101_and_its_panic_message() {
     assert!(nocapture.stderr.contains("deliberate failure after the service said"), "{nocapture:#?}");
 }
 
+/// As `cargo test`: the binaries in cargo's order (`fails` before `in_vm`), the run stops
+/// at the first failed binary; with `--no-fail-fast` the others run and the failed ones
+/// are listed at the end.
+#[test]
+fn a_failure_stops_the_run_unless_no_fail_fast() {
+    let run = xtask_test(&[], &["--test", "in_vm", "--test", "fails", "--", "--ignored"]);
+    run.expect_code(101);
+    assert!(run.stderr.contains("     Running tests/fails.rs"), "{run:#?}");
+    assert!(!run.stderr.contains("     Running tests/in_vm.rs"), "ran on after a failure: {run:#?}");
+    assert!(!run.stderr.contains("target failed"), "{run:#?}");
+
+    let run = xtask_test(&[], &["--no-fail-fast", "--test", "in_vm", "--test", "fails", "--", "--ignored"]);
+    run.expect_code(101);
+    assert!(run.stdout.contains("test result: ok. 4 passed"), "in_vm did not run: {run:#?}");
+    let end = "error: test failed, to rerun pass `-p vm-checks --test fails`";
+    let fails = run.stderr.find(end).unwrap_or_else(|| panic!("{run:#?}"));
+    let in_vm = run.stderr.find("     Running tests/in_vm.rs").unwrap_or_else(|| panic!("{run:#?}"));
+    assert!(fails < in_vm, "not in cargo's order: {run:#?}");
+    assert!(run.stderr.ends_with("error: 1 target failed:\n    `-p vm-checks --test fails`\n"), "{run:#?}");
+}
+
 /// Plain `cargo test` with xtask as cargo's runner: the binary runs in the VM. The
 /// runner is the built xtask binary, never `cargo run`, so it cannot wait on the lock
 /// cargo holds while it runs tests: a run that hangs fails here.
