@@ -219,6 +219,33 @@ fn a_hanging_test_is_ended_by_the_timeout_and_named() {
     }
 }
 
+/// Through cargo's runner the timeout holds for the one binary cargo hands it: the runner
+/// names the binary and the test, and fails with 124, which cargo passes on; a bad
+/// `--timeout` is a usage error.
+#[test]
+fn the_runner_ends_a_hanging_test_and_names_it() {
+    let runner = format!(
+        "target.x86_64-unknown-linux-gnu.runner=[\"{}\", \"test-runner\", \"--system\", \"hello\", \
+            \"--timeout\", \"20s\"]",
+        xtask_bin().display()
+    );
+    let mut cmd = cargo();
+    cmd.args(["test", "-p", "vm-checks", "--test", "hangs", "--config", &runner, "--", "--ignored"]);
+    let run = output_within(cmd, 600);
+    assert_eq!(run.code, 124, "{run:#?}");
+    let (_, message) = run.stderr.split_once("error: `").unwrap_or_else(|| panic!("{run:#?}"));
+    assert!(message.contains("target/debug/deps/hangs-"), "the binary is not named: {run:#?}");
+    let named = "ran past its timeout of 20s and was killed; the test still running: hangs_on_purpose";
+    assert!(message.contains(named), "{run:#?}");
+
+    let bad = xtask(&["test", "--timeout", "never", "-p", "vm-checks"]);
+    bad.expect_code(2);
+    assert!(
+        bad.stderr.contains("`never` is not a duration; give 1s to 7d (e.g. 90, 90s, 5m, 1h, 2d), or `none`"),
+        "{bad:#?}"
+    );
+}
+
 /// With tests on several threads, libtest names a test running for over 60 s: the line
 /// reaches stderr while the test still runs, and the timeout then names that test.
 #[test]

@@ -231,8 +231,13 @@ fn run_in_vm(
     let root_device = root_image.as_ref().map(|(_, device)| device.clone());
     // What the request is made of, for the exit status's message once the VM has ended.
     let names = std::cell::RefCell::new(Vec::new());
+    let watch = Arc::new(TestWatch::new(opts.test_binary_timeout()));
     let later = || -> Result<guest::Request> {
         let binaries = binaries()?;
+        if let [binary] = &binaries[..] {
+            // Under cargo's runner no `Running` line names it in the guest's output.
+            watch.lock().binary.get_or_insert_with(|| binary.path.display().to_string());
+        }
         if binaries.is_empty() {
             eprintln!("no test binaries to run");
         }
@@ -253,10 +258,9 @@ fn run_in_vm(
     if let Some((path, _)) = &root_image {
         spec.disks.push(Disk { path: path.clone(), format: DiskFormat::Raw, readonly: true });
     }
-    let watch = Arc::new(TestWatch::new(opts.test_binary_timeout()));
     let run = VmRun {
         verbose: opts.verbose,
-        watch: Some(watch),
+        watch: Some(watch.clone()),
         stdout: Sink::TestStdout,
         snapshots: Some((store.clone(), opts.warmth())),
         ..VmRun::new(
