@@ -58,6 +58,8 @@ fn run(args: &BootArgs) -> Result<Status> {
     let mut supervisor = Supervisor::default();
     if Path::new(&args.system).join(guest::SYSTEM_CONFIG_FILE).exists() {
         start_config(&services::read_config(&args.system)?, false, &mut supervisor)?;
+    } else {
+        crate::base::etc()?;
     }
     execute_supervised(&request, &mut supervisor)
 }

@@ -13,15 +13,15 @@ use nix::unistd::Pid;
 
 use crate::serve;
 use crate::services::{self, Supervisor};
-use crate::sys::{block_signals, handled_signals, log, port_device, reap, Result, SHUTDOWN_SIGNALS};
+use crate::sys::{block_signals, clean_start, handled_signals, log, port_device, reap, Result, SHUTDOWN_SIGNALS};
 
 /// Applies the request's system item, if it names one, and starts its services.
 /// `root_has_files`: the root file system already holds its `/etc` files and homes.
 pub(crate) fn start_system(request: &Request, root_has_files: bool, supervisor: &mut Supervisor) -> Result<()> {
-    if let Some(system) = &request.system {
-        start_config(&services::read_config(system)?, root_has_files, supervisor)?;
+    match &request.system {
+        Some(system) => start_config(&services::read_config(system)?, root_has_files, supervisor),
+        None => crate::base::etc(),
     }
-    Ok(())
 }
 
 /// Applies a system configuration and starts its services, each up before the next.
@@ -32,6 +32,7 @@ pub(crate) fn start_config(
 ) -> Result<()> {
     block_signals()?;
     services::apply(config, root_has_files)?;
+    crate::base::etc()?;
     supervisor.start_all(&config.services)?;
     log("services up");
     // File systems not needed for boot: once the services are up.
@@ -41,7 +42,10 @@ pub(crate) fn start_config(
     Ok(())
 }
 
+/// The request's directories, links and host name, on a machine with what every
+/// system has ([`crate::base::machine`]).
 pub(crate) fn prepare(request: &Request) -> Result<()> {
+    crate::base::machine()?;
     for dir in &request.dirs {
         fs::create_dir_all(dir).map_err(|e| format!("cannot create {dir}: {e}"))?;
     }
@@ -78,6 +82,7 @@ pub(crate) fn execute_supervised(request: &Request, supervisor: &mut Supervisor)
     }
     let mut cmd = Command::new(&request.argv[0]);
     cmd.args(&request.argv[1..]).env_clear().envs(request.env.iter().map(|(k, v)| (k, v))).current_dir(&request.cwd);
+    clean_start(&mut cmd);
     match request.mode {
         Mode::Command => {
             cmd.stdin(Stdio::null()).stdout(output(&request.stdout_port)?).stderr(output(&request.stderr_port)?);
@@ -88,10 +93,10 @@ pub(crate) fn execute_supervised(request: &Request, supervisor: &mut Supervisor)
             let open =
                 || OpenOptions::new().read(true).write(true).open(tty).map_err(|e| format!("cannot open {tty}: {e}"));
             cmd.stdin(open()?).stdout(open()?).stderr(open()?);
-            // SAFETY: only async-signal-safe calls (setsid, ioctl) between fork and exec.
+            // After `clean_start`'s setsid: the terminal becomes the new session's.
+            // SAFETY: only an async-signal-safe call (ioctl) between fork and exec.
             unsafe {
                 cmd.pre_exec(|| {
-                    nix::unistd::setsid()?;
                     if nix::libc::ioctl(0, nix::libc::TIOCSCTTY, 1) != 0 {
                         return Err(std::io::Error::last_os_error());
                     }

@@ -14,6 +14,7 @@ use nix::sys::reboot::{reboot, RebootMode};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
+mod base;
 mod devices;
 mod disk;
 mod execute;

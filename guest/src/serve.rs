@@ -108,6 +108,7 @@ fn run(argv: &[String], timeout_ms: u64, request: &Request, waiting: &Waiting) -
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
+    crate::sys::clean_start(&mut cmd);
     let (tx, rx) = mpsc::channel();
     // Registered before the reaper can see it exit: it takes the same lock.
     let mut child = {

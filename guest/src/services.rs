@@ -228,7 +228,7 @@ fn default_route(gateway: &str) -> Result<()> {
 }
 
 /// Brings `lo` up, so services can listen on 127.0.0.1.
-fn loopback_up() -> Result<()> {
+pub(crate) fn loopback_up() -> Result<()> {
     use nix::libc;
     // SAFETY: a plain socket and two ioctls on a zeroed, NUL-terminated `ifreq`.
     unsafe {
@@ -368,13 +368,13 @@ fn spawn(spec: &ServiceSpec) -> Result<Pid> {
         .stdout(open()?)
         .stderr(open()?);
     let (uid, gid) = (Uid::from_raw(spec.uid), Gid::from_raw(spec.gid));
+    crate::sys::clean_start(&mut cmd);
     // The groups, then the group, then the user: std's own `uid` and `gid` would drop
     // root before a `pre_exec` could set the supplementary groups.
-    // SAFETY: setsid, setgroups, setgid and setuid are async-signal-safe; `groups` is
-    // allocated before fork.
+    // SAFETY: setgroups, setgid and setuid are async-signal-safe; `groups` is allocated
+    // before fork.
     unsafe {
         cmd.pre_exec(move || {
-            nix::unistd::setsid()?;
             nix::unistd::setgroups(&groups)?;
             nix::unistd::setgid(gid)?;
             nix::unistd::setuid(uid)?;

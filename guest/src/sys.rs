@@ -3,7 +3,9 @@
 
 use std::fs;
 use std::io::Write;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::time::Duration;
 
 use guest::Status;
@@ -54,10 +56,51 @@ pub(crate) fn handled_signals() -> SigSet {
     signals
 }
 
-/// Blocks the signals PID 1 handles, to receive them with sigwait; children start with
-/// an empty mask.
+/// Blocks the signals PID 1 handles, to receive them with sigwait. Children inherit the
+/// mask: [`clean_start`] empties it in each.
 pub(crate) fn block_signals() -> Result<()> {
     handled_signals().thread_block().map_err(|e| format!("cannot block signals: {e}"))
+}
+
+/// Makes `cmd` start as a program started from a shell on a host does: no signal blocked
+/// and every signal's disposition the default (PID 1 blocks the signals it waits for and
+/// Rust's runtime ignores SIGPIPE: a child inherits both), a session and a process group
+/// of its own (not PID 1's session 0), and no descriptor but the 0-2 it is given. Other
+/// `pre_exec` steps may follow; they must not call `setsid` again.
+pub(crate) fn clean_start(cmd: &mut Command) {
+    // SAFETY: `reset_process` makes only async-signal-safe calls and allocates nothing.
+    unsafe {
+        cmd.pre_exec(reset_process);
+    }
+}
+
+/// The work of [`clean_start`], between fork and exec.
+fn reset_process() -> std::io::Result<()> {
+    use nix::libc;
+    let last = |r: libc::c_int| if r < 0 { Err(std::io::Error::last_os_error()) } else { Ok(()) };
+    // SAFETY: plain system calls on a local, initialised signal set.
+    unsafe {
+        let mut empty = std::mem::MaybeUninit::<libc::sigset_t>::uninit();
+        last(libc::sigemptyset(empty.as_mut_ptr()))?;
+        let errno = libc::pthread_sigmask(libc::SIG_SETMASK, empty.as_ptr(), std::ptr::null_mut());
+        if errno != 0 {
+            return Err(std::io::Error::from_raw_os_error(errno));
+        }
+        // Handled signals reset at exec by themselves, ignored ones do not. SIGKILL,
+        // SIGSTOP and the C library's own real-time signals refuse a disposition: the
+        // calls fail for those, harmlessly.
+        for signal in 1..=libc::SIGRTMAX() {
+            libc::signal(signal, libc::SIG_DFL);
+        }
+        last(libc::setsid())?;
+        // Close-on-exec rather than closed: std's own pipe (reporting a failed exec) is
+        // among them and must stay open until exec.
+        let flags = libc::CLOSE_RANGE_CLOEXEC as libc::c_long;
+        last(
+            libc::syscall(libc::SYS_close_range, 3 as libc::c_long, libc::c_long::from(u32::MAX), flags) as libc::c_int
+        )?;
+    }
+    Ok(())
 }
 
 /// Reaps every exited child (PID 1 adopts orphans); returns the main child's status

@@ -12,6 +12,7 @@ mod host;
 mod json;
 mod limits;
 mod lock;
+mod normal;
 mod progress;
 mod registry;
 mod run_vm;

@@ -61,7 +61,8 @@ fn a_failing_test_gives_101_and_its_panic_message() {
     // As under `cargo test`: the captured panic in the report on stdout; and on stderr
     // too, with the failed binary.
     assert!(run.stdout.contains("deliberate failure after the service said \"hello-service v1"), "{run:#?}");
-    assert!(run.stderr.contains("error: test failed: tests/fails.rs"), "{run:#?}");
+    // Cargo's words.
+    assert!(run.stderr.contains("error: test failed, to rerun pass `-p vm-checks --test fails`"), "{run:#?}");
     assert!(run.stderr.contains("---- fails_on_purpose stdout ----"), "{run:#?}");
     assert!(run.stderr.contains("panicked at examples/vm-checks/tests/fails.rs"), "{run:#?}");
     assert!(run.stderr.contains("deliberate failure after the service said \"hello-service v1"), "{run:#?}");
@@ -70,6 +71,27 @@ fn a_failing_test_gives_101_and_its_panic_message() {
     nocapture.expect_code(101);
     assert!(nocapture.stderr.contains("panicked at examples/vm-checks/tests/fails.rs"), "{nocapture:#?}");
     assert!(nocapture.stderr.contains("deliberate failure after the service said"), "{nocapture:#?}");
+}
+
+/// As `cargo test`: the binaries in cargo's order (`fails` before `in_vm`), the run stops
+/// at the first failed binary; with `--no-fail-fast` the others run and the failed ones
+/// are listed at the end.
+#[test]
+fn a_failure_stops_the_run_unless_no_fail_fast() {
+    let run = xtask_test(&[], &["--test", "in_vm", "--test", "fails", "--", "--ignored"]);
+    run.expect_code(101);
+    assert!(run.stderr.contains("     Running tests/fails.rs"), "{run:#?}");
+    assert!(!run.stderr.contains("     Running tests/in_vm.rs"), "ran on after a failure: {run:#?}");
+    assert!(!run.stderr.contains("target failed"), "{run:#?}");
+
+    let run = xtask_test(&[], &["--no-fail-fast", "--test", "in_vm", "--test", "fails", "--", "--ignored"]);
+    run.expect_code(101);
+    assert!(run.stdout.contains("test result: ok. 4 passed"), "in_vm did not run: {run:#?}");
+    let end = "error: test failed, to rerun pass `-p vm-checks --test fails`";
+    let fails = run.stderr.find(end).unwrap_or_else(|| panic!("{run:#?}"));
+    let in_vm = run.stderr.find("     Running tests/in_vm.rs").unwrap_or_else(|| panic!("{run:#?}"));
+    assert!(fails < in_vm, "not in cargo's order: {run:#?}");
+    assert!(run.stderr.ends_with("error: 1 target failed:\n    `-p vm-checks --test fails`\n"), "{run:#?}");
 }
 
 /// Plain `cargo test` with xtask as cargo's runner: the binary runs in the VM. The
@@ -220,4 +242,94 @@ fn output_streams_while_the_command_runs() {
         assert_eq!(lines.next().expect("no second line").unwrap(), "second", "{what}");
         assert!(vm.0.wait().unwrap().success(), "{what}");
     }
+}
+
+/// A test binary running past `--timeout` stops the VM: exit status 124, the test still
+/// running named (libtest names it as it starts, one test at a time on the VM's one
+/// CPU), the console's tail shown.
+#[test]
+fn a_hanging_test_is_ended_by_the_timeout_and_named() {
+    let run = xtask(&[
+        "test",
+        "--system",
+        "hello",
+        "--timeout",
+        "20s",
+        "-p",
+        "vm-checks",
+        "--test",
+        "hangs",
+        "--",
+        "--ignored",
+    ]);
+    run.expect_code(124);
+    assert!(run.stdout.contains("test hangs_on_purpose ... "), "{run:#?}");
+    for needle in [
+        "`tests/hangs.rs (target/debug/deps/hangs-",
+        "ran past its timeout of 20s and was killed; the test still running: hangs_on_purpose",
+        "last console lines (full log: ",
+    ] {
+        assert!(run.stderr.contains(needle), "missing {needle:?}: {run:#?}");
+    }
+}
+
+/// Through cargo's runner the timeout holds for the one binary cargo hands it: the runner
+/// names the binary and the test, and fails with 124, which cargo passes on; a bad
+/// `--timeout` is a usage error.
+#[test]
+fn the_runner_ends_a_hanging_test_and_names_it() {
+    let runner = format!(
+        "target.x86_64-unknown-linux-gnu.runner=[\"{}\", \"test-runner\", \"--system\", \"hello\", \
+            \"--timeout\", \"20s\"]",
+        xtask_bin().display()
+    );
+    let mut cmd = cargo();
+    cmd.args(["test", "-p", "vm-checks", "--test", "hangs", "--config", &runner, "--", "--ignored"]);
+    let run = output_within(cmd, 600);
+    assert_eq!(run.code, 124, "{run:#?}");
+    let (_, message) = run.stderr.split_once("error: `").unwrap_or_else(|| panic!("{run:#?}"));
+    assert!(message.contains("target/debug/deps/hangs-"), "the binary is not named: {run:#?}");
+    let named = "ran past its timeout of 20s and was killed; the test still running: hangs_on_purpose";
+    assert!(message.contains(named), "{run:#?}");
+
+    let bad = xtask(&["test", "--timeout", "never", "-p", "vm-checks"]);
+    bad.expect_code(2);
+    assert!(
+        bad.stderr.contains("`never` is not a duration; give 1s to 7d (e.g. 90, 90s, 5m, 1h, 2d), or `none`"),
+        "{bad:#?}"
+    );
+}
+
+/// With tests on several threads, libtest names a test running for over 60 s: the line
+/// reaches stderr while the test still runs, and the timeout then names that test.
+#[test]
+fn a_slow_test_is_named_on_stderr_while_it_runs() {
+    let child = Command::new(xtask_bin())
+        .args(["test", "--system", "hello", "--timeout", "100s", "-p", "vm-checks", "--test", "hangs"])
+        .args(["--", "--ignored", "--test-threads=2"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut vm = Reaped(child);
+    let mut lines = BufReader::new(vm.0.stderr.take().unwrap()).lines();
+    let mut seen = Vec::new();
+    let slow = "test hangs_on_purpose has been running for over 60 seconds";
+    loop {
+        let line = lines.next().unwrap_or_else(|| panic!("no slow-test line on stderr: {seen:#?}")).unwrap();
+        if line == slow {
+            break;
+        }
+        seen.push(line);
+    }
+    assert!(vm.0.try_wait().unwrap().is_none(), "the slow-test line came only after the run ended");
+    let rest: Vec<String> = lines.map(|l| l.unwrap()).collect();
+    let status = vm.0.wait().unwrap();
+    assert_eq!(status.code(), Some(124), "{rest:#?}");
+    let rest = rest.join("\n");
+    assert!(
+        rest.contains("ran past its timeout of 100s and was killed; the test still running: hangs_on_purpose"),
+        "{rest}"
+    );
 }

@@ -306,10 +306,11 @@ fn assert_powered_off(talk: &vm_tests::Conversation, steps: usize) {
 #[test]
 fn default_system_image_gives_a_root_shell_and_poweroff_ends_it() {
     let (image, _) = vm_image(&["--format", "qcow2"]);
-    let steps = [
-        ("[minimal:~]# ", "echo answer-$((6*7)) $(grep -c ' / ext4 rw' /proc/mounts)\n"),
-        ("answer-42 1", "poweroff\n"),
-    ];
+    // What every system has, booted from a disk too: `nobody`, /var/tmp and /dev/shm
+    // open to all, devpts, /dev/fd.
+    let ask = "echo answer-$((6*7)) $(grep -c ' / ext4 rw' /proc/mounts) $(grep -c '^nobody:x:65534:' /etc/passwd) \
+               $(stat -c %a /var/tmp /dev/shm) $(grep -c ' /dev/pts devpts ' /proc/mounts) $(readlink /dev/fd)\n";
+    let steps = [("[minimal:~]# ", ask), ("answer-42 1 1 1777 1777 1 /proc/self/fd", "poweroff\n")];
     assert_powered_off(&converse_with_image(&image, &steps), 2);
 }
 

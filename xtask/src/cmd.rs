@@ -44,9 +44,11 @@ pub struct VmOpts {
     /// Guest memory in MiB (64 to 65536).
     #[arg(long, default_value_t = 256, value_parser = parse_memory)]
     pub memory: u32,
-    /// Kill the VM after this long (seconds, or with a unit: 90s, 5m, 1h, 2d; 1s to 7d).
-    #[arg(long, value_parser = parse_duration)]
-    pub timeout: Option<Duration>,
+    /// Kill the VM after this long (seconds, or with a unit: 90s, 5m, 1h, 2d; 1s to 7d),
+    /// or `none`; for `test` and `test-runner`, the time each test binary may take
+    /// (default 10m).
+    #[arg(long, value_parser = parse_timeout)]
+    pub timeout: Option<Timeout>,
     /// Boot this bzImage instead of the system's kernel (needs --modules).
     #[arg(long, requires = "modules")]
     pub kernel: Option<PathBuf>,
@@ -69,7 +71,35 @@ pub struct VmOpts {
     pub cold: bool,
 }
 
+/// `--timeout`: a duration, or `none`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Timeout {
+    After(Duration),
+    Never,
+}
+
+/// How long a test binary may run when `--timeout` does not say (`test`, `test-runner`).
+pub const TEST_BINARY_TIMEOUT: Duration = Duration::from_secs(600);
+
 impl VmOpts {
+    /// The VM's timeout: none unless `--timeout` gives one.
+    pub fn vm_timeout(&self) -> Option<Duration> {
+        match self.timeout {
+            Some(Timeout::After(t)) => Some(t),
+            Some(Timeout::Never) | None => None,
+        }
+    }
+
+    /// How long each test binary may run: `--timeout`, [`TEST_BINARY_TIMEOUT`] unless
+    /// given, none with `--timeout none`.
+    pub fn test_binary_timeout(&self) -> Option<Duration> {
+        match self.timeout {
+            Some(Timeout::After(t)) => Some(t),
+            Some(Timeout::Never) => None,
+            None => Some(TEST_BINARY_TIMEOUT),
+        }
+    }
+
     /// The named system, with the kernel override applied.
     /// The selected system ([`VmOpts::system`]), refused (exit 2, nothing built) unless it
     /// can work.
@@ -175,6 +205,14 @@ pub fn parse_duration(s: &str) -> std::result::Result<Duration, String> {
     Ok(Duration::from_secs_f64(secs))
 }
 
+/// Parses `--timeout`: `none`, or a duration as [`parse_duration`] reads it.
+pub fn parse_timeout(s: &str) -> std::result::Result<Timeout, String> {
+    match s {
+        "none" => Ok(Timeout::Never),
+        _ => parse_duration(s).map(Timeout::After).map_err(|e| format!("{e}, or `none`")),
+    }
+}
+
 /// Parses a size: bytes, or with a binary unit (`100MiB`, `2GiB`, also `M`, `G`, `K`).
 pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
@@ -247,6 +285,16 @@ mod tests {
         {
             let err = parse_duration(bad).expect_err(bad);
             assert!(err.contains("give 1s to 7d"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn timeouts() {
+        assert_eq!(parse_timeout("none"), Ok(Timeout::Never));
+        assert_eq!(parse_timeout("20s"), Ok(Timeout::After(Duration::from_secs(20))));
+        for bad in ["None", "never", "0", ""] {
+            let err = parse_timeout(bad).expect_err(bad);
+            assert!(err.contains("give 1s to 7d") && err.ends_with("or `none`"), "{bad}: {err}");
         }
     }
 

@@ -139,7 +139,7 @@ impl BuildInVm {
             let request = GuestRequest::Now(Box::new(request));
             let label = format!("build-{}", recipe.name());
             let status = VmRun {
-                timeout: self.vm.timeout,
+                timeout: self.vm.vm_timeout(),
                 verbose: self.vm.verbose,
                 // stdout carries only the result's path.
                 stdout: Sink::Stderr,

@@ -179,7 +179,7 @@ impl RunVm {
         };
         let spec = spec(xchg.path().to_path_buf());
         let run = VmRun {
-            timeout: self.vm.timeout,
+            timeout: self.vm.vm_timeout(),
             verbose: self.vm.verbose,
             snapshots: Some((store.clone(), self.vm.warmth())),
             ..VmRun::new(spec, guest_request, xchg.path(), runtime.path(), ws.log_dir(), "run-vm")

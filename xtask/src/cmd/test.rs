@@ -1,6 +1,8 @@
 //! `cargo xtask test` and `cargo xtask test-runner`: the workspace's test binaries run
-//! inside a VM of a system (its services up first), one after another as `cargo test`
-//! runs them, their output streamed; exit status 101 when a test failed.
+//! inside a VM of a system (its services up first), one after another in `cargo test`'s
+//! order and with its words, their output streamed; exit status 101 when a test failed.
+//! Each binary has a timeout (`--timeout`, 10 minutes unless given): a binary running
+//! past it stops the VM, naming the test that was still running.
 //!
 //! `test` builds the selected test binaries with `cargo test --no-run` (read through
 //! `cargo_metadata`'s messages); `test-runner` is cargo's runner for one binary
@@ -12,6 +14,8 @@
 use std::io::BufReader;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use guest::{Mode, MountSpec};
@@ -50,11 +54,82 @@ pub struct TestRunner {
 #[derive(Debug, Clone)]
 pub struct TestBinary {
     pub path: PathBuf,
-    /// The package's directory: the working directory and `CARGO_MANIFEST_DIR`.
+    /// The package's directory: the working directory.
     pub package_dir: PathBuf,
-    pub package: String,
     /// As cargo says it: `unittests src/lib.rs`, `tests/it.rs`, ...
     pub label: String,
+    /// The variables cargo sets when it runs it (`CARGO_MANIFEST_DIR`, `CARGO_PKG_NAME`, ...).
+    pub env: Vec<(String, String)>,
+    /// What `cargo test` would run again for it: `-p vm-checks --test in_vm`; empty for
+    /// the runner's binary (cargo says it itself).
+    pub rerun: String,
+}
+
+/// Where cargo runs a binary among the others: by package, then the library's unit
+/// tests, the binaries', the integration tests, the benchmarks, the examples', each by
+/// name (the order of cargo's units).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct CargoOrder {
+    pub package: String,
+    pub version: String,
+    pub kind: u8,
+    pub target: String,
+}
+
+impl CargoOrder {
+    /// The rank of a target of `kinds` (cargo_metadata's words), and the option that
+    /// selects it (`--lib`, `--bin`, `--test`, `--bench`, `--example`).
+    pub fn kind(kinds: &[String]) -> (u8, &'static str) {
+        let has = |k: &str| kinds.iter().any(|x| x == k);
+        if has("bin") {
+            (1, "--bin")
+        } else if has("test") {
+            (2, "--test")
+        } else if has("bench") {
+            (3, "--bench")
+        } else if has("example") {
+            (4, "--example")
+        } else {
+            (0, "--lib")
+        }
+    }
+}
+
+/// The name and version of the package cargo's id `repr` names (`path+file:///x/vm-checks#0.1.0`,
+/// `path+file:///x/dir#name@0.1.0`, `registry+https://...#name@1.2.3`, or the older
+/// `name 0.1.0 (path+file:///x)`).
+pub fn package_name_version(repr: &str) -> (String, String) {
+    if let Some((url, fragment)) = repr.rsplit_once('#') {
+        return match fragment.rsplit_once('@') {
+            Some((name, version)) => (name.to_string(), version.to_string()),
+            None => {
+                let name = url.trim_end_matches('/').rsplit('/').next().unwrap_or_default();
+                (name.to_string(), fragment.to_string())
+            }
+        };
+    }
+    let mut words = repr.split_whitespace();
+    (words.next().unwrap_or_default().to_string(), words.next().unwrap_or_default().to_string())
+}
+
+/// The variables cargo sets when it runs a test binary of package `name` `version` at
+/// `package_dir` (those it knows without reading the manifest).
+fn cargo_env(package_dir: &Path, name: &str, version: &str) -> Vec<(String, String)> {
+    let dir = package_dir.to_string_lossy().into_owned();
+    let core = version.split(['-', '+']).next().unwrap_or_default();
+    let mut parts = core.split('.');
+    let mut part = || parts.next().unwrap_or_default().to_string();
+    let pre = version.split_once('-').map(|(_, p)| p.split('+').next().unwrap_or_default()).unwrap_or_default();
+    vec![
+        ("CARGO_MANIFEST_DIR".into(), dir.clone()),
+        ("CARGO_MANIFEST_PATH".into(), format!("{dir}/Cargo.toml")),
+        ("CARGO_PKG_NAME".into(), name.into()),
+        ("CARGO_PKG_VERSION".into(), version.into()),
+        ("CARGO_PKG_VERSION_MAJOR".into(), part()),
+        ("CARGO_PKG_VERSION_MINOR".into(), part()),
+        ("CARGO_PKG_VERSION_PATCH".into(), part()),
+        ("CARGO_PKG_VERSION_PRE".into(), pre.into()),
+    ]
 }
 
 impl Test {
@@ -65,8 +140,9 @@ impl Test {
         };
         // The system is checked before anything is built; the test binaries are built
         // while the VM boots.
+        let words = if cargo_args.iter().any(|a| a == "--no-fail-fast") { Words::NoFailFast } else { Words::FailFast };
         let shared = Shared { root: ws.root.clone(), target_dir: ws.target_dir.clone() };
-        run_in_vm(ws, &shared, &self.vm, || build_test_binaries(ws, &cargo_args), &test_args)
+        run_in_vm(ws, &shared, &self.vm, || build_test_binaries(ws, &cargo_args), &test_args, words)
     }
 }
 
@@ -81,12 +157,15 @@ impl TestRunner {
         let package_dir = std::env::var_os("CARGO_MANIFEST_DIR")
             .map(PathBuf::from)
             .unwrap_or(std::env::current_dir().context("the current directory")?);
-        let package = std::env::var("CARGO_PKG_NAME").unwrap_or_default();
         let label = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         // The binary's own workspace is shared, wherever it is: found before anything boots.
         let shared = Shared::of_binary(&path, &package_dir)?;
-        let binary = TestBinary { path, package_dir, package, label };
-        run_in_vm(ws, &shared, &self.vm, || Ok(vec![binary]), test_args)
+        // Cargo's variables for the binary, as cargo gave them to its runner (not
+        // `CARGO`, the host's cargo, which the guest has not).
+        let env = std::env::vars().filter(|(k, _)| k.starts_with("CARGO_")).collect();
+        let binary = TestBinary { path, package_dir, label, env, rerun: String::new() };
+        // Cargo says `Running` and how a failure is run again itself.
+        run_in_vm(ws, &shared, &self.vm, || Ok(vec![binary]), test_args, Words::Runner)
     }
 }
 
@@ -136,7 +215,8 @@ impl Shared {
     }
 }
 
-/// `cargo test --no-run` with `cargo_args`; the test executables it built.
+/// `cargo test --no-run` with `cargo_args`; the test executables it built, in the order
+/// `cargo test` runs them ([`CargoOrder`]).
 pub fn build_test_binaries(ws: &Workspace, cargo_args: &[String]) -> Result<Vec<TestBinary>> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut child = crate::process::command(&cargo)
@@ -147,7 +227,7 @@ pub fn build_test_binaries(ws: &Workspace, cargo_args: &[String]) -> Result<Vec<
         .spawn()
         .context("running `cargo test --no-run`")?;
     let stdout = child.stdout.take().context("cargo's stdout")?;
-    let mut binaries = Vec::new();
+    let mut binaries: Vec<(CargoOrder, TestBinary)> = Vec::new();
     for message in cargo_metadata::Message::parse_stream(BufReader::new(stdout)) {
         if let cargo_metadata::Message::CompilerArtifact(artifact) = message.context("reading cargo's messages")? {
             let Some(executable) = artifact.executable else { continue };
@@ -157,12 +237,22 @@ pub fn build_test_binaries(ws: &Workspace, cargo_args: &[String]) -> Result<Vec<
             let package_dir =
                 artifact.manifest_path.parent().map(|p| p.as_std_path().to_path_buf()).unwrap_or_default();
             let src = artifact.target.src_path.strip_prefix(&package_dir).unwrap_or(&artifact.target.src_path);
-            let unittests = artifact.target.kind.iter().any(|k| k == "lib" || k == "bin");
+            let (kind, option) = CargoOrder::kind(&artifact.target.kind);
+            let unittests = kind <= 1;
             let label = if unittests { format!("unittests {src}") } else { src.to_string() };
-            let package = artifact.target.name.clone();
-            binaries.push(TestBinary { path: executable.into_std_path_buf(), package_dir, package, label });
+            let (package, version) = package_name_version(&artifact.package_id.repr);
+            let target = artifact.target.name.clone();
+            let rerun = match option {
+                "--lib" => format!("-p {package} --lib"),
+                _ => format!("-p {package} {option} {target}"),
+            };
+            let env = cargo_env(&package_dir, &package, &version);
+            let binary = TestBinary { path: executable.into_std_path_buf(), package_dir, label, env, rerun };
+            binaries.push((CargoOrder { package, version, kind, target }, binary));
         }
     }
+    binaries.sort_by(|a, b| a.0.cmp(&b.0));
+    let binaries = binaries.into_iter().map(|(_, b)| b).collect();
     let status = child.wait().context("waiting for cargo")?;
     if !status.success() {
         bail!("`cargo test --no-run {}` failed ({status})", cargo_args.join(" "));
@@ -179,6 +269,7 @@ fn run_in_vm(
     opts: &VmOpts,
     binaries: impl FnOnce() -> Result<Vec<TestBinary>>,
     test_args: &[String],
+    words: Words,
 ) -> Result<i32> {
     let store = opts.open_store(ws)?;
     let declared = opts.valid_system(&store, ws)?;
@@ -190,8 +281,13 @@ fn run_in_vm(
     let root_device = root_image.as_ref().map(|(_, device)| device.clone());
     // What the request is made of, for the exit status's message once the VM has ended.
     let names = std::cell::RefCell::new(Vec::new());
+    let watch = Arc::new(TestWatch::new(opts.test_binary_timeout()));
     let later = || -> Result<guest::Request> {
         let binaries = binaries()?;
+        if let [binary] = &binaries[..] {
+            // Under cargo's runner no `Running` line names it in the guest's output.
+            watch.lock().binary.get_or_insert_with(|| binary.path.display().to_string());
+        }
         if binaries.is_empty() {
             eprintln!("no test binaries to run");
         }
@@ -199,7 +295,7 @@ fn run_in_vm(
         let commands = add_test_binaries(shared, &store, &mut lowered, &binaries, test_args)?;
         *names.borrow_mut() = binaries.iter().map(|b| b.path.display().to_string()).collect();
         let system_item = system::system_item(&store, &system, &lowered)?;
-        let script = format!("{RUN_FUNCTION}\n{}\nexit $failed\n", commands.join("\n"));
+        let script = format!("{}\n{RUN_FUNCTION}\n{}\n{SUMMARY}\n", words.settings(), commands.join("\n"));
         let argv = vec!["sh".into(), "-c".into(), script];
         let mut req = request(&system, &lowered, &system_item, root_device.as_deref(), Mode::Command, argv);
         req.mounts = workspace_mounts(shared);
@@ -216,8 +312,8 @@ fn run_in_vm(
         spec.disks.push(Disk { path: path.clone(), format: DiskFormat::Raw, readonly: true });
     }
     let run = VmRun {
-        timeout: opts.timeout,
         verbose: opts.verbose,
+        watch: Some(watch.clone()),
         stdout: Sink::TestStdout,
         snapshots: Some((store.clone(), opts.warmth())),
         ..VmRun::new(
@@ -270,32 +366,75 @@ fn add_test_binaries(
     Ok(commands)
 }
 
-/// The guest's shell function that runs one binary as cargo would, says how it ended,
-/// and remembers a failure in `$failed` (101, as `cargo test`).
-const RUN_FUNCTION: &str = r#"failed=0
+/// What the guest script says around the binaries, as cargo would.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Words {
+    /// `cargo test`: stop after the first failed binary.
+    FailFast,
+    /// `cargo test --no-fail-fast`: run them all, then list the failed ones.
+    NoFailFast,
+    /// Cargo's runner: one binary; cargo says `Running` and how it failed itself.
+    Runner,
+}
+
+impl Words {
+    /// The script's variables for [`RUN_FUNCTION`] and [`SUMMARY`].
+    fn settings(self) -> &'static str {
+        match self {
+            Words::FailFast => "announce=1 fail_fast=1",
+            Words::NoFailFast => "announce=1 fail_fast=",
+            Words::Runner => "announce= fail_fast=",
+        }
+    }
+}
+
+/// The guest's shell function that runs one binary as cargo would, in its package's
+/// directory with cargo's variables: `Running` before it, and after a failure cargo's
+/// `error: test failed, to rerun pass ...` (and the exit status unless 101, the
+/// harness's own) and, failing fast, the end of the script with status 101.
+const RUN_FUNCTION: &str = r#"failed=0 failures=
 run() {
-    dir=$1; label=$2; shift 2
-    echo "     Running $label" >&2
+    dir=$1; label=$2; rerun=$3; path=$4; shift 4
+    [ -n "$announce" ] && echo "     Running $label" >&2
     (cd "$dir" && exec "$@")
     s=$?
-    if [ "$s" -ne 0 ]; then
-        echo "error: test failed: $label (exit status $s)" >&2
-        failed=101
+    [ "$s" -eq 0 ] && return
+    failed=$((failed + 1))
+    failures="$failures
+    \`$rerun\`"
+    if [ -n "$announce" ]; then
+        echo "error: test failed, to rerun pass \`$rerun\`" >&2
+        if [ "$s" -ne 101 ]; then
+            if [ "$s" -gt 128 ]; then how="signal: $((s - 128))"; else how="exit status: $s"; fi
+            printf '
+Caused by:
+  process didn'"'"'t exit successfully: `%s` (%s)
+' "$path" "$how" >&2
+        fi
+        [ -n "$fail_fast" ] && exit 101
+    else
+        exit "$s"
     fi
 }"#;
+
+/// The end of the guest script: without failing fast, the failed binaries listed as
+/// cargo lists them; status 101 if any failed.
+const SUMMARY: &str = r#"if [ "$failed" -gt 0 ]; then
+    if [ -z "$fail_fast" ] && [ -n "$announce" ]; then
+        [ "$failed" -eq 1 ] && t=target || t=targets
+        echo "error: $failed $t failed:$failures" >&2
+    fi
+    exit 101
+fi"#;
 
 /// One `run` line of the guest's script for `binary`, at `guest_path` in the store.
 fn run_line(binary: &TestBinary, label: &str, guest_path: &str, test_args: &[String]) -> String {
     let dir = binary.package_dir.to_string_lossy();
-    let mut words = vec![
-        "run".to_string(),
-        shell_quote(&dir),
-        shell_quote(label),
-        "env".to_string(),
-        shell_quote(&format!("CARGO_MANIFEST_DIR={dir}")),
-        shell_quote(&format!("CARGO_PKG_NAME={}", binary.package)),
-        shell_quote(guest_path),
-    ];
+    let shown = binary.path.to_string_lossy();
+    let mut words = vec!["run".to_string(), shell_quote(&dir), shell_quote(label), shell_quote(&binary.rerun)];
+    words.extend([shell_quote(&shown), "env".to_string()]);
+    words.extend(binary.env.iter().map(|(k, v)| shell_quote(&format!("{k}={v}"))));
+    words.push(shell_quote(guest_path));
     words.extend(test_args.iter().map(|a| shell_quote(a)));
     words.join(" ")
 }
@@ -324,4 +463,212 @@ fn workspace_mounts(shared: &Shared) -> Vec<MountSpec> {
         mounts.push(tmpfs(&tmp));
     }
     mounts
+}
+
+/// How long a test may run before it is named on stderr (libtest's own notice, copied).
+const SLOW_NOTICE: &str = " has been running for over ";
+
+/// The per-binary timeout of a test run ([`crate::vm::Watch`]): the clock starts when the
+/// request is written and again at each `Running` line; libtest's lines on stdout tell
+/// which tests are running, so a timeout names them, and its notice of a test running
+/// for over 60 s is copied to stderr as it comes.
+struct TestWatch {
+    limit: Option<Duration>,
+    state: Mutex<WatchState>,
+}
+
+#[derive(Default)]
+struct WatchState {
+    /// When the binary (or the run, before the first `Running`) started.
+    since: Option<Instant>,
+    /// The binary running, as its `Running` line says it.
+    binary: Option<String>,
+    progress: Progress,
+    /// The line of stderr not ended yet.
+    stderr_line: Vec<u8>,
+}
+
+impl TestWatch {
+    fn new(limit: Option<Duration>) -> TestWatch {
+        TestWatch { limit, state: Mutex::default() }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, WatchState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl crate::vm::Watch for TestWatch {
+    fn output(&self, stderr: bool, bytes: &[u8]) {
+        let mut state = self.lock();
+        if !stderr {
+            for slow in state.progress.feed(bytes) {
+                eprintln!("{slow}");
+            }
+            return;
+        }
+        for &b in bytes {
+            if b != b'\n' {
+                if state.stderr_line.len() < Progress::LINE_CAP {
+                    state.stderr_line.push(b);
+                }
+                continue;
+            }
+            let line = String::from_utf8_lossy(&std::mem::take(&mut state.stderr_line)).into_owned();
+            if let Some(label) = line.strip_prefix("     Running ") {
+                state.binary = Some(label.to_string());
+                state.since = Some(Instant::now());
+                state.progress.running.clear();
+            }
+        }
+    }
+
+    fn expired(&self) -> Option<String> {
+        let limit = self.limit?;
+        let mut state = self.lock();
+        let since = *state.since.get_or_insert_with(Instant::now);
+        if since.elapsed() < limit {
+            return None;
+        }
+        let binary = state.binary.as_deref().map_or_else(|| "the test binary".to_string(), |b| format!("`{b}`"));
+        let running = state.progress.running();
+        let which = match running.as_slice() {
+            [] => "no test had said it started (libtest names a test when it starts with --test-threads=1, \
+                   and after 60 s otherwise)"
+                .to_string(),
+            [one] => format!("the test still running: {one}"),
+            many => format!("the tests still running: {}", many.join(", ")),
+        };
+        Some(format!(
+            "{binary} ran past its timeout of {} and was killed; {which} (give a longer --timeout, or \
+             --timeout none)",
+            shown(limit)
+        ))
+    }
+}
+
+/// `limit` as `--timeout` takes it: `10m`, `20s`, `1.5s`.
+fn shown(limit: Duration) -> String {
+    let secs = limit.as_secs_f64();
+    match limit.as_secs() {
+        s if s >= 60 && s % 60 == 0 && limit.subsec_nanos() == 0 => format!("{}m", s / 60),
+        _ => format!("{secs}s"),
+    }
+}
+
+/// Which tests of a libtest binary are running, from its output (stdout): `test NAME ... `
+/// when it starts (one test at a time), `test NAME has been running for over 60 seconds`,
+/// and `test NAME ... ok|FAILED|ignored` when it ends.
+#[derive(Default)]
+struct Progress {
+    line: Vec<u8>,
+    running: Vec<String>,
+}
+
+impl Progress {
+    /// Lines longer than this are cut (the bytes come from the guest).
+    const LINE_CAP: usize = 64 * 1024;
+
+    /// Takes the next bytes; returns the lines naming a slow test.
+    fn feed(&mut self, bytes: &[u8]) -> Vec<String> {
+        let mut slow = Vec::new();
+        for &b in bytes {
+            if b != b'\n' {
+                if self.line.len() < Self::LINE_CAP {
+                    self.line.push(b);
+                }
+                continue;
+            }
+            let line = String::from_utf8_lossy(&std::mem::take(&mut self.line)).into_owned();
+            let Some(rest) = line.strip_prefix("test ") else { continue };
+            if let Some((name, _)) = rest.split_once(SLOW_NOTICE) {
+                self.started(name);
+                slow.push(line.clone());
+            } else if let Some((name, after)) = rest.split_once(" ... ") {
+                let ended = ["ok", "FAILED", "ignored", "bench:"].iter().any(|r| after.starts_with(r));
+                if ended {
+                    self.running.retain(|n| n != name);
+                } else {
+                    // Started, and printing (`--nocapture`) on the same line.
+                    self.started(name);
+                }
+            }
+        }
+        slow
+    }
+
+    fn started(&mut self, name: &str) {
+        if !self.running.iter().any(|n| n == name) {
+            self.running.push(name.to_string());
+        }
+    }
+
+    /// The tests running now, oldest first (the line being written included).
+    fn running(&self) -> Vec<String> {
+        let mut running = self.running.clone();
+        let line = String::from_utf8_lossy(&self.line);
+        if let Some(name) = line.strip_prefix("test ").and_then(|l| l.strip_suffix(" ... ")) {
+            if !running.iter().any(|n| n == name) {
+                running.push(name.to_string());
+            }
+        }
+        running
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn progress_names_the_tests_still_running() {
+        let mut p = Progress::default();
+        assert!(p.feed(b"\nrunning 3 tests\ntest a ... ok\ntest b ... ").is_empty());
+        assert_eq!(p.running(), ["b"]);
+        p.feed(b"ok\ntest c ... ");
+        assert_eq!(p.running(), ["c"]);
+        // Many threads: a test is named only after 60 s, and copied to stderr.
+        let mut p = Progress::default();
+        let slow = p.feed(b"running 2 tests\ntest x ... ok\ntest hangs has been running for over 60 seconds\n");
+        assert_eq!(slow, ["test hangs has been running for over 60 seconds"]);
+        assert_eq!(p.running(), ["hangs"]);
+        p.feed(b"test hangs ... FAILED\n");
+        assert!(p.running().is_empty());
+        // A test printing on its own line (--nocapture) is still running.
+        let mut p = Progress::default();
+        p.feed(b"test talks ... hello\nmore\n");
+        assert_eq!(p.running(), ["talks"]);
+    }
+
+    #[test]
+    fn binaries_are_in_cargos_order() {
+        let order = |package: &str, kind: &str, target: &str| CargoOrder {
+            package: package.into(),
+            version: "0.1.0".into(),
+            kind: CargoOrder::kind(&[kind.to_string()]).0,
+            target: target.into(),
+        };
+        // As cargo's messages come (build order), and as `cargo test` runs them.
+        let mut got = [
+            order("b", "lib", "b"),
+            order("a", "test", "b_t"),
+            order("a", "test", "a_t"),
+            order("a", "bin", "zbin"),
+            order("a", "bin", "abin"),
+            order("a", "lib", "a"),
+        ];
+        got.sort();
+        let names: Vec<String> = got.iter().map(|o| format!("{}:{}", o.package, o.target)).collect();
+        assert_eq!(names, ["a:a", "a:abin", "a:zbin", "a:a_t", "a:b_t", "b:b"]);
+    }
+
+    #[test]
+    fn package_ids_give_names_and_versions() {
+        let v = |name: &str, version: &str| (name.to_string(), version.to_string());
+        assert_eq!(package_name_version("path+file:///w/examples/vm-checks#0.1.0"), v("vm-checks", "0.1.0"));
+        assert_eq!(package_name_version("path+file:///w/tests#vm-tests@0.1.0"), v("vm-tests", "0.1.0"));
+        let registry = "registry+https://github.com/rust-lang/crates.io-index#libc@0.2.191";
+        assert_eq!(package_name_version(registry), v("libc", "0.2.191"));
+        assert_eq!(package_name_version("guest 0.1.0 (path+file:///w/guest)"), v("guest", "0.1.0"));
+    }
 }

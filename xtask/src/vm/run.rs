@@ -101,6 +101,33 @@ impl<W: Write> Write for FailureEcho<W> {
     }
 }
 
+/// Watches a guest command's output as it comes and may end the run: the per-binary
+/// timeout of `cargo xtask test` ([`crate::cmd::test`]).
+pub trait Watch: Send + Sync {
+    /// Bytes of the command's stdout (`stderr` false) or stderr, as they come.
+    fn output(&self, stderr: bool, bytes: &[u8]);
+    /// Asked every few milliseconds once the request is written: a message stops the VM
+    /// and is the run's error (exit status [`EXIT_TIMEOUT`], the console's tail after it).
+    fn expired(&self) -> Option<String>;
+}
+
+/// A [`Watch`] as a relay's sink.
+struct WatchSink {
+    watch: Arc<dyn Watch>,
+    stderr: bool,
+}
+
+impl Write for WatchSink {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.watch.output(self.stderr, buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 /// Makes a request while its VM boots ([`GuestRequest::Later`]).
 pub type LaterRequest<'a> = Box<dyn FnOnce() -> Result<Request> + 'a>;
 
@@ -147,6 +174,8 @@ pub struct VmRun<'a> {
     /// once the ports are known); a snapshot that does not load is removed and the VM
     /// boots cold.
     pub snapshots: Option<(crate::store::Store, crate::vm::snapshot::Warmth)>,
+    /// Sees the command's output and may end the run ([`Watch`]).
+    pub watch: Option<Arc<dyn Watch>>,
 }
 
 /// A snapshot that did not load: the run goes on with a cold boot.
@@ -192,6 +221,7 @@ impl<'a> VmRun<'a> {
             stdout: Sink::Stdout,
             stderr: Sink::Stderr,
             snapshots: None,
+            watch: None,
         }
     }
 
@@ -219,13 +249,16 @@ impl<'a> VmRun<'a> {
             self.spec.console = Console::File(fifo);
             for (name, sink) in [("stdout", self.stdout), ("stderr", self.stderr)] {
                 let fifo = self.fifo(name)?;
-                let out: Vec<Box<dyn Write + Send>> = match sink {
+                let mut out: Vec<Box<dyn Write + Send>> = match sink {
                     Sink::Stdout => vec![Box::new(std::io::stdout())],
                     Sink::Stderr => vec![Box::new(std::io::stderr())],
                     Sink::TestStdout => {
                         vec![Box::new(std::io::stdout()), Box::new(FailureEcho::new(std::io::stderr()))]
                     }
                 };
+                if let Some(watch) = &self.watch {
+                    out.push(Box::new(WatchSink { watch: watch.clone(), stderr: name == "stderr" }));
+                }
                 relays.push(Relay::start(&fifo, out, None)?);
                 self.spec.ports.push(Port { name: name.to_string(), path: fifo });
             }
@@ -268,7 +301,7 @@ impl<'a> VmRun<'a> {
         if let Some(warm) = warm {
             let mut warm_args = args.clone();
             warm_args.extend(["-incoming".into(), "fd:3".into()]);
-            match run_qemu(&warm_args, interactive, self.timeout, Some(&warm), &mut started_fn) {
+            match run_qemu(&warm_args, interactive, self.timeout, self.watch.as_deref(), Some(&warm), &mut started_fn) {
                 Err(e) if e.downcast_ref::<WarmFailed>().is_some() => {
                     crate::vm::snapshot::discard(&warm, &format!("{e:#}"));
                     self.spec = warm.cold.clone();
@@ -278,7 +311,14 @@ impl<'a> VmRun<'a> {
         }
         let ended = match ended {
             Some(ended) => ended,
-            None => run_qemu(&qemu::args(&self.spec), interactive, self.timeout, None, &mut started_fn),
+            None => run_qemu(
+                &qemu::args(&self.spec),
+                interactive,
+                self.timeout,
+                self.watch.as_deref(),
+                None,
+                &mut started_fn,
+            ),
         };
         if let Some(t) = saved_tty {
             restore_terminal(&t);
@@ -297,6 +337,13 @@ impl<'a> VmRun<'a> {
                         self.timeout.map(|t| t.as_secs_f64()).unwrap_or_default(),
                         console_note(interactive, &tail_text, &log_path)
                     ),
+                }
+                .into())
+            }
+            Ok(QemuEnd::Expired(message)) => {
+                return Err(Failure {
+                    code: EXIT_TIMEOUT,
+                    message: format!("{message}{}", console_note(interactive, &tail_text, &log_path)),
                 }
                 .into())
             }
@@ -561,6 +608,8 @@ impl Relay {
 enum QemuEnd {
     Exited(ExitStatus, String),
     TimedOut,
+    /// Ended by a [`Watch`], with its message.
+    Expired(String),
     Interrupted(Signal),
 }
 
@@ -611,6 +660,7 @@ fn run_qemu(
     args: &[std::ffi::OsString],
     interactive: bool,
     timeout: Option<Duration>,
+    watch: Option<&dyn Watch>,
     warm: Option<&crate::vm::snapshot::WarmStart>,
     started: &mut dyn FnMut() -> Result<()>,
 ) -> Result<QemuEnd> {
@@ -697,6 +747,10 @@ fn run_qemu(
         if deadline.is_some_and(|d| Instant::now() >= d) {
             drop(guard);
             return Ok(QemuEnd::TimedOut);
+        }
+        if let Some(message) = watch.and_then(|w| w.expired()) {
+            drop(guard);
+            return Ok(QemuEnd::Expired(message));
         }
     }
 }

@@ -17,6 +17,19 @@ pub fn by_name(name: &str) -> Option<Scenario> {
     all().into_iter().find(|s| s.name == name)
 }
 
+/// Prints a command's process state: the signal masks its children inherit, whether it
+/// leads its own session and process group, and a child's open descriptors (3 being
+/// the directory `ls` reads).
+const PROCESS_STATE: &str = "grep -E '^Sig(Blk|Ign):' /proc/self/status
+read -r pid comm state ppid pgrp sid rest </proc/self/stat
+if [ \"$pid\" = \"$pgrp\" ] && [ \"$pid\" = \"$sid\" ]; then echo 'leads its session and group'; \
+else echo \"pid $pid, group $pgrp, session $sid\"; fi
+echo descriptors $(ls /proc/self/fd)";
+
+/// What [`PROCESS_STATE`] prints for a command started from a shell on a host.
+const CLEAN_STATE: &str =
+    "SigBlk:\t0000000000000000\nSigIgn:\t0000000000000000\nleads its session and group\ndescriptors 0 1 2 3\n";
+
 /// The `hello` system with its service listening on every address (not only the
 /// loopback), so other nodes reach it.
 fn server() -> System {
@@ -42,6 +55,11 @@ pub fn hello_pair() -> Scenario {
             d.node("server")?.wait_for_port(7878, Duration::from_secs(60))?;
             let answer = d.node("client")?.succeed("nc server 7878 </dev/null")?;
             ensure!(answer.starts_with("hello-service v1: "), "the client got {answer:?}");
+            let state = d.node("client")?.succeed(PROCESS_STATE)?;
+            ensure!(state == CLEAN_STATE, "a command's process state: {state:?}, not {CLEAN_STATE:?}");
+            // The nodes' own /etc/hosts, with localhost added, and what every system has.
+            d.node("client")?
+                .succeed("grep -qw localhost /etc/hosts && grep -q '^nobody:' /etc/passwd && test -k /var/tmp")?;
             // The nodes reach each other and nothing else: one route, their network's.
             let routes = d.node("client")?.succeed("ip route")?;
             ensure!(routes.lines().count() == 1 && routes.starts_with("10.77.0.0/24 dev eth0"), "routes: {routes:?}");
