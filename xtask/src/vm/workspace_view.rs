@@ -50,7 +50,11 @@ pub fn sources(root: &Path) -> Result<Vec<PathBuf>> {
     match git {
         Ok(out) if out.status.success() => {
             let listed = out.stdout.split(|b| *b == 0).filter(|p| !p.is_empty());
-            Ok(listed.map(|p| PathBuf::from(std::ffi::OsStr::from_bytes(p))).collect())
+            let mut files: Vec<PathBuf> = listed.map(|p| PathBuf::from(std::ffi::OsStr::from_bytes(p))).collect();
+            // A path is listed once per stage while a merge is unresolved.
+            files.sort();
+            files.dedup();
+            Ok(files)
         }
         // Not a git work tree (or no git): everything but the build outputs and `.git`.
         _ => {
@@ -78,8 +82,10 @@ fn walk(root: &Path, relative: &Path, found: &mut Vec<PathBuf>) -> Result<()> {
     Ok(())
 }
 
-/// `from` at `to`: a link kept as a link, a regular file hard-linked (or copied), a
-/// directory (a git submodule) walked; anything else left out.
+/// `from` at `to`: a link kept as a link, a regular file hard-linked (or copied into a
+/// new file where no link can be made), a directory (a git submodule) walked; anything
+/// else left out. Nothing is ever written through an existing `to`: it may be a link to
+/// the workspace's own file.
 fn place(from: &Path, to: &Path) -> Result<()> {
     let Ok(meta) = fs::symlink_metadata(from) else {
         // Listed by git but deleted since.
@@ -91,8 +97,15 @@ fn place(from: &Path, to: &Path) -> Result<()> {
     if meta.file_type().is_symlink() {
         std::os::unix::fs::symlink(fs::read_link(from)?, to)?;
     } else if meta.is_file() {
-        if std::fs::hard_link(from, to).is_err() {
-            fs::copy(from, to)?;
+        match std::fs::hard_link(from, to) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            // Another file system, or a file the user may not link: a copy, made anew.
+            Err(_) => {
+                let mut source = fs::File::open(from)?;
+                let mut copy = fs::OpenOptions::new().write(true).create_new(true).open(to)?;
+                std::io::copy(&mut source, &mut copy)?;
+            }
         }
     } else if meta.is_dir() {
         let mut inner = Vec::new();
@@ -115,6 +128,18 @@ fn make_dirs(dir: &Path) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_file_placed_twice_is_left_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let from = dir.path().join("source.rs");
+        fs::write(&from, "fn main() {}\n").unwrap();
+        let to = dir.path().join("view/source.rs");
+        place(&from, &to).unwrap();
+        place(&from, &to).unwrap();
+        assert_eq!(fs::read_to_string(&from).unwrap(), "fn main() {}\n");
+        assert_eq!(fs::read_to_string(&to).unwrap(), "fn main() {}\n");
+    }
 
     #[test]
     fn without_git_everything_but_the_build_outputs_and_git() {
