@@ -169,6 +169,53 @@ fn reads_its_fixture_in_the_vm() {
     assert!(!run.stderr.contains("vm: booting"), "a VM was booted: {run:#?}");
 }
 
+/// `xtask test --doc` runs a crate's doctests in one VM (kept while cargo runs them):
+/// they see the VM and the crate's files, a failing one gives cargo's words and 101, and
+/// every runner call rustdoc makes lands in the same VM (one console log of the kept VM,
+/// none of a VM per doctest).
+#[test]
+fn doctests_run_in_one_kept_vm() {
+    let dir = tempfile::tempdir().unwrap();
+    let krate = dir.path().join("docs");
+    std::fs::create_dir_all(krate.join("src")).unwrap();
+    let manifest = "[package]\nname = \"docs\"\nversion = \"0.1.0\"\nedition = \"2021\"\n\n[workspace]\n";
+    std::fs::write(krate.join("Cargo.toml"), manifest).unwrap();
+    let mut lib = String::new();
+    for i in 0..6 {
+        lib.push_str(&format!(
+            "/// ```\n/// assert!(std::path::Path::new(\"/store\").is_dir(), \"not in the VM\");\n\
+             /// let me = std::fs::read_to_string(concat!(env!(\"CARGO_MANIFEST_DIR\"), \"/Cargo.toml\")).unwrap();\n\
+             /// assert!(me.contains(\"name = \\\"docs\\\"\"));\n/// assert_eq!(docs::f{i}(), {i});\n/// ```\n\
+             pub fn f{i}() -> u32 {{ {i} }}\n"
+        ));
+    }
+    std::fs::write(krate.join("src/lib.rs"), &lib).unwrap();
+    let manifest_path = krate.join("Cargo.toml");
+    let logs = || -> Vec<String> {
+        std::fs::read_dir(vm_tests::workspace_root().join("target/vmlogs"))
+            .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+            .unwrap_or_default()
+    };
+    let before = logs();
+    let args = ["test", "--system", "minimal", "--timeout", TIMEOUT, "--doc", "--manifest-path"];
+    let run = xtask(&[&args[..], &[manifest_path.to_str().unwrap()]].concat());
+    run.expect_code(0);
+    assert!(run.stdout.contains("test result: ok. 6 passed; 0 failed"), "{run:#?}");
+    let new: Vec<String> = logs().into_iter().filter(|l| !before.contains(l)).collect();
+    let kept = new.iter().filter(|l| l.starts_with("test-doctests-")).count();
+    let own = new.iter().filter(|l| l.starts_with("test-") && !l.starts_with("test-doctests-")).count();
+    assert_eq!((kept, own), (1, 0), "not one kept VM for the doctests: {new:?}");
+
+    // A failing doctest: cargo's words, 101.
+    lib.push_str("/// ```\n/// assert_eq!(1 + 1, 3, \"fails on purpose\");\n/// ```\npub fn broken() {}\n");
+    std::fs::write(krate.join("src/lib.rs"), &lib).unwrap();
+    let run = xtask(&[&args[..], &[manifest_path.to_str().unwrap()]].concat());
+    run.expect_code(101);
+    assert!(run.stdout.contains("fails on purpose"), "{run:#?}");
+    assert!(run.stdout.contains("test result: FAILED. 6 passed; 1 failed"), "{run:#?}");
+    assert!(run.stderr.contains("error: doctest failed, to rerun pass `--doc`"), "{run:#?}");
+}
+
 /// Kills and reaps a child when dropped.
 struct Reaped(Child);
 

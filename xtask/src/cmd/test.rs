@@ -26,6 +26,8 @@ use crate::vm::qemu::{self, Disk, DiskFormat, Share};
 use crate::vm::{shell_quote, workspace_view, GuestRequest, Sink, VmRun};
 use crate::{lower::packages, lower::system, Workspace};
 
+mod kept;
+
 /// The 9p tag of the workspace share.
 const WORKSPACE_TAG: &str = "workspace";
 /// Exit status when a test failed (as `cargo test`).
@@ -138,12 +140,67 @@ impl Test {
             Some(i) => (self.args[..i].to_vec(), self.args[i + 1..].to_vec()),
             None => (self.args.clone(), Vec::new()),
         };
+        // As cargo's: `--doc` runs the doctests alone; with no target chosen, the doctests
+        // run after the test binaries.
+        if cargo_args.iter().any(|a| a == "--doc") {
+            return self.doctests(ws, &cargo_args, &test_args);
+        }
+        let with_doctests = !cargo_args.iter().any(|a| selects_targets(a));
+        let no_fail_fast = cargo_args.iter().any(|a| a == "--no-fail-fast");
         // The system is checked before anything is built; the test binaries are built
         // while the VM boots.
-        let words = if cargo_args.iter().any(|a| a == "--no-fail-fast") { Words::NoFailFast } else { Words::FailFast };
+        let words = if no_fail_fast { Words::NoFailFast } else { Words::FailFast };
         let shared = Shared { root: ws.root.clone(), target_dir: ws.target_dir.clone() };
-        run_in_vm(ws, &shared, &self.vm, || build_test_binaries(ws, &cargo_args), &test_args, words)
+        let code = run_in_vm(ws, &shared, &self.vm, || build_test_binaries(ws, &cargo_args), &test_args, words)?;
+        if with_doctests && (code == 0 || no_fail_fast) {
+            let doc = self.doctests(ws, &cargo_args, &test_args)?;
+            return Ok(if code != 0 { code } else { doc });
+        }
+        Ok(code)
     }
+
+    /// `cargo test --doc` with `cargo_args`, xtask (with this command's own options) as
+    /// the runner: every doctest of the run in one VM ([`kept`]).
+    fn doctests(&self, ws: &Workspace, cargo_args: &[String], test_args: &[String]) -> Result<i32> {
+        let argv: Vec<String> = std::env::args().collect();
+        let at = argv.iter().position(|a| a == "test").context("finding `test` in the command line")?;
+        let own = &argv[at + 1..argv.len() - self.args.len()];
+        let exe = std::env::current_exe().context("finding this program")?;
+        let mut runner = vec![exe.to_string_lossy().into_owned()];
+        runner.extend(argv[1..at].iter().cloned());
+        runner.push("test-runner".into());
+        runner.extend(own.iter().cloned());
+        let words: Vec<String> = runner.iter().map(|w| serde_json::to_string(w).unwrap_or_default()).collect();
+        let config = format!("target.{}.runner=[{}]", packages::TARGET, words.join(", "));
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let mut cmd = crate::process::command(&cargo);
+        cmd.args(["test", "--doc"])
+            .args(cargo_args.iter().filter(|a| *a != "--doc"))
+            .args(["--config", &config, "--"])
+            .args(test_args)
+            .current_dir(&ws.root);
+        let status = cmd.status().context("running `cargo test --doc`")?;
+        Ok(status.code().unwrap_or(EXIT_TEST_FAILED))
+    }
+}
+
+/// Whether a `cargo test` argument chooses targets (then cargo runs no doctests unless
+/// `--doc`).
+fn selects_targets(arg: &str) -> bool {
+    let name = arg.split('=').next().unwrap_or(arg);
+    [
+        "--lib",
+        "--bin",
+        "--bins",
+        "--test",
+        "--tests",
+        "--bench",
+        "--benches",
+        "--example",
+        "--examples",
+        "--all-targets",
+    ]
+    .contains(&name)
 }
 
 impl TestRunner {
@@ -160,10 +217,17 @@ impl TestRunner {
         let label = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         // The binary's own workspace is shared, wherever it is: found before anything boots.
         let shared = Shared::of_binary(&path, &package_dir)?;
+        if kept::is_keeper() {
+            return kept::keep(ws, &self.vm, &shared);
+        }
         // Cargo's variables for the binary, as cargo gave them to its runner (not
         // `CARGO`, the host's cargo, which the guest has not).
         let env = std::env::vars().filter(|(k, _)| k.starts_with("CARGO_")).collect();
         let binary = TestBinary { path, package_dir, label, env, rerun: String::new() };
+        // Doctests, one binary each: all of one cargo command's in one VM, kept meanwhile.
+        if let Some(cargo) = kept::doctest_cargo() {
+            return kept::run(ws, &shared, &self.vm, &binary, test_args, cargo);
+        }
         // Cargo says `Running` and how a failure is run again itself.
         run_in_vm(ws, &shared, &self.vm, || Ok(vec![binary]), test_args, Words::Runner)
     }
@@ -563,6 +627,13 @@ fn shown(limit: Duration) -> String {
 struct Progress {
     line: Vec<u8>,
     running: Vec<String>,
+}
+
+/// The test still running when `stdout`, a test binary's output, ends, if libtest named one.
+fn running_test(stdout: &str) -> Option<String> {
+    let mut progress = Progress::default();
+    progress.feed(stdout.as_bytes());
+    progress.running().into_iter().next()
 }
 
 impl Progress {

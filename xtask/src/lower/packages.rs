@@ -193,20 +193,26 @@ pub struct HostProgram {
     pub links: Vec<(String, String)>,
 }
 
-/// Adds `path` and its shared-library closure to the store: one item per library
-/// (`lib-<soname>`, referring to the libraries it needs) and one for the program
-/// (`host-<name>`, referring to its libraries and interpreter).
-pub fn host_program(store: &Store, resolver: &LibraryResolver, path: &Path) -> Result<HostProgram> {
-    let name =
-        path.file_name().and_then(|n| n.to_str()).with_context(|| format!("`{}` has no file name", path.display()))?;
+/// The shared-library closure of a host program, in the store.
+pub struct HostLibraries {
+    /// The items the program needs: its libraries and interpreter.
+    pub items: Vec<Item>,
+    /// Links to make in the guest: the interpreter at its `PT_INTERP` path, every
+    /// library of the closure in `/lib/x86_64-linux-gnu`.
+    pub links: Vec<(String, String)>,
+}
+
+/// Adds the shared-library closure of the program at `path` to the store (one item per
+/// library, `lib-<soname>`, referring to the libraries it needs), not the program.
+pub fn host_libraries(store: &Store, resolver: &LibraryResolver, path: &Path) -> Result<HostLibraries> {
     let info = elf_info(path)?;
     // `$ORIGIN` of a program is the directory of its real path (`/proc/self/exe`).
     let real = fs::canonicalize(path).with_context(|| format!("reading `{}`", path.display()))?;
     let search = SearchPath::of(&info, &real, None);
     let mut libs = BTreeMap::new();
-    let mut refs = Vec::new();
+    let mut items = Vec::new();
     for soname in &info.needed {
-        refs.push(library(store, resolver, soname, &search, &mut libs, &mut Vec::new())?);
+        items.push(library(store, resolver, soname, &search, &mut libs, &mut Vec::new())?);
     }
     let mut links = Vec::new();
     if let Some(interp) = &info.interpreter {
@@ -214,11 +220,21 @@ pub fn host_program(store: &Store, resolver: &LibraryResolver, path: &Path) -> R
         let soname = interp_path.file_name().and_then(|n| n.to_str()).context("interpreter without a file name")?;
         let item = library_file(store, soname, interp_path, &[])?;
         links.push((interp.clone(), format!("{}/{soname}", item.guest_path())));
-        refs.push(item);
+        items.push(item);
     }
     for (soname, item) in &libs {
         links.push((format!("/lib/x86_64-linux-gnu/{soname}"), format!("{}/{soname}", item.guest_path())));
     }
+    Ok(HostLibraries { items, links })
+}
+
+/// Adds `path` and its shared-library closure to the store: one item per library
+/// (`lib-<soname>`, referring to the libraries it needs) and one for the program
+/// (`host-<name>`, referring to its libraries and interpreter).
+pub fn host_program(store: &Store, resolver: &LibraryResolver, path: &Path) -> Result<HostProgram> {
+    let name =
+        path.file_name().and_then(|n| n.to_str()).with_context(|| format!("`{}` has no file name", path.display()))?;
+    let HostLibraries { items: refs, links } = host_libraries(store, resolver, path)?;
     let mut recipe = Recipe::new("host-program", &format!("host-{name}"))
         .param("name", name)
         .input_content("binary", &store::sha256_file(path)?);

@@ -267,13 +267,6 @@ impl NodePlan<'_> {
         if let Some((path, _)) = &root_image {
             spec.disks.push(Disk { path: path.clone(), format: DiskFormat::Raw, readonly: true });
         }
-        let console = ws.log_dir().join(format!("scenario-{scenario}-{node}-{}.log", std::process::id()));
-        let console_fifo = sockets.join(format!("{node}.console"));
-        nix::unistd::mkfifo(&console_fifo, nix::sys::stat::Mode::from_bits_truncate(0o600))
-            .with_context(|| format!("making `{}`", console_fifo.display()))?;
-        spec.console = Console::File(console_fifo.clone());
-        let control_path = sockets.join(format!("{node}.control"));
-        spec.control = Some(control_path.clone());
         spec.lans = lans
             .iter()
             .map(|(l, i, port)| LanSpec {
@@ -282,8 +275,31 @@ impl NodePlan<'_> {
                 mac: format!("52:54:00:77:{l:02x}:{:02x}", i + 1),
             })
             .collect();
+        let console = ws.log_dir().join(format!("scenario-{scenario}-{node}-{}.log", std::process::id()));
+        Node::serving(node, spec, sockets, console, xchg)
+    }
+}
+
+impl Node {
+    /// A VM of `spec` whose guest serves the control channel (its request, in `xchg`,
+    /// in [`Mode::Serve`]): its control socket and console FIFO go in the private
+    /// directory `sockets`, its console's log (bounded) at `console`. Started by
+    /// [`Node::start`].
+    pub fn serving(
+        name: &str,
+        mut spec: qemu::VmSpec,
+        sockets: &Path,
+        console: PathBuf,
+        xchg: tempfile::TempDir,
+    ) -> Result<Node> {
+        let console_fifo = sockets.join(format!("{name}.console"));
+        nix::unistd::mkfifo(&console_fifo, nix::sys::stat::Mode::from_bits_truncate(0o600))
+            .with_context(|| format!("making `{}`", console_fifo.display()))?;
+        spec.console = Console::File(console_fifo.clone());
+        let control_path = sockets.join(format!("{name}.control"));
+        spec.control = Some(control_path.clone());
         Ok(Node {
-            name: node.to_string(),
+            name: name.to_string(),
             args: qemu::args(&spec),
             control_path,
             console,
@@ -295,9 +311,18 @@ impl NodePlan<'_> {
             _xchg: xchg,
         })
     }
-}
 
-impl Node {
+    /// Starts its QEMU and waits until the guest says it is up.
+    pub fn start(&mut self) -> Result<()> {
+        self.spawn()?;
+        self.connect()
+    }
+
+    /// Whether its QEMU still runs.
+    pub fn is_running(&mut self) -> bool {
+        self.running()
+    }
+
     fn spawn(&mut self) -> Result<()> {
         let _ = std::fs::remove_file(&self.console);
         if let Some(dir) = self.console.parent() {
@@ -354,6 +379,17 @@ impl Node {
             self.console.display(),
             vm::console_tail(&self.console_tail)
         )
+    }
+
+    /// Sends `message` and returns the guest's answer, all of it within `timeout`.
+    pub fn ask(&mut self, message: &ToGuest, timeout: Duration) -> Result<FromGuest> {
+        let name = self.name.clone();
+        let Some((reader, writer)) = &mut self.control else {
+            bail!("node `{name}` is not running");
+        };
+        let line = format!("{}\n", serde_json::to_string(message)?);
+        writer.write_all(line.as_bytes()).context("writing to the control channel")?;
+        read_message(reader, timeout)
     }
 
     /// Runs `command` (with `sh -c`) and returns how it ended, within `timeout`.

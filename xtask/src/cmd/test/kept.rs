@@ -1,0 +1,337 @@
+//! A test VM kept for one cargo command: rustdoc runs every doctest through cargo's
+//! runner, one binary each, so without it each doctest boots a VM of its own. The first
+//! runner call that rustdoc makes starts a *keeper*: this program again, detached, which
+//! boots the system once in serve mode ([`crate::vm::scenario::Node`]), shares the
+//! workspace as `test` does, and listens on a unix socket in a private directory under
+//! the target directory, keyed by the system, the options, the workspace and the cargo
+//! process (its PID and start time). Each runner call, one at a time under that
+//! directory's lock, puts its binary in the keeper's exchange directory (the libraries it
+//! loads are store items), asks the keeper to run it, and prints its output and status.
+//! The keeper powers the VM off and removes its directory once that cargo process has
+//! ended.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::DirBuilderExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use guest::control::{base64_decode, FromGuest, ToGuest};
+use guest::Mode;
+
+use super::{workspace_mounts, Shared, TestBinary, WORKSPACE_TAG};
+use crate::cmd::{run_vm, VmOpts};
+use crate::lower::{packages, system};
+use crate::vm::qemu::{self, Disk, DiskFormat, Share};
+use crate::vm::scenario::{self, Node};
+use crate::vm::{shell_quote, workspace_view};
+use crate::Workspace;
+
+/// Set in the keeper's environment: its directory.
+const KEEPER_ENV: &str = "XTASK_TEST_KEEPER";
+/// Set in the keeper's environment: the cargo process it serves, `PID:START`.
+const CARGO_ENV: &str = "XTASK_TEST_KEEPER_CARGO";
+/// How long a runner waits for a keeper to come up (a cold boot, packages made first).
+const START_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// A process by its PID and start time (clock ticks after boot), which a reused PID
+/// does not share.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Process {
+    pub pid: i32,
+    pub start: u64,
+}
+
+impl Process {
+    fn alive(self) -> bool {
+        stat(self.pid).is_some_and(|(_, _, start)| start == self.start)
+    }
+}
+
+/// `(command name, parent PID, start time)` of process `pid`, from `/proc/PID/stat`.
+fn stat(pid: i32) -> Option<(String, i32, u64)> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The name is in parentheses and may hold anything, parentheses included.
+    let (head, rest) = text.rsplit_once(')')?;
+    let name = head.split_once('(')?.1.to_string();
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // After the name: state (3), ppid (4), ... starttime (22).
+    Some((name, fields.get(1)?.parse().ok()?, fields.get(19)?.parse().ok()?))
+}
+
+/// The cargo process a runner call belongs to when rustdoc made it (a doctest): the
+/// nearest `cargo` among its ancestors.
+pub fn doctest_cargo() -> Option<Process> {
+    let parent = nix::unistd::getppid().as_raw();
+    if stat(parent)?.0 != "rustdoc" {
+        return None;
+    }
+    let mut pid = parent;
+    for _ in 0..8 {
+        let (name, ppid, start) = stat(pid)?;
+        if name == "cargo" {
+            return Some(Process { pid, start });
+        }
+        pid = ppid;
+    }
+    None
+}
+
+/// Whether this process is a keeper (started by [`run`]).
+pub fn is_keeper() -> bool {
+    std::env::var_os(KEEPER_ENV).is_some()
+}
+
+/// The private directory of the keeper for `cargo`, the system and options, and the
+/// workspace shared.
+fn keeper_dir(ws: &Workspace, opts: &VmOpts, shared: &Shared, cargo: Process) -> Result<PathBuf> {
+    let key = format!(
+        "{:?}\0{}\0{}\0{}\0{}",
+        opts,
+        shared.root.display(),
+        shared.target_dir.display(),
+        cargo.pid,
+        cargo.start
+    );
+    let hash = crate::store::sha256_bytes(key.as_bytes());
+    let dir = ws.target_dir.join("xtask-runner").join(&hash[..16]);
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&dir)
+        .with_context(|| format!("creating `{}`", dir.display()))?;
+    Ok(dir)
+}
+
+/// Runs `binary` in the VM kept for `cargo` (starting it first when none is up yet);
+/// prints its output; returns its exit status as cargo's runner.
+pub fn run(
+    ws: &Workspace,
+    shared: &Shared,
+    opts: &VmOpts,
+    binary: &TestBinary,
+    test_args: &[String],
+    cargo: Process,
+) -> Result<i32> {
+    let store = opts.open_store(ws)?;
+    let libraries = packages::host_libraries(&store, &packages::LibraryResolver::from_host(), &binary.path)
+        .with_context(|| format!("adding the libraries of `{}` to the store", binary.path.display()))?;
+    let dir = keeper_dir(ws, opts, shared, cargo)?;
+    // One runner call at a time: rustdoc runs doctests on several threads.
+    let lock = std::fs::File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join("lock"))
+        .with_context(|| format!("opening `{}`", dir.join("lock").display()))?;
+    lock.lock().context("waiting for the other doctests")?;
+    let socket = dir.join("socket");
+    if UnixStream::connect(&socket).is_err() {
+        start_keeper(&dir, cargo)?;
+    }
+    let xchg = PathBuf::from(std::fs::read_to_string(dir.join("xchg")).context("the keeper's exchange directory")?);
+    // The binary goes in the exchange directory, not the store: it is thrown away after.
+    let name = binary.path.file_name().unwrap_or_default().to_string_lossy().into_owned();
+    let staged = tempfile::Builder::new().prefix("run.").tempdir_in(&xchg).context("staging the binary")?;
+    std::fs::copy(&binary.path, staged.path().join(&name))
+        .with_context(|| format!("copying `{}`", binary.path.display()))?;
+    let guest_binary = format!("/xchg/{}/{name}", staged.path().file_name().unwrap_or_default().to_string_lossy());
+    let timeout = opts.test_binary_timeout().unwrap_or(Duration::from_secs(24 * 3600));
+    let message = ToGuest::Run {
+        argv: command(binary, &libraries.links, &guest_binary, test_args),
+        timeout_ms: timeout.as_millis() as u64,
+    };
+    let answer = ask(&socket, &message, timeout + scenario::ANSWER_GRACE)?;
+    drop(staged);
+    drop(lock);
+    match answer {
+        FromGuest::Done { exit, signal, timed_out, stdout, stderr } => {
+            let stdout = base64_decode(&stdout).unwrap_or_default();
+            std::io::stdout().write_all(&stdout)?;
+            std::io::stderr().write_all(&base64_decode(&stderr).unwrap_or_default())?;
+            if timed_out {
+                let running = super::running_test(&String::from_utf8_lossy(&stdout));
+                eprintln!(
+                    "error: `{}` ran past its timeout of {}s{}",
+                    binary.path.display(),
+                    timeout.as_secs(),
+                    running.map(|t| format!(" (test `{t}` was running)")).unwrap_or_default()
+                );
+                return Ok(124);
+            }
+            Ok(exit.unwrap_or_else(|| 128 + signal.unwrap_or(0)))
+        }
+        FromGuest::Failed { error } => bail!("the kept VM could not run `{}`: {error}", binary.path.display()),
+        FromGuest::Ready => bail!("the kept VM answered `ready` to a command"),
+    }
+}
+
+/// The guest's command for `binary`: the links its libraries need (made once: the shell's
+/// own `test` finds them on later calls, with no process started), then the binary in
+/// its package's directory with cargo's variables.
+fn command(binary: &TestBinary, links: &[(String, String)], guest_binary: &str, test_args: &[String]) -> Vec<String> {
+    let mut script = String::new();
+    for (link, target) in links {
+        let parent = Path::new(link).parent().map(|p| p.to_string_lossy().into_owned()).unwrap_or_default();
+        let (link, target, parent) = (shell_quote(link), shell_quote(target), shell_quote(&parent));
+        script.push_str(&format!("[ -L {link} ] || {{ mkdir -p {parent} && ln -sfn {target} {link}; }} || exit 126\n"));
+    }
+    script.push_str(&format!("cd {} || exit 126\n", shell_quote(&binary.package_dir.to_string_lossy())));
+    for (k, v) in &binary.env {
+        if k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            script.push_str(&format!("export {k}={}\n", shell_quote(v)));
+        }
+    }
+    script.push_str(&format!("exec {}", shell_quote(guest_binary)));
+    for arg in test_args {
+        script.push_str(&format!(" {}", shell_quote(arg)));
+    }
+    vec!["sh".into(), "-c".into(), script]
+}
+
+/// Hands `message` to the keeper listening at `socket`; its answer, within `timeout`.
+fn ask(socket: &Path, message: &ToGuest, timeout: Duration) -> Result<FromGuest> {
+    let stream = UnixStream::connect(socket).context("reaching the kept VM")?;
+    let mut writer = stream.try_clone()?;
+    writer.write_all(format!("{}\n", serde_json::to_string(message)?).as_bytes()).context("asking the kept VM")?;
+    scenario::read_message(&mut BufReader::new(stream), timeout).context("the kept VM's answer")
+}
+
+/// Starts a keeper for `dir` (this program again, with the same arguments, detached)
+/// and waits until it listens.
+fn start_keeper(dir: &Path, cargo: Process) -> Result<()> {
+    let log_path = dir.join("keeper.log");
+    let log = std::fs::File::create(&log_path).with_context(|| format!("creating `{}`", log_path.display()))?;
+    let _ = std::fs::remove_file(dir.join("socket"));
+    let mut cmd = std::process::Command::new(std::env::current_exe().context("finding this program")?);
+    cmd.args(std::env::args_os().skip(1))
+        .env(KEEPER_ENV, dir)
+        .env(CARGO_ENV, format!("{}:{}", cargo.pid, cargo.start))
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    // Its own session: not ended with this runner call, nor by a Ctrl-C meant for cargo's
+    // children (it ends when cargo does).
+    // SAFETY: setsid is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| nix::unistd::setsid().map(drop).map_err(std::io::Error::from));
+    }
+    let mut child = cmd.spawn().context("starting the keeper of the doctests' VM")?;
+    let deadline = Instant::now() + START_TIMEOUT;
+    loop {
+        if UnixStream::connect(dir.join("socket")).is_ok() {
+            // Reaped by init once it ends; this process is gone long before.
+            std::mem::forget(child);
+            return Ok(());
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            let said = std::fs::read_to_string(&log_path).unwrap_or_default();
+            let tail: Vec<&str> = said.lines().rev().take(20).collect::<Vec<_>>().into_iter().rev().collect();
+            bail!("the VM for the doctests did not start ({status}):\n{}", tail.join("\n"));
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            bail!("the VM for the doctests did not start within {}s", START_TIMEOUT.as_secs());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The keeper: boots the system once, serves runner calls until the cargo process ends.
+pub fn keep(ws: &Workspace, opts: &VmOpts, shared: &Shared) -> Result<i32> {
+    let dir = PathBuf::from(std::env::var_os(KEEPER_ENV).context("no keeper directory")?);
+    let cargo = std::env::var(CARGO_ENV).ok().and_then(|v| {
+        let (pid, start) = v.split_once(':')?;
+        Some(Process { pid: pid.parse().ok()?, start: start.parse().ok()? })
+    });
+    let cargo = cargo.context("no cargo process to serve")?;
+    let result = serve(ws, opts, shared, &dir, cargo);
+    if let Err(e) = &result {
+        eprintln!("error: {e:#}");
+    }
+    // Nothing of it is left once cargo has ended; a failure's log is kept for the runner
+    // that started it to show.
+    if result.is_ok() {
+        let _ = std::fs::remove_dir_all(&dir);
+    } else {
+        let _ = std::fs::remove_file(dir.join("socket"));
+    }
+    result.map(|()| 0)
+}
+
+fn serve(ws: &Workspace, opts: &VmOpts, shared: &Shared, dir: &Path, cargo: Process) -> Result<()> {
+    let store = opts.open_store(ws)?;
+    let declared = opts.valid_system(&store, ws)?;
+    let mut system = declared.virtualized();
+    run_vm::add_root_image_modules(&mut system);
+    let accel = qemu::choose_accel(opts.accel)?;
+    let lowered = system::lower(&store, ws, &system, opts.verbose)?;
+    let root_image = run_vm::root_image(&store, &system, &lowered)?;
+    let system_item = system::system_item(&store, &system, &lowered)?;
+    let root_device = root_image.as_ref().map(|(_, device)| device.as_str());
+    let mut request = run_vm::request(&system, &lowered, &system_item, root_device, Mode::Serve, vec!["serve".into()]);
+    request.mounts = workspace_mounts(shared);
+    let xchg = store.scratch("xchg")?;
+    crate::vm::write_request(xchg.path(), &request)?;
+    let mut spec = opts.spec(accel, &store, &lowered, xchg.path().to_path_buf());
+    let mount_points: Vec<PathBuf> =
+        shared.target_dir.join("tmp").strip_prefix(&shared.root).map(Path::to_path_buf).into_iter().collect();
+    let view = workspace_view::stage(&store, &shared.root, &[&shared.target_dir, &ws.store_dir], &mount_points)?;
+    spec.shares.push(Share { tag: WORKSPACE_TAG.into(), path: view.path().to_path_buf(), readonly: true });
+    if let Some((path, _)) = &root_image {
+        spec.disks.push(Disk { path: path.clone(), format: DiskFormat::Raw, readonly: true });
+    }
+    // Where the runner calls put their binaries: the directory shared as the guest's `/xchg`.
+    let shared_xchg = spec.shares.iter().find(|s| s.tag == "xchg").map(|s| s.path.clone()).context("no xchg share")?;
+    std::fs::write(dir.join("xchg"), shared_xchg.as_os_str().as_encoded_bytes())?;
+    let console = ws.log_dir().join(format!("test-doctests-{}.log", std::process::id()));
+    let mut node = Node::serving("doctests", spec, dir, console, xchg)?;
+    node.start()?;
+    let ready = dir.join("socket.new");
+    let _ = std::fs::remove_file(&ready);
+    let listener = UnixListener::bind(&ready).with_context(|| format!("listening at `{}`", ready.display()))?;
+    listener.set_nonblocking(true)?;
+    std::fs::rename(&ready, dir.join("socket"))?;
+    eprintln!("serving the doctests of cargo process {} in one VM", cargo.pid);
+    loop {
+        match listener.accept() {
+            Ok((stream, _)) => {
+                if let Err(e) = answer(&mut node, stream) {
+                    eprintln!("a runner call failed: {e:#}");
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(20)),
+            Err(e) => return Err(e).context("accepting a runner call"),
+        }
+        if !cargo.alive() {
+            let _ = std::fs::remove_file(dir.join("socket"));
+            return node.shutdown();
+        }
+        if !node.is_running() {
+            bail!("the VM stopped");
+        }
+    }
+}
+
+/// One runner call: its message, handed to the guest; the guest's answer, handed back.
+fn answer(node: &mut Node, stream: UnixStream) -> Result<()> {
+    stream.set_nonblocking(false)?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut writer = stream.try_clone()?;
+    let mut line = String::new();
+    std::io::Read::take(BufReader::new(stream), 1 << 20).read_line(&mut line).context("reading a runner call")?;
+    if line.is_empty() {
+        // A runner making sure the keeper listens.
+        return Ok(());
+    }
+    let message: ToGuest = serde_json::from_str(&line).context("a garbled runner call")?;
+    let timeout = match &message {
+        ToGuest::Run { timeout_ms, .. } => Duration::from_millis(*timeout_ms) + scenario::ANSWER_GRACE,
+        ToGuest::PowerOff => bail!("a runner call may not power the kept VM off"),
+    };
+    let reply = node.ask(&message, timeout)?;
+    writer.write_all(format!("{}\n", serde_json::to_string(&reply)?).as_bytes())?;
+    Ok(())
+}
