@@ -16,6 +16,9 @@ pub enum ToGuest {
     /// Run `argv` (with the request's environment, stdin from `/dev/null`); kill it
     /// after `timeout_ms`.
     Run { argv: Vec<String>, timeout_ms: u64 },
+    /// Run `argv` as [`ToGuest::Run`] does, in the directory `cwd`, with `env` added to
+    /// the request's environment: a program started with no shell in between.
+    RunIn { argv: Vec<String>, timeout_ms: u64, cwd: String, env: Vec<(String, String)> },
     /// Stop everything and power off (the status file says `exit 0`).
     PowerOff,
 }

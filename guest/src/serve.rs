@@ -83,7 +83,12 @@ fn control_loop(port: std::fs::File, request: &Request, waiting: &Waiting) -> Re
         }
         match serde_json::from_str::<ToGuest>(&line) {
             Ok(ToGuest::Run { argv, timeout_ms }) => {
-                let done = run(&argv, timeout_ms, request, waiting);
+                let done = run(&argv, timeout_ms, request, &request.cwd, &[], waiting);
+                // The host may have gone meanwhile; the next one asks again.
+                let _ = send(&done);
+            }
+            Ok(ToGuest::RunIn { argv, timeout_ms, cwd, env }) => {
+                let done = run(&argv, timeout_ms, request, &cwd, &env, waiting);
                 // The host may have gone meanwhile; the next one asks again.
                 let _ = send(&done);
             }
@@ -95,8 +100,15 @@ fn control_loop(port: std::fs::File, request: &Request, waiting: &Waiting) -> Re
     }
 }
 
-/// Runs one command with the request's environment and working directory.
-fn run(argv: &[String], timeout_ms: u64, request: &Request, waiting: &Waiting) -> FromGuest {
+/// Runs one command in `cwd` with the request's environment and `env`.
+fn run(
+    argv: &[String],
+    timeout_ms: u64,
+    request: &Request,
+    cwd: &str,
+    env: &[(String, String)],
+    waiting: &Waiting,
+) -> FromGuest {
     let Some((program, args)) = argv.split_first() else {
         return FromGuest::Failed { error: "an empty command".into() };
     };
@@ -104,7 +116,8 @@ fn run(argv: &[String], timeout_ms: u64, request: &Request, waiting: &Waiting) -
     cmd.args(args)
         .env_clear()
         .envs(request.env.iter().map(|(k, v)| (k, v)))
-        .current_dir(&request.cwd)
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .current_dir(cwd)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());

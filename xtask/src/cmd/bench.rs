@@ -49,6 +49,8 @@ pub enum Group {
     Warm,
     /// xtask-test and xtask-test-warm.
     Test,
+    /// doctests: 100 doctests, a binary each, in one kept VM.
+    Doctests,
     Scenario,
     /// inner-loop, inner-loop-warm, inner-loop-vs-run-vm.
     InnerLoop,
@@ -154,7 +156,7 @@ impl Bench {
         let mut figures = Vec::new();
         let mut snapshot = None;
         // The bare boot is the floor of the VM figures.
-        let on_boot = [Group::Boot, Group::Warm, Group::Test, Group::Scenario, Group::InnerLoop];
+        let on_boot = [Group::Boot, Group::Warm, Group::Test, Group::Doctests, Group::Scenario, Group::InnerLoop];
         if on_boot.into_iter().any(wanted) {
             let bare = BareBoot::new(&b, &lowered)?;
             let boot = b.boot_to_result(&bare)?;
@@ -166,6 +168,9 @@ impl Bench {
             }
             if wanted(Group::Test) {
                 figures.extend(b.xtask_test(&bare)?);
+            }
+            if wanted(Group::Doctests) {
+                figures.push(b.doctests(floor_boot)?);
             }
             if wanted(Group::Scenario) {
                 figures.push(b.scenario(floor_boot)?);
@@ -360,6 +365,39 @@ impl Bencher<'_> {
             ),
             self.figure("xtask-test-warm", warm, host_run + floor_boot, "the same, --warm", FLOOR),
         ])
+    }
+
+    /// doctests: 100 small doctests of a crate of edition 2021 (rustdoc runs each as a
+    /// binary of its own, through the runner) in the minimal system, against twice
+    /// `cargo test --doc` on the host plus a bare boot (so the target, at most twice the
+    /// host's time plus one boot, is a ratio of 1). Both sides compile the doctests on
+    /// every run, as rustdoc does.
+    fn doctests(&self, floor_boot: f64) -> Result<Figure> {
+        let dir = tempfile::tempdir().context("a directory for the doctests' crate")?;
+        let manifest = "[package]\nname = \"doctests\"\nversion = \"0.1.0\"\nedition = \"2021\"\n\n[workspace]\n";
+        fs::create_dir_all(dir.path().join("src"))?;
+        fs::write(dir.path().join("Cargo.toml"), manifest)?;
+        let lib: String = (0..100)
+            .map(|i| {
+                format!("/// ```\n/// assert_eq!(doctests::f{i}(), {i});\n/// ```\npub fn f{i}() -> u32 {{ {i} }}\n")
+            })
+            .collect();
+        fs::write(dir.path().join("src/lib.rs"), lib)?;
+        let manifest = dir.path().join("Cargo.toml");
+        let (xtask, accel) = (self.xtask, self.accel.name());
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let ours: Command =
+            cmd!(self.sh, "{xtask} test --accel {accel} --system minimal --doc --manifest-path {manifest}").into();
+        let host: Command = cmd!(self.sh, "{cargo} test --doc --manifest-path {manifest}").into();
+        let [(ours, _), (host, _)] =
+            alternating(self.warmup, self.runs, || timed(|| run_quiet(&ours)), || timed(|| run_quiet(&host)))?;
+        Ok(self.figure(
+            "doctests",
+            ours,
+            2.0 * host + floor_boot,
+            "xtask test --system minimal --doc: 100 doctests, a binary each, in one kept VM",
+            "2 × cargo test --doc on the host + bare qemu boot",
+        ))
     }
 
     /// scenario: `hello-pair` end to end (two nodes booting at once, a request, the link

@@ -139,11 +139,18 @@ pub fn run(
         .with_context(|| format!("copying `{}`", binary.path.display()))?;
     let guest_binary = format!("/xchg/{}/{name}", staged.path().file_name().unwrap_or_default().to_string_lossy());
     let timeout = opts.test_binary_timeout().unwrap_or(Duration::from_secs(24 * 3600));
-    let message = ToGuest::Run {
-        argv: command(binary, &libraries.links, &guest_binary, test_args),
-        timeout_ms: timeout.as_millis() as u64,
+    let mut argv = vec![guest_binary];
+    argv.extend(test_args.iter().cloned());
+    let call = Call {
+        links: libraries.links,
+        run: ToGuest::RunIn {
+            argv,
+            timeout_ms: timeout.as_millis() as u64,
+            cwd: binary.package_dir.to_string_lossy().into_owned(),
+            env: binary.env.clone(),
+        },
     };
-    let answer = ask(&socket, &message, timeout + scenario::ANSWER_GRACE)?;
+    let answer = ask(&socket, &call, timeout + scenario::ANSWER_GRACE)?;
     drop(staged);
     drop(lock);
     match answer {
@@ -168,31 +175,31 @@ pub fn run(
     }
 }
 
-/// The guest's command for `binary`: the links its libraries need (made once: the shell's
-/// own `test` finds them on later calls, with no process started), then the binary in
-/// its package's directory with cargo's variables.
-fn command(binary: &TestBinary, links: &[(String, String)], guest_binary: &str, test_args: &[String]) -> Vec<String> {
-    let mut script = String::new();
+/// A runner call, as the keeper takes it: the links (in the guest) the binary's libraries
+/// need, and how to run it.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct Call {
+    links: Vec<(String, String)>,
+    run: ToGuest,
+}
+
+/// The guest's command that makes `links` (each `(link, target)`).
+fn link_command(links: &[(String, String)]) -> Vec<String> {
+    let mut script = String::from("set -e\n");
     for (link, target) in links {
         let parent = Path::new(link).parent().map(|p| p.to_string_lossy().into_owned()).unwrap_or_default();
-        let (link, target, parent) = (shell_quote(link), shell_quote(target), shell_quote(&parent));
-        script.push_str(&format!("[ -L {link} ] || {{ mkdir -p {parent} && ln -sfn {target} {link}; }} || exit 126\n"));
-    }
-    script.push_str(&format!("cd {} || exit 126\n", shell_quote(&binary.package_dir.to_string_lossy())));
-    for (k, v) in &binary.env {
-        if k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-            script.push_str(&format!("export {k}={}\n", shell_quote(v)));
-        }
-    }
-    script.push_str(&format!("exec {}", shell_quote(guest_binary)));
-    for arg in test_args {
-        script.push_str(&format!(" {}", shell_quote(arg)));
+        script.push_str(&format!(
+            "mkdir -p {} && ln -sfn {} {}\n",
+            shell_quote(&parent),
+            shell_quote(target),
+            shell_quote(link)
+        ));
     }
     vec!["sh".into(), "-c".into(), script]
 }
 
 /// Hands `message` to the keeper listening at `socket`; its answer, within `timeout`.
-fn ask(socket: &Path, message: &ToGuest, timeout: Duration) -> Result<FromGuest> {
+fn ask(socket: &Path, message: &Call, timeout: Duration) -> Result<FromGuest> {
     let stream = UnixStream::connect(socket).context("reaching the kept VM")?;
     let mut writer = stream.try_clone()?;
     writer.write_all(format!("{}\n", serde_json::to_string(message)?).as_bytes()).context("asking the kept VM")?;
@@ -289,6 +296,8 @@ fn serve(ws: &Workspace, opts: &VmOpts, shared: &Shared, dir: &Path, cargo: Proc
     let console = ws.log_dir().join(format!("test-doctests-{}.log", std::process::id()));
     let mut node = Node::serving("doctests", spec, dir, console, xchg)?;
     node.start()?;
+    // The links already made in the guest: a runner call's others are made first.
+    let mut made = std::collections::BTreeSet::new();
     let ready = dir.join("socket.new");
     let _ = std::fs::remove_file(&ready);
     let listener = UnixListener::bind(&ready).with_context(|| format!("listening at `{}`", ready.display()))?;
@@ -298,11 +307,11 @@ fn serve(ws: &Workspace, opts: &VmOpts, shared: &Shared, dir: &Path, cargo: Proc
     loop {
         match listener.accept() {
             Ok((stream, _)) => {
-                if let Err(e) = answer(&mut node, stream) {
+                if let Err(e) = answer(&mut node, &mut made, stream) {
                     eprintln!("a runner call failed: {e:#}");
                 }
             }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(20)),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => wait_for_call(&listener),
             Err(e) => return Err(e).context("accepting a runner call"),
         }
         if !cargo.alive() {
@@ -315,8 +324,16 @@ fn serve(ws: &Workspace, opts: &VmOpts, shared: &Shared, dir: &Path, cargo: Proc
     }
 }
 
-/// One runner call: its message, handed to the guest; the guest's answer, handed back.
-fn answer(node: &mut Node, stream: UnixStream) -> Result<()> {
+/// Waits until a runner call comes, or 200 ms have passed (then cargo is looked at again).
+fn wait_for_call(listener: &UnixListener) {
+    use std::os::fd::AsFd;
+    let mut fds = [nix::poll::PollFd::new(listener.as_fd(), nix::poll::PollFlags::POLLIN)];
+    let _ = nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(200u16));
+}
+
+/// One runner call: the links it needs made (those not made yet), its message handed to
+/// the guest, the guest's answer handed back.
+fn answer(node: &mut Node, made: &mut std::collections::BTreeSet<(String, String)>, stream: UnixStream) -> Result<()> {
     stream.set_nonblocking(false)?;
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
     let mut writer = stream.try_clone()?;
@@ -326,12 +343,22 @@ fn answer(node: &mut Node, stream: UnixStream) -> Result<()> {
         // A runner making sure the keeper listens.
         return Ok(());
     }
-    let message: ToGuest = serde_json::from_str(&line).context("a garbled runner call")?;
-    let timeout = match &message {
-        ToGuest::Run { timeout_ms, .. } => Duration::from_millis(*timeout_ms) + scenario::ANSWER_GRACE,
+    let call: Call = serde_json::from_str(&line).context("a garbled runner call")?;
+    let timeout = match &call.run {
+        ToGuest::Run { timeout_ms, .. } | ToGuest::RunIn { timeout_ms, .. } => {
+            Duration::from_millis(*timeout_ms) + scenario::ANSWER_GRACE
+        }
         ToGuest::PowerOff => bail!("a runner call may not power the kept VM off"),
     };
-    let reply = node.ask(&message, timeout)?;
+    let new: Vec<(String, String)> = call.links.into_iter().filter(|l| !made.contains(l)).collect();
+    if !new.is_empty() {
+        let links = ToGuest::Run { argv: link_command(&new), timeout_ms: 60_000 };
+        match node.ask(&links, Duration::from_secs(60) + scenario::ANSWER_GRACE)? {
+            FromGuest::Done { exit: Some(0), .. } => made.extend(new),
+            other => bail!("making the libraries' links in the kept VM failed: {other:?}"),
+        }
+    }
+    let reply = node.ask(&call.run, timeout)?;
     writer.write_all(format!("{}\n", serde_json::to_string(&reply)?).as_bytes())?;
     Ok(())
 }
