@@ -29,6 +29,7 @@ fn quick_bench_prints_and_writes_a_valid_report() {
         "boot-to-result-warm",
         "xtask-test",
         "xtask-test-warm",
+        "doctests",
         "scenario",
         "inner-loop",
         "inner-loop-warm",
