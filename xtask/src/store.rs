@@ -15,7 +15,7 @@ pub mod fd;
 pub mod ingest;
 pub mod space;
 
-pub use fd::{start_file_writeback, DirFd, Kind};
+pub use fd::{guest_kind, start_file_writeback, DirFd, Kind, GUEST_MODE_XATTR};
 
 use fs_err as fs;
 use std::fs::File;
@@ -202,14 +202,46 @@ fn fault_point(step: u32) {
     }
 }
 
+/// A VM's exchange directory ([`Store::exchange`]), removed with its scratch when dropped.
+#[derive(Debug)]
+pub struct Exchange {
+    _scratch: tempfile::TempDir,
+    dir: PathBuf,
+}
+
+impl Exchange {
+    /// The directory shared with the guest.
+    pub fn path(&self) -> &Path {
+        &self.dir
+    }
+}
+
+/// Creates the directory `path` (which must not exist), private to the user (mode 0700).
+pub fn create_private_dir(path: &Path) -> Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new().mode(0o700).create(path).with_context(|| format!("creating `{}`", path.display()))
+}
+
 /// Writes `bytes` to `path` as a whole or not at all: a temporary beside it, written and
 /// fsynced, renamed over `path`, then the directory fsynced. Used for every record the
 /// store keeps (`.meta`, memos).
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_atomically_with_mode(path, bytes, 0o666)
+}
+
+/// [`write_atomically`], the file readable and writable by its owner alone (a request
+/// that may hold `--env` values).
+pub fn write_private_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_atomically_with_mode(path, bytes, 0o600)
+}
+
+fn write_atomically_with_mode(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
     let (dir, name) = fd::split(path).with_context(|| format!("writing `{}`", path.display()))?;
     let tmp = dir.join(format!(".{}.{}.tmp", name.to_string_lossy(), std::process::id()));
     let written = (|| -> io::Result<()> {
-        let mut f = File::options().write(true).create_new(true).open(&tmp)?;
+        let mut f =
+            File::options().write(true).create_new(true).mode(mode).custom_flags(nix::libc::O_NOFOLLOW).open(&tmp)?;
         f.write_all(bytes)?;
         f.sync_all()?;
         fs::rename(&tmp, path)?;
@@ -241,6 +273,14 @@ impl Store {
         for sub in [ITEMS, METAS, ".tmp", ".locks", ".cache"] {
             let dir = root.join(sub);
             fs::create_dir_all(&dir).with_context(|| format!("creating store directory `{}`", dir.display()))?;
+        }
+        // Scratch (exchange directories, requests, builds in progress) is the user's
+        // alone, whatever it holds.
+        let tmp = root.join(".tmp");
+        let private = fs::symlink_metadata(&tmp).is_ok_and(|m| m.is_dir() && m.permissions().mode() & 0o7077 == 0);
+        if !private {
+            fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o700))
+                .with_context(|| format!("making `{}` private to its owner (mode 0700)", tmp.display()))?;
         }
         let store = Store { root, explain };
         if fresh {
@@ -330,6 +370,7 @@ impl Store {
         }
         tempfile::Builder::new()
             .prefix(&format!("{MEMORY_SCRATCH_PREFIX}{}-{}.", std::process::id(), sanitize_name(name)))
+            .permissions(std::fs::Permissions::from_mode(0o700))
             .tempdir_in(dir)
             .ok()
     }
@@ -355,11 +396,23 @@ impl Store {
 
     /// Directory for scratch space that is not an item (e.g. a VM's exchange directory),
     /// removed when dropped, or by a later run if this process is killed.
+    /// It is private to the user (mode 0700).
     pub fn scratch(&self, name: &str) -> Result<tempfile::TempDir> {
         tempfile::Builder::new()
             .prefix(&format!("scratch-{}-{}.", std::process::id(), sanitize_name(name)))
+            .permissions(std::fs::Permissions::from_mode(0o700))
             .tempdir_in(self.tmp_dir())
             .with_context(|| format!("creating a scratch directory in `{}`", self.root.display()))
+    }
+
+    /// A VM's exchange directory: `xchg/` (mode 0700), the directory shared with the
+    /// guest, inside private scratch space (mode 0700), so that whatever the guest does to
+    /// the share's root, the path to it stays the user's alone.
+    pub fn exchange(&self) -> Result<Exchange> {
+        let scratch = self.scratch("xchg")?;
+        let dir = scratch.path().join("xchg");
+        create_private_dir(&dir)?;
+        Ok(Exchange { _scratch: scratch, dir })
     }
 
     /// Where `recipe`'s item lives, whether or not it exists.

@@ -105,16 +105,17 @@ impl BuildInVm {
 
         let (item, outcome) = store.realise_with_outcome(&recipe, |out| {
             let accel = qemu::choose_accel(self.vm.accel)?;
-            let xchg = store.scratch("xchg")?;
+            let xchg = store.exchange()?;
             let runtime = store.scratch("run")?;
             let out_dir = xchg.path().join("out");
-            fs::create_dir(&out_dir)?;
+            store::create_private_dir(&out_dir)?;
             let mut spec = self.vm.spec(accel, &store, &lowered, xchg.path().to_path_buf());
             spec.outside = self.net;
             let disk_path = match disk {
                 Some((format, size)) => {
                     let path = runtime.path().join(format!("disk.{}", format.name()));
                     create_disk(&path, format, size)?;
+                    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
                     spec.disks.push(Disk { path: path.clone(), format, readonly: false });
                     Some((path, format))
                 }
@@ -155,7 +156,7 @@ impl BuildInVm {
             })?;
             // The disk image counts against the limit too (checked not to exceed it alone).
             let limit = self.max_output - disk.map(|(_, size)| size).unwrap_or(0);
-            ingest::copy_dir(&out_fd, "$out", out, &Limits::output(limit))
+            ingest::copy_dir(&out_fd, "$out", out, &Limits::guest_output(limit))
                 .context("taking what the build wrote to $out")?;
             if let Some((path, format)) = disk_path {
                 let dest = out.join(format!("disk.{}", format.name()));

@@ -466,6 +466,13 @@ fn read_status(xchg: &Path) -> StatusFile {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return StatusFile::Missing,
         Err(e) => return StatusFile::Refused(format!("cannot open it: {e}")),
     };
+    // Through the mapped share, a link the guest made is a file holding its text.
+    match crate::store::guest_kind(&file, 0o600) {
+        Ok((Kind::File, _)) => {}
+        Ok((Kind::Symlink, _)) => return StatusFile::Refused("it is a symbolic link".into()),
+        Ok(_) => return StatusFile::Refused("it is not a regular file".into()),
+        Err(e) => return StatusFile::Refused(format!("cannot examine it: {e}")),
+    }
     let mut bytes = Vec::new();
     match file.take(guest::STATUS_MAX_BYTES as u64 + 1).read_to_end(&mut bytes) {
         Ok(_) => StatusFile::Found(bytes),
@@ -651,7 +658,8 @@ impl Drop for QemuGuard {
 /// Writes the request where the guest helper reads it, whole or not at all (it may be
 /// looking for it already).
 pub fn write_request(xchg: &Path, request: &Request) -> Result<()> {
-    crate::store::write_atomically(&xchg.join(guest::REQUEST_FILE), &serde_json::to_vec_pretty(request)?)
+    // The request may hold secrets (`--env` values): it is the user's alone.
+    crate::store::write_private_atomically(&xchg.join(guest::REQUEST_FILE), &serde_json::to_vec_pretty(request)?)
 }
 
 /// Runs QEMU under a guard until it ends, calling `started` once it is running (an
@@ -988,6 +996,18 @@ mod tests {
         fs::create_dir(&status).unwrap();
         assert_eq!(read_status(dir.path()), StatusFile::Refused("it is a directory".into()));
         fs::remove_dir(&status).unwrap();
+
+        // A link the guest made through the mapped share: a file holding the link's text.
+        fs::write(&status, secret.as_os_str().as_encoded_bytes()).unwrap();
+        let c = std::ffi::CString::new(status.as_os_str().as_encoded_bytes()).unwrap();
+        let word = (nix::libc::S_IFLNK | 0o777).to_le_bytes();
+        // SAFETY: plain system call with NUL-terminated strings and a 4-byte buffer.
+        let set = unsafe {
+            nix::libc::setxattr(c.as_ptr(), c"user.virtfs.mode".as_ptr(), word.as_ptr().cast(), word.len(), 0)
+        };
+        assert_eq!(set, 0, "{}", std::io::Error::last_os_error());
+        assert_eq!(read_status(dir.path()), StatusFile::Refused("it is a symbolic link".into()));
+        fs::remove_file(&status).unwrap();
 
         // No writer ever opens it: a blocking open would wait for ever.
         nix::unistd::mkfifo(&status, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();

@@ -74,7 +74,7 @@ pub struct Node {
     console_tail: std::sync::Arc<std::sync::Mutex<std::collections::VecDeque<u8>>>,
     qemu: Option<Child>,
     control: Option<(BufReader<UnixStream>, UnixStream)>,
-    _xchg: tempfile::TempDir,
+    _xchg: crate::store::Exchange,
 }
 
 /// How a command on a node ended.
@@ -261,7 +261,7 @@ impl NodePlan<'_> {
                 nameserver: None,
             })
             .collect();
-        let xchg = store.scratch("xchg")?;
+        let xchg = store.exchange()?;
         vm::write_request(xchg.path(), &request)?;
         let mut spec = opts.spec(accel, store, &lowered, xchg.path().to_path_buf());
         if let Some((path, _)) = &root_image {
