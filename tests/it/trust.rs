@@ -545,3 +545,49 @@ fn guest_modes_and_owners_never_reach_the_host_in_run_vm_sh() {
     run.expect_code(0);
 }
 
+/// The sha256 of `text`, in hex, by the host's `sha256sum`.
+fn sha256_hex(text: &str) -> String {
+    let out = Command::new("sh").args(["-c", "printf %s \"$1\" | sha256sum", "sh", text]).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).split_whitespace().next().unwrap().to_string()
+}
+
+/// The files under `dirs` holding `needle` (`grep -r`, which follows no link).
+fn files_holding(needle: &str, dirs: &[PathBuf]) -> String {
+    let dirs: Vec<&PathBuf> = dirs.iter().filter(|d| d.exists()).collect();
+    let out = Command::new("grep").args(["-rlF", "--", needle]).args(&dirs).output().unwrap();
+    assert!(out.status.code() == Some(0) || out.status.code() == Some(1), "grep failed: {out:?}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn env_values_are_stored_nowhere_in_clear() {
+    let secret = format!("sentinel-secret-{}", nonce());
+    let other = format!("{secret}-other");
+    let name = format!("secret-{}", nonce());
+    // The guest proves it saw the value without writing it anywhere: its hash.
+    let build = |value: &str| {
+        let env = format!("SECRET={value}");
+        let script = "printf %s \"$SECRET\" | sha256sum | cut -c1-64 > $out/sum";
+        let run =
+            xtask(&["build-in-vm", "--name", &name, "--env", &env, "--timeout", TIMEOUT, "--", "sh", "-c", script]);
+        run.expect_code(0);
+        PathBuf::from(run.stdout.trim_end())
+    };
+    let item = build(&secret);
+    assert_eq!(
+        fs::read_to_string(item.join("sum")).unwrap().trim(),
+        sha256_hex(&secret),
+        "the guest saw another value"
+    );
+    let store = vm_tests::store_dir();
+    let logs = store.parent().unwrap().join("vmlogs");
+    let found = files_holding(&secret, &[store.clone(), logs]);
+    assert!(found.is_empty(), "the --env value is stored in clear in:\n{found}");
+    // The recipe holds its hash: another value is another item.
+    let file_name = item.file_name().unwrap().to_string_lossy().into_owned();
+    let meta = fs::read_to_string(store.join("meta").join(format!("{file_name}.meta"))).unwrap();
+    assert!(meta.contains(&sha256_hex(&secret)), "the record does not hold the value's hash: {meta}");
+    let second = build(&other);
+    assert_ne!(second, item, "another --env value gave the same item");
+    assert_eq!(build(&secret), item, "the same value gave another item");
+}

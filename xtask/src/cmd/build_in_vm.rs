@@ -82,16 +82,27 @@ impl BuildInVm {
             ("out".into(), format!("{}/out", guest::XCHG_MOUNT)),
         ];
         env.extend(inputs.iter().map(|(name, item, rel)| (name.clone(), guest_input_path(item, rel))));
+        env.sort();
+        // `--env` values may be secrets: the recipe (and so the `.meta`, and what `store
+        // push` sends) holds each one's sha256 instead, so another value is still
+        // another item. A build without `--env` has the recipe it always had.
+        let mut hashed: Vec<(String, String)> =
+            self.env.iter().map(|(key, value)| (key.clone(), store::sha256_bytes(value.as_bytes()))).collect();
+        hashed.sort();
+        let recipe_env = env.clone();
         env.extend(self.env.iter().cloned());
         env.sort();
         let disk = self.disk_image.map(|f| (f, self.disk_size.unwrap_or(DEFAULT_DISK_SIZE)));
 
         let mut recipe = Recipe::new("build-in-vm", &self.name)
             .param("argv", serde_json::to_string(&self.command)?)
-            .param("env", serde_json::to_string(&env)?)
+            .param("env", serde_json::to_string(&recipe_env)?)
             .param("memory-mib", self.vm.memory.to_string())
             .param("kernel-args", lowered.kernel_args.join(" "))
             .param("disk", disk.map(|(f, s)| format!("{}:{s}", f.name())).unwrap_or_default());
+        if !hashed.is_empty() {
+            recipe = recipe.param("env-sha256", serde_json::to_string(&hashed)?);
+        }
         // Only a build with a network says so: the others keep their items' hashes.
         if self.net {
             recipe = recipe.param("net", "user");
