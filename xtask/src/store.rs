@@ -939,9 +939,30 @@ fn remove_leftover(path: &Path) -> Result<()> {
 
 /// Whether `file_name` has the form of an item's: `<32 hex digits>-<name>`.
 fn is_item_name(file_name: &str) -> bool {
-    file_name
-        .split_once('-')
-        .is_some_and(|(hash, name)| hash.len() == 32 && hash.chars().all(|c| c.is_ascii_hexdigit()) && !name.is_empty())
+    check_item_file_name(file_name).is_ok()
+}
+
+/// Why `file_name` cannot be an item's file name (`<hash>-<name>`: 32 lowercase hex
+/// digits, `-`, then a name of the characters [`Recipe::new`] keeps, without `..`), if
+/// it cannot. Names that come from elsewhere (a registry's records, the command line) are
+/// checked with it before they become paths.
+pub fn check_item_file_name(file_name: &str) -> std::result::Result<(), &'static str> {
+    let Some((hash, name)) = file_name.split_once('-') else {
+        return Err("it is not <hash>-<name>");
+    };
+    if hash.len() != 32 || !hash.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+        return Err("its hash is not 32 lowercase hex digits");
+    }
+    if name.is_empty() || file_name.len() > 255 {
+        return Err("its name is empty or too long");
+    }
+    if name.contains('/') || name.contains("..") || name.chars().any(char::is_control) {
+        return Err("its name holds `/`, `..` or a control character");
+    }
+    if name.chars().any(|c| !(c.is_ascii_alphanumeric() || "+-._".contains(c))) {
+        return Err("its name holds a character no item name has (only letters, digits and `+-._`)");
+    }
+    Ok(())
 }
 
 /// sha256 of some bytes, as hex.
