@@ -202,10 +202,96 @@ fn fault_point(step: u32) {
     }
 }
 
-/// A VM's exchange directory ([`Store::exchange`]), removed with its scratch when dropped.
+/// Scratch directories' names: `scratch-PID-NAME.RANDOM` once in use, `.new-scratch-RANDOM`
+/// while being made (before their lock is held).
+const SCRATCH_PREFIX: &str = "scratch-";
+const NEW_SCRATCH_PREFIX: &str = ".new-scratch-";
+const MEMORY_NEW_PREFIX: &str = ".xtask-new-scratch-";
+/// The lock file in a scratch directory.
+const SCRATCH_LOCK: &str = ".lock";
+
+/// Scratch space (a private directory, mode 0700) in use while this value lives: it holds
+/// a `flock` on the directory's `.lock` file, which tells other runs it is in use (a
+/// PID would not: a store may be shared across PID namespaces, and PIDs are reused).
+/// The directory is made under a `.new-` name, its lock taken, and only then renamed
+/// to its `scratch-` name, so no run ever sees a scratch directory whose lock is not
+/// held yet. Removed when dropped, or by a later run once the lock is free.
+#[derive(Debug)]
+pub struct Scratch {
+    path: PathBuf,
+    _lock: nix::fcntl::Flock<File>,
+}
+
+impl Scratch {
+    fn create(parent: &Path, new_prefix: &str, prefix: &str) -> Result<Scratch> {
+        let made = tempfile::Builder::new()
+            .prefix(new_prefix)
+            .permissions(std::fs::Permissions::from_mode(0o700))
+            .tempdir_in(parent)
+            .with_context(|| format!("creating a directory in `{}`", parent.display()))?
+            .keep();
+        let locked = (|| -> Result<(nix::fcntl::Flock<File>, PathBuf)> {
+            use std::os::unix::fs::OpenOptionsExt;
+            let lock = File::options()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .custom_flags(nix::libc::O_NOFOLLOW)
+                .open(made.join(SCRATCH_LOCK))?;
+            let lock = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusiveNonblock)
+                .map_err(|(_, e)| io::Error::from(e))?;
+            let random = made.file_name().unwrap_or_default().to_string_lossy();
+            let path = parent.join(format!("{prefix}{}", random.trim_start_matches(new_prefix)));
+            fs::rename(&made, &path)?;
+            Ok((lock, path))
+        })();
+        match locked {
+            Ok((lock, path)) => Ok(Scratch { path, _lock: lock }),
+            Err(e) => {
+                let _ = remove_tree(&made);
+                Err(e.context(format!("locking a scratch directory in `{}`", parent.display())))
+            }
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = remove_tree(&self.path);
+    }
+}
+
+/// Whether the entry `name` at `path` is scratch (`prefix...`, or `new_prefix...` while
+/// being made) that no run uses any more: its lock can be taken. Scratch of the
+/// earlier kind, without a lock, is dead when no process has its PID; a directory
+/// being made that has no lock yet is left alone.
+fn scratch_is_dead(path: &Path, name: &str, prefix: &str, new_prefix: &str) -> bool {
+    let (scratch, new) = (name.starts_with(prefix), name.starts_with(new_prefix));
+    if !scratch && !new {
+        return false;
+    }
+    let lock = DirFd::open(path).and_then(|dir| dir.open_file(std::ffi::OsStr::new(SCRATCH_LOCK)));
+    match lock {
+        // Taken, the lock is let go at once: no run takes a dead run's scratch to use it.
+        Ok(lock) => nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusiveNonblock).is_ok(),
+        Err(_) if scratch => {
+            let pid = name[prefix.len()..].split('-').next().and_then(|p| p.parse().ok());
+            pid.is_some_and(|pid| !process_alive(pid))
+        }
+        Err(_) => false,
+    }
+}
+
+/// A directory inside its own private scratch ([`Store::private_subdir`]): a VM's
+/// exchange directory ([`Store::exchange`]), a workspace's view; removed with its
+/// scratch when dropped.
 #[derive(Debug)]
 pub struct Exchange {
-    _scratch: tempfile::TempDir,
+    _scratch: Scratch,
     dir: PathBuf,
 }
 
@@ -324,26 +410,23 @@ impl Store {
         Ok(())
     }
 
-    /// Removes scratch directories of processes that no longer exist (killed runs).
+    /// Removes the scratch directories of runs that ended without removing their own
+    /// (killed runs): those whose lock ([`Scratch`]) nobody holds. The PID in a name
+    /// decides nothing (a store may be shared across PID namespaces, and PIDs are
+    /// reused), except for scratch made before scratch had locks.
     fn remove_dead_scratch(&self) -> Result<()> {
         // Memory scratch of killed runs: best effort, it may belong to another user.
         for entry in fs::read_dir(MEMORY_SCRATCH).into_iter().flatten().flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
-            let pid = name.strip_prefix(MEMORY_SCRATCH_PREFIX).and_then(|r| r.split('-').next());
-            if let Some(pid) = pid.and_then(|p| p.parse().ok()) {
-                if !process_alive(pid) {
-                    let _ = remove_tree(&entry.path());
-                }
+            if scratch_is_dead(&entry.path(), &name, MEMORY_SCRATCH_PREFIX, MEMORY_NEW_PREFIX) {
+                let _ = remove_tree(&entry.path());
             }
         }
         let tmp = self.tmp_dir();
         for entry in fs::read_dir(&tmp).with_context(|| format!("listing `{}`", tmp.display()))?.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
-            let pid = name.strip_prefix("scratch-").and_then(|r| r.split('-').next()).and_then(|p| p.parse().ok());
-            if let Some(pid) = pid {
-                if !process_alive(pid) {
-                    remove_leftover(&entry.path())?;
-                }
+            if scratch_is_dead(&entry.path(), &name, SCRATCH_PREFIX, NEW_SCRATCH_PREFIX) {
+                remove_leftover(&entry.path())?;
             }
         }
         Ok(())
@@ -354,7 +437,7 @@ impl Store {
     /// and the machine's available memory have room for them with a margin; `None`
     /// otherwise, or with `XTASK_NO_SHM=1`. Removed when dropped, or by a later run if
     /// this process is killed.
-    pub fn memory_scratch(&self, name: &str, needed: u64) -> Option<tempfile::TempDir> {
+    pub fn memory_scratch(&self, name: &str, needed: u64) -> Option<Scratch> {
         if std::env::var_os(NO_SHM_ENV).is_some_and(|v| v == "1") {
             return None;
         }
@@ -368,11 +451,12 @@ impl Store {
         if free < needed + (256 << 20) || available < needed + (1 << 30) {
             return None;
         }
-        tempfile::Builder::new()
-            .prefix(&format!("{MEMORY_SCRATCH_PREFIX}{}-{}.", std::process::id(), sanitize_name(name)))
-            .permissions(std::fs::Permissions::from_mode(0o700))
-            .tempdir_in(dir)
-            .ok()
+        Scratch::create(
+            dir,
+            MEMORY_NEW_PREFIX,
+            &format!("{MEMORY_SCRATCH_PREFIX}{}-{}.", std::process::id(), sanitize_name(name)),
+        )
+        .ok()
     }
 
     pub fn root(&self) -> &Path {
@@ -396,12 +480,10 @@ impl Store {
 
     /// Directory for scratch space that is not an item (e.g. a VM's exchange directory),
     /// removed when dropped, or by a later run if this process is killed.
-    /// It is private to the user (mode 0700).
-    pub fn scratch(&self, name: &str) -> Result<tempfile::TempDir> {
-        tempfile::Builder::new()
-            .prefix(&format!("scratch-{}-{}.", std::process::id(), sanitize_name(name)))
-            .permissions(std::fs::Permissions::from_mode(0o700))
-            .tempdir_in(self.tmp_dir())
+    /// It is private to the user (mode 0700), and in use while its lock is held.
+    pub fn scratch(&self, name: &str) -> Result<Scratch> {
+        let prefix = format!("{SCRATCH_PREFIX}{}-{}.", std::process::id(), sanitize_name(name));
+        Scratch::create(&self.tmp_dir(), NEW_SCRATCH_PREFIX, &prefix)
             .with_context(|| format!("creating a scratch directory in `{}`", self.root.display()))
     }
 
@@ -409,8 +491,15 @@ impl Store {
     /// guest, inside private scratch space (mode 0700), so that whatever the guest does to
     /// the share's root, the path to it stays the user's alone.
     pub fn exchange(&self) -> Result<Exchange> {
-        let scratch = self.scratch("xchg")?;
-        let dir = scratch.path().join("xchg");
+        self.private_subdir("xchg", "xchg")
+    }
+
+    /// The directory `sub` (mode 0700) inside new private scratch named after `name`:
+    /// what is shared with a guest is such a directory, never scratch itself (which
+    /// holds its lock).
+    pub fn private_subdir(&self, name: &str, sub: &str) -> Result<Exchange> {
+        let scratch = self.scratch(name)?;
+        let dir = scratch.path().join(sub);
         create_private_dir(&dir)?;
         Ok(Exchange { _scratch: scratch, dir })
     }
@@ -1126,6 +1215,38 @@ mod tests {
         assert!(fs::symlink_metadata(&scratch).is_err(), "the dead run's scratch is still there");
         assert_eq!(fs::read_to_string(outside.join("keep")).unwrap(), "keep");
         assert_eq!(fs::metadata(&outside).unwrap().permissions().mode() & 0o777, 0o555);
+    }
+
+    /// Whether scratch is in use is its lock's say, not its PID's: a run in another PID
+    /// namespace (whose PID means nothing here) keeps its scratch while it holds the
+    /// lock, and a dead run's scratch goes even when its PID now names a live process.
+    #[test]
+    fn scratch_lives_as_long_as_its_lock_whatever_its_pid() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("store");
+        let store = Store::open(&root, false).unwrap();
+        let live = store.scratch("xchg").unwrap();
+        fs::write(live.path().join("data"), "x").unwrap();
+        // The same scratch seen from another PID namespace: a PID that does not exist here.
+        let foreign = root.join(".tmp").join(live.path().file_name().unwrap().to_string_lossy().replacen(
+            &format!("scratch-{}-", std::process::id()),
+            "scratch-4194304-",
+            1,
+        ));
+        fs::rename(live.path(), &foreign).unwrap();
+        // A dead run's scratch whose PID is now a live process's (this one's): its lock
+        // is free.
+        let dead = {
+            let s = store.scratch("xchg").unwrap();
+            let kept = root.join(".tmp").join(format!("{}.dead", s.path().file_name().unwrap().to_string_lossy()));
+            fs::rename(s.path(), &kept).unwrap();
+            kept
+        };
+        drop(store);
+        Store::open(&root, false).unwrap();
+        assert!(foreign.join("data").is_file(), "a live run's scratch was removed");
+        assert!(fs::symlink_metadata(&dead).is_err(), "a dead run's scratch was kept");
+        drop(live);
     }
 
     /// A store of the earlier layout (items and `.meta` files side by side in the top
