@@ -591,3 +591,28 @@ fn env_values_are_stored_nowhere_in_clear() {
     assert_ne!(second, item, "another --env value gave the same item");
     assert_eq!(build(&secret), item, "the same value gave another item");
 }
+
+/// The console log of a failed run (guest text) is kept in a directory private to the
+/// user, as a file of its own: even a log directory an earlier version left open to
+/// everyone is made private again before anything is written there.
+#[test]
+fn console_logs_are_written_only_into_a_private_directory() {
+    let logs = vm_tests::store_dir().parent().unwrap().join("vmlogs");
+    fs::create_dir_all(&logs).unwrap();
+    fs::set_permissions(&logs, fs::Permissions::from_mode(0o777)).unwrap();
+    let marker = format!("console-{}", nonce());
+    // No status: the run fails and keeps its console log.
+    let run = forge(&format!("echo {marker} > /dev/console"), &[]);
+    assert_eq!(run.code, 1, "{run:#?}");
+    let mode = fs::symlink_metadata(&logs).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(mode, 0o700, "the log directory has mode {mode:o}");
+    let kept: Vec<PathBuf> = fs::read_dir(&logs)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| fs::read_to_string(p).is_ok_and(|t| t.contains(&marker)))
+        .collect();
+    assert_eq!(kept.len(), 1, "the log holding the guest's text: {kept:?}; {run:#?}");
+    let mode = fs::symlink_metadata(&kept[0]).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(mode, 0o600, "{} has mode {mode:o}", kept[0].display());
+}

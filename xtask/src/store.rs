@@ -305,7 +305,46 @@ impl Exchange {
 /// Creates the directory `path` (which must not exist), private to the user (mode 0700).
 pub fn create_private_dir(path: &Path) -> Result<()> {
     use std::os::unix::fs::DirBuilderExt;
-    std::fs::DirBuilder::new().mode(0o700).create(path).with_context(|| format!("creating `{}`", path.display()))
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(path)
+        .map_err(anyhow::Error::from)
+        .with_context(|| format!("creating `{}`", path.display()))
+}
+
+/// Makes `path` (and its parents) a directory private to the user: made mode 0700, or
+/// made 0700 if it is open to others (left so by an earlier version); a link there is
+/// an error, not followed.
+pub fn ensure_private_dir(path: &Path) -> Result<()> {
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        fs::create_dir_all(parent).with_context(|| format!("creating `{}`", parent.display()))?;
+    }
+    match create_private_dir(path) {
+        Err(e) if e.downcast_ref::<io::Error>().is_some_and(|e| e.kind() == io::ErrorKind::AlreadyExists) => {}
+        other => other?,
+    }
+    let meta = fs::symlink_metadata(path)?;
+    if !meta.is_dir() {
+        bail!("`{}` is not a directory (a link?); remove it", path.display());
+    }
+    if meta.permissions().mode() & 0o7077 != 0 {
+        fs::set_permissions(path, std::fs::Permissions::from_mode(0o700))
+            .with_context(|| format!("making `{}` private to its owner (mode 0700)", path.display()))?;
+    }
+    Ok(())
+}
+
+/// Creates the file `path`, which must not exist, private to the user (mode 0600): with
+/// `O_CREAT|O_EXCL|O_NOFOLLOW`, so nothing planted there (a link) is ever written through.
+pub fn create_private_file(path: &Path) -> Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    File::options()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_CLOEXEC)
+        .open(path)
+        .with_context(|| format!("creating `{}`", path.display()))
 }
 
 /// Writes `bytes` to `path` as a whole or not at all: a temporary beside it, written and
@@ -1215,6 +1254,33 @@ mod tests {
         assert!(fs::symlink_metadata(&scratch).is_err(), "the dead run's scratch is still there");
         assert_eq!(fs::read_to_string(outside.join("keep")).unwrap(), "keep");
         assert_eq!(fs::metadata(&outside).unwrap().permissions().mode() & 0o777, 0o555);
+    }
+
+    /// Files written from guest data go into private directories, made anew: a link
+    /// planted at the name is never written through, a directory left open is closed.
+    #[test]
+    fn private_files_never_follow_a_planted_link() {
+        let dir = tempfile::tempdir().unwrap();
+        let victim = dir.path().join("victim");
+        fs::write(&victim, "keep").unwrap();
+        let logs = dir.path().join("a/logs");
+        ensure_private_dir(&logs).unwrap();
+        assert_eq!(fs::metadata(&logs).unwrap().permissions().mode() & 0o7777, 0o700);
+        fs::set_permissions(&logs, std::fs::Permissions::from_mode(0o777)).unwrap();
+        ensure_private_dir(&logs).unwrap();
+        assert_eq!(fs::metadata(&logs).unwrap().permissions().mode() & 0o7777, 0o700);
+        let planted = logs.join("run.log");
+        std::os::unix::fs::symlink(&victim, &planted).unwrap();
+        assert!(create_private_file(&planted).is_err(), "a planted link was followed");
+        assert_eq!(fs::read_to_string(&victim).unwrap(), "keep");
+        fs::remove_file(&planted).unwrap();
+        let mut file = create_private_file(&planted).unwrap();
+        file.write_all(b"guest text").unwrap();
+        assert_eq!(fs::metadata(&planted).unwrap().permissions().mode() & 0o7777, 0o600);
+        // A link where the directory should be is an error, not followed.
+        let linked = dir.path().join("linked");
+        std::os::unix::fs::symlink(dir.path(), &linked).unwrap();
+        assert!(ensure_private_dir(&linked).is_err());
     }
 
     /// Whether scratch is in use is its lock's say, not its PID's: a run in another PID

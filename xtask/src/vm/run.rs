@@ -230,7 +230,8 @@ impl<'a> VmRun<'a> {
     pub fn run(mut self) -> Result<Status> {
         crate::vm::qemu_program::program()?;
         let interactive = self.request.mode() == Mode::Interactive;
-        fs::create_dir_all(&self.log_dir).with_context(|| format!("creating `{}`", self.log_dir.display()))?;
+        // Console logs hold guest text: a private directory, files made anew there.
+        crate::store::ensure_private_dir(&self.log_dir)?;
         let log_path = self.log_dir.join(format!("{}-{}.log", self.label, std::process::id()));
 
         let mut relays = Vec::new();
@@ -240,7 +241,9 @@ impl<'a> VmRun<'a> {
             self.spec.console = Console::Stdio;
         } else {
             let fifo = self.fifo("console")?;
-            let log = File::create(&log_path).with_context(|| format!("creating `{}`", log_path.display()))?;
+            // A log of an earlier run with this PID is replaced.
+            let _ = fs::remove_file(&log_path);
+            let log = crate::store::create_private_file(&log_path)?;
             let mut sinks: Vec<Box<dyn Write + Send>> = vec![Box::new(BoundedLog::new(log))];
             if self.verbose {
                 sinks.push(Box::new(std::io::stderr()));
