@@ -215,7 +215,8 @@ const SCRATCH_LOCK: &str = ".lock";
 /// PID would not: a store may be shared across PID namespaces, and PIDs are reused).
 /// The directory is made under a `.new-` name, its lock taken, and only then renamed
 /// to its `scratch-` name, so no run ever sees a scratch directory whose lock is not
-/// held yet. Removed when dropped, or by a later run once the lock is free.
+/// held yet (the lock file likewise gets its name once locked). Removed when dropped,
+/// or by a later run once the lock is free.
 #[derive(Debug)]
 pub struct Scratch {
     path: PathBuf,
@@ -232,14 +233,17 @@ impl Scratch {
             .keep();
         let locked = (|| -> Result<(nix::fcntl::Flock<File>, PathBuf)> {
             use std::os::unix::fs::OpenOptionsExt;
+            // The lock file, too, gets its name only once it is locked.
+            let unnamed = made.join(format!("{SCRATCH_LOCK}.new"));
             let lock = File::options()
                 .write(true)
                 .create_new(true)
                 .mode(0o600)
                 .custom_flags(nix::libc::O_NOFOLLOW)
-                .open(made.join(SCRATCH_LOCK))?;
+                .open(&unnamed)?;
             let lock = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusiveNonblock)
                 .map_err(|(_, e)| io::Error::from(e))?;
+            fs::rename(&unnamed, made.join(SCRATCH_LOCK))?;
             let random = made.file_name().unwrap_or_default().to_string_lossy();
             let path = parent.join(format!("{prefix}{}", random.trim_start_matches(new_prefix)));
             fs::rename(&made, &path)?;
