@@ -1,6 +1,9 @@
-//! Signing keys: `NAME:BASE64` lines. A secret key file holds the ed25519 seed (32
-//! bytes), a public key file and a trusted key the public key (32 bytes); a signature is
-//! `NAME:BASE64` of the 64-byte signature. The name only says which key to try.
+//! Signing keys: `NAME:BASE64` lines. A secret key file holds the ed25519 seed and the
+//! public key (64 bytes: a public key can never be taken for it, and a damaged one is
+//! seen), a public key file and a trusted key the public key (32 bytes); a signature is
+//! `NAME:BASE64` of the 64-byte signature. The name only says which key to try. Secret
+//! key files of the earlier form hold the seed alone (32 bytes, like a public key): one is
+//! taken only with its `.pub` file beside it, holding the public key of that seed.
 
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
@@ -39,7 +42,8 @@ pub fn generate(name: &str, secret: &Path, public: &Path) -> Result<()> {
         .mode(0o600)
         .open(secret)
         .with_context(|| format!("creating `{}`", secret.display()))?;
-    writeln!(f, "{name}:{}", STANDARD.encode(seed)).with_context(|| format!("writing `{}`", secret.display()))?;
+    writeln!(f, "{name}:{}", STANDARD.encode(key.to_keypair_bytes()))
+        .with_context(|| format!("writing `{}`", secret.display()))?;
     std::fs::write(public, format!("{name}:{}\n", STANDARD.encode(key.verifying_key().as_bytes())))
         .with_context(|| format!("writing `{}`", public.display()))?;
     Ok(())
@@ -63,13 +67,44 @@ impl Secret {
     }
 }
 
+impl Secret {
+    /// The public key, as a trusted key is written (`NAME:BASE64`).
+    pub fn public(&self) -> String {
+        format!("{}:{}", self.name, STANDARD.encode(self.key.verifying_key().as_bytes()))
+    }
+}
+
 pub fn read_secret(path: &Path) -> Result<Secret> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading the signing key `{}`", path.display()))?;
-    let (name, seed) = split(&text, &format!("the signing key `{}`", path.display()))?;
-    let seed: [u8; 32] =
-        seed.try_into().map_err(|_| anyhow::anyhow!("the signing key `{}` is not 32 bytes", path.display()))?;
-    Ok(Secret { name, key: SigningKey::from_bytes(&seed) })
+    let (name, bytes) = split(&text, &format!("the signing key `{}`", path.display()))?;
+    match bytes.len() {
+        64 => {
+            let pair: [u8; 64] = bytes.try_into().expect("64 bytes");
+            let key = SigningKey::from_keypair_bytes(&pair).map_err(|_| {
+                anyhow::anyhow!("`{}` is not a signing key: its public half is not its secret's", path.display())
+            })?;
+            Ok(Secret { name, key })
+        }
+        32 => {
+            // The earlier form, which a public key also has: taken only when its `.pub`
+            // beside it holds the public key of these bytes taken as a seed.
+            let key = SigningKey::from_bytes(&bytes.try_into().expect("32 bytes"));
+            let secret = Secret { name, key };
+            let public = Path::new(&format!("{}.pub", path.display())).to_path_buf();
+            let beside = std::fs::read_to_string(&public).unwrap_or_default();
+            if beside.trim() != secret.public() {
+                bail!(
+                    "`{}` holds a public key (32 bytes), not a signing key: give the secret key `store keygen` \
+                     wrote (the file without `.pub`); a secret key of the earlier form is taken only with its \
+                     `.pub` file beside it",
+                    path.display()
+                );
+            }
+            Ok(secret)
+        }
+        n => bail!("`{}` is not a signing key ({n} bytes; `store keygen` writes 64)", path.display()),
+    }
 }
 
 pub fn parse_trusted(keys: &[String]) -> Result<Vec<(String, VerifyingKey)>> {
@@ -132,5 +167,31 @@ mod tests {
         let mode = std::fs::metadata(dir.path().join("a")).unwrap().permissions();
         assert_eq!(std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777, 0o600);
         assert!(generate("team", &dir.path().join("a"), &dir.path().join("d")).is_err());
+    }
+
+    #[test]
+    fn a_public_key_is_never_taken_for_a_secret_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let (secret, public) = (dir.path().join("k"), dir.path().join("k.pub"));
+        generate("team", &secret, &public).unwrap();
+        let key = read_secret(&secret).unwrap();
+        assert_eq!(format!("{}\n", key.public()), std::fs::read_to_string(&public).unwrap());
+        let err = format!("{:#}", read_secret(&public).err().expect("a public key was taken as a secret key"));
+        assert!(err.contains("holds a public key"), "{err}");
+        // A secret key file of the earlier form (the seed alone) with its `.pub`: taken;
+        // alone it cannot be told from a public key, and is refused.
+        let text = std::fs::read_to_string(&secret).unwrap();
+        let (name, b64) = text.trim().split_once(':').unwrap();
+        let seed = &STANDARD.decode(b64).unwrap()[..32];
+        let old = dir.path().join("old");
+        std::fs::write(&old, format!("{name}:{}\n", STANDARD.encode(seed))).unwrap();
+        assert!(read_secret(&old).is_err());
+        std::fs::copy(&public, dir.path().join("old.pub")).unwrap();
+        assert_eq!(read_secret(&old).unwrap().public(), key.public());
+        // A damaged pair is refused.
+        let mut pair = STANDARD.decode(b64).unwrap();
+        pair[40] ^= 1;
+        std::fs::write(&secret, format!("{name}:{}\n", STANDARD.encode(&pair))).unwrap();
+        assert!(read_secret(&secret).is_err());
     }
 }

@@ -61,7 +61,11 @@ fn hex(bytes: &[u8]) -> String {
 enum Request {
     /// Makes a key pair: `secret` (mode 0600) and `public`, each `NAME:BASE64`.
     Keygen { name: String, secret: PathBuf, public: PathBuf },
-    /// Pushes an item unless its tag is there already.
+    /// Reads the secret key file `key`: an error if it is not one (a public key, say).
+    CheckKey { key: PathBuf },
+    /// Pushes an item unless its tag is there already with a signature that verifies
+    /// (by the pushing key, or one of `trusted` that is not `revoked`); a tag whose
+    /// signature does not verify is replaced.
     Push {
         #[serde(flatten)]
         at: At,
@@ -73,6 +77,10 @@ enum Request {
         content_sha256: String,
         /// The secret key file.
         key: PathBuf,
+        #[serde(default)]
+        trusted: Vec<String>,
+        #[serde(default)]
+        revoked: Vec<String>,
     },
     /// Fetches an item's manifest and `.meta`, verifies its signature against `trusted`,
     /// and with `dir` downloads its layer and unpacks it as `dir/item`.
@@ -81,6 +89,9 @@ enum Request {
         at: At,
         item: String,
         trusted: Vec<String>,
+        /// Keys whose signatures are refused, even if also trusted.
+        #[serde(default)]
+        revoked: Vec<String>,
         dir: Option<PathBuf>,
         max_bytes: u64,
     },
@@ -110,6 +121,8 @@ enum Why {
     UnknownKey,
     /// The signature does not verify: the content or the `.meta` was altered.
     BadSignature,
+    /// Signed by a key revoked in the configuration.
+    Revoked,
     /// A blob does not match its digest, or the artifact is malformed or too large.
     Altered,
     /// Anything else (a local error: a key file, a path).
@@ -210,10 +223,16 @@ async fn handle(request: Request) -> Outcome<Answer> {
             local(keys::generate(&name, &secret, &public))?;
             Ok(Answer::default())
         }
-        Request::Push { at, item, path, meta, content_sha256, key } => {
-            push(&at, &item, &path, &meta, &content_sha256, &key).await
+        Request::CheckKey { key } => {
+            local(keys::read_secret(&key))?;
+            Ok(Answer::default())
         }
-        Request::Pull { at, item, trusted, dir, max_bytes } => pull(&at, &item, &trusted, dir, max_bytes).await,
+        Request::Push { at, item, path, meta, content_sha256, key, trusted, revoked } => {
+            push(&at, &item, &path, &meta, &content_sha256, &key, (&trusted, &revoked)).await
+        }
+        Request::Pull { at, item, trusted, revoked, dir, max_bytes } => {
+            pull(&at, &item, (&trusted, &revoked), dir, max_bytes).await
+        }
     }
 }
 
@@ -239,13 +258,22 @@ async fn push(
     meta: &str,
     content: &str,
     key: &std::path::Path,
+    (trusted, revoked): (&[String], &[String]),
 ) -> Outcome<Answer> {
     let signing = local(keys::read_secret(key))?;
     let (client, reference, auth) = client(at);
     let op = oci_client::RegistryOperation::Push;
     client.auth(&reference, &auth, op).await.map_err(|e| Failure::from_oci(e, "authenticating"))?;
     if client.fetch_manifest_digest(&reference, &auth).await.is_ok() {
-        return Ok(Answer { pushed: Some(false), ..Answer::default() });
+        // Kept only if it is this item, signed by this key or a trusted one; anything
+        // else there (unsigned, tampered, signed by a revoked or unknown key) is replaced.
+        let mut keys = trusted.to_vec();
+        keys.push(signing.public());
+        match verified(&client, &reference, &auth, item, (&keys, revoked)).await {
+            Ok(_) => return Ok(Answer { pushed: Some(false), ..Answer::default() }),
+            Err(Failure(Why::Unreachable, e)) => return Err(Failure(Why::Unreachable, e)),
+            Err(_) => {}
+        }
     }
     let tar = local(tarball::pack(path))?;
     let layer = ImageLayer::new(tar, LAYER_MEDIA_TYPE.to_string(), None);
@@ -266,43 +294,20 @@ async fn push(
     Ok(Answer { pushed: Some(true), bytes, ..Answer::default() })
 }
 
-async fn pull(at: &At, item: &str, trusted: &[String], dir: Option<PathBuf>, max_bytes: u64) -> Outcome<Answer> {
-    let trusted = local(keys::parse_trusted(trusted))?;
+async fn pull(
+    at: &At,
+    item: &str,
+    keys: (&[String], &[String]),
+    dir: Option<PathBuf>,
+    max_bytes: u64,
+) -> Outcome<Answer> {
     let (client, reference, auth) = client(at);
     client
         .auth(&reference, &auth, oci_client::RegistryOperation::Pull)
         .await
         .map_err(|e| Failure::from_oci(e, "authenticating"))?;
-    let (manifest, _) = client
-        .pull_image_manifest(&reference, &auth)
-        .await
-        .map_err(|e| Failure::from_oci(e, "fetching the manifest"))?;
-    let annotation = |key: &str| manifest.annotations.as_ref().and_then(|a| a.get(key)).cloned();
+    let Verified { manifest, meta, content, key, mut bytes } = verified(&client, &reference, &auth, item, keys).await?;
     let altered = |what: String| Failure(Why::Altered, what);
-    if manifest.config.media_type != META_MEDIA_TYPE || manifest.layers.len() != 1 {
-        return Err(altered(format!("the artifact is not a store item (config {:?})", manifest.config.media_type)));
-    }
-    if annotation(ITEM_ANNOTATION).as_deref() != Some(item) {
-        return Err(altered(format!("the artifact is of {:?}, not of `{item}`", annotation(ITEM_ANNOTATION))));
-    }
-    let content = annotation(CONTENT_ANNOTATION)
-        .filter(|c| c.len() == 64 && c.bytes().all(|b| b.is_ascii_hexdigit()))
-        .ok_or_else(|| altered("the artifact has no valid content sha256".into()))?;
-    let Some(signature) = annotation(SIGNATURE_ANNOTATION) else {
-        return Err(Failure(Why::Unsigned, format!("`{item}` is not signed")));
-    };
-    let mut bytes = 0;
-    let meta = fetch(&client, &reference, &manifest.config, MAX_META, None, &mut bytes).await?;
-    let key = keys::verify(&trusted, &signature, &signed_message(item, &content, &meta)).map_err(|e| match e {
-        keys::Refused::UnknownKey(name) => {
-            Failure(Why::UnknownKey, format!("`{item}` is signed by `{name}`, which is not a trusted key"))
-        }
-        keys::Refused::Invalid(why) => Failure(
-            Why::BadSignature,
-            format!("the signature of `{item}` does not verify ({why}): its content or record was altered"),
-        ),
-    })?;
-    let meta = String::from_utf8(meta).map_err(|_| altered("the `.meta` is not UTF-8".into()))?;
     if let Some(dir) = dir {
         let layer = &manifest.layers[0];
         if layer.media_type != LAYER_MEDIA_TYPE {
@@ -322,6 +327,66 @@ async fn pull(at: &At, item: &str, trusted: &[String], dir: Option<PathBuf>, max
         layer_bytes,
         ..Answer::default()
     })
+}
+
+/// An item's manifest and `.meta` whose signature verified.
+struct Verified {
+    manifest: OciImageManifest,
+    meta: String,
+    content: String,
+    /// The trusted key that signed it.
+    key: String,
+    /// Bytes received.
+    bytes: u64,
+}
+
+/// Fetches `item`'s manifest and `.meta` and verifies the signature: by one of `trusted`,
+/// and by none of `revoked`.
+async fn verified(
+    client: &Client,
+    reference: &Reference,
+    auth: &RegistryAuth,
+    item: &str,
+    (trusted, revoked): (&[String], &[String]),
+) -> Outcome<Verified> {
+    let trusted = local(keys::parse_trusted(trusted))?;
+    let revoked = local(keys::parse_trusted(revoked))?;
+    let (manifest, _) =
+        client.pull_image_manifest(reference, auth).await.map_err(|e| Failure::from_oci(e, "fetching the manifest"))?;
+    let annotation = |key: &str| manifest.annotations.as_ref().and_then(|a| a.get(key)).cloned();
+    let altered = |what: String| Failure(Why::Altered, what);
+    if manifest.config.media_type != META_MEDIA_TYPE || manifest.layers.len() != 1 {
+        return Err(altered(format!("the artifact is not a store item (config {:?})", manifest.config.media_type)));
+    }
+    if annotation(ITEM_ANNOTATION).as_deref() != Some(item) {
+        return Err(altered(format!("the artifact is of {:?}, not of `{item}`", annotation(ITEM_ANNOTATION))));
+    }
+    let content = annotation(CONTENT_ANNOTATION)
+        .filter(|c| c.len() == 64 && c.bytes().all(|b| b.is_ascii_hexdigit()))
+        .ok_or_else(|| altered("the artifact has no valid content sha256".into()))?;
+    let Some(signature) = annotation(SIGNATURE_ANNOTATION) else {
+        return Err(Failure(Why::Unsigned, format!("`{item}` is not signed")));
+    };
+    let mut bytes = 0;
+    let meta = fetch(client, reference, &manifest.config, MAX_META, None, &mut bytes).await?;
+    let message = signed_message(item, &content, &meta);
+    if let Ok(name) = keys::verify(&revoked, &signature, &message) {
+        return Err(Failure(
+            Why::Revoked,
+            format!("`{item}` is signed by `{name}`, a key revoked in the configuration"),
+        ));
+    }
+    let key = keys::verify(&trusted, &signature, &message).map_err(|e| match e {
+        keys::Refused::UnknownKey(name) => {
+            Failure(Why::UnknownKey, format!("`{item}` is signed by `{name}`, which is not a trusted key"))
+        }
+        keys::Refused::Invalid(why) => Failure(
+            Why::BadSignature,
+            format!("the signature of `{item}` does not verify ({why}): its content or record was altered"),
+        ),
+    })?;
+    let meta = String::from_utf8(meta).map_err(|_| altered("the `.meta` is not UTF-8".into()))?;
+    Ok(Verified { manifest, meta, content, key, bytes })
 }
 
 /// Downloads a blob (into memory, or into `file`), at most `max` bytes, checking its

@@ -36,7 +36,8 @@ fn guest_wrote(pid: u32, name: &str) -> bool {
     fs::read_dir(store_dir().join(".tmp"))
         .map(|d| {
             d.flatten().any(|e| {
-                e.file_name().to_string_lossy().starts_with(&prefix) && e.path().join("out").join(name).exists()
+                // The exchange directory is `xchg/` inside its private scratch.
+                e.file_name().to_string_lossy().starts_with(&prefix) && e.path().join("xchg/out").join(name).exists()
             })
         })
         .unwrap_or(false)

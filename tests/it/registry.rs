@@ -566,3 +566,57 @@ fn bad_registry_references_keys_and_names_are_usage_errors() {
     let run = broken.run(&["store", "pull", "--system", "minimal", "--from", "127.0.0.1:1/a"], "");
     assert_eq!(run.code, 2, "{run:#?}");
 }
+
+#[test]
+fn odd_registry_input_is_a_clear_error() {
+    let keys = tempfile::tempdir().unwrap();
+    let (key, public) = keygen(keys.path(), "team");
+    let key_arg = key.to_str().unwrap();
+    // Plain HTTP only to this machine's loopback, named as such.
+    for bad in ["http://registry.example.org/a", "http://127.0.0.1.nip.io:5000/a", "http://127.evil.example/a"] {
+        let run = xtask(&["store", "push", "--all", "--to", bad, "--key", key_arg]);
+        assert_eq!(run.code, 2, "{bad}: {run:#?}");
+        assert!(run.stderr.contains("plain HTTP") && run.stderr.contains(bad), "{bad}: {run:#?}");
+    }
+    // A public key where the secret one belongs.
+    let public_file = format!("{key_arg}.pub");
+    let run = xtask(&["store", "push", "--all", "--to", "127.0.0.1:1/a", "--key", &public_file]);
+    assert_eq!(run.code, 2, "a public key given as --key: {run:#?}");
+    assert!(run.stderr.contains("public key") && run.stderr.contains(&public_file), "{run:#?}");
+    // Item names that are paths, or hold control characters.
+    let store = Store::new(&[&public], "");
+    let hash = "0123456789abcdef0123456789abcdef";
+    for bad in [
+        format!("{hash}-a/../../../etc"),
+        format!("{hash}-a/b"),
+        format!("{hash}-.."),
+        format!("{hash}-a..b"),
+        format!("{hash}-a\u{1b}[2Jb"),
+        format!("{hash}-a\nb"),
+    ] {
+        let run = store.run(&["store", "pull", &bad, "--from", "127.0.0.1:1/a"], "");
+        assert_eq!(run.code, 2, "{bad:?}: {run:#?}");
+        assert!(run.stderr.contains(&bad.escape_debug().to_string()), "{bad:?}: {run:#?}");
+        assert!(!run.stderr.contains('\u{1b}'), "{bad:?}: a raw escape reached the terminal");
+    }
+
+    let registry = Registry::start(None);
+    let item = small_closure();
+    let to = registry.repo("team/vmstore");
+    push(&item, &to, &key).expect_code(0);
+    // A tag whose signature does not verify is replaced by the next push, not kept.
+    let tag = item.split('-').next().unwrap();
+    registry.rewrite_manifest("team/vmstore", tag, |m| {
+        m["annotations"]["org.vmstore.signature"] = "team:AAAA".into();
+    });
+    store.assert_pull_refused(&item, &to, "wrongly signed");
+    let pushed = push(&item, &to, &key);
+    pushed.expect_code(0);
+    assert!(pushed.stdout.contains("pushed 1 items"), "the unverifiable tag was kept: {pushed:#?}");
+    store.run(&["store", "pull", &item, "--from", &to], "").expect_code(0);
+    store.assert_sound();
+    // A revoked key's signature is refused, even where the key is also trusted.
+    let revoked = Store::new(&[&public], &format!("revoked-key {public}\n"));
+    revoked.assert_pull_refused(&item, &to, "revoked");
+    revoked.assert_built_here(&to, "revoked");
+}

@@ -65,3 +65,46 @@ fn verify_reports_a_flipped_byte_a_deleted_file_and_a_stray_file_and_repair_rebu
     assert!(!deb.join("stray").exists());
     xtask_env(&["store", "verify"], &env).expect_code(0);
 }
+
+/// The exchange directory holding `started-MARKER`, once a guest made it.
+fn exchange_with(marker: &str) -> Option<std::path::PathBuf> {
+    let tmp = store_dir().join(".tmp");
+    fs::read_dir(&tmp)
+        .ok()?
+        .flatten()
+        .map(|e| e.path().join("xchg"))
+        .find(|x| x.join(format!("started-{marker}")).exists())
+}
+
+/// A store shared with a run in another PID namespace (a container), where this run's
+/// PID means nothing: opening the store there, which removes dead runs' scratch, leaves
+/// this live run's exchange directory alone (its lock is held).
+#[test]
+fn a_run_keeps_its_scratch_while_the_store_is_opened_in_another_pid_namespace() {
+    let marker = crate::nonce();
+    let script = "touch /xchg/started-$1; i=0; while [ ! -e /xchg/go-$1 ]; do \
+                  i=$((i + 1)); if [ $i -gt 120 ]; then exit 3; fi; sleep 1; done; echo went";
+    let vm = std::process::Command::new(vm_tests::xtask_bin())
+        .args(["run-vm", "--timeout", vm_tests::TIMEOUT, "--", "sh", "-c", script, "sh", &marker])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    assert!(vm_tests::wait_until(300, || exchange_with(&marker).is_some()), "the guest never started");
+    let xchg = exchange_with(&marker).unwrap();
+    // The store opened from a new PID namespace (xtask is PID 1 there).
+    let other = std::process::Command::new("unshare")
+        .args(["--pid", "--fork", "--mount-proc"])
+        .arg(vm_tests::xtask_bin())
+        .args(["run-vm", "--script"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert!(other.status.success(), "{}", String::from_utf8_lossy(&other.stderr));
+    let go = fs::write(xchg.join(format!("go-{marker}")), "");
+    let out = vm.wait_with_output().unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(go.is_ok(), "the live run's exchange directory was removed ({go:?}); the run: {stderr}");
+    assert_eq!((out.status.code(), &*stdout), (Some(0), "went\n"), "{stderr}");
+}

@@ -319,3 +319,300 @@ fn run_vm_still_reports_ordinary_statuses() {
     let run = xtask_env(&["run-vm", "--timeout", TIMEOUT, "--", "sh", "-c", "exit 255"], &[]);
     run.expect_code(255);
 }
+
+/// What a hostile guest does to the host directory shared with it: setuid, setgid and
+/// sticky bits and open modes on files, directories and the share's root, new owners on
+/// all of them, and a symbolic link. `$1` is a directory inside the share (the share
+/// itself or `$out`), `$2` the share's root. Then it says `ready-MARKER` and waits (at
+/// most 240 s) for the host's `seen-MARKER`, so that a watcher on the host looks while
+/// the guest's files are there.
+const CHMOD_EVERYTHING: &str = r#"set -e
+d=$1 x=$2 m=$3
+cp /bin/sh "$d/suid"; chmod 4755 "$d/suid"
+cp /bin/sh "$d/sgid"; chmod 2755 "$d/sgid"
+echo data > "$d/open"; chmod 0777 "$d/open"
+echo data > "$d/plain"; chmod 0644 "$d/plain"
+mkdir "$d/sgid-dir" "$d/sticky-dir" "$d/open-dir"
+chmod 2755 "$d/sgid-dir"; chmod 1777 "$d/sticky-dir"; chmod 0777 "$d/open-dir"
+cp /bin/sh "$d/open-dir/suid"; chmod 4777 "$d/open-dir/suid"
+ln -s suid "$d/link"
+chown -R 1000:1000 "$d"; chown 4242:4242 "$d/suid" "$d/sgid-dir"
+chmod 1777 "$x"; chown 1000:1000 "$x"; chmod 0777 "$x"
+ls -ln "$d" >&2
+touch "$x/ready-$m"
+i=0
+while [ ! -e "$x/seen-$m" ]; do
+    i=$((i + 1)); if [ $i -gt 240 ]; then echo "the host never looked" >&2; exit 3; fi
+    sleep 1
+done
+"#;
+
+/// What a watcher of host directories found over a run.
+#[derive(Debug, Default)]
+struct Watched {
+    polls: usize,
+    /// Entries with setuid, setgid or sticky bits, group or other access, or an owner
+    /// other than the user running the tests; and what uid 65534 could enter or run.
+    violations: std::collections::BTreeSet<String>,
+    /// The names of the entries seen, below the directory holding `ready-MARKER`.
+    seen: std::collections::BTreeSet<String>,
+}
+
+/// Polls `top` (a store's `.tmp`, or a `TMPDIR`) while a VM runs: `top` itself must give
+/// neither group nor other any access, and nothing under `scratch` (the entries of `top`
+/// it selects) may have setuid, setgid or sticky bits, group or other access, or an
+/// owner or group other than ours; uid 65534 must neither read, enter nor execute
+/// `top` or anything under it. When the guest's `ready-MARKER` appears, the watcher
+/// records what it sees beside it and answers with `seen-MARKER`.
+fn watch(
+    top: PathBuf,
+    scratch: fn(&str) -> bool,
+    marker: String,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<Watched> {
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    std::thread::spawn(move || {
+        let me = fs::metadata("/proc/self").unwrap();
+        let (uid, gid) = (me.uid(), me.gid());
+        let mut watched = Watched::default();
+        let ready = format!("ready-{marker}");
+        loop {
+            let ending = stop.load(std::sync::atomic::Ordering::SeqCst);
+            watched.polls += 1;
+            let mut all = vec![top.clone()];
+            if let Ok(m) = fs::symlink_metadata(&top) {
+                if m.mode() & 0o077 != 0 {
+                    watched.violations.insert(format!("{} has mode {:o}", top.display(), m.mode() & 0o7777));
+                }
+            }
+            let mut todo: Vec<(PathBuf, bool)> = fs::read_dir(&top)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .map(|e| (e.path(), scratch(&e.file_name().to_string_lossy())))
+                .collect();
+            let mut ready_dir = None;
+            while let Some((path, checked)) = todo.pop() {
+                let Ok(m) = fs::symlink_metadata(&path) else { continue };
+                all.push(path.clone());
+                if path.file_name().is_some_and(|n| n.to_string_lossy() == ready) {
+                    ready_dir = path.parent().map(Path::to_path_buf);
+                }
+                if checked {
+                    let mode = m.mode() & 0o7777;
+                    if !m.file_type().is_symlink() && mode & 0o7077 != 0 {
+                        watched.violations.insert(format!("{} has mode {mode:o}", path.display()));
+                    }
+                    if (m.uid(), m.gid()) != (uid, gid) {
+                        watched.violations.insert(format!("{} is owned by {}:{}", path.display(), m.uid(), m.gid()));
+                    }
+                }
+                if m.is_dir() {
+                    todo.extend(fs::read_dir(&path).into_iter().flatten().flatten().map(|e| (e.path(), checked)));
+                }
+            }
+            // What another user can reach: one process per poll tries everything seen.
+            let out = Command::new("setpriv")
+                .args(["--reuid", "65534", "--regid", "65534", "--clear-groups", "sh", "-c"])
+                .arg(r#"for p do if [ -r "$p" ] || [ -x "$p" ]; then printf '%s\n' "$p"; fi; done"#)
+                .arg("sh")
+                .args(&all)
+                .output()
+                .expect("running setpriv");
+            assert!(out.status.success(), "setpriv failed: {}", String::from_utf8_lossy(&out.stderr));
+            for line in String::from_utf8_lossy(&out.stdout).lines() {
+                watched.violations.insert(format!("uid 65534 can read, enter or execute {line}"));
+            }
+            if let Some(dir) = ready_dir {
+                let seen_file = dir.join(format!("seen-{marker}"));
+                if watched.seen.is_empty() {
+                    for path in all.iter().filter(|p| p.starts_with(&dir)) {
+                        watched.seen.insert(path.strip_prefix(&dir).unwrap().to_string_lossy().into_owned());
+                    }
+                    let _ = fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&seen_file);
+                }
+            }
+            if ending {
+                return watched;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    })
+}
+
+/// Runs `run` with a watcher on `top` and checks what it saw: no guest-chosen mode or
+/// owner anywhere in the scratch, nothing another user reaches, and the guest's files
+/// really seen (in `inside`, a directory below the one with the marker, or that one).
+fn watched(top: PathBuf, scratch: fn(&str) -> bool, inside: &str, run: impl FnOnce(&str) -> Run) -> Run {
+    let marker = nonce();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watcher = watch(top, scratch, marker.clone(), stop.clone());
+    let result = run(&marker);
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let watched = watcher.join().unwrap();
+    let prefix = if inside.is_empty() { String::new() } else { format!("{inside}/") };
+    for name in ["suid", "sgid", "open", "sgid-dir", "sticky-dir", "open-dir/suid", "link"] {
+        assert!(
+            watched.seen.contains(&format!("{prefix}{name}")),
+            "the watcher never saw the guest's `{name}` ({} polls, saw {:?}); {result:#?}",
+            watched.polls,
+            watched.seen
+        );
+    }
+    assert!(watched.violations.is_empty(), "guest-chosen modes or owners on the host: {:#?}", watched.violations);
+    result
+}
+
+fn store_scratch(name: &str) -> bool {
+    name.starts_with("scratch-")
+}
+
+/// The store's `.tmp`, once xtask has opened the store (which makes it private).
+fn store_tmp() -> PathBuf {
+    let _ = script_path();
+    vm_tests::store_dir().join(".tmp")
+}
+
+#[test]
+fn guest_modes_and_owners_never_reach_the_host_in_run_vm() {
+    let run = watched(store_tmp(), store_scratch, "", |marker| {
+        xtask_within(
+            400,
+            &["run-vm", "--timeout", TIMEOUT, "--", "sh", "-c", CHMOD_EVERYTHING, "sh", "/xchg", "/xchg", marker],
+            &[],
+        )
+    });
+    run.expect_code(0);
+}
+
+#[test]
+fn guest_modes_and_owners_never_reach_the_host_in_build_in_vm_nor_the_store() {
+    let tmp = store_tmp();
+    let name = format!("modes-{}", nonce());
+    let run = watched(tmp, store_scratch, "out", |marker| {
+        let script = format!("{CHMOD_EVERYTHING}\nrm \"$x/ready-$m\" \"$x/seen-$m\"");
+        xtask_within(
+            400,
+            &[
+                "build-in-vm",
+                "--name",
+                &name,
+                "--timeout",
+                TIMEOUT,
+                "--",
+                "sh",
+                "-c",
+                &script,
+                "sh",
+                "/xchg/out",
+                "/xchg",
+                marker,
+            ],
+            &[],
+        )
+    });
+    run.expect_code(0);
+    let item = PathBuf::from(run.stdout.trim_end());
+    // The executable bit is the guest's; nothing else of its modes is kept.
+    for (file, mode) in [("suid", 0o555), ("sgid", 0o555), ("open", 0o555), ("plain", 0o444), ("open-dir/suid", 0o555)]
+    {
+        let got = fs::symlink_metadata(item.join(file)).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(got, mode, "`{file}` in the item has mode {got:o}");
+    }
+    for dir in ["", "sgid-dir", "sticky-dir", "open-dir"] {
+        let got = fs::symlink_metadata(item.join(dir)).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(got, 0o555, "`{dir}` in the item has mode {got:o}");
+    }
+    assert_eq!(fs::read_link(item.join("link")).unwrap(), Path::new("suid"), "the guest's link was not kept");
+    assert_eq!(fs::read_to_string(item.join("plain")).unwrap(), "data\n");
+}
+
+#[test]
+fn guest_modes_and_owners_never_reach_the_host_in_run_vm_sh() {
+    // The user's own TMPDIR, private to them.
+    let tmpdir = tempfile::Builder::new().permissions(fs::Permissions::from_mode(0o700)).tempdir().unwrap();
+    let top = tmpdir.path().to_path_buf();
+    let run = watched(
+        top.clone(),
+        |_| true,
+        "",
+        |marker| {
+            let mut cmd = Command::new(script_path());
+            cmd.args(["--", "sh", "-c", CHMOD_EVERYTHING, "sh", "/xchg", "/xchg", marker]).env("TMPDIR", &top);
+            vm_tests::output_within(cmd, 400)
+        },
+    );
+    run.expect_code(0);
+}
+
+/// The sha256 of `text`, in hex, by the host's `sha256sum`.
+fn sha256_hex(text: &str) -> String {
+    let out = Command::new("sh").args(["-c", "printf %s \"$1\" | sha256sum", "sh", text]).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).split_whitespace().next().unwrap().to_string()
+}
+
+/// The files under `dirs` holding `needle` (`grep -r`, which follows no link).
+fn files_holding(needle: &str, dirs: &[PathBuf]) -> String {
+    let dirs: Vec<&PathBuf> = dirs.iter().filter(|d| d.exists()).collect();
+    let out = Command::new("grep").args(["-rlF", "--", needle]).args(&dirs).output().unwrap();
+    assert!(out.status.code() == Some(0) || out.status.code() == Some(1), "grep failed: {out:?}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn env_values_are_stored_nowhere_in_clear() {
+    let secret = format!("sentinel-secret-{}", nonce());
+    let other = format!("{secret}-other");
+    let name = format!("secret-{}", nonce());
+    // The guest proves it saw the value without writing it anywhere: its hash.
+    let build = |value: &str| {
+        let env = format!("SECRET={value}");
+        let script = "printf %s \"$SECRET\" | sha256sum | cut -c1-64 > $out/sum";
+        let run =
+            xtask(&["build-in-vm", "--name", &name, "--env", &env, "--timeout", TIMEOUT, "--", "sh", "-c", script]);
+        run.expect_code(0);
+        PathBuf::from(run.stdout.trim_end())
+    };
+    let item = build(&secret);
+    assert_eq!(
+        fs::read_to_string(item.join("sum")).unwrap().trim(),
+        sha256_hex(&secret),
+        "the guest saw another value"
+    );
+    let store = vm_tests::store_dir();
+    let logs = store.parent().unwrap().join("vmlogs");
+    let found = files_holding(&secret, &[store.clone(), logs]);
+    assert!(found.is_empty(), "the --env value is stored in clear in:\n{found}");
+    // The recipe holds its hash: another value is another item.
+    let file_name = item.file_name().unwrap().to_string_lossy().into_owned();
+    let meta = fs::read_to_string(store.join("meta").join(format!("{file_name}.meta"))).unwrap();
+    assert!(meta.contains(&sha256_hex(&secret)), "the record does not hold the value's hash: {meta}");
+    let second = build(&other);
+    assert_ne!(second, item, "another --env value gave the same item");
+    assert_eq!(build(&secret), item, "the same value gave another item");
+}
+
+/// The console log of a failed run (guest text) is kept in a directory private to the
+/// user, as a file of its own: even a log directory an earlier version left open to
+/// everyone is made private again before anything is written there.
+#[test]
+fn console_logs_are_written_only_into_a_private_directory() {
+    let logs = vm_tests::store_dir().parent().unwrap().join("vmlogs");
+    fs::create_dir_all(&logs).unwrap();
+    fs::set_permissions(&logs, fs::Permissions::from_mode(0o777)).unwrap();
+    let marker = format!("console-{}", nonce());
+    // No status: the run fails and keeps its console log.
+    let run = forge(&format!("echo {marker} > /dev/console"), &[]);
+    assert_eq!(run.code, 1, "{run:#?}");
+    let mode = fs::symlink_metadata(&logs).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(mode, 0o700, "the log directory has mode {mode:o}");
+    let kept: Vec<PathBuf> = fs::read_dir(&logs)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| fs::read_to_string(p).is_ok_and(|t| t.contains(&marker)))
+        .collect();
+    assert_eq!(kept.len(), 1, "the log holding the guest's text: {kept:?}; {run:#?}");
+    let mode = fs::symlink_metadata(&kept[0]).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(mode, 0o600, "{} has mode {mode:o}", kept[0].display());
+}

@@ -15,7 +15,7 @@ pub mod fd;
 pub mod ingest;
 pub mod space;
 
-pub use fd::{start_file_writeback, DirFd, Kind};
+pub use fd::{guest_kind, start_file_writeback, DirFd, Kind, GUEST_MODE_XATTR};
 
 use fs_err as fs;
 use std::fs::File;
@@ -202,14 +202,175 @@ fn fault_point(step: u32) {
     }
 }
 
+/// Scratch directories' names: `scratch-PID-NAME.RANDOM` once in use, `.new-scratch-RANDOM`
+/// while being made (before their lock is held).
+const SCRATCH_PREFIX: &str = "scratch-";
+const NEW_SCRATCH_PREFIX: &str = ".new-scratch-";
+const MEMORY_NEW_PREFIX: &str = ".xtask-new-scratch-";
+/// The lock file in a scratch directory.
+const SCRATCH_LOCK: &str = ".lock";
+
+/// Scratch space (a private directory, mode 0700) in use while this value lives: it holds
+/// a `flock` on the directory's `.lock` file, which tells other runs it is in use (a
+/// PID would not: a store may be shared across PID namespaces, and PIDs are reused).
+/// The directory is made under a `.new-` name, its lock taken, and only then renamed
+/// to its `scratch-` name, so no run ever sees a scratch directory whose lock is not
+/// held yet (the lock file likewise gets its name once locked). Removed when dropped,
+/// or by a later run once the lock is free.
+#[derive(Debug)]
+pub struct Scratch {
+    path: PathBuf,
+    _lock: nix::fcntl::Flock<File>,
+}
+
+impl Scratch {
+    fn create(parent: &Path, new_prefix: &str, prefix: &str) -> Result<Scratch> {
+        let made = tempfile::Builder::new()
+            .prefix(new_prefix)
+            .permissions(std::fs::Permissions::from_mode(0o700))
+            .tempdir_in(parent)
+            .with_context(|| format!("creating a directory in `{}`", parent.display()))?
+            .keep();
+        let locked = (|| -> Result<(nix::fcntl::Flock<File>, PathBuf)> {
+            use std::os::unix::fs::OpenOptionsExt;
+            // The lock file, too, gets its name only once it is locked.
+            let unnamed = made.join(format!("{SCRATCH_LOCK}.new"));
+            let lock = File::options()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .custom_flags(nix::libc::O_NOFOLLOW)
+                .open(&unnamed)?;
+            let lock = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusiveNonblock)
+                .map_err(|(_, e)| io::Error::from(e))?;
+            fs::rename(&unnamed, made.join(SCRATCH_LOCK))?;
+            let random = made.file_name().unwrap_or_default().to_string_lossy();
+            let path = parent.join(format!("{prefix}{}", random.trim_start_matches(new_prefix)));
+            fs::rename(&made, &path)?;
+            Ok((lock, path))
+        })();
+        match locked {
+            Ok((lock, path)) => Ok(Scratch { path, _lock: lock }),
+            Err(e) => {
+                let _ = remove_tree(&made);
+                Err(e.context(format!("locking a scratch directory in `{}`", parent.display())))
+            }
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = remove_tree(&self.path);
+    }
+}
+
+/// Whether the entry `name` at `path` is scratch (`prefix...`, or `new_prefix...` while
+/// being made) that no run uses any more: its lock can be taken. Scratch of the
+/// earlier kind, without a lock, is dead when no process has its PID; a directory
+/// being made that has no lock yet is left alone.
+fn scratch_is_dead(path: &Path, name: &str, prefix: &str, new_prefix: &str) -> bool {
+    let (scratch, new) = (name.starts_with(prefix), name.starts_with(new_prefix));
+    if !scratch && !new {
+        return false;
+    }
+    let lock = DirFd::open(path).and_then(|dir| dir.open_file(std::ffi::OsStr::new(SCRATCH_LOCK)));
+    match lock {
+        // Taken, the lock is let go at once: no run takes a dead run's scratch to use it.
+        Ok(lock) => nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusiveNonblock).is_ok(),
+        Err(_) if scratch => {
+            let pid = name[prefix.len()..].split('-').next().and_then(|p| p.parse().ok());
+            pid.is_some_and(|pid| !process_alive(pid))
+        }
+        Err(_) => false,
+    }
+}
+
+/// A directory inside its own private scratch ([`Store::private_subdir`]): a VM's
+/// exchange directory ([`Store::exchange`]), a workspace's view; removed with its
+/// scratch when dropped.
+#[derive(Debug)]
+pub struct Exchange {
+    _scratch: Scratch,
+    dir: PathBuf,
+}
+
+impl Exchange {
+    /// The directory shared with the guest.
+    pub fn path(&self) -> &Path {
+        &self.dir
+    }
+}
+
+/// Creates the directory `path` (which must not exist), private to the user (mode 0700).
+pub fn create_private_dir(path: &Path) -> Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(path)
+        .map_err(anyhow::Error::from)
+        .with_context(|| format!("creating `{}`", path.display()))
+}
+
+/// Makes `path` (and its parents) a directory private to the user: made mode 0700, or
+/// made 0700 if it is open to others (left so by an earlier version); a link there is
+/// an error, not followed.
+pub fn ensure_private_dir(path: &Path) -> Result<()> {
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        fs::create_dir_all(parent).with_context(|| format!("creating `{}`", parent.display()))?;
+    }
+    match create_private_dir(path) {
+        Err(e) if e.downcast_ref::<io::Error>().is_some_and(|e| e.kind() == io::ErrorKind::AlreadyExists) => {}
+        other => other?,
+    }
+    let meta = fs::symlink_metadata(path)?;
+    if !meta.is_dir() {
+        bail!("`{}` is not a directory (a link?); remove it", path.display());
+    }
+    if meta.permissions().mode() & 0o7077 != 0 {
+        fs::set_permissions(path, std::fs::Permissions::from_mode(0o700))
+            .with_context(|| format!("making `{}` private to its owner (mode 0700)", path.display()))?;
+    }
+    Ok(())
+}
+
+/// Creates the file `path`, which must not exist, private to the user (mode 0600): with
+/// `O_CREAT|O_EXCL|O_NOFOLLOW`, so nothing planted there (a link) is ever written through.
+pub fn create_private_file(path: &Path) -> Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    File::options()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_CLOEXEC)
+        .open(path)
+        .with_context(|| format!("creating `{}`", path.display()))
+}
+
 /// Writes `bytes` to `path` as a whole or not at all: a temporary beside it, written and
 /// fsynced, renamed over `path`, then the directory fsynced. Used for every record the
 /// store keeps (`.meta`, memos).
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_atomically_with_mode(path, bytes, 0o666)
+}
+
+/// [`write_atomically`], the file readable and writable by its owner alone (a request
+/// that may hold `--env` values).
+pub fn write_private_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_atomically_with_mode(path, bytes, 0o600)
+}
+
+fn write_atomically_with_mode(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
     let (dir, name) = fd::split(path).with_context(|| format!("writing `{}`", path.display()))?;
     let tmp = dir.join(format!(".{}.{}.tmp", name.to_string_lossy(), std::process::id()));
     let written = (|| -> io::Result<()> {
-        let mut f = File::options().write(true).create_new(true).open(&tmp)?;
+        let mut f =
+            File::options().write(true).create_new(true).mode(mode).custom_flags(nix::libc::O_NOFOLLOW).open(&tmp)?;
         f.write_all(bytes)?;
         f.sync_all()?;
         fs::rename(&tmp, path)?;
@@ -241,6 +402,14 @@ impl Store {
         for sub in [ITEMS, METAS, ".tmp", ".locks", ".cache"] {
             let dir = root.join(sub);
             fs::create_dir_all(&dir).with_context(|| format!("creating store directory `{}`", dir.display()))?;
+        }
+        // Scratch (exchange directories, requests, builds in progress) is the user's
+        // alone, whatever it holds.
+        let tmp = root.join(".tmp");
+        let private = fs::symlink_metadata(&tmp).is_ok_and(|m| m.is_dir() && m.permissions().mode() & 0o7077 == 0);
+        if !private {
+            fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o700))
+                .with_context(|| format!("making `{}` private to its owner (mode 0700)", tmp.display()))?;
         }
         let store = Store { root, explain };
         if fresh {
@@ -284,26 +453,23 @@ impl Store {
         Ok(())
     }
 
-    /// Removes scratch directories of processes that no longer exist (killed runs).
+    /// Removes the scratch directories of runs that ended without removing their own
+    /// (killed runs): those whose lock ([`Scratch`]) nobody holds. The PID in a name
+    /// decides nothing (a store may be shared across PID namespaces, and PIDs are
+    /// reused), except for scratch made before scratch had locks.
     fn remove_dead_scratch(&self) -> Result<()> {
         // Memory scratch of killed runs: best effort, it may belong to another user.
         for entry in fs::read_dir(MEMORY_SCRATCH).into_iter().flatten().flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
-            let pid = name.strip_prefix(MEMORY_SCRATCH_PREFIX).and_then(|r| r.split('-').next());
-            if let Some(pid) = pid.and_then(|p| p.parse().ok()) {
-                if !process_alive(pid) {
-                    let _ = remove_tree(&entry.path());
-                }
+            if scratch_is_dead(&entry.path(), &name, MEMORY_SCRATCH_PREFIX, MEMORY_NEW_PREFIX) {
+                let _ = remove_tree(&entry.path());
             }
         }
         let tmp = self.tmp_dir();
         for entry in fs::read_dir(&tmp).with_context(|| format!("listing `{}`", tmp.display()))?.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
-            let pid = name.strip_prefix("scratch-").and_then(|r| r.split('-').next()).and_then(|p| p.parse().ok());
-            if let Some(pid) = pid {
-                if !process_alive(pid) {
-                    remove_leftover(&entry.path())?;
-                }
+            if scratch_is_dead(&entry.path(), &name, SCRATCH_PREFIX, NEW_SCRATCH_PREFIX) {
+                remove_leftover(&entry.path())?;
             }
         }
         Ok(())
@@ -314,7 +480,7 @@ impl Store {
     /// and the machine's available memory have room for them with a margin; `None`
     /// otherwise, or with `XTASK_NO_SHM=1`. Removed when dropped, or by a later run if
     /// this process is killed.
-    pub fn memory_scratch(&self, name: &str, needed: u64) -> Option<tempfile::TempDir> {
+    pub fn memory_scratch(&self, name: &str, needed: u64) -> Option<Scratch> {
         if std::env::var_os(NO_SHM_ENV).is_some_and(|v| v == "1") {
             return None;
         }
@@ -328,10 +494,12 @@ impl Store {
         if free < needed + (256 << 20) || available < needed + (1 << 30) {
             return None;
         }
-        tempfile::Builder::new()
-            .prefix(&format!("{MEMORY_SCRATCH_PREFIX}{}-{}.", std::process::id(), sanitize_name(name)))
-            .tempdir_in(dir)
-            .ok()
+        Scratch::create(
+            dir,
+            MEMORY_NEW_PREFIX,
+            &format!("{MEMORY_SCRATCH_PREFIX}{}-{}.", std::process::id(), sanitize_name(name)),
+        )
+        .ok()
     }
 
     pub fn root(&self) -> &Path {
@@ -355,11 +523,28 @@ impl Store {
 
     /// Directory for scratch space that is not an item (e.g. a VM's exchange directory),
     /// removed when dropped, or by a later run if this process is killed.
-    pub fn scratch(&self, name: &str) -> Result<tempfile::TempDir> {
-        tempfile::Builder::new()
-            .prefix(&format!("scratch-{}-{}.", std::process::id(), sanitize_name(name)))
-            .tempdir_in(self.tmp_dir())
+    /// It is private to the user (mode 0700), and in use while its lock is held.
+    pub fn scratch(&self, name: &str) -> Result<Scratch> {
+        let prefix = format!("{SCRATCH_PREFIX}{}-{}.", std::process::id(), sanitize_name(name));
+        Scratch::create(&self.tmp_dir(), NEW_SCRATCH_PREFIX, &prefix)
             .with_context(|| format!("creating a scratch directory in `{}`", self.root.display()))
+    }
+
+    /// A VM's exchange directory: `xchg/` (mode 0700), the directory shared with the
+    /// guest, inside private scratch space (mode 0700), so that whatever the guest does to
+    /// the share's root, the path to it stays the user's alone.
+    pub fn exchange(&self) -> Result<Exchange> {
+        self.private_subdir("xchg", "xchg")
+    }
+
+    /// The directory `sub` (mode 0700) inside new private scratch named after `name`:
+    /// what is shared with a guest is such a directory, never scratch itself (which
+    /// holds its lock).
+    pub fn private_subdir(&self, name: &str, sub: &str) -> Result<Exchange> {
+        let scratch = self.scratch(name)?;
+        let dir = scratch.path().join(sub);
+        create_private_dir(&dir)?;
+        Ok(Exchange { _scratch: scratch, dir })
     }
 
     /// Where `recipe`'s item lives, whether or not it exists.
@@ -886,9 +1071,30 @@ fn remove_leftover(path: &Path) -> Result<()> {
 
 /// Whether `file_name` has the form of an item's: `<32 hex digits>-<name>`.
 fn is_item_name(file_name: &str) -> bool {
-    file_name
-        .split_once('-')
-        .is_some_and(|(hash, name)| hash.len() == 32 && hash.chars().all(|c| c.is_ascii_hexdigit()) && !name.is_empty())
+    check_item_file_name(file_name).is_ok()
+}
+
+/// Why `file_name` cannot be an item's file name (`<hash>-<name>`: 32 lowercase hex
+/// digits, `-`, then a name of the characters [`Recipe::new`] keeps, without `..`), if
+/// it cannot. Names that come from elsewhere (a registry's records, the command line) are
+/// checked with it before they become paths.
+pub fn check_item_file_name(file_name: &str) -> std::result::Result<(), &'static str> {
+    let Some((hash, name)) = file_name.split_once('-') else {
+        return Err("it is not <hash>-<name>");
+    };
+    if hash.len() != 32 || !hash.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+        return Err("its hash is not 32 lowercase hex digits");
+    }
+    if name.is_empty() || file_name.len() > 255 {
+        return Err("its name is empty or too long");
+    }
+    if name.contains('/') || name.contains("..") || name.chars().any(char::is_control) {
+        return Err("its name holds `/`, `..` or a control character");
+    }
+    if name.chars().any(|c| !(c.is_ascii_alphanumeric() || "+-._".contains(c))) {
+        return Err("its name holds a character no item name has (only letters, digits and `+-._`)");
+    }
+    Ok(())
 }
 
 /// sha256 of some bytes, as hex.
@@ -1052,6 +1258,65 @@ mod tests {
         assert!(fs::symlink_metadata(&scratch).is_err(), "the dead run's scratch is still there");
         assert_eq!(fs::read_to_string(outside.join("keep")).unwrap(), "keep");
         assert_eq!(fs::metadata(&outside).unwrap().permissions().mode() & 0o777, 0o555);
+    }
+
+    /// Files written from guest data go into private directories, made anew: a link
+    /// planted at the name is never written through, a directory left open is closed.
+    #[test]
+    fn private_files_never_follow_a_planted_link() {
+        let dir = tempfile::tempdir().unwrap();
+        let victim = dir.path().join("victim");
+        fs::write(&victim, "keep").unwrap();
+        let logs = dir.path().join("a/logs");
+        ensure_private_dir(&logs).unwrap();
+        assert_eq!(fs::metadata(&logs).unwrap().permissions().mode() & 0o7777, 0o700);
+        fs::set_permissions(&logs, std::fs::Permissions::from_mode(0o777)).unwrap();
+        ensure_private_dir(&logs).unwrap();
+        assert_eq!(fs::metadata(&logs).unwrap().permissions().mode() & 0o7777, 0o700);
+        let planted = logs.join("run.log");
+        std::os::unix::fs::symlink(&victim, &planted).unwrap();
+        assert!(create_private_file(&planted).is_err(), "a planted link was followed");
+        assert_eq!(fs::read_to_string(&victim).unwrap(), "keep");
+        fs::remove_file(&planted).unwrap();
+        let mut file = create_private_file(&planted).unwrap();
+        file.write_all(b"guest text").unwrap();
+        assert_eq!(fs::metadata(&planted).unwrap().permissions().mode() & 0o7777, 0o600);
+        // A link where the directory should be is an error, not followed.
+        let linked = dir.path().join("linked");
+        std::os::unix::fs::symlink(dir.path(), &linked).unwrap();
+        assert!(ensure_private_dir(&linked).is_err());
+    }
+
+    /// Whether scratch is in use is its lock's say, not its PID's: a run in another PID
+    /// namespace (whose PID means nothing here) keeps its scratch while it holds the
+    /// lock, and a dead run's scratch goes even when its PID now names a live process.
+    #[test]
+    fn scratch_lives_as_long_as_its_lock_whatever_its_pid() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("store");
+        let store = Store::open(&root, false).unwrap();
+        let live = store.scratch("xchg").unwrap();
+        fs::write(live.path().join("data"), "x").unwrap();
+        // The same scratch seen from another PID namespace: a PID that does not exist here.
+        let foreign = root.join(".tmp").join(live.path().file_name().unwrap().to_string_lossy().replacen(
+            &format!("scratch-{}-", std::process::id()),
+            "scratch-4194304-",
+            1,
+        ));
+        fs::rename(live.path(), &foreign).unwrap();
+        // A dead run's scratch whose PID is now a live process's (this one's): its lock
+        // is free.
+        let dead = {
+            let s = store.scratch("xchg").unwrap();
+            let kept = root.join(".tmp").join(format!("{}.dead", s.path().file_name().unwrap().to_string_lossy()));
+            fs::rename(s.path(), &kept).unwrap();
+            kept
+        };
+        drop(store);
+        Store::open(&root, false).unwrap();
+        assert!(foreign.join("data").is_file(), "a live run's scratch was removed");
+        assert!(fs::symlink_metadata(&dead).is_err(), "a dead run's scratch was kept");
+        drop(live);
     }
 
     /// A store of the earlier layout (items and `.meta` files side by side in the top

@@ -42,6 +42,10 @@ const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 /// The largest item accepted from a registry (unpacked, and its compressed layer).
 pub const MAX_ITEM_BYTES: u64 = 64 << 30;
 
+/// The keys a signature is checked against: the trusted ones, and the revoked ones
+/// (refused even if also trusted), each `NAME:BASE64`.
+pub type Keys<'a> = (&'a [String], &'a [String]);
+
 /// A registry and repository: `[http://|https://]HOST[:PORT]/REPOSITORY`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Registry {
@@ -92,7 +96,15 @@ impl Registry {
         if repository.len() > 255 || !repository.split('/').all(component_ok) {
             return Err(bad("has an invalid repository (lowercase letters, digits, `.`, `_`, `-`, joined by `/`)"));
         }
-        let loopback = name == "localhost" || name.starts_with("127.");
+        // Loopback: `localhost` or an IPv4 literal in 127.0.0.0/8; a host *name* such as
+        // `127.0.0.1.example.org` is not.
+        let loopback = name == "localhost" || name.parse::<std::net::Ipv4Addr>().is_ok_and(|ip| ip.is_loopback());
+        if scheme == Some(true) && !loopback {
+            return Err(bad(
+                "asks for plain HTTP to a host that is not this machine's loopback (`localhost`, 127.x.y.z): \
+                 a registry elsewhere is reached over HTTPS only; drop `http://`",
+            ));
+        }
         Ok(Registry {
             registry: host.to_string(),
             repository: repository.to_string(),
@@ -107,6 +119,8 @@ pub struct Config {
     pub substitutes: Vec<Registry>,
     /// `NAME:BASE64` public keys whose signatures are trusted.
     pub trusted: Vec<String>,
+    /// `NAME:BASE64` public keys whose signatures are refused, even if also trusted.
+    pub revoked: Vec<String>,
     pub timeout: Option<Duration>,
     /// Where it was read from, for messages.
     pub source: String,
@@ -150,6 +164,10 @@ impl Config {
                 "trusted-key" => {
                     check_public_key(value).with_context(at)?;
                     config.trusted.push(value.to_string());
+                }
+                "revoked-key" => {
+                    check_public_key(value).with_context(at)?;
+                    config.revoked.push(value.to_string());
                 }
                 "timeout" => {
                     let secs: u64 = value
@@ -205,6 +223,7 @@ impl Answer {
             Some("unsigned") => format!("refused: unsigned ({error})"),
             Some("unknown-key") => format!("refused: signed by an unknown key ({error})"),
             Some("bad-signature") => format!("refused: wrongly signed ({error})"),
+            Some("revoked") => format!("refused: signed by a revoked key ({error})"),
             Some("altered") => format!("refused: altered content ({error})"),
             Some("missing") => format!("not in the registry ({error})"),
             Some("unreachable") => format!("registry unreachable ({error})"),
@@ -312,6 +331,14 @@ fn with(mut base: serde_json::Value, more: serde_json::Value) -> serde_json::Val
     base
 }
 
+/// Why the file `key` is not a secret key `store push` can sign with (a public key, say),
+/// if it is not: the helper reads it as it would to sign.
+pub fn check_secret_key(ws: &Workspace, key: &Path) -> Result<std::result::Result<(), String>> {
+    let mut helper = Helper::start(ws)?;
+    let answer = helper.call(&json!({"op": "check-key", "key": key}), None)?;
+    Ok(if answer.ok { Ok(()) } else { Err(answer.error.unwrap_or_default()) })
+}
+
 /// Makes a key pair with the helper: `secret` (mode 0600) and `secret.pub`.
 pub fn keygen(ws: &Workspace, name: &str, secret: &Path) -> Result<PathBuf> {
     let public = PathBuf::from(format!("{}.pub", secret.display()));
@@ -334,10 +361,13 @@ pub struct Moved {
 }
 
 /// Pushes `items` (in this order: references first) to `registry`, signed with `key`.
+/// A tag already there is kept only if its signature verifies (by `key`, or a key
+/// trusted and not revoked in the configuration); any other is replaced.
 pub fn push(ws: &Workspace, store: &Store, registry: &Registry, items: &[Item], key: &Path) -> Result<Moved> {
     let mut helper = Helper::start(ws)?;
     let mut moved = Moved::default();
-    let timeout = Config::load(ws)?.timeout.unwrap_or(DEFAULT_TIMEOUT) * 6;
+    let config = Config::load(ws)?;
+    let timeout = config.timeout.unwrap_or(DEFAULT_TIMEOUT) * 6;
     for item in items {
         let meta = store.meta_bytes(item)?;
         let parsed: Meta =
@@ -358,6 +388,8 @@ pub fn push(ws: &Workspace, store: &Store, registry: &Registry, items: &[Item], 
                 "meta": String::from_utf8(meta).context("a .meta that is not UTF-8")?,
                 "content_sha256": parsed.content_sha256,
                 "key": key,
+                "trusted": config.trusted,
+                "revoked": config.revoked,
             }),
         );
         let answer = helper.call(&request, None)?;
@@ -405,7 +437,7 @@ fn checked_meta(file_name: &str, answer: &Answer) -> Result<(Recipe, String)> {
 fn fetch_into(
     store: &Store,
     helper: &mut Helper,
-    (registry, file_name, trusted): (&Registry, &str, &[String]),
+    (registry, file_name, keys): (&Registry, &str, Keys),
     timeout: Duration,
     deadline: Option<Duration>,
     tmp: &Path,
@@ -417,7 +449,8 @@ fn fetch_into(
         json!({
             "op": "pull",
             "item": file_name,
-            "trusted": trusted,
+            "trusted": keys.0,
+            "revoked": keys.1,
             "dir": scratch.path(),
             "max_bytes": MAX_ITEM_BYTES,
         }),
@@ -461,10 +494,14 @@ pub fn pull(
     store: &Store,
     helper: &mut Helper,
     registry: &Registry,
-    trusted: &[String],
+    keys: Keys,
     file_name: &str,
     moved: &mut Moved,
 ) -> Result<Item> {
+    // A reference comes from the registry's record: checked before it names a path.
+    if let Err(why) = store::check_item_file_name(file_name) {
+        bail!("pulling `{}` from `{registry}`: not an item's file name: {why}", file_name.escape_debug());
+    }
     if let Some(item) = store.lookup(file_name) {
         moved.present += 1;
         return Ok(item);
@@ -473,7 +510,7 @@ pub fn pull(
     let hash = file_name.split('-').next().unwrap_or_default();
     let request = with(
         at(registry, hash, timeout),
-        json!({"op": "pull", "item": file_name, "trusted": trusted, "dir": null, "max_bytes": MAX_ITEM_BYTES}),
+        json!({"op": "pull", "item": file_name, "trusted": keys.0, "revoked": keys.1, "dir": null, "max_bytes": MAX_ITEM_BYTES}),
     );
     let answer = helper.call(&request, Some(timeout))?;
     if !answer.ok {
@@ -481,12 +518,12 @@ pub fn pull(
     }
     let (recipe, content) = checked_meta(file_name, &answer).with_context(|| format!("pulling `{file_name}`"))?;
     for reference in Store::references(&recipe) {
-        pull(store, helper, registry, trusted, &reference, moved)?;
+        pull(store, helper, registry, keys, &reference, moved)?;
     }
     let mut got = 0;
     let (item, _) = store
         .insert_verified(&recipe, &content, |tmp| {
-            got = fetch_into(store, helper, (registry, file_name, trusted), timeout, None, tmp)?;
+            got = fetch_into(store, helper, (registry, file_name, keys), timeout, None, tmp)?;
             Ok(())
         })
         .with_context(|| format!("pulling `{file_name}` from `{registry}`"))?;
@@ -535,7 +572,8 @@ pub fn substitute(store: &Store, recipe: &Recipe, item: &Item, tmp: &Path) -> Op
         if state.down.contains(&registry) {
             continue;
         }
-        let trusted = state.config.trusted.clone();
+        let (trusted, revoked) = (state.config.trusted.clone(), state.config.revoked.clone());
+        let keys = (trusted.as_slice(), revoked.as_slice());
         let warn =
             |what: &str| eprintln!("warning: substitute `{file_name}` from `{registry}`: {what}; building it here");
         if state.helper.is_none() {
@@ -554,7 +592,7 @@ pub fn substitute(store: &Store, recipe: &Recipe, item: &Item, tmp: &Path) -> Op
         // one timeout, once per process.
         let request = with(
             at(&registry, &item.hash, timeout),
-            json!({"op": "pull", "item": file_name, "trusted": trusted, "dir": null, "max_bytes": MAX_ITEM_BYTES}),
+            json!({"op": "pull", "item": file_name, "trusted": keys.0, "revoked": keys.1, "dir": null, "max_bytes": MAX_ITEM_BYTES}),
         );
         let answer = match helper.call(&request, Some(timeout + Duration::from_secs(1))) {
             Ok(a) => a,
@@ -596,7 +634,7 @@ pub fn substitute(store: &Store, recipe: &Recipe, item: &Item, tmp: &Path) -> Op
         // However slowly a registry sends, the build goes on here after this long.
         let deadline = timeout * 3 + Duration::from_secs(answer.layer_bytes.unwrap_or(0) / MIN_BYTES_PER_S);
         let filled = store.fill(recipe, item, tmp, Some(&content), |tmp| {
-            let at = (&registry, file_name.as_str(), trusted.as_slice());
+            let at = (&registry, file_name.as_str(), keys);
             bytes = fetch_into(store, helper, at, timeout, Some(deadline), tmp)?;
             Ok(())
         });
@@ -624,8 +662,17 @@ mod tests {
         let r = Registry::parse("127.0.0.1:5000/team/store").unwrap();
         assert_eq!((r.registry.as_str(), r.repository.as_str(), r.insecure), ("127.0.0.1:5000", "team/store", true));
         assert!(!Registry::parse("registry.example.org/a").unwrap().insecure);
-        assert!(Registry::parse("http://registry.example.org/a").unwrap().insecure);
         assert!(!Registry::parse("https://localhost/a").unwrap().insecure);
+        assert!(Registry::parse("localhost:5000/a").unwrap().insecure);
+        assert!(Registry::parse("127.1.2.3/a").unwrap().insecure);
+        assert!(Registry::parse("http://127.0.0.1:5000/a").unwrap().insecure);
+        // Names that only look like loopback are other hosts: HTTPS, and never plain HTTP.
+        for host in ["127.0.0.1.nip.io", "127.evil.example", "127.0.0.256", "localhost.example.org", "128.0.0.1"] {
+            assert!(!Registry::parse(&format!("{host}/a")).unwrap().insecure, "{host}");
+            let err = Registry::parse(&format!("http://{host}/a")).unwrap_err().to_string();
+            assert!(err.contains("plain HTTP"), "{host}: {err}");
+        }
+        assert!(Registry::parse("http://registry.example.org/a").is_err());
         for bad in [
             "",
             "host",
@@ -657,6 +704,9 @@ mod tests {
         assert_eq!(c.substitutes.len(), 1);
         assert_eq!(c.trusted, vec!["ci:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=".to_string()]);
         assert_eq!(c.timeout, Some(Duration::from_secs(3)));
+        let c = Config::parse("revoked-key ci:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=\n").unwrap();
+        assert_eq!(c.revoked, vec!["ci:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=".to_string()]);
+        assert!(Config::parse("revoked-key ci:short").is_err());
         for bad in ["substitute nope", "trusted-key ci:short", "timeout 0", "frobnicate 1", "trusted-key a b:AAAA"] {
             assert!(Config::parse(bad).is_err(), "{bad}");
         }

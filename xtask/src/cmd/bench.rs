@@ -754,7 +754,7 @@ fn cold_library_image(store: &Store, closure: &Closure) -> Result<(Duration, Pro
 struct BareBoot {
     qemu: PathBuf,
     args: Vec<std::ffi::OsString>,
-    scratch: tempfile::TempDir,
+    scratch: crate::store::Scratch,
 }
 
 impl BareBoot {
@@ -803,7 +803,7 @@ fn timed(f: impl FnOnce() -> Result<()>) -> Result<(Duration, Profile)> {
 /// image builder stages it), then, in each timed [`FloorImage::build`], `mke2fs -d` into a
 /// raw file of the image's file system size and `qemu-img convert` to qcow2.
 struct FloorImage {
-    scratch: tempfile::TempDir,
+    scratch: crate::store::Scratch,
     fs_kib: u64,
     tools: crate::image::tools::StoreTools,
 }
@@ -855,7 +855,7 @@ impl FloorImage {
 }
 
 impl Drop for FloorImage {
-    /// The staging tree has read-only directories; remove it before the TempDir tries.
+    /// The staging tree has read-only directories; removed before the scratch goes.
     fn drop(&mut self) {
         let _ = store::remove_tree(&self.path("root"));
     }

@@ -82,16 +82,27 @@ impl BuildInVm {
             ("out".into(), format!("{}/out", guest::XCHG_MOUNT)),
         ];
         env.extend(inputs.iter().map(|(name, item, rel)| (name.clone(), guest_input_path(item, rel))));
+        env.sort();
+        // `--env` values may be secrets: the recipe (and so the `.meta`, and what `store
+        // push` sends) holds each one's sha256 instead, so another value is still
+        // another item. A build without `--env` has the recipe it always had.
+        let mut hashed: Vec<(String, String)> =
+            self.env.iter().map(|(key, value)| (key.clone(), store::sha256_bytes(value.as_bytes()))).collect();
+        hashed.sort();
+        let recipe_env = env.clone();
         env.extend(self.env.iter().cloned());
         env.sort();
         let disk = self.disk_image.map(|f| (f, self.disk_size.unwrap_or(DEFAULT_DISK_SIZE)));
 
         let mut recipe = Recipe::new("build-in-vm", &self.name)
             .param("argv", serde_json::to_string(&self.command)?)
-            .param("env", serde_json::to_string(&env)?)
+            .param("env", serde_json::to_string(&recipe_env)?)
             .param("memory-mib", self.vm.memory.to_string())
             .param("kernel-args", lowered.kernel_args.join(" "))
             .param("disk", disk.map(|(f, s)| format!("{}:{s}", f.name())).unwrap_or_default());
+        if !hashed.is_empty() {
+            recipe = recipe.param("env-sha256", serde_json::to_string(&hashed)?);
+        }
         // Only a build with a network says so: the others keep their items' hashes.
         if self.net {
             recipe = recipe.param("net", "user");
@@ -105,16 +116,17 @@ impl BuildInVm {
 
         let (item, outcome) = store.realise_with_outcome(&recipe, |out| {
             let accel = qemu::choose_accel(self.vm.accel)?;
-            let xchg = store.scratch("xchg")?;
+            let xchg = store.exchange()?;
             let runtime = store.scratch("run")?;
             let out_dir = xchg.path().join("out");
-            fs::create_dir(&out_dir)?;
+            store::create_private_dir(&out_dir)?;
             let mut spec = self.vm.spec(accel, &store, &lowered, xchg.path().to_path_buf());
             spec.outside = self.net;
             let disk_path = match disk {
                 Some((format, size)) => {
                     let path = runtime.path().join(format!("disk.{}", format.name()));
                     create_disk(&path, format, size)?;
+                    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
                     spec.disks.push(Disk { path: path.clone(), format, readonly: false });
                     Some((path, format))
                 }
@@ -155,7 +167,7 @@ impl BuildInVm {
             })?;
             // The disk image counts against the limit too (checked not to exceed it alone).
             let limit = self.max_output - disk.map(|(_, size)| size).unwrap_or(0);
-            ingest::copy_dir(&out_fd, "$out", out, &Limits::output(limit))
+            ingest::copy_dir(&out_fd, "$out", out, &Limits::guest_output(limit))
                 .context("taking what the build wrote to $out")?;
             if let Some((path, format)) = disk_path {
                 let dest = out.join(format!("disk.{}", format.name()));

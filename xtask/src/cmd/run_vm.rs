@@ -160,7 +160,7 @@ impl RunVm {
             println!("{}", item.path.display());
             return Ok(0);
         }
-        let xchg = store.scratch("xchg")?;
+        let xchg = store.exchange()?;
         let runtime = store.scratch("run")?;
         if interactive {
             eprintln!("booting `{}`: a shell on the serial console; `poweroff` or Ctrl-a x ends it", system.name);

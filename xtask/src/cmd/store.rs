@@ -328,10 +328,9 @@ fn push(
     if !key.is_file() {
         return Err(usage_error(format!("the signing key `{}` is not a file", key.display())));
     }
-    // The same form as a public key: NAME and 32 bytes of base64.
-    let text = fs_err::read_to_string(&key).unwrap_or_default();
-    if substitute::check_public_key(text.trim()).is_err() {
-        return Err(usage_error(format!("`{}` is not a signing key made by `store keygen`", key.display())));
+    // NAME:BASE64, read as the helper reads it to sign: a public key is refused.
+    if let Err(why) = substitute::check_secret_key(ws, &key)? {
+        return Err(usage_error(format!("--key `{}`: {why}", key.display())));
     }
     let store = Store::open(&ws.store_dir, false)?;
     let roots = match what {
@@ -355,6 +354,15 @@ fn pull(
     started: std::time::Instant,
 ) -> Result<i32> {
     let registry = registry_arg(from)?;
+    // Every name is checked before anything is fetched: none becomes a path unchecked.
+    for name in items {
+        if let Err(why) = crate::store::check_item_file_name(name) {
+            return Err(usage_error(format!(
+                "`{}` is not an item's file name (<hash>-<name>): {why}",
+                name.escape_debug()
+            )));
+        }
+    }
     let config = substitute::Config::load(ws).map_err(|e| usage_error(format!("{e:#}")))?;
     if config.trusted.is_empty() {
         return Err(usage_error(format!(
@@ -381,13 +389,7 @@ fn pull(
     } else {
         let mut helper = substitute::Helper::start(ws)?;
         for name in items {
-            if store.item_of_entry(name).is_none_or(|i| i.file_name() != *name) {
-                return Err(usage_error(format!(
-                    "`{}` is not an item's file name (<hash>-<name>)",
-                    name.escape_debug()
-                )));
-            }
-            substitute::pull(&store, &mut helper, &registry, &config.trusted, name, &mut moved)?;
+            substitute::pull(&store, &mut helper, &registry, (&config.trusted, &config.revoked), name, &mut moved)?;
         }
     }
     report(&registry, moved, how, json, started, "pulled")

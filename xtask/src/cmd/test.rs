@@ -365,7 +365,7 @@ fn run_in_vm(
         req.mounts = workspace_mounts(shared);
         Ok(req)
     };
-    let xchg = store.scratch("xchg")?;
+    let xchg = store.exchange()?;
     let runtime = store.scratch("run")?;
     let mut spec = opts.spec(accel, &store, &boot, xchg.path().to_path_buf());
     let mount_points: Vec<PathBuf> =

@@ -572,7 +572,8 @@ pub fn build_on_host(job: &ImageJob, out: &Path) -> Result<()> {
     let job =
         RawImage { root: &root, mounts: &mounts, owners: &[], layout: opts.layout, uuid, tools, grub: Some(grub) };
     let built = write_raw(&raw, job, progress);
-    // The staging tree has read-only directories; remove it before the TempDir tries.
+    // The staging tree has read-only directories; removed here, before the scratch goes,
+    // as a step of its own.
     progress.mark("unstage");
     store::remove_tree(&root)?;
     built?;

@@ -41,7 +41,7 @@ const INPUT_DIR: &str = "in";
 /// Builds the image into `out` (created) as `disk.FORMAT`, in a VM.
 pub fn build(job: &ImageJob, ws: &Workspace, out: &Path) -> Result<()> {
     let ImageJob { store, closure, opts, uuid, tools, progress } = *job;
-    let xchg = store.scratch("xchg")?;
+    let xchg = store.exchange()?;
     let input = xchg.path().join(INPUT_DIR);
     fs::create_dir_all(input.join("files"))?;
     let runtime = store.scratch("run")?;

@@ -36,6 +36,47 @@ impl Kind {
     }
 }
 
+/// The extended attribute in which QEMU's 9p server (`security_model=mapped-xattr`) keeps
+/// the mode a guest gave a file: type and permission bits, a little-endian 32-bit word.
+/// The host file itself keeps QEMU's own private mode (0600, or 0700 for a directory),
+/// and what the guest made a symbolic link is a regular file holding the link's text.
+pub const GUEST_MODE_XATTR: &str = "user.virtfs.mode";
+
+/// The mode a guest gave `file` through a mapped 9p share, if it gave one
+/// ([`GUEST_MODE_XATTR`]); `None` for a file the host made, or on a file system without
+/// extended attributes.
+pub fn guest_mode(file: &File) -> io::Result<Option<u32>> {
+    let mut word = [0u8; 4];
+    let name = c"user.virtfs.mode";
+    // SAFETY: a plain system call on an open descriptor, into a buffer of the size given.
+    let n = unsafe { nix::libc::fgetxattr(file.as_raw_fd(), name.as_ptr(), word.as_mut_ptr().cast(), word.len()) };
+    if n < 0 {
+        let e = io::Error::last_os_error();
+        return match e.raw_os_error() {
+            Some(nix::libc::ENODATA) | Some(nix::libc::ENOTSUP) => Ok(None),
+            _ => Err(e),
+        };
+    }
+    if n != 4 {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, format!("{GUEST_MODE_XATTR} holds {n} bytes, not 4")));
+    }
+    Ok(Some(u32::from_le_bytes(word)))
+}
+
+/// What a guest made of a regular host file written through a mapped 9p share: `Kind::File`
+/// with its permission bits, `Kind::Symlink` (the file holds the link's text), or
+/// `Kind::Special`; a file without the attribute is a plain file with its host mode.
+pub fn guest_kind(file: &File, host_mode: u32) -> io::Result<(Kind, u32)> {
+    let Some(mode) = guest_mode(file)? else { return Ok((Kind::File, host_mode & 0o7777)) };
+    let kind = match mode & nix::libc::S_IFMT {
+        // QEMU records the type; a mode without one is a file's.
+        0 | nix::libc::S_IFREG => Kind::File,
+        nix::libc::S_IFLNK => Kind::Symlink,
+        _ => Kind::Special,
+    };
+    Ok((kind, mode & 0o7777))
+}
+
 const DIR_FLAGS: OFlag = OFlag::O_RDONLY.union(OFlag::O_DIRECTORY).union(OFlag::O_NOFOLLOW).union(OFlag::O_CLOEXEC);
 
 fn owned(fd: RawFd) -> OwnedFd {

@@ -16,7 +16,10 @@ use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 
-use super::fd::{DirFd, Kind};
+use super::fd::{guest_kind, DirFd, Kind};
+
+/// The longest link text kept (the kernel's `PATH_MAX`, its terminating NUL included).
+const MAX_LINK_TEXT: u64 = 4096;
 
 /// What a tree may hold.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -26,17 +29,27 @@ pub struct Limits {
     pub max_entries: u64,
     /// Directories below the top.
     pub max_depth: usize,
+    /// The tree was written by a guest through a 9p share with
+    /// `security_model=mapped-xattr`: a regular file's guest mode (its executable bit,
+    /// and whether the guest made it a symbolic link) is in its `user.virtfs.mode`
+    /// attribute ([`super::GUEST_MODE_XATTR`]), not in its host mode.
+    pub mapped: bool,
 }
 
 impl Limits {
     /// The limits for a guest's `$out` holding at most `max_bytes`.
     pub fn output(max_bytes: u64) -> Limits {
-        Limits { max_bytes, max_entries: 1_000_000, max_depth: 256 }
+        Limits { max_bytes, max_entries: 1_000_000, max_depth: 256, mapped: false }
+    }
+
+    /// [`Limits::output`] for a tree a guest wrote through a mapped share ([`Limits::mapped`]).
+    pub fn guest_output(max_bytes: u64) -> Limits {
+        Limits { mapped: true, ..Limits::output(max_bytes) }
     }
 
     /// The limits for a tree of the host user's (an input): only the depth is bounded.
     pub fn host() -> Limits {
-        Limits { max_bytes: u64::MAX, max_entries: u64::MAX, max_depth: 1024 }
+        Limits { max_bytes: u64::MAX, max_entries: u64::MAX, max_depth: 1024, mapped: false }
     }
 }
 
@@ -312,6 +325,30 @@ impl Walk<'_> {
             }
             Kind::File => {
                 let size = st.st_size as u64;
+                let mut from = src.open_file(name).with_context(|| format!("opening `{}`", shown()))?;
+                // Through a mapped share, the guest's mode is in an attribute: a link
+                // it made is a file holding the link's text.
+                let (kind, guest_mode) = match self.limits.mapped {
+                    true => guest_kind(&from, st.st_mode).with_context(|| format!("reading `{}`", shown()))?,
+                    false => (Kind::File, st.st_mode),
+                };
+                match kind {
+                    Kind::File => {}
+                    Kind::Symlink => {
+                        if size >= MAX_LINK_TEXT {
+                            bail!("`{}` is a symbolic link of {size} bytes; the store takes none that long", shown());
+                        }
+                        let mut text = Vec::new();
+                        (&mut from).take(MAX_LINK_TEXT).read_to_end(&mut text)?;
+                        use std::os::unix::ffi::OsStringExt;
+                        let target = OsString::from_vec(text);
+                        // Made now, checked with the others once the copy is whole.
+                        dst.symlink(&target, name).with_context(|| format!("recreating the link `{}`", shown()))?;
+                        self.links += 1;
+                        return Ok(());
+                    }
+                    _ => bail!("`{}` is a special file (device, FIFO or socket); the store takes none", shown()),
+                }
                 self.bytes = self.bytes.saturating_add(size);
                 if self.bytes > self.limits.max_bytes {
                     bail!(
@@ -321,8 +358,7 @@ impl Walk<'_> {
                         self.limits.max_bytes
                     );
                 }
-                let from = src.open_file(name).with_context(|| format!("opening `{}`", shown()))?;
-                let mode = if st.st_mode & 0o111 != 0 { 0o700 } else { 0o600 };
+                let mode = if guest_mode & 0o111 != 0 { 0o700 } else { 0o600 };
                 let mut to = dst.create_file(name, mode).with_context(|| format!("copying `{}`", shown()))?;
                 let copied =
                     io::copy(&mut from.take(size), &mut to).with_context(|| format!("copying `{}`", shown()))?;
@@ -627,5 +663,58 @@ mod tests {
             eprintln!("hostile trees tried: {tried} ({stored} stored, {} refused)", tried - stored);
             assert!(tried >= cases as usize && stored > 0 && stored < tried, "{tried} tried, {stored} stored");
         }
+    }
+
+    /// Gives `path` the guest mode QEMU's mapped-xattr model records.
+    fn set_guest_mode(path: &Path, mode: u32) {
+        let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+        let word = mode.to_le_bytes();
+        // SAFETY: plain system call with valid, NUL-terminated strings and a 4-byte buffer.
+        let r = unsafe {
+            nix::libc::setxattr(c.as_ptr(), c"user.virtfs.mode".as_ptr(), word.as_ptr().cast(), word.len(), 0)
+        };
+        assert_eq!(r, 0, "setxattr {}: {}", path.display(), io::Error::last_os_error());
+    }
+
+    /// Through a mapped share a guest's files are the host's 0600 files, its links are
+    /// files holding their text and its modes are attributes: ingest takes the guest's
+    /// executable bit and links (checked like any other) from there, never its setuid
+    /// bits, and refuses what the guest says is a special file.
+    #[test]
+    fn a_mapped_share_gives_the_guests_links_and_executable_bits_and_nothing_else() {
+        use nix::libc::{S_IFIFO, S_IFLNK, S_IFREG};
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("out");
+        fs::create_dir(&out).unwrap();
+        let file = |name: &str, text: &str, guest: Option<u32>| {
+            let path = out.join(name);
+            fs::write(&path, text).unwrap();
+            fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).unwrap();
+            if let Some(mode) = guest {
+                set_guest_mode(&path, mode);
+            }
+        };
+        file("prog", "#!/bin/sh\n", Some(S_IFREG | 0o4755));
+        file("data", "data", Some(S_IFREG | 0o2666));
+        file("link", "prog", Some(S_IFLNK | 0o777));
+        file("host", "host", None);
+        let copy = |limits: Limits, to: &str| {
+            copy_dir(&DirFd::open(&out).unwrap(), "$out", &dir.path().join(to), &limits).map(|_| dir.path().join(to))
+        };
+        let item = copy(Limits::guest_output(1 << 20), "item").unwrap();
+        let mode = |name: &str| fs::symlink_metadata(item.join(name)).unwrap().mode() & 0o7777;
+        assert_eq!((mode("prog"), mode("data"), mode("host")), (0o700, 0o600, 0o600));
+        assert_eq!(fs::read_link(item.join("link")).unwrap(), Path::new("prog"));
+        // Not through a mapped share, the same tree is plain files.
+        let plain = copy(Limits::output(1 << 20), "plain").unwrap();
+        assert_eq!(fs::read_to_string(plain.join("link")).unwrap(), "prog");
+        // A guest's link is checked as any other, and its special files are refused.
+        file("escape", "../../outside", Some(S_IFLNK | 0o777));
+        let err = format!("{:#}", copy(Limits::guest_output(1 << 20), "escape").unwrap_err());
+        assert!(err.contains("`$out/escape` is a symbolic link to `../../outside`, which leads outside"), "{err}");
+        fs::remove_file(out.join("escape")).unwrap();
+        file("fifo", "", Some(S_IFIFO | 0o644));
+        let err = format!("{:#}", copy(Limits::guest_output(1 << 20), "fifo").unwrap_err());
+        assert!(err.contains("`$out/fifo` is a special file"), "{err}");
     }
 }

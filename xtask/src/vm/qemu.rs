@@ -322,10 +322,18 @@ pub fn console_args(console: &Console) -> Vec<OsString> {
     }
 }
 
+/// The 9p shares. A writable share is `security_model=mapped-xattr`: what the guest
+/// makes there is created with QEMU's private modes (0600 files, 0700 directories) and
+/// owned by QEMU's user, and the modes and owners the guest gives (setuid bits, a
+/// world-writable directory, another owner) are only recorded in `user.virtfs.*`
+/// attributes, never applied on the host ([`crate::store::GUEST_MODE_XATTR`]). A
+/// read-only share (the store) shows the host's modes as they are (`none`): the guest
+/// cannot change them there.
 pub fn share_args(shares: &[Share]) -> Vec<OsString> {
     let mut args = Vec::new();
     for (i, share) in shares.iter().enumerate() {
-        let mut fsdev = path_arg(&format!("local,id=fs{i},security_model=none,path="), &share.path);
+        let model = if share.readonly { "none" } else { "mapped-xattr" };
+        let mut fsdev = path_arg(&format!("local,id=fs{i},security_model={model},path="), &share.path);
         if share.readonly {
             fsdev.push(",readonly=on");
         }
@@ -442,7 +450,7 @@ mod tests {
             "-chardev", "file,id=console,path=/r/console", "-serial", "chardev:console",
             "-fsdev", "local,id=fs0,security_model=none,path=/s,readonly=on",
             "-device", "virtio-9p-device,fsdev=fs0,mount_tag=store",
-            "-fsdev", "local,id=fs1,security_model=none,path=/x",
+            "-fsdev", "local,id=fs1,security_model=mapped-xattr,path=/x",
             "-device", "virtio-9p-device,fsdev=fs1,mount_tag=xchg",
             "-drive", "if=none,id=disk0,format=raw,file=/x/disk.raw",
             "-device", "virtio-blk-device,drive=disk0",

@@ -230,7 +230,8 @@ impl<'a> VmRun<'a> {
     pub fn run(mut self) -> Result<Status> {
         crate::vm::qemu_program::program()?;
         let interactive = self.request.mode() == Mode::Interactive;
-        fs::create_dir_all(&self.log_dir).with_context(|| format!("creating `{}`", self.log_dir.display()))?;
+        // Console logs hold guest text: a private directory, files made anew there.
+        crate::store::ensure_private_dir(&self.log_dir)?;
         let log_path = self.log_dir.join(format!("{}-{}.log", self.label, std::process::id()));
 
         let mut relays = Vec::new();
@@ -240,7 +241,9 @@ impl<'a> VmRun<'a> {
             self.spec.console = Console::Stdio;
         } else {
             let fifo = self.fifo("console")?;
-            let log = File::create(&log_path).with_context(|| format!("creating `{}`", log_path.display()))?;
+            // A log of an earlier run with this PID is replaced.
+            let _ = fs::remove_file(&log_path);
+            let log = crate::store::create_private_file(&log_path)?;
             let mut sinks: Vec<Box<dyn Write + Send>> = vec![Box::new(BoundedLog::new(log))];
             if self.verbose {
                 sinks.push(Box::new(std::io::stderr()));
@@ -466,6 +469,13 @@ fn read_status(xchg: &Path) -> StatusFile {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return StatusFile::Missing,
         Err(e) => return StatusFile::Refused(format!("cannot open it: {e}")),
     };
+    // Through the mapped share, a link the guest made is a file holding its text.
+    match crate::store::guest_kind(&file, 0o600) {
+        Ok((Kind::File, _)) => {}
+        Ok((Kind::Symlink, _)) => return StatusFile::Refused("it is a symbolic link".into()),
+        Ok(_) => return StatusFile::Refused("it is not a regular file".into()),
+        Err(e) => return StatusFile::Refused(format!("cannot examine it: {e}")),
+    }
     let mut bytes = Vec::new();
     match file.take(guest::STATUS_MAX_BYTES as u64 + 1).read_to_end(&mut bytes) {
         Ok(_) => StatusFile::Found(bytes),
@@ -651,7 +661,8 @@ impl Drop for QemuGuard {
 /// Writes the request where the guest helper reads it, whole or not at all (it may be
 /// looking for it already).
 pub fn write_request(xchg: &Path, request: &Request) -> Result<()> {
-    crate::store::write_atomically(&xchg.join(guest::REQUEST_FILE), &serde_json::to_vec_pretty(request)?)
+    // The request may hold secrets (`--env` values): it is the user's alone.
+    crate::store::write_private_atomically(&xchg.join(guest::REQUEST_FILE), &serde_json::to_vec_pretty(request)?)
 }
 
 /// Runs QEMU under a guard until it ends, calling `started` once it is running (an
@@ -988,6 +999,18 @@ mod tests {
         fs::create_dir(&status).unwrap();
         assert_eq!(read_status(dir.path()), StatusFile::Refused("it is a directory".into()));
         fs::remove_dir(&status).unwrap();
+
+        // A link the guest made through the mapped share: a file holding the link's text.
+        fs::write(&status, secret.as_os_str().as_encoded_bytes()).unwrap();
+        let c = std::ffi::CString::new(status.as_os_str().as_encoded_bytes()).unwrap();
+        let word = (nix::libc::S_IFLNK | 0o777).to_le_bytes();
+        // SAFETY: plain system call with NUL-terminated strings and a 4-byte buffer.
+        let set = unsafe {
+            nix::libc::setxattr(c.as_ptr(), c"user.virtfs.mode".as_ptr(), word.as_ptr().cast(), word.len(), 0)
+        };
+        assert_eq!(set, 0, "{}", std::io::Error::last_os_error());
+        assert_eq!(read_status(dir.path()), StatusFile::Refused("it is a symbolic link".into()));
+        fs::remove_file(&status).unwrap();
 
         // No writer ever opens it: a blocking open would wait for ever.
         nix::unistd::mkfifo(&status, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();

@@ -12,7 +12,6 @@ pub mod named;
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
-use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::Child;
@@ -58,6 +57,8 @@ pub struct Driver {
     lans: Vec<hub::Lan>,
     /// Holds the unix sockets of the LANs and the control channels.
     _sockets: tempfile::TempDir,
+    /// A directory private to the user for the script's files ([`Driver::private_dir`]).
+    files: crate::store::Scratch,
 }
 
 /// One node: its QEMU once started, and its control channel.
@@ -74,7 +75,7 @@ pub struct Node {
     console_tail: std::sync::Arc<std::sync::Mutex<std::collections::VecDeque<u8>>>,
     qemu: Option<Child>,
     control: Option<(BufReader<UnixStream>, UnixStream)>,
-    _xchg: tempfile::TempDir,
+    _xchg: crate::store::Exchange,
 }
 
 /// How a command on a node ended.
@@ -101,7 +102,12 @@ impl Outcome {
 impl Driver {
     /// Lowers every node's system and prepares its VM; starts nothing yet.
     pub fn prepare(ws: &Workspace, opts: &VmOpts, store: &Store, scenario: &Scenario) -> Result<Driver> {
-        let sockets = tempfile::Builder::new().prefix("xtask-scn.").tempdir().context("making a socket directory")?;
+        let sockets = tempfile::Builder::new()
+            .prefix("xtask-scn.")
+            .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700))
+            .tempdir()
+            .context("making a socket directory")?;
+        let files = store.scratch("scenario")?;
         let names: Vec<String> = scenario.nodes.iter().map(|(n, _)| n.clone()).collect();
         for (net, members) in &scenario.networks {
             if let Some(m) = members.iter().find(|m| !names.contains(m)) {
@@ -126,7 +132,7 @@ impl Driver {
         }
         let accel = qemu::choose_accel(opts.accel)?;
         let log_dir = ws.log_dir();
-        std::fs::create_dir_all(&log_dir).with_context(|| format!("creating `{}`", log_dir.display()))?;
+        crate::store::ensure_private_dir(&log_dir)?;
         let mut nodes = BTreeMap::new();
         for (node, declared) in &scenario.nodes {
             let mut lans_of = Vec::new();
@@ -148,7 +154,7 @@ impl Driver {
                 .with_context(|| format!("preparing node `{node}` of scenario `{}`", scenario.name))?;
             nodes.insert(node.clone(), prepared);
         }
-        Ok(Driver { name: scenario.name.clone(), nodes, lans, _sockets: sockets })
+        Ok(Driver { name: scenario.name.clone(), nodes, lans, _sockets: sockets, files })
     }
 
     /// Boots every node (in parallel) and waits until each one's services are up.
@@ -160,6 +166,12 @@ impl Driver {
             node.connect()?;
         }
         Ok(())
+    }
+
+    /// A directory private to the user (mode 0700), removed when the scenario ends: where
+    /// a script puts what it copies from its nodes ([`Node::copy_from_node`]).
+    pub fn private_dir(&self) -> &Path {
+        self.files.path()
     }
 
     /// The node called `name`.
@@ -261,7 +273,7 @@ impl NodePlan<'_> {
                 nameserver: None,
             })
             .collect();
-        let xchg = store.scratch("xchg")?;
+        let xchg = store.exchange()?;
         vm::write_request(xchg.path(), &request)?;
         let mut spec = opts.spec(accel, store, &lowered, xchg.path().to_path_buf());
         if let Some((path, _)) = &root_image {
@@ -326,15 +338,10 @@ impl Node {
     fn spawn(&mut self) -> Result<()> {
         let _ = std::fs::remove_file(&self.console);
         if let Some(dir) = self.console.parent() {
-            std::fs::create_dir_all(dir).with_context(|| format!("creating `{}`", dir.display()))?;
+            crate::store::ensure_private_dir(dir)?;
         }
-        // A new file, never through a link: the guest's console is written there.
-        let log = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .custom_flags(nix::libc::O_NOFOLLOW)
-            .open(&self.console)
-            .with_context(|| format!("creating `{}`", self.console.display()))?;
+        // A new file, private, never through a link: the guest's console is written there.
+        let log = crate::store::create_private_file(&self.console)?;
         let sinks: Vec<Box<dyn Write + Send>> = vec![Box::new(vm::BoundedLog::new(log))];
         self.console_relay = Some(vm::Relay::start(&self.console_fifo, sinks, Some(self.console_tail.clone()))?);
         let child = vm::qemu_command(&self.args, false)
@@ -483,7 +490,9 @@ impl Node {
         self.wait_until_succeeds(&format!("test -e {}", vm::shell_quote(path)), timeout).map(drop)
     }
 
-    /// Copies the file at `guest_path` on the node to `host_path`.
+    /// Copies the file at `guest_path` on the node to `host_path`, which must not exist:
+    /// it is made with `O_CREAT|O_EXCL|O_NOFOLLOW`, mode 0600 (put it in
+    /// [`Driver::private_dir`]).
     pub fn copy_from_node(&mut self, guest_path: &str, host_path: &Path) -> Result<()> {
         let command = format!("cat {}", vm::shell_quote(guest_path));
         let name = self.name.clone();
@@ -493,7 +502,8 @@ impl Node {
         match read_message(reader, Duration::from_secs(60) + ANSWER_GRACE)? {
             FromGuest::Done { exit: Some(0), stdout, .. } => {
                 let bytes = base64_decode(&stdout).context("the guest's output is not base64")?;
-                std::fs::write(host_path, bytes).with_context(|| format!("writing `{}`", host_path.display()))
+                let mut file = crate::store::create_private_file(host_path)?;
+                file.write_all(&bytes).with_context(|| format!("writing `{}`", host_path.display()))
             }
             other => Err(self.error(&format!("copying `{guest_path}` failed: {other:?}"))),
         }

@@ -181,6 +181,9 @@ pub fn script_text(
 # command's output, the console log and QEMU's messages are kept beside it, and the
 # status is checked before it is used.
 set -u
+# Everything made here (the exchange directory, the request, output, logs) is the
+# user's alone; QEMU keeps the guest's modes and owners out of the host's.
+umask 077
 if [ "${{1:-}}" = "--" ]; then shift; fi
 {status_function}
 # Shows guest text: anything but printable ASCII (and, with -n, newlines and tabs) as `?`.
@@ -276,7 +279,7 @@ mod tests {
         assert!(text.starts_with("#!/bin/sh\n"));
         assert!(text.contains("/usr/bin/qemu-system-x86_64 \\\n"));
         assert!(text.contains("\\\n    -kernel /s/k-vmlinux/vmlinux \\\n"), "{text}");
-        assert!(text.contains("'local,id=fs1,security_model=none,path='\"$run_q\"'/xchg'"), "{text}");
+        assert!(text.contains("'local,id=fs1,security_model=mapped-xattr,path='\"$run_q\"'/xchg'"), "{text}");
         assert!(text.contains("'file,id=port0,path='\"$run_q\"'/stdout'"), "{text}");
         assert!(text.contains("'file,id=console,path='\"$run_q\"'/console'"), "{text}");
         assert!(

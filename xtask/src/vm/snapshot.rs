@@ -131,7 +131,7 @@ fn make(store: &Store, spec: &VmSpec, out: &Path) -> Result<()> {
     for share in &mut spec.shares {
         if share.tag == guest::XCHG_TAG {
             share.path = dir.join("xchg");
-            fs::create_dir(&share.path)?;
+            crate::store::create_private_dir(&share.path)?;
         }
     }
     for (i, port) in spec.ports.iter_mut().enumerate() {

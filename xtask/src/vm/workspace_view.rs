@@ -20,9 +20,10 @@ pub fn stage(
     root: &Path,
     excluded: &[&Path],
     mount_points: &[PathBuf],
-) -> Result<tempfile::TempDir> {
+) -> Result<crate::store::Exchange> {
     let files = sources(root).with_context(|| format!("listing the sources of the workspace `{}`", root.display()))?;
-    let view = store.scratch("workspace-view")?;
+    // A directory of its own: the scratch around it holds its lock, which is no source.
+    let view = store.private_subdir("workspace-view", "view")?;
     let _step = crate::progress::step(&format!("sharing {} source files of the workspace", files.len()));
     for relative in &files {
         let from = root.join(relative);

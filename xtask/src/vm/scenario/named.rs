@@ -63,7 +63,7 @@ pub fn hello_pair() -> Scenario {
             // The nodes reach each other and nothing else: one route, their network's.
             let routes = d.node("client")?.succeed("ip route")?;
             ensure!(routes.lines().count() == 1 && routes.starts_with("10.77.0.0/24 dev eth0"), "routes: {routes:?}");
-            let log = std::env::temp_dir().join(format!("hello-pair-{}.log", std::process::id()));
+            let log = d.private_dir().join("hello.log");
             d.node("server")?.copy_from_node("/var/log/hello.log", &log)?;
             let text = std::fs::read_to_string(&log).unwrap_or_default();
             let _ = std::fs::remove_file(&log);
