@@ -179,9 +179,11 @@ pub struct Store {
 const ITEMS: &str = "items";
 /// The directory of `.meta` records.
 const METAS: &str = "meta";
+/// Where xtask's own Debian index lives in a store ([`crate::lower::debian::index`]).
+pub const DEBIAN_INDEX: &str = "debian-index";
 /// The bookkeeping directories beside [`ITEMS`] (`.pins`: what earlier versions pinned
 /// Debian packages in, before `vm.lock`; unused, not stray).
-const BOOKKEEPING: [&str; 6] = [METAS, ".tmp", ".locks", ".cache", ".layout", ".pins"];
+const BOOKKEEPING: [&str; 7] = [METAS, ".tmp", ".locks", ".cache", ".layout", ".pins", DEBIAN_INDEX];
 /// What [`Store::open`] writes to `.layout`; an older store has none.
 const LAYOUT: &str = "2: items/ holds only items; bookkeeping beside it\n";
 

@@ -302,7 +302,7 @@ impl Node {
         mut spec: qemu::VmSpec,
         sockets: &Path,
         console: PathBuf,
-        xchg: tempfile::TempDir,
+        xchg: crate::store::Exchange,
     ) -> Result<Node> {
         let console_fifo = sockets.join(format!("{name}.console"));
         nix::unistd::mkfifo(&console_fifo, nix::sys::stat::Mode::from_bits_truncate(0o600))

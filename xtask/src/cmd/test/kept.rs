@@ -280,7 +280,7 @@ fn serve(ws: &Workspace, opts: &VmOpts, shared: &Shared, dir: &Path, cargo: Proc
     let root_device = root_image.as_ref().map(|(_, device)| device.as_str());
     let mut request = run_vm::request(&system, &lowered, &system_item, root_device, Mode::Serve, vec!["serve".into()]);
     request.mounts = workspace_mounts(shared);
-    let xchg = store.scratch("xchg")?;
+    let xchg = store.exchange()?;
     crate::vm::write_request(xchg.path(), &request)?;
     let mut spec = opts.spec(accel, &store, &lowered, xchg.path().to_path_buf());
     let mount_points: Vec<PathBuf> =

@@ -68,7 +68,9 @@ impl Index {
     /// The index for this workspace's lock file and store (nothing fetched yet).
     pub fn current() -> Result<Index> {
         let ws = crate::Workspace::current();
-        let base = std::env::var_os(INDEX_ENV).map(PathBuf::from).unwrap_or_else(|| ws.store_dir.join("debian-index"));
+        let base = std::env::var_os(INDEX_ENV)
+            .map(PathBuf::from)
+            .unwrap_or_else(|| ws.store_dir.join(crate::store::DEBIAN_INDEX));
         let lock = crate::lock::path();
         let release = crate::lock::release()?;
         let workspace_sources = lock.parent().unwrap_or(Path::new(".")).join(SOURCES_FILE);
