@@ -37,6 +37,11 @@ pub mod image;
 /// - 4: adds `mounts` (more 9p shares, tmpfs) and `net` (a network interface to bring
 ///   up), both applied after the system item, before the command.
 pub const PROTOCOL_VERSION: u32 = 4;
+
+/// Where this crate's source is (wherever cargo keeps it: a path, a git checkout, the
+/// registry's cache): the host builds the helper from here, never from the workspace of
+/// whoever uses the toolkit.
+pub const SOURCE_DIR: &str = env!("CARGO_MANIFEST_DIR");
 /// The system configuration, relative to a system item.
 pub const SYSTEM_CONFIG_FILE: &str = "system.json";
 /// How long the helper waits for a service to be up.

@@ -337,3 +337,29 @@ fn cargo_xtask_in(dir: &Path, args: &[&str], envs: &[(&str, &std::ffi::OsStr)]) 
     let out = cmd.output().unwrap();
     vm_tests::Run::from(out)
 }
+
+/// The workspace is found when xtask runs, not compiled into it: this checkout's xtask
+/// binary, run in another checkout (as when two checkouts share a target directory),
+/// acts on that checkout's lock file and leaves this one's alone.
+#[test]
+fn an_xtask_binary_acts_on_the_workspace_it_runs_in() {
+    let tmp = tempfile::tempdir_in(store_dir().parent().unwrap()).unwrap();
+    let checkout = tmp.path().join("another checkout");
+    copy_workspace(&checkout);
+    let lock = checkout.join("vm.lock");
+    let text = fs::read_to_string(&lock).unwrap();
+    fs::write(&lock, without(&text, "busybox-static")).unwrap();
+    let ours = fs::read(workspace_root().join("vm.lock")).unwrap();
+    let out = Command::new(vm_tests::xtask_bin())
+        .arg("lock")
+        .current_dir(&checkout)
+        .env_remove("XTASK_LOCK")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let run = Run::from(out);
+    run.expect_code(0);
+    assert!(run.stderr.contains(&format!("{}: `busybox-static` was not locked", lock.display())), "{run:#?}");
+    assert!(fs::read_to_string(&lock).unwrap().contains("[\"busybox-static\"]"), "the other checkout's lock");
+    assert_eq!(fs::read(workspace_root().join("vm.lock")).unwrap(), ours, "this checkout's lock changed");
+}

@@ -170,9 +170,10 @@ fn reads_its_fixture_in_the_vm() {
 }
 
 /// `xtask test --doc` runs a crate's doctests in one VM (kept while cargo runs them):
-/// they see the VM and the crate's files, a failing one gives cargo's words and 101, and
-/// every runner call rustdoc makes lands in the same VM (one console log of the kept VM,
-/// none of a VM per doctest).
+/// they see the VM and the crate's files, every runner call rustdoc makes lands in the
+/// same VM (each doctest leaves a line in the guest's `/tmp`, and the last one, run one
+/// at a time in name order, finds them all), and a failing one gives cargo's words and
+/// 101.
 #[test]
 fn doctests_run_in_one_kept_vm() {
     let dir = tempfile::tempdir().unwrap();
@@ -185,34 +186,32 @@ fn doctests_run_in_one_kept_vm() {
         lib.push_str(&format!(
             "/// ```\n/// assert!(std::path::Path::new(\"/store\").is_dir(), \"not in the VM\");\n\
              /// let me = std::fs::read_to_string(concat!(env!(\"CARGO_MANIFEST_DIR\"), \"/Cargo.toml\")).unwrap();\n\
-             /// assert!(me.contains(\"name = \\\"docs\\\"\"));\n/// assert_eq!(docs::f{i}(), {i});\n/// ```\n\
+             /// assert!(me.contains(\"name = \\\"docs\\\"\"));\n\
+             /// use std::io::Write;\n\
+             /// let mut runs = std::fs::OpenOptions::new().append(true).create(true).open(\"/tmp/docs-runs\").unwrap();\n\
+             /// writeln!(runs, \"f{i}\").unwrap();\n/// assert_eq!(docs::f{i}(), {i});\n/// ```\n\
              pub fn f{i}() -> u32 {{ {i} }}\n"
         ));
     }
+    lib.push_str(
+        "/// ```\n/// let runs = std::fs::read_to_string(\"/tmp/docs-runs\").unwrap_or_default();\n\
+         /// assert_eq!(runs.lines().count(), 6, \"the doctests ran in other VMs: {runs:?}\");\n/// ```\n\
+         pub fn zz_last() {}\n",
+    );
     std::fs::write(krate.join("src/lib.rs"), &lib).unwrap();
     let manifest_path = krate.join("Cargo.toml");
-    let logs = || -> Vec<String> {
-        std::fs::read_dir(vm_tests::workspace_root().join("target/vmlogs"))
-            .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
-            .unwrap_or_default()
-    };
-    let before = logs();
     let args = ["test", "--system", "minimal", "--timeout", TIMEOUT, "--doc", "--manifest-path"];
-    let run = xtask(&[&args[..], &[manifest_path.to_str().unwrap()]].concat());
+    let run = xtask(&[&args[..], &[manifest_path.to_str().unwrap(), "--", "--test-threads=1"]].concat());
     run.expect_code(0);
-    assert!(run.stdout.contains("test result: ok. 6 passed; 0 failed"), "{run:#?}");
-    let new: Vec<String> = logs().into_iter().filter(|l| !before.contains(l)).collect();
-    let kept = new.iter().filter(|l| l.starts_with("test-doctests-")).count();
-    let own = new.iter().filter(|l| l.starts_with("test-") && !l.starts_with("test-doctests-")).count();
-    assert_eq!((kept, own), (1, 0), "not one kept VM for the doctests: {new:?}");
+    assert!(run.stdout.contains("test result: ok. 7 passed; 0 failed"), "{run:#?}");
 
     // A failing doctest: cargo's words, 101.
     lib.push_str("/// ```\n/// assert_eq!(1 + 1, 3, \"fails on purpose\");\n/// ```\npub fn broken() {}\n");
     std::fs::write(krate.join("src/lib.rs"), &lib).unwrap();
-    let run = xtask(&[&args[..], &[manifest_path.to_str().unwrap()]].concat());
+    let run = xtask(&[&args[..], &[manifest_path.to_str().unwrap(), "--", "--test-threads=1"]].concat());
     run.expect_code(101);
     assert!(run.stdout.contains("fails on purpose"), "{run:#?}");
-    assert!(run.stdout.contains("test result: FAILED. 6 passed; 1 failed"), "{run:#?}");
+    assert!(run.stdout.contains("test result: FAILED. 7 passed; 1 failed"), "{run:#?}");
     assert!(run.stderr.contains("error: doctest failed, to rerun pass `--doc`"), "{run:#?}");
 }
 

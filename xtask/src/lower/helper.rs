@@ -1,5 +1,6 @@
-//! Builds the guest helper (the `guest` crate) as a static binary and adds it to the
-//! store by content. A fingerprint of its sources (paths, sizes, mtimes) lets an
+//! Builds the guest helper (the `guest` crate) as a static binary, from the source of the
+//! `guest` crate this program was built with ([`guest::SOURCE_DIR`], wherever cargo
+//! keeps it; never the user's workspace), and adds it to the store by content. A fingerprint of its sources (paths, sizes, mtimes) lets an
 //! unchanged helper skip the cargo invocation altogether on the hot path.
 
 use fs_err as fs;
@@ -17,7 +18,8 @@ const RUSTFLAGS: &str = "-C target-feature=+crt-static -C strip=symbols";
 pub fn build(store: &Store, ws: &Workspace, verbose: bool) -> Result<Item> {
     let target_dir = ws.target_dir.join("guest-helper");
     let memo = target_dir.join("last-build");
-    let fingerprint = source_fingerprint(ws)?;
+    let source = Path::new(guest::SOURCE_DIR);
+    let fingerprint = source_fingerprint(source)?;
     if let Some(item) = fs::read_to_string(&memo)
         .ok()
         .and_then(|m| m.strip_prefix(&format!("{fingerprint} ")).map(str::to_string))
@@ -25,8 +27,10 @@ pub fn build(store: &Store, ws: &Workspace, verbose: bool) -> Result<Item> {
     {
         return Ok(item);
     }
-    let binary = crate::lower::packages::cargo_build_static(ws, "guest", "guest", &target_dir, RUSTFLAGS, verbose)
-        .context("building the guest helper")?;
+    let manifest = source.join("Cargo.toml");
+    let binary =
+        crate::lower::packages::cargo_build_static_from(&manifest, "guest", "guest", &target_dir, RUSTFLAGS, verbose)
+            .with_context(|| format!("building the guest helper from `{}`", source.display()))?;
     check_static(&binary)?;
     let recipe = Recipe::new("file", "guest-helper").input_content("content", &store::sha256_file(&binary)?);
     let item = store.realise(&recipe, |out| {
@@ -38,10 +42,15 @@ pub fn build(store: &Store, ws: &Workspace, verbose: bool) -> Result<Item> {
     Ok(item)
 }
 
-/// Paths, sizes and modification times of everything cargo reads to build the helper.
-fn source_fingerprint(ws: &Workspace) -> Result<String> {
-    let mut files = vec![ws.root.join("Cargo.lock"), ws.root.join("Cargo.toml"), ws.root.join(".cargo/config.toml")];
-    collect_files(&ws.root.join("guest"), &mut files)?;
+/// Paths, sizes and modification times of everything cargo reads to build the helper
+/// from `source`: its files and those of the workspace around it (when it is in one).
+fn source_fingerprint(source: &Path) -> Result<String> {
+    let mut files = Vec::new();
+    if let Some(parent) = source.parent() {
+        files.extend(["Cargo.lock", "Cargo.toml", ".cargo/config.toml"].map(|f| parent.join(f)));
+    }
+    files.push(source.join("Cargo.lock"));
+    collect_files(source, &mut files)?;
     files.sort();
     let mut hasher = Sha256::new();
     hasher.update(RUSTFLAGS);

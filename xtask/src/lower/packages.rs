@@ -67,13 +67,38 @@ pub fn cargo_build_static(
     rustflags: &str,
     verbose: bool,
 ) -> Result<PathBuf> {
+    cargo_build_static_in(&ws.root, None, package, bin, target_dir, rustflags, verbose)
+}
+
+/// [`cargo_build_static`] of the package whose manifest is `manifest`, wherever it is.
+pub fn cargo_build_static_from(
+    manifest: &Path,
+    package: &str,
+    bin: &str,
+    target_dir: &Path,
+    rustflags: &str,
+    verbose: bool,
+) -> Result<PathBuf> {
+    let dir = manifest.parent().context("a manifest's directory")?;
+    cargo_build_static_in(dir, Some(manifest), package, bin, target_dir, rustflags, verbose)
+}
+
+fn cargo_build_static_in(
+    dir: &Path,
+    manifest: Option<&Path>,
+    package: &str,
+    bin: &str,
+    target_dir: &Path,
+    rustflags: &str,
+    verbose: bool,
+) -> Result<PathBuf> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut cmd = crate::process::command(cargo);
-    cmd.args(["build", "--release", "--package", package, "--bin", bin, "--target", TARGET])
-        .arg("--target-dir")
-        .arg(target_dir)
-        .current_dir(&ws.root)
-        .env("RUSTFLAGS", rustflags);
+    cmd.args(["build", "--release", "--package", package, "--bin", bin, "--target", TARGET]);
+    if let Some(manifest) = manifest {
+        cmd.arg("--manifest-path").arg(manifest);
+    }
+    cmd.arg("--target-dir").arg(target_dir).current_dir(dir).env("RUSTFLAGS", rustflags);
     if !verbose {
         cmd.arg("--quiet");
     }
