@@ -333,6 +333,19 @@ fn a_package_that_does_not_match_its_pin_is_refused() {
     assert_eq!(fs::read_dir(store.path().join(".tmp")).unwrap().count(), 0, "temporaries left behind");
 }
 
+/// Runs `script` with `sh` as root of a private user and mount namespace (`unshare -rm`:
+/// no root needed), where it mounts what it likes; its stdout and stderr.
+fn in_private_mounts(script: &str) -> (String, String) {
+    let out = Command::new("unshare")
+        .args(["-rm", "sh", "-c", script])
+        .stdin(Stdio::null())
+        .output()
+        .expect("running unshare (util-linux)");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "unshare failed: {stderr}");
+    (String::from_utf8_lossy(&out.stdout).into_owned(), stderr)
+}
+
 #[test]
 fn a_full_file_system_is_a_clear_error_with_nothing_left() {
     let store = tempfile::tempdir().unwrap();
@@ -344,14 +357,7 @@ fn a_full_file_system_is_a_clear_error_with_nothing_left() {
         xtask_bin().display(),
         TIMEOUT
     );
-    let out = Command::new("unshare")
-        .args(["-rm", "sh", "-c", &script])
-        .stdin(Stdio::null())
-        .output()
-        .expect("running unshare (util-linux)");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "unshare failed: {stderr}");
+    let (stdout, stderr) = in_private_mounts(&script);
     assert!(stdout.contains("exit=1"), "expected a failure: {stdout}\n{stderr}");
     assert!(
         stderr.contains(&format!("no space left on device in `{}", store.path().display())),
@@ -676,14 +682,7 @@ fn a_full_file_system_under_the_debian_index_is_a_clear_error() {
         lock.display(),
         xtask_bin().display(),
     );
-    let out = Command::new("unshare")
-        .args(["-rm", "sh", "-c", &script])
-        .stdin(Stdio::null())
-        .output()
-        .expect("running unshare (util-linux)");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "unshare failed: {stderr}");
+    let (stdout, stderr) = in_private_mounts(&script);
     assert!(stdout.contains("exit=1"), "expected a failure: {stdout}\n{stderr}");
     assert!(
         stderr.contains(&format!("no space left on device in `{}", index.display())),
@@ -710,14 +709,7 @@ fn with_small_scratch(size: &str, without: &str, args: &[&str]) -> (i32, String,
         xtask_bin().display(),
         words.join(" ")
     );
-    let out = Command::new("unshare")
-        .args(["-rm", "sh", "-c", &script])
-        .stdin(Stdio::null())
-        .output()
-        .expect("running unshare (util-linux)");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(out.status.success(), "unshare failed: {stderr}");
+    let (stdout, stderr) = in_private_mounts(&script);
     let code = stdout.lines().find_map(|l| l.strip_prefix("exit=")).and_then(|c| c.parse().ok()).unwrap_or(-1);
     let names = |dir: &Path| -> Vec<String> {
         fs::read_dir(dir).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect()

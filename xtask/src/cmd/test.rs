@@ -368,13 +368,7 @@ fn run_in_vm(
     let xchg = store.exchange()?;
     let runtime = store.scratch("run")?;
     let mut spec = opts.spec(accel, &store, &boot, xchg.path().to_path_buf());
-    let mount_points: Vec<PathBuf> =
-        shared.target_dir.join("tmp").strip_prefix(&shared.root).map(Path::to_path_buf).into_iter().collect();
-    let view = workspace_view::stage(&store, &shared.root, &[&shared.target_dir, &ws.store_dir], &mount_points)?;
-    spec.shares.push(Share { tag: WORKSPACE_TAG.into(), path: view.path().to_path_buf(), readonly: true });
-    if let Some((path, _)) = &root_image {
-        spec.disks.push(Disk { path: path.clone(), format: DiskFormat::Raw, readonly: true });
-    }
+    let _view = share_workspace(ws, &store, shared, &mut spec, root_image.as_ref())?;
     let run = VmRun {
         verbose: opts.verbose,
         watch: Some(watch.clone()),
@@ -396,6 +390,26 @@ fn run_in_vm(
         EXIT_TEST_FAILED => Ok(EXIT_TEST_FAILED),
         other => bail!("the test script in the guest ended with status {other}"),
     }
+}
+
+/// Shares `shared`'s sources with the VM of `spec` ([`workspace_view`], read-only at the
+/// workspace's path) and attaches the system's root image; the view lives as long as
+/// what is returned.
+fn share_workspace(
+    ws: &Workspace,
+    store: &crate::store::Store,
+    shared: &Shared,
+    spec: &mut qemu::VmSpec,
+    root_image: Option<&(PathBuf, String)>,
+) -> Result<crate::store::Exchange> {
+    let mount_points: Vec<PathBuf> =
+        shared.target_dir.join("tmp").strip_prefix(&shared.root).map(Path::to_path_buf).into_iter().collect();
+    let view = workspace_view::stage(store, &shared.root, &[&shared.target_dir, &ws.store_dir], &mount_points)?;
+    spec.shares.push(Share { tag: WORKSPACE_TAG.into(), path: view.path().to_path_buf(), readonly: true });
+    if let Some((path, _)) = root_image {
+        spec.disks.push(Disk { path: path.clone(), format: DiskFormat::Raw, readonly: true });
+    }
+    Ok(view)
 }
 
 /// Adds each test binary with its shared-library closure to the store and to `lowered`

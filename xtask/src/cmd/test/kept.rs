@@ -21,12 +21,12 @@ use anyhow::{bail, Context, Result};
 use guest::control::{base64_decode, FromGuest, ToGuest};
 use guest::Mode;
 
-use super::{workspace_mounts, Shared, TestBinary, WORKSPACE_TAG};
+use super::{workspace_mounts, Shared, TestBinary};
 use crate::cmd::{run_vm, VmOpts};
 use crate::lower::{packages, system};
-use crate::vm::qemu::{self, Disk, DiskFormat, Share};
+use crate::vm::qemu;
 use crate::vm::scenario::{self, Node};
-use crate::vm::{shell_quote, workspace_view};
+use crate::vm::shell_quote;
 use crate::Workspace;
 
 /// Set in the keeper's environment: its directory.
@@ -283,13 +283,7 @@ fn serve(ws: &Workspace, opts: &VmOpts, shared: &Shared, dir: &Path, cargo: Proc
     let xchg = store.exchange()?;
     crate::vm::write_request(xchg.path(), &request)?;
     let mut spec = opts.spec(accel, &store, &lowered, xchg.path().to_path_buf());
-    let mount_points: Vec<PathBuf> =
-        shared.target_dir.join("tmp").strip_prefix(&shared.root).map(Path::to_path_buf).into_iter().collect();
-    let view = workspace_view::stage(&store, &shared.root, &[&shared.target_dir, &ws.store_dir], &mount_points)?;
-    spec.shares.push(Share { tag: WORKSPACE_TAG.into(), path: view.path().to_path_buf(), readonly: true });
-    if let Some((path, _)) = &root_image {
-        spec.disks.push(Disk { path: path.clone(), format: DiskFormat::Raw, readonly: true });
-    }
+    let _view = super::share_workspace(ws, &store, shared, &mut spec, root_image.as_ref())?;
     // Where the runner calls put their binaries: the directory shared as the guest's `/xchg`.
     let shared_xchg = spec.shares.iter().find(|s| s.tag == "xchg").map(|s| s.path.clone()).context("no xchg share")?;
     std::fs::write(dir.join("xchg"), shared_xchg.as_os_str().as_encoded_bytes())?;
