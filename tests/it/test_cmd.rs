@@ -188,7 +188,8 @@ fn doctests_run_in_one_kept_vm() {
              /// let me = std::fs::read_to_string(concat!(env!(\"CARGO_MANIFEST_DIR\"), \"/Cargo.toml\")).unwrap();\n\
              /// assert!(me.contains(\"name = \\\"docs\\\"\"));\n\
              /// use std::io::Write;\n\
-             /// let mut runs = std::fs::OpenOptions::new().append(true).create(true).open(\"/tmp/docs-runs\").unwrap();\n\
+             /// let mut runs = std::fs::OpenOptions::new().append(true).create(true)\n\
+             ///     .open(\"/tmp/docs-runs\").unwrap();\n\
              /// writeln!(runs, \"f{i}\").unwrap();\n/// assert_eq!(docs::f{i}(), {i});\n/// ```\n\
              pub fn f{i}() -> u32 {{ {i} }}\n"
         ));

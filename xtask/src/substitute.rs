@@ -510,7 +510,10 @@ pub fn pull(
     let hash = file_name.split('-').next().unwrap_or_default();
     let request = with(
         at(registry, hash, timeout),
-        json!({"op": "pull", "item": file_name, "trusted": keys.0, "revoked": keys.1, "dir": null, "max_bytes": MAX_ITEM_BYTES}),
+        json!({
+            "op": "pull", "item": file_name, "trusted": keys.0, "revoked": keys.1, "dir": null,
+            "max_bytes": MAX_ITEM_BYTES
+        }),
     );
     let answer = helper.call(&request, Some(timeout))?;
     if !answer.ok {
@@ -592,7 +595,10 @@ pub fn substitute(store: &Store, recipe: &Recipe, item: &Item, tmp: &Path) -> Op
         // one timeout, once per process.
         let request = with(
             at(&registry, &item.hash, timeout),
-            json!({"op": "pull", "item": file_name, "trusted": keys.0, "revoked": keys.1, "dir": null, "max_bytes": MAX_ITEM_BYTES}),
+            json!({
+                "op": "pull", "item": file_name, "trusted": keys.0, "revoked": keys.1, "dir": null,
+                "max_bytes": MAX_ITEM_BYTES
+            }),
         );
         let answer = match helper.call(&request, Some(timeout + Duration::from_secs(1))) {
             Ok(a) => a,

@@ -468,7 +468,8 @@ mod tests {
     fn fetch_failures_give_apts_reason() {
         let url = "http://m.example/debian/pool/x.deb";
         let said = format!(
-            "Err:1 {url}\n  404  Not Found [IP: 1.2.3.4 80]\nE: Failed to fetch {url}  404  Not Found [IP: 1.2.3.4 80]\n\
+            "Err:1 {url}\n  404  Not Found [IP: 1.2.3.4 80]\n\
+             E: Failed to fetch {url}  404  Not Found [IP: 1.2.3.4 80]\n\
              E: Download Failed\n"
         );
         assert_eq!(fetch_failure(&said, url), "404  Not Found [IP: 1.2.3.4 80]");

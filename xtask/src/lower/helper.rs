@@ -1,7 +1,8 @@
 //! Builds the guest helper (the `guest` crate) as a static binary, from the source of the
 //! `guest` crate this program was built with ([`guest::SOURCE_DIR`], wherever cargo
-//! keeps it; never the user's workspace), and adds it to the store by content. A fingerprint of its sources (paths, sizes, mtimes) lets an
-//! unchanged helper skip the cargo invocation altogether on the hot path.
+//! keeps it; never the user's workspace), and adds it to the store by content. A
+//! fingerprint of its sources (paths, sizes, mtimes) lets an unchanged helper skip the
+//! cargo invocation altogether on the hot path.
 
 use fs_err as fs;
 use std::path::{Path, PathBuf};

@@ -162,7 +162,8 @@ impl Index {
              Dir::Etc::Trusted \"{d}/trusted.gpg\";\nDir::Etc::TrustedParts \"{d}/trusted.gpg.d/\";\n\
              APT::Architecture \"amd64\";\nAPT::Architectures {{ \"amd64\"; }};\n\
              Acquire::Languages \"none\";\nAcquire::GzipIndexes \"true\";\n\
-             Acquire::CompressionTypes::Order {{ \"xz\"; \"gz\"; }};\nDir::Cache::srcpkgcache \"\";\nAPT::Install-Recommends \"false\";\nAPT::Install-Suggests \"false\";\n"
+             Acquire::CompressionTypes::Order {{ \"xz\"; \"gz\"; }};\nDir::Cache::srcpkgcache \"\";\n\
+             APT::Install-Recommends \"false\";\nAPT::Install-Suggests \"false\";\n"
         );
         if host::is_root() {
             // apt's download sandbox user cannot write into a private root-owned directory.
