@@ -379,3 +379,23 @@ fn a_slow_test_is_named_on_stderr_while_it_runs() {
         "{rest}"
     );
 }
+
+/// `debian-base`, Debian's own userland, runs the workspace's tests: the test binary's
+/// libraries are the system's (its libc6), `/bin/sh` is dash and runs with an empty
+/// `argv[0]`, and the base commands are Debian's. On busybox's `minimal` that one test
+/// fails as it should: busybox's `sh` exits 127.
+#[test]
+fn debian_base_runs_tests_with_debians_userland() {
+    let test = |system: &str, filter: &[&str]| {
+        let mut args = vec!["test", "--system", system, "--timeout", TIMEOUT, "-p", "vm-checks"];
+        args.extend(["--test", "debian_base", "--", "--ignored"]);
+        args.extend_from_slice(filter);
+        xtask(&args)
+    };
+    let run = test("debian-base", &[]);
+    run.expect_code(0);
+    assert!(run.stdout.contains("test result: ok. 3 passed; 0 failed"), "{run:#?}");
+    let run = test("minimal", &["--exact", "sh_runs_with_an_empty_argv0"]);
+    run.expect_code(101);
+    assert!(run.stdout.contains("/bin/sh with an empty argv[0]: exit status: 127"), "{run:#?}");
+}
