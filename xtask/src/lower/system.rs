@@ -60,17 +60,26 @@ impl Lowered {
 
 /// [`Lowered::add_library_links`] on the guest's links `existing`.
 fn add_library_links(existing: &mut Vec<(String, String)>, links: Vec<(String, String)>) {
+    let new = library_links_to_make(existing, links);
+    existing.extend(new);
+}
+
+/// Of a host program's library links, those still to make in a guest where `made` are
+/// made already, each where [`Lowered::add_library_links`] puts it.
+pub fn library_links_to_make(made: &[(String, String)], links: Vec<(String, String)>) -> Vec<(String, String)> {
+    let mut new: Vec<(String, String)> = Vec::new();
     for (link, target) in links {
         let under_a_link =
-            existing.iter().any(|(l, _)| link.strip_prefix(l.as_str()).is_some_and(|rest| rest.starts_with('/')));
+            made.iter().any(|(l, _)| link.strip_prefix(l.as_str()).is_some_and(|rest| rest.starts_with('/')));
         let link = match link.rsplit_once('/') {
             Some((_, name)) if under_a_link => format!("/lib/{name}"),
             _ => link,
         };
-        if !existing.iter().any(|(l, _)| *l == link) {
-            existing.push((link, target));
+        if !made.iter().chain(&new).any(|(l, _)| *l == link) {
+            new.push((link, target));
         }
     }
+    new
 }
 
 /// Builds (or finds) everything `system` needs to boot.
