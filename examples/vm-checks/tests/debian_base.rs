@@ -28,7 +28,11 @@ fn bin_sh_is_debians_dash() {
     require_debian_base_vm();
     // What the kernel runs for /bin/sh: dash's binary, from Debian's package.
     let (ok, exe) = run("/bin/sh", &["-c", "readlink /proc/$$/exe"]);
-    assert!(ok && exe.trim_end().ends_with("-dash-0.5.12-2/bin/dash"), "/bin/sh runs {exe}");
+    let exe = exe.trim_end();
+    assert!(
+        ok && exe.starts_with("/store/") && exe.contains("-dash-") && exe.ends_with("/bin/dash"),
+        "/bin/sh runs {exe}"
+    );
     let release = std::fs::read_to_string("/etc/os-release").unwrap();
     assert!(release.contains("ID=debian"), "{release}");
 }
