@@ -331,6 +331,58 @@ pub fn minimal() -> System {
     }
 }
 
+/// The Debian packages of [`debian_base`]: Debian's own base userland, what a test suite
+/// expects of a root shell on a freshly installed Debian machine.
+pub const DEBIAN_BASE_PACKAGES: &[&str] = &[
+    // `/bin/sh` (dash ships the link), and bash for the scripts that ask for it.
+    "dash",
+    "bash",
+    // The commands of the essential set: `env`, `cat`, `sleep`, `stty`, `find`, `grep`,
+    // `sed`, `awk`, `diff`, `tar`, `gzip`, `hostname`, `which`, `getent`, ...
+    "coreutils",
+    "findutils",
+    "grep",
+    "sed",
+    "mawk",
+    "diffutils",
+    "tar",
+    "gzip",
+    "hostname",
+    "debianutils",
+    "libc-bin",
+    // `mount`, `umount`, `losetup`, `unshare`, `nsenter`, `su`, `script`, `logger`, ...
+    "util-linux",
+    "mount",
+    "bsdutils",
+    // `ps`, `kill`, `pgrep`, `pkill`, `sysctl`, `free`.
+    "procps",
+    // `ip` and `ss`, for tests of network namespaces and links.
+    "iproute2",
+    "make",
+    // `tput`, `clear`, `reset`, and the terminfo of the usual terminals.
+    "ncurses-bin",
+    "ncurses-base",
+    // `/etc/os-release`, `/etc/debian_version`.
+    "base-files",
+    // What debootstrap installs for init-system-helpers' `usrmerge | usr-is-merged` (the
+    // root is laid out merged already), rather than usrmerge, which brings all of perl.
+    "usr-is-merged",
+];
+
+/// Debian's kernel with Debian's own base userland instead of busybox: dash as `/bin/sh`,
+/// coreutils, util-linux, procps, make, ... ([`DEBIAN_BASE_PACKAGES`]): for test suites
+/// that expect a normal root shell on Debian (`cargo xtask test --system debian-base`).
+pub fn debian_base() -> System {
+    System {
+        packages: DEBIAN_BASE_PACKAGES.iter().map(|p| Package::Debian { package: p.to_string() }).collect(),
+        ..System::base(
+            "debian-base",
+            "Debian's kernel with Debian's base userland (dash as /bin/sh, bash, coreutils, util-linux, procps, \
+             make, ...): for test suites",
+        )
+    }
+}
+
 /// `minimal`, which, booted from a disk image, counts the boot on its root file system,
 /// prints a marker line (`vm-image boot-check: ok ...`) and powers off: for tests of
 /// `cargo xtask vm-image`.
@@ -504,6 +556,7 @@ pub fn debian_examples() -> Vec<System> {
 pub fn all() -> Vec<System> {
     let mut all = vec![
         minimal(),
+        debian_base(),
         hello(),
         host_findmnt(),
         boot_check(),

@@ -5,6 +5,7 @@
 mod bench;
 mod build_in_vm;
 mod cli;
+mod crate_suites;
 mod debian;
 mod faults;
 mod guest_boundary;

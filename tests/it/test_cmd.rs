@@ -380,3 +380,40 @@ fn a_slow_test_is_named_on_stderr_while_it_runs() {
         "{rest}"
     );
 }
+
+/// `debian-base`, Debian's own userland, runs the workspace's tests and doctests: the
+/// test binary's libraries are the system's (its libc6), `/bin/sh` is dash and runs with
+/// an empty `argv[0]`, and the base commands are Debian's. On busybox's `minimal` that
+/// one test fails as it should: busybox's `sh` exits 127.
+#[test]
+fn debian_base_runs_tests_with_debians_userland() {
+    let test = |system: &str, filter: &[&str]| {
+        let mut args = vec!["test", "--system", system, "--timeout", TIMEOUT, "-p", "vm-checks"];
+        args.extend(["--test", "debian_base", "--", "--ignored"]);
+        args.extend_from_slice(filter);
+        xtask(&args)
+    };
+    let run = test("debian-base", &[]);
+    run.expect_code(0);
+    assert!(run.stdout.contains("test result: ok. 3 passed; 0 failed"), "{run:#?}");
+    let run = test("minimal", &["--exact", "sh_runs_with_an_empty_argv0"]);
+    run.expect_code(101);
+    assert!(run.stdout.contains("/bin/sh with an empty argv[0]: exit status: 127"), "{run:#?}");
+
+    // Doctests too, in the VM kept for them: their libraries' links are made beside the system's.
+    let dir = tempfile::tempdir().unwrap();
+    let krate = dir.path().join("docs");
+    std::fs::create_dir_all(krate.join("src")).unwrap();
+    let manifest = "[package]\nname = \"docs\"\nversion = \"0.1.0\"\nedition = \"2021\"\n\n[workspace]\n";
+    std::fs::write(krate.join("Cargo.toml"), manifest).unwrap();
+    let lib = "/// ```\n/// use std::os::unix::process::CommandExt;\n\
+               /// assert_eq!(std::fs::read_to_string(\"/proc/sys/kernel/hostname\").unwrap(), \"debian-base\\n\");\n\
+               /// let sh = std::process::Command::new(\"/bin/sh\").arg0(\"\").args([\"-c\", \"true\"]).status();\n\
+               /// assert!(sh.unwrap().success());\n/// ```\npub fn f() {}\n";
+    std::fs::write(krate.join("src/lib.rs"), lib).unwrap();
+    let manifest_path = krate.join("Cargo.toml");
+    let args = ["test", "--system", "debian-base", "--timeout", TIMEOUT, "--doc", "--manifest-path"];
+    let run = xtask(&[&args[..], &[manifest_path.to_str().unwrap()]].concat());
+    run.expect_code(0);
+    assert!(run.stdout.contains("test result: ok. 1 passed; 0 failed"), "{run:#?}");
+}

@@ -426,11 +426,7 @@ fn add_test_binaries(
     for binary in binaries {
         let program = packages::host_program(store, &resolver, &binary.path)
             .with_context(|| format!("adding the test binary `{}` to the store", binary.path.display()))?;
-        for link in program.links {
-            if !lowered.links.contains(&link) {
-                lowered.links.push(link);
-            }
-        }
+        lowered.add_library_links(program.links);
         let name = binary.path.file_name().unwrap_or_default().to_string_lossy().into_owned();
         let shown = binary.path.strip_prefix(&shared.root).unwrap_or(&binary.path).display().to_string();
         let label = format!("{} ({shown})", binary.label);

@@ -43,6 +43,43 @@ impl Lowered {
         items.extend(self.packages.iter().map(|p| ("package", p)));
         items
     }
+
+    /// Adds the links of a host program's libraries ([`packages::host_program`]: its
+    /// loader and `/lib/x86_64-linux-gnu/SONAME`), as a test binary brings them.
+    ///
+    /// Where the system lays out a link's directory itself (a system with Debian
+    /// packages links `/lib64` and `/lib/x86_64-linux-gnu` into its profile, read-only),
+    /// the system's library of that name is the one the loader finds, as on a machine
+    /// with those packages installed, and the host's is linked in `/lib` instead (a real
+    /// directory in every guest, the loader's last default one), for the libraries the
+    /// system lacks. The program's loader is then the system's (its libc6's).
+    pub fn add_library_links(&mut self, links: Vec<(String, String)>) {
+        add_library_links(&mut self.links, links);
+    }
+}
+
+/// [`Lowered::add_library_links`] on the guest's links `existing`.
+fn add_library_links(existing: &mut Vec<(String, String)>, links: Vec<(String, String)>) {
+    let new = library_links_to_make(existing, links);
+    existing.extend(new);
+}
+
+/// Of a host program's library links, those still to make in a guest where `made` are
+/// made already, each where [`Lowered::add_library_links`] puts it.
+pub fn library_links_to_make(made: &[(String, String)], links: Vec<(String, String)>) -> Vec<(String, String)> {
+    let mut new: Vec<(String, String)> = Vec::new();
+    for (link, target) in links {
+        let under_a_link =
+            made.iter().any(|(l, _)| link.strip_prefix(l.as_str()).is_some_and(|rest| rest.starts_with('/')));
+        let link = match link.rsplit_once('/') {
+            Some((_, name)) if under_a_link => format!("/lib/{name}"),
+            _ => link,
+        };
+        if !made.iter().chain(&new).any(|(l, _)| *l == link) {
+            new.push((link, target));
+        }
+    }
+    new
 }
 
 /// Builds (or finds) everything `system` needs to boot.
@@ -368,4 +405,35 @@ pub fn root_request(system: &System, lowered: &Lowered, mode: Mode, argv: Vec<St
         ("PS1".into(), format!("[{}:\\w]# ", system.name)),
     ];
     Request { dirs: vec!["/root".into()], ..bare_request(mode, argv, env, "/root", &system.hostname) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_host_library_under_a_directory_the_system_links_goes_to_lib() {
+        let owned = |links: &[(&str, &str)]| -> Vec<(String, String)> {
+            links.iter().map(|(l, t)| (l.to_string(), t.to_string())).collect()
+        };
+        let host = owned(&[
+            ("/lib64/ld-linux-x86-64.so.2", "/store/a-ld/ld-linux-x86-64.so.2"),
+            ("/lib/x86_64-linux-gnu/libc.so.6", "/store/b-libc/libc.so.6"),
+        ]);
+        // Busybox only: the host's libraries where they are on the host, once.
+        let mut busybox = owned(&[("/bin", "/store/c-busybox/bin")]);
+        add_library_links(&mut busybox, host.clone());
+        add_library_links(&mut busybox, host.clone());
+        assert_eq!(busybox[1..], host[..]);
+        // A Debian profile's directories: the system's libraries win, the host's are in /lib.
+        let mut debian = owned(&[("/lib64", "usr/lib64"), ("/lib/x86_64-linux-gnu", "/usr/lib/x86_64-linux-gnu")]);
+        add_library_links(&mut debian, host);
+        assert_eq!(
+            debian[2..],
+            owned(&[
+                ("/lib/ld-linux-x86-64.so.2", "/store/a-ld/ld-linux-x86-64.so.2"),
+                ("/lib/libc.so.6", "/store/b-libc/libc.so.6"),
+            ])[..]
+        );
+    }
 }

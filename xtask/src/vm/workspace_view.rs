@@ -49,7 +49,10 @@ pub fn sources(root: &Path) -> Result<Vec<PathBuf>> {
         .env_remove("GIT_WORK_TREE")
         .output();
     match git {
-        Ok(out) if out.status.success() => {
+        // Git lists nothing (not even the manifest) where the workspace lies in a
+        // directory an enclosing repository ignores (a crate unpacked under `target/`):
+        // that is not git's to list, so it is walked as a directory without git.
+        Ok(out) if out.status.success() && out.stdout.iter().any(|b| *b != 0) => {
             let listed = out.stdout.split(|b| *b == 0).filter(|p| !p.is_empty());
             let mut files: Vec<PathBuf> = listed.map(|p| PathBuf::from(std::ffi::OsStr::from_bytes(p))).collect();
             // A path is listed once per stage while a merge is unresolved.
@@ -57,7 +60,7 @@ pub fn sources(root: &Path) -> Result<Vec<PathBuf>> {
             files.dedup();
             Ok(files)
         }
-        // Not a git work tree (or no git): everything but the build outputs and `.git`.
+        // Not a git work tree (or no git, or ignored): everything but the build outputs and `.git`.
         _ => {
             let mut found = Vec::new();
             walk(root, Path::new(""), &mut found)?;
@@ -155,5 +158,27 @@ mod tests {
         found.sort();
         let found: Vec<String> = found.iter().map(|p| p.display().to_string()).collect();
         assert_eq!(found, ["key.pem", "src/lib.rs", "sub/f"]);
+    }
+
+    #[test]
+    fn a_workspace_in_a_directory_git_ignores_is_walked() {
+        let dir = tempfile::tempdir().unwrap();
+        let git = |args: &[&str]| {
+            let status = std::process::Command::new("git").args(args).current_dir(dir.path()).status().unwrap();
+            assert!(status.success(), "git {args:?}");
+        };
+        git(&["init", "-q"]);
+        for (file, text) in [(".gitignore", "/target\n"), ("Cargo.toml", ""), ("target/crate/Cargo.toml", "")] {
+            let path = dir.path().join(file);
+            fs::create_dir_all(path.parent().unwrap()).unwrap();
+            fs::write(&path, text).unwrap();
+        }
+        fs::create_dir_all(dir.path().join("target/crate/target/debug")).unwrap();
+        fs::write(dir.path().join("target/crate/target/debug/x"), "").unwrap();
+        let found = sources(&dir.path().join("target/crate")).unwrap();
+        assert_eq!(found, [PathBuf::from("Cargo.toml")]);
+        let mut outer = sources(dir.path()).unwrap();
+        outer.sort();
+        assert_eq!(outer, [PathBuf::from(".gitignore"), PathBuf::from("Cargo.toml")]);
     }
 }

@@ -290,8 +290,9 @@ fn serve(ws: &Workspace, opts: &VmOpts, shared: &Shared, dir: &Path, cargo: Proc
     let console = ws.log_dir().join(format!("test-doctests-{}.log", std::process::id()));
     let mut node = Node::serving("doctests", spec, dir, console, xchg)?;
     node.start()?;
-    // The links already made in the guest: a runner call's others are made first.
-    let mut made = std::collections::BTreeSet::new();
+    // The links already made in the guest (the system's, at boot): a runner call's
+    // others are made first, where they can be made beside the system's.
+    let mut made: std::collections::BTreeSet<(String, String)> = lowered.links.iter().cloned().collect();
     let ready = dir.join("socket.new");
     let _ = std::fs::remove_file(&ready);
     let listener = UnixListener::bind(&ready).with_context(|| format!("listening at `{}`", ready.display()))?;
@@ -344,7 +345,7 @@ fn answer(node: &mut Node, made: &mut std::collections::BTreeSet<(String, String
         }
         ToGuest::PowerOff => bail!("a runner call may not power the kept VM off"),
     };
-    let new: Vec<(String, String)> = call.links.into_iter().filter(|l| !made.contains(l)).collect();
+    let new = system::library_links_to_make(&made.iter().cloned().collect::<Vec<_>>(), call.links);
     if !new.is_empty() {
         let links = ToGuest::Run { argv: link_command(&new), timeout_ms: 60_000 };
         match node.ask(&links, Duration::from_secs(60) + scenario::ANSWER_GRACE)? {
