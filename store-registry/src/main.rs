@@ -7,11 +7,14 @@
 //! the item's `.meta` (exactly the bytes signed), its one layer a deterministic tar
 //! (gzip) of the item under the name `item`. The manifest's annotations carry the item's
 //! file name, its content sha256 and the signature: `KEYNAME:BASE64` of an ed25519
-//! signature over [`signed_message`]. A pull verifies the signature against the trusted
-//! keys it is given before it downloads the layer; xtask then checks the rest (the
-//! recipe hash of the `.meta`, the content hash of what it ingests) before anything
-//! enters the store.
+//! signature over [`signed_message`], which covers the layer's digest and size too. A
+//! pull reads the manifest with a small cap ([`http::MAX_ANSWER`]), verifies the
+//! signature against the trusted keys it is given before it downloads the layer, and
+//! then takes at most the signed size, within the request's deadline; xtask then checks
+//! the rest (the recipe hash of the `.meta`, the content hash of what it ingests) before
+//! anything enters the store.
 
+mod http;
 mod keys;
 mod tarball;
 
@@ -21,11 +24,12 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use futures_util::StreamExt;
 use oci_client::client::{ClientConfig, ClientProtocol, Config, ImageLayer};
 use oci_client::manifest::{OciDescriptor, OciImageManifest};
 use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference};
+
+use http::Session;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -46,8 +50,22 @@ pub const USERNAME_ENV: &str = "XTASK_REGISTRY_USERNAME";
 pub const PASSWORD_ENV: &str = "XTASK_REGISTRY_PASSWORD";
 
 /// The bytes a signature covers: the item's file name (`<recipe hash>-<name>`), its
-/// content sha256 and the sha256 of its `.meta`, each on a line after a version line.
-pub fn signed_message(item: &str, content_sha256: &str, meta: &[u8]) -> Vec<u8> {
+/// content sha256, the sha256 of its `.meta`, and its layer's digest and size (so a
+/// registry cannot make a pull fetch more than the signer sent), each on a line after a
+/// version line.
+pub fn signed_message(item: &str, content_sha256: &str, meta: &[u8], layer: &OciDescriptor) -> Vec<u8> {
+    format!(
+        "vmstore-item-signature-v2\n{item}\n{content_sha256}\n{}\n{}\n{}\n",
+        hex(&Sha256::digest(meta)),
+        layer.digest,
+        layer.size
+    )
+    .into_bytes()
+}
+
+/// What signatures of the first form covered (not the layer): such a signature is
+/// refused, with a message saying to push the item again.
+fn signed_message_v1(item: &str, content_sha256: &str, meta: &[u8]) -> Vec<u8> {
     format!("vmstore-item-signature-v1\n{item}\n{content_sha256}\n{}\n", hex(&Sha256::digest(meta))).into_bytes()
 }
 
@@ -97,7 +115,8 @@ enum Request {
     },
 }
 
-/// Where: `registry/repository`, the tag, plain HTTP or not, and the read timeout.
+/// Where: `registry/repository`, the tag, plain HTTP or not, the read timeout, and the
+/// deadline of the whole request (a pull's; none by default).
 #[derive(Debug, Deserialize)]
 struct At {
     registry: String,
@@ -105,6 +124,8 @@ struct At {
     tag: String,
     insecure: bool,
     timeout_ms: u64,
+    #[serde(default)]
+    deadline_ms: Option<u64>,
 }
 
 /// Why a request failed, for xtask to say and decide on.
@@ -125,6 +146,8 @@ enum Why {
     Revoked,
     /// A blob does not match its digest, or the artifact is malformed or too large.
     Altered,
+    /// An answer (a manifest, a token) is larger than the cap on it.
+    Oversized,
     /// Anything else (a local error: a key file, a path).
     Error,
 }
@@ -148,7 +171,7 @@ struct Answer {
     /// Pull: the trusted key that signed it.
     #[serde(skip_serializing_if = "Option::is_none")]
     key: Option<String>,
-    /// Pull: the size of the layer, as the manifest says.
+    /// Pull: the size of the layer, as signed.
     #[serde(skip_serializing_if = "Option::is_none")]
     layer_bytes: Option<u64>,
 }
@@ -231,12 +254,19 @@ async fn handle(request: Request) -> Outcome<Answer> {
             push(&at, &item, &path, &meta, &content_sha256, &key, (&trusted, &revoked)).await
         }
         Request::Pull { at, item, trusted, revoked, dir, max_bytes } => {
-            pull(&at, &item, (&trusted, &revoked), dir, max_bytes).await
+            let Some(ms) = at.deadline_ms else { return pull(&at, &item, (&trusted, &revoked), dir, max_bytes).await };
+            // However the registry answers (a byte a second, say), the pull ends here: the
+            // layer file it was writing is closed, and xtask removes its scratch.
+            tokio::time::timeout(Duration::from_millis(ms), pull(&at, &item, (&trusted, &revoked), dir, max_bytes))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(Failure(Why::Unreachable, format!("no answer within {} s (the pull's deadline)", ms / 1000)))
+                })
         }
     }
 }
 
-fn client(at: &At) -> (Client, Reference, RegistryAuth) {
+fn client(at: &At) -> (Client, Reference) {
     let config = ClientConfig {
         protocol: if at.insecure { ClientProtocol::Http } else { ClientProtocol::Https },
         connect_timeout: Some(Duration::from_millis(at.timeout_ms)),
@@ -244,11 +274,7 @@ fn client(at: &At) -> (Client, Reference, RegistryAuth) {
         ..ClientConfig::default()
     };
     let reference = Reference::with_tag(at.registry.clone(), at.repository.clone(), at.tag.clone());
-    let auth = match (std::env::var(USERNAME_ENV), std::env::var(PASSWORD_ENV)) {
-        (Ok(user), Ok(password)) => RegistryAuth::Basic(user, password),
-        _ => RegistryAuth::Anonymous,
-    };
-    (Client::new(config), reference, auth)
+    (Client::new(config), reference)
 }
 
 async fn push(
@@ -261,24 +287,37 @@ async fn push(
     (trusted, revoked): (&[String], &[String]),
 ) -> Outcome<Answer> {
     let signing = local(keys::read_secret(key))?;
-    let (client, reference, auth) = client(at);
+    // The token (if the registry asks for one) is got with a capped read, then handed
+    // to oci-client, which would read its answer whole.
+    let session = Session::open(at, true).await?;
+    let (client, reference) = client(at);
+    let auth = match &session.auth {
+        http::Auth::Anonymous => RegistryAuth::Anonymous,
+        http::Auth::Basic(user, password) => RegistryAuth::Basic(user.clone(), password.clone()),
+        http::Auth::Bearer(token) => RegistryAuth::Bearer(token.clone()),
+    };
     let op = oci_client::RegistryOperation::Push;
     client.auth(&reference, &auth, op).await.map_err(|e| Failure::from_oci(e, "authenticating"))?;
-    if client.fetch_manifest_digest(&reference, &auth).await.is_ok() {
-        // Kept only if it is this item, signed by this key or a trusted one; anything
-        // else there (unsigned, tampered, signed by a revoked or unknown key) is replaced.
-        let mut keys = trusted.to_vec();
-        keys.push(signing.public());
-        match verified(&client, &reference, &auth, item, (&keys, revoked)).await {
-            Ok(_) => return Ok(Answer { pushed: Some(false), ..Answer::default() }),
-            Err(Failure(Why::Unreachable, e)) => return Err(Failure(Why::Unreachable, e)),
-            Err(_) => {}
-        }
+    // Kept only if it is this item, signed by this key or a trusted one; anything else
+    // there (unsigned, tampered, signed in the earlier form, by a revoked or unknown key)
+    // is replaced.
+    let mut keys = trusted.to_vec();
+    keys.push(signing.public());
+    match verified(&session, &at.tag, item, (&keys, revoked)).await {
+        Ok(_) => return Ok(Answer { pushed: Some(false), ..Answer::default() }),
+        Err(Failure(Why::Unreachable, e)) => return Err(Failure(Why::Unreachable, e)),
+        Err(_) => {}
     }
     let tar = local(tarball::pack(path))?;
     let layer = ImageLayer::new(tar, LAYER_MEDIA_TYPE.to_string(), None);
     let config = Config::new(meta.as_bytes().to_vec(), META_MEDIA_TYPE.to_string(), None);
-    let signature = signing.sign(&signed_message(item, content, meta.as_bytes()));
+    let descriptor = OciDescriptor {
+        media_type: LAYER_MEDIA_TYPE.to_string(),
+        digest: layer.sha256_digest(),
+        size: layer.data.len() as i64,
+        ..OciDescriptor::default()
+    };
+    let signature = signing.sign(&signed_message(item, content, meta.as_bytes(), &descriptor));
     let annotations = BTreeMap::from([
         (ITEM_ANNOTATION.to_string(), item.to_string()),
         (CONTENT_ANNOTATION.to_string(), content.to_string()),
@@ -301,12 +340,8 @@ async fn pull(
     dir: Option<PathBuf>,
     max_bytes: u64,
 ) -> Outcome<Answer> {
-    let (client, reference, auth) = client(at);
-    client
-        .auth(&reference, &auth, oci_client::RegistryOperation::Pull)
-        .await
-        .map_err(|e| Failure::from_oci(e, "authenticating"))?;
-    let Verified { manifest, meta, content, key, mut bytes } = verified(&client, &reference, &auth, item, keys).await?;
+    let session = Session::open(at, false).await?;
+    let Verified { manifest, meta, content, key, mut bytes } = verified(&session, &at.tag, item, keys).await?;
     let altered = |what: String| Failure(Why::Altered, what);
     if let Some(dir) = dir {
         let layer = &manifest.layers[0];
@@ -314,10 +349,11 @@ async fn pull(
             return Err(altered(format!("the layer's media type is {:?}", layer.media_type)));
         }
         let file = dir.join("layer.tar.gz");
-        fetch(&client, &reference, layer, max_bytes, Some(&file), &mut bytes).await?;
+        fetch(&session, layer, max_bytes, Some(&file), &mut bytes).await?;
         tarball::unpack(&file, &dir.join("item"), max_bytes).map_err(|e| altered(format!("unpacking: {e:#}")))?;
         let _ = std::fs::remove_file(&file);
     }
+    // Signed: what a deadline for fetching it may be based on.
     let layer_bytes = Some(manifest.layers[0].size.max(0) as u64);
     Ok(Answer {
         meta: Some(meta),
@@ -343,16 +379,16 @@ struct Verified {
 /// Fetches `item`'s manifest and `.meta` and verifies the signature: by one of `trusted`,
 /// and by none of `revoked`.
 async fn verified(
-    client: &Client,
-    reference: &Reference,
-    auth: &RegistryAuth,
+    session: &Session,
+    tag: &str,
     item: &str,
     (trusted, revoked): (&[String], &[String]),
 ) -> Outcome<Verified> {
     let trusted = local(keys::parse_trusted(trusted))?;
     let revoked = local(keys::parse_trusted(revoked))?;
-    let (manifest, _) =
-        client.pull_image_manifest(reference, auth).await.map_err(|e| Failure::from_oci(e, "fetching the manifest"))?;
+    let raw = session.manifest(tag).await?;
+    let manifest: OciImageManifest = serde_json::from_slice(&raw)
+        .map_err(|e| Failure(Why::Altered, format!("the manifest is not an OCI image manifest: {e}")))?;
     let annotation = |key: &str| manifest.annotations.as_ref().and_then(|a| a.get(key)).cloned();
     let altered = |what: String| Failure(Why::Altered, what);
     if manifest.config.media_type != META_MEDIA_TYPE || manifest.layers.len() != 1 {
@@ -367,9 +403,9 @@ async fn verified(
     let Some(signature) = annotation(SIGNATURE_ANNOTATION) else {
         return Err(Failure(Why::Unsigned, format!("`{item}` is not signed")));
     };
-    let mut bytes = 0;
-    let meta = fetch(client, reference, &manifest.config, MAX_META, None, &mut bytes).await?;
-    let message = signed_message(item, &content, &meta);
+    let mut bytes = raw.len() as u64;
+    let meta = fetch(session, &manifest.config, MAX_META, None, &mut bytes).await?;
+    let message = signed_message(item, &content, &meta, &manifest.layers[0]);
     if let Ok(name) = keys::verify(&revoked, &signature, &message) {
         return Err(Failure(
             Why::Revoked,
@@ -379,6 +415,17 @@ async fn verified(
     let key = keys::verify(&trusted, &signature, &message).map_err(|e| match e {
         keys::Refused::UnknownKey(name) => {
             Failure(Why::UnknownKey, format!("`{item}` is signed by `{name}`, which is not a trusted key"))
+        }
+        keys::Refused::Invalid(_)
+            if keys::verify(&trusted, &signature, &signed_message_v1(item, &content, &meta)).is_ok() =>
+        {
+            Failure(
+                Why::BadSignature,
+                format!(
+                    "`{item}` is signed in the earlier form, which does not cover its layer: \
+                     push it again (`store push` replaces it)"
+                ),
+            )
         }
         keys::Refused::Invalid(why) => Failure(
             Why::BadSignature,
@@ -392,8 +439,7 @@ async fn verified(
 /// Downloads a blob (into memory, or into `file`), at most `max` bytes, checking its
 /// sha256 against the descriptor's digest.
 async fn fetch(
-    client: &Client,
-    reference: &Reference,
+    session: &Session,
     blob: &OciDescriptor,
     max: u64,
     file: Option<&std::path::Path>,
@@ -411,19 +457,18 @@ async fn fetch(
             format!("blob {} is {} bytes, over the limit of {max}", blob.digest, blob.size),
         ));
     }
-    let mut stream =
-        client.pull_blob_stream(reference, blob).await.map_err(|e| Failure::from_oci(e, "fetching a blob"))?;
+    let mut res = session.blob(&blob.digest).await?;
+    if res.content_length().is_some_and(|n| n > blob.size as u64) {
+        return Err(Failure(Why::Altered, format!("blob {} is longer than its {} bytes", blob.digest, blob.size)));
+    }
     let mut out = match file {
         Some(f) => Some(local(std::fs::File::create_new(f).with_context(|| format!("creating `{}`", f.display())))?),
         None => None,
     };
     let (mut memory, mut hasher, mut got) = (Vec::new(), Sha256::new(), 0u64);
-    while let Some(chunk) = stream.stream.next().await {
-        let chunk = chunk.map_err(|e| {
-            let digest = e.get_ref().is_some_and(|inner| inner.is::<oci_client::errors::DigestError>());
-            let why = if digest { Why::Altered } else { Why::Unreachable };
-            Failure(why, format!("fetching blob {}: {e}", blob.digest))
-        })?;
+    while let Some(chunk) =
+        res.chunk().await.map_err(|e| Failure(Why::Unreachable, format!("fetching blob {}: {e}", blob.digest)))?
+    {
         got += chunk.len() as u64;
         if got > blob.size as u64 {
             return Err(Failure(Why::Altered, format!("blob {} is longer than its {} bytes", blob.digest, blob.size)));

@@ -355,12 +355,12 @@ fn unknown_keys_wrong_signatures_and_tampered_blobs_are_refused_and_built_locall
     push_again(&registry, &item, &to, &key);
 
     // Another item's layer (whole, matching its digest) under this item's signed
-    // manifest: the content's hash is not the signed one.
+    // manifest: the signature covers the layer's digest and size, so it does not verify.
     registry.rewrite_manifest("team/vmstore", tag, |m| m["layers"] = other["layers"].clone());
     let store = Store::new(&[&public], "");
-    store.assert_pull_refused(&item, &to, &format!("the content of `{}` was altered", &item[33..]));
+    store.assert_pull_refused(&item, &to, "wrongly signed");
     store.assert_sound();
-    store.assert_built_here(&to, "was altered");
+    store.assert_built_here(&to, "wrongly signed");
     push_again(&registry, &item, &to, &key);
 
     // The right key, then a blob changed in the registry's storage.
@@ -619,4 +619,360 @@ fn odd_registry_input_is_a_clear_error() {
     let revoked = Store::new(&[&public], &format!("revoked-key {public}\n"));
     revoked.assert_pull_refused(&item, &to, "revoked");
     revoked.assert_built_here(&to, "revoked");
+}
+
+/// How a [`misbehaving_proxy`] lies.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Lie {
+    /// Manifests come padded to 1.5 GiB (still valid and signed: the padding is a field
+    /// nobody reads).
+    HugeManifest,
+    /// `/v2/` asks for a bearer token, whose answer is 1.5 GiB.
+    HugeToken,
+    /// Each item's layer is swapped for a 3 GiB one: in the manifest, and served.
+    HugeLayer,
+    /// Blobs over 64 KiB (the layers, not the `.meta`) come one byte a second.
+    DripLayers,
+}
+
+const HUGE_ANSWER: u64 = 3 << 29;
+const HUGE_LAYER: u64 = 3 << 30;
+const FAKE_DIGEST: &str = "sha256:abababababababababababababababababababababababababababababababab";
+
+/// An HTTP proxy on 127.0.0.1 in front of the registry at `port` that lies as `lie`
+/// says; what it makes up is generated as it is sent, never held or written.
+fn misbehaving_proxy(port: u16, lie: Lie) -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let proxy = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for client in listener.incoming() {
+            let Ok(client) = client else { break };
+            std::thread::spawn(move || {
+                let _ = serve_lying(client, port, proxy, lie);
+            });
+        }
+    });
+    proxy
+}
+
+/// One client connection: requests (GET and HEAD, no bodies) one after the other.
+fn serve_lying(client: TcpStream, port: u16, proxy: u16, lie: Lie) -> std::io::Result<()> {
+    use std::io::BufRead;
+    let mut reader = std::io::BufReader::new(client.try_clone()?);
+    let mut out = client;
+    loop {
+        let mut head = Vec::new();
+        loop {
+            let mut line = String::new();
+            if reader.read_line(&mut line)? == 0 {
+                return Ok(());
+            }
+            if line == "\r\n" || line == "\n" {
+                break;
+            }
+            head.push(line.trim_end().to_string());
+        }
+        let Some(first) = head.first().cloned() else { return Ok(()) };
+        let mut parts = first.split(' ');
+        let (method, path) = (parts.next().unwrap_or("").to_string(), parts.next().unwrap_or("").to_string());
+        let get = method == "GET";
+        if lie == Lie::HugeToken && path == "/v2/" {
+            let challenge = format!("Bearer realm=\"http://127.0.0.1:{proxy}/token\",service=\"test\"");
+            let body = b"{\"errors\":[{\"code\":\"UNAUTHORIZED\",\"message\":\"token\"}]}";
+            write_head(&mut out, "401 Unauthorized", &[("WWW-Authenticate", &challenge)], body.len() as u64)?;
+            out.write_all(body)?;
+            continue;
+        }
+        if lie == Lie::HugeToken && path.starts_with("/token") {
+            write_padded(&mut out, b"{\"token\":\"t\"}", HUGE_ANSWER)?;
+            continue;
+        }
+        if lie == Lie::HugeLayer && path.ends_with(&format!("/blobs/{FAKE_DIGEST}")) {
+            write_head(&mut out, "200 OK", &[("Content-Type", "application/octet-stream")], HUGE_LAYER)?;
+            if get {
+                let zeros = vec![0u8; 1 << 20];
+                for _ in 0..HUGE_LAYER >> 20 {
+                    out.write_all(&zeros)?;
+                }
+            }
+            continue;
+        }
+        // Anything else is asked of the registry (HTTP/1.0: the answer ends at EOF).
+        let mut upstream = TcpStream::connect(("127.0.0.1", port))?;
+        let mut request = format!("{method} {path} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\n");
+        for h in &head[1..] {
+            let name = h.split(':').next().unwrap_or("").to_ascii_lowercase();
+            if name == "accept" || name == "authorization" {
+                request.push_str(&format!("{h}\r\n"));
+            }
+        }
+        request.push_str("\r\n");
+        upstream.write_all(request.as_bytes())?;
+        let mut answer = Vec::new();
+        upstream.read_to_end(&mut answer)?;
+        let split = answer.windows(4).position(|w| w == b"\r\n\r\n").unwrap_or(answer.len());
+        let text = String::from_utf8_lossy(&answer[..split]).into_owned();
+        let mut body = answer[(split + 4).min(answer.len())..].to_vec();
+        let mut lines = text.split("\r\n");
+        let status = lines.next().unwrap_or("").split_once(' ').map_or("502 Bad Gateway", |s| s.1).to_string();
+        let mut headers: Vec<(String, String)> = Vec::new();
+        let mut length = body.len() as u64;
+        for l in lines {
+            let Some((k, v)) = l.split_once(':') else { continue };
+            let k_lower = k.to_ascii_lowercase();
+            if k_lower == "content-length" && !get {
+                length = v.trim().parse().unwrap_or(0);
+            }
+            if !["content-length", "connection", "transfer-encoding", "docker-content-digest"]
+                .contains(&k_lower.as_str())
+            {
+                headers.push((k.to_string(), v.trim().to_string()));
+            }
+        }
+        let manifest = path.contains("/manifests/") && status.starts_with("200");
+        let header_refs: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        match lie {
+            Lie::HugeManifest if manifest && get => {
+                write_padded_with(&mut out, &status, &header_refs, &body, HUGE_ANSWER)?;
+                continue;
+            }
+            Lie::HugeLayer if manifest => {
+                let mut m: serde_json::Value = serde_json::from_slice(&body).unwrap();
+                m["layers"][0]["digest"] = FAKE_DIGEST.into();
+                m["layers"][0]["size"] = HUGE_LAYER.into();
+                body = serde_json::to_vec(&m).unwrap();
+                if get {
+                    length = body.len() as u64;
+                }
+            }
+            _ => {}
+        }
+        write_head(&mut out, &status, &header_refs, length)?;
+        if !get {
+            continue;
+        }
+        if lie == Lie::DripLayers && path.contains("/blobs/") && body.len() > 64 << 10 {
+            for byte in &body {
+                out.write_all(std::slice::from_ref(byte))?;
+                std::thread::sleep(Duration::from_secs(1));
+            }
+        } else {
+            out.write_all(&body)?;
+        }
+    }
+}
+
+fn write_head(out: &mut impl Write, status: &str, headers: &[(&str, &str)], length: u64) -> std::io::Result<()> {
+    let mut head = format!("HTTP/1.1 {status}\r\n");
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str(&format!("Content-Length: {length}\r\nConnection: keep-alive\r\n\r\n"));
+    out.write_all(head.as_bytes())
+}
+
+/// A 200 answer: the JSON object `json` with a field `pad` first that brings it to `size`.
+fn write_padded(out: &mut impl Write, json: &[u8], size: u64) -> std::io::Result<()> {
+    write_padded_with(out, "200 OK", &[("Content-Type", "application/json")], json, size)
+}
+
+fn write_padded_with(
+    out: &mut impl Write,
+    status: &str,
+    headers: &[(&str, &str)],
+    json: &[u8],
+    size: u64,
+) -> std::io::Result<()> {
+    let (open, close) = (b"{\"pad\":\"", b"\",");
+    let pad = size - (open.len() + close.len() + json.len() - 1) as u64;
+    write_head(out, status, headers, size)?;
+    out.write_all(open)?;
+    let chunk = vec![b'a'; 1 << 20];
+    let mut left = pad;
+    while left > 0 {
+        let n = left.min(chunk.len() as u64) as usize;
+        out.write_all(&chunk[..n])?;
+        left -= n as u64;
+    }
+    out.write_all(close)?;
+    out.write_all(&json[1..])
+}
+
+/// What a [`measured`] run cost.
+#[derive(Debug)]
+struct Figures {
+    /// The peak resident set of xtask and of every process it waited for (the registry
+    /// client among them), from wait4's rusage, and of the registry client while it ran
+    /// (its VmHWM, sampled), in MiB.
+    peak_rss_mib: u64,
+    /// The most bytes the store's directory held while it ran, in MiB.
+    peak_disk_mib: u64,
+    wall: Duration,
+}
+
+/// Bytes the files under `dir` take on disk.
+fn disk_bytes(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let mut total = 0;
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let Ok(m) = e.path().symlink_metadata() else { continue };
+            total += m.blocks() * 512;
+            if m.is_dir() {
+                todo.push(e.path());
+            }
+        }
+    }
+    total
+}
+
+/// Runs `cmd` (killed, and the test failed, after `secs`: a bound on liveness only) and
+/// measures it: peak memory of it and its reaped children, peak disk under `watch`, time.
+fn measured(mut cmd: Command, secs: u64, watch: &Path) -> (Run, Figures) {
+    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let started = std::time::Instant::now();
+    // Reaped by wait4 below, which gives its rusage (std's wait does not).
+    #[allow(clippy::zombie_processes)]
+    let mut child = cmd.spawn().unwrap_or_else(|e| panic!("starting {cmd:?}: {e}"));
+    let pid = child.id() as libc::pid_t;
+    let (out, err) = (child.stdout.take().unwrap(), child.stderr.take().unwrap());
+    let out = std::thread::spawn(move || vm_tests::read_all(out));
+    let err = std::thread::spawn(move || vm_tests::read_all(err));
+    let mut peak_disk = 0;
+    let mut status = 0;
+    // SAFETY: a plain struct of integers, filled in by wait4.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    let mut sampled = std::time::Instant::now() - Duration::from_secs(1);
+    let mut peak_helper_kib = 0;
+    let figures = |usage: &libc::rusage, peak_helper_kib: u64, peak_disk: u64| Figures {
+        // ru_maxrss is in KiB.
+        peak_rss_mib: (usage.ru_maxrss as u64).max(peak_helper_kib) >> 10,
+        peak_disk_mib: peak_disk >> 20,
+        wall: started.elapsed(),
+    };
+    loop {
+        // SAFETY: `pid` is our child, not yet reaped; the pointers are to locals.
+        let r = unsafe { libc::wait4(pid, &mut status, libc::WNOHANG, &mut usage) };
+        if r == pid {
+            break;
+        }
+        assert_eq!(r, 0, "wait4: {}", std::io::Error::last_os_error());
+        if started.elapsed() > Duration::from_secs(secs) {
+            // SAFETY: as above; the child is not reaped yet.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+                libc::wait4(pid, &mut status, 0, &mut usage);
+            }
+            let figures = figures(&usage, peak_helper_kib, peak_disk);
+            panic!("{cmd:?} was still running after {secs} s ({figures:?}); stderr: {}", err.join().unwrap());
+        }
+        if sampled.elapsed() >= Duration::from_millis(100) {
+            peak_disk = peak_disk.max(disk_bytes(watch));
+            for helper in vm_tests::children_named(pid as u32, "xtask-registry") {
+                let status = std::fs::read_to_string(format!("/proc/{helper}/status")).unwrap_or_default();
+                let hwm = status.lines().find_map(|l| l.strip_prefix("VmHWM:"));
+                let kib = hwm.and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok());
+                peak_helper_kib = peak_helper_kib.max(kib.unwrap_or(0));
+            }
+            sampled = std::time::Instant::now();
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let figures = figures(&usage, peak_helper_kib, peak_disk);
+    let code = if libc::WIFEXITED(status) { libc::WEXITSTATUS(status) } else { -1 };
+    let run = Run { code, stdout: out.join().unwrap(), stderr: err.join().unwrap() };
+    eprintln!("{:?}: {figures:?}", cmd.get_args().collect::<Vec<_>>());
+    (run, figures)
+}
+
+/// The most memory a lookup may cost xtask or its registry client, whatever the registry.
+const MAX_RSS_MIB: u64 = 256;
+
+impl Store {
+    /// `xtask ARGS` in this store, with `substitutes`, measured.
+    fn measured(&self, args: &[&str], substitutes: &str, secs: u64) -> (Run, Figures) {
+        let mut cmd = Command::new(vm_tests::xtask_bin());
+        cmd.args(args)
+            .env("XTASK_VMSTORE", self.root())
+            .env("XTASK_STORE_CONFIG", self.dir.path().join("vmstore.conf"))
+            .env("XTASK_SUBSTITUTES", substitutes);
+        measured(cmd, secs, &self.root())
+    }
+
+    /// `store pull ITEM --from FROM` is refused (exit 1, saying `why`) within bounded
+    /// memory, nothing of `item` is left, and the store is sound.
+    fn assert_pull_refused_cheaply(&self, item: &str, from: &str, why: &str) -> Figures {
+        let (run, figures) = self.measured(&["store", "pull", item, "--from", from], "", 120);
+        assert_eq!(run.code, 1, "{run:#?}");
+        assert!(run.stderr.contains(why), "{run:#?}");
+        assert!(!self.items().iter().any(|n| n == item), "{:?}", self.items());
+        assert!(figures.peak_rss_mib < MAX_RSS_MIB && figures.wall < Duration::from_secs(120), "{figures:?}");
+        self.assert_sound();
+        figures
+    }
+
+    /// A substitute from `from` is refused (a warning saying `why`) within bounded memory,
+    /// and the item is built here.
+    fn assert_substitute_refused_cheaply(&self, from: &str, why: &str) -> Figures {
+        let (run, figures) = self.measured(&["store", "registry-program"], from, 120);
+        run.expect_code(0);
+        assert!(run.stderr.contains(why) && run.stderr.contains("building it here"), "{run:#?}");
+        assert!(figures.peak_rss_mib < MAX_RSS_MIB, "{figures:?}");
+        self.assert_sound();
+        figures
+    }
+}
+
+/// A registry pushed the small closure to, the item, and the trusted key.
+fn pushed_registry() -> (Registry, String, String) {
+    let registry = Registry::start(None);
+    let keys = tempfile::tempdir().unwrap();
+    let (key, public) = keygen(keys.path(), "team");
+    let item = small_closure();
+    push(&item, &registry.repo("team/vmstore"), &key).expect_code(0);
+    (registry, item, public)
+}
+
+#[test]
+fn a_huge_manifest_or_token_answer_is_refused_within_a_small_cap() {
+    let (registry, item, public) = pushed_registry();
+    for lie in [Lie::HugeManifest, Lie::HugeToken] {
+        let proxy = misbehaving_proxy(registry.port, lie);
+        let from = format!("127.0.0.1:{proxy}/team/vmstore");
+        let store = Store::new(&[&public], "timeout 2\n");
+        let pulled = store.assert_pull_refused_cheaply(&item, &from, "over 1048576 bytes");
+        let store = Store::new(&[&public], "timeout 2\n");
+        let built = store.assert_substitute_refused_cheaply(&from, "over 1048576 bytes");
+        eprintln!("{lie:?}: store pull {pulled:?}; substitute {built:?}");
+    }
+}
+
+#[test]
+fn a_layer_swapped_for_a_multi_gib_one_is_refused_before_it_is_fetched() {
+    let (registry, item, public) = pushed_registry();
+    let proxy = misbehaving_proxy(registry.port, Lie::HugeLayer);
+    let from = format!("127.0.0.1:{proxy}/team/vmstore");
+    let store = Store::new(&[&public], "timeout 2\n");
+    let pulled = store.assert_pull_refused_cheaply(&item, &from, "wrongly signed");
+    // Refused before the layer: nothing of it reached the disk.
+    assert!(pulled.peak_disk_mib < 64, "{pulled:?}");
+    let store = Store::new(&[&public], "timeout 2\n");
+    let built = store.assert_substitute_refused_cheaply(&from, "wrongly signed");
+    eprintln!("HugeLayer: store pull {pulled:?}; substitute {built:?}");
+}
+
+#[test]
+fn a_registry_answering_a_byte_a_second_is_given_up_on_at_the_deadline() {
+    let (registry, item, public) = pushed_registry();
+    let proxy = misbehaving_proxy(registry.port, Lie::DripLayers);
+    let from = format!("127.0.0.1:{proxy}/team/vmstore");
+    // `timeout 1`: `store pull` gives a lookup 6 s, a layer three lookups and a second
+    // per MiB. A substitute is given a sixth of that: `timeout 2` (a second between
+    // bytes is then no read timeout: the deadline ends it).
+    let store = Store::new(&[&public], "timeout 1\n");
+    let pulled = store.assert_pull_refused_cheaply(&item, &from, "no answer within");
+    let store = Store::new(&[&public], "timeout 2\n");
+    let built = store.assert_substitute_refused_cheaply(&from, "no answer within");
+    eprintln!("DripLayers: store pull {pulled:?}; substitute {built:?}");
 }

@@ -4,9 +4,11 @@
 //! binary, `xtask-registry` (`store-registry/`), built on first use and driven over
 //! stdin/stdout, so xtask's own build stays small; the store logic stays here.
 //!
-//! What comes back is checked before anything enters the store: the helper verifies the
-//! signature over (item file name, content sha256, `.meta`) against the trusted keys
-//! before it downloads the layer and unpacks it with checked names into scratch space;
+//! What comes back is checked before anything enters the store: the helper reads the
+//! manifest with a small cap, verifies the signature over (item file name, content
+//! sha256, `.meta`, layer digest and size) against the trusted keys before it downloads
+//! the layer (at most the signed size, within a deadline that grows with the signed
+//! size only) and unpacks it with checked names into scratch space;
 //! here the `.meta` must give the item's recipe hash (and equal the recipe being built),
 //! the unpacked tree is ingested through directory descriptors ([`store::ingest`]), and
 //! the commit refuses content whose hash is not the signed one.
@@ -127,6 +129,11 @@ pub struct Config {
 }
 
 impl Config {
+    /// How long `store pull` gives a registry to answer a lookup: six lookup timeouts.
+    pub fn pull_timeout(&self) -> Duration {
+        self.timeout.unwrap_or(DEFAULT_TIMEOUT) * 6
+    }
+
     /// The configuration: [`CONFIG_FILE`] (or `XTASK_STORE_CONFIG`), then
     /// `XTASK_SUBSTITUTES`. A file that does not exist is an empty configuration.
     pub fn load(ws: &Workspace) -> Result<Config> {
@@ -225,6 +232,7 @@ impl Answer {
             Some("bad-signature") => format!("refused: wrongly signed ({error})"),
             Some("revoked") => format!("refused: signed by a revoked key ({error})"),
             Some("altered") => format!("refused: altered content ({error})"),
+            Some("oversized") => format!("refused: too large ({error})"),
             Some("missing") => format!("not in the registry ({error})"),
             Some("unreachable") => format!("registry unreachable ({error})"),
             _ => error,
@@ -322,6 +330,39 @@ fn at(registry: &Registry, tag: &str, timeout: Duration) -> serde_json::Value {
         "insecure": registry.insecure,
         "timeout_ms": timeout.as_millis() as u64,
     })
+}
+
+/// A pull request for `file_name`, into `dir` (or only the record), that the helper
+/// gives up at `deadline` (a total, not per read).
+fn pull_request(
+    (registry, file_name, keys): (&Registry, &str, Keys),
+    timeout: Duration,
+    deadline: Duration,
+    dir: Option<&Path>,
+) -> serde_json::Value {
+    let hash = file_name.split('-').next().unwrap_or_default();
+    with(
+        at(registry, hash, timeout),
+        json!({
+            "op": "pull",
+            "item": file_name,
+            "trusted": keys.0,
+            "revoked": keys.1,
+            "dir": dir,
+            "max_bytes": MAX_ITEM_BYTES,
+            "deadline_ms": deadline.as_millis() as u64,
+        }),
+    )
+}
+
+/// How long xtask waits for the helper past a request's deadline (which the helper keeps
+/// itself) before it kills it.
+const GRACE: Duration = Duration::from_secs(2);
+
+/// The deadline of fetching an item whose layer is signed as `layer_bytes` long: three
+/// timeouts and a second per MiB.
+fn fetch_deadline(timeout: Duration, layer_bytes: Option<u64>) -> Duration {
+    timeout * 3 + Duration::from_secs(layer_bytes.unwrap_or(0) / MIN_BYTES_PER_S)
 }
 
 fn with(mut base: serde_json::Value, more: serde_json::Value) -> serde_json::Value {
@@ -437,25 +478,15 @@ fn checked_meta(file_name: &str, answer: &Answer) -> Result<(Recipe, String)> {
 fn fetch_into(
     store: &Store,
     helper: &mut Helper,
-    (registry, file_name, keys): (&Registry, &str, Keys),
+    what: (&Registry, &str, Keys),
     timeout: Duration,
-    deadline: Option<Duration>,
+    deadline: Duration,
     tmp: &Path,
 ) -> Result<u64> {
     let scratch = store.scratch("pull")?;
-    let hash = file_name.split('-').next().unwrap_or_default();
-    let request = with(
-        at(registry, hash, timeout),
-        json!({
-            "op": "pull",
-            "item": file_name,
-            "trusted": keys.0,
-            "revoked": keys.1,
-            "dir": scratch.path(),
-            "max_bytes": MAX_ITEM_BYTES,
-        }),
-    );
-    let answer = helper.call(&request, deadline)?;
+    let file_name = what.1;
+    let request = pull_request(what, timeout, deadline, Some(scratch.path()));
+    let answer = helper.call(&request, Some(deadline + GRACE))?;
     if !answer.ok {
         bail!("{}", answer.says());
     }
@@ -489,12 +520,13 @@ fn ingest_pulled(scratch: &Path, to: &Path) -> Result<()> {
 }
 
 /// Pulls `file_name` and its closure from `registry` into `store`: references first,
-/// each item committed only once it is whole and verified. Returns the item.
+/// each item committed only once it is whole and verified. Each record is looked up
+/// within `timeout` (in all), each item fetched within [`fetch_deadline`]. Returns the
+/// item.
 pub fn pull(
     store: &Store,
     helper: &mut Helper,
-    registry: &Registry,
-    keys: Keys,
+    (registry, keys, timeout): (&Registry, Keys, Duration),
     file_name: &str,
     moved: &mut Moved,
 ) -> Result<Item> {
@@ -506,27 +538,20 @@ pub fn pull(
         moved.present += 1;
         return Ok(item);
     }
-    let timeout = DEFAULT_TIMEOUT * 6;
-    let hash = file_name.split('-').next().unwrap_or_default();
-    let request = with(
-        at(registry, hash, timeout),
-        json!({
-            "op": "pull", "item": file_name, "trusted": keys.0, "revoked": keys.1, "dir": null,
-            "max_bytes": MAX_ITEM_BYTES
-        }),
-    );
-    let answer = helper.call(&request, Some(timeout))?;
+    let request = pull_request((registry, file_name, keys), timeout, timeout, None);
+    let answer = helper.call(&request, Some(timeout + GRACE))?;
     if !answer.ok {
         bail!("pulling `{file_name}` from `{registry}`: {}", answer.says());
     }
     let (recipe, content) = checked_meta(file_name, &answer).with_context(|| format!("pulling `{file_name}`"))?;
     for reference in Store::references(&recipe) {
-        pull(store, helper, registry, keys, &reference, moved)?;
+        pull(store, helper, (registry, keys, timeout), &reference, moved)?;
     }
     let mut got = 0;
+    let deadline = fetch_deadline(timeout, answer.layer_bytes);
     let (item, _) = store
         .insert_verified(&recipe, &content, |tmp| {
-            got = fetch_into(store, helper, (registry, file_name, keys), timeout, None, tmp)?;
+            got = fetch_into(store, helper, (registry, file_name, keys), timeout, deadline, tmp)?;
             Ok(())
         })
         .with_context(|| format!("pulling `{file_name}` from `{registry}`"))?;
@@ -593,14 +618,8 @@ pub fn substitute(store: &Store, recipe: &Recipe, item: &Item, tmp: &Path) -> Op
         let helper = state.helper.as_mut().expect("started above");
         // The record first, within the timeout: a registry that is down or slow costs
         // one timeout, once per process.
-        let request = with(
-            at(&registry, &item.hash, timeout),
-            json!({
-                "op": "pull", "item": file_name, "trusted": keys.0, "revoked": keys.1, "dir": null,
-                "max_bytes": MAX_ITEM_BYTES
-            }),
-        );
-        let answer = match helper.call(&request, Some(timeout + Duration::from_secs(1))) {
+        let request = pull_request((&registry, &file_name, keys), timeout, timeout, None);
+        let answer = match helper.call(&request, Some(timeout + GRACE)) {
             Ok(a) => a,
             Err(e) => {
                 state.helper = None;
@@ -637,11 +656,12 @@ pub fn substitute(store: &Store, recipe: &Recipe, item: &Item, tmp: &Path) -> Op
         };
         let _step = crate::progress::step(&format!("fetching `{}` from `{registry}`", item.name));
         let mut bytes = 0;
-        // However slowly a registry sends, the build goes on here after this long.
-        let deadline = timeout * 3 + Duration::from_secs(answer.layer_bytes.unwrap_or(0) / MIN_BYTES_PER_S);
+        // However slowly a registry sends, the build goes on here after this long (the
+        // layer's size is signed: a registry cannot stretch it).
+        let deadline = fetch_deadline(timeout, answer.layer_bytes);
         let filled = store.fill(recipe, item, tmp, Some(&content), |tmp| {
             let at = (&registry, file_name.as_str(), keys);
-            bytes = fetch_into(store, helper, at, timeout, Some(deadline), tmp)?;
+            bytes = fetch_into(store, helper, at, timeout, deadline, tmp)?;
             Ok(())
         });
         match filled {

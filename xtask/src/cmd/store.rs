@@ -389,7 +389,8 @@ fn pull(
     } else {
         let mut helper = substitute::Helper::start(ws)?;
         for name in items {
-            substitute::pull(&store, &mut helper, &registry, (&config.trusted, &config.revoked), name, &mut moved)?;
+            let how = (&registry, (config.trusted.as_slice(), config.revoked.as_slice()), config.pull_timeout());
+            substitute::pull(&store, &mut helper, how, name, &mut moved)?;
         }
     }
     report(&registry, moved, how, json, started, "pulled")
