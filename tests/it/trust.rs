@@ -463,8 +463,11 @@ fn watched(top: PathBuf, scratch: fn(&str) -> bool, inside: &str, run: impl FnOn
     result
 }
 
+/// Scratch a guest may write into: not a test VM's workspace view (other tests' runs may
+/// have one meanwhile), which is shared read-only and holds links to the user's own
+/// files, with the user's own modes.
 fn store_scratch(name: &str) -> bool {
-    name.starts_with("scratch-")
+    name.starts_with("scratch-") && !name.contains("-workspace-view.")
 }
 
 /// The store's `.tmp`, once xtask has opened the store (which makes it private).

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use guest::control::{base64_decode, FromGuest, ToGuest};
-use guest::Mode;
+use guest::{Mode, MountSpec};
 
 use super::{workspace_mounts, Shared, TestBinary};
 use crate::cmd::{run_vm, VmOpts};
@@ -33,6 +33,9 @@ use crate::Workspace;
 const KEEPER_ENV: &str = "XTASK_TEST_KEEPER";
 /// Set in the keeper's environment: the cargo process it serves, `PID:START`.
 const CARGO_ENV: &str = "XTASK_TEST_KEEPER_CARGO";
+/// The 9p tag and the guest's mount point of the kept VM's binaries.
+const BINS_TAG: &str = "doctest-bins";
+const BINS_MOUNT: &str = "/run/xtask-doctests";
 /// How long a runner waits for a keeper to come up (a cold boot, packages made first).
 const START_TIMEOUT: Duration = Duration::from_secs(600);
 
@@ -131,13 +134,14 @@ pub fn run(
     if UnixStream::connect(&socket).is_err() {
         start_keeper(&dir, cargo)?;
     }
-    let xchg = PathBuf::from(std::fs::read_to_string(dir.join("xchg")).context("the keeper's exchange directory")?);
-    // The binary goes in the exchange directory, not the store: it is thrown away after.
+    let bins = PathBuf::from(std::fs::read_to_string(dir.join("bins")).context("the kept VM's binaries")?);
+    // The binary goes in the kept VM's own share, not the store: it is thrown away after.
     let name = binary.path.file_name().unwrap_or_default().to_string_lossy().into_owned();
-    let staged = tempfile::Builder::new().prefix("run.").tempdir_in(&xchg).context("staging the binary")?;
+    let staged = tempfile::Builder::new().prefix("run.").tempdir_in(&bins).context("staging the binary")?;
     std::fs::copy(&binary.path, staged.path().join(&name))
         .with_context(|| format!("copying `{}`", binary.path.display()))?;
-    let guest_binary = format!("/xchg/{}/{name}", staged.path().file_name().unwrap_or_default().to_string_lossy());
+    let run_dir = staged.path().file_name().unwrap_or_default().to_string_lossy().into_owned();
+    let guest_binary = format!("{BINS_MOUNT}/{run_dir}/{name}");
     let timeout = opts.test_binary_timeout().unwrap_or(Duration::from_secs(24 * 3600));
     let mut argv = vec![guest_binary];
     argv.extend(test_args.iter().cloned());
@@ -280,13 +284,23 @@ fn serve(ws: &Workspace, opts: &VmOpts, shared: &Shared, dir: &Path, cargo: Proc
     let root_device = root_image.as_ref().map(|(_, device)| device.as_str());
     let mut request = run_vm::request(&system, &lowered, &system_item, root_device, Mode::Serve, vec!["serve".into()]);
     request.mounts = workspace_mounts(shared);
+    // The binaries: a share of their own, read-only and cached in the guest (the
+    // exchange directory is not, and a binary paged in from it costs a read per page).
+    let bins = store.private_subdir("doctest-bins", "bins")?;
+    request.mounts.push(MountSpec {
+        source: BINS_TAG.into(),
+        target: BINS_MOUNT.into(),
+        fs_type: "9p".into(),
+        options: "ro,trans=virtio,version=9p2000.L,msize=512000,cache=loose".into(),
+        check: guest::Check::None,
+    });
     let xchg = store.exchange()?;
     crate::vm::write_request(xchg.path(), &request)?;
     let mut spec = opts.spec(accel, &store, &lowered, xchg.path().to_path_buf());
+    spec.shares.push(crate::vm::qemu::Share { tag: BINS_TAG.into(), path: bins.path().to_path_buf(), readonly: true });
     let _view = super::share_workspace(ws, &store, shared, &mut spec, root_image.as_ref())?;
-    // Where the runner calls put their binaries: the directory shared as the guest's `/xchg`.
-    let shared_xchg = spec.shares.iter().find(|s| s.tag == "xchg").map(|s| s.path.clone()).context("no xchg share")?;
-    std::fs::write(dir.join("xchg"), shared_xchg.as_os_str().as_encoded_bytes())?;
+    // Where the runner calls put their binaries.
+    std::fs::write(dir.join("bins"), bins.path().as_os_str().as_encoded_bytes())?;
     let console = ws.log_dir().join(format!("test-doctests-{}.log", std::process::id()));
     let mut node = Node::serving("doctests", spec, dir, console, xchg)?;
     node.start()?;
