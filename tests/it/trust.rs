@@ -463,11 +463,11 @@ fn watched(top: PathBuf, scratch: fn(&str) -> bool, inside: &str, run: impl FnOn
     result
 }
 
-/// Scratch a guest may write into: not a test VM's workspace view (other tests' runs may
-/// have one meanwhile), which is shared read-only and holds links to the user's own
-/// files, with the user's own modes.
+/// Scratch a guest may write into: an exchange directory's (other scratch holds what the
+/// host made: other tests' workspace views, shared read-only with the user's own modes,
+/// doctest binaries, runtime FIFOs).
 fn store_scratch(name: &str) -> bool {
-    name.starts_with("scratch-") && !name.contains("-workspace-view.")
+    name.starts_with("scratch-") && name.contains("-xchg.")
 }
 
 /// The store's `.tmp`, once xtask has opened the store (which makes it private).
