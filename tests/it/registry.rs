@@ -844,10 +844,16 @@ fn measured(mut cmd: Command, secs: u64, watch: &Path) -> (Run, Figures) {
     // SAFETY: a plain struct of integers, filled in by wait4.
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
     let mut sampled = std::time::Instant::now() - Duration::from_secs(1);
-    let mut peak_helper_kib = 0;
-    let figures = |usage: &libc::rusage, peak_helper_kib: u64, peak_disk: u64| Figures {
-        // ru_maxrss is in KiB.
-        peak_rss_mib: (usage.ru_maxrss as u64).max(peak_helper_kib) >> 10,
+    let mut peak_kib = 0;
+    // The peaks are sampled from /proc (VmHWM, after exec: this process's own size is not
+    // counted, as wait4's ru_maxrss counts the size a child had when it was forked).
+    let vm_hwm_kib = |pid: u32| -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        let hwm = status.lines().find_map(|l| l.strip_prefix("VmHWM:"));
+        hwm.and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok()).unwrap_or(0)
+    };
+    let figures = |_: &libc::rusage, peak_kib: u64, peak_disk: u64| Figures {
+        peak_rss_mib: peak_kib >> 10,
         peak_disk_mib: peak_disk >> 20,
         wall: started.elapsed(),
     };
@@ -858,28 +864,26 @@ fn measured(mut cmd: Command, secs: u64, watch: &Path) -> (Run, Figures) {
             break;
         }
         assert_eq!(r, 0, "wait4: {}", std::io::Error::last_os_error());
+        peak_kib = peak_kib.max(vm_hwm_kib(pid as u32));
         if started.elapsed() > Duration::from_secs(secs) {
             // SAFETY: as above; the child is not reaped yet.
             unsafe {
                 libc::kill(pid, libc::SIGKILL);
                 libc::wait4(pid, &mut status, 0, &mut usage);
             }
-            let figures = figures(&usage, peak_helper_kib, peak_disk);
+            let figures = figures(&usage, peak_kib, peak_disk);
             panic!("{cmd:?} was still running after {secs} s ({figures:?}); stderr: {}", err.join().unwrap());
         }
         if sampled.elapsed() >= Duration::from_millis(100) {
             peak_disk = peak_disk.max(disk_bytes(watch));
             for helper in vm_tests::children_named(pid as u32, "xtask-registry") {
-                let status = std::fs::read_to_string(format!("/proc/{helper}/status")).unwrap_or_default();
-                let hwm = status.lines().find_map(|l| l.strip_prefix("VmHWM:"));
-                let kib = hwm.and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok());
-                peak_helper_kib = peak_helper_kib.max(kib.unwrap_or(0));
+                peak_kib = peak_kib.max(vm_hwm_kib(helper));
             }
             sampled = std::time::Instant::now();
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    let figures = figures(&usage, peak_helper_kib, peak_disk);
+    let figures = figures(&usage, peak_kib, peak_disk);
     let code = if libc::WIFEXITED(status) { libc::WEXITSTATUS(status) } else { -1 };
     let run = Run { code, stdout: out.join().unwrap(), stderr: err.join().unwrap() };
     eprintln!("{:?}: {figures:?}", cmd.get_args().collect::<Vec<_>>());
