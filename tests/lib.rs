@@ -326,3 +326,13 @@ pub fn converse(child: &mut std::process::Child, steps: &[(&str, &str)], timeout
     }
     Conversation { steps: done, console, status }
 }
+
+/// The `--config` that makes xtask cargo's runner for x86_64, with `--system SYSTEM
+/// --timeout TIMEOUT`.
+pub fn runner_config(system: &str, timeout: &str) -> String {
+    format!(
+        "target.x86_64-unknown-linux-gnu.runner=[\"{}\", \"test-runner\", \"--system\", \"{system}\", \
+            \"--timeout\", \"{timeout}\"]",
+        xtask_bin().display()
+    )
+}

@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
-use vm_tests::{output_within, store_dir, workspace_root, xtask_bin, Run};
+use vm_tests::{output_within, store_dir, workspace_root, Run};
 
 /// The crate, as cargo unpacks it.
 const CRATE: &str = "nix-0.32.0";
@@ -161,11 +161,7 @@ fn nix_test_suite_passes_in_the_vm_where_it_passes_on_the_host() {
     let host = cargo_test(&dir, &args, 600);
     let host_time = start.elapsed();
     assert!(host.code == 0 || host.code == 101, "{host:#?}");
-    let runner = format!(
-        "target.x86_64-unknown-linux-gnu.runner=[\"{}\", \"test-runner\", \"--system\", \"debian-base\", \
-         \"--timeout\", \"600\"]",
-        xtask_bin().display()
-    );
+    let runner = vm_tests::runner_config("debian-base", "600");
     let start = Instant::now();
     let vm = cargo_test(&dir, &["--no-fail-fast", "--config", &runner], 3600);
     let vm_time = start.elapsed();

@@ -6,7 +6,7 @@
 use std::process::Command;
 
 use crate::nonce;
-use vm_tests::{output_within, workspace_root, xtask, xtask_bin, TIMEOUT};
+use vm_tests::{output_within, workspace_root, xtask, TIMEOUT};
 
 /// Prints a command's process state: the signal masks its child inherits (grep's), whether
 /// it leads its own session and process group, and a child's open descriptors (`ls`'s,
@@ -95,11 +95,7 @@ fn tests_start_clean_in_a_normal_linux() {
     );
     assert!(running[1].starts_with("     Running tests/normal_linux.rs (target/debug/deps/normal_linux-"), "{run:#?}");
 
-    let runner = format!(
-        "target.x86_64-unknown-linux-gnu.runner=[\"{}\", \"test-runner\", \"--system\", \"hello\", \
-            \"--timeout\", \"{TIMEOUT}\"]",
-        xtask_bin().display()
-    );
+    let runner = vm_tests::runner_config("hello", TIMEOUT);
     let mut cargo = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     cargo.current_dir(workspace_root()).args(["test", "-p", "vm-checks", "--config", &runner]).args(tests);
     let run = output_within(cargo, 900);

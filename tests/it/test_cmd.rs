@@ -99,11 +99,7 @@ fn a_failure_stops_the_run_unless_no_fail_fast() {
 /// cargo holds while it runs tests: a run that hangs fails here.
 #[test]
 fn cargo_runs_test_binaries_in_the_vm_through_its_runner() {
-    let runner = format!(
-        "target.x86_64-unknown-linux-gnu.runner=[\"{}\", \"test-runner\", \"--system\", \"hello\", \
-            \"--timeout\", \"{TIMEOUT}\"]",
-        xtask_bin().display()
-    );
+    let runner = vm_tests::runner_config("hello", TIMEOUT);
     for (test, code, needle) in
         [("in_vm", 0, "test result: ok. 4 passed"), ("fails", 101, "deliberate failure after the service said")]
     {
@@ -141,11 +137,7 @@ fn reads_its_fixture_in_the_vm() {
 }
 "#;
     std::fs::write(krate.join("tests/in_vm.rs"), test).unwrap();
-    let runner = format!(
-        "target.x86_64-unknown-linux-gnu.runner=[\"{}\", \"test-runner\", \"--system\", \"minimal\", \
-            \"--timeout\", \"{TIMEOUT}\"]",
-        xtask_bin().display()
-    );
+    let runner = vm_tests::runner_config("minimal", TIMEOUT);
     let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     cmd.current_dir(&krate).args(["test", "--offline", "--config", &runner]).env_remove("CARGO_TARGET_DIR");
     let run = output_within(cmd, 600);
@@ -325,11 +317,7 @@ fn a_hanging_test_is_ended_by_the_timeout_and_named() {
 /// `--timeout` is a usage error.
 #[test]
 fn the_runner_ends_a_hanging_test_and_names_it() {
-    let runner = format!(
-        "target.x86_64-unknown-linux-gnu.runner=[\"{}\", \"test-runner\", \"--system\", \"hello\", \
-            \"--timeout\", \"20s\"]",
-        xtask_bin().display()
-    );
+    let runner = vm_tests::runner_config("hello", "20s");
     let mut cmd = cargo();
     cmd.args(["test", "-p", "vm-checks", "--test", "hangs", "--config", &runner, "--", "--ignored"]);
     let run = output_within(cmd, 600);

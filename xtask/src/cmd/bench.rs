@@ -438,7 +438,7 @@ impl Bencher<'_> {
             touch()?;
             let dir = ws.target_dir.join("vm-packages");
             crate::lower::packages::cargo_build_static(
-                ws,
+                &ws.root.join("Cargo.toml"),
                 "hello-service",
                 "hello-service",
                 &dir,

@@ -30,7 +30,7 @@ pub fn build(store: &Store, ws: &Workspace, verbose: bool) -> Result<Item> {
     }
     let manifest = source.join("Cargo.toml");
     let binary =
-        crate::lower::packages::cargo_build_static_from(&manifest, "guest", "guest", &target_dir, RUSTFLAGS, verbose)
+        crate::lower::packages::cargo_build_static(&manifest, "guest", "guest", &target_dir, RUSTFLAGS, verbose)
             .with_context(|| format!("building the guest helper from `{}`", source.display()))?;
     check_static(&binary)?;
     let recipe = Recipe::new("file", "guest-helper").input_content("content", &store::sha256_file(&binary)?);

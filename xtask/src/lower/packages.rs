@@ -42,7 +42,7 @@ pub fn workspace_bins(ws: &Workspace) -> Result<BTreeMap<String, Vec<String>>> {
 /// binary and so the same item (cargo's own incremental build decides what to compile).
 pub fn crate_binary(store: &Store, ws: &Workspace, package: &str, bin: &str, verbose: bool) -> Result<Item> {
     let target_dir = ws.target_dir.join("vm-packages");
-    let binary = cargo_build_static(ws, package, bin, &target_dir, RUSTFLAGS, verbose)?;
+    let binary = cargo_build_static(&ws.root.join("Cargo.toml"), package, bin, &target_dir, RUSTFLAGS, verbose)?;
     if elf_info(&binary)?.interpreter.is_some() {
         bail!("`{}` is dynamically linked; packages of this workspace must be static", binary.display());
     }
@@ -56,22 +56,11 @@ pub fn crate_binary(store: &Store, ws: &Workspace, package: &str, bin: &str, ver
     })
 }
 
-/// Builds `bin` of workspace package `package` for [`TARGET`] in release mode with
-/// `rustflags` (which, with an explicit target, reach neither build scripts nor
-/// proc-macros) into `target_dir`; returns the binary's path.
+/// Builds `bin` of package `package` of the workspace (or package) whose manifest is
+/// `manifest`, wherever it is, for [`TARGET`] in release mode with `rustflags` (which,
+/// with an explicit target, reach neither build scripts nor proc-macros) into
+/// `target_dir`; returns the binary's path.
 pub fn cargo_build_static(
-    ws: &Workspace,
-    package: &str,
-    bin: &str,
-    target_dir: &Path,
-    rustflags: &str,
-    verbose: bool,
-) -> Result<PathBuf> {
-    cargo_build_static_in(&ws.root, None, package, bin, target_dir, rustflags, verbose)
-}
-
-/// [`cargo_build_static`] of the package whose manifest is `manifest`, wherever it is.
-pub fn cargo_build_static_from(
     manifest: &Path,
     package: &str,
     bin: &str,
@@ -80,24 +69,10 @@ pub fn cargo_build_static_from(
     verbose: bool,
 ) -> Result<PathBuf> {
     let dir = manifest.parent().context("a manifest's directory")?;
-    cargo_build_static_in(dir, Some(manifest), package, bin, target_dir, rustflags, verbose)
-}
-
-fn cargo_build_static_in(
-    dir: &Path,
-    manifest: Option<&Path>,
-    package: &str,
-    bin: &str,
-    target_dir: &Path,
-    rustflags: &str,
-    verbose: bool,
-) -> Result<PathBuf> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut cmd = crate::process::command(cargo);
     cmd.args(["build", "--release", "--package", package, "--bin", bin, "--target", TARGET]);
-    if let Some(manifest) = manifest {
-        cmd.arg("--manifest-path").arg(manifest);
-    }
+    cmd.arg("--manifest-path").arg(manifest);
     cmd.arg("--target-dir").arg(target_dir).current_dir(dir).env("RUSTFLAGS", rustflags);
     if !verbose {
         cmd.arg("--quiet");
