@@ -19,8 +19,14 @@ fn sees_only_what_it_must() {
     // Every mount but the kernel's own and the 9p shares themselves (the guest reports
     // through one) goes: what hid something is gone.
     let keep = ["/", "/proc", "/sys", "/dev"];
-    for (_, target, kind) in mounts().iter().rev() {
-        if kind != "9p" && !keep.contains(&target.as_str()) {
+    let all = mounts();
+    // A mount with a share below it (a workspace under /tmp) stays too: undoing it would
+    // take the share along, out of reach, and keep its channel busy for a new mount.
+    let holds_share = |target: &str| {
+        all.iter().any(|(_, t, k)| k == "9p" && t.len() > target.len() && t.starts_with(&format!("{target}/")))
+    };
+    for (_, target, kind) in all.iter().rev() {
+        if kind != "9p" && !keep.contains(&target.as_str()) && !holds_share(target) {
             // Programs are in the store: system calls only from here on.
             let _ = umount(target);
         }
