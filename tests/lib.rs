@@ -75,18 +75,19 @@ pub fn qemu_system() -> PathBuf {
         .expect("no QEMU on this host, and xtask made none in the store")
 }
 
-/// Builds `xtask` once per test process and returns its path.
+/// Builds the tests' xtask once per test process and returns its path: this repository's
+/// `xtask` with the systems made for tests registered too (`xtask_fixtures.rs`).
 pub fn xtask_bin() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
         let status = Command::new(cargo)
-            .args(["build", "--quiet", "--package", "xtask"])
+            .args(["build", "--quiet", "--package", "vm-tests", "--bin", "xtask-fixtures"])
             .current_dir(workspace_root())
             .status()
-            .expect("running cargo build -p xtask");
-        assert!(status.success(), "cargo build -p xtask failed");
-        target_dir().join("debug/xtask")
+            .expect("running cargo build -p vm-tests --bin xtask-fixtures");
+        assert!(status.success(), "cargo build -p vm-tests --bin xtask-fixtures failed");
+        target_dir().join("debug/xtask-fixtures")
     })
 }
 

@@ -1,6 +1,7 @@
 //! The vocabulary for describing a virtual machine's system as plain Rust values (the
-//! reference's `operating-system` and `file-system` records), and the named systems
-//! that `cargo xtask --system NAME` can boot.
+//! reference's `operating-system` and `file-system` records), and a few systems to start
+//! from ([`minimal`], [`debian_base`], [`with_debian`]). A workspace names its own
+//! systems and hands them to the engine (`vm_xtask::Catalog`).
 //!
 //! A system is data: [`System`] and the records it holds have public fields and no
 //! behaviour beyond small constructors and [`System::virtualized`]. Checking that a
@@ -317,12 +318,6 @@ impl System {
     }
 }
 
-/// The system used when no `--system` is given.
-pub const DEFAULT_SYSTEM: &str = "minimal";
-
-/// The port the `hello` system's service listens on.
-pub const HELLO_PORT: u16 = 7878;
-
 /// The smallest useful system: Debian's kernel and a busybox userland.
 pub fn minimal() -> System {
     System {
@@ -383,134 +378,6 @@ pub fn debian_base() -> System {
     }
 }
 
-/// `minimal`, which, booted from a disk image, counts the boot on its root file system,
-/// prints a marker line (`vm-image boot-check: ok ...`) and powers off: for tests of
-/// `cargo xtask vm-image`.
-pub fn boot_check() -> System {
-    System {
-        name: "boot-check".to_string(),
-        description: "minimal; from a disk image: print a boot marker and power off (for tests)".to_string(),
-        kernel_args: vec!["vm.boot-check".to_string()],
-        ..minimal()
-    }
-}
-
-/// A system running a service built from this workspace (`examples/hello-service`):
-/// it answers on TCP port [`HELLO_PORT`] with its greeting, runs as the user `hello`,
-/// and has a user `alice` to log in as.
-pub fn hello() -> System {
-    let mut service = Service::new("hello", "hello-service");
-    service.args = vec![HELLO_PORT.to_string()];
-    service.env = vec![("HELLO_GREETING_FILE".to_string(), "/etc/hello/greeting".to_string())];
-    service.user = "hello".to_string();
-    service.restart = Restart::Always;
-    service.ready = Ready::TcpPort(HELLO_PORT);
-    System {
-        hostname: "hello-vm".to_string(),
-        packages: vec![
-            Package::Busybox,
-            Package::Crate { package: "hello-service".to_string(), bin: "hello-service".to_string() },
-        ],
-        services: vec![service],
-        groups: vec![Group { name: "users".to_string(), gid: 100 }, Group { name: "hello".to_string(), gid: 900 }],
-        users: vec![
-            User {
-                comment: "the hello service".to_string(),
-                home: "/var/lib/hello".to_string(),
-                ..User::new("hello", 900, "hello")
-            },
-            User {
-                comment: "Alice".to_string(),
-                supplementary_groups: vec!["hello".to_string()],
-                ..User::new("alice", 1000, "users")
-            },
-        ],
-        etc_files: vec![EtcFile {
-            path: "hello/greeting".to_string(),
-            contents: "hello from the VM".to_string(),
-            mode: 0o644,
-        }],
-        file_systems: vec![
-            FileSystem::block("/", Device::Label("vmroot".to_string()), "ext4"),
-            FileSystem::tmpfs("/var/cache/hello"),
-        ],
-        ..System::base(
-            "hello",
-            "minimal plus a service built from this workspace (examples/hello-service) on port 7878",
-        )
-    }
-}
-
-/// `minimal` plus a program from the host with its shared libraries: `findmnt` (from
-/// util-linux, an essential package every Debian host has).
-pub fn host_findmnt() -> System {
-    System {
-        packages: vec![Package::Busybox, Package::Host { path: PathBuf::from("/usr/bin/findmnt") }],
-        ..System::base("host-findmnt", "minimal plus the host's /usr/bin/findmnt with its shared-library closure")
-    }
-}
-
-/// `minimal` with a file system needed for boot (`/early`) and one that is not
-/// (`/late`), and a service that writes, when it starts, which of the two is mounted
-/// (`/run/probe`: a count per line): for tests of the order.
-pub fn fs_order() -> System {
-    let mut probe = Service::new("probe", "sh");
-    probe.args = vec![
-        "-c".to_string(),
-        "{ grep -c ' /early ' /proc/mounts; grep -c ' /late ' /proc/mounts; } > /run/probe.tmp; \
-         mv /run/probe.tmp /run/probe; exec sleep 2147483647"
-            .to_string(),
-    ];
-    probe.ready = Ready::File("/run/probe".to_string());
-    System {
-        packages: vec![Package::Busybox],
-        services: vec![probe],
-        file_systems: vec![
-            FileSystem::block("/", Device::Label("vmroot".to_string()), "ext4"),
-            FileSystem { needed_for_boot: true, ..FileSystem::tmpfs("/early") },
-            FileSystem::tmpfs("/late"),
-        ],
-        ..System::base(
-            "fs-order",
-            "(for tests) a file system needed for boot, mounted before the services, and one mounted after them",
-        )
-    }
-}
-
-/// `minimal` with a second disk: the ext4 file system labelled `vmdata`, checked and
-/// mounted on `/data` (a disk image's; `run-vm` drops it): for tests.
-pub fn data_disk() -> System {
-    System {
-        packages: vec![Package::Busybox],
-        file_systems: vec![
-            FileSystem::block("/", Device::Label("vmroot".to_string()), "ext4"),
-            FileSystem::block("/data", Device::Label("vmdata".to_string()), "ext4"),
-        ],
-        ..System::base("data-disk", "(for tests) minimal plus a disk labelled vmdata, checked and mounted on /data")
-    }
-}
-
-/// A system that cannot work: it has no root file system (for tests of validation).
-pub fn invalid_no_root() -> System {
-    System {
-        file_systems: vec![FileSystem::tmpfs("/scratch")],
-        packages: vec![Package::Busybox],
-        ..System::base("invalid-no-root", "(for tests) no root file system: refused before anything is built")
-    }
-}
-
-/// A system that cannot work: its initrd module is not in the kernel (for tests).
-pub fn invalid_module() -> System {
-    System {
-        initrd_modules: vec!["no_such_module".to_string()],
-        packages: vec![Package::Busybox],
-        ..System::base(
-            "invalid-module",
-            "(for tests) an initrd module the kernel lacks: refused before anything is built",
-        )
-    }
-}
-
 /// `minimal` plus Debian packages (each with its dependency closure, laid out as Debian
 /// lays out a system: `/usr/bin/jq`, `/lib64/ld-linux-x86-64.so.2`, ...).
 pub fn with_debian(name: &str, description: &str, packages: &[&str]) -> System {
@@ -519,79 +386,16 @@ pub fn with_debian(name: &str, description: &str, packages: &[&str]) -> System {
     System { packages: all, ..System::base(name, description) }
 }
 
-/// The example systems with programs from Debian's packages.
-pub fn debian_examples() -> Vec<System> {
-    vec![
-        with_debian("debian-jq", "minimal plus Debian's jq (with libjq1, libonig5 and libc6)", &["jq"]),
-        with_debian("debian-python3", "minimal plus Debian's python3 and its standard library", &["python3"]),
-        with_debian("debian-iproute2", "minimal plus Debian's iproute2 (`ip`, `ss`, ...)", &["iproute2"]),
-        with_debian("debian-e2fsprogs", "minimal plus Debian's e2fsprogs (`mke2fs`, `e2fsck`, ...)", &["e2fsprogs"]),
-        with_debian("debian-strace", "minimal plus Debian's strace", &["strace"]),
-        with_debian("debian-mawk", "minimal plus Debian's mawk, as `awk` (its update-alternatives link)", &["mawk"]),
-        with_debian(
-            "debian-jq-strace",
-            "(for tests) two Debian packages sharing libraries: jq and strace",
-            &["jq", "strace"],
-        ),
-        with_debian(
-            "invalid-debian-conflict",
-            "(for tests) two Debian packages that conflict (busybox, busybox-static): refused before anything is built",
-            &["busybox", "busybox-static"],
-        ),
-        with_debian(
-            "invalid-debian-unresolvable",
-            "(for tests) a Debian package whose dependency nothing provides (`xtask-fixture-app`, from a test's own \
-             apt repository): refused before anything is built",
-            &["xtask-fixture-app"],
-        ),
-        with_debian(
-            "invalid-debian-unknown",
-            "(for tests) a Debian package apt does not know: refused before anything is built",
-            &["jq", "no-such-package-xtask"],
-        ),
-    ]
-}
-
-/// Every named system, in the order `cargo xtask systems` lists them.
-pub fn all() -> Vec<System> {
-    let mut all = vec![
-        minimal(),
-        debian_base(),
-        hello(),
-        host_findmnt(),
-        boot_check(),
-        fs_order(),
-        data_disk(),
-        invalid_no_root(),
-        invalid_module(),
-    ];
-    all.extend(debian_examples());
-    all
-}
-
-/// Looks a named system up.
-pub fn by_name(name: &str) -> Option<System> {
-    all().into_iter().find(|s| s.name == name)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn names_are_unique_and_default_exists() {
-        let systems = all();
-        let mut names: Vec<_> = systems.iter().map(|s| s.name.as_str()).collect();
-        names.sort();
-        names.dedup();
-        assert_eq!(names.len(), systems.len());
-        assert!(by_name(DEFAULT_SYSTEM).is_some());
-        assert!(by_name("no-such-system").is_none());
-    }
-
-    #[test]
     fn virtualized_roots_on_vda1_shares_the_store_and_drops_disks() {
-        let mut system = hello();
+        let mut system = minimal();
+        system.services.push(Service::new("sleeper", "sleep"));
+        system.file_systems.push(FileSystem::block("/", Device::Label("vmroot".into()), "ext4"));
+        system.file_systems.push(FileSystem::tmpfs("/var/cache/hello"));
         system.file_systems.push(FileSystem::block("/data", Device::Uuid("1234".into()), "ext4"));
         let v = system.virtualized();
         let root = v.root_file_system().unwrap();

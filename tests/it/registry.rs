@@ -899,7 +899,7 @@ fn registry_client_built() {
         let target = vm_tests::store_dir().parent().unwrap().to_path_buf();
         let status = Command::new(cargo)
             .current_dir(vm_tests::workspace_root())
-            .args(["build", "--quiet", "--package", "xtask-registry", "--bin", "xtask-registry", "--target-dir"])
+            .args(["build", "--quiet", "--package", "vm-xtask-registry", "--bin", "xtask-registry", "--target-dir"])
             .arg(target)
             .env_remove("RUSTFLAGS")
             .env_remove("CARGO_ENCODED_RUSTFLAGS")

@@ -1,4 +1,4 @@
-//! Systems declared in `os-configs`: a service built from this workspace answering a
+//! Systems declared in `vms/` (and the tests' fixtures): a service built from this workspace answering a
 //! command, the inner loop (edit the service, run again: only small items rebuilt),
 //! `run-vm.sh` without cargo, users and host name, a host program with its libraries,
 //! and validation errors.
@@ -13,8 +13,10 @@ use vm_tests::{run_vm_on, store_dir, workspace_root, xtask, Run, TIMEOUT};
 /// The query the tests send to the `hello` system's service (busybox's nc).
 const ASK_HELLO: &str = "nc 127.0.0.1 7878 </dev/null";
 
+/// The tests' xtask lists this repository's systems and the test fixtures; the
+/// repository's own `cargo xtask systems` lists only what a user would boot.
 #[test]
-fn systems_are_listed_one_line_each() {
+fn systems_are_listed_one_line_each_and_fixtures_only_by_the_tests() {
     let run = xtask(&["systems"]);
     run.expect_code(0);
     for name in ["minimal", "hello", "host-findmnt", "boot-check", "invalid-no-root"] {
@@ -22,6 +24,16 @@ fn systems_are_listed_one_line_each() {
         let line = line.unwrap_or_else(|| panic!("`{name}` not listed: {}", run.stdout));
         assert!(line.len() > name.len() + 10, "no description for {name}: {line:?}");
     }
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
+    let out = Command::new(cargo).args(["xtask", "systems"]).current_dir(workspace_root()).output().unwrap();
+    let own = vm_tests::Run::from(out);
+    own.expect_code(0);
+    let names: Vec<&str> = own.stdout.lines().filter_map(|l| l.split_whitespace().next()).collect();
+    assert!(names.starts_with(&["minimal", "debian-base", "hello"]), "{own:#?}");
+    for fixture in ["invalid-no-root", "boot-check", "host-findmnt", "fs-order", "data-disk", "debian-jq-strace"] {
+        assert!(!names.contains(&fixture), "`cargo xtask systems` lists the test fixture `{fixture}`: {own:#?}");
+    }
+    assert!(!own.stdout.contains("(for tests)"), "{own:#?}");
 }
 
 #[test]

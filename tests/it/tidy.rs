@@ -27,7 +27,7 @@ fn rust_sources(dir: &Path, out: &mut Vec<PathBuf>) {
 fn sources_have_module_docs_narrow_lines_and_no_silenced_argument_lists() {
     let root = workspace_root();
     let mut files = Vec::new();
-    for dir in ["xtask", "guest", "os-configs", "tests", "examples"] {
+    for dir in ["xtask", "vm-xtask", "vms", "guest", "os-configs", "tests", "examples"] {
         rust_sources(&root.join(dir), &mut files);
     }
     assert!(files.len() > 50, "found only {} Rust files under {}", files.len(), root.display());

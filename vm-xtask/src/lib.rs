@@ -1,7 +1,25 @@
-//! The library behind `cargo xtask`: a store of build artifacts under `target/`, kernels
-//! and initrds made from Debian's packages, a QEMU runner, and the subcommands built on
-//! them. `main.rs` only parses flags and dispatches to [`cmd`].
+//! The engine behind `cargo xtask`: build Linux VM images and run code in real VMs,
+//! without root, from a workspace's own `xtask` crate. A store of build artifacts under
+//! `target/`, kernels and initrds made from Debian's packages, a QEMU runner, and the
+//! subcommands built on them.
+//!
+//! A workspace declares its systems (plain values of the [`systems`] vocabulary) and
+//! scenarios in a [`Catalog`] and hands it to [`cli::main`]:
+//!
+//! ```no_run
+//! use vm_xtask::systems::{self, Package};
+//! use vm_xtask::{cli, Catalog};
+//!
+//! fn main() -> std::process::ExitCode {
+//!     let mut jq = systems::minimal();
+//!     jq.name = "jq".into();
+//!     jq.packages.push(Package::Debian { package: "jq".into() });
+//!     cli::main(Catalog::new().systems([systems::minimal(), jq]))
+//! }
+//! ```
 
+pub mod catalog;
+pub mod cli;
 pub mod cmd;
 pub mod host;
 pub mod image;
@@ -17,6 +35,13 @@ pub mod substitute;
 pub mod vm;
 
 use std::path::{Path, PathBuf};
+
+pub use catalog::Catalog;
+/// The vocabulary of systems: [`systems::System`], [`systems::Package`],
+/// [`systems::FileSystem`], ... (the `vm-xtask-systems` crate).
+pub use os_configs as systems;
+/// A scenario and the driver its script gets.
+pub use vm::scenario::{Driver, Scenario};
 
 /// Environment variable that moves the store (default: `target/vmstore`).
 pub const STORE_ENV: &str = "XTASK_VMSTORE";
@@ -37,7 +62,7 @@ impl Workspace {
     /// two checkouts may share one target directory, and so one xtask binary): the
     /// toolkit's workspace around the current directory (one with a `vm.lock` or an
     /// `xtask` crate beside its `Cargo.toml`'s `[workspace]`), else the one around this
-    /// program (a runner called from another workspace), else the one it was built in.
+    /// program (a runner called from another workspace), else the current directory.
     /// The target directory is `CARGO_TARGET_DIR`, else the cargo target directory this
     /// program was built into, else the workspace's `target/`.
     pub fn current() -> Workspace {
@@ -52,9 +77,8 @@ impl Workspace {
             .map(|p| std::path::absolute(&p).unwrap_or(p))
             .or_else(|| std::env::current_dir().ok().and_then(|d| toolkit_workspace_above(&d)))
             .or_else(|| exe.as_deref().and_then(toolkit_workspace_above))
-            .unwrap_or_else(|| {
-                Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in a workspace").to_path_buf()
-            });
+            .or_else(|| std::env::current_dir().ok())
+            .unwrap_or_else(|| PathBuf::from("."));
         let target_dir = std::env::var_os("CARGO_TARGET_DIR")
             .map(PathBuf::from)
             .map(|p| if p.is_absolute() { p } else { root.join(p) })

@@ -255,14 +255,19 @@ impl Drop for Helper {
 }
 
 /// Builds `xtask-registry` (cargo, into the workspace's target directory) once per
-/// process and returns its path.
+/// process, from the source of the `vm-xtask-registry` crate this engine was built with
+/// (wherever cargo keeps it, never the workspace's own crates), and returns its path.
 pub fn helper_program(ws: &Workspace) -> Result<PathBuf> {
     static BUILT: OnceLock<std::result::Result<PathBuf, String>> = OnceLock::new();
     BUILT
         .get_or_init(|| {
-            let mut cmd = crate::process::command("cargo");
-            cmd.current_dir(&ws.root)
-                .args(["build", "--quiet", "--package", HELPER, "--bin", HELPER, "--target-dir"])
+            let source = std::path::Path::new(vm_xtask_registry::SOURCE_DIR);
+            let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+            let mut cmd = crate::process::command(cargo);
+            cmd.current_dir(source)
+                .args(["build", "--quiet", "--manifest-path"])
+                .arg(source.join("Cargo.toml"))
+                .args(["--package", "vm-xtask-registry", "--bin", HELPER, "--features", "client", "--target-dir"])
                 .arg(&ws.target_dir)
                 .env_remove("RUSTFLAGS")
                 .env_remove("CARGO_ENCODED_RUSTFLAGS")

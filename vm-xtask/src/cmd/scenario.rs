@@ -11,7 +11,7 @@ use guest::control::{base64_decode, FromGuest, ToGuest};
 use serde::{Deserialize, Serialize};
 
 use super::{usage_error, VmOpts};
-use crate::vm::scenario::{self, named, Driver};
+use crate::vm::scenario::{self, Driver};
 use crate::Workspace;
 
 #[derive(Debug, Clone, clap::Args)]
@@ -47,21 +47,21 @@ fn kept_path(ws: &Workspace, name: &str) -> PathBuf {
 impl ScenarioCmd {
     pub fn run(self, ws: &Workspace) -> Result<i32> {
         if self.list {
-            for s in named::all() {
+            for s in crate::Catalog::current().all_scenarios() {
                 println!("{:<20} {}", s.name, s.description);
             }
             return Ok(0);
         }
         let name = self.name.clone().unwrap_or_default();
-        let Some(scenario) = named::by_name(&name) else {
-            let names: Vec<String> = named::all().into_iter().map(|s| s.name).collect();
+        let Some(scenario) = crate::Catalog::current().scenario(&name) else {
+            let names: Vec<&str> = crate::Catalog::current().all_scenarios().iter().map(|s| s.name.as_str()).collect();
             return Err(usage_error(format!("unknown scenario `{name}`; known scenarios: {}", names.join(", "))));
         };
         if let Some(node) = &self.shell {
             return shell(ws, &name, node);
         }
         let store = self.vm.open_store(ws)?;
-        let mut driver = Driver::prepare(ws, &self.vm, &store, &scenario)?;
+        let mut driver = Driver::prepare(ws, &self.vm, &store, scenario)?;
         eprintln!("scenario `{name}`: {}", scenario.description);
         let result = (scenario.script)(&mut driver);
         match &result {

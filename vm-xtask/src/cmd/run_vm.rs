@@ -205,6 +205,8 @@ mod tests {
     #[test]
     fn only_systems_with_more_than_root_get_the_shared_store_image() {
         assert!(!uses_shared_store_image(&os_configs::minimal().virtualized()));
-        assert!(uses_shared_store_image(&os_configs::hello().virtualized()));
+        let mut with_a_user = os_configs::minimal();
+        with_a_user.users.push(os_configs::User::new("alice", 1000, "users"));
+        assert!(uses_shared_store_image(&with_a_user.virtualized()));
     }
 }

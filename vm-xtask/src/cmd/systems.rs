@@ -32,10 +32,14 @@ pub struct SystemsReport {
 }
 
 pub fn report() -> SystemsReport {
-    let systems = os_configs::all()
-        .into_iter()
+    let catalog = crate::Catalog::current();
+    let default = catalog.default_name();
+    let systems = catalog
+        .all_systems()
+        .iter()
+        .cloned()
         .map(|s| SystemReport {
-            default: s.name == os_configs::DEFAULT_SYSTEM,
+            default: s.name == default,
             hostname: s.hostname.clone(),
             packages: s
                 .packages
@@ -62,10 +66,11 @@ impl Systems {
             crate::report::print_json(&report())?;
             return Ok(0);
         }
-        let systems = os_configs::all();
+        let catalog = crate::Catalog::current();
+        let systems = catalog.all_systems();
         let width = systems.iter().map(|s| s.name.len()).max().unwrap_or(0);
         for s in systems {
-            let default = if s.name == os_configs::DEFAULT_SYSTEM { " (default)" } else { "" };
+            let default = if s.name == catalog.default_name() { " (default)" } else { "" };
             println!("{:width$}  {}{default}", s.name, s.description);
         }
         Ok(0)

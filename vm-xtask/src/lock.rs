@@ -342,16 +342,17 @@ fn strings(value: &str) -> Option<Vec<String>> {
 /// The named systems whose packages the lock holds: all but those made to be refused
 /// (`invalid-...`), which ask for what cannot be locked.
 pub fn locked_systems() -> impl Iterator<Item = os_configs::System> {
-    os_configs::all().into_iter().filter(|s| !s.name.starts_with("invalid-"))
+    crate::Catalog::current().all_systems().iter().filter(|s| !s.name.starts_with("invalid-")).cloned()
 }
 
-/// Every Debian package name the workspace's named systems, the image tools and QEMU from
-/// the store ask for (not their dependencies).
+/// Every Debian package name the workspace's named systems, the engine's own VMs (the
+/// image builder boots `minimal`), the image tools and QEMU from the store ask for (not
+/// their dependencies).
 pub fn wanted() -> Vec<String> {
     let mut names: Vec<String> = crate::image::tools::PACKAGES.iter().map(|p| p.to_string()).collect();
     names.push(crate::vm::qemu_program::PACKAGE.to_string());
     names.push(crate::registry_server::PACKAGE.to_string());
-    for system in locked_systems() {
+    for system in std::iter::once(os_configs::minimal()).chain(locked_systems()) {
         if let os_configs::Kernel::Debian { package } = &system.kernel {
             names.push(package.clone());
         }

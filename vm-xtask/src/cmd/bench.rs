@@ -415,7 +415,7 @@ impl Bencher<'_> {
     fn inner_loop(&self, floor_boot: f64, our_boot: f64) -> Result<Vec<Figure>> {
         let ws = self.ws;
         let service_src = ws.root.join("examples/hello-service/src/main.rs");
-        if os_configs::by_name("hello").is_none() || !service_src.is_file() {
+        if crate::Catalog::current().system("hello").is_none() || !service_src.is_file() {
             bail!("the inner-loop figure needs the `hello` system and `{}`", service_src.display());
         }
         let touch = || -> Result<()> {

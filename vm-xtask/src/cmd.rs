@@ -1,5 +1,6 @@
 //! The subcommands, one module each, and the options they share.
 
+#[cfg(feature = "bench")]
 pub mod bench;
 pub mod build_in_vm;
 pub mod image_tools;
@@ -36,7 +37,7 @@ pub fn usage_error(message: String) -> anyhow::Error {
 #[derive(Debug, Clone, clap::Args)]
 pub struct VmOpts {
     /// The system to boot (see `cargo xtask systems`).
-    #[arg(long, default_value = os_configs::DEFAULT_SYSTEM)]
+    #[arg(long, default_value_t = crate::Catalog::current().default_name())]
     pub system: String,
     /// Accelerator: auto uses KVM when it works here, else TCG.
     #[arg(long, value_enum, default_value_t)]
@@ -159,9 +160,16 @@ const SIZE_RANGE: &str = "give 1MiB to 16TiB";
 
 /// The named system; an unknown name is a usage error listing the known ones.
 pub fn lookup_system(name: &str) -> Result<System> {
-    os_configs::by_name(name).ok_or_else(|| {
-        let names: Vec<String> = os_configs::all().into_iter().map(|s| s.name).collect();
-        usage_error(format!("unknown system `{name}`; known systems: {}", names.join(", ")))
+    let catalog = crate::Catalog::current();
+    catalog.system(name).cloned().ok_or_else(|| {
+        let names: Vec<&str> = catalog.all_systems().iter().map(|s| s.name.as_str()).collect();
+        match names.is_empty() {
+            true => usage_error(format!(
+                "unknown system `{name}`: the workspace declares no systems (its xtask hands them to \
+                 `vm_xtask::cli::main` in a `Catalog`)"
+            )),
+            false => usage_error(format!("unknown system `{name}`; known systems: {}", names.join(", "))),
+        }
     })
 }
 

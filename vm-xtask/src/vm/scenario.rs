@@ -8,7 +8,6 @@
 //! command, its status and output, and shows the node's console tail.
 
 pub mod hub;
-pub mod named;
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};

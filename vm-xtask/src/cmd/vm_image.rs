@@ -14,7 +14,7 @@ use crate::{host, image::tools, image::vm_builder, Workspace};
 #[derive(Debug, Clone, clap::Args)]
 pub struct VmImage {
     /// The system to make an image of (see `cargo xtask systems`).
-    #[arg(long, default_value = os_configs::DEFAULT_SYSTEM)]
+    #[arg(long, default_value_t = crate::Catalog::current().default_name())]
     pub system: String,
     /// The image's format.
     #[arg(long, value_enum, default_value = "qcow2")]

@@ -29,9 +29,15 @@ pub fn build(store: &Store, ws: &Workspace, verbose: bool) -> Result<Item> {
         return Ok(item);
     }
     let manifest = source.join("Cargo.toml");
-    let binary =
-        crate::lower::packages::cargo_build_static(&manifest, "guest", "guest", &target_dir, RUSTFLAGS, verbose)
-            .with_context(|| format!("building the guest helper from `{}`", source.display()))?;
+    let binary = crate::lower::packages::cargo_build_static(
+        &manifest,
+        "vm-xtask-guest",
+        "guest",
+        &target_dir,
+        RUSTFLAGS,
+        verbose,
+    )
+    .with_context(|| format!("building the guest helper from `{}`", source.display()))?;
     check_static(&binary)?;
     let recipe = Recipe::new("file", "guest-helper").input_content("content", &store::sha256_file(&binary)?);
     let item = store.realise(&recipe, |out| {
