@@ -1,4 +1,4 @@
-//! What a host needs, as the README says it: `cargo xtask` run with `PATH` holding only
+//! What a host needs, as docs/running.md says it: `cargo xtask` run with `PATH` holding only
 //! the Rust toolchain (cargo, rustc and the C compiler driver `cc` it links with), apt
 //! (apt-get, apt-cache), dpkg-deb with the tar it runs, and QEMU (qemu-system-x86_64,
 //! qemu-img; QEMU may be missing, and then comes from the store), and with installing
@@ -14,7 +14,7 @@ use std::time::Instant;
 
 use vm_tests::{store_dir, workspace_root, Run, TIMEOUT};
 
-/// The host programs the README lists, found on this machine's `PATH`.
+/// The host programs the README and docs/running.md list, found on this machine's `PATH`.
 pub const HOST_PROGRAMS: &[&str] =
     &["cargo", "rustc", "cc", "apt-get", "apt-cache", "dpkg-deb", "tar", "qemu-system-x86_64", "qemu-img"];
 
@@ -35,7 +35,7 @@ fn links_to(dir: &Path, programs: &[&str], optional: &[&str]) -> PathBuf {
         match found {
             Some(found) => std::os::unix::fs::symlink(&found, bin.join(program)).unwrap(),
             None if optional.contains(program) => {}
-            None => panic!("`{program}`, which the README says a host needs, is not on PATH"),
+            None => panic!("`{program}`, which docs/running.md says a host needs, is not on PATH"),
         }
     }
     bin

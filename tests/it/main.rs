@@ -7,6 +7,7 @@ mod build_in_vm;
 mod cli;
 mod crate_suites;
 mod debian;
+mod docs;
 mod faults;
 mod guest_boundary;
 mod host;

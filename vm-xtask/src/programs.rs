@@ -1,5 +1,5 @@
 //! Every program xtask starts, declared in one place with where it comes from: a Debian
-//! package the host has (the README lists what a host needs), the Rust toolchain, or a
+//! package the host has (docs/running.md lists what a host needs), the Rust toolchain, or a
 //! Debian package locked in `vm.lock` and run from the store. A unit test reads xtask's
 //! sources and fails when code starts a program (a string literal given to
 //! `Command::new(` or `command(`, the first word of an xshell `cmd!`, or a `host::` tool)

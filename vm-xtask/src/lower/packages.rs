@@ -404,7 +404,7 @@ mod rpath_tests {
     use super::*;
     use std::process::Command;
 
-    /// Compiles with the host's `cc` (see README: the tests need a C compiler); fails
+    /// Compiles with the host's `cc` (see docs/running.md: the tests need a C compiler); fails
     /// saying so when there is none.
     fn cc(args: &[&str], dir: &Path) {
         let out = Command::new("cc")
