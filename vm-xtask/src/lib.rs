@@ -18,25 +18,35 @@
 //! }
 //! ```
 
+#![deny(missing_docs)]
+
 pub mod catalog;
 pub mod cli;
-pub mod cmd;
-pub mod host;
-pub mod image;
-pub mod lock;
-pub mod lower;
-pub mod process;
-pub mod programs;
-pub mod progress;
-pub mod registry_server;
-pub mod report;
-pub mod store;
-pub mod substitute;
-pub mod vm;
+pub(crate) mod cmd;
+pub(crate) mod host;
+pub(crate) mod image;
+pub(crate) mod lock;
+pub(crate) mod lower;
+pub(crate) mod process;
+#[cfg(test)]
+mod programs;
+pub(crate) mod progress;
+pub(crate) mod registry_server;
+pub(crate) mod report;
+pub(crate) mod store;
+pub(crate) mod substitute;
+pub(crate) mod vm;
 
 use std::path::{Path, PathBuf};
 
 pub use catalog::Catalog;
+
+/// Not part of the API: what this crate's own integration tests reach (no semver promise).
+#[doc(hidden)]
+pub mod testing {
+    pub use crate::store::fd::DirFd;
+    pub use crate::store::ingest::{copy_dir, Limits};
+}
 /// The vocabulary of systems: [`systems::System`], [`systems::Package`],
 /// [`systems::FileSystem`], ... (the `vm-xtask-systems` crate).
 pub use os_configs as systems;
@@ -49,8 +59,11 @@ pub const STORE_ENV: &str = "XTASK_VMSTORE";
 /// Where the workspace and its build outputs are.
 #[derive(Debug, Clone)]
 pub struct Workspace {
+    /// The directory of the workspace's `Cargo.toml` (and `vm.lock`).
     pub root: PathBuf,
+    /// Cargo's target directory.
     pub target_dir: PathBuf,
+    /// The store (`target/vmstore`, or `XTASK_VMSTORE`).
     pub store_dir: PathBuf,
 }
 

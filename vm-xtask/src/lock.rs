@@ -222,6 +222,7 @@ fn check_fields(name: &str, pin: &Pin) -> Result<()> {
 }
 
 /// The lock file's text for [`DEFAULT_RELEASE`]: sorted by name, one field per line.
+#[cfg(test)]
 pub fn format(pins: &Pins) -> String {
     format_for(DEFAULT_RELEASE, pins)
 }

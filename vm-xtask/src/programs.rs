@@ -205,6 +205,9 @@ mod tests {
 
     #[test]
     fn declarations_agree_with_the_code() {
+        for program in PROGRAMS {
+            assert!(!program.used_for.is_empty(), "`{}` says not what it is used for", program.name);
+        }
         for constant in ["QEMU_SYSTEM", "QEMU_IMG", "APT_GET", "DPKG_DEB"] {
             let tool = host_tool(constant).unwrap();
             let program = declared(tool.program).unwrap_or_else(|| panic!("`{}` is not declared", tool.program));

@@ -15,7 +15,7 @@ pub mod fd;
 pub mod ingest;
 pub mod space;
 
-pub use fd::{guest_kind, start_file_writeback, DirFd, Kind, GUEST_MODE_XATTR};
+pub use fd::{guest_kind, start_file_writeback, DirFd, Kind};
 
 use fs_err as fs;
 use std::fs::File;

@@ -218,7 +218,6 @@ pub struct Answer {
     pub bytes: u64,
     pub meta: Option<String>,
     pub content_sha256: Option<String>,
-    pub key: Option<String>,
     pub layer_bytes: Option<u64>,
 }
 

@@ -9,7 +9,7 @@ use std::os::unix::ffi::OsStringExt;
 
 use nix::fcntl::{openat, OFlag};
 use nix::sys::stat::{mkdirat, Mode};
-use vm_xtask::store::ingest::{copy_dir, Limits};
+use vm_xtask::testing::{copy_dir, Limits};
 
 const FILES: usize = 200_000;
 const DEPTH: usize = 100;
@@ -64,6 +64,6 @@ fn ingesting_a_wide_deep_tree_keeps_memory_bounded_by_depth() {
     assert!(peak < 256 * 1024, "peak resident memory {} MiB (from {} MiB before)", peak / 1024, before / 1024);
 }
 
-fn xtask_dir(path: &std::path::Path) -> vm_xtask::store::fd::DirFd {
-    vm_xtask::store::fd::DirFd::open(path).unwrap()
+fn xtask_dir(path: &std::path::Path) -> vm_xtask::testing::DirFd {
+    vm_xtask::testing::DirFd::open(path).unwrap()
 }

@@ -494,6 +494,7 @@ static PROFILE: std::sync::Mutex<Vec<(&'static str, std::time::Instant)>> = std:
 
 /// The steps recorded since the last call, each with the time until the next one (the
 /// last one until now), in seconds.
+#[cfg(feature = "bench")]
 pub fn take_profile() -> Vec<(&'static str, f64)> {
     let marks = std::mem::take(&mut *PROFILE.lock().unwrap_or_else(|e| e.into_inner()));
     let now = std::time::Instant::now();

@@ -69,11 +69,6 @@ impl StoreTools {
         self.packages.command(program)
     }
 
-    /// The `mke2fs.conf` the store's `mke2fs` reads.
-    pub fn mke2fs_conf(&self) -> PathBuf {
-        self.packages.mke2fs_conf()
-    }
-
     /// GRUB's i386-pc directory: `boot.img`, the modules `grub-mkimage` builds in.
     pub fn grub_i386_pc(&self) -> PathBuf {
         self.packages.package("grub-pc-bin").path.join(GRUB_I386_PC)

@@ -113,6 +113,7 @@ impl DirFd {
     }
 
     /// The directory's own status.
+    #[cfg(test)]
     pub fn stat_self(&self) -> io::Result<FileStat> {
         stat::fstat(self.0.as_raw_fd()).map_err(err)
     }
@@ -153,14 +154,17 @@ impl DirFd {
         Ok(File::from(owned(fd)))
     }
 
+    /// Makes the directory `name` with `mode` (less the umask).
     pub fn mkdir(&self, name: &OsStr, mode: u32) -> io::Result<()> {
         stat::mkdirat(self.raw(), name, Mode::from_bits_truncate(mode)).map_err(err)
     }
 
+    /// The text of the symbolic link `name`.
     pub fn read_link(&self, name: &OsStr) -> io::Result<OsString> {
         fcntl::readlinkat(self.raw(), name).map_err(err)
     }
 
+    /// Makes `name` a symbolic link to `target`.
     pub fn symlink(&self, target: &OsStr, name: &OsStr) -> io::Result<()> {
         unistd::symlinkat(target, self.raw(), name).map_err(err)
     }

@@ -9,7 +9,7 @@
 //! the tree or lead nowhere, and trees over the size, entry or depth limits are refused
 //! with an error naming the entry.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::VecDeque;
 use std::ffi::{OsStr, OsString};
 use std::io::{self, Read};
 use std::path::Path;
@@ -26,6 +26,7 @@ const MAX_LINK_TEXT: u64 = 4096;
 pub struct Limits {
     /// Sum of the regular files' apparent sizes (a sparse file counts in full).
     pub max_bytes: u64,
+    /// Entries of every kind, the top not counted.
     pub max_entries: u64,
     /// Directories below the top.
     pub max_depth: usize,
@@ -86,7 +87,8 @@ impl Unresolved {
 /// A tree in memory: every entry by its path components below the top (the top is
 /// `[]`). Ingest itself keeps no such map (its memory would grow with the entries and
 /// their depth); it resolves links on the copy on disk ([`copy_dir`]).
-pub type Tree = BTreeMap<Vec<OsString>, Node>;
+#[cfg(test)]
+pub type Tree = std::collections::BTreeMap<Vec<OsString>, Node>;
 
 /// Where a link's resolution stands: the directory it is in, and the entries there.
 trait Cursor {
@@ -151,11 +153,13 @@ fn follow(cursor: &mut impl Cursor, target: &OsStr) -> Result<Option<OsString>, 
 }
 
 /// A cursor over a [`Tree`] in memory.
+#[cfg(test)]
 struct TreeCursor<'a> {
     tree: &'a Tree,
     cur: Vec<OsString>,
 }
 
+#[cfg(test)]
 impl Cursor for TreeCursor<'_> {
     fn look(&mut self, name: &OsStr) -> Option<Node> {
         let mut path = self.cur.clone();
@@ -203,6 +207,7 @@ impl Cursor for DiskCursor {
 /// Follows `target`, a link's text, from the directory `dir` inside `tree`, the way the
 /// kernel would (every link on the way followed, at most 40), and returns the entry it
 /// reaches. The top's `..` is outside: there is nothing above the tree.
+#[cfg(test)]
 pub fn resolve(tree: &Tree, dir: &[OsString], target: &OsStr) -> Result<Vec<OsString>, Unresolved> {
     let mut cursor = TreeCursor { tree, cur: dir.to_vec() };
     let file = follow(&mut cursor, target)?;

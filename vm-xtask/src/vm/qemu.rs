@@ -326,7 +326,7 @@ pub fn console_args(console: &Console) -> Vec<OsString> {
 /// makes there is created with QEMU's private modes (0600 files, 0700 directories) and
 /// owned by QEMU's user, and the modes and owners the guest gives (setuid bits, a
 /// world-writable directory, another owner) are only recorded in `user.virtfs.*`
-/// attributes, never applied on the host ([`crate::store::GUEST_MODE_XATTR`]). A
+/// attributes, never applied on the host ([`crate::store::fd::GUEST_MODE_XATTR`]). A
 /// read-only share (the store) shows the host's modes as they are (`none`): the guest
 /// cannot change them there.
 pub fn share_args(shares: &[Share]) -> Vec<OsString> {

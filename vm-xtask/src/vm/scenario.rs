@@ -28,12 +28,16 @@ use crate::{lower::system, lower::validate, vm, Workspace};
 
 /// A scenario: nodes, the networks joining them, and the script that drives them.
 pub struct Scenario {
+    /// What `cargo xtask scenario NAME` calls it.
     pub name: String,
+    /// One line, for `scenario --list`.
     pub description: String,
     /// Each node's name (also its host name) and system.
     pub nodes: Vec<(String, System)>,
     /// Each network's name and the nodes on it.
     pub networks: Vec<(String, Vec<String>)>,
+    /// Drives the nodes: starts them, runs commands, cuts links; an error fails the
+    /// scenario (exit 1) and is printed with the node's console tail.
     pub script: fn(&mut Driver) -> Result<()>,
 }
 

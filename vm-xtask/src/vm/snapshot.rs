@@ -221,6 +221,7 @@ impl Saved {
 }
 
 /// The [`Saved`] a line of `run-vm`'s stderr reports, if it is that line.
+#[cfg(any(test, feature = "bench"))]
 pub fn parse_saved_line(line: &str) -> Option<Saved> {
     let (saved, booted) = line.strip_prefix(SAVED_PREFIX)?.split_once(", after booting to the snapshot point in ")?;
     let words: Vec<&str> = saved.split_whitespace().collect();

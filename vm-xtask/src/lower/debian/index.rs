@@ -95,6 +95,8 @@ impl Index {
         Ok(Index { dir: base.join(key), sources, origin, mirrors })
     }
 
+    /// The index's directory (its lists, caches and sources).
+    #[cfg(test)]
     pub fn dir(&self) -> &Path {
         &self.dir
     }

@@ -19,7 +19,6 @@ pub struct Port {
 
 /// A running LAN.
 pub struct Lan {
-    pub name: String,
     pub ports: BTreeMap<String, Port>,
     blocked: Arc<Mutex<BTreeSet<String>>>,
 }
@@ -43,7 +42,7 @@ impl Lan {
             let (sockets, blocked) = (sockets.clone(), blocked.clone());
             std::thread::spawn(move || repeat(&sockets, i, &blocked));
         }
-        Ok(Lan { name: name.to_string(), ports, blocked })
+        Ok(Lan { ports, blocked })
     }
 
     /// Cuts `node` off the LAN (frames to and from it are dropped), or puts it back.
