@@ -19,8 +19,8 @@ use clap::{CommandFactory, Parser, Subcommand};
 use crate::cmd::bench::Bench;
 use crate::cmd::scenario::ScenarioCmd;
 use crate::cmd::test::{Test, TestRunner};
-use crate::cmd::{build_in_vm::BuildInVm, lock::Lock, run_vm::RunVm, vm_image::VmImage, EXIT_USAGE};
-use crate::vm::Failure;
+use crate::cmd::{build_in_vm::BuildInVm, lock::Lock, run_vm::RunVm, vm_image::VmImage};
+use crate::error::{exit_code, EXIT_USAGE};
 use crate::{Catalog, Workspace};
 
 /// Build Linux VM images and run code in real VMs, from cargo.
@@ -33,7 +33,7 @@ struct Cli {
     /// Which QEMU runs the VMs: the host's, or Debian's from the store (default: the
     /// host's when it has one or can install it as root, else the store's).
     #[arg(long, global = true, value_enum, value_name = "FROM")]
-    qemu: Option<crate::vm::qemu_program::Choice>,
+    qemu: Option<crate::debian::qemu::Choice>,
     #[command(subcommand)]
     command: Cmd,
 }
@@ -142,10 +142,10 @@ pub fn main(catalog: Catalog) -> ExitCode {
     if let Some(choice) = cli.qemu {
         // Read by every QEMU use of this process (and passed on to the xtask the bench runs).
         let value = match choice {
-            crate::vm::qemu_program::Choice::Host => "host",
-            crate::vm::qemu_program::Choice::Store => "store",
+            crate::debian::qemu::Choice::Host => "host",
+            crate::debian::qemu::Choice::Store => "store",
         };
-        std::env::set_var(crate::vm::qemu_program::QEMU_ENV, value);
+        std::env::set_var(crate::debian::qemu::QEMU_ENV, value);
     }
     let ws = Workspace::current();
     let result = match cli.command {
@@ -170,7 +170,7 @@ pub fn main(catalog: Catalog) -> ExitCode {
         Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
         Err(err) => {
             eprintln!("error: {err:#}");
-            let code = err.downcast_ref::<Failure>().map(|f| f.code).unwrap_or(1);
+            let code = exit_code(&err);
             ExitCode::from(code.clamp(1, 255) as u8)
         }
     }

@@ -1,6 +1,6 @@
 //! The host's own tools (QEMU, apt, dpkg-deb): finding them, and installing the missing
 //! ones from Debian's packages when running as root, or saying exactly what to run. The
-//! tools that write disk images are not the host's: see [`crate::image::tools`].
+//! tools that write disk images are not the host's: see [`crate::debian::image_tools`].
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -111,20 +111,6 @@ fn has_package_lists() -> bool {
     std::fs::read_dir("/var/lib/apt/lists")
         .map(|d| d.flatten().any(|e| e.file_name().to_string_lossy().contains("_Packages")))
         .unwrap_or(false)
-}
-
-/// Whether the host's QEMU accepts [`crate::vm::qemu::SANDBOX`] (it needs seccomp support).
-/// The answer is remembered in `cache_dir` ([`remembered`]).
-pub fn qemu_supports_sandbox(cache_dir: &std::path::Path) -> bool {
-    let Ok(qemu) = crate::vm::qemu_program::absolute() else { return false };
-    let question = format!("-sandbox {} -version", crate::vm::qemu::SANDBOX);
-    let answer = remembered(cache_dir, &qemu, &question, || {
-        // Options are parsed in order: an unsupported -sandbox fails before -version exits.
-        let supported = crate::process::output(command(&qemu).args(["-sandbox", crate::vm::qemu::SANDBOX, "-version"]))
-            .is_ok_and(|o| o.status.success());
-        Ok(if supported { "yes" } else { "no" }.to_string())
-    });
-    answer.is_ok_and(|a| a == "yes")
 }
 
 /// The one-line answer `ask` gives to `question` about the program at `program`,

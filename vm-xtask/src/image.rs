@@ -4,7 +4,6 @@
 //! packages in the store ([`tools`]).
 
 pub mod build;
-pub mod tools;
 pub mod vm_builder;
 
 pub use build::*;

@@ -7,7 +7,6 @@
 //! that ties them together ([`system`]).
 
 pub mod cpio;
-pub mod debian;
 pub mod helper;
 pub mod initrd;
 pub mod kernel;

@@ -118,7 +118,7 @@ fn expression(cmd: &Command, stdin: Stdin) -> duct::Expression {
 /// needed.
 pub fn describe(cmd: &Command) -> String {
     let mut words = vec![cmd.get_program().to_string_lossy().into_owned()];
-    words.extend(cmd.get_args().map(|a| crate::vm::shell_quote(&a.to_string_lossy())));
+    words.extend(cmd.get_args().map(|a| shell_quote(&a.to_string_lossy())));
     words.join(" ")
 }
 
@@ -127,6 +127,15 @@ pub fn describe(cmd: &Command) -> String {
 pub fn last_lines(text: &str) -> String {
     let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
     lines[lines.len().saturating_sub(10)..].join("\n")
+}
+
+/// Quotes an argument for display as a shell word.
+pub fn shell_quote(s: &str) -> String {
+    if !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_./=:,+@%".contains(c)) {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', r"'\''"))
+    }
 }
 
 #[cfg(test)]

@@ -76,7 +76,8 @@ pub const PROGRAMS: &[Program] = &[
     Program {
         name: "xtask-registry",
         source: Source::Built,
-        used_for: "the OCI registry client of `store push`/`pull` and substitutes (built from the `vm-xtask-registry` crate's source)",
+        used_for: "the OCI registry client of `store push`/`pull` and substitutes (built from the \
+                   `vm-xtask-registry` crate's source)",
     },
 ];
 
@@ -216,11 +217,11 @@ mod tests {
                 "{program:?} vs host::{constant}"
             );
         }
-        for (name, package) in crate::image::tools::PROGRAMS {
+        for (name, package) in crate::debian::image_tools::PROGRAMS {
             let program = declared(name).unwrap_or_else(|| panic!("image tool `{name}` is not declared"));
             assert_eq!(program.source, Source::Store { package }, "{name}");
         }
-        let wanted = crate::lock::wanted();
+        let wanted = crate::debian::lock::wanted(&[]);
         for program in PROGRAMS {
             if let Source::Store { package } = program.source {
                 assert!(
@@ -230,6 +231,6 @@ mod tests {
                 );
             }
         }
-        assert_eq!(declared(crate::lower::debian::APT_HELPER).map(|p| p.name), Some(crate::lower::debian::APT_HELPER));
+        assert_eq!(declared(crate::debian::APT_HELPER).map(|p| p.name), Some(crate::debian::APT_HELPER));
     }
 }

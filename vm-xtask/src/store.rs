@@ -168,18 +168,34 @@ pub enum Outcome {
     Substituted,
 }
 
+/// Where an item may come from instead of being built (registries: [`crate::substitute`]):
+/// asked by [`Store::realise`] with the item's lock held, before it builds.
+pub trait Substitutes: Send + Sync {
+    /// Commits `item` (of `recipe`) at `tmp` when a source has it, verified; the bytes
+    /// received, or `None` (then the item is built here).
+    fn substitute(&self, store: &Store, recipe: &Recipe, item: &Item, tmp: &Path) -> Option<u64>;
+}
+
 /// The store directory and its conventions.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Store {
     root: PathBuf,
     explain: bool,
+    /// Asked before an item is built; none unless given ([`Store::with_substitutes`]).
+    substitutes: Option<std::sync::Arc<dyn Substitutes>>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("root", &self.root).field("substitutes", &self.substitutes.is_some()).finish()
+    }
 }
 
 /// The directory of items, the only one guests see.
 const ITEMS: &str = "items";
 /// The directory of `.meta` records.
 const METAS: &str = "meta";
-/// Where xtask's own Debian index lives in a store ([`crate::lower::debian::index`]).
+/// Where xtask's own Debian index lives in a store ([`crate::debian::index`]).
 pub const DEBIAN_INDEX: &str = "debian-index";
 /// The bookkeeping directories beside [`ITEMS`] (`.pins`: what earlier versions pinned
 /// Debian packages in, before `vm.lock`; unused, not stray).
@@ -398,6 +414,11 @@ pub const NO_SHM_ENV: &str = "XTASK_NO_SHM";
 impl Store {
     /// Opens (creating if needed) the store at `root`. With `explain`, every lookup says
     /// on stderr whether it was a hit or a build.
+    /// The same store, asking `substitutes` (if any) before it builds an item.
+    pub fn with_substitutes(self, substitutes: Option<std::sync::Arc<dyn Substitutes>>) -> Store {
+        Store { substitutes, ..self }
+    }
+
     pub fn open(root: &Path, explain: bool) -> Result<Store> {
         let root = std::path::absolute(root).with_context(|| format!("finding the store `{}`", root.display()))?;
         let fresh = !root.join(".layout").exists();
@@ -413,7 +434,7 @@ impl Store {
             fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o700))
                 .with_context(|| format!("making `{}` private to its owner (mode 0700)", tmp.display()))?;
         }
-        let store = Store { root, explain };
+        let store = Store { root, explain, substitutes: None };
         if fresh {
             store.move_earlier_layout()?;
             write_atomically(&store.root.join(".layout"), LAYOUT.as_bytes())?;
@@ -638,7 +659,7 @@ impl Store {
         }
         self.clear_leftovers(&item)?;
         let tmp = self.tmp_for(&item);
-        if let Some(bytes) = crate::substitute::substitute(self, recipe, &item, &tmp) {
+        if let Some(bytes) = self.substitutes.as_ref().and_then(|s| s.substitute(self, recipe, &item, &tmp)) {
             self.say("substituted", &item);
             self.record(&item, &format!("substituted {bytes}"));
             return Ok((item, Outcome::Substituted));

@@ -18,7 +18,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Stdio};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
@@ -567,36 +567,52 @@ pub fn pull(
     Ok(item)
 }
 
-/// The substitutes of this process: the configuration, a helper started on first need,
-/// and the registries found unreachable (not asked again).
-struct Substitutes {
+/// The registries of the workspace's configuration, as the store's [`Substitutes`]: a
+/// helper started on first need, and the registries found unreachable (not asked again).
+pub struct Registries {
+    state: Mutex<RegistriesState>,
+}
+
+struct RegistriesState {
+    /// Where the registry client is built.
+    ws: Workspace,
     config: Config,
     helper: Option<Helper>,
     down: Vec<Registry>,
 }
 
-fn substitutes() -> Option<&'static Mutex<Substitutes>> {
-    static STATE: OnceLock<Option<Mutex<Substitutes>>> = OnceLock::new();
-    STATE
-        .get_or_init(|| match Config::load(&Workspace::current()) {
-            Ok(config) if !config.substitutes.is_empty() => {
-                Some(Mutex::new(Substitutes { config, helper: None, down: Vec::new() }))
-            }
-            Ok(_) => None,
-            Err(e) => {
-                eprintln!("warning: substitutes are off: {e:#}");
-                None
-            }
-        })
-        .as_ref()
+/// The workspace's configured registries (`vmstore.conf`, `XTASK_SUBSTITUTES`), loaded
+/// once per process and shared by every store opened with them; `None` when there are
+/// none (or the configuration is broken: said once, as a warning).
+pub fn configured(ws: &Workspace) -> Option<Arc<dyn crate::store::Substitutes>> {
+    static STATE: OnceLock<Option<Arc<Registries>>> = OnceLock::new();
+    let registries = STATE.get_or_init(|| match Config::load(ws) {
+        Ok(config) if !config.substitutes.is_empty() => Some(Arc::new(Registries {
+            state: Mutex::new(RegistriesState { ws: ws.clone(), config, helper: None, down: Vec::new() }),
+        })),
+        Ok(_) => None,
+        Err(e) => {
+            eprintln!("warning: substitutes are off: {e:#}");
+            None
+        }
+    });
+    registries.clone().map(|r| r as Arc<dyn crate::store::Substitutes>)
+}
+
+impl crate::store::Substitutes for Registries {
+    /// Looks `item` up in the configured registries and commits it at `tmp` when one has
+    /// it, signed by a trusted key, with the content the signature names. Any failure is a
+    /// warning (then the item is built here).
+    fn substitute(&self, store: &Store, recipe: &Recipe, item: &Item, tmp: &Path) -> Option<u64> {
+        substitute(&self.state, store, recipe, item, tmp)
+    }
 }
 
 /// Called by the store, with the item's lock held, before it builds `item`: looks it up
 /// in the configured registries and commits it at `tmp` when one has it, signed by a
 /// trusted key, with the content the signature names. Any failure is a warning (then the
 /// item is built here); the bytes received when the item is now in the store.
-pub fn substitute(store: &Store, recipe: &Recipe, item: &Item, tmp: &Path) -> Option<u64> {
-    let state = substitutes()?;
+fn substitute(state: &Mutex<RegistriesState>, store: &Store, recipe: &Recipe, item: &Item, tmp: &Path) -> Option<u64> {
     let mut state = state.lock().unwrap_or_else(|e| e.into_inner());
     let timeout = state.config.timeout.unwrap_or(DEFAULT_TIMEOUT);
     let file_name = item.file_name();
@@ -609,7 +625,7 @@ pub fn substitute(store: &Store, recipe: &Recipe, item: &Item, tmp: &Path) -> Op
         let warn =
             |what: &str| eprintln!("warning: substitute `{file_name}` from `{registry}`: {what}; building it here");
         if state.helper.is_none() {
-            match Helper::start(&Workspace::current()) {
+            match Helper::start(&state.ws) {
                 Ok(h) => state.helper = Some(h),
                 Err(e) => {
                     // Said once: without the client no registry can be asked.

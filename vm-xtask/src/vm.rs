@@ -4,7 +4,6 @@
 //! `run-vm.sh` ([`script`]), and several VMs on a network ([`scenario`]).
 
 pub mod qemu;
-pub mod qemu_program;
 pub mod run;
 pub mod scenario;
 pub mod script;

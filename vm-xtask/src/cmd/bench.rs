@@ -732,7 +732,7 @@ fn cold_library_image(store: &Store, closure: &Closure) -> Result<(Duration, Pro
     image::take_profile();
     let start = Instant::now();
     quiet.mark("tools");
-    let tools = crate::image::tools::tools(store)?;
+    let tools = crate::debian::image_tools::tools(store)?;
     let recipe = image::recipe(closure, &opts, &tools, &image::tool_versions(store, opts.format)?);
     let uuid = image::uuid_for(&recipe.hash());
     let item = store.realise(&recipe, |out| {
@@ -763,7 +763,7 @@ impl BareBoot {
         let scratch = b.store.scratch("bench")?;
         let spec = VmSpec {
             console: Console::File(scratch.path().join("console")),
-            sandbox: host::qemu_supports_sandbox(&b.store.cache_dir()),
+            sandbox: crate::debian::qemu::qemu_supports_sandbox(&b.store.cache_dir()),
             ..VmSpec::direct(
                 b.accel,
                 b.opts.vm.memory,
@@ -772,7 +772,7 @@ impl BareBoot {
             )
         };
         let args = qemu::args(&spec);
-        Ok(BareBoot { qemu: crate::vm::qemu_program::program()?, args, scratch })
+        Ok(BareBoot { qemu: crate::debian::qemu::program()?, args, scratch })
     }
 
     /// One boot to the marker and power-off.
@@ -805,7 +805,7 @@ fn timed(f: impl FnOnce() -> Result<()>) -> Result<(Duration, Profile)> {
 struct FloorImage {
     scratch: crate::store::Scratch,
     fs_kib: u64,
-    tools: crate::image::tools::StoreTools,
+    tools: crate::debian::image_tools::StoreTools,
 }
 
 impl FloorImage {
@@ -815,7 +815,7 @@ impl FloorImage {
         let scratch = store.scratch("bench-floor-image")?;
         image::stage(store, closure, &opts, &uuid, &scratch.path().join("root"), image::Staging::HardLinks)?;
         // The same mke2fs as the image builder's: Debian's, from the store.
-        let tools = crate::image::tools::tools(store)?;
+        let tools = crate::debian::image_tools::tools(store)?;
         Ok(FloorImage { scratch, fs_kib: opts.layout.fs_blocks * 4, tools })
     }
 

@@ -4,11 +4,10 @@
 
 use anyhow::Result;
 
-use crate::store::Store;
-use crate::{image::tools, Workspace};
+use crate::{debian::image_tools as tools, Workspace};
 
 pub fn run(ws: &Workspace) -> Result<i32> {
-    let store = Store::open(&ws.store_dir, false)?;
+    let store = crate::cmd::open_store(ws, false)?;
     let tools = tools::tools(&store)?;
     println!("{}", tools.bin_dir().display());
     Ok(0)

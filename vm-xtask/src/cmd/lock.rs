@@ -7,7 +7,7 @@
 
 use anyhow::{Context, Result};
 
-use crate::{lock, lower::debian};
+use crate::debian::{self, lock};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct Lock {
@@ -41,7 +41,8 @@ impl Lock {
             }
         } else {
             let locked = lock::read(&path)?;
-            let missing: Vec<String> = lock::wanted().into_iter().filter(|n| !locked.contains_key(n)).collect();
+            let missing: Vec<String> =
+                lock::wanted(&locked_systems()).into_iter().filter(|n| !locked.contains_key(n)).collect();
             let resolved = debian::resolve_many(&missing)?;
             let added = lock::fill(&missing, |name| resolved.get(name).cloned().context("not resolved"))?;
             if added.is_empty() {
@@ -53,12 +54,18 @@ impl Lock {
     }
 }
 
+/// The workspace's named systems whose packages the lock holds: all but those made to be
+/// refused (`invalid-...`), which ask for what cannot be locked.
+fn locked_systems() -> Vec<os_configs::System> {
+    crate::Catalog::current().all_systems().iter().filter(|s| !s.name.starts_with("invalid-")).cloned().collect()
+}
+
 /// Locks the dependency closure of each named system's Debian packages (resolving those
 /// the lock lacks, or whose pins moved).
 fn lock_closures() -> Result<()> {
-    let qemu = crate::vm::qemu_program::PACKAGE.to_string();
+    let qemu = crate::debian::qemu::PACKAGE.to_string();
     debian::closure::closure(&[qemu]).context("locking QEMU's Debian packages (`--qemu store`)")?;
-    for system in lock::locked_systems() {
+    for system in locked_systems() {
         let roots = crate::lower::system::debian_packages(&system);
         if !roots.is_empty() {
             debian::closure::closure(&roots)
@@ -78,7 +85,7 @@ fn users(pins: &lock::Pins, name: &str) -> Vec<String> {
         None => roots.iter().any(|r| r == name),
     };
     let mut users = Vec::new();
-    for system in lock::locked_systems() {
+    for system in locked_systems() {
         let mut roots = crate::lower::system::debian_packages(&system);
         if !roots.is_empty() {
             roots.push(debian::closure::LIBC.to_string());
@@ -87,19 +94,19 @@ fn users(pins: &lock::Pins, name: &str) -> Vec<String> {
             roots.push(package.clone());
         }
         if system.packages.iter().any(|p| matches!(p, os_configs::Package::Busybox)) {
-            roots.push(crate::lower::system::BUSYBOX_PACKAGE.to_string());
+            roots.push(crate::debian::lock::BUSYBOX_PACKAGE.to_string());
         }
         if uses(roots) {
             users.push(format!("system {}", system.name));
         }
     }
-    if uses(crate::image::tools::PACKAGES.iter().map(|p| p.to_string()).collect()) {
+    if uses(crate::debian::image_tools::PACKAGES.iter().map(|p| p.to_string()).collect()) {
         users.push("the image tools".to_string());
     }
-    if uses(vec![crate::vm::qemu_program::PACKAGE.to_string(), debian::closure::LIBC.to_string()]) {
+    if uses(vec![crate::debian::qemu::PACKAGE.to_string(), debian::closure::LIBC.to_string()]) {
         users.push("QEMU from the store".to_string());
     }
-    if uses(vec![crate::registry_server::PACKAGE.to_string()]) {
+    if uses(vec![crate::debian::registry_server::PACKAGE.to_string()]) {
         users.push("docker-registry".to_string());
     }
     users

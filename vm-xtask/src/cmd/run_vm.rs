@@ -5,16 +5,17 @@
 
 use std::path::PathBuf;
 
-use anyhow::{bail, Context, Result};
+use anyhow::Result;
 use guest::{Mode, NetConfig, Request, Status};
-use os_configs::{Device, System};
+use os_configs::System;
 
 use super::VmOpts;
 use crate::lower::system::Lowered;
-use crate::store::{Item, Store};
+use crate::machine::{add_root_image_modules, request, root_image};
+use crate::store::Item;
 use crate::vm::qemu::{Disk, DiskFormat};
 use crate::vm::{GuestRequest, LaterRequest, VmRun};
-use crate::{image, lower::system, vm::qemu, vm::script, Workspace};
+use crate::{lower::system, vm::qemu, vm::script, Workspace};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct RunVm {
@@ -34,37 +35,6 @@ pub struct RunVm {
     pub command: Vec<String>,
 }
 
-/// Modules the initrd needs to mount the shared-store image as a volatile root: ext4
-/// (with crc32c, which it asks the crypto API for) and overlayfs.
-pub const SHARED_STORE_MODULES: &[&str] = &["crc32c_generic", "ext4", "overlay"];
-
-/// Whether `run-vm` boots `system` (virtualized) with the shared-store image as its
-/// root: when its root skeleton has anything beyond what every system has (root's
-/// entries in `/etc/passwd` and `/etc/group`, `/etc/hostname`, `/root`). Without the
-/// image the helper writes those few files into the initramfs instead, and the boot
-/// loads no ext4 or overlay modules.
-pub fn uses_shared_store_image(system: &System) -> bool {
-    !system.users.is_empty() || !system.groups.is_empty() || !system.etc_files.is_empty()
-}
-
-/// The request for `argv` (a shell when interactive) on a lowered system.
-pub fn request(
-    system: &System,
-    lowered: &Lowered,
-    system_item: &Item,
-    root_device: Option<&str>,
-    mode: Mode,
-    argv: Vec<String>,
-) -> Request {
-    let term = std::env::var("TERM").unwrap_or_else(|_| "linux".to_string());
-    Request {
-        // The system item's configuration makes the links.
-        system: Some(system_item.guest_path().into_string()),
-        root_device: root_device.map(str::to_string),
-        ..system::root_request(system, lowered, mode, argv, term)
-    }
-}
-
 /// Parses `--forward HOST:GUEST` (TCP ports, 1 to 65535).
 fn parse_forward(s: &str) -> std::result::Result<qemu::Forward, String> {
     let port = |p: &str| p.parse::<u16>().ok().filter(|p| *p > 0);
@@ -72,31 +42,6 @@ fn parse_forward(s: &str) -> std::result::Result<qemu::Forward, String> {
         Some((Some(host), Some(guest))) => Ok(qemu::Forward { host, guest }),
         _ => Err(format!("`{s}` is not HOST:GUEST, two TCP ports from 1 to 65535 (e.g. 8080:7878)")),
     }
-}
-
-/// Adds the modules that mounting the shared-store image takes to `system`'s initrd,
-/// when it boots from one ([`uses_shared_store_image`]).
-pub fn add_root_image_modules(system: &mut System) {
-    if uses_shared_store_image(system) {
-        system.initrd_modules.extend(SHARED_STORE_MODULES.iter().map(|m| m.to_string()));
-    }
-}
-
-/// The shared-store image `run-vm` boots `system` (virtualized) from, and its root
-/// device, when the system needs one ([`uses_shared_store_image`]). The root skeleton
-/// holds no packages: made once, found on every later run.
-pub fn root_image(store: &Store, system: &System, boot: &Lowered) -> Result<Option<(PathBuf, String)>> {
-    if !uses_shared_store_image(system) {
-        return Ok(None);
-    }
-    let config = system::system_config(system, boot);
-    let item = image::shared_store_image(store, &system.name, &config)
-        .with_context(|| format!("making the shared-store image of system `{}`", system.name))?;
-    let device = match system.root_file_system().map(|fs| &fs.device) {
-        Some(Device::Path(device)) => device.clone(),
-        other => bail!("the virtualized system `{}` has root device {other:?}, not a path", system.name),
-    };
-    Ok(Some((image::image_path(&item, DiskFormat::Raw), device)))
 }
 
 impl RunVm {
@@ -196,17 +141,4 @@ pub fn exit_code(status: &Status, argv: &[String]) -> i32 {
         eprintln!("error: {message}");
     }
     code
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn only_systems_with_more_than_root_get_the_shared_store_image() {
-        assert!(!uses_shared_store_image(&os_configs::minimal().virtualized()));
-        let mut with_a_user = os_configs::minimal();
-        with_a_user.users.push(os_configs::User::new("alice", 1000, "users"));
-        assert!(uses_shared_store_image(&with_a_user.virtualized()));
-    }
 }

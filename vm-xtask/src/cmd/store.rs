@@ -11,7 +11,7 @@ use serde::Serialize;
 use super::usage_error;
 use crate::substitute::{self, Moved, Registry};
 
-use crate::lower::debian::{self, Pin};
+use crate::debian::{self, Pin};
 use crate::store::{Meta, Store};
 use crate::{lower::system, Workspace};
 
@@ -155,13 +155,13 @@ impl StoreCmd {
             }
             StoreCmd::Pull { items, system, from, json } => return pull(ws, &items, system, &from, json, started),
             StoreCmd::RegistryProgram => {
-                let store = Store::open(&ws.store_dir, false)?;
-                let item = crate::registry_server::from_store(&store)?;
+                let store = crate::cmd::open_store(ws, false)?;
+                let item = crate::debian::registry_server::from_store(&store)?;
                 println!("{}", item.path.join("bin/docker-registry").display());
                 return Ok(0);
             }
         };
-        let store = Store::open(&ws.store_dir, false)?;
+        let store = crate::cmd::open_store(ws, false)?;
         let problems = store.verify()?;
         let mut report = VerifyReport {
             store: store.root().display().to_string(),
@@ -239,7 +239,7 @@ fn rebuild(store: &Store, meta: &Meta) -> Result<bool> {
                 return Ok(false);
             };
             // The pool path, for a version apt no longer offers, is in the lock file.
-            let locked = crate::lock::read(&crate::lock::path())?
+            let locked = crate::debian::lock::read(&crate::debian::lock::path())?
                 .into_values()
                 .find(|p| p.package == package && p.version == version && p.sha256 == sha256);
             let pin = locked.unwrap_or(Pin { package, version, sha256, ..Pin::default() });
@@ -332,7 +332,7 @@ fn push(
     if let Err(why) = substitute::check_secret_key(ws, &key)? {
         return Err(usage_error(format!("--key `{}`: {why}", key.display())));
     }
-    let store = Store::open(&ws.store_dir, false)?;
+    let store = crate::cmd::open_store(ws, false)?;
     let roots = match what {
         What::Item(name) => vec![store.lookup(&name).ok_or_else(|| {
             usage_error(format!("`{}` is not an item in the store `{}`", name.escape_debug(), store.root().display()))
@@ -370,7 +370,7 @@ fn pull(
             config.source
         )));
     }
-    let store = Store::open(&ws.store_dir, false)?;
+    let store = crate::cmd::open_store(ws, false)?;
     let mut moved = Moved::default();
     let mut how = None;
     if let Some(system) = system {

@@ -20,10 +20,12 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use guest::{Mode, MountSpec};
 
-use super::run_vm::{self, request};
+use super::run_vm;
 use super::{usage_error, VmOpts};
+use crate::machine::{self, request};
+use crate::process::shell_quote;
 use crate::vm::qemu::{self, Disk, DiskFormat, Share};
-use crate::vm::{shell_quote, workspace_view, GuestRequest, Sink, VmRun};
+use crate::vm::{workspace_view, GuestRequest, Sink, VmRun};
 use crate::{lower::packages, lower::system, Workspace};
 
 mod kept;
@@ -338,10 +340,10 @@ fn run_in_vm(
     let store = opts.open_store(ws)?;
     let declared = opts.valid_system(&store, ws)?;
     let mut system = declared.virtualized();
-    run_vm::add_root_image_modules(&mut system);
+    machine::add_root_image_modules(&mut system);
     let accel = qemu::choose_accel(opts.accel)?;
     let boot = system::lower_boot(&store, ws, &system, opts.verbose)?;
-    let root_image = run_vm::root_image(&store, &system, &boot)?;
+    let root_image = machine::root_image(&store, &system, &boot)?;
     let root_device = root_image.as_ref().map(|(_, device)| device.clone());
     // What the request is made of, for the exit status's message once the VM has ended.
     let names = std::cell::RefCell::new(Vec::new());

@@ -5,11 +5,11 @@
 use anyhow::{Context, Result};
 
 use super::{parse_bounded_size, usage_error};
+use crate::error::Failure;
 use crate::image::{self, Builder, ImageOptions, Layout, Progress};
 use crate::store::{Outcome, Store};
 use crate::vm::qemu::DiskFormat;
-use crate::vm::Failure;
-use crate::{host, image::tools, image::vm_builder, Workspace};
+use crate::{debian::image_tools as tools, host, image::vm_builder, Workspace};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct VmImage {
@@ -58,14 +58,14 @@ impl VmImage {
         let system = super::lookup_system(&self.system)?;
         // The image tools come from the store; QEMU from the host or the store.
         if self.builder == Builder::Vm {
-            crate::vm::qemu_program::program()?;
+            crate::debian::qemu::program()?;
         }
         let mut host_tools = vec![];
         if self.format == DiskFormat::Qcow2 {
             host_tools.push(host::QEMU_IMG);
         }
         host::ensure(&host_tools)?;
-        let store = Store::open(&ws.store_dir, self.explain)?;
+        let store = crate::cmd::open_store(ws, self.explain)?;
         // As run-vm does: a system that cannot work (or a field that cannot act) is
         // refused before anything is built.
         crate::lower::validate::check_here(&system, &store, ws)?;

@@ -7,7 +7,7 @@
 //! the file system with `mke2fs -d` straight into the partition's offset of the image
 //! file, GRUB's `boot.img` and `core.img` written into the file, `qemu-img convert` for
 //! qcow2. sfdisk, mke2fs, debugfs and grub-mkimage are Debian's, from the store
-//! ([`crate::image::tools`]), not the host's. Everything that would vary between builds
+//! ([`crate::debian::image_tools`]), not the host's. Everything that would vary between builds
 //! is fixed: UUIDs, hash seed, disk identifier, timestamps and owners.
 
 use fs_err as fs;
@@ -23,7 +23,7 @@ use guest::image::{Registration, StoreDb};
 use guest::Mode;
 use os_configs::System;
 
-use crate::image::tools::{self, StoreTools};
+use crate::debian::image_tools::{self, StoreTools};
 use crate::process::{self, Stdin};
 use crate::store::{self, Item, Recipe, Store};
 use crate::vm::qemu::DiskFormat;
@@ -79,7 +79,7 @@ pub fn closure(store: &Store, ws: &Workspace, system: &System, verbose: bool) ->
     // File systems checked at boot: Debian's e2fsck (run through libc6's loader) joins
     // the closure.
     if system::checks_file_systems(system) {
-        let tools = crate::image::tools::tools(store).context("getting e2fsck for the file system checks")?;
+        let tools = crate::debian::image_tools::tools(store).context("getting e2fsck for the file system checks")?;
         lowered.fsck = tools.guest_argv("e2fsck")?;
         lowered.packages.extend(tools.items());
     }
@@ -166,7 +166,7 @@ pub fn shared_store_image(store: &Store, system_name: &str, config: &guest::Syst
     // Directories: the top-level ones, and those the files and homes add.
     fp.blocks += fp.entries;
     let layout = Layout::new(Layout::minimum(&fp).size.max(SHARED_STORE_IMAGE_SIZE), &fp);
-    let tools = tools::tools(store).context("getting the image tools")?;
+    let tools = image_tools::tools(store).context("getting the image tools")?;
     let recipe = Recipe::new("shared-store-image", &format!("shared-store-image-{system_name}"))
         .param("layout", SHARED_STORE_LAYOUT_VERSION)
         .param("size", layout.size.to_string())

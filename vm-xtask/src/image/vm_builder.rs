@@ -10,7 +10,7 @@
 //! twice as long. The store share stays for the tools and the helper.
 //!
 //! The guest runs e2fsprogs and fdisk from Debian's packages in the store
-//! ([`crate::image::tools`]), through the dynamic loader of Debian's libc6 package with
+//! ([`crate::debian::image_tools`]), through the dynamic loader of Debian's libc6 package with
 //! the packages' library directories, so nothing is installed on the host or in the
 //! guest. The host builder runs the very same programs, with the same options, the same
 //! staging tree and the same GRUB images, so both builders write the same bytes.
@@ -23,12 +23,13 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use os_configs::System;
 
-use crate::image::tools::StoreTools;
+use crate::debian::image_tools::StoreTools;
 use crate::image::{self, Closure, ImageJob, ImageOptions, Progress};
+use crate::process::shell_quote;
 use crate::store::{self, Item};
 use crate::vm::qemu::{self, AccelChoice, Disk, DiskFormat, Share, VmSpec};
-use crate::vm::{shell_quote, GuestRequest, Sink, VmRun};
-use crate::{host, lower::system, Workspace};
+use crate::vm::{GuestRequest, Sink, VmRun};
+use crate::{lower::system, Workspace};
 
 /// Guest memory of the builder VM.
 const MEMORY_MIB: u32 = 512;
@@ -90,7 +91,7 @@ pub fn build(job: &ImageJob, ws: &Workspace, out: &Path) -> Result<()> {
             Disk { path: disk.clone(), format: DiskFormat::Raw, readonly: false },
             Disk { path: closure_disk.clone(), format: DiskFormat::Raw, readonly: true },
         ],
-        sandbox: host::qemu_supports_sandbox(&store.cache_dir()),
+        sandbox: crate::debian::qemu::qemu_supports_sandbox(&store.cache_dir()),
         ..VmSpec::direct(accel, MEMORY_MIB, system::boot_of(&lowered), shares)
     };
     let argv = vec!["/bin/sh".into(), format!("{}/{INPUT_DIR}/build.sh", guest::XCHG_MOUNT)];

@@ -10,7 +10,7 @@ use anyhow::{bail, Context, Result};
 use object::{Object, ObjectSection};
 use os_configs::Kernel;
 
-use crate::lower::debian;
+use crate::debian;
 use crate::store::{self, Item, Recipe, Store};
 
 /// A kernel on disk: its image, its modules tree, and what identifies it in recipes.

@@ -12,7 +12,7 @@ use os_configs::{Device, FileSystem, Package, Ready, Restart, System};
 
 use crate::lower::kernel::{self, KernelTree};
 use crate::store::{Item, Recipe, Store};
-use crate::{lower::debian, lower::helper, lower::initrd, lower::packages, Workspace};
+use crate::{debian, lower::helper, lower::initrd, lower::packages, Workspace};
 
 /// Everything needed to boot a system.
 #[derive(Debug, Clone)]
@@ -336,7 +336,7 @@ pub fn check_of(fs: &FileSystem, volatile: bool) -> Check {
 }
 
 /// The Debian package [`busybox`] comes from.
-pub const BUSYBOX_PACKAGE: &str = "busybox-static";
+pub use crate::debian::lock::BUSYBOX_PACKAGE;
 
 /// Debian's static busybox with a link per applet in `bin/`.
 pub fn busybox(store: &Store) -> Result<Item> {

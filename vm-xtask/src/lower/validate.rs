@@ -12,10 +12,10 @@ use std::fmt;
 use anyhow::Result;
 use os_configs::{Device, Package, System};
 
-use crate::lower::debian::closure::Refusal;
+use crate::debian::closure::Refusal;
+use crate::error::{Failure, EXIT_USAGE};
 use crate::store::{self, Store};
-use crate::vm::Failure;
-use crate::{lower::debian, lower::kernel, lower::packages, lower::system, Workspace};
+use crate::{debian, lower::kernel, lower::packages, lower::system, Workspace};
 
 /// One thing wrong with a system.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -260,7 +260,7 @@ pub fn check(system: &System, facts: &mut dyn Facts) -> Result<()> {
     }
     let lines: Vec<String> = problems.iter().map(|p| format!("  {p}")).collect();
     Err(Failure {
-        code: crate::cmd::EXIT_USAGE,
+        code: EXIT_USAGE,
         message: format!("system `{}` cannot work; nothing was built:\n{}", system.name, lines.join("\n")),
     }
     .into())
@@ -551,6 +551,6 @@ mod tests {
         let text = format!("{err:#}");
         assert!(text.contains("nothing was built"), "{text}");
         assert_eq!(text.matches("system `minimal`, field").count(), 4, "{text}");
-        assert_eq!(err.downcast_ref::<Failure>().unwrap().code, crate::cmd::EXIT_USAGE);
+        assert_eq!(err.downcast_ref::<Failure>().unwrap().code, EXIT_USAGE);
     }
 }

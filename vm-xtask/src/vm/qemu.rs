@@ -267,9 +267,7 @@ pub fn accel_args(accel: Accel) -> Vec<OsString> {
     }
 }
 
-/// The options of `-sandbox`: seccomp filters that deny obsolete system calls,
-/// privilege changes, spawning processes and resource control to QEMU.
-pub const SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
+pub use crate::debian::qemu::SANDBOX;
 
 pub fn sandbox_args(sandbox: bool) -> Vec<OsString> {
     if sandbox {

@@ -24,23 +24,7 @@ use nix::unistd::Pid;
 use crate::host;
 use crate::vm::qemu::{self, Console, Port, VmSpec};
 
-/// An error that ends xtask with a particular exit status.
-#[derive(Debug)]
-pub struct Failure {
-    pub code: i32,
-    pub message: String,
-}
-
-impl fmt::Display for Failure {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.message)
-    }
-}
-
-impl std::error::Error for Failure {}
-
-/// Exit status when a VM is killed for running past `--timeout` (as `timeout(1)`).
-pub const EXIT_TIMEOUT: i32 = 124;
+pub use crate::error::{Failure, EXIT_TIMEOUT};
 
 /// Where a guest stream ends up on the host.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -228,7 +212,7 @@ impl<'a> VmRun<'a> {
     /// Boots the VM, waits for it to end and returns the status the guest reported.
     /// Every way of ending without a status is an error carrying the console's tail.
     pub fn run(mut self) -> Result<Status> {
-        crate::vm::qemu_program::program()?;
+        crate::debian::qemu::program()?;
         let interactive = self.request.mode() == Mode::Interactive;
         // Console logs hold guest text: a private directory, files made anew there.
         crate::store::ensure_private_dir(&self.log_dir)?;
@@ -286,8 +270,8 @@ impl<'a> VmRun<'a> {
 
         let args = qemu::args(&self.spec);
         if self.verbose {
-            let shown: Vec<String> = args.iter().map(|a| shell_quote(&a.to_string_lossy())).collect();
-            eprintln!("+ {} {}", crate::vm::qemu_program::known().display(), shown.join(" "));
+            let shown: Vec<String> = args.iter().map(|a| crate::process::shell_quote(&a.to_string_lossy())).collect();
+            eprintln!("+ {} {}", crate::debian::qemu::known().display(), shown.join(" "));
         }
         let saved_tty = interactive.then(save_terminal).flatten();
         let started = Instant::now();
@@ -773,7 +757,7 @@ fn run_qemu(
 /// stderr is piped.
 pub fn qemu_command(args: &[std::ffi::OsString], interactive: bool) -> Command {
     // QEMU dies with xtask, even when xtask is SIGKILLed.
-    let mut cmd = crate::process::command(crate::vm::qemu_program::known());
+    let mut cmd = crate::process::command(crate::debian::qemu::known());
     cmd.args(args).stderr(Stdio::piped());
     if !interactive {
         cmd.stdin(Stdio::null()).stdout(Stdio::null());
@@ -844,15 +828,6 @@ fn restore_terminal(t: &nix::sys::termios::Termios) {
     let _ = nix::sys::termios::tcsetattr(std::io::stdin(), nix::sys::termios::SetArg::TCSANOW, t);
 }
 
-/// Quotes an argument for display as a shell word.
-pub fn shell_quote(s: &str) -> String {
-    if !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_./=:,+@%".contains(c)) {
-        s.to_string()
-    } else {
-        format!("'{}'", s.replace('\'', r"'\''"))
-    }
-}
-
 /// The one mapping from a guest's status to xtask's exit status, as a shell maps a
 /// command's: its exit code; 128 + the signal that killed it; 1 when the guest helper
 /// itself failed. With it, what to say when the status is not 0 (`what` names the
@@ -902,10 +877,10 @@ mod tests {
 
     #[test]
     fn quotes_shell_words() {
-        assert_eq!(shell_quote("-m"), "-m");
-        assert_eq!(shell_quote("a b"), "'a b'");
-        assert_eq!(shell_quote("it's"), r"'it'\''s'");
-        assert_eq!(shell_quote(""), "''");
+        assert_eq!(crate::process::shell_quote("-m"), "-m");
+        assert_eq!(crate::process::shell_quote("a b"), "'a b'");
+        assert_eq!(crate::process::shell_quote("it's"), r"'it'\''s'");
+        assert_eq!(crate::process::shell_quote(""), "''");
     }
 
     /// Under the filter neither root nor an unprivileged user can make a device node, a

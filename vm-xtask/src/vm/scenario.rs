@@ -21,7 +21,7 @@ use guest::control::{base64_decode, FromGuest, ToGuest};
 use guest::{Mode, NetConfig};
 use os_configs::{EtcFile, System};
 
-use crate::cmd::{run_vm, VmOpts};
+use crate::machine::{self, VmOpts};
 use crate::store::Store;
 use crate::vm::qemu::{self, Accel, Console, Disk, DiskFormat, Lan as LanSpec};
 use crate::{lower::system, lower::validate, vm, Workspace};
@@ -258,14 +258,14 @@ impl NodePlan<'_> {
         system.hostname = node.to_string();
         system.etc_files.retain(|f| f.path != "hosts");
         system.etc_files.push(EtcFile { path: "hosts".into(), contents: hosts.to_string(), mode: 0o644 });
-        run_vm::add_root_image_modules(&mut system);
+        machine::add_root_image_modules(&mut system);
         system.initrd_modules.push(qemu::NET_MODULE.to_string());
         let lowered = system::lower(store, ws, &system, opts.verbose)?;
-        let root_image = run_vm::root_image(store, &system, &lowered)?;
+        let root_image = machine::root_image(store, &system, &lowered)?;
         let system_item = system::system_item(store, &system, &lowered)?;
         let root_device = root_image.as_ref().map(|(_, device)| device.as_str());
         let mut request =
-            run_vm::request(&system, &lowered, &system_item, root_device, Mode::Serve, vec!["serve".into()]);
+            machine::request(&system, &lowered, &system_item, root_device, Mode::Serve, vec!["serve".into()]);
         request.nets = lans
             .iter()
             .enumerate()
@@ -490,14 +490,14 @@ impl Node {
 
     /// Waits until `path` exists.
     pub fn wait_for_file(&mut self, path: &str, timeout: Duration) -> Result<()> {
-        self.wait_until_succeeds(&format!("test -e {}", vm::shell_quote(path)), timeout).map(drop)
+        self.wait_until_succeeds(&format!("test -e {}", crate::process::shell_quote(path)), timeout).map(drop)
     }
 
     /// Copies the file at `guest_path` on the node to `host_path`, which must not exist:
     /// it is made with `O_CREAT|O_EXCL|O_NOFOLLOW`, mode 0600 (put it in
     /// [`Driver::private_dir`]).
     pub fn copy_from_node(&mut self, guest_path: &str, host_path: &Path) -> Result<()> {
-        let command = format!("cat {}", vm::shell_quote(guest_path));
+        let command = format!("cat {}", crate::process::shell_quote(guest_path));
         let name = self.name.clone();
         let Some((reader, writer)) = &mut self.control else { bail!("node `{name}` is not running") };
         let message = ToGuest::Run { argv: vec!["sh".into(), "-c".into(), command.clone()], timeout_ms: 60_000 };

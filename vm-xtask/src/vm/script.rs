@@ -25,9 +25,9 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use guest::Request;
 
+use crate::process::shell_quote;
 use crate::store::{Item, Recipe, Store};
 use crate::vm::qemu::{self, Console, Port, VmSpec};
-use crate::vm::shell_quote;
 
 /// Stands for the per-run directory in QEMU's arguments until they are quoted.
 const RUN: &str = "@RUN@";
@@ -45,7 +45,7 @@ pub fn script_item(
     interactive: &Request,
 ) -> Result<Item> {
     // The script runs later, with another PATH: QEMU by its absolute path.
-    let qemu = crate::vm::qemu_program::absolute()?;
+    let qemu = crate::debian::qemu::absolute()?;
     let text = script_text(system_name, &qemu, spec, command, interactive)?;
     let recipe = Recipe::new("run-vm-script", &format!("run-vm-{system_name}.sh")).param("script", text.clone());
     store.realise(&recipe, |out| {

@@ -111,7 +111,7 @@ fn recipe(store: &Store, spec: &VmSpec) -> Result<Recipe> {
 }
 
 fn qemu_version(store: &Store) -> Result<String> {
-    let program = crate::vm::qemu_program::absolute()?;
+    let program = crate::debian::qemu::absolute()?;
     host::remembered(&store.cache_dir(), &program, "version", || {
         // A QEMU that fails even this is reported by the run itself, with its hint.
         let out = crate::process::output(crate::process::command(&program).arg("--version"))?;

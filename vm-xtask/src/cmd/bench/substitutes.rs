@@ -38,7 +38,7 @@ impl Drop for Server {
 pub fn measure(ws: &Workspace, store: &Store, xtask: &Path, system: &str, accel: &str) -> Result<Measured> {
     let scratch = store.scratch("bench-substitutes")?;
     let dir = scratch.path();
-    let program = crate::registry_server::from_store(store)?.path.join("bin/docker-registry");
+    let program = crate::debian::registry_server::from_store(store)?.path.join("bin/docker-registry");
     let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
     let config = format!(
         "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\n\
@@ -93,7 +93,7 @@ pub fn measure(ws: &Workspace, store: &Store, xtask: &Path, system: &str, accel:
     let pulled_bytes =
         pulled.lines().filter_map(|l| l.strip_prefix("substituted ")?.split(' ').next()?.parse::<u64>().ok()).sum();
     let built_store = Store::open(&dir.join("built"), false)?;
-    let pins = crate::lock::read(&crate::lock::path())?;
+    let pins = crate::debian::lock::read(&crate::debian::lock::path())?;
     let mut built_bytes = 0;
     for name in built.lines().filter_map(|l| l.strip_prefix("built ")) {
         let Some(item) = built_store.lookup(name) else { continue };

@@ -22,11 +22,11 @@ use guest::control::{base64_decode, FromGuest, ToGuest};
 use guest::{Mode, MountSpec};
 
 use super::{workspace_mounts, Shared, TestBinary};
-use crate::cmd::{run_vm, VmOpts};
+use crate::cmd::VmOpts;
 use crate::lower::{packages, system};
+use crate::process::shell_quote;
 use crate::vm::qemu;
 use crate::vm::scenario::{self, Node};
-use crate::vm::shell_quote;
 use crate::Workspace;
 
 /// Set in the keeper's environment: its directory.
@@ -276,13 +276,14 @@ fn serve(ws: &Workspace, opts: &VmOpts, shared: &Shared, dir: &Path, cargo: Proc
     let store = opts.open_store(ws)?;
     let declared = opts.valid_system(&store, ws)?;
     let mut system = declared.virtualized();
-    run_vm::add_root_image_modules(&mut system);
+    crate::machine::add_root_image_modules(&mut system);
     let accel = qemu::choose_accel(opts.accel)?;
     let lowered = system::lower(&store, ws, &system, opts.verbose)?;
-    let root_image = run_vm::root_image(&store, &system, &lowered)?;
+    let root_image = crate::machine::root_image(&store, &system, &lowered)?;
     let system_item = system::system_item(&store, &system, &lowered)?;
     let root_device = root_image.as_ref().map(|(_, device)| device.as_str());
-    let mut request = run_vm::request(&system, &lowered, &system_item, root_device, Mode::Serve, vec!["serve".into()]);
+    let mut request =
+        crate::machine::request(&system, &lowered, &system_item, root_device, Mode::Serve, vec!["serve".into()]);
     request.mounts = workspace_mounts(shared);
     // The binaries: a share of their own, read-only and cached in the guest (the
     // exchange directory is not, and a binary paged in from it costs a read per page).

@@ -14,7 +14,7 @@ use std::sync::OnceLock;
 use anyhow::{bail, Context, Result};
 
 use crate::store::{Item, Recipe, Store};
-use crate::{host, lower::debian, Workspace};
+use crate::{debian, host, Workspace};
 
 /// Chooses the QEMU: `host` or `store`.
 pub const QEMU_ENV: &str = "XTASK_QEMU";
@@ -148,4 +148,22 @@ pub fn from_store(store: &Store) -> Result<Item> {
         // QEMU shows as `qemu-system-x86` (in `ps`, to `pkill`), not `ld-linux`.
         debian::write_loader_wrapper(out, libc6, host::QEMU_SYSTEM.program, &script, &check)
     })
+}
+
+/// The options of `-sandbox`: seccomp filters that deny obsolete system calls,
+/// privilege changes, spawning processes and resource control to QEMU.
+pub const SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
+
+/// Whether the host's QEMU accepts [`SANDBOX`] (it needs seccomp support).
+/// The answer is remembered in `cache_dir` ([`remembered`]).
+pub fn qemu_supports_sandbox(cache_dir: &std::path::Path) -> bool {
+    let Ok(qemu) = absolute() else { return false };
+    let question = format!("-sandbox {} -version", SANDBOX);
+    let answer = crate::host::remembered(cache_dir, &qemu, &question, || {
+        // Options are parsed in order: an unsupported -sandbox fails before -version exits.
+        let supported = crate::process::output(crate::process::command(&qemu).args(["-sandbox", SANDBOX, "-version"]))
+            .is_ok_and(|o| o.status.success());
+        Ok(if supported { "yes" } else { "no" }.to_string())
+    });
+    answer.is_ok_and(|a| a == "yes")
 }

@@ -21,7 +21,7 @@ use anyhow::{Context, Result};
 
 use super::index::Index;
 use super::{parse_stanzas, Pin, Stanza};
-use crate::{host, lock};
+use crate::{debian::lock, host};
 
 /// The package every closure includes: glibc, with the dynamic loader.
 pub const LIBC: &str = "libc6";

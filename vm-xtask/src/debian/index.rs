@@ -71,8 +71,8 @@ impl Index {
         let base = std::env::var_os(INDEX_ENV)
             .map(PathBuf::from)
             .unwrap_or_else(|| ws.store_dir.join(crate::store::DEBIAN_INDEX));
-        let lock = crate::lock::path();
-        let release = crate::lock::release()?;
+        let lock = crate::debian::lock::path();
+        let release = crate::debian::lock::release()?;
         let workspace_sources = lock.parent().unwrap_or(Path::new(".")).join(SOURCES_FILE);
         let (sources, origin) = match fs::read_to_string(&workspace_sources) {
             Ok(text) => (text, format!("`{}`", workspace_sources.display())),

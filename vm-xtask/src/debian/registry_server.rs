@@ -6,7 +6,7 @@
 
 use anyhow::{Context, Result};
 
-use crate::lower::debian;
+use crate::debian;
 use crate::store::{Item, Recipe, Store};
 
 /// The Debian package.

@@ -1,6 +1,6 @@
 //! Debian packages as store items: a package name is resolved once, in xtask's own
 //! Debian index ([`index`]), to a version, its pool path and the `.deb`'s sha256 (a
-//! *pin*, kept in the workspace's lock file `vm.lock`, see [`crate::lock`]), fetched by
+//! *pin*, kept in the workspace's lock file `vm.lock`, see [`crate::debian::lock`]), fetched by
 //! its pool path from the index's mirrors, checked against the pin and unpacked with
 //! `dpkg-deb -x`; no root is needed for any of it, and the host's apt lists play no part.
 
@@ -9,13 +9,17 @@ use std::path::Path;
 
 use anyhow::{bail, ensure, Context, Result};
 
+use crate::host;
 use crate::store::{self, Item, Recipe, Store};
-use crate::{host, lock};
 use index::Index;
 
 pub mod closure;
+pub mod image_tools;
 pub mod index;
+pub mod lock;
 pub mod profile;
+pub mod qemu;
+pub mod registry_server;
 
 /// A package resolved to an exact version, where the archive keeps it and its `.deb`'s
 /// hash: one entry of the lock file.
@@ -121,7 +125,7 @@ fn resolve_in(index: &Index, name: &str) -> Result<Stanza> {
     let stanza = show(index, &[name.to_string()])?.into_iter().find(|s| s.pin.package == name).with_context(|| {
         format!(
             "Debian package `{name}` is unknown to xtask's Debian index (release {}, from {}); check the name",
-            crate::lock::release().unwrap_or_default(),
+            crate::debian::lock::release().unwrap_or_default(),
             index.origin()
         )
     })?;

@@ -16,8 +16,8 @@ use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 
-use crate::lower::debian;
-use crate::lower::debian::{LIB_DIRS, LOADER};
+use crate::debian;
+use crate::debian::{LIB_DIRS, LOADER};
 use crate::store::{Item, Recipe, Store};
 
 /// Debian packages the image tools come from: the programs' packages and the shared

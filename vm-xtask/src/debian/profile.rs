@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 
-use crate::lower::debian::{read_alternatives, Alternative};
+use crate::debian::{read_alternatives, Alternative};
 use crate::store::{Item, Recipe, Store};
 
 /// Top-level directories merged into `usr/`.
@@ -40,7 +40,7 @@ struct Entry {
 
 /// The profile of `packages` (unpacked Debian packages, in priority order), with the
 /// applets in `bin/` of `busybox` (when given) last, and the `update-alternatives` links
-/// of `alternatives` (the packages' [`crate::lower::debian::alternatives`] items): for each
+/// of `alternatives` (the packages' [`crate::debian::alternatives`] items): for each
 /// link, the alternative with the highest priority, as `update-alternatives` chooses in
 /// its automatic mode (where the link's directory is the profile's own: `usr/bin`,
 /// `usr/sbin`, or one several packages share).

@@ -6,7 +6,7 @@
 //! xtask's own Debian index follows.
 //!
 //! Builds read it. A package it does not have yet is resolved in xtask's own Debian index
-//! ([`crate::lower::debian::resolve`]) and added, saying so on stderr; `cargo xtask lock
+//! ([`crate::debian::resolve`]) and added, saying so on stderr; `cargo xtask lock
 //! --update [PACKAGE]` moves pins forward on purpose. The format is a small subset of
 //! TOML written by hand, one table per package sorted by name, one field per line, so a
 //! change reads as a small diff:
@@ -31,7 +31,7 @@ use std::sync::Mutex;
 
 use anyhow::{bail, Context, Result};
 
-use crate::lower::debian::{Pin, Stanza};
+use crate::debian::{Pin, Stanza};
 
 /// The lock file's name in the workspace's root.
 pub const LOCK_FILE: &str = "vm.lock";
@@ -183,7 +183,7 @@ fn write(path: &Path, pins: &Pins) -> Result<()> {
 }
 
 /// The Debian release the workspace's lock file is for (its `release` line): the suites
-/// xtask's own Debian index follows ([`crate::lower::debian::index`]).
+/// xtask's own Debian index follows ([`crate::debian::index`]).
 pub fn release() -> Result<String> {
     release_at(&path())
 }
@@ -340,26 +340,23 @@ fn strings(value: &str) -> Option<Vec<String>> {
         .collect()
 }
 
-/// The named systems whose packages the lock holds: all but those made to be refused
-/// (`invalid-...`), which ask for what cannot be locked.
-pub fn locked_systems() -> impl Iterator<Item = os_configs::System> {
-    crate::Catalog::current().all_systems().iter().filter(|s| !s.name.starts_with("invalid-")).cloned()
-}
+/// The Debian package of the busybox every system with [`os_configs::Package::Busybox`] gets.
+pub const BUSYBOX_PACKAGE: &str = "busybox-static";
 
-/// Every Debian package name the workspace's named systems, the engine's own VMs (the
+/// Every Debian package name `systems` (the workspace's named systems), the engine's own VMs (the
 /// image builder boots `minimal`), the image tools and QEMU from the store ask for (not
 /// their dependencies).
-pub fn wanted() -> Vec<String> {
-    let mut names: Vec<String> = crate::image::tools::PACKAGES.iter().map(|p| p.to_string()).collect();
-    names.push(crate::vm::qemu_program::PACKAGE.to_string());
-    names.push(crate::registry_server::PACKAGE.to_string());
-    for system in std::iter::once(os_configs::minimal()).chain(locked_systems()) {
+pub fn wanted(systems: &[os_configs::System]) -> Vec<String> {
+    let mut names: Vec<String> = crate::debian::image_tools::PACKAGES.iter().map(|p| p.to_string()).collect();
+    names.push(crate::debian::qemu::PACKAGE.to_string());
+    names.push(crate::debian::registry_server::PACKAGE.to_string());
+    for system in std::iter::once(os_configs::minimal()).chain(systems.iter().cloned()) {
         if let os_configs::Kernel::Debian { package } = &system.kernel {
             names.push(package.clone());
         }
         for package in &system.packages {
             match package {
-                os_configs::Package::Busybox => names.push(crate::lower::system::BUSYBOX_PACKAGE.to_string()),
+                os_configs::Package::Busybox => names.push(BUSYBOX_PACKAGE.to_string()),
                 os_configs::Package::Debian { package } => names.push(package.clone()),
                 _ => {}
             }

@@ -1,0 +1,185 @@
+//! A system booted as a VM: the options every command that boots one shares ([`VmOpts`]),
+//! the store it is opened with, the request the guest helper gets, the shared-store image
+//! and the QEMU configuration. `run-vm`, `build-in-vm`, `test`, scenarios and the image
+//! builder assemble their VMs from these.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use guest::{Mode, Request};
+use os_configs::{Device, System};
+
+use crate::lower::system::Lowered;
+use crate::parse::{parse_memory, parse_timeout, Timeout};
+use crate::store::{Item, Store};
+use crate::vm::qemu::{Accel, AccelChoice, DiskFormat, Share, VmSpec};
+use crate::Workspace;
+use crate::{image, lower::system};
+
+/// The workspace's store, asking the workspace's configured registries before it builds an
+/// item ([`crate::substitute::configured`]).
+pub fn open_store(ws: &Workspace, explain: bool) -> Result<Store> {
+    Ok(Store::open(&ws.store_dir, explain)?.with_substitutes(crate::substitute::configured(ws)))
+}
+
+/// Options of every subcommand that boots a VM.
+#[derive(Debug, Clone, clap::Args)]
+pub struct VmOpts {
+    /// The system to boot (default: the workspace's default, marked in `cargo xtask
+    /// systems`).
+    #[arg(long)]
+    pub system: Option<String>,
+    /// Accelerator: auto uses KVM when it works here, else TCG.
+    #[arg(long, value_enum, default_value_t)]
+    pub accel: AccelChoice,
+    /// Guest memory in MiB (64 to 65536).
+    #[arg(long, default_value_t = 256, value_parser = parse_memory)]
+    pub memory: u32,
+    /// Kill the VM after this long (seconds, or with a unit: 90s, 5m, 1h, 2d; 1s to 7d),
+    /// or `none`; for `test` and `test-runner`, the time each test binary may take
+    /// (default 10m).
+    #[arg(long, value_parser = parse_timeout)]
+    pub timeout: Option<Timeout>,
+    /// Boot this bzImage instead of the system's kernel (needs --modules).
+    #[arg(long, requires = "modules")]
+    pub kernel: Option<PathBuf>,
+    /// The modules tree (`/lib/modules/RELEASE`) of the --kernel image.
+    #[arg(long, requires = "kernel")]
+    pub modules: Option<PathBuf>,
+    /// Show kernel and helper messages on stderr, and the command lines of QEMU and of
+    /// the host tools run.
+    #[arg(short, long)]
+    pub verbose: bool,
+    /// Say for every store item whether it was found or built.
+    #[arg(long)]
+    pub explain: bool,
+    /// Restore the guest from a snapshot of this VM at its snapshot point, making the
+    /// snapshot first if there is none (a snapshot that exists is used anyway).
+    #[arg(long, conflicts_with = "cold")]
+    pub warm: bool,
+    /// Boot cold even when a snapshot of this VM exists.
+    #[arg(long)]
+    pub cold: bool,
+}
+
+/// How long a test binary may run when `--timeout` does not say (`test`, `test-runner`).
+pub const TEST_BINARY_TIMEOUT: Duration = Duration::from_secs(600);
+
+impl VmOpts {
+    /// The VM's timeout: none unless `--timeout` gives one.
+    pub fn vm_timeout(&self) -> Option<Duration> {
+        match self.timeout {
+            Some(Timeout::After(t)) => Some(t),
+            Some(Timeout::Never) | None => None,
+        }
+    }
+
+    /// How long each test binary may run: `--timeout`, [`TEST_BINARY_TIMEOUT`] unless
+    /// given, none with `--timeout none`.
+    pub fn test_binary_timeout(&self) -> Option<Duration> {
+        match self.timeout {
+            Some(Timeout::After(t)) => Some(t),
+            Some(Timeout::Never) => None,
+            None => Some(TEST_BINARY_TIMEOUT),
+        }
+    }
+
+    /// Whether runs restore snapshots: `--cold`, `--warm`, or when one exists.
+    pub fn warmth(&self) -> crate::vm::snapshot::Warmth {
+        use crate::vm::snapshot::Warmth;
+        match (self.cold, self.warm) {
+            (true, _) => Warmth::Cold,
+            (_, true) => Warmth::Make,
+            _ => Warmth::IfStored,
+        }
+    }
+
+    /// The store, opened for this command (with --verbose, host commands are shown from
+    /// here on).
+    pub fn open_store(&self, ws: &Workspace) -> Result<Store> {
+        crate::process::set_verbose(self.verbose);
+        open_store(ws, self.explain)
+    }
+
+    /// The QEMU configuration for booting `lowered` with the store and `xchg` shared.
+    pub fn spec(&self, accel: Accel, store: &Store, lowered: &Lowered, xchg: PathBuf) -> VmSpec {
+        let shares = vec![
+            Share { tag: guest::STORE_TAG.into(), path: store.items_dir(), readonly: true },
+            Share { tag: guest::XCHG_TAG.into(), path: xchg, readonly: false },
+        ];
+        VmSpec {
+            sandbox: crate::debian::qemu::qemu_supports_sandbox(&store.cache_dir()),
+            ..VmSpec::direct(accel, self.memory, crate::lower::system::boot_of(lowered), shares)
+        }
+    }
+}
+
+/// Modules the initrd needs to mount the shared-store image as a volatile root: ext4
+/// (with crc32c, which it asks the crypto API for) and overlayfs.
+pub const SHARED_STORE_MODULES: &[&str] = &["crc32c_generic", "ext4", "overlay"];
+
+/// Whether `run-vm` boots `system` (virtualized) with the shared-store image as its
+/// root: when its root skeleton has anything beyond what every system has (root's
+/// entries in `/etc/passwd` and `/etc/group`, `/etc/hostname`, `/root`). Without the
+/// image the helper writes those few files into the initramfs instead, and the boot
+/// loads no ext4 or overlay modules.
+pub fn uses_shared_store_image(system: &System) -> bool {
+    !system.users.is_empty() || !system.groups.is_empty() || !system.etc_files.is_empty()
+}
+
+/// The request for `argv` (a shell when interactive) on a lowered system.
+pub fn request(
+    system: &System,
+    lowered: &Lowered,
+    system_item: &Item,
+    root_device: Option<&str>,
+    mode: Mode,
+    argv: Vec<String>,
+) -> Request {
+    let term = std::env::var("TERM").unwrap_or_else(|_| "linux".to_string());
+    Request {
+        // The system item's configuration makes the links.
+        system: Some(system_item.guest_path().into_string()),
+        root_device: root_device.map(str::to_string),
+        ..system::root_request(system, lowered, mode, argv, term)
+    }
+}
+
+/// Adds the modules that mounting the shared-store image takes to `system`'s initrd,
+/// when it boots from one ([`uses_shared_store_image`]).
+pub fn add_root_image_modules(system: &mut System) {
+    if uses_shared_store_image(system) {
+        system.initrd_modules.extend(SHARED_STORE_MODULES.iter().map(|m| m.to_string()));
+    }
+}
+
+/// The shared-store image `run-vm` boots `system` (virtualized) from, and its root
+/// device, when the system needs one ([`uses_shared_store_image`]). The root skeleton
+/// holds no packages: made once, found on every later run.
+pub fn root_image(store: &Store, system: &System, boot: &Lowered) -> Result<Option<(PathBuf, String)>> {
+    if !uses_shared_store_image(system) {
+        return Ok(None);
+    }
+    let config = system::system_config(system, boot);
+    let item = image::shared_store_image(store, &system.name, &config)
+        .with_context(|| format!("making the shared-store image of system `{}`", system.name))?;
+    let device = match system.root_file_system().map(|fs| &fs.device) {
+        Some(Device::Path(device)) => device.clone(),
+        other => bail!("the virtualized system `{}` has root device {other:?}, not a path", system.name),
+    };
+    Ok(Some((image::image_path(&item, DiskFormat::Raw), device)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_systems_with_more_than_root_get_the_shared_store_image() {
+        assert!(!uses_shared_store_image(&os_configs::minimal().virtualized()));
+        let mut with_a_user = os_configs::minimal();
+        with_a_user.users.push(os_configs::User::new("alice", 1000, "users"));
+        assert!(uses_shared_store_image(&with_a_user.virtualized()));
+    }
+}
