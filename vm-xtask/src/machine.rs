@@ -171,6 +171,18 @@ pub fn root_image(store: &Store, system: &System, boot: &Lowered) -> Result<Opti
     Ok(Some((image::image_path(&item, DiskFormat::Raw), device)))
 }
 
+/// Finds or makes every item `run-vm` boots `system` (as declared) with: the lowered
+/// virtualized system, its shared-store image and its system item.
+pub fn realise_virtualized(store: &Store, ws: &Workspace, system: &System) -> Result<()> {
+    let mut system = system.virtualized();
+    add_root_image_modules(&mut system);
+    let boot = system::lower_boot(store, ws, &system, false)?;
+    root_image(store, &system, &boot)?;
+    let lowered = system::lower_packages(store, ws, &system, false, boot)?;
+    system::system_item(store, &system, &lowered)?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

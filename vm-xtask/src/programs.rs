@@ -71,7 +71,7 @@ pub const PROGRAMS: &[Program] = &[
     Program {
         name: "xtask",
         source: Source::Built,
-        used_for: "bench: the subcommands measured; `store push --system`",
+        used_for: "bench: the subcommands measured",
     },
     Program {
         name: "xtask-registry",

@@ -183,7 +183,13 @@ pub struct Store {
     explain: bool,
     /// Asked before an item is built; none unless given ([`Store::with_substitutes`]).
     substitutes: Option<std::sync::Arc<dyn Substitutes>>,
+    /// Where each item found or made is written down ([`Store::recording`]).
+    recorder: Option<Recorder>,
 }
+
+/// The items a store found or made, in order, each `hit|built FILE_NAME` or `substituted
+/// BYTES FILE_NAME`.
+pub type Recorder = std::sync::Arc<std::sync::Mutex<Vec<String>>>;
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -414,6 +420,12 @@ pub const NO_SHM_ENV: &str = "XTASK_NO_SHM";
 impl Store {
     /// Opens (creating if needed) the store at `root`. With `explain`, every lookup says
     /// on stderr whether it was a hit or a build.
+    /// The same store, writing down each item it finds or makes (`store push --system`).
+    pub fn recording(self) -> (Store, Recorder) {
+        let recorder = Recorder::default();
+        (Store { recorder: Some(recorder.clone()), ..self }, recorder)
+    }
+
     /// The same store, asking `substitutes` (if any) before it builds an item.
     pub fn with_substitutes(self, substitutes: Option<std::sync::Arc<dyn Substitutes>>) -> Store {
         Store { substitutes, ..self }
@@ -434,7 +446,7 @@ impl Store {
             fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o700))
                 .with_context(|| format!("making `{}` private to its owner (mode 0700)", tmp.display()))?;
         }
-        let store = Store { root, explain, substitutes: None };
+        let store = Store { root, explain, substitutes: None, recorder: None };
         if fresh {
             store.move_earlier_layout()?;
             write_atomically(&store.root.join(".layout"), LAYOUT.as_bytes())?;
@@ -745,6 +757,9 @@ impl Store {
     /// FILE, a line `hit|built FILE_NAME` or `substituted BYTES FILE_NAME` each (what
     /// `store push --system` pushes, `store pull --system` reports and the bench counts).
     fn record(&self, item: &Item, how: &str) {
+        if let Some(recorder) = &self.recorder {
+            recorder.lock().unwrap_or_else(|e| e.into_inner()).push(format!("{how} {}", item.file_name()));
+        }
         if let Some(file) = std::env::var_os(RECORD_ENV) {
             let line = format!("{how} {}\n", item.file_name());
             let written =

@@ -599,6 +599,14 @@ pub fn configured(ws: &Workspace) -> Option<Arc<dyn crate::store::Substitutes>> 
     registries.clone().map(|r| r as Arc<dyn crate::store::Substitutes>)
 }
 
+/// The registry `registry` alone as the store's [`Substitutes`], with the workspace's
+/// trusted and revoked keys (`store pull --system`).
+pub fn only(ws: &Workspace, registry: &Registry) -> Result<Arc<dyn crate::store::Substitutes>> {
+    let config = Config { substitutes: vec![registry.clone()], ..Config::load(ws)? };
+    let state = RegistriesState { ws: ws.clone(), config, helper: None, down: Vec::new() };
+    Ok(Arc::new(Registries { state: Mutex::new(state) }))
+}
+
 impl crate::store::Substitutes for Registries {
     /// Looks `item` up in the configured registries and commits it at `tmp` when one has
     /// it, signed by a trusted key, with the content the signature names. Any failure is a

@@ -275,31 +275,36 @@ fn keygen(ws: &Workspace, name: &str, out: &Path) -> Result<i32> {
     Ok(0)
 }
 
-/// The items `run-vm --system NAME` and `vm-image --system NAME` use, found by running
-/// them (`run-vm --script`, which boots nothing) with the store recording what they
-/// find or make, with `substitutes` as the only substitutes; each with how it came
-/// (`hit`, `built`, `substituted`).
-pub fn system_items(store: &Store, system: &str, substitutes: &str) -> Result<Vec<(String, crate::store::Item)>> {
-    super::lookup_system(system)?;
-    let scratch = store.scratch("record")?;
-    let record = scratch.path().join("items");
-    let exe = std::env::current_exe().context("finding the xtask binary")?;
-    for args in [vec!["run-vm", "--system", system, "--script"], vec!["vm-image", "--system", system]] {
-        let mut cmd = crate::process::command(&exe);
-        cmd.args(&args)
-            .env(crate::store::RECORD_ENV, &record)
-            .env(crate::STORE_ENV, store.root())
-            .env(substitute::SUBSTITUTES_ENV, substitutes);
-        crate::process::run(&cmd).with_context(|| format!("finding the items of `xtask {}`", args.join(" ")))?;
+/// The items `run-vm --system NAME` and `vm-image --system NAME` use, found in this
+/// process by making them in `store` (asking `substitutes`, and only those), each with
+/// how it came (`hit`, `built`, `substituted BYTES`).
+pub fn system_items(
+    ws: &Workspace,
+    store: &Store,
+    name: &str,
+    substitutes: Option<std::sync::Arc<dyn crate::store::Substitutes>>,
+) -> Result<Vec<(String, crate::store::Item)>> {
+    let (store, recorder) = store.clone().with_substitutes(substitutes).recording();
+    let system = super::lookup_system(name)?;
+    crate::lower::validate::check_here(&system, &store, ws)?;
+    crate::machine::realise_virtualized(&store, ws, &system)
+        .with_context(|| format!("finding the items `run-vm --system {name}` uses"))?;
+    /// `vm-image` with its defaults.
+    #[derive(clap::Parser)]
+    struct Defaults {
+        #[command(flatten)]
+        image: super::vm_image::VmImage,
     }
-    let text = fs_err::read_to_string(&record).unwrap_or_default();
+    let defaults = <Defaults as clap::Parser>::try_parse_from(["vm-image", "--system", name])
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    defaults.image.realise(ws, &store).with_context(|| format!("finding the items `vm-image --system {name}` uses"))?;
+    let lines = recorder.lock().unwrap_or_else(|e| e.into_inner()).clone();
     let mut items: Vec<(String, crate::store::Item)> = Vec::new();
-    for line in text.lines() {
+    for line in lines {
         // `hit NAME`, `built NAME`, `substituted BYTES NAME`: how is all but the name.
         let (how, name) = line.rsplit_once(' ').context("a recorded line")?;
-        // run-vm.sh holds this checkout's paths: of no use anywhere else.
         let item = store.lookup(name).with_context(|| format!("`{name}` was used but is not in the store"))?;
-        if !items.iter().any(|(_, i)| *i == item) && !item.name.starts_with("run-vm-") {
+        if !items.iter().any(|(_, i)| *i == item) {
             items.push((how.to_string(), item));
         }
     }
@@ -337,7 +342,7 @@ fn push(
         What::Item(name) => vec![store.lookup(&name).ok_or_else(|| {
             usage_error(format!("`{}` is not an item in the store `{}`", name.escape_debug(), store.root().display()))
         })?],
-        What::System(system) => system_items(&store, &system, "")?.into_iter().map(|(_, i)| i).collect(),
+        What::System(system) => system_items(ws, &store, &system, None)?.into_iter().map(|(_, i)| i).collect(),
         What::All => store.items()?,
     };
     let items = store.closure(&roots)?;
@@ -374,7 +379,7 @@ fn pull(
     let mut moved = Moved::default();
     let mut how = None;
     if let Some(system) = system {
-        let used = system_items(&store, &system, from)?;
+        let used = system_items(ws, &store, &system, Some(substitute::only(ws, &registry)?))?;
         for (came, _) in &used {
             match came.split_once(' ') {
                 Some(("substituted", bytes)) => {

@@ -55,6 +55,19 @@ impl VmImage {
     pub fn run(self, ws: &Workspace) -> Result<i32> {
         let started = std::time::Instant::now();
         crate::process::set_verbose(self.verbose);
+        let store = crate::cmd::open_store(ws, self.explain)?;
+        let (item, outcome, path) = self.realise(ws, &store)?;
+        if self.json {
+            crate::report::print_json(&crate::report::ItemReport::new(&store, &item, &path, outcome, started)?)?;
+        } else {
+            println!("{}", path.display());
+        }
+        Ok(0)
+    }
+
+    /// Makes (or finds) the image in `store`, checks it with `--check`: the item, how it
+    /// came, and the image file's path.
+    pub fn realise(&self, ws: &Workspace, store: &Store) -> Result<(crate::store::Item, Outcome, std::path::PathBuf)> {
         let system = super::lookup_system(&self.system)?;
         // The image tools come from the store; QEMU from the host or the store.
         if self.builder == Builder::Vm {
@@ -65,11 +78,10 @@ impl VmImage {
             host_tools.push(host::QEMU_IMG);
         }
         host::ensure(&host_tools)?;
-        let store = crate::cmd::open_store(ws, self.explain)?;
         // As run-vm does: a system that cannot work (or a field that cannot act) is
         // refused before anything is built.
-        crate::lower::validate::check_here(&system, &store, ws)?;
-        let closure = image::closure(&store, ws, &system, self.verbose)
+        crate::lower::validate::check_here(&system, store, ws)?;
+        let closure = image::closure(store, ws, &system, self.verbose)
             .with_context(|| format!("lowering system `{}` for a disk image", system.name))?;
         let footprint = image::footprint(&closure)?;
         let minimum = Layout::minimum(&footprint);
@@ -96,13 +108,12 @@ impl VmImage {
         };
         let opts =
             ImageOptions { format: self.format, layout, volatile: self.volatile, verify_store: self.verify_store };
-        let tools = tools::tools(&store).context("getting the image tools")?;
-        let versions = image::tool_versions(&store, self.format)?;
+        let tools = tools::tools(store).context("getting the image tools")?;
+        let versions = image::tool_versions(store, self.format)?;
         let recipe = image::recipe(&closure, &opts, &tools, &versions);
         let uuid = image::uuid_for(&recipe.hash());
         let progress = Progress::for_stderr(self.verbose);
-        let job =
-            image::ImageJob { store: &store, closure: &closure, opts: &opts, uuid: &uuid, tools: &tools, progress };
+        let job = image::ImageJob { store, closure: &closure, opts: &opts, uuid: &uuid, tools: &tools, progress };
         let build = |out: &std::path::Path| match self.builder {
             Builder::Host => image::build_on_host(&job, out),
             Builder::Vm => vm_builder::build(&job, ws, out),
@@ -110,14 +121,9 @@ impl VmImage {
         let (item, outcome) = store.realise_with_outcome(&recipe, build)?;
         let path = image::image_path(&item, self.format);
         if self.check {
-            self.check(&store, &item, outcome, &path, build)?;
+            self.check(store, &item, outcome, &path, build)?;
         }
-        if self.json {
-            crate::report::print_json(&crate::report::ItemReport::new(&store, &item, &path, outcome, started)?)?;
-        } else {
-            println!("{}", path.display());
-        }
-        Ok(0)
+        Ok((item, outcome, path))
     }
 
     /// Rebuilds the image in scratch space and compares it with the stored one.
