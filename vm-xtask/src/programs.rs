@@ -68,11 +68,7 @@ pub const PROGRAMS: &[Program] = &[
             and firmware)",
     ),
     store("docker-registry", "docker-registry", "a local OCI registry (`store registry-program`; the tests)"),
-    Program {
-        name: "xtask",
-        source: Source::Built,
-        used_for: "bench: the subcommands measured",
-    },
+    Program { name: "xtask", source: Source::Built, used_for: "bench: the subcommands measured" },
     Program {
         name: "xtask-registry",
         source: Source::Built,

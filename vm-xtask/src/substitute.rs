@@ -219,7 +219,23 @@ pub struct Answer {
     pub meta: Option<String>,
     pub content_sha256: Option<String>,
     pub layer_bytes: Option<u64>,
+    /// Set here, not by the client: it gave no answer in time and was killed.
+    #[serde(skip)]
+    pub given_up: bool,
 }
+
+/// The registry client gave no answer in time and was killed (mid-transfer, or on a
+/// lookup): the registry is not asked again by this process.
+#[derive(Debug)]
+pub struct GivenUp(pub String);
+
+impl std::fmt::Display for GivenUp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for GivenUp {}
 
 impl Answer {
     /// What went wrong, as a sentence.
@@ -318,6 +334,7 @@ impl Helper {
                 Ok(Answer {
                     why: Some("unreachable".into()),
                     error: Some(format!("no answer within {} s", timeout.unwrap_or_default().as_secs())),
+                    given_up: true,
                     ..Answer::default()
                 })
             }
@@ -491,6 +508,9 @@ fn fetch_into(
     let file_name = what.1;
     let request = pull_request(what, timeout, deadline, Some(scratch.path()));
     let answer = helper.call(&request, Some(deadline + GRACE))?;
+    if answer.given_up {
+        return Err(GivenUp(answer.says()).into());
+    }
     if !answer.ok {
         bail!("{}", answer.says());
     }
@@ -661,7 +681,7 @@ fn substitute(state: &Mutex<RegistriesState>, store: &Store, recipe: &Recipe, it
                 Some("unreachable") => {
                     warn(&answer.says());
                     state.down.push(registry.clone());
-                    if answer.error.as_deref().is_some_and(|e| e.starts_with("no answer")) {
+                    if answer.given_up {
                         state.helper = None;
                     }
                 }
@@ -697,7 +717,7 @@ fn substitute(state: &Mutex<RegistriesState>, store: &Store, recipe: &Recipe, it
             Err(e) => {
                 warn(&format!("{e:#}"));
                 // A helper given up on mid-transfer was killed: start another next time.
-                if format!("{e:#}").contains("no answer within") {
+                if e.chain().any(|c| c.is::<GivenUp>()) {
                     state.helper = None;
                     state.down.push(registry.clone());
                 }
