@@ -21,7 +21,6 @@
 //!    powers the VM off (`reboot(2)`; the host runs QEMU with `-no-reboot`). A missing
 //!    status file means the guest never finished: the host reports that as an error.
 
-
 use serde::{Deserialize, Serialize};
 
 pub mod control;

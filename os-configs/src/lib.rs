@@ -8,7 +8,6 @@
 //! system can work (packages exist, modules are in the kernel, ...) is done by `xtask`
 //! before anything is built.
 
-
 use std::path::PathBuf;
 
 /// A whole system: what kernel boots it, what the guest needs loaded, which file systems
