@@ -71,7 +71,8 @@ fn item_names(store: &Path) -> Vec<String> {
 fn the_example_workspace_runs_its_systems_tests_image_and_scenario_with_its_own_store() {
     let tmp = tempfile::tempdir().unwrap();
     assert!(!tmp.path().starts_with(workspace_root()), "{} is in the repository", tmp.path().display());
-    let ws = tmp.path().join("monorepo");
+    // A user's path may have a space in it.
+    let ws = tmp.path().join("my monorepo");
     copy_example(&ws);
     let store = target_dir().join("vmstore");
 
