@@ -110,6 +110,18 @@ fn the_example_workspace_runs_its_systems_tests_image_and_scenario_with_its_own_
         assert!(!shared.iter().any(|i| i.ends_with(name)), "a `{name}` item in the shared store");
     }
 
+    // Without CARGO_TARGET_DIR, as in a workspace with the default target directory: the
+    // xtask binary finds its target directory, and so the store, from where it was built.
+    let mut direct = Command::new(target_dir().join("debug/xtask"));
+    direct.args(["run-vm", "--system", "greeter", "--script"]).current_dir(ws.join("greeter"));
+    for var in ["CARGO_TARGET_DIR", "XTASK_VMSTORE", "XTASK_WORKSPACE", "XTASK_LOCK"] {
+        direct.env_remove(var);
+    }
+    let script = output_within(direct, 600);
+    script.expect_code(0);
+    let script_path = PathBuf::from(script.stdout.trim_end());
+    assert!(script_path.starts_with(&store) && script.stdout.ends_with("-run-vm-greeter.sh\n"), "{script:#?}");
+
     // Its tests in a VM: they pass; a broken one fails with cargo's status and message.
     let test_args = ["test", "--system", "greeter", "--timeout", TIMEOUT, "-p", "greeter-checks", "--", "--ignored"];
     let test = cargo_xtask_in(&ws, &test_args, 1800);
