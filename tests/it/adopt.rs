@@ -86,6 +86,11 @@ fn the_example_workspace_runs_its_systems_tests_image_and_scenario_with_its_own_
     let below = cargo_xtask_in(&ws.join("greeter-checks/tests"), &["systems"], 600);
     below.expect_code(0);
     assert_eq!(below.stdout, systems.stdout, "{below:#?}");
+    // Its own scenario, and none of this repository's.
+    let scenarios = cargo_xtask_in(&ws, &["scenario", "--list"], 600);
+    scenarios.expect_code(0);
+    let names: Vec<&str> = scenarios.stdout.lines().filter_map(|l| l.split_whitespace().next()).collect();
+    assert_eq!(names, ["greeter-pair"], "{scenarios:#?}");
 
     // Its lock file has every package it uses: `lock` changes nothing.
     let lock = cargo_xtask_in(&ws, &["lock"], 1200);
