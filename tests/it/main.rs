@@ -2,6 +2,7 @@
 //! guest did. They need QEMU (installed by xtask itself when running as root) and
 //! reach Debian's archive on first use to fetch the kernel and busybox.
 
+mod adopt;
 mod bench;
 mod build_in_vm;
 mod cli;
