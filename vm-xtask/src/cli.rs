@@ -48,8 +48,8 @@ enum Cmd {
     /// Boot a system and run COMMAND in it (exit status = COMMAND's), or a shell.
     #[command(after_help = "Examples:
   cargo xtask run-vm -- uname -r
-  cargo xtask run-vm --system hello -- nc 127.0.0.1 7878
-  cargo xtask run-vm --system hello --forward 8080:7878")]
+  cargo xtask run-vm --system my-service -- nc 127.0.0.1 8080
+  cargo xtask run-vm --system my-service --forward 8080:8080")]
     RunVm(RunVm),
     /// Run a build command in a VM; store what it writes to $out and print the path.
     #[command(after_help = "Examples:
@@ -58,7 +58,7 @@ enum Cmd {
     BuildInVm(BuildInVm),
     /// Build a bootable disk image of a system; print its path.
     #[command(after_help = "Examples:
-  cargo xtask vm-image --system hello --format raw
+  cargo xtask vm-image --system my-service --format raw
   cargo xtask vm-image --json")]
     VmImage(VmImage),
     /// List the named systems.
@@ -92,18 +92,18 @@ enum Cmd {
     Bench(Bench),
     /// Build the workspace's test binaries and run them in a VM of a system.
     #[command(after_help = "Example:
-  cargo xtask test --system hello -p vm-checks -- --ignored")]
+  cargo xtask test --system my-service -p my-service-checks -- --ignored")]
     Test(Test),
     /// Cargo's runner: run one test binary in a VM (`target.<triple>.runner`).
     #[command(after_help = r#"Example:
-  cargo test --config 'target.x86_64-unknown-linux-gnu.runner="target/debug/xtask test-runner --system hello"' \
-    -p vm-checks -- --ignored"#)]
+  cargo test --config 'target.x86_64-unknown-linux-gnu.runner="target/debug/xtask test-runner --system my-service"' \
+    -p my-service-checks -- --ignored"#)]
     TestRunner(TestRunner),
     /// Boot a scenario's VMs on their virtual networks and run its script.
     #[command(after_help = "Examples:
-  cargo xtask scenario hello-pair
-  cargo xtask scenario hello-pair-broken --keep
-  cargo xtask scenario hello-pair-broken --shell server")]
+  cargo xtask scenario --list
+  cargo xtask scenario my-pair --keep
+  cargo xtask scenario my-pair --shell server")]
     Scenario(ScenarioCmd),
     /// Print a completion script for SHELL on stdout (it completes `xtask`, the binary
     /// in target/debug; `cargo xtask` itself is completed by cargo's own script).

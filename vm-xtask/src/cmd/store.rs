@@ -46,7 +46,7 @@ pub enum StoreCmd {
     /// system's items (what `run-vm --system NAME` and `vm-image --system NAME` use), or
     /// every item; each with its references, references first.
     #[command(after_help = "Examples:
-  cargo xtask store push --system minimal --to registry.example.org/team/vmstore --key team-ci.key
+  cargo xtask store push --system my-service --to registry.example.org/team/vmstore --key team-ci.key
   cargo xtask store push --all --to 127.0.0.1:5000/vmstore")]
     Push {
         /// An item's file name (`<hash>-<name>`).
@@ -70,7 +70,7 @@ pub enum StoreCmd {
     /// references), or a system's items (as substitutes while lowering it as `push
     /// --system` does). Only items signed by a key trusted in vmstore.conf are taken.
     #[command(after_help = "Examples:
-  cargo xtask store pull --system minimal --from registry.example.org/team/vmstore")]
+  cargo xtask store pull --system my-service --from registry.example.org/team/vmstore")]
     Pull {
         /// Items' file names (`<hash>-<name>`).
         #[arg(required_unless_present = "system", conflicts_with = "system")]
