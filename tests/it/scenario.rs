@@ -31,8 +31,20 @@ fn hello_pair_passes() {
 /// node's console tail.
 #[test]
 fn a_failing_scenario_shows_node_command_status_output_and_console() {
-    let run = scenario(&["hello-pair-broken"]);
+    let dir = tempfile::tempdir().unwrap();
+    let junit = dir.path().join("scenario.xml");
+    let run = scenario(&["hello-pair-broken", "--junit", junit.to_str().unwrap()]);
     run.expect_code(1);
+    // The JUnit report, read back by another parser: the scenario's suite, its script failed.
+    let xml = std::fs::read_to_string(&junit).unwrap_or_else(|e| panic!("no JUnit report ({e}): {run:#?}"));
+    let doc = roxmltree::Document::parse(&xml).unwrap_or_else(|e| panic!("not XML ({e}): {xml}"));
+    let suite = doc.descendants().find(|n| n.has_tag_name("testsuite")).expect("a testsuite");
+    assert_eq!(
+        (suite.attribute("name"), suite.attribute("tests"), suite.attribute("failures")),
+        (Some("hello-pair-broken"), Some("1"), Some("1"))
+    );
+    let failure = doc.descendants().find(|n| n.has_tag_name("failure")).expect("a failure");
+    assert!(failure.attribute("message").unwrap_or_default().contains("node `client`"), "{xml}");
     for needle in [
         "error: scenario `hello-pair-broken` failed: node `client`",
         "`echo asking; nc -w 3 server 7879 </dev/null` should have succeeded, but it ended with exit status 1",

@@ -75,7 +75,7 @@ fn a_failing_test_gives_101_and_its_panic_message() {
 
 /// As `cargo test`: the binaries in cargo's order (`fails` before `in_vm`), the run stops
 /// at the first failed binary; with `--no-fail-fast` the others run and the failed ones
-/// are listed at the end.
+/// are listed at the end; `--junit` writes the results as JUnit XML.
 #[test]
 fn a_failure_stops_the_run_unless_no_fail_fast() {
     let run = xtask_test(&[], &["--test", "in_vm", "--test", "fails", "--", "--ignored"]);
@@ -84,9 +84,44 @@ fn a_failure_stops_the_run_unless_no_fail_fast() {
     assert!(!run.stderr.contains("     Running tests/in_vm.rs"), "ran on after a failure: {run:#?}");
     assert!(!run.stderr.contains("target failed"), "{run:#?}");
 
-    let run = xtask_test(&[], &["--no-fail-fast", "--test", "in_vm", "--test", "fails", "--", "--ignored"]);
+    // The same run writes its results as JUnit XML, read back here by another parser.
+    let dir = tempfile::tempdir().unwrap();
+    let junit = dir.path().join("results.xml");
+    let junit_arg = junit.to_str().unwrap();
+    let bad = xtask_test(&["--junit", "/no/such/dir/results.xml"], &["--test", "fails"]);
+    bad.expect_code(2);
+    assert!(bad.stderr.contains("--junit `/no/such/dir/results.xml`: give a file in a directory that exists"));
+    let args = ["--no-fail-fast", "--test", "in_vm", "--test", "fails", "--", "--ignored"];
+    let run = xtask_test(&["--junit", junit_arg], &args);
     run.expect_code(101);
     assert!(run.stdout.contains("test result: ok. 4 passed"), "in_vm did not run: {run:#?}");
+    let xml = std::fs::read_to_string(&junit).unwrap_or_else(|e| panic!("no JUnit report ({e}): {run:#?}"));
+    let doc = roxmltree::Document::parse(&xml).unwrap_or_else(|e| panic!("not XML ({e}): {xml}"));
+    let root = doc.root_element();
+    assert_eq!(
+        (root.tag_name().name(), root.attribute("tests"), root.attribute("failures")),
+        ("testsuites", Some("5"), Some("1"))
+    );
+    let suites: Vec<_> = root.children().filter(|n| n.has_tag_name("testsuite")).collect();
+    let names: Vec<&str> = suites.iter().filter_map(|s| s.attribute("name")).collect();
+    assert!(names.len() == 2 && names[0].starts_with("tests/fails.rs (") && names[1].starts_with("tests/in_vm.rs ("));
+    let cases = |suite: &roxmltree::Node| -> Vec<(String, bool)> {
+        let case = suite.children().filter(|n| n.has_tag_name("testcase"));
+        case.map(|c| (c.attribute("name").unwrap().to_string(), c.children().any(|f| f.has_tag_name("failure"))))
+            .collect()
+    };
+    assert_eq!(cases(&suites[0]), [("fails_on_purpose".to_string(), true)], "{xml}");
+    let in_vm = cases(&suites[1]);
+    assert!(in_vm.len() == 4 && in_vm.iter().all(|(_, failed)| !failed), "{xml}");
+    let failure = suites[0].descendants().find(|n| n.has_tag_name("failure")).unwrap();
+    let message = failure.attribute("message").unwrap_or_default();
+    assert!(message.contains("deliberate failure after the service said"), "{xml}");
+    let out = suites[0].descendants().find(|n| n.has_tag_name("system-out")).and_then(|n| n.text());
+    assert!(out.unwrap_or_default().contains("panicked at examples/vm-checks/tests/fails.rs"), "{xml}");
+    for case in root.descendants().filter(|n| n.has_tag_name("testcase")) {
+        let time: f64 = case.attribute("time").and_then(|t| t.parse().ok()).unwrap_or(-1.0);
+        assert!(time >= 0.0, "a testcase without its time: {xml}");
+    }
     let end = "error: test failed, to rerun pass `-p vm-checks --test fails`";
     let fails = run.stderr.find(end).unwrap_or_else(|| panic!("{run:#?}"));
     let in_vm = run.stderr.find("     Running tests/in_vm.rs").unwrap_or_else(|| panic!("{run:#?}"));

@@ -28,6 +28,7 @@ use crate::vm::qemu::{self, Disk, DiskFormat, Share};
 use crate::vm::{workspace_view, GuestRequest, Sink, VmRun};
 use crate::{lower::packages, lower::system, Workspace};
 
+mod junit;
 mod kept;
 
 /// The 9p tag of the workspace share.
@@ -39,6 +40,10 @@ pub const EXIT_TEST_FAILED: i32 = 101;
 pub struct Test {
     #[command(flatten)]
     pub vm: VmOpts,
+    /// Also write the results as JUnit XML to FILE (a `testsuite` per test binary, a
+    /// `testcase` per test, with failures and their output), for CI.
+    #[arg(long, value_name = "FILE")]
+    pub junit: Option<PathBuf>,
     /// Arguments for `cargo test` (`-p CRATE`, `--test NAME`, `--lib`, ...), then `--`
     /// and the arguments every test binary gets (`--nocapture`, a filter, ...).
     #[arg(trailing_var_arg = true, allow_hyphen_values = true, value_name = "CARGO TEST ARGS")]
@@ -153,7 +158,11 @@ impl Test {
         // while the VM boots.
         let words = if no_fail_fast { Words::NoFailFast } else { Words::FailFast };
         let shared = Shared { root: ws.root.clone(), target_dir: ws.target_dir.clone() };
-        let code = run_in_vm(ws, &shared, &self.vm, || build_test_binaries(ws, &cargo_args), &test_args, words)?;
+        if let Some(file) = &self.junit {
+            check_junit_file(file)?;
+        }
+        let build = || build_test_binaries(ws, &cargo_args);
+        let code = run_in_vm(ws, &shared, &self.vm, build, &test_args, words, self.junit.as_deref())?;
         if with_doctests && (code == 0 || no_fail_fast) {
             let doc = self.doctests(ws, &cargo_args, &test_args)?;
             return Ok(if code != 0 { code } else { doc });
@@ -166,7 +175,7 @@ impl Test {
     fn doctests(&self, ws: &Workspace, cargo_args: &[String], test_args: &[String]) -> Result<i32> {
         let argv: Vec<String> = std::env::args().collect();
         let at = argv.iter().position(|a| a == "test").context("finding `test` in the command line")?;
-        let own = &argv[at + 1..argv.len() - self.args.len()];
+        let own = without_junit(&argv[at + 1..argv.len() - self.args.len()]);
         let exe = std::env::current_exe().context("finding this program")?;
         let mut runner = vec![exe.to_string_lossy().into_owned()];
         runner.extend(argv[1..at].iter().cloned());
@@ -184,6 +193,36 @@ impl Test {
         let status = cmd.status().context("running `cargo test --doc`")?;
         Ok(status.code().unwrap_or(EXIT_TEST_FAILED))
     }
+}
+
+/// `--junit FILE` is refused before anything is built unless FILE can be written: a
+/// directory that exists, a name that is no directory.
+pub(crate) fn check_junit_file(file: &Path) -> Result<()> {
+    let parent = file.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    if file.is_dir() || !parent.is_dir() {
+        return Err(usage_error(format!(
+            "--junit `{}`: give a file in a directory that exists",
+            file.display().to_string().escape_debug()
+        )));
+    }
+    Ok(())
+}
+
+/// `test`'s own options without `--junit FILE` (the runner it passes them to has none).
+fn without_junit(own: &[String]) -> Vec<String> {
+    let mut kept = Vec::new();
+    let mut skip = false;
+    for arg in own {
+        if std::mem::take(&mut skip) {
+            continue;
+        }
+        if arg == "--junit" {
+            skip = true;
+        } else if !arg.starts_with("--junit=") {
+            kept.push(arg.clone());
+        }
+    }
+    kept
 }
 
 /// Whether a `cargo test` argument chooses targets (then cargo runs no doctests unless
@@ -231,7 +270,7 @@ impl TestRunner {
             return kept::run(ws, &shared, &self.vm, &binary, test_args, cargo);
         }
         // Cargo says `Running` and how a failure is run again itself.
-        run_in_vm(ws, &shared, &self.vm, || Ok(vec![binary]), test_args, Words::Runner)
+        run_in_vm(ws, &shared, &self.vm, || Ok(vec![binary]), test_args, Words::Runner, None)
     }
 }
 
@@ -336,6 +375,7 @@ fn run_in_vm(
     binaries: impl FnOnce() -> Result<Vec<TestBinary>>,
     test_args: &[String],
     words: Words,
+    junit: Option<&Path>,
 ) -> Result<i32> {
     let store = opts.open_store(ws)?;
     let declared = opts.valid_system(&store, ws)?;
@@ -385,7 +425,15 @@ fn run_in_vm(
             "test",
         )
     };
-    let status = run.run()?;
+    let status = run.run();
+    if let Some(file) = junit {
+        // Written whatever the outcome: a run that failed or timed out is what CI must see.
+        let report = watch.lock().junit.report("cargo xtask test");
+        let mut text = Vec::new();
+        report.serialize(&mut text).context("writing the JUnit report")?;
+        std::fs::write(file, text).with_context(|| format!("writing the JUnit report `{}`", file.display()))?;
+    }
+    let status = status?;
     let names = names.borrow().clone();
     match run_vm::exit_code(&status, &names) {
         0 => Ok(0),
@@ -562,6 +610,8 @@ struct WatchState {
     progress: Progress,
     /// The line of stderr not ended yet.
     stderr_line: Vec<u8>,
+    /// The results, for `--junit`.
+    junit: junit::Collector,
 }
 
 impl TestWatch {
@@ -578,6 +628,7 @@ impl crate::vm::Watch for TestWatch {
     fn output(&self, stderr: bool, bytes: &[u8]) {
         let mut state = self.lock();
         if !stderr {
+            state.junit.feed(bytes, Instant::now());
             for slow in state.progress.feed(bytes) {
                 eprintln!("{slow}");
             }
@@ -592,6 +643,7 @@ impl crate::vm::Watch for TestWatch {
             }
             let line = String::from_utf8_lossy(&std::mem::take(&mut state.stderr_line)).into_owned();
             if let Some(label) = line.strip_prefix("     Running ") {
+                state.junit.running(label);
                 state.binary = Some(label.to_string());
                 state.since = Some(Instant::now());
                 state.progress.running.clear();
