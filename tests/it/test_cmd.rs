@@ -440,3 +440,37 @@ fn debian_base_runs_tests_with_debians_userland() {
     run.expect_code(0);
     assert!(run.stdout.contains("test result: ok. 1 passed; 0 failed"), "{run:#?}");
 }
+
+/// `--partition count:K/N` and `hash:K/N`, as cargo-nextest: over K = 1..N the shares run
+/// every test exactly once; a share that cannot be is a usage error.
+#[test]
+fn partitions_share_the_tests_among_ci_jobs() {
+    for bad in ["3/2", "count:0/4", "count:3/2", "slice:1/2", "count:1/0"] {
+        let run = xtask_test(&["--partition", bad], &["--test", "in_vm"]);
+        run.expect_code(2);
+        assert!(run.stderr.contains("give count:K/N or hash:K/N"), "{bad}: {run:#?}");
+    }
+    let mut list = cargo();
+    list.args(["test", "-q", "-p", "vm-checks", "--test", "in_vm", "--", "--ignored", "--list", "--format", "terse"]);
+    let list = output_within(list, 600);
+    list.expect_code(0);
+    let mut all: Vec<String> = list.stdout.lines().filter_map(|l| l.strip_suffix(": test")).map(String::from).collect();
+    all.sort();
+    assert_eq!(all.len(), 4, "{list:#?}");
+    for kind in ["count", "hash"] {
+        let mut seen = Vec::new();
+        for k in 1..=2 {
+            let share = format!("{kind}:{k}/2");
+            let run = xtask_test(&["--partition", &share], &["--test", "in_vm", "--", "--ignored"]);
+            run.expect_code(0);
+            let ran = run.stdout.lines().filter_map(|l| l.strip_prefix("test ")?.strip_suffix(" ... ok"));
+            let ran: Vec<String> = ran.map(String::from).collect();
+            if kind == "count" {
+                assert_eq!(ran.len(), 2, "{share}: {run:#?}");
+            }
+            seen.extend(ran);
+        }
+        seen.sort();
+        assert_eq!(seen, all, "{kind}: the shares together are not every test once");
+    }
+}

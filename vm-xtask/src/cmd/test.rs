@@ -30,6 +30,7 @@ use crate::{lower::packages, lower::system, Workspace};
 
 mod junit;
 mod kept;
+mod partition;
 
 /// The 9p tag of the workspace share.
 const WORKSPACE_TAG: &str = "workspace";
@@ -44,6 +45,11 @@ pub struct Test {
     /// `testcase` per test, with failures and their output), for CI.
     #[arg(long, value_name = "FILE")]
     pub junit: Option<PathBuf>,
+    /// Run only this share of the tests, for N CI jobs: `count:K/N` (the K-th of every N
+    /// tests of each binary) or `hash:K/N` (by the test's name), as cargo-nextest; the
+    /// doctests run in share 1.
+    #[arg(long, value_name = "KIND:K/N", value_parser = partition::parse)]
+    pub partition: Option<partition::Partition>,
     /// Arguments for `cargo test` (`-p CRATE`, `--test NAME`, `--lib`, ...), then `--`
     /// and the arguments every test binary gets (`--nocapture`, a filter, ...).
     #[arg(trailing_var_arg = true, allow_hyphen_values = true, value_name = "CARGO TEST ARGS")]
@@ -72,6 +78,8 @@ pub struct TestBinary {
     /// What `cargo test` would run again for it: `-p vm-checks --test in_vm`; empty for
     /// the runner's binary (cargo says it itself).
     pub rerun: String,
+    /// The arguments it runs with, when not the run's (`--partition`'s share of it).
+    pub args: Option<Vec<String>>,
 }
 
 /// Where cargo runs a binary among the others: by package, then the library's unit
@@ -149,10 +157,18 @@ impl Test {
         };
         // As cargo's: `--doc` runs the doctests alone; with no target chosen, the doctests
         // run after the test binaries.
+        let first_share = matches!(
+            self.partition,
+            None | Some(partition::Partition::Count { k: 1, .. } | partition::Partition::Hash { k: 1, .. })
+        );
         if cargo_args.iter().any(|a| a == "--doc") {
+            if !first_share {
+                eprintln!("the doctests run in share 1 of a --partition: none in this one");
+                return Ok(0);
+            }
             return self.doctests(ws, &cargo_args, &test_args);
         }
-        let with_doctests = !cargo_args.iter().any(|a| selects_targets(a));
+        let with_doctests = !cargo_args.iter().any(|a| selects_targets(a)) && first_share;
         let no_fail_fast = cargo_args.iter().any(|a| a == "--no-fail-fast");
         // The system is checked before anything is built; the test binaries are built
         // while the VM boots.
@@ -161,7 +177,10 @@ impl Test {
         if let Some(file) = &self.junit {
             check_junit_file(file)?;
         }
-        let build = || build_test_binaries(ws, &cargo_args);
+        let build = || match self.partition {
+            None => build_test_binaries(ws, &cargo_args),
+            Some(share) => partition::apply(build_test_binaries(ws, &cargo_args)?, &test_args, share),
+        };
         let code = run_in_vm(ws, &shared, &self.vm, build, &test_args, words, self.junit.as_deref())?;
         if with_doctests && (code == 0 || no_fail_fast) {
             let doc = self.doctests(ws, &cargo_args, &test_args)?;
@@ -175,7 +194,7 @@ impl Test {
     fn doctests(&self, ws: &Workspace, cargo_args: &[String], test_args: &[String]) -> Result<i32> {
         let argv: Vec<String> = std::env::args().collect();
         let at = argv.iter().position(|a| a == "test").context("finding `test` in the command line")?;
-        let own = without_junit(&argv[at + 1..argv.len() - self.args.len()]);
+        let own = runner_options(&argv[at + 1..argv.len() - self.args.len()]);
         let exe = std::env::current_exe().context("finding this program")?;
         let mut runner = vec![exe.to_string_lossy().into_owned()];
         runner.extend(argv[1..at].iter().cloned());
@@ -208,18 +227,19 @@ pub(crate) fn check_junit_file(file: &Path) -> Result<()> {
     Ok(())
 }
 
-/// `test`'s own options without `--junit FILE` (the runner it passes them to has none).
-fn without_junit(own: &[String]) -> Vec<String> {
+/// `test`'s own options without `--junit FILE` and `--partition SHARE` (the runner it
+/// passes them to has neither).
+fn runner_options(own: &[String]) -> Vec<String> {
     let mut kept = Vec::new();
     let mut skip = false;
     for arg in own {
         if std::mem::take(&mut skip) {
             continue;
         }
-        if arg == "--junit" {
-            skip = true;
-        } else if !arg.starts_with("--junit=") {
-            kept.push(arg.clone());
+        let name = arg.split('=').next().unwrap_or(arg);
+        match name {
+            "--junit" | "--partition" => skip = !arg.contains('='),
+            _ => kept.push(arg.clone()),
         }
     }
     kept
@@ -264,7 +284,7 @@ impl TestRunner {
         // Cargo's variables for the binary, as cargo gave them to its runner (not
         // `CARGO`, the host's cargo, which the guest has not).
         let env = std::env::vars().filter(|(k, _)| k.starts_with("CARGO_")).collect();
-        let binary = TestBinary { path, package_dir, label, env, rerun: String::new() };
+        let binary = TestBinary { path, package_dir, label, env, rerun: String::new(), args: None };
         // Doctests, one binary each: all of one cargo command's in one VM, kept meanwhile.
         if let Some(cargo) = kept::doctest_cargo() {
             return kept::run(ws, &shared, &self.vm, &binary, test_args, cargo);
@@ -352,7 +372,8 @@ pub fn build_test_binaries(ws: &Workspace, cargo_args: &[String]) -> Result<Vec<
                 _ => format!("-p {package} {option} {target}"),
             };
             let env = cargo_env(&package_dir, &package, &version);
-            let binary = TestBinary { path: executable.into_std_path_buf(), package_dir, label, env, rerun };
+            let binary =
+                TestBinary { path: executable.into_std_path_buf(), package_dir, label, env, rerun, args: None };
             binaries.push((CargoOrder { package, version, kind, target }, binary));
         }
     }
@@ -559,7 +580,7 @@ fn run_line(binary: &TestBinary, label: &str, guest_path: &str, test_args: &[Str
     words.extend([shell_quote(&shown), "env".to_string()]);
     words.extend(binary.env.iter().map(|(k, v)| shell_quote(&format!("{k}={v}"))));
     words.push(shell_quote(guest_path));
-    words.extend(test_args.iter().map(|a| shell_quote(a)));
+    words.extend(binary.args.as_deref().unwrap_or(test_args).iter().map(|a| shell_quote(a)));
     words.join(" ")
 }
 
