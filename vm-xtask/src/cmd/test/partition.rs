@@ -77,7 +77,7 @@ pub fn apply(binaries: Vec<TestBinary>, test_args: &[String], partition: Partiti
                     .map(|(_, name)| name.clone())
                     .collect();
                 if !chosen.is_empty() {
-                    let mut args = flags(test_args);
+                    let mut args = split_args(test_args).1;
                     args.push("--exact".into());
                     args.extend(chosen);
                     binary.args = Some(args);
@@ -93,7 +93,7 @@ pub fn apply(binaries: Vec<TestBinary>, test_args: &[String], partition: Partiti
 /// list (no libtest harness).
 fn list(binary: &Path, dir: &Path, env: &[(String, String)], test_args: &[String]) -> Result<Option<Vec<String>>> {
     let mut cmd = crate::process::command(binary);
-    cmd.args(["--list", "--format", "terse"]).args(listing_args(test_args)).current_dir(dir);
+    cmd.args(["--list", "--format", "terse"]).args(split_args(test_args).0).current_dir(dir);
     cmd.envs(env.iter().map(|(k, v)| (k, v)));
     let out = crate::process::output(&cmd).with_context(|| format!("listing the tests of `{}`", binary.display()));
     let Ok(out) = out else { return Ok(None) };
@@ -108,46 +108,28 @@ fn list(binary: &Path, dir: &Path, env: &[(String, String)], test_args: &[String
 /// libtest's options that take a value.
 const WITH_VALUE: &[&str] = &["--test-threads", "--skip", "--logfile", "--format", "--color", "-Z", "--shuffle-seed"];
 
-/// The test arguments that choose which tests are listed: filters, `--skip`, `--exact`,
-/// `--ignored`, `--include-ignored` (not `--format`, the listing's own).
-fn listing_args(test_args: &[String]) -> Vec<String> {
-    let mut kept = Vec::new();
+/// The test arguments split in two: those that choose which tests are listed (filters,
+/// `--skip`, `--exact`, `--ignored`, `--include-ignored`; not `--format`, the listing's
+/// own), and those the share runs with (the flags: the share names its tests itself,
+/// with `--exact` added once, and `--skip` is applied by the listing).
+fn split_args(test_args: &[String]) -> (Vec<String>, Vec<String>) {
+    let (mut listing, mut flags) = (Vec::new(), Vec::new());
     let mut args = test_args.iter();
     while let Some(arg) = args.next() {
         let name = arg.split('=').next().unwrap_or(arg);
+        let mut words = vec![arg.clone()];
         if WITH_VALUE.contains(&name) && !arg.contains('=') {
-            let value = args.next();
-            if name == "--skip" {
-                kept.push(arg.clone());
-                kept.extend(value.cloned());
-            }
-        } else if !arg.starts_with('-') || ["--exact", "--ignored", "--include-ignored", "--skip"].contains(&name) {
-            kept.push(arg.clone());
+            words.extend(args.next().cloned());
+        }
+        let selects = !arg.starts_with('-') || ["--exact", "--ignored", "--include-ignored", "--skip"].contains(&name);
+        if selects {
+            listing.extend(words.iter().cloned());
+        }
+        if arg.starts_with('-') && name != "--exact" && name != "--skip" {
+            flags.extend(words);
         }
     }
-    kept
-}
-
-/// The test arguments without the filters (the share names its tests itself), and
-/// without `--exact` (added once).
-fn flags(test_args: &[String]) -> Vec<String> {
-    let mut kept = Vec::new();
-    let mut args = test_args.iter();
-    while let Some(arg) = args.next() {
-        let name = arg.split('=').next().unwrap_or(arg);
-        if WITH_VALUE.contains(&name) && !arg.contains('=') {
-            // `--skip` is already applied by the listing.
-            if name != "--skip" {
-                kept.push(arg.clone());
-                kept.extend(args.next().cloned());
-            } else {
-                args.next();
-            }
-        } else if arg.starts_with('-') && name != "--exact" && name != "--skip" {
-            kept.push(arg.clone());
-        }
-    }
-    kept
+    (listing, flags)
 }
 
 #[cfg(test)]
@@ -193,7 +175,8 @@ mod tests {
     fn filters_choose_the_listing_and_flags_stay_for_the_run() {
         let args: Vec<String> =
             ["--ignored", "net", "--test-threads", "2", "--skip", "slow", "--nocapture"].map(String::from).into();
-        assert_eq!(listing_args(&args), ["--ignored", "net", "--skip", "slow"]);
-        assert_eq!(flags(&args), ["--ignored", "--test-threads", "2", "--nocapture"]);
+        let (listing, flags) = split_args(&args);
+        assert_eq!(listing, ["--ignored", "net", "--skip", "slow"]);
+        assert_eq!(flags, ["--ignored", "--test-threads", "2", "--nocapture"]);
     }
 }
