@@ -82,19 +82,20 @@ impl Catalog {
     /// declared, a name that is no valid system name.
     pub fn problems(&self) -> Vec<String> {
         let mut problems = Vec::new();
-        let mut seen = std::collections::BTreeSet::new();
-        for name in self.systems.iter().map(|s| &s.name) {
-            if !seen.insert(name) {
-                problems.push(format!("the system `{name}` is declared twice"));
-            }
-            if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)) {
-                problems.push(format!("{name:?} is no system name (letters, digits, `-`, `_`, `.`)"));
-            }
-        }
-        let mut seen = std::collections::BTreeSet::new();
-        for name in self.scenarios.iter().map(|s| &s.name) {
-            if !seen.insert(name) {
-                problems.push(format!("the scenario `{name}` is declared twice"));
+        for (what, names) in [
+            ("system", self.systems.iter().map(|s| &s.name).collect::<Vec<_>>()),
+            ("scenario", self.scenarios.iter().map(|s| &s.name).collect()),
+        ] {
+            let mut seen = std::collections::BTreeSet::new();
+            for name in names {
+                if !seen.insert(name) {
+                    problems.push(format!("the {what} `{name}` is declared twice"));
+                }
+                if !is_name(name) {
+                    problems.push(format!(
+                        "{name:?} is no {what} name (a letter or digit, then letters, digits, `-`, `_`, `.`)"
+                    ));
+                }
             }
         }
         if let Some(name) = &self.default_system {
@@ -117,6 +118,14 @@ impl Catalog {
     }
 }
 
+/// Whether `name` can name a system or scenario: it becomes part of item names and file
+/// names.
+fn is_name(name: &str) -> bool {
+    name.len() <= 64
+        && name.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric())
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -129,5 +138,11 @@ mod tests {
         assert!(problems.iter().any(|p| p.contains("`minimal` is declared twice")), "{problems:?}");
         assert!(problems.iter().any(|p| p.contains("`nope` is not declared")), "{problems:?}");
         assert!(Catalog::new().systems([crate::systems::minimal()]).problems().is_empty());
+        for bad in ["", "..", "-x", "a/b", "a b", "a\nb"] {
+            let mut system = crate::systems::minimal();
+            system.name = bad.into();
+            let problems = Catalog::new().systems([system]).problems();
+            assert!(problems.iter().any(|p| p.contains("is no system name")), "{bad:?}: {problems:?}");
+        }
     }
 }
