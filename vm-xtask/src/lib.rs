@@ -50,8 +50,9 @@ pub mod testing {
 /// The vocabulary of systems: [`systems::System`], [`systems::Package`],
 /// [`systems::FileSystem`], ... (the `vm-xtask-systems` crate).
 pub use os_configs as systems;
-/// A scenario and the driver its script gets.
-pub use vm::scenario::{Driver, Scenario};
+/// A scenario, the driver its script gets, the nodes the driver hands out and how a
+/// command run on a node ended.
+pub use vm::scenario::{Driver, Node, Outcome, Scenario};
 
 /// Environment variable that moves the store (default: `target/vmstore`).
 pub const STORE_ENV: &str = "XTASK_VMSTORE";
