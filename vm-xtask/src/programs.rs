@@ -76,7 +76,8 @@ pub const PROGRAMS: &[Program] = &[
     Program {
         name: "xtask-registry",
         source: Source::Built,
-        used_for: "the OCI registry client of `store push`/`pull` and substitutes (built from the `vm-xtask-registry` crate's source)",
+        used_for: "the OCI registry client of `store push`/`pull` and substitutes (built from the \
+                   `vm-xtask-registry` crate's source)",
     },
 ];
 
