@@ -3,6 +3,9 @@
 //! up, says [`FromGuest::Ready`] and then runs the commands the host sends, one at a
 //! time, answering each with its status and its stdout and stderr kept apart. Each
 //! message is one line of JSON; output travels base64-encoded, so any bytes pass.
+//!
+//! Public for the engine only (`cargo xtask test`'s kept VM and a scenario's nodes speak
+//! it), like the rest of this crate.
 
 use serde::{Deserialize, Serialize};
 
@@ -15,10 +18,24 @@ pub const CONTROL_PORT: &str = "control";
 pub enum ToGuest {
     /// Run `argv` (with the request's environment, stdin from `/dev/null`); kill it
     /// after `timeout_ms`.
-    Run { argv: Vec<String>, timeout_ms: u64 },
+    Run {
+        /// The program (looked up in the request's `PATH`) and its arguments.
+        argv: Vec<String>,
+        /// How long it may run, in milliseconds.
+        timeout_ms: u64,
+    },
     /// Run `argv` as [`ToGuest::Run`] does, in the directory `cwd`, with `env` added to
     /// the request's environment: a program started with no shell in between.
-    RunIn { argv: Vec<String>, timeout_ms: u64, cwd: String, env: Vec<(String, String)> },
+    RunIn {
+        /// The program (looked up in `PATH`, from `env` if it sets one) and its arguments.
+        argv: Vec<String>,
+        /// How long it may run, in milliseconds.
+        timeout_ms: u64,
+        /// Its working directory.
+        cwd: String,
+        /// Variables added to (or replacing those of) the request's environment.
+        env: Vec<(String, String)>,
+    },
     /// Stop everything and power off (the status file says `exit 0`).
     PowerOff,
 }
@@ -30,9 +47,23 @@ pub enum FromGuest {
     /// The system is up: its services started and ready.
     Ready,
     /// A command ended: its exit code, or the signal that killed it, and its output.
-    Done { exit: Option<i32>, signal: Option<i32>, timed_out: bool, stdout: String, stderr: String },
+    Done {
+        /// Its exit code, when it exited.
+        exit: Option<i32>,
+        /// The signal that killed it, when one did.
+        signal: Option<i32>,
+        /// Whether it was killed for running past its `timeout_ms`.
+        timed_out: bool,
+        /// What it wrote on stdout, base64-encoded ([`base64_encode`]).
+        stdout: String,
+        /// What it wrote on stderr, base64-encoded.
+        stderr: String,
+    },
     /// The command could not be run at all.
-    Failed { error: String },
+    Failed {
+        /// Why, in one line.
+        error: String,
+    },
 }
 
 const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";

@@ -7,7 +7,7 @@
 //! It does what a `debugfs` script of `set_inode_field` commands (one per field and
 //! path) does to the inodes, in milliseconds instead of about a second for a few
 //! thousand files. Both image builders run it: the host's `xtask`, and the guest helper
-//! (`/init normalise-inodes`) in the VM builder.
+//! (`/init normalise-inodes`) in the VM builder; it is public for the engine only.
 
 use std::fs::File;
 use std::io::{self, Result};
@@ -37,7 +37,9 @@ const CSUM_HI_EXTRA_END: u16 = 4;
 pub struct Fixed {
     /// Access and change time, seconds since the epoch (nanoseconds 0).
     pub time: u32,
+    /// Owner: user id.
     pub uid: u32,
+    /// Owner: group id.
     pub gid: u32,
 }
 

@@ -10,6 +10,9 @@
 //! `/etc` files, homes, links, mounts, services started and up) when it holds one, and
 //! runs the request; when it ends (or
 //! `poweroff`), it syncs, remounts `/` read-only and powers the machine off.
+//!
+//! Public for the engine only: its image builder writes what the helper reads here, and
+//! its store hashes items with [`tree_hash`], as the helper's `vm.verify-store` does.
 
 use std::fs::{self, File};
 use std::io::{self, Read};
@@ -45,7 +48,9 @@ pub const STORE_DB_VERSION: u32 = 1;
 /// The store database of an image.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StoreDb {
+    /// Must equal [`STORE_DB_VERSION`].
     pub version: u32,
+    /// Every item in the image's store.
     pub items: Vec<Registration>,
 }
 
@@ -65,9 +70,13 @@ pub struct Registration {
 pub struct BootArgs {
     /// UUID of the root file system (from `vm.root=UUID=...`).
     pub root_uuid: String,
+    /// The system item to run (from [`SYSTEM_ARG`]); empty when not given.
     pub system: String,
+    /// Whether the root is volatile ([`VOLATILE_ARG`]).
     pub volatile: bool,
+    /// Whether the store is checked before the system runs ([`VERIFY_STORE_ARG`]).
     pub verify_store: bool,
+    /// Whether this boot only checks that the image boots ([`BOOT_CHECK_ARG`]).
     pub boot_check: bool,
 }
 

@@ -20,6 +20,17 @@
 //! 4. It writes a [`Status`] line to [`STATUS_FILE`] in the exchange directory, syncs and
 //!    powers the VM off (`reboot(2)`; the host runs QEMU with `-no-reboot`). A missing
 //!    status file means the guest never finished: the host reports that as an error.
+//!
+//! This library is that protocol, shared by both sides so that they cannot disagree: the
+//! helper (this crate's binary, `src/main.rs`) and the engine (`vm-xtask`), which writes
+//! requests, system items and disk images and reads statuses. Its public items are public
+//! for the engine only: a workspace that uses the toolkit never calls them, and they
+//! change with [`PROTOCOL_VERSION`], not with this crate's version. So are those of
+//! [`control`] (the control channel of a kept VM), [`image`] (what a disk image carries)
+//! and [`ext4`] (the inode pass both image builders run). [`SOURCE_DIR`] is how the engine
+//! finds the helper's source to build it.
+
+#![deny(missing_docs)]
 
 use serde::{Deserialize, Serialize};
 
@@ -156,17 +167,19 @@ pub struct Request {
     pub nets: Vec<NetConfig>,
 }
 
-/// The guest's one network interface.
+/// A network interface of the guest, brought up with its address.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NetConfig {
     /// The interface, e.g. `eth0`.
     pub interface: String,
     /// Its IPv4 address and prefix length, e.g. `10.0.2.15/24`.
     pub address: String,
-    /// A default route through this address, and it as the name server too (QEMU's
-    /// user network answers DNS at `10.0.2.3`): given for a network that reaches out.
+    /// A default route through this address (QEMU's user network's `10.0.2.2`): given for
+    /// a network that reaches out.
     #[serde(default)]
     pub gateway: Option<String>,
+    /// The name server written to `/etc/resolv.conf` (QEMU's user network answers DNS at
+    /// `10.0.2.3`); none: the file is left as it is.
     #[serde(default)]
     pub nameserver: Option<String>,
 }
@@ -176,6 +189,7 @@ pub struct NetConfig {
 pub struct SystemConfig {
     /// Must equal [`PROTOCOL_VERSION`].
     pub version: u32,
+    /// The guest's host name, set when the item is applied (`/etc/hostname` is one of the files).
     pub hostname: String,
     /// Mounted in order, after the store and exchange shares.
     pub mounts: Vec<MountSpec>,
@@ -200,12 +214,15 @@ pub struct SystemConfig {
     pub fsck: Vec<String>,
 }
 
+/// A file system the helper mounts (a system's `FileSystem`, as the engine lowers it).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MountSpec {
     /// A device (`/dev/vdb1`, `LABEL=NAME`, `UUID=...`, found among the block devices
     /// and waited for), a 9p tag, or a virtual file system's name.
     pub source: String,
+    /// The mount point, an absolute path in the guest.
     pub target: String,
+    /// The file system type, as `mount -t` takes it: `ext4`, `tmpfs`, `9p`, ...
     pub fs_type: String,
     /// Comma-separated; `ro` makes a read-only mount.
     pub options: String,
@@ -240,34 +257,48 @@ impl Check {
     }
 }
 
+/// A file the helper writes (`/etc/passwd`, `/etc/group`, a system's `/etc` files).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FileSpec {
     /// Absolute.
     pub path: String,
+    /// The whole file, as text.
     pub contents: String,
+    /// Permission bits, e.g. `0o644`.
     pub mode: u32,
 }
 
+/// A home directory the helper creates, mode 0700.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HomeSpec {
+    /// Absolute.
     pub path: String,
+    /// The owner's user id.
     pub uid: u32,
+    /// The owner's primary group id.
     pub gid: u32,
 }
 
+/// A service as the helper runs it: a system's service with its account resolved to ids.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServiceSpec {
+    /// Names the service in the helper's messages and its log, [`SERVICE_LOG`].
     pub name: String,
     /// The program (looked up in `PATH` from `env`) and its arguments.
     pub argv: Vec<String>,
     /// The whole environment.
     pub env: Vec<(String, String)>,
+    /// The user id it runs as.
     pub uid: u32,
+    /// The group id it runs as.
     pub gid: u32,
+    /// Its supplementary group ids.
     pub groups: Vec<u32>,
+    /// Its working directory (its user's home).
     pub cwd: String,
     /// Started again when it exits (at most [`MAX_RESTARTS`] times, a second apart).
     pub restart: bool,
+    /// When it counts as up.
     pub ready: Readiness,
 }
 
@@ -278,8 +309,11 @@ pub const MAX_RESTARTS: u32 = 5;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Readiness {
+    /// As soon as it is started.
     Started,
+    /// Once this file exists.
     File(String),
+    /// Once it accepts TCP connections on this port of 127.0.0.1.
     TcpPort(u16),
 }
 

@@ -6,12 +6,60 @@
 //! A system is data: [`System`] and the records it holds have public fields and no
 //! behaviour beyond small constructors and [`System::virtualized`]. Checking that a
 //! system can work (packages exist, modules are in the kernel, ...) is done by `xtask`
-//! before anything is built.
+//! before anything is built. The engine re-exports this crate as `vm_xtask::systems`.
+//!
+//! A system with a service, a Debian package, a user and a tmpfs, declared as a
+//! workspace's `xtask` declares its own (start from [`System::base`] or a named system,
+//! and fill in the rest with struct update syntax):
+//!
+//! ```
+//! use vm_xtask_systems::{FileSystem, Group, Package, Ready, Restart, Service, System, User};
+//!
+//! let mut web = Service::new("web", "busybox");
+//! web.args = ["httpd", "-f", "-p", "8080", "-h", "/var/www"].map(String::from).to_vec();
+//! web.user = "www".into();
+//! web.restart = Restart::Always;
+//! web.ready = Ready::TcpPort(8080);
+//!
+//! let mut system = System {
+//!     packages: vec![Package::Busybox, Package::Debian { package: "jq".into() }],
+//!     services: vec![web],
+//!     groups: vec![Group { name: "www".into(), gid: 900 }],
+//!     users: vec![User { home: "/var/www".into(), ..User::new("www", 900, "www") }],
+//!     ..System::base("web", "busybox's httpd on port 8080, and jq")
+//! };
+//! // Beside the root file system `System::base` declares: memory, emptied at every boot.
+//! system.file_systems.push(FileSystem::tmpfs("/var/cache/web"));
+//!
+//! // What `cargo xtask run-vm --system web` boots: the store shared at /store, the tmpfs kept.
+//! let vm = system.virtualized();
+//! let points: Vec<&str> = vm.file_systems.iter().map(|fs| fs.mount_point.as_str()).collect();
+//! assert_eq!(points, ["/", "/store", "/var/cache/web"]);
+//! assert_eq!(vm.services[0].ready, Ready::TcpPort(8080));
+//! ```
+
+#![deny(missing_docs)]
 
 use std::path::PathBuf;
 
 /// A whole system: what kernel boots it, what the guest needs loaded, which file systems
 /// it mounts, what software, services, users and `/etc` files it has.
+///
+/// Start from [`System::base`] (or a named system such as [`minimal`]) and change what
+/// differs:
+///
+/// ```
+/// use vm_xtask_systems::{Package, System};
+///
+/// let tools = System {
+///     hostname: "tools-vm".into(),
+///     kernel_args: vec!["quiet".into()],
+///     packages: vec![Package::Busybox, Package::Debian { package: "curl".into() }],
+///     ..System::base("tools", "busybox and curl")
+/// };
+/// assert_eq!(tools.root_file_system().unwrap().fs_type, "ext4");
+/// assert!(tools.virtualized().volatile_root);
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct System {
     /// Name used on the command line (`--system NAME`) and in store item names.
@@ -51,11 +99,19 @@ pub struct System {
 pub enum Kernel {
     /// A Debian kernel package (for example `linux-image-amd64`), fetched with
     /// `apt-get download` and pinned by the `.deb`'s sha256 on first use.
-    Debian { package: String },
+    Debian {
+        /// The package's name; a metapackage is followed to the kernel image it depends on.
+        package: String,
+    },
     /// A kernel on the host: a bzImage (`vmlinuz`) and its modules tree
     /// (the directory that holds `kernel/` and `modules.builtin`, usually
     /// `/lib/modules/RELEASE`).
-    Path { image: PathBuf, modules: PathBuf },
+    Path {
+        /// The bzImage, e.g. `/boot/vmlinuz-RELEASE`.
+        image: PathBuf,
+        /// The modules tree of that kernel, e.g. `/lib/modules/RELEASE`.
+        modules: PathBuf,
+    },
 }
 
 /// How the kernel gets loaded.
@@ -68,10 +124,22 @@ pub enum Bootloader {
 }
 
 /// A file system to mount (the reference's `file-system` record).
+///
+/// ```
+/// use vm_xtask_systems::{Device, FileSystem};
+///
+/// let cache = FileSystem::tmpfs("/var/cache/app");
+/// let data = FileSystem {
+///     options: "noatime".into(),
+///     ..FileSystem::block("/data", Device::Label("data".into()), "ext4")
+/// };
+/// assert!(!cache.device.is_block() && data.device.is_block());
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FileSystem {
     /// An absolute path in the guest.
     pub mount_point: String,
+    /// What the file system lives on: a disk, a share, or nothing (memory).
     pub device: Device,
     /// The file system type, as `mount -t` takes it: `ext4`, `tmpfs`, `9p`, ...
     pub fs_type: String,
@@ -108,26 +176,62 @@ impl Device {
 
 /// Software installed into the guest. Each becomes a store item with its references
 /// recorded (shared libraries of a host program, for instance).
+///
+/// ```
+/// use vm_xtask_systems::Package;
+///
+/// let packages = vec![
+///     Package::Busybox,
+///     Package::Debian { package: "jq".into() },
+///     Package::Crate { package: "hello-service".into(), bin: "hello-service".into() },
+///     Package::Host { path: "/usr/bin/strace".into() },
+/// ];
+/// assert_eq!(packages.len(), 4);
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Package {
     /// Debian's `busybox-static`: one static binary providing `sh`, `ls`, `uname`, ...
     Busybox,
     /// Any Debian package, fetched with `apt-get download` and pinned by sha256.
-    Debian { package: String },
+    Debian {
+        /// The package's name, e.g. `jq`; its dependencies come with it.
+        package: String,
+    },
     /// A binary target of a package in this cargo workspace, built statically by cargo.
-    Crate { package: String, bin: String },
+    Crate {
+        /// The cargo package (its `name` in `Cargo.toml`).
+        package: String,
+        /// The binary target of that package.
+        bin: String,
+    },
     /// A program on the host with its shared libraries (read from the ELF's needed
     /// libraries and resolved as the dynamic loader would) and its interpreter.
-    Host { path: PathBuf },
+    Host {
+        /// The program's absolute path on the host.
+        path: PathBuf,
+    },
 }
 
 /// A program the guest helper starts at boot.
+///
+/// ```
+/// use vm_xtask_systems::{Ready, Restart, Service};
+///
+/// let mut hello = Service::new("hello", "hello-service");
+/// hello.args = vec!["7878".into()];
+/// hello.env = vec![("RUST_LOG".into(), "info".into())];
+/// hello.user = "hello".into();
+/// hello.restart = Restart::Always;
+/// hello.ready = Ready::TcpPort(7878);
+/// assert_eq!(Service::new("sleeper", "sleep").ready, Ready::Started);
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Service {
     /// Names the service in logs (`/var/log/NAME.log` holds its output).
     pub name: String,
     /// The program: a name found in one of the system's packages, or an absolute path.
     pub program: String,
+    /// The program's arguments (not its name).
     pub args: Vec<String>,
     /// Environment besides `PATH`, `HOME` and `USER`.
     pub env: Vec<(String, String)>,
@@ -142,6 +246,7 @@ pub struct Service {
 /// Whether a service is started again when it exits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Restart {
+    /// Not started again: once it has exited, it stays down.
     Never,
     /// Started again (at most a few times in a row, a second apart).
     Always,
@@ -161,7 +266,9 @@ pub enum Ready {
 /// A user account (a line of `/etc/passwd`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct User {
+    /// The login name.
     pub name: String,
+    /// The numeric user id; 0 is `root`'s.
     pub uid: u32,
     /// The primary group's name: `root` or one of [`System::groups`].
     pub group: String,
@@ -171,13 +278,16 @@ pub struct User {
     pub comment: String,
     /// Created at boot, owned by the user, mode 0700.
     pub home: String,
+    /// The login shell, an absolute path in the guest.
     pub shell: String,
 }
 
 /// A group (a line of `/etc/group`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Group {
+    /// The group's name.
     pub name: String,
+    /// The numeric group id; 0 is `root`'s.
     pub gid: u32,
 }
 
@@ -186,6 +296,7 @@ pub struct Group {
 pub struct EtcFile {
     /// Relative to `/etc`, e.g. `motd` or `hello/config`.
     pub path: String,
+    /// The whole file, as text.
     pub contents: String,
     /// Permission bits, e.g. `0o644`.
     pub mode: u32,

@@ -3,5 +3,7 @@
 //! wherever cargo keeps this crate. The program itself is `src/main.rs` (feature
 //! `client`).
 
+#![deny(missing_docs)]
+
 /// This crate's directory (its `Cargo.toml`), as cargo gave it when the crate was built.
 pub const SOURCE_DIR: &str = env!("CARGO_MANIFEST_DIR");

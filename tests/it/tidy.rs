@@ -63,6 +63,7 @@ const LAYERS: &[(&str, usize)] = &[
     ("store", 1),
     ("host", 2),
     ("report", 2),
+    ("sources", 2),
     ("substitute", 3),
     ("debian", 4),
     ("lower", 5),

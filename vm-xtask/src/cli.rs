@@ -1,6 +1,6 @@
 //! The command line of `cargo xtask`: a workspace's `xtask` binary hands its
-//! [`Catalog`] to [`main`], which parses the flags and dispatches to the subcommands in
-//! [`crate::cmd`].
+//! [`Catalog`] to [`main`], which parses the flags and dispatches to the subcommands
+//! (the crate-private module `cmd`).
 //!
 //! ```no_run
 //! // xtask/src/main.rs of a workspace

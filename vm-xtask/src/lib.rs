@@ -35,6 +35,7 @@ pub(crate) mod process;
 mod programs;
 pub(crate) mod progress;
 pub(crate) mod report;
+pub(crate) mod sources;
 pub(crate) mod store;
 pub(crate) mod substitute;
 pub(crate) mod vm;
@@ -52,5 +53,6 @@ pub mod testing {
 /// The vocabulary of systems: [`systems::System`], [`systems::Package`],
 /// [`systems::FileSystem`], ... (the `vm-xtask-systems` crate).
 pub use os_configs as systems;
-/// A scenario and the driver its script gets.
-pub use vm::scenario::{Driver, Scenario};
+/// A scenario, the driver its script gets, the nodes the driver hands out and how a
+/// command run on a node ended.
+pub use vm::scenario::{Driver, Node, Outcome, Scenario};

@@ -271,15 +271,20 @@ impl Drop for Helper {
 
 /// Builds `xtask-registry` (cargo, into the workspace's target directory) once per
 /// process, from the source of the `vm-xtask-registry` crate this engine was built with
-/// (wherever cargo keeps it, never the workspace's own crates), and returns its path.
+/// (wherever cargo keeps it, never the workspace's own crates; a packaged one from a copy,
+/// [`standalone_source`](crate::sources::standalone_source)), and returns its path.
 pub fn helper_program(ws: &Workspace) -> Result<PathBuf> {
     static BUILT: OnceLock<std::result::Result<PathBuf, String>> = OnceLock::new();
     BUILT
         .get_or_init(|| {
-            let source = std::path::Path::new(vm_xtask_registry::SOURCE_DIR);
+            let source = crate::sources::standalone_source(
+                std::path::Path::new(vm_xtask_registry::SOURCE_DIR),
+                &ws.target_dir.join("registry-client-source"),
+            )
+            .map_err(|e| format!("{e:#}"))?;
             let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
             let mut cmd = crate::process::command(cargo);
-            cmd.current_dir(source)
+            cmd.current_dir(&source)
                 .args(["build", "--quiet", "--manifest-path"])
                 .arg(source.join("Cargo.toml"))
                 .args(["--package", "vm-xtask-registry", "--bin", HELPER, "--features", "client", "--target-dir"])

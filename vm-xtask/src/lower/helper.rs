@@ -2,7 +2,10 @@
 //! `guest` crate this program was built with ([`guest::SOURCE_DIR`], wherever cargo
 //! keeps it; never the user's workspace), and adds it to the store by content. A
 //! fingerprint of its sources (paths, sizes, mtimes) lets an unchanged helper skip the
-//! cargo invocation altogether on the hot path.
+//! cargo invocation altogether on the hot path. A packaged source (a registry's, a vendor
+//! directory's) is built from a copy of its own ([`standalone_source`]).
+//!
+//! [`standalone_source`]: crate::sources::standalone_source
 
 use fs_err as fs;
 use std::path::{Path, PathBuf};
@@ -28,7 +31,8 @@ pub fn build(store: &Store, ws: &Workspace, verbose: bool) -> Result<Item> {
     {
         return Ok(item);
     }
-    let manifest = source.join("Cargo.toml");
+    let built_from = crate::sources::standalone_source(source, &target_dir.join("source"))?;
+    let manifest = built_from.join("Cargo.toml");
     let binary = crate::lower::packages::cargo_build_static(
         &manifest,
         "vm-xtask-guest",

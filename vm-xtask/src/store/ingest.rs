@@ -33,7 +33,7 @@ pub struct Limits {
     /// The tree was written by a guest through a 9p share with
     /// `security_model=mapped-xattr`: a regular file's guest mode (its executable bit,
     /// and whether the guest made it a symbolic link) is in its `user.virtfs.mode`
-    /// attribute ([`super::GUEST_MODE_XATTR`]), not in its host mode.
+    /// attribute (`store::fd::GUEST_MODE_XATTR`), not in its host mode.
     pub mapped: bool,
 }
 

@@ -84,10 +84,15 @@ pub struct Node {
 /// How a command on a node ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Outcome {
+    /// Its exit code, when it exited.
     pub exit: Option<i32>,
+    /// The signal that killed it, when one did.
     pub signal: Option<i32>,
+    /// Whether it was killed for running past its timeout.
     pub timed_out: bool,
+    /// What it wrote on stdout (as UTF-8, lossily).
     pub stdout: String,
+    /// What it wrote on stderr (as UTF-8, lossily).
     pub stderr: String,
 }
 
@@ -442,6 +447,7 @@ impl Node {
         self.succeed_within(command, COMMAND_TIMEOUT)
     }
 
+    /// Runs `command`, which must exit 0 within `timeout`; its stdout.
     pub fn succeed_within(&mut self, command: &str, timeout: Duration) -> Result<String> {
         let o = self.execute(command, timeout)?;
         if o.exit == Some(0) && !o.timed_out {
@@ -457,6 +463,7 @@ impl Node {
         self.fail_within(command, COMMAND_TIMEOUT)
     }
 
+    /// Runs `command`, which must fail (a non-zero exit, a signal, or `timeout`); its stderr.
     pub fn fail_within(&mut self, command: &str, timeout: Duration) -> Result<String> {
         let o = self.execute(command, timeout)?;
         if o.exit == Some(0) && !o.timed_out {
