@@ -188,6 +188,9 @@ pub fn store_entries_named(name: &str) -> Vec<String> {
 /// still running after `secs`: it is killed and the test panics with its stderr.
 pub fn output_within(mut cmd: Command, secs: u64) -> Run {
     cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    // A process group of its own: past the deadline the whole group is killed, so that a
+    // grandchild (a test binary cargo started) holding the pipes cannot keep this waiting.
+    std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
     let mut child = cmd.spawn().unwrap_or_else(|e| panic!("starting {cmd:?}: {e}"));
     let (out, err) = (child.stdout.take().unwrap(), child.stderr.take().unwrap());
     let out = std::thread::spawn(move || read_all(out));
@@ -198,12 +201,23 @@ pub fn output_within(mut cmd: Command, secs: u64) -> Run {
             break status;
         }
         if std::time::Instant::now() > deadline {
+            let group = format!("-{}", child.id());
+            let _ = Command::new("kill").args(["-KILL", "--", &group]).status();
             let _ = child.kill();
             let _ = child.wait();
             panic!("{cmd:?} was still running after {secs} s; stderr: {}", err.join().unwrap());
         }
         std::thread::sleep(std::time::Duration::from_millis(50));
     };
+    // It has ended, but what it started may still hold the pipes: until the deadline.
+    while !(out.is_finished() && err.is_finished()) {
+        if std::time::Instant::now() > deadline {
+            let _ = Command::new("kill").args(["-KILL", "--", &format!("-{}", child.id())]).status();
+            let stderr = err.join().unwrap();
+            panic!("{cmd:?} ended, but what it started still held its output after {secs} s; stderr: {stderr}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
     Run { code: status.code().unwrap_or(-1), stdout: out.join().unwrap(), stderr: err.join().unwrap() }
 }
 
@@ -336,4 +350,23 @@ pub fn runner_config(system: &str, timeout: &str) -> String {
             \"--timeout\", \"{timeout}\"]",
         xtask_bin().display()
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The harness ends a command at its deadline even when what it started holds its output:
+    /// the whole process group is killed (a test binary cargo started once hung a run).
+    #[test]
+    fn the_harness_ends_a_hang_held_by_a_grandchild() {
+        let started = std::time::Instant::now();
+        for script in ["sleep 600 & echo started", "sleep 600 & sleep 600"] {
+            let mut cmd = std::process::Command::new("sh");
+            cmd.args(["-c", script]);
+            let ended = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| output_within(cmd, 2)));
+            assert!(ended.is_err(), "`{script}` did not fail at the deadline");
+        }
+        assert!(started.elapsed() < std::time::Duration::from_secs(60), "the harness waited on the hang");
+    }
 }
