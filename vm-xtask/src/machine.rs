@@ -15,6 +15,8 @@ use crate::parse::{parse_memory, parse_timeout, Timeout};
 use crate::store::{Item, Store};
 use crate::vm::qemu::{Accel, AccelChoice, DiskFormat, Share, VmSpec};
 use crate::Workspace;
+
+pub mod image_builder;
 use crate::{image, lower::system};
 
 /// The workspace's store, asking the workspace's configured registries before it builds an
@@ -104,14 +106,20 @@ impl VmOpts {
 
     /// The QEMU configuration for booting `lowered` with the store and `xchg` shared.
     pub fn spec(&self, accel: Accel, store: &Store, lowered: &Lowered, xchg: PathBuf) -> VmSpec {
-        let shares = vec![
-            Share { tag: guest::STORE_TAG.into(), path: store.items_dir(), readonly: true },
-            Share { tag: guest::XCHG_TAG.into(), path: xchg, readonly: false },
-        ];
-        VmSpec {
-            sandbox: crate::debian::qemu::qemu_supports_sandbox(&store.cache_dir()),
-            ..VmSpec::direct(accel, self.memory, crate::lower::system::boot_of(lowered), shares)
-        }
+        spec(accel, self.memory, store, lowered, xchg)
+    }
+}
+
+/// The QEMU configuration for booting `lowered` with `memory_mib` of memory, the store
+/// shared read-only and `xchg` writable, sandboxed where QEMU can be.
+pub fn spec(accel: Accel, memory_mib: u32, store: &Store, lowered: &Lowered, xchg: PathBuf) -> VmSpec {
+    let shares = vec![
+        Share { tag: guest::STORE_TAG.into(), path: store.items_dir(), readonly: true },
+        Share { tag: guest::XCHG_TAG.into(), path: xchg, readonly: false },
+    ];
+    VmSpec {
+        sandbox: crate::debian::qemu::qemu_supports_sandbox(&store.cache_dir()),
+        ..VmSpec::direct(accel, memory_mib, crate::lower::system::boot_of(lowered), shares)
     }
 }
 

@@ -9,7 +9,7 @@ use crate::error::Failure;
 use crate::image::{self, Builder, ImageOptions, Layout, Progress};
 use crate::store::{Outcome, Store};
 use crate::vm::qemu::DiskFormat;
-use crate::{debian::image_tools as tools, host, image::vm_builder, Workspace};
+use crate::{debian::image_tools as tools, host, machine::image_builder, Workspace};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct VmImage {
@@ -116,7 +116,7 @@ impl VmImage {
         let job = image::ImageJob { store, closure: &closure, opts: &opts, uuid: &uuid, tools: &tools, progress };
         let build = |out: &std::path::Path| match self.builder {
             Builder::Host => image::build_on_host(&job, out),
-            Builder::Vm => vm_builder::build(&job, ws, out),
+            Builder::Vm => image_builder::build(&job, ws, out),
         };
         let (item, outcome) = store.realise_with_outcome(&recipe, build)?;
         let path = image::image_path(&item, self.format);

@@ -27,7 +27,7 @@ use crate::debian::image_tools::StoreTools;
 use crate::image::{self, Closure, ImageJob, ImageOptions, Progress};
 use crate::process::shell_quote;
 use crate::store::{self, Item};
-use crate::vm::qemu::{self, AccelChoice, Disk, DiskFormat, Share, VmSpec};
+use crate::vm::qemu::{self, AccelChoice, Disk, DiskFormat, VmSpec};
 use crate::vm::{GuestRequest, Sink, VmRun};
 use crate::{lower::system, Workspace};
 
@@ -82,17 +82,12 @@ pub fn build(job: &ImageJob, ws: &Workspace, out: &Path) -> Result<()> {
     let lowered = system::lower(store, ws, &builder, progress.verbose)
         .with_context(|| format!("lowering system `{}` to build the image in", builder.name))?;
     let accel = qemu::choose_accel(AccelChoice::Auto)?;
-    let shares = vec![
-        Share { tag: guest::STORE_TAG.into(), path: store.items_dir(), readonly: true },
-        Share { tag: guest::XCHG_TAG.into(), path: xchg.path().to_path_buf(), readonly: false },
-    ];
     let spec = VmSpec {
         disks: vec![
             Disk { path: disk.clone(), format: DiskFormat::Raw, readonly: false },
             Disk { path: closure_disk.clone(), format: DiskFormat::Raw, readonly: true },
         ],
-        sandbox: crate::debian::qemu::qemu_supports_sandbox(&store.cache_dir()),
-        ..VmSpec::direct(accel, MEMORY_MIB, system::boot_of(&lowered), shares)
+        ..super::spec(accel, MEMORY_MIB, store, &lowered, xchg.path().to_path_buf())
     };
     let argv = vec!["/bin/sh".into(), format!("{}/{INPUT_DIR}/build.sh", guest::XCHG_MOUNT)];
     let env = vec![
