@@ -629,8 +629,8 @@ struct WatchState {
     /// The binary running, as its `Running` line says it.
     binary: Option<String>,
     progress: Progress,
-    /// The line of stderr not ended yet.
-    stderr_line: Vec<u8>,
+    /// The binaries' stderr, for their `Running` lines.
+    stderr: Lines,
     /// The results, for `--junit`.
     junit: junit::Collector,
 }
@@ -648,28 +648,22 @@ impl TestWatch {
 impl crate::vm::Watch for TestWatch {
     fn output(&self, stderr: bool, bytes: &[u8]) {
         let mut state = self.lock();
+        let WatchState { since, binary, progress, stderr: stderr_lines, junit } = &mut *state;
+        let now = Instant::now();
         if !stderr {
-            state.junit.feed(bytes, Instant::now());
-            for slow in state.progress.feed(bytes) {
+            for slow in progress.feed_each(bytes, |line| junit.line(line, now)) {
                 eprintln!("{slow}");
             }
             return;
         }
-        for &b in bytes {
-            if b != b'\n' {
-                if state.stderr_line.len() < Progress::LINE_CAP {
-                    state.stderr_line.push(b);
-                }
-                continue;
-            }
-            let line = String::from_utf8_lossy(&std::mem::take(&mut state.stderr_line)).into_owned();
+        stderr_lines.push(bytes, |line| {
             if let Some(label) = line.strip_prefix("     Running ") {
-                state.junit.running(label);
-                state.binary = Some(label.to_string());
-                state.since = Some(Instant::now());
-                state.progress.running.clear();
+                junit.running(label);
+                *binary = Some(label.to_string());
+                *since = Some(now);
+                progress.running.clear();
             }
-        }
+        });
     }
 
     fn expired(&self) -> Option<String> {
@@ -705,12 +699,41 @@ fn shown(limit: Duration) -> String {
     }
 }
 
+/// A stream (a test binary's stdout or stderr) cut into lines as it comes, each handed
+/// over whole and cut to [`Lines::CAP`] bytes (the bytes come from the guest).
+#[derive(Default)]
+struct Lines {
+    line: Vec<u8>,
+}
+
+impl Lines {
+    const CAP: usize = 64 * 1024;
+
+    /// Takes the next bytes; gives `each` every line they end.
+    fn push(&mut self, bytes: &[u8], mut each: impl FnMut(&str)) {
+        for &b in bytes {
+            if b != b'\n' {
+                if self.line.len() < Self::CAP {
+                    self.line.push(b);
+                }
+                continue;
+            }
+            each(&String::from_utf8_lossy(&std::mem::take(&mut self.line)));
+        }
+    }
+
+    /// The line not ended yet.
+    fn partial(&self) -> std::borrow::Cow<'_, str> {
+        String::from_utf8_lossy(&self.line)
+    }
+}
+
 /// Which tests of a libtest binary are running, from its output (stdout): `test NAME ... `
 /// when it starts (one test at a time), `test NAME has been running for over 60 seconds`,
 /// and `test NAME ... ok|FAILED|ignored` when it ends.
 #[derive(Default)]
 struct Progress {
-    line: Vec<u8>,
+    lines: Lines,
     running: Vec<String>,
 }
 
@@ -722,53 +745,48 @@ fn running_test(stdout: &str) -> Option<String> {
 }
 
 impl Progress {
-    /// Lines longer than this are cut (the bytes come from the guest).
-    const LINE_CAP: usize = 64 * 1024;
-
     /// Takes the next bytes; returns the lines naming a slow test.
     fn feed(&mut self, bytes: &[u8]) -> Vec<String> {
+        self.feed_each(bytes, |_| {})
+    }
+
+    /// [`Progress::feed`], giving `each` every line the bytes end, as well.
+    fn feed_each(&mut self, bytes: &[u8], mut each: impl FnMut(&str)) -> Vec<String> {
         let mut slow = Vec::new();
-        for &b in bytes {
-            if b != b'\n' {
-                if self.line.len() < Self::LINE_CAP {
-                    self.line.push(b);
-                }
-                continue;
-            }
-            let line = String::from_utf8_lossy(&std::mem::take(&mut self.line)).into_owned();
-            let Some(rest) = line.strip_prefix("test ") else { continue };
+        let Progress { lines, running } = self;
+        lines.push(bytes, |line| {
+            each(line);
+            let Some(rest) = line.strip_prefix("test ") else { return };
             if let Some((name, _)) = rest.split_once(SLOW_NOTICE) {
-                self.started(name);
-                slow.push(line.clone());
+                started(running, name);
+                slow.push(line.to_string());
             } else if let Some((name, after)) = rest.split_once(" ... ") {
                 let ended = ["ok", "FAILED", "ignored", "bench:"].iter().any(|r| after.starts_with(r));
                 if ended {
-                    self.running.retain(|n| n != name);
+                    running.retain(|n| n != name);
                 } else {
                     // Started, and printing (`--nocapture`) on the same line.
-                    self.started(name);
+                    started(running, name);
                 }
             }
-        }
+        });
         slow
-    }
-
-    fn started(&mut self, name: &str) {
-        if !self.running.iter().any(|n| n == name) {
-            self.running.push(name.to_string());
-        }
     }
 
     /// The tests running now, oldest first (the line being written included).
     fn running(&self) -> Vec<String> {
         let mut running = self.running.clone();
-        let line = String::from_utf8_lossy(&self.line);
-        if let Some(name) = line.strip_prefix("test ").and_then(|l| l.strip_suffix(" ... ")) {
-            if !running.iter().any(|n| n == name) {
-                running.push(name.to_string());
-            }
+        if let Some(name) = self.lines.partial().strip_prefix("test ").and_then(|l| l.strip_suffix(" ... ")) {
+            started(&mut running, name);
         }
         running
+    }
+}
+
+/// Adds `name` to the tests `running`, unless it is there.
+fn started(running: &mut Vec<String>, name: &str) {
+    if !running.iter().any(|n| n == name) {
+        running.push(name.to_string());
     }
 }
 

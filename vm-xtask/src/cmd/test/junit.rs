@@ -12,8 +12,6 @@ use std::time::{Duration, Instant};
 
 use quick_junit::{NonSuccessKind, Report, TestCase, TestCaseStatus, TestSuite};
 
-/// Lines longer than this are cut (the bytes come from the guest).
-const LINE_CAP: usize = 64 * 1024;
 /// At most this much captured output is kept per failed test.
 const OUTPUT_CAP: usize = 256 * 1024;
 
@@ -45,10 +43,9 @@ pub struct Suite {
     pub finished: bool,
 }
 
-/// Reads libtest's output as it comes.
+/// Reads libtest's output as it comes, a line at a time.
 #[derive(Default)]
 pub struct Collector {
-    line: Vec<u8>,
     /// Each binary's `Running` label, in order.
     labels: Vec<String>,
     suites: Vec<Suite>,
@@ -65,21 +62,8 @@ impl Collector {
         self.labels.push(label.to_string());
     }
 
-    /// The binaries' stdout, as it comes.
-    pub fn feed(&mut self, bytes: &[u8], now: Instant) {
-        for &b in bytes {
-            if b != b'\n' {
-                if self.line.len() < LINE_CAP {
-                    self.line.push(b);
-                }
-                continue;
-            }
-            let line = String::from_utf8_lossy(&std::mem::take(&mut self.line)).into_owned();
-            self.line(&line, now);
-        }
-    }
-
-    fn line(&mut self, line: &str, now: Instant) {
+    /// A line of the binaries' stdout.
+    pub fn line(&mut self, line: &str, now: Instant) {
         if line.starts_with("running ") && line.ends_with(" tests") || line == "running 1 test" {
             self.suites.push(Suite::default());
             (self.started, self.last, self.capturing) = (Some(now), Some(now), None);
@@ -229,8 +213,9 @@ test started ... ";
         c.running("unittests src/lib.rs (target/debug/deps/a-1)");
         c.running("tests/it.rs (target/debug/deps/it-2)");
         // In pieces, as the relay hands them over.
+        let mut lines = super::super::Lines::default();
         for (i, chunk) in RUN.as_bytes().chunks(7).enumerate() {
-            c.feed(chunk, t0 + Duration::from_millis(i as u64));
+            lines.push(chunk, |line| c.line(line, t0 + Duration::from_millis(i as u64)));
         }
         let suites = c.suites();
         assert_eq!(suites.len(), 3);
