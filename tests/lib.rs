@@ -201,8 +201,7 @@ pub fn output_within(mut cmd: Command, secs: u64) -> Run {
             break status;
         }
         if std::time::Instant::now() > deadline {
-            let group = format!("-{}", child.id());
-            let _ = Command::new("kill").args(["-KILL", "--", &group]).status();
+            kill_group(child.id());
             let _ = child.kill();
             let _ = child.wait();
             panic!("{cmd:?} was still running after {secs} s; stderr: {}", err.join().unwrap());
@@ -212,13 +211,18 @@ pub fn output_within(mut cmd: Command, secs: u64) -> Run {
     // It has ended, but what it started may still hold the pipes: until the deadline.
     while !(out.is_finished() && err.is_finished()) {
         if std::time::Instant::now() > deadline {
-            let _ = Command::new("kill").args(["-KILL", "--", &format!("-{}", child.id())]).status();
+            kill_group(child.id());
             let stderr = err.join().unwrap();
             panic!("{cmd:?} ended, but what it started still held its output after {secs} s; stderr: {stderr}");
         }
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
     Run { code: status.code().unwrap_or(-1), stdout: out.join().unwrap(), stderr: err.join().unwrap() }
+}
+
+/// Kills the process group `pgid` (a command [`output_within`] started leads its own).
+fn kill_group(pgid: u32) {
+    let _ = Command::new("kill").args(["-KILL", "--", &format!("-{pgid}")]).status();
 }
 
 /// Reads everything from a pipe into a string.

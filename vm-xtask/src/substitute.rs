@@ -612,9 +612,7 @@ struct RegistriesState {
 pub fn configured(ws: &Workspace) -> Option<Arc<dyn crate::store::Substitutes>> {
     static STATE: OnceLock<Option<Arc<Registries>>> = OnceLock::new();
     let registries = STATE.get_or_init(|| match Config::load(ws) {
-        Ok(config) if !config.substitutes.is_empty() => Some(Arc::new(Registries {
-            state: Mutex::new(RegistriesState { ws: ws.clone(), config, helper: None, down: Vec::new() }),
-        })),
+        Ok(config) if !config.substitutes.is_empty() => Some(Arc::new(Registries::new(ws, config))),
         Ok(_) => None,
         Err(e) => {
             eprintln!("warning: substitutes are off: {e:#}");
@@ -628,8 +626,13 @@ pub fn configured(ws: &Workspace) -> Option<Arc<dyn crate::store::Substitutes>> 
 /// trusted and revoked keys (`store pull --system`).
 pub fn only(ws: &Workspace, registry: &Registry) -> Result<Arc<dyn crate::store::Substitutes>> {
     let config = Config { substitutes: vec![registry.clone()], ..Config::load(ws)? };
-    let state = RegistriesState { ws: ws.clone(), config, helper: None, down: Vec::new() };
-    Ok(Arc::new(Registries { state: Mutex::new(state) }))
+    Ok(Arc::new(Registries::new(ws, config)))
+}
+
+impl Registries {
+    fn new(ws: &Workspace, config: Config) -> Registries {
+        Registries { state: Mutex::new(RegistriesState { ws: ws.clone(), config, helper: None, down: Vec::new() }) }
+    }
 }
 
 impl crate::store::Substitutes for Registries {

@@ -126,9 +126,7 @@ fn write_junit(file: &Path, name: &str, time: std::time::Duration, result: &Resu
     suite.set_time(time).add_test_case(case);
     let mut report = Report::new(format!("cargo xtask scenario {name}"));
     report.set_time(time).add_test_suite(suite);
-    let mut text = Vec::new();
-    report.serialize(&mut text).context("writing the JUnit report")?;
-    std::fs::write(file, text).with_context(|| format!("writing the JUnit report `{}`", file.display()))
+    super::test::junit::write(&report, file)
 }
 
 /// Reads commands from stdin, one a line, runs each on `node` of the kept scenario

@@ -28,7 +28,7 @@ use crate::vm::qemu::{self, Disk, DiskFormat, Share};
 use crate::vm::{workspace_view, GuestRequest, Sink, VmRun};
 use crate::{lower::packages, lower::system, Workspace};
 
-mod junit;
+pub(crate) mod junit;
 mod kept;
 mod partition;
 
@@ -179,7 +179,7 @@ impl Test {
         }
         let build = || match self.partition {
             None => build_test_binaries(ws, &cargo_args),
-            Some(share) => partition::apply(build_test_binaries(ws, &cargo_args)?, &test_args, share),
+            Some(share) => Ok(partition::apply(build_test_binaries(ws, &cargo_args)?, &test_args, share)),
         };
         let code = run_in_vm(ws, &shared, &self.vm, build, &test_args, words, self.junit.as_deref())?;
         if with_doctests && (code == 0 || no_fail_fast) {
@@ -449,10 +449,7 @@ fn run_in_vm(
     let status = run.run();
     if let Some(file) = junit {
         // Written whatever the outcome: a run that failed or timed out is what CI must see.
-        let report = watch.lock().junit.report("cargo xtask test");
-        let mut text = Vec::new();
-        report.serialize(&mut text).context("writing the JUnit report")?;
-        std::fs::write(file, text).with_context(|| format!("writing the JUnit report `{}`", file.display()))?;
+        junit::write(&watch.lock().junit.report("cargo xtask test"), file)?;
     }
     let status = status?;
     let names = names.borrow().clone();

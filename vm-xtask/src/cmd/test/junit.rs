@@ -154,6 +154,14 @@ impl Collector {
     }
 }
 
+/// Writes `report` to `file` as JUnit XML.
+pub fn write(report: &Report, file: &std::path::Path) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let mut text = Vec::new();
+    report.serialize(&mut text).context("writing the JUnit report")?;
+    std::fs::write(file, text).with_context(|| format!("writing the JUnit report `{}`", file.display()))
+}
+
 /// The line of a failure's output that says why: libtest's panic message (the line after
 /// `thread '...' panicked at ...`), else the first line.
 fn failure_message(output: &str) -> String {

@@ -10,7 +10,6 @@
 
 use std::path::Path;
 
-use anyhow::{Context, Result};
 use sha2::{Digest, Sha256};
 
 use super::TestBinary;
@@ -59,11 +58,11 @@ impl Partition {
 
 /// The binaries of this share, each with the arguments that run its share of tests (the
 /// run's flags, then `--exact` and the tests' names).
-pub fn apply(binaries: Vec<TestBinary>, test_args: &[String], partition: Partition) -> Result<Vec<TestBinary>> {
+pub fn apply(binaries: Vec<TestBinary>, test_args: &[String], partition: Partition) -> Vec<TestBinary> {
     let mut share = Vec::new();
     for (i, mut binary) in binaries.into_iter().enumerate() {
         let id = if binary.rerun.is_empty() { binary.label.clone() } else { binary.rerun.clone() };
-        match list(&binary.path, &binary.package_dir, &binary.env, test_args)? {
+        match list(&binary.path, &binary.package_dir, &binary.env, test_args) {
             None => {
                 // No libtest harness: one unit, counted among the binaries.
                 if partition.selects("", i as u64, &id) {
@@ -86,23 +85,20 @@ pub fn apply(binaries: Vec<TestBinary>, test_args: &[String], partition: Partiti
             }
         }
     }
-    Ok(share)
+    share
 }
 
 /// The tests `binary` would run with `test_args`, as it lists them; `None` when it cannot
 /// list (no libtest harness).
-fn list(binary: &Path, dir: &Path, env: &[(String, String)], test_args: &[String]) -> Result<Option<Vec<String>>> {
+fn list(binary: &Path, dir: &Path, env: &[(String, String)], test_args: &[String]) -> Option<Vec<String>> {
     let mut cmd = crate::process::command(binary);
     cmd.args(["--list", "--format", "terse"]).args(split_args(test_args).0).current_dir(dir);
     cmd.envs(env.iter().map(|(k, v)| (k, v)));
-    let out = crate::process::output(&cmd).with_context(|| format!("listing the tests of `{}`", binary.display()));
-    let Ok(out) = out else { return Ok(None) };
-    if !out.status.success() {
-        return Ok(None);
-    }
+    // A binary that cannot be run to list its tests is no libtest harness to this.
+    let out = crate::process::output(&cmd).ok().filter(|out| out.status.success())?;
     let text = String::from_utf8_lossy(&out.stdout);
     let names = text.lines().filter_map(|l| l.strip_suffix(": test")).map(str::to_string).collect();
-    Ok(Some(names))
+    Some(names)
 }
 
 /// libtest's options that take a value.
