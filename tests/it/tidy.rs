@@ -71,6 +71,7 @@ const LAYERS: &[(&str, usize)] = &[
     ("image", 7),
     ("machine", 8),
     ("vm::scenario", 9),
+    ("suite", 9),
     ("catalog", 10),
     ("cmd", 11),
     ("cli", 12),

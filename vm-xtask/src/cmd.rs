@@ -15,23 +15,12 @@ pub mod vm_image;
 use anyhow::Result;
 use os_configs::{Kernel, System};
 
-use crate::store::Store;
-use crate::Workspace;
-
 pub use crate::error::usage_error;
 
 pub use crate::machine::{open_store, VmOpts};
 pub use crate::parse::*;
 
 impl VmOpts {
-    /// The selected system ([`VmOpts::system`]), refused (exit 2, nothing built) unless it
-    /// can work.
-    pub fn valid_system(&self, store: &Store, ws: &Workspace) -> Result<System> {
-        let system = self.system()?;
-        crate::lower::validate::check_here(&system, store, ws)?;
-        Ok(system)
-    }
-
     /// The named system, with the kernel override applied.
     pub fn system(&self) -> Result<System> {
         let name = self.system.clone().unwrap_or_else(|| crate::Catalog::current().default_name());

@@ -38,6 +38,7 @@ pub(crate) mod report;
 pub(crate) mod sources;
 pub(crate) mod store;
 pub(crate) mod substitute;
+pub(crate) mod suite;
 pub(crate) mod vm;
 mod workspace;
 

@@ -1,7 +1,8 @@
 //! A system booted as a VM: the options every command that boots one shares ([`VmOpts`]),
 //! the store it is opened with, the request the guest helper gets, the shared-store image
-//! and the QEMU configuration. `run-vm`, `build-in-vm`, `test`, scenarios and the image
-//! builder assemble their VMs from these.
+//! and the QEMU configuration. [`Machine`] puts them together for a virtualized system
+//! (`run-vm`, `test`, the doctests' kept VM); `build-in-vm` ([`build`]), scenarios and
+//! the image builder ([`image_builder`]) assemble theirs from the same parts.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -13,9 +14,11 @@ use os_configs::{Device, System};
 use crate::lower::system::Lowered;
 use crate::parse::{parse_memory, parse_timeout, Timeout};
 use crate::store::{Item, Store};
-use crate::vm::qemu::{Accel, AccelChoice, DiskFormat, Share, VmSpec};
+use crate::vm::qemu::{self, Accel, AccelChoice, Disk, DiskFormat, Share, VmSpec};
+use crate::vm::{GuestRequest, VmRun};
 use crate::Workspace;
 
+pub mod build;
 pub mod image_builder;
 use crate::{image, lower::system};
 
@@ -177,6 +180,105 @@ pub fn root_image(store: &Store, system: &System, boot: &Lowered) -> Result<Opti
         other => bail!("the virtualized system `{}` has root device {other:?}, not a path", system.name),
     };
     Ok(Some((image::image_path(&item, DiskFormat::Raw), device)))
+}
+
+/// A system made ready to boot as a VM with the store shared and a volatile root: checked
+/// that it can work here, virtualized, what QEMU needs made (kernel, initrd, the
+/// shared-store image). Its packages and system item ([`Machine::lower`]) can be made
+/// while the VM boots.
+pub struct Machine<'a> {
+    /// The workspace it runs for.
+    pub ws: &'a Workspace,
+    /// The command's options.
+    pub opts: &'a VmOpts,
+    /// The store, opened with the workspace's substitutes.
+    pub store: Store,
+    /// The system, virtualized, with what its root image needs in its initrd.
+    pub system: System,
+    /// The accelerator chosen.
+    pub accel: Accel,
+    /// The system lowered as far as booting needs (kernel, initrd).
+    pub boot: Lowered,
+    /// The shared-store image and its root device, when the system has one.
+    pub root_image: Option<(PathBuf, String)>,
+}
+
+impl<'a> Machine<'a> {
+    /// Checks `declared` (as declared: virtualizing it would paper over a missing root;
+    /// exit 2 and nothing built when it cannot work here), virtualizes it (`adapt` may
+    /// change the virtualized system, e.g. add a network module) and makes what QEMU needs.
+    pub fn prepare(
+        ws: &'a Workspace,
+        opts: &'a VmOpts,
+        declared: &System,
+        adapt: impl FnOnce(&mut System),
+    ) -> Result<Machine<'a>> {
+        let store = opts.open_store(ws)?;
+        crate::lower::validate::check_here(declared, &store, ws)?;
+        let mut system = declared.virtualized();
+        add_root_image_modules(&mut system);
+        adapt(&mut system);
+        let accel = qemu::choose_accel(opts.accel)?;
+        let boot = system::lower_boot(&store, ws, &system, opts.verbose)?;
+        let root_image = root_image(&store, &system, &boot)?;
+        Ok(Machine { ws, opts, store, system, accel, boot, root_image })
+    }
+
+    /// The QEMU configuration, with `xchg` shared and the root image attached.
+    pub fn spec(&self, xchg: PathBuf) -> VmSpec {
+        let mut spec = self.opts.spec(self.accel, &self.store, &self.boot, xchg);
+        if let Some((path, _)) = &self.root_image {
+            spec.disks.push(Disk { path: path.clone(), format: DiskFormat::Raw, readonly: true });
+        }
+        spec
+    }
+
+    /// The system's packages lowered and its system item made.
+    pub fn lower(&self) -> Result<(Lowered, Item)> {
+        let lowered = self.lower_packages()?;
+        let system_item = system::system_item(&self.store, &self.system, &lowered)?;
+        Ok((lowered, system_item))
+    }
+
+    /// The system's packages lowered (more can be added before its system item is made).
+    pub fn lower_packages(&self) -> Result<Lowered> {
+        system::lower_packages(&self.store, self.ws, &self.system, self.opts.verbose, self.boot.clone())
+    }
+
+    /// The request running `argv` in `mode` on the lowered system.
+    pub fn request(&self, lowered: &Lowered, system_item: &Item, mode: Mode, argv: Vec<String>) -> Request {
+        let device = self.root_image.as_ref().map(|(_, device)| device.as_str());
+        request(&self.system, lowered, system_item, device, mode, argv)
+    }
+
+    /// A run of the VM of `spec` (with the command's timeout, verbosity and snapshots),
+    /// its console log named after `label`.
+    pub fn run<'r>(
+        &self,
+        spec: VmSpec,
+        request: GuestRequest<'r>,
+        xchg: &crate::store::Exchange,
+        runtime: &crate::store::Scratch,
+        label: &str,
+    ) -> VmRun<'r> {
+        VmRun {
+            timeout: self.opts.vm_timeout(),
+            verbose: self.opts.verbose,
+            snapshots: Some((self.store.clone(), self.opts.warmth())),
+            ..VmRun::new(spec, request, xchg.path(), runtime.path(), self.ws.log_dir(), label)
+        }
+    }
+}
+
+/// The exit status xtask reports for a guest status; a signal death is never success.
+/// A command's own non-zero exit is its business, as in a shell; anything else is said
+/// on stderr.
+pub fn exit_code(status: &guest::Status, argv: &[String]) -> i32 {
+    let (code, message) = crate::vm::exit_status(status, &format!("`{}`", argv.join(" ")));
+    if let (Some(message), false) = (message, matches!(status, guest::Status::Exited(_))) {
+        eprintln!("error: {message}");
+    }
+    code
 }
 
 /// Finds or makes every item `run-vm` boots `system` (as declared) with: the lowered

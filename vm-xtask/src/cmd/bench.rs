@@ -333,7 +333,7 @@ impl Bencher<'_> {
     /// plus the bare boot.
     fn xtask_test(&self, bare: &BareBoot) -> Result<Vec<Figure>> {
         let selection = ["-p", "vm-checks", "--test", "in_vm"];
-        let binaries = super::test::build_test_binaries(self.ws, &selection.map(String::from))?;
+        let binaries = crate::suite::build_test_binaries(self.ws, &selection.map(String::from))?;
         let (xtask, accel) = (self.xtask, self.accel.name());
         let test = |warmth: &str| -> Command {
             cmd!(self.sh, "{xtask} test --accel {accel} {warmth} --system hello --timeout 300 {selection...}")

@@ -6,16 +6,15 @@
 use std::path::PathBuf;
 
 use anyhow::Result;
-use guest::{Mode, NetConfig, Request, Status};
-use os_configs::System;
+use guest::{Mode, NetConfig, Request};
 
 use super::VmOpts;
 use crate::lower::system::Lowered;
-use crate::machine::{add_root_image_modules, request, root_image};
+use crate::machine::{exit_code, Machine};
 use crate::store::Item;
-use crate::vm::qemu::{Disk, DiskFormat};
-use crate::vm::{GuestRequest, LaterRequest, VmRun};
-use crate::{lower::system, vm::qemu, vm::script, Workspace};
+use crate::vm::qemu::VmSpec;
+use crate::vm::{GuestRequest, LaterRequest};
+use crate::{vm::qemu, vm::script, Workspace};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct RunVm {
@@ -47,44 +46,26 @@ fn parse_forward(s: &str) -> std::result::Result<qemu::Forward, String> {
 impl RunVm {
     /// Returns the exit status for xtask: the command's own.
     pub fn run(self, ws: &Workspace) -> Result<i32> {
-        let store = self.vm.open_store(ws)?;
-        // The system as declared: virtualizing it would paper over a missing root.
-        let declared = self.vm.valid_system(&store, ws)?;
-        let mut system = declared.virtualized();
-        add_root_image_modules(&mut system);
-        let nets: Vec<NetConfig> = if self.forwards.is_empty() {
-            Vec::new()
-        } else {
-            system.initrd_modules.push(qemu::NET_MODULE.to_string());
-            vec![NetConfig {
+        let declared = self.vm.system()?;
+        let networked = !self.forwards.is_empty();
+        let machine = Machine::prepare(ws, &self.vm, &declared, |system| {
+            if networked {
+                system.initrd_modules.push(qemu::NET_MODULE.to_string());
+            }
+        })?;
+        let nets: Vec<NetConfig> = match networked {
+            false => Vec::new(),
+            true => vec![NetConfig {
                 interface: qemu::GUEST_INTERFACE.into(),
                 address: qemu::GUEST_ADDRESS.into(),
                 gateway: None,
                 nameserver: None,
-            }]
+            }],
         };
-        let accel = qemu::choose_accel(self.vm.accel)?;
-        // What QEMU needs comes first; the packages and the system item (say, a
-        // workspace crate cargo rebuilds) are made while the VM boots.
-        let boot = system::lower_boot(&store, ws, &system, self.vm.verbose)?;
-        let root_image = root_image(&store, &system, &boot)?;
-        let root_device = root_image.as_ref().map(|(_, device)| device.clone());
-        let spec = |xchg: PathBuf| {
-            let mut spec = self.vm.spec(accel, &store, &boot, xchg);
-            if let Some((path, _)) = &root_image {
-                spec.disks.push(Disk { path: path.clone(), format: DiskFormat::Raw, readonly: true });
-            }
-            spec.forwards = self.forwards.clone();
-            spec
-        };
-        let request = |system: &System, lowered: &Lowered, item: &Item, device: Option<&str>, mode, argv| Request {
+        let spec = |xchg: PathBuf| VmSpec { forwards: self.forwards.clone(), ..machine.spec(xchg) };
+        let request = |lowered: &Lowered, item: &Item, mode, argv| Request {
             nets: nets.clone(),
-            ..request(system, lowered, item, device, mode, argv)
-        };
-        let lower = |boot: Lowered| -> Result<(Lowered, Item)> {
-            let lowered = system::lower_packages(&store, ws, &system, self.vm.verbose, boot)?;
-            let system_item = system::system_item(&store, &system, &lowered)?;
-            Ok((lowered, system_item))
+            ..machine.request(lowered, item, mode, argv)
         };
         let interactive = self.command.is_empty();
         let (mode, argv) = match interactive {
@@ -92,12 +73,12 @@ impl RunVm {
             false => (Mode::Command, self.command.clone()),
         };
         if self.script {
-            let (lowered, system_item) = lower(boot.clone())?;
-            let request = |mode| request(&system, &lowered, &system_item, root_device.as_deref(), mode, argv.clone());
+            let (lowered, system_item) = machine.lower()?;
+            let request = |mode| request(&lowered, &system_item, mode, argv.clone());
             // The script's exchange directory is made per run; this path is replaced.
             let item = script::script_item(
-                &store,
-                &system.name,
+                &machine.store,
+                &machine.system.name,
                 &spec("/xchg".into()),
                 &request(Mode::Command),
                 &request(Mode::Interactive),
@@ -105,40 +86,24 @@ impl RunVm {
             println!("{}", item.path.display());
             return Ok(0);
         }
-        let xchg = store.exchange()?;
-        let runtime = store.scratch("run")?;
+        let xchg = machine.store.exchange()?;
+        let runtime = machine.store.scratch("run")?;
         if interactive {
-            eprintln!("booting `{}`: a shell on the serial console; `poweroff` or Ctrl-a x ends it", system.name);
+            eprintln!("booting `{}`: a shell on the serial console; `poweroff` or Ctrl-a x ends it", declared.name);
         }
         // A shell takes the terminal from the start, so nothing is built under it; a
-        // command's VM boots while its packages are built.
+        // command's VM boots while its packages are built (what QEMU needs came first).
         let guest_request = if interactive {
-            let (lowered, system_item) = lower(boot.clone())?;
-            GuestRequest::Now(Box::new(request(&system, &lowered, &system_item, root_device.as_deref(), mode, argv)))
+            let (lowered, system_item) = machine.lower()?;
+            GuestRequest::Now(Box::new(request(&lowered, &system_item, mode, argv)))
         } else {
             let later = || {
-                let (lowered, system_item) = lower(boot.clone())?;
-                Ok(request(&system, &lowered, &system_item, root_device.as_deref(), mode, argv))
+                let (lowered, system_item) = machine.lower()?;
+                Ok(request(&lowered, &system_item, mode, argv))
             };
             GuestRequest::Later(mode, Box::new(later) as LaterRequest)
         };
-        let spec = spec(xchg.path().to_path_buf());
-        let run = VmRun {
-            timeout: self.vm.vm_timeout(),
-            verbose: self.vm.verbose,
-            snapshots: Some((store.clone(), self.vm.warmth())),
-            ..VmRun::new(spec, guest_request, xchg.path(), runtime.path(), ws.log_dir(), "run-vm")
-        };
-        Ok(exit_code(&run.run()?, &self.command))
+        let status = machine.run(spec(xchg.path().to_path_buf()), guest_request, &xchg, &runtime, "run-vm").run()?;
+        Ok(exit_code(&status, &self.command))
     }
-}
-
-/// The exit status xtask reports for a guest status; a signal death is never success.
-pub fn exit_code(status: &Status, argv: &[String]) -> i32 {
-    let (code, message) = crate::vm::exit_status(status, &format!("`{}`", argv.join(" ")));
-    // A command's own non-zero exit is its business, as in a shell: said only otherwise.
-    if let (Some(message), false) = (message, matches!(status, Status::Exited(_))) {
-        eprintln!("error: {message}");
-    }
-    code
 }

@@ -4,7 +4,7 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use guest::control::{base64_decode, FromGuest, ToGuest};
@@ -65,7 +65,7 @@ impl ScenarioCmd {
             return shell(ws, &name, node);
         }
         if let Some(file) = &self.junit {
-            super::test::check_junit_file(file)?;
+            crate::suite::junit::check_file(file)?;
         }
         let store = self.vm.open_store(ws)?;
         let mut driver = Driver::prepare(ws, &self.vm, &store, scenario)?;
@@ -73,7 +73,7 @@ impl ScenarioCmd {
         let started = std::time::Instant::now();
         let result = (scenario.script)(&mut driver);
         if let Some(file) = &self.junit {
-            write_junit(file, &name, started.elapsed(), &result)?;
+            crate::suite::junit::write_scenario(file, &name, started.elapsed(), &result)?;
         }
         match &result {
             Ok(()) => eprintln!("scenario `{name}`: passed"),
@@ -103,30 +103,6 @@ impl ScenarioCmd {
         }
         Ok(if result.is_ok() { 0 } else { 1 })
     }
-}
-
-/// The scenario's result as JUnit XML: a `testsuite` named after it with one `testcase`,
-/// its script, failed with the error (its first line the message, the whole the output).
-fn write_junit(file: &Path, name: &str, time: std::time::Duration, result: &Result<()>) -> Result<()> {
-    use quick_junit::{NonSuccessKind, Report, TestCase, TestCaseStatus, TestSuite};
-    let status = match result {
-        Ok(()) => TestCaseStatus::success(),
-        Err(e) => {
-            let mut status = TestCaseStatus::non_success(NonSuccessKind::Failure);
-            status.set_message(format!("{e}"));
-            status
-        }
-    };
-    let mut case = TestCase::new("script", status);
-    case.set_classname(name).set_time(time);
-    if let Err(e) = result {
-        case.set_system_out_lossy(format!("{e:#}").as_bytes());
-    }
-    let mut suite = TestSuite::new(name);
-    suite.set_time(time).add_test_case(case);
-    let mut report = Report::new(format!("cargo xtask scenario {name}"));
-    report.set_time(time).add_test_suite(suite);
-    super::test::junit::write(&report, file)
 }
 
 /// Reads commands from stdin, one a line, runs each on `node` of the kept scenario

@@ -1,41 +1,16 @@
-//! `cargo xtask test` and `cargo xtask test-runner`: the workspace's test binaries run
-//! inside a VM of a system (its services up first), one after another in `cargo test`'s
-//! order and with its words, their output streamed; exit status 101 when a test failed.
-//! Each binary has a timeout (`--timeout`, 10 minutes unless given): a binary running
-//! past it stops the VM, naming the test that was still running.
-//!
-//! `test` builds the selected test binaries with `cargo test --no-run` (read through
-//! `cargo_metadata`'s messages); `test-runner` is cargo's runner for one binary
-//! (`target.<triple>.runner`), so plain `cargo test` runs in the VM. Each binary is a
-//! store item with its shared-library closure (as a `Package::Host`); the workspace's
-//! sources (and nothing else of it: [`crate::vm::workspace_view`]) are shared read-only
-//! at its own path, with a tmpfs over `target/tmp` (`CARGO_TARGET_TMPDIR`).
+//! `cargo xtask test` and `cargo xtask test-runner`: their flags, handed to
+//! [`crate::suite`], which runs the test binaries in a VM. `test` builds the selected
+//! binaries with `cargo test --no-run`, and the doctests with `cargo test --doc` and
+//! `test-runner` as the target's runner; `test-runner` is cargo's runner for one binary
+//! (`target.<triple>.runner`), so plain `cargo test` runs in the VM.
 
-use std::io::BufReader;
-use std::path::{Path, PathBuf};
-use std::process::Stdio;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::path::PathBuf;
 
-use anyhow::{bail, Context, Result};
-use guest::{Mode, MountSpec};
+use anyhow::{Context, Result};
 
-use super::run_vm;
 use super::{usage_error, VmOpts};
-use crate::machine::{self, request};
-use crate::process::shell_quote;
-use crate::vm::qemu::{self, Disk, DiskFormat, Share};
-use crate::vm::{workspace_view, GuestRequest, Sink, VmRun};
-use crate::{lower::packages, lower::system, Workspace};
-
-pub(crate) mod junit;
-mod kept;
-mod partition;
-
-/// The 9p tag of the workspace share.
-const WORKSPACE_TAG: &str = "workspace";
-/// Exit status when a test failed (as `cargo test`).
-pub const EXIT_TEST_FAILED: i32 = 101;
+use crate::suite::{self, junit, Shared, SuiteRun, TestBinary, Words};
+use crate::Workspace;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct Test {
@@ -48,8 +23,8 @@ pub struct Test {
     /// Run only this share of the tests, for N CI jobs: `count:K/N` (the K-th of every N
     /// tests of each binary) or `hash:K/N` (by the test's name), as cargo-nextest; the
     /// doctests run in share 1.
-    #[arg(long, value_name = "KIND:K/N", value_parser = partition::parse)]
-    pub partition: Option<partition::Partition>,
+    #[arg(long, value_name = "KIND:K/N", value_parser = suite::partition::parse)]
+    pub partition: Option<suite::partition::Partition>,
     /// Arguments for `cargo test` (`-p CRATE`, `--test NAME`, `--lib`, ...), then `--`
     /// and the arguments every test binary gets (`--nocapture`, a filter, ...).
     #[arg(trailing_var_arg = true, allow_hyphen_values = true, value_name = "CARGO TEST ARGS")]
@@ -65,90 +40,6 @@ pub struct TestRunner {
     pub args: Vec<String>,
 }
 
-/// One test binary and how cargo would run it.
-#[derive(Debug, Clone)]
-pub struct TestBinary {
-    pub path: PathBuf,
-    /// The package's directory: the working directory.
-    pub package_dir: PathBuf,
-    /// As cargo says it: `unittests src/lib.rs`, `tests/it.rs`, ...
-    pub label: String,
-    /// The variables cargo sets when it runs it (`CARGO_MANIFEST_DIR`, `CARGO_PKG_NAME`, ...).
-    pub env: Vec<(String, String)>,
-    /// What `cargo test` would run again for it: `-p vm-checks --test in_vm`; empty for
-    /// the runner's binary (cargo says it itself).
-    pub rerun: String,
-    /// The arguments it runs with, when not the run's (`--partition`'s share of it).
-    pub args: Option<Vec<String>>,
-}
-
-/// Where cargo runs a binary among the others: by package, then the library's unit
-/// tests, the binaries', the integration tests, the benchmarks, the examples', each by
-/// name (the order of cargo's units).
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
-pub struct CargoOrder {
-    pub package: String,
-    pub version: String,
-    pub kind: u8,
-    pub target: String,
-}
-
-impl CargoOrder {
-    /// The rank of a target of `kinds` (cargo_metadata's words), and the option that
-    /// selects it (`--lib`, `--bin`, `--test`, `--bench`, `--example`).
-    pub fn kind(kinds: &[String]) -> (u8, &'static str) {
-        let has = |k: &str| kinds.iter().any(|x| x == k);
-        if has("bin") {
-            (1, "--bin")
-        } else if has("test") {
-            (2, "--test")
-        } else if has("bench") {
-            (3, "--bench")
-        } else if has("example") {
-            (4, "--example")
-        } else {
-            (0, "--lib")
-        }
-    }
-}
-
-/// The name and version of the package cargo's id `repr` names (`path+file:///x/vm-checks#0.1.0`,
-/// `path+file:///x/dir#name@0.1.0`, `registry+https://...#name@1.2.3`, or the older
-/// `name 0.1.0 (path+file:///x)`).
-pub fn package_name_version(repr: &str) -> (String, String) {
-    if let Some((url, fragment)) = repr.rsplit_once('#') {
-        return match fragment.rsplit_once('@') {
-            Some((name, version)) => (name.to_string(), version.to_string()),
-            None => {
-                let name = url.trim_end_matches('/').rsplit('/').next().unwrap_or_default();
-                (name.to_string(), fragment.to_string())
-            }
-        };
-    }
-    let mut words = repr.split_whitespace();
-    (words.next().unwrap_or_default().to_string(), words.next().unwrap_or_default().to_string())
-}
-
-/// The variables cargo sets when it runs a test binary of package `name` `version` at
-/// `package_dir` (those it knows without reading the manifest).
-fn cargo_env(package_dir: &Path, name: &str, version: &str) -> Vec<(String, String)> {
-    let dir = package_dir.to_string_lossy().into_owned();
-    let core = version.split(['-', '+']).next().unwrap_or_default();
-    let mut parts = core.split('.');
-    let mut part = || parts.next().unwrap_or_default().to_string();
-    let pre = version.split_once('-').map(|(_, p)| p.split('+').next().unwrap_or_default()).unwrap_or_default();
-    vec![
-        ("CARGO_MANIFEST_DIR".into(), dir.clone()),
-        ("CARGO_MANIFEST_PATH".into(), format!("{dir}/Cargo.toml")),
-        ("CARGO_PKG_NAME".into(), name.into()),
-        ("CARGO_PKG_VERSION".into(), version.into()),
-        ("CARGO_PKG_VERSION_MAJOR".into(), part()),
-        ("CARGO_PKG_VERSION_MINOR".into(), part()),
-        ("CARGO_PKG_VERSION_PATCH".into(), part()),
-        ("CARGO_PKG_VERSION_PRE".into(), pre.into()),
-    ]
-}
-
 impl Test {
     pub fn run(self, ws: &Workspace) -> Result<i32> {
         let (cargo_args, test_args) = match self.args.iter().position(|a| a == "--") {
@@ -159,7 +50,9 @@ impl Test {
         // run after the test binaries.
         let first_share = matches!(
             self.partition,
-            None | Some(partition::Partition::Count { k: 1, .. } | partition::Partition::Hash { k: 1, .. })
+            None | Some(
+                suite::partition::Partition::Count { k: 1, .. } | suite::partition::Partition::Hash { k: 1, .. }
+            )
         );
         if cargo_args.iter().any(|a| a == "--doc") {
             if !first_share {
@@ -174,14 +67,20 @@ impl Test {
         // while the VM boots.
         let words = if no_fail_fast { Words::NoFailFast } else { Words::FailFast };
         let shared = Shared { root: ws.root.clone(), target_dir: ws.target_dir.clone() };
+        let system = self.vm.system()?;
         if let Some(file) = &self.junit {
-            check_junit_file(file)?;
+            junit::check_file(file)?;
         }
         let build = || match self.partition {
-            None => build_test_binaries(ws, &cargo_args),
-            Some(share) => Ok(partition::apply(build_test_binaries(ws, &cargo_args)?, &test_args, share)),
+            None => suite::build_test_binaries(ws, &cargo_args),
+            Some(share) => Ok(suite::partition::apply(suite::build_test_binaries(ws, &cargo_args)?, &test_args, share)),
         };
-        let code = run_in_vm(ws, &shared, &self.vm, build, &test_args, words, self.junit.as_deref())?;
+        let code = suite::run_in_vm(
+            ws,
+            &self.vm,
+            SuiteRun { shared: &shared, system: &system, test_args: &test_args, words, junit: self.junit.as_deref() },
+            build,
+        )?;
         if with_doctests && (code == 0 || no_fail_fast) {
             let doc = self.doctests(ws, &cargo_args, &test_args)?;
             return Ok(if code != 0 { code } else { doc });
@@ -189,8 +88,8 @@ impl Test {
         Ok(code)
     }
 
-    /// `cargo test --doc` with `cargo_args`, xtask (with this command's own options) as
-    /// the runner: every doctest of the run in one VM ([`kept`]).
+    /// `cargo test --doc` with `cargo_args`, this program's `test-runner` (with this
+    /// command's own options) as the runner: every doctest of the run in one VM.
     fn doctests(&self, ws: &Workspace, cargo_args: &[String], test_args: &[String]) -> Result<i32> {
         let argv: Vec<String> = std::env::args().collect();
         let at = argv.iter().position(|a| a == "test").context("finding `test` in the command line")?;
@@ -199,32 +98,9 @@ impl Test {
         let mut runner = vec![exe.to_string_lossy().into_owned()];
         runner.extend(argv[1..at].iter().cloned());
         runner.push("test-runner".into());
-        runner.extend(own.iter().cloned());
-        let words: Vec<String> = runner.iter().map(|w| serde_json::to_string(w).unwrap_or_default()).collect();
-        let config = format!("target.{}.runner=[{}]", packages::TARGET, words.join(", "));
-        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-        let mut cmd = crate::process::command(&cargo);
-        cmd.args(["test", "--doc"])
-            .args(cargo_args.iter().filter(|a| *a != "--doc"))
-            .args(["--config", &config, "--"])
-            .args(test_args)
-            .current_dir(&ws.root);
-        let status = cmd.status().context("running `cargo test --doc`")?;
-        Ok(status.code().unwrap_or(EXIT_TEST_FAILED))
+        runner.extend(own);
+        suite::doctests(ws, &runner, cargo_args, test_args)
     }
-}
-
-/// `--junit FILE` is refused before anything is built unless FILE can be written: a
-/// directory that exists, a name that is no directory.
-pub(crate) fn check_junit_file(file: &Path) -> Result<()> {
-    let parent = file.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    if file.is_dir() || !parent.is_dir() {
-        return Err(usage_error(format!(
-            "--junit `{}`: give a file in a directory that exists",
-            file.display().to_string().escape_debug()
-        )));
-    }
-    Ok(())
 }
 
 /// `test`'s own options without `--junit FILE` and `--partition SHARE` (the runner it
@@ -278,568 +154,20 @@ impl TestRunner {
         let label = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         // The binary's own workspace is shared, wherever it is: found before anything boots.
         let shared = Shared::of_binary(&path, &package_dir)?;
-        if kept::is_keeper() {
-            return kept::keep(ws, &self.vm, &shared);
+        if suite::kept::is_keeper() {
+            return suite::kept::keep(ws, &self.vm, &self.vm.system()?, &shared);
         }
         // Cargo's variables for the binary, as cargo gave them to its runner (not
         // `CARGO`, the host's cargo, which the guest has not).
         let env = std::env::vars().filter(|(k, _)| k.starts_with("CARGO_")).collect();
         let binary = TestBinary { path, package_dir, label, env, rerun: String::new(), args: None };
         // Doctests, one binary each: all of one cargo command's in one VM, kept meanwhile.
-        if let Some(cargo) = kept::doctest_cargo() {
-            return kept::run(ws, &shared, &self.vm, &binary, test_args, cargo);
+        if let Some(cargo) = suite::kept::doctest_cargo() {
+            return suite::kept::run(ws, &shared, &self.vm, &binary, test_args, cargo);
         }
         // Cargo says `Running` and how a failure is run again itself.
-        run_in_vm(ws, &shared, &self.vm, || Ok(vec![binary]), test_args, Words::Runner, None)
-    }
-}
-
-/// The workspace whose sources a test VM sees, and its target directory (whose `tmp`,
-/// `CARGO_TARGET_TMPDIR`, is writable there).
-#[derive(Debug, Clone)]
-pub struct Shared {
-    pub root: PathBuf,
-    pub target_dir: PathBuf,
-}
-
-impl Shared {
-    /// The workspace of a test binary cargo runs the runner with: the one cargo reports
-    /// for its package's directory (any workspace, not only xtask's), and the target
-    /// directory the binary was built in.
-    pub fn of_binary(binary: &Path, package_dir: &Path) -> Result<Shared> {
-        let how = "run it through cargo (`cargo test` with xtask's `test-runner` as the target's runner), which \
-                   sets CARGO_MANIFEST_DIR to the package's directory";
-        if !package_dir.join("Cargo.toml").is_file() {
-            return Err(usage_error(format!(
-                "the test binary's package directory `{}` has no Cargo.toml, so its workspace cannot be shared \
-                 with the VM; {how}",
-                package_dir.display()
-            )));
-        }
-        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-        let out = crate::process::output(
-            crate::process::command(&cargo)
-                .args(["locate-project", "--workspace", "--message-format", "plain"])
-                .current_dir(package_dir),
-        )?;
-        let manifest = String::from_utf8_lossy(&out.stdout).trim().to_string();
-        let root = Path::new(&manifest).parent().filter(|_| out.status.success() && !manifest.is_empty());
-        let Some(root) = root else {
-            return Err(usage_error(format!(
-                "cargo finds no workspace for the test binary's package `{}` ({}); {how}",
-                package_dir.display(),
-                String::from_utf8_lossy(&out.stderr).trim()
-            )));
-        };
-        let target_dir = binary
-            .ancestors()
-            .find(|d| d.join("CACHEDIR.TAG").is_file())
-            .map(Path::to_path_buf)
-            .unwrap_or_else(|| root.join("target"));
-        Ok(Shared { root: root.to_path_buf(), target_dir })
-    }
-}
-
-/// `cargo test --no-run` with `cargo_args`; the test executables it built, in the order
-/// `cargo test` runs them ([`CargoOrder`]).
-pub fn build_test_binaries(ws: &Workspace, cargo_args: &[String]) -> Result<Vec<TestBinary>> {
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let mut child = crate::process::command(&cargo)
-        .args(["test", "--no-run", "--message-format=json-render-diagnostics"])
-        .args(cargo_args)
-        .current_dir(&ws.root)
-        .stdout(Stdio::piped())
-        .spawn()
-        .context("running `cargo test --no-run`")?;
-    let stdout = child.stdout.take().context("cargo's stdout")?;
-    let mut binaries: Vec<(CargoOrder, TestBinary)> = Vec::new();
-    for message in cargo_metadata::Message::parse_stream(BufReader::new(stdout)) {
-        if let cargo_metadata::Message::CompilerArtifact(artifact) = message.context("reading cargo's messages")? {
-            let Some(executable) = artifact.executable else { continue };
-            if !artifact.profile.test {
-                continue;
-            }
-            let package_dir =
-                artifact.manifest_path.parent().map(|p| p.as_std_path().to_path_buf()).unwrap_or_default();
-            let src = artifact.target.src_path.strip_prefix(&package_dir).unwrap_or(&artifact.target.src_path);
-            let (kind, option) = CargoOrder::kind(&artifact.target.kind);
-            let unittests = kind <= 1;
-            let label = if unittests { format!("unittests {src}") } else { src.to_string() };
-            let (package, version) = package_name_version(&artifact.package_id.repr);
-            let target = artifact.target.name.clone();
-            let rerun = match option {
-                "--lib" => format!("-p {package} --lib"),
-                _ => format!("-p {package} {option} {target}"),
-            };
-            let env = cargo_env(&package_dir, &package, &version);
-            let binary =
-                TestBinary { path: executable.into_std_path_buf(), package_dir, label, env, rerun, args: None };
-            binaries.push((CargoOrder { package, version, kind, target }, binary));
-        }
-    }
-    binaries.sort_by(|a, b| a.0.cmp(&b.0));
-    let binaries = binaries.into_iter().map(|(_, b)| b).collect();
-    let status = child.wait().context("waiting for cargo")?;
-    if !status.success() {
-        bail!("`cargo test --no-run {}` failed ({status})", cargo_args.join(" "));
-    }
-    Ok(binaries)
-}
-
-/// Boots the selected system once and runs the test binaries `binaries` gives in it, one
-/// after another. What QEMU needs is made first; the binaries (`cargo test --no-run`),
-/// their items, the packages and the system item are made while the VM boots.
-fn run_in_vm(
-    ws: &Workspace,
-    shared: &Shared,
-    opts: &VmOpts,
-    binaries: impl FnOnce() -> Result<Vec<TestBinary>>,
-    test_args: &[String],
-    words: Words,
-    junit: Option<&Path>,
-) -> Result<i32> {
-    let store = opts.open_store(ws)?;
-    let declared = opts.valid_system(&store, ws)?;
-    let mut system = declared.virtualized();
-    machine::add_root_image_modules(&mut system);
-    let accel = qemu::choose_accel(opts.accel)?;
-    let boot = system::lower_boot(&store, ws, &system, opts.verbose)?;
-    let root_image = machine::root_image(&store, &system, &boot)?;
-    let root_device = root_image.as_ref().map(|(_, device)| device.clone());
-    // What the request is made of, for the exit status's message once the VM has ended.
-    let names = std::cell::RefCell::new(Vec::new());
-    let watch = Arc::new(TestWatch::new(opts.test_binary_timeout()));
-    let later = || -> Result<guest::Request> {
-        let binaries = binaries()?;
-        if let [binary] = &binaries[..] {
-            // Under cargo's runner no `Running` line names it in the guest's output.
-            watch.lock().binary.get_or_insert_with(|| binary.path.display().to_string());
-        }
-        if binaries.is_empty() {
-            eprintln!("no test binaries to run");
-        }
-        let mut lowered = system::lower_packages(&store, ws, &system, opts.verbose, boot.clone())?;
-        let commands = add_test_binaries(shared, &store, &mut lowered, &binaries, test_args)?;
-        *names.borrow_mut() = binaries.iter().map(|b| b.path.display().to_string()).collect();
-        let system_item = system::system_item(&store, &system, &lowered)?;
-        let script = format!("{}\n{RUN_FUNCTION}\n{}\n{SUMMARY}\n", words.settings(), commands.join("\n"));
-        let argv = vec!["sh".into(), "-c".into(), script];
-        let mut req = request(&system, &lowered, &system_item, root_device.as_deref(), Mode::Command, argv);
-        req.mounts = workspace_mounts(shared);
-        Ok(req)
-    };
-    let xchg = store.exchange()?;
-    let runtime = store.scratch("run")?;
-    let mut spec = opts.spec(accel, &store, &boot, xchg.path().to_path_buf());
-    let _view = share_workspace(ws, &store, shared, &mut spec, root_image.as_ref())?;
-    let run = VmRun {
-        verbose: opts.verbose,
-        watch: Some(watch.clone()),
-        stdout: Sink::TestStdout,
-        snapshots: Some((store.clone(), opts.warmth())),
-        ..VmRun::new(
-            spec,
-            GuestRequest::Later(Mode::Command, Box::new(later)),
-            xchg.path(),
-            runtime.path(),
-            ws.log_dir(),
-            "test",
-        )
-    };
-    let status = run.run();
-    if let Some(file) = junit {
-        // Written whatever the outcome: a run that failed or timed out is what CI must see.
-        junit::write(&watch.lock().junit.report("cargo xtask test"), file)?;
-    }
-    let status = status?;
-    let names = names.borrow().clone();
-    match run_vm::exit_code(&status, &names) {
-        0 => Ok(0),
-        EXIT_TEST_FAILED => Ok(EXIT_TEST_FAILED),
-        other => bail!("the test script in the guest ended with status {other}"),
-    }
-}
-
-/// Shares `shared`'s sources with the VM of `spec` ([`workspace_view`], read-only at the
-/// workspace's path) and attaches the system's root image; the view lives as long as
-/// what is returned.
-fn share_workspace(
-    ws: &Workspace,
-    store: &crate::store::Store,
-    shared: &Shared,
-    spec: &mut qemu::VmSpec,
-    root_image: Option<&(PathBuf, String)>,
-) -> Result<crate::store::Exchange> {
-    let mount_points: Vec<PathBuf> =
-        shared.target_dir.join("tmp").strip_prefix(&shared.root).map(Path::to_path_buf).into_iter().collect();
-    let view = workspace_view::stage(store, &shared.root, &[&shared.target_dir, &ws.store_dir], &mount_points)?;
-    spec.shares.push(Share { tag: WORKSPACE_TAG.into(), path: view.path().to_path_buf(), readonly: true });
-    if let Some((path, _)) = root_image {
-        spec.disks.push(Disk { path: path.clone(), format: DiskFormat::Raw, readonly: true });
-    }
-    Ok(view)
-}
-
-/// Adds each test binary with its shared-library closure to the store and to `lowered`
-/// (its links and packages); returns the guest script's `run` line for each.
-fn add_test_binaries(
-    shared: &Shared,
-    store: &crate::store::Store,
-    lowered: &mut system::Lowered,
-    binaries: &[TestBinary],
-    test_args: &[String],
-) -> Result<Vec<String>> {
-    let resolver = packages::LibraryResolver::from_host();
-    let mut commands = Vec::new();
-    for binary in binaries {
-        let program = packages::host_program(store, &resolver, &binary.path)
-            .with_context(|| format!("adding the test binary `{}` to the store", binary.path.display()))?;
-        lowered.add_library_links(program.links);
-        let name = binary.path.file_name().unwrap_or_default().to_string_lossy().into_owned();
-        let shown = binary.path.strip_prefix(&shared.root).unwrap_or(&binary.path).display().to_string();
-        let label = format!("{} ({shown})", binary.label);
-        commands.push(run_line(binary, &label, &format!("{}/bin/{name}", program.item.guest_path()), test_args));
-        for item in store.closure(std::slice::from_ref(&program.item))? {
-            if !lowered.packages.contains(&item) {
-                lowered.packages.push(item);
-            }
-        }
-    }
-    Ok(commands)
-}
-
-/// What the guest script says around the binaries, as cargo would.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Words {
-    /// `cargo test`: stop after the first failed binary.
-    FailFast,
-    /// `cargo test --no-fail-fast`: run them all, then list the failed ones.
-    NoFailFast,
-    /// Cargo's runner: one binary; cargo says `Running` and how it failed itself.
-    Runner,
-}
-
-impl Words {
-    /// The script's variables for [`RUN_FUNCTION`] and [`SUMMARY`].
-    fn settings(self) -> &'static str {
-        match self {
-            Words::FailFast => "announce=1 fail_fast=1",
-            Words::NoFailFast => "announce=1 fail_fast=",
-            Words::Runner => "announce= fail_fast=",
-        }
-    }
-}
-
-/// The guest's shell function that runs one binary as cargo would, in its package's
-/// directory with cargo's variables: `Running` before it, and after a failure cargo's
-/// `error: test failed, to rerun pass ...` (and the exit status unless 101, the
-/// harness's own) and, failing fast, the end of the script with status 101.
-const RUN_FUNCTION: &str = r#"failed=0 failures=
-run() {
-    dir=$1; label=$2; rerun=$3; path=$4; shift 4
-    [ -n "$announce" ] && echo "     Running $label" >&2
-    (cd "$dir" && exec "$@")
-    s=$?
-    [ "$s" -eq 0 ] && return
-    failed=$((failed + 1))
-    failures="$failures
-    \`$rerun\`"
-    if [ -n "$announce" ]; then
-        echo "error: test failed, to rerun pass \`$rerun\`" >&2
-        if [ "$s" -ne 101 ]; then
-            if [ "$s" -gt 128 ]; then how="signal: $((s - 128))"; else how="exit status: $s"; fi
-            printf '
-Caused by:
-  process didn'"'"'t exit successfully: `%s` (%s)
-' "$path" "$how" >&2
-        fi
-        [ -n "$fail_fast" ] && exit 101
-    else
-        exit "$s"
-    fi
-}"#;
-
-/// The end of the guest script: without failing fast, the failed binaries listed as
-/// cargo lists them; status 101 if any failed.
-const SUMMARY: &str = r#"if [ "$failed" -gt 0 ]; then
-    if [ -z "$fail_fast" ] && [ -n "$announce" ]; then
-        [ "$failed" -eq 1 ] && t=target || t=targets
-        echo "error: $failed $t failed:$failures" >&2
-    fi
-    exit 101
-fi"#;
-
-/// One `run` line of the guest's script for `binary`, at `guest_path` in the store.
-fn run_line(binary: &TestBinary, label: &str, guest_path: &str, test_args: &[String]) -> String {
-    let dir = binary.package_dir.to_string_lossy();
-    let shown = binary.path.to_string_lossy();
-    let mut words = vec!["run".to_string(), shell_quote(&dir), shell_quote(label), shell_quote(&binary.rerun)];
-    words.extend([shell_quote(&shown), "env".to_string()]);
-    words.extend(binary.env.iter().map(|(k, v)| shell_quote(&format!("{k}={v}"))));
-    words.push(shell_quote(guest_path));
-    words.extend(binary.args.as_deref().unwrap_or(test_args).iter().map(|a| shell_quote(a)));
-    words.join(" ")
-}
-
-/// The workspace's sources at its host path, read-only; a tmpfs over `target/tmp`
-/// (writable, for `CARGO_TARGET_TMPDIR`).
-fn workspace_mounts(shared: &Shared) -> Vec<MountSpec> {
-    let root = shared.root.to_string_lossy().into_owned();
-    let mut mounts = vec![MountSpec {
-        source: WORKSPACE_TAG.into(),
-        target: root,
-        fs_type: "9p".into(),
-        options: "ro,trans=virtio,version=9p2000.L,msize=512000,cache=loose".into(),
-        check: guest::Check::None,
-    }];
-    let tmpfs = |dir: &Path| MountSpec {
-        source: "tmpfs".into(),
-        target: dir.to_string_lossy().into_owned(),
-        fs_type: "tmpfs".into(),
-        options: "mode=1777".into(),
-        check: guest::Check::None,
-    };
-    // Its mount point is made in the staged view when it is inside the workspace.
-    let tmp = shared.target_dir.join("tmp");
-    if tmp.starts_with(&shared.root) {
-        mounts.push(tmpfs(&tmp));
-    }
-    mounts
-}
-
-/// How long a test may run before it is named on stderr (libtest's own notice, copied).
-const SLOW_NOTICE: &str = " has been running for over ";
-
-/// The per-binary timeout of a test run ([`crate::vm::Watch`]): the clock starts when the
-/// request is written and again at each `Running` line; libtest's lines on stdout tell
-/// which tests are running, so a timeout names them, and its notice of a test running
-/// for over 60 s is copied to stderr as it comes.
-struct TestWatch {
-    limit: Option<Duration>,
-    state: Mutex<WatchState>,
-}
-
-#[derive(Default)]
-struct WatchState {
-    /// When the binary (or the run, before the first `Running`) started.
-    since: Option<Instant>,
-    /// The binary running, as its `Running` line says it.
-    binary: Option<String>,
-    progress: Progress,
-    /// The binaries' stderr, for their `Running` lines.
-    stderr: Lines,
-    /// The results, for `--junit`.
-    junit: junit::Collector,
-}
-
-impl TestWatch {
-    fn new(limit: Option<Duration>) -> TestWatch {
-        TestWatch { limit, state: Mutex::default() }
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, WatchState> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-}
-
-impl crate::vm::Watch for TestWatch {
-    fn output(&self, stderr: bool, bytes: &[u8]) {
-        let mut state = self.lock();
-        let WatchState { since, binary, progress, stderr: stderr_lines, junit } = &mut *state;
-        let now = Instant::now();
-        if !stderr {
-            for slow in progress.feed_each(bytes, |line| junit.line(line, now)) {
-                eprintln!("{slow}");
-            }
-            return;
-        }
-        stderr_lines.push(bytes, |line| {
-            if let Some(label) = line.strip_prefix("     Running ") {
-                junit.running(label);
-                *binary = Some(label.to_string());
-                *since = Some(now);
-                progress.running.clear();
-            }
-        });
-    }
-
-    fn expired(&self) -> Option<String> {
-        let limit = self.limit?;
-        let mut state = self.lock();
-        let since = *state.since.get_or_insert_with(Instant::now);
-        if since.elapsed() < limit {
-            return None;
-        }
-        let binary = state.binary.as_deref().map_or_else(|| "the test binary".to_string(), |b| format!("`{b}`"));
-        let running = state.progress.running();
-        let which = match running.as_slice() {
-            [] => "no test had said it started (libtest names a test when it starts with --test-threads=1, \
-                   and after 60 s otherwise)"
-                .to_string(),
-            [one] => format!("the test still running: {one}"),
-            many => format!("the tests still running: {}", many.join(", ")),
-        };
-        Some(format!(
-            "{binary} ran past its timeout of {} and was killed; {which} (give a longer --timeout, or \
-             --timeout none)",
-            shown(limit)
-        ))
-    }
-}
-
-/// `limit` as `--timeout` takes it: `10m`, `20s`, `1.5s`.
-fn shown(limit: Duration) -> String {
-    let secs = limit.as_secs_f64();
-    match limit.as_secs() {
-        s if s >= 60 && s % 60 == 0 && limit.subsec_nanos() == 0 => format!("{}m", s / 60),
-        _ => format!("{secs}s"),
-    }
-}
-
-/// A stream (a test binary's stdout or stderr) cut into lines as it comes, each handed
-/// over whole and cut to [`Lines::CAP`] bytes (the bytes come from the guest).
-#[derive(Default)]
-struct Lines {
-    line: Vec<u8>,
-}
-
-impl Lines {
-    const CAP: usize = 64 * 1024;
-
-    /// Takes the next bytes; gives `each` every line they end.
-    fn push(&mut self, bytes: &[u8], mut each: impl FnMut(&str)) {
-        for &b in bytes {
-            if b != b'\n' {
-                if self.line.len() < Self::CAP {
-                    self.line.push(b);
-                }
-                continue;
-            }
-            each(&String::from_utf8_lossy(&std::mem::take(&mut self.line)));
-        }
-    }
-
-    /// The line not ended yet.
-    fn partial(&self) -> std::borrow::Cow<'_, str> {
-        String::from_utf8_lossy(&self.line)
-    }
-}
-
-/// Which tests of a libtest binary are running, from its output (stdout): `test NAME ... `
-/// when it starts (one test at a time), `test NAME has been running for over 60 seconds`,
-/// and `test NAME ... ok|FAILED|ignored` when it ends.
-#[derive(Default)]
-struct Progress {
-    lines: Lines,
-    running: Vec<String>,
-}
-
-/// The test still running when `stdout`, a test binary's output, ends, if libtest named one.
-fn running_test(stdout: &str) -> Option<String> {
-    let mut progress = Progress::default();
-    progress.feed(stdout.as_bytes());
-    progress.running().into_iter().next()
-}
-
-impl Progress {
-    /// Takes the next bytes; returns the lines naming a slow test.
-    fn feed(&mut self, bytes: &[u8]) -> Vec<String> {
-        self.feed_each(bytes, |_| {})
-    }
-
-    /// [`Progress::feed`], giving `each` every line the bytes end, as well.
-    fn feed_each(&mut self, bytes: &[u8], mut each: impl FnMut(&str)) -> Vec<String> {
-        let mut slow = Vec::new();
-        let Progress { lines, running } = self;
-        lines.push(bytes, |line| {
-            each(line);
-            let Some(rest) = line.strip_prefix("test ") else { return };
-            if let Some((name, _)) = rest.split_once(SLOW_NOTICE) {
-                started(running, name);
-                slow.push(line.to_string());
-            } else if let Some((name, after)) = rest.split_once(" ... ") {
-                let ended = ["ok", "FAILED", "ignored", "bench:"].iter().any(|r| after.starts_with(r));
-                if ended {
-                    running.retain(|n| n != name);
-                } else {
-                    // Started, and printing (`--nocapture`) on the same line.
-                    started(running, name);
-                }
-            }
-        });
-        slow
-    }
-
-    /// The tests running now, oldest first (the line being written included).
-    fn running(&self) -> Vec<String> {
-        let mut running = self.running.clone();
-        if let Some(name) = self.lines.partial().strip_prefix("test ").and_then(|l| l.strip_suffix(" ... ")) {
-            started(&mut running, name);
-        }
-        running
-    }
-}
-
-/// Adds `name` to the tests `running`, unless it is there.
-fn started(running: &mut Vec<String>, name: &str) {
-    if !running.iter().any(|n| n == name) {
-        running.push(name.to_string());
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn progress_names_the_tests_still_running() {
-        let mut p = Progress::default();
-        assert!(p.feed(b"\nrunning 3 tests\ntest a ... ok\ntest b ... ").is_empty());
-        assert_eq!(p.running(), ["b"]);
-        p.feed(b"ok\ntest c ... ");
-        assert_eq!(p.running(), ["c"]);
-        // Many threads: a test is named only after 60 s, and copied to stderr.
-        let mut p = Progress::default();
-        let slow = p.feed(b"running 2 tests\ntest x ... ok\ntest hangs has been running for over 60 seconds\n");
-        assert_eq!(slow, ["test hangs has been running for over 60 seconds"]);
-        assert_eq!(p.running(), ["hangs"]);
-        p.feed(b"test hangs ... FAILED\n");
-        assert!(p.running().is_empty());
-        // A test printing on its own line (--nocapture) is still running.
-        let mut p = Progress::default();
-        p.feed(b"test talks ... hello\nmore\n");
-        assert_eq!(p.running(), ["talks"]);
-    }
-
-    #[test]
-    fn binaries_are_in_cargos_order() {
-        let order = |package: &str, kind: &str, target: &str| CargoOrder {
-            package: package.into(),
-            version: "0.1.0".into(),
-            kind: CargoOrder::kind(&[kind.to_string()]).0,
-            target: target.into(),
-        };
-        // As cargo's messages come (build order), and as `cargo test` runs them.
-        let mut got = [
-            order("b", "lib", "b"),
-            order("a", "test", "b_t"),
-            order("a", "test", "a_t"),
-            order("a", "bin", "zbin"),
-            order("a", "bin", "abin"),
-            order("a", "lib", "a"),
-        ];
-        got.sort();
-        let names: Vec<String> = got.iter().map(|o| format!("{}:{}", o.package, o.target)).collect();
-        assert_eq!(names, ["a:a", "a:abin", "a:zbin", "a:a_t", "a:b_t", "b:b"]);
-    }
-
-    #[test]
-    fn package_ids_give_names_and_versions() {
-        let v = |name: &str, version: &str| (name.to_string(), version.to_string());
-        assert_eq!(package_name_version("path+file:///w/examples/vm-checks#0.1.0"), v("vm-checks", "0.1.0"));
-        assert_eq!(package_name_version("path+file:///w/tests#vm-tests@0.1.0"), v("vm-tests", "0.1.0"));
-        let registry = "registry+https://github.com/rust-lang/crates.io-index#libc@0.2.191";
-        assert_eq!(package_name_version(registry), v("libc", "0.2.191"));
-        assert_eq!(package_name_version("guest 0.1.0 (path+file:///w/guest)"), v("guest", "0.1.0"));
+        let system = self.vm.system()?;
+        let run = SuiteRun { shared: &shared, system: &system, test_args, words: Words::Runner, junit: None };
+        suite::run_in_vm(ws, &self.vm, run, || Ok(vec![binary]))
     }
 }

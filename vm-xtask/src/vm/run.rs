@@ -86,7 +86,7 @@ impl<W: Write> Write for FailureEcho<W> {
 }
 
 /// Watches a guest command's output as it comes and may end the run: the per-binary
-/// timeout of `cargo xtask test` ([`crate::cmd::test`]).
+/// timeout of `cargo xtask test` ([`crate::suite`]).
 pub trait Watch: Send + Sync {
     /// Bytes of the command's stdout (`stderr` false) or stderr, as they come.
     fn output(&self, stderr: bool, bytes: &[u8]);

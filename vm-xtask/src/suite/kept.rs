@@ -22,12 +22,12 @@ use guest::control::{base64_decode, FromGuest, ToGuest};
 use guest::{Mode, MountSpec};
 
 use super::{workspace_mounts, Shared, TestBinary};
-use crate::cmd::VmOpts;
 use crate::lower::{packages, system};
+use crate::machine::{Machine, VmOpts};
 use crate::process::shell_quote;
-use crate::vm::qemu;
 use crate::vm::scenario::{self, Node};
 use crate::Workspace;
+use os_configs::System;
 
 /// Set in the keeper's environment: its directory.
 const KEEPER_ENV: &str = "XTASK_TEST_KEEPER";
@@ -251,14 +251,14 @@ fn start_keeper(dir: &Path, cargo: Process) -> Result<()> {
 }
 
 /// The keeper: boots the system once, serves runner calls until the cargo process ends.
-pub fn keep(ws: &Workspace, opts: &VmOpts, shared: &Shared) -> Result<i32> {
+pub fn keep(ws: &Workspace, opts: &VmOpts, system: &System, shared: &Shared) -> Result<i32> {
     let dir = PathBuf::from(std::env::var_os(KEEPER_ENV).context("no keeper directory")?);
     let cargo = std::env::var(CARGO_ENV).ok().and_then(|v| {
         let (pid, start) = v.split_once(':')?;
         Some(Process { pid: pid.parse().ok()?, start: start.parse().ok()? })
     });
     let cargo = cargo.context("no cargo process to serve")?;
-    let result = serve(ws, opts, shared, &dir, cargo);
+    let result = serve(ws, opts, system, shared, &dir, cargo);
     if let Err(e) = &result {
         eprintln!("error: {e:#}");
     }
@@ -272,18 +272,11 @@ pub fn keep(ws: &Workspace, opts: &VmOpts, shared: &Shared) -> Result<i32> {
     result.map(|()| 0)
 }
 
-fn serve(ws: &Workspace, opts: &VmOpts, shared: &Shared, dir: &Path, cargo: Process) -> Result<()> {
-    let store = opts.open_store(ws)?;
-    let declared = opts.valid_system(&store, ws)?;
-    let mut system = declared.virtualized();
-    crate::machine::add_root_image_modules(&mut system);
-    let accel = qemu::choose_accel(opts.accel)?;
-    let lowered = system::lower(&store, ws, &system, opts.verbose)?;
-    let root_image = crate::machine::root_image(&store, &system, &lowered)?;
-    let system_item = system::system_item(&store, &system, &lowered)?;
-    let root_device = root_image.as_ref().map(|(_, device)| device.as_str());
-    let mut request =
-        crate::machine::request(&system, &lowered, &system_item, root_device, Mode::Serve, vec!["serve".into()]);
+fn serve(ws: &Workspace, opts: &VmOpts, system: &System, shared: &Shared, dir: &Path, cargo: Process) -> Result<()> {
+    let machine = Machine::prepare(ws, opts, system, |_| {})?;
+    let (lowered, system_item) = machine.lower()?;
+    let store = &machine.store;
+    let mut request = machine.request(&lowered, &system_item, Mode::Serve, vec!["serve".into()]);
     request.mounts = workspace_mounts(shared);
     // The binaries: a share of their own, read-only and cached in the guest (the
     // exchange directory is not, and a binary paged in from it costs a read per page).
@@ -297,9 +290,9 @@ fn serve(ws: &Workspace, opts: &VmOpts, shared: &Shared, dir: &Path, cargo: Proc
     });
     let xchg = store.exchange()?;
     crate::vm::write_request(xchg.path(), &request)?;
-    let mut spec = opts.spec(accel, &store, &lowered, xchg.path().to_path_buf());
+    let mut spec = machine.spec(xchg.path().to_path_buf());
     spec.shares.push(crate::vm::qemu::Share { tag: BINS_TAG.into(), path: bins.path().to_path_buf(), readonly: true });
-    let _view = super::share_workspace(ws, &store, shared, &mut spec, root_image.as_ref())?;
+    let _view = super::share_workspace(ws, store, shared, &mut spec)?;
     // Where the runner calls put their binaries.
     std::fs::write(dir.join("bins"), bins.path().as_os_str().as_encoded_bytes())?;
     let console = ws.log_dir().join(format!("test-doctests-{}.log", std::process::id()));

@@ -179,6 +179,48 @@ fn failure_message(output: &str) -> String {
     output.lines().find(|l| !l.trim().is_empty()).unwrap_or("failed").to_string()
 }
 
+/// `--junit FILE` is refused before anything is built unless FILE can be written: a
+/// directory that exists, a name that is no directory.
+pub fn check_file(file: &std::path::Path) -> anyhow::Result<()> {
+    let parent = file.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+    if file.is_dir() || !parent.is_dir() {
+        return Err(crate::error::usage_error(format!(
+            "--junit `{}`: give a file in a directory that exists",
+            file.display().to_string().escape_debug()
+        )));
+    }
+    Ok(())
+}
+
+/// Writes scenario `name`'s result to `file` as JUnit XML: a `testsuite` named after it
+/// with one `testcase`, its script, failed with the error (its first line the message,
+/// the whole the output).
+pub fn write_scenario(
+    file: &std::path::Path,
+    name: &str,
+    time: std::time::Duration,
+    result: &anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    let status = match result {
+        Ok(()) => TestCaseStatus::success(),
+        Err(e) => {
+            let mut status = TestCaseStatus::non_success(NonSuccessKind::Failure);
+            status.set_message(format!("{e}"));
+            status
+        }
+    };
+    let mut case = TestCase::new("script", status);
+    case.set_classname(name).set_time(time);
+    if let Err(e) = result {
+        case.set_system_out_lossy(format!("{e:#}").as_bytes());
+    }
+    let mut suite = TestSuite::new(name);
+    suite.set_time(time).add_test_case(case);
+    let mut report = Report::new(format!("cargo xtask scenario {name}"));
+    report.set_time(time).add_test_suite(suite);
+    write(&report, file)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
