@@ -1,7 +1,7 @@
 //! A system booted as a VM: the options every command that boots one shares ([`VmOpts`]),
 //! the store it is opened with, the request the guest helper gets, the shared-store image
 //! and the QEMU configuration. [`Machine`] puts them together for a virtualized system
-//! (`run-vm`, `test`, the doctests' kept VM); `build-in-vm` ([`build`]), scenarios and
+//! (`run-vm`, `test`, the doctests' kept VM, scenario nodes); `build-in-vm` ([`build`]) and
 //! the image builder ([`image_builder`]) assemble theirs from the same parts.
 
 use std::path::PathBuf;
@@ -157,6 +157,14 @@ pub fn request(
     }
 }
 
+/// `declared` virtualized (the store shared, a volatile root), with the modules its
+/// shared-store image needs in its initrd.
+pub fn virtualize(declared: &System) -> System {
+    let mut system = declared.virtualized();
+    add_root_image_modules(&mut system);
+    system
+}
+
 /// Adds the modules that mounting the shared-store image takes to `system`'s initrd,
 /// when it boots from one ([`uses_shared_store_image`]).
 pub fn add_root_image_modules(system: &mut System) {
@@ -205,23 +213,21 @@ pub struct Machine<'a> {
 
 impl<'a> Machine<'a> {
     /// Checks `declared` (as declared: virtualizing it would paper over a missing root;
-    /// exit 2 and nothing built when it cannot work here), virtualizes it (`adapt` may
-    /// change the virtualized system, e.g. add a network module) and makes what QEMU needs.
+    /// exit 2 and nothing built when it cannot work here) and makes what QEMU needs to
+    /// boot `system`, `declared` virtualized ([`virtualize`]) and then adapted by the
+    /// caller (a network module, a host name).
     pub fn prepare(
         ws: &'a Workspace,
         opts: &'a VmOpts,
+        store: &Store,
         declared: &System,
-        adapt: impl FnOnce(&mut System),
+        system: System,
     ) -> Result<Machine<'a>> {
-        let store = opts.open_store(ws)?;
-        crate::lower::validate::check_here(declared, &store, ws)?;
-        let mut system = declared.virtualized();
-        add_root_image_modules(&mut system);
-        adapt(&mut system);
+        crate::lower::validate::check_here(declared, store, ws)?;
         let accel = qemu::choose_accel(opts.accel)?;
-        let boot = system::lower_boot(&store, ws, &system, opts.verbose)?;
-        let root_image = root_image(&store, &system, &boot)?;
-        Ok(Machine { ws, opts, store, system, accel, boot, root_image })
+        let boot = system::lower_boot(store, ws, &system, opts.verbose)?;
+        let root_image = root_image(store, &system, &boot)?;
+        Ok(Machine { ws, opts, store: store.clone(), system, accel, boot, root_image })
     }
 
     /// The QEMU configuration, with `xchg` shared and the root image attached.

@@ -258,7 +258,8 @@ pub fn run_in_vm(
     binaries: impl FnOnce() -> Result<Vec<TestBinary>>,
 ) -> Result<i32> {
     let SuiteRun { shared, system, test_args, words, junit } = run;
-    let machine = Machine::prepare(ws, opts, system, |_| {})?;
+    let store = opts.open_store(ws)?;
+    let machine = Machine::prepare(ws, opts, &store, system, crate::machine::virtualize(system))?;
     let store = &machine.store;
     // What the request is made of, for the exit status's message once the VM has ended.
     let names = std::cell::RefCell::new(Vec::new());

@@ -10,7 +10,7 @@ use guest::{Mode, NetConfig, Request};
 
 use super::VmOpts;
 use crate::lower::system::Lowered;
-use crate::machine::{exit_code, Machine};
+use crate::machine::{self, exit_code, Machine};
 use crate::store::Item;
 use crate::vm::qemu::VmSpec;
 use crate::vm::{GuestRequest, LaterRequest};
@@ -48,11 +48,12 @@ impl RunVm {
     pub fn run(self, ws: &Workspace) -> Result<i32> {
         let declared = self.vm.system()?;
         let networked = !self.forwards.is_empty();
-        let machine = Machine::prepare(ws, &self.vm, &declared, |system| {
-            if networked {
-                system.initrd_modules.push(qemu::NET_MODULE.to_string());
-            }
-        })?;
+        let store = self.vm.open_store(ws)?;
+        let mut system = machine::virtualize(&declared);
+        if networked {
+            system.initrd_modules.push(qemu::NET_MODULE.to_string());
+        }
+        let machine = Machine::prepare(ws, &self.vm, &store, &declared, system)?;
         let nets: Vec<NetConfig> = match networked {
             false => Vec::new(),
             true => vec![NetConfig {

@@ -273,7 +273,8 @@ pub fn keep(ws: &Workspace, opts: &VmOpts, system: &System, shared: &Shared) -> 
 }
 
 fn serve(ws: &Workspace, opts: &VmOpts, system: &System, shared: &Shared, dir: &Path, cargo: Process) -> Result<()> {
-    let machine = Machine::prepare(ws, opts, system, |_| {})?;
+    let store = opts.open_store(ws)?;
+    let machine = Machine::prepare(ws, opts, &store, system, crate::machine::virtualize(system))?;
     let (lowered, system_item) = machine.lower()?;
     let store = &machine.store;
     let mut request = machine.request(&lowered, &system_item, Mode::Serve, vec!["serve".into()]);

@@ -21,10 +21,11 @@ use guest::control::{base64_decode, FromGuest, ToGuest};
 use guest::{Mode, NetConfig};
 use os_configs::{EtcFile, System};
 
+use crate::machine::Machine;
 use crate::machine::{self, VmOpts};
 use crate::store::Store;
-use crate::vm::qemu::{self, Accel, Console, Disk, DiskFormat, Lan as LanSpec};
-use crate::{lower::system, lower::validate, vm, Workspace};
+use crate::vm::qemu::{self, Console, Lan as LanSpec};
+use crate::{vm, Workspace};
 
 /// A scenario: nodes, the networks joining them, and the script that drives them.
 pub struct Scenario {
@@ -138,7 +139,6 @@ impl Driver {
                 hosts.push_str(&format!("{addr} {node}\n"));
             }
         }
-        let accel = qemu::choose_accel(opts.accel)?;
         let log_dir = ws.log_dir();
         crate::store::ensure_private_dir(&log_dir)?;
         let mut nodes = BTreeMap::new();
@@ -158,7 +158,7 @@ impl Driver {
                 sockets: sockets.path(),
             };
             let prepared = plan
-                .prepare(ws, opts, store, accel)
+                .prepare(ws, opts, store)
                 .with_context(|| format!("preparing node `{node}` of scenario `{}`", scenario.name))?;
             nodes.insert(node.clone(), prepared);
         }
@@ -255,9 +255,8 @@ struct NodePlan<'a> {
 
 impl NodePlan<'_> {
     /// Lowers the node's system and prepares its VM (started by [`Node::spawn`]).
-    fn prepare(&self, ws: &Workspace, opts: &VmOpts, store: &Store, accel: Accel) -> Result<Node> {
+    fn prepare(&self, ws: &Workspace, opts: &VmOpts, store: &Store) -> Result<Node> {
         let NodePlan { scenario, node, declared, hosts, lans, sockets } = *self;
-        validate::check_here(declared, store, ws)?;
         let mut system = declared.virtualized();
         system.name = format!("{scenario}-{node}");
         system.hostname = node.to_string();
@@ -265,12 +264,9 @@ impl NodePlan<'_> {
         system.etc_files.push(EtcFile { path: "hosts".into(), contents: hosts.to_string(), mode: 0o644 });
         machine::add_root_image_modules(&mut system);
         system.initrd_modules.push(qemu::NET_MODULE.to_string());
-        let lowered = system::lower(store, ws, &system, opts.verbose)?;
-        let root_image = machine::root_image(store, &system, &lowered)?;
-        let system_item = system::system_item(store, &system, &lowered)?;
-        let root_device = root_image.as_ref().map(|(_, device)| device.as_str());
-        let mut request =
-            machine::request(&system, &lowered, &system_item, root_device, Mode::Serve, vec!["serve".into()]);
+        let machine = Machine::prepare(ws, opts, store, declared, system)?;
+        let (lowered, system_item) = machine.lower()?;
+        let mut request = machine.request(&lowered, &system_item, Mode::Serve, vec!["serve".into()]);
         request.nets = lans
             .iter()
             .enumerate()
@@ -283,10 +279,7 @@ impl NodePlan<'_> {
             .collect();
         let xchg = store.exchange()?;
         vm::write_request(xchg.path(), &request)?;
-        let mut spec = opts.spec(accel, store, &lowered, xchg.path().to_path_buf());
-        if let Some((path, _)) = &root_image {
-            spec.disks.push(Disk { path: path.clone(), format: DiskFormat::Raw, readonly: true });
-        }
+        let mut spec = machine.spec(xchg.path().to_path_buf());
         spec.lans = lans
             .iter()
             .map(|(l, i, port)| LanSpec {
