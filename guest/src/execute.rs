@@ -77,6 +77,7 @@ pub(crate) fn execute_supervised(request: &Request, supervisor: &mut Supervisor)
     let signals = handled_signals();
     block_signals()?;
 
+    crate::sessions::start(request)?;
     if request.mode == Mode::Serve {
         return serve::serve(request, supervisor, signals);
     }
@@ -114,7 +115,9 @@ pub(crate) fn execute_supervised(request: &Request, supervisor: &mut Supervisor)
         if signal == Signal::SIGCHLD {
             let (status, others) = reap(main_pid);
             for (pid, how) in others {
-                supervisor.exited(pid, &how);
+                if !crate::sessions::claim(pid, &how) {
+                    supervisor.exited(pid, &how);
+                }
             }
             if let Some(status) = status {
                 return Ok(status);
@@ -128,6 +131,27 @@ pub(crate) fn execute_supervised(request: &Request, supervisor: &mut Supervisor)
                     request.argv[0]
                 )),
             });
+        }
+    }
+}
+
+/// After the program of a request with `keep` ended: goes on reaping children (the
+/// attach channel's shells, services to restart) until init is asked to shut down.
+pub(crate) fn keep(supervisor: &mut Supervisor) -> Result<()> {
+    let signals = handled_signals();
+    log("the program ended; the VM is kept until it is shut down (`poweroff`)");
+    loop {
+        let signal = signals.wait().map_err(|e| format!("sigwait: {e}"))?;
+        if signal == Signal::SIGCHLD {
+            let (_, ended) = reap(Pid::from_raw(0));
+            for (pid, how) in ended {
+                if !crate::sessions::claim(pid, &how) {
+                    supervisor.exited(pid, &how);
+                }
+            }
+        } else if SHUTDOWN_SIGNALS.contains(&signal) {
+            log(&format!("{signal} received: shutting down"));
+            return Ok(());
         }
     }
 }

@@ -34,6 +34,7 @@
 
 use serde::{Deserialize, Serialize};
 
+pub mod attach;
 pub mod control;
 pub mod ext4;
 pub mod image;
@@ -165,6 +166,13 @@ pub struct Request {
     /// forwarded ports, or a LAN of a scenario); none: no network.
     #[serde(default)]
     pub nets: Vec<NetConfig>,
+    /// Serve shells on the attach channel ([`attach::ATTACH_PORT`]) while the VM runs.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub attach: bool,
+    /// Keep the VM up after a [`Mode::Command`] program ends, until it is shut down
+    /// (`poweroff` in it, or the host); the status is the program's.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub keep: bool,
 }
 
 /// A network interface of the guest, brought up with its address.

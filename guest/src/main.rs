@@ -20,6 +20,7 @@ mod disk;
 mod execute;
 mod serve;
 mod services;
+mod sessions;
 mod snapshot;
 mod sys;
 
@@ -103,7 +104,12 @@ fn run() -> Result<Status> {
             request.argv = argv;
         }
     }
-    execute_supervised(&request, &mut supervisor)
+    let status = execute_supervised(&request, &mut supervisor)?;
+    if request.keep && request.mode == guest::Mode::Command {
+        log(&format!("the program ended: {}", status.encode().trim_end()));
+        execute::keep(&mut supervisor)?;
+    }
+    Ok(status)
 }
 
 fn mount_basics() -> Result<()> {

@@ -49,6 +49,7 @@ pub fn serve(request: &Request, supervisor: &mut Supervisor, signals: SigSet) ->
             for (pid, how) in ended {
                 match waiting.remove(&pid) {
                     Some(tx) => drop(tx.send(how)),
+                    None if crate::sessions::claim(pid, &how) => {}
                     None => supervisor.exited(pid, &how),
                 }
             }

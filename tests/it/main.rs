@@ -3,6 +3,7 @@
 //! reach Debian's archive on first use to fetch the kernel and busybox.
 
 mod adopt;
+mod attach;
 mod bench;
 mod build_in_vm;
 mod cli;

@@ -99,6 +99,12 @@ enum Cmd {
   cargo test --config 'target.x86_64-unknown-linux-gnu.runner="target/debug/xtask test-runner --system my-service"' \
     -p my-service-checks -- --ignored"#)]
     TestRunner(TestRunner),
+    /// Open a shell in a running VM of this workspace (run-vm, test, a scenario's node);
+    /// without ID, list them.
+    #[command(after_help = "Examples:
+  cargo xtask attach
+  cargo xtask attach run-vm-41236")]
+    Attach(crate::cmd::attach::Attach),
     /// Boot a scenario's VMs on their virtual networks and run its script.
     #[command(after_help = "Examples:
   cargo xtask scenario --list
@@ -161,6 +167,7 @@ pub fn main(catalog: Catalog) -> ExitCode {
         Cmd::Test(cmd) => cmd.run(&ws),
         Cmd::TestRunner(cmd) => cmd.run(&ws),
         Cmd::Scenario(cmd) => cmd.run(&ws),
+        Cmd::Attach(cmd) => cmd.run(&ws),
         Cmd::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), COMPLETED_NAME, &mut std::io::stdout());
             Ok(0)

@@ -1,5 +1,6 @@
 //! The subcommands, one module each, and the options they share.
 
+pub mod attach;
 #[cfg(feature = "bench")]
 pub mod bench;
 pub mod build_in_vm;

@@ -257,8 +257,14 @@ impl<'a> Machine<'a> {
         request(&self.system, lowered, system_item, device, mode, argv)
     }
 
+    /// How the VM is listed among the workspace's running VMs (`cargo xtask attach`).
+    pub fn attachable(&self, what: &str) -> crate::vm::attach::Attachable {
+        let dir = crate::vm::attach::registry_dir(&self.ws.target_dir);
+        crate::vm::attach::Attachable { dir, what: what.to_string() }
+    }
+
     /// A run of the VM of `spec` (with the command's timeout, verbosity and snapshots),
-    /// its console log named after `label`.
+    /// its console log named after `label`, serving shells (`cargo xtask attach`).
     pub fn run<'r>(
         &self,
         spec: VmSpec,
@@ -271,6 +277,7 @@ impl<'a> Machine<'a> {
             timeout: self.opts.vm_timeout(),
             verbose: self.opts.verbose,
             snapshots: Some((self.store.clone(), self.opts.warmth())),
+            attach: Some(self.attachable(&format!("{label} {}", self.system.name))),
             ..VmRun::new(spec, request, xchg.path(), runtime.path(), self.ws.log_dir(), label)
         }
     }

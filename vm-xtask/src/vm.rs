@@ -1,8 +1,10 @@
 //! Running VMs: QEMU's arguments ([`qemu`]), which QEMU runs them ([`qemu_program`]),
 //! the runner that boots one, relays its output and reads the guest's status ([`run`],
 //! whose items are re-exported here), warm starts from a saved guest ([`snapshot`]),
-//! `run-vm.sh` ([`script`]), and several VMs on a network ([`scenario`]).
+//! `run-vm.sh` ([`script`]), several VMs on a network ([`scenario`]), and shells in running
+//! VMs ([`attach`]).
 
+pub mod attach;
 pub mod qemu;
 pub mod run;
 pub mod scenario;

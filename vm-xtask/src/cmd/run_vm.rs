@@ -29,6 +29,11 @@ pub struct RunVm {
     /// Repeatable. Without it the guest has no network at all.
     #[arg(long = "forward", value_name = "HOST:GUEST", value_parser = parse_forward)]
     pub forwards: Vec<qemu::Forward>,
+    /// Keep the VM up after the command ends, until Ctrl-C here or `poweroff` in it;
+    /// `cargo xtask attach` opens shells in it meanwhile. The exit status is still the
+    /// command's.
+    #[arg(long, requires = "command", conflicts_with = "script")]
+    pub keep: bool,
     /// The command to run in the guest; without one, an interactive shell on the console.
     #[arg(last = true)]
     pub command: Vec<String>,
@@ -66,6 +71,7 @@ impl RunVm {
         let spec = |xchg: PathBuf| VmSpec { forwards: self.forwards.clone(), ..machine.spec(xchg) };
         let request = |lowered: &Lowered, item: &Item, mode, argv| Request {
             nets: nets.clone(),
+            keep: self.keep,
             ..machine.request(lowered, item, mode, argv)
         };
         let interactive = self.command.is_empty();
@@ -104,7 +110,19 @@ impl RunVm {
             };
             GuestRequest::Later(mode, Box::new(later) as LaterRequest)
         };
-        let status = machine.run(spec(xchg.path().to_path_buf()), guest_request, &xchg, &runtime, "run-vm").run()?;
-        Ok(exit_code(&status, &self.command))
+        let mut run = machine.run(spec(xchg.path().to_path_buf()), guest_request, &xchg, &runtime, "run-vm");
+        let shown = match interactive {
+            true => "a shell".to_string(),
+            false => self.command.iter().map(|w| crate::process::shell_quote(w)).collect::<Vec<_>>().join(" "),
+        };
+        run.attach = Some(machine.attachable(&format!("run-vm {}: {shown}", declared.name)));
+        if self.keep {
+            eprintln!(
+                "the VM stays up after the command: `cargo xtask attach {}` opens a shell in it; `poweroff` there, \
+                 or Ctrl-C here, ends it",
+                crate::vm::attach::id("run-vm")
+            );
+        }
+        Ok(exit_code(&run.run()?, &self.command))
     }
 }

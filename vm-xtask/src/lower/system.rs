@@ -378,6 +378,8 @@ pub fn bare_request(mode: Mode, argv: Vec<String>, env: Vec<(String, String)>, c
         root_device: None,
         mounts: Vec::new(),
         nets: Vec::new(),
+        attach: false,
+        keep: false,
     }
 }
 

@@ -158,6 +158,9 @@ pub struct VmSpec {
     /// A unix socket QEMU listens on for the snapshot handshake's serial port
     /// ([`guest::snapshot`]): for a guest saved at, or restored from, its snapshot point.
     pub snapshot_port: Option<PathBuf>,
+    /// A unix socket QEMU listens on for the attach channel's serial port
+    /// ([`guest::attach`]): shells in the running guest (`cargo xtask attach`).
+    pub attach: Option<PathBuf>,
 }
 
 impl VmSpec {
@@ -183,6 +186,7 @@ impl VmSpec {
             control: None,
             lans: Vec::new(),
             snapshot_port: None,
+            attach: None,
         }
     }
 }
@@ -356,27 +360,30 @@ pub fn disk_args(disks: &[Disk]) -> Vec<OsString> {
     args
 }
 
-pub fn port_args(ports: &[Port], control: Option<&Path>, snapshot: Option<&Path>) -> Vec<OsString> {
-    if ports.is_empty() && control.is_none() && snapshot.is_none() {
+/// The virtio serial ports: the output ports (files), and the control, snapshot and
+/// attach channels (server sockets that do not wait for a client: xtask connects once
+/// QEMU runs).
+pub fn port_args(spec: &VmSpec) -> Vec<OsString> {
+    let sockets = [
+        (spec.control.as_deref(), "control", guest::control::CONTROL_PORT),
+        (spec.snapshot_port.as_deref(), "snapshot", guest::SNAPSHOT_PORT),
+        (spec.attach.as_deref(), "attach", guest::attach::ATTACH_PORT),
+    ];
+    if spec.ports.is_empty() && sockets.iter().all(|(path, _, _)| path.is_none()) {
         return Vec::new();
     }
     let mut args = os(&["-device", "virtio-serial-device"]);
-    for (i, port) in ports.iter().enumerate() {
+    for (i, port) in spec.ports.iter().enumerate() {
         args.extend(["-chardev".into(), path_arg(&format!("file,id=port{i},path="), &port.path)]);
         args.extend(os(&["-device", &format!("virtserialport,chardev=port{i},name={}", port.name)]));
     }
-    if let Some(path) = control {
-        // A server socket that does not wait for a client: xtask connects once QEMU runs.
-        let mut chardev = path_arg("socket,id=control,path=", path);
-        chardev.push(",server=on,wait=off");
-        args.extend(["-chardev".into(), chardev]);
-        args.extend(os(&["-device", &format!("virtserialport,chardev=control,name={}", guest::control::CONTROL_PORT)]));
-    }
-    if let Some(path) = snapshot {
-        let mut chardev = path_arg("socket,id=snapshot,path=", path);
-        chardev.push(",server=on,wait=off");
-        args.extend(["-chardev".into(), chardev]);
-        args.extend(os(&["-device", &format!("virtserialport,chardev=snapshot,name={}", guest::SNAPSHOT_PORT)]));
+    for (path, id, name) in sockets {
+        if let Some(path) = path {
+            let mut chardev = path_arg(&format!("socket,id={id},path="), path);
+            chardev.push(",server=on,wait=off");
+            args.extend(["-chardev".into(), chardev]);
+            args.extend(os(&["-device", &format!("virtserialport,chardev={id},name={name}")]));
+        }
     }
     args
 }
@@ -392,7 +399,7 @@ pub fn args(spec: &VmSpec) -> Vec<OsString> {
         console_args(&spec.console),
         share_args(&spec.shares),
         disk_args(&spec.disks),
-        port_args(&spec.ports, spec.control.as_deref(), spec.snapshot_port.as_deref()),
+        port_args(spec),
         net_args(&spec.forwards, spec.outside),
         lan_args(&spec.lans),
     ]

@@ -160,6 +160,9 @@ pub struct VmRun<'a> {
     pub snapshots: Option<(crate::store::Store, crate::vm::snapshot::Warmth)>,
     /// Sees the command's output and may end the run ([`Watch`]).
     pub watch: Option<Arc<dyn Watch>>,
+    /// Serve shells on the attach channel, registered as a running VM
+    /// ([`crate::vm::attach`]); the ID is [`crate::vm::attach::id`] of the label.
+    pub attach: Option<crate::vm::attach::Attachable>,
 }
 
 /// A snapshot that did not load: the run goes on with a cold boot.
@@ -206,6 +209,7 @@ impl<'a> VmRun<'a> {
             stderr: Sink::Stderr,
             snapshots: None,
             watch: None,
+            attach: None,
         }
     }
 
@@ -252,6 +256,16 @@ impl<'a> VmRun<'a> {
             ports = (Some("stdout".to_string()), Some("stderr".to_string()));
         }
 
+        let registration = match &self.attach {
+            Some(attachable) => {
+                let socket = self.runtime.join("attach.sock");
+                self.spec.attach = Some(socket.clone());
+                let id = crate::vm::attach::id(&self.label);
+                Some(crate::vm::attach::Registration::new(attachable, &id, &socket)?)
+            }
+            None => None,
+        };
+        let attach = registration.is_some();
         let warm = match self.snapshots.take() {
             Some((store, warmth)) => crate::vm::snapshot::prepare(&store, &mut self.spec, &self.runtime, warmth)?,
             None => None,
@@ -260,6 +274,7 @@ impl<'a> VmRun<'a> {
             GuestRequest::Now(request) => {
                 let mut request = *request;
                 (request.stdout_port, request.stderr_port) = ports.clone();
+                request.attach = attach;
                 write_request(&self.xchg, &request)?;
                 None
             }
@@ -281,6 +296,7 @@ impl<'a> VmRun<'a> {
             Some(make) => {
                 let mut request = make()?;
                 (request.stdout_port, request.stderr_port) = ports.clone();
+                request.attach = attach;
                 write_request(&xchg, &request)
             }
         };
@@ -310,6 +326,7 @@ impl<'a> VmRun<'a> {
         if let Some(t) = saved_tty {
             restore_terminal(&t);
         }
+        drop(registration);
         for relay in relays {
             relay.finish();
         }

@@ -101,6 +101,9 @@ fn recipe(store: &Store, spec: &VmSpec) -> Result<Recipe> {
         Console::Stdio => Console::Stdio,
     };
     shape.snapshot_port = Some("/snapshot.sock".into());
+    if shape.attach.is_some() {
+        shape.attach = Some("/attach.sock".into());
+    }
     let items = store.items_dir();
     let args: Vec<String> = qemu::args(&shape)
         .iter()
@@ -142,6 +145,9 @@ fn make(store: &Store, spec: &VmSpec, out: &Path) -> Result<()> {
     }
     let socket = dir.join("snapshot.sock");
     spec.snapshot_port = Some(socket.clone());
+    if spec.attach.is_some() {
+        spec.attach = Some(dir.join("attach.sock"));
+    }
     let monitor = dir.join("monitor.sock");
     let mut args = qemu::args(&spec);
     let mut mon = OsString::from("unix:");
