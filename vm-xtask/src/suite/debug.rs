@@ -11,6 +11,19 @@ use crate::error::usage_error;
 /// The port gdbserver listens on in the guest (forwarded from the host's).
 pub const GUEST_PORT: u16 = 2345;
 
+/// The guest's shell script `sh -c SCRIPT gdbserver gdbserver ARGS...` runs gdbserver
+/// under: gdbserver's own status is 0 whatever its child did, so the child's status is
+/// read from what gdbserver says on stderr (copied there as it comes) and is the
+/// script's, as the test's own would be (a signal as 128 + its number).
+const STATUS_OF_CHILD: &str = r#"log=/tmp/gdbserver-$$.log
+{ { "$@" 2>&1 >&3 3>&-; } | tee "$log" >&2; } 3>&1
+s=$(sed -n 's/^Child exited with status \([0-9]*\)$/\1/p' "$log" | tail -n 1)
+[ -n "$s" ] && exit "$s"
+s=$(sed -n 's/^Child terminated with signal = \(0x[0-9a-fA-F]*\).*/\1/p' "$log" | tail -n 1)
+[ -n "$s" ] && exit $((128 + s))
+echo "gdbserver ended without saying how the test ended" >&2
+exit 1"#;
+
 /// A test run under gdbserver, reached from the host at 127.0.0.1:`host_port`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Debug {
@@ -37,7 +50,11 @@ pub fn choose(binaries: Vec<TestBinary>, name: &str, test_args: &[String]) -> Re
             let mut args = test_args.to_vec();
             args.extend(["--exact".to_string(), name.to_string()]);
             binary.args = Some(args);
-            binary.under = vec!["gdbserver".into(), "--once".into(), format!(":{GUEST_PORT}")];
+            binary.under = ["sh", "-c", STATUS_OF_CHILD, "gdbserver", "gdbserver", "--once"]
+                .iter()
+                .map(|w| w.to_string())
+                .chain([format!(":{GUEST_PORT}")])
+                .collect();
             Ok(binary)
         }
         _ => {
