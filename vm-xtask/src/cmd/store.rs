@@ -92,7 +92,7 @@ pub enum StoreCmd {
     /// Print the path of Debian's gdb (`gdb-minimal`) from the store (made on first use):
     /// the debugger to attach to `run-vm --gdb` and `test --debug` with.
     #[command(after_help = "Example:
-  $(cargo xtask store gdb-program) -batch -ex 'target remote 127.0.0.1:1234' -ex 'info registers rip'")]
+  cargo xtask store gdb-program      # then: GDB -ex 'target remote 127.0.0.1:PORT'")]
     GdbProgram,
 }
 
