@@ -11,6 +11,7 @@ mod crate_suites;
 mod debian;
 mod docs;
 mod faults;
+mod gdb;
 mod guest_boundary;
 mod host;
 mod json;

@@ -49,7 +49,8 @@ enum Cmd {
     #[command(after_help = "Examples:
   cargo xtask run-vm -- uname -r
   cargo xtask run-vm --system my-service -- nc 127.0.0.1 8080
-  cargo xtask run-vm --system my-service --forward 8080:8080")]
+  cargo xtask run-vm --system my-service --forward 8080:8080
+  cargo xtask run-vm --gdb 1234 --gdb-wait -- true   # then attach gdb as it says")]
     RunVm(RunVm),
     /// Run a build command in a VM; store what it writes to $out and print the path.
     #[command(after_help = "Examples:
@@ -91,8 +92,9 @@ enum Cmd {
   cargo xtask bench --json > bench.json")]
     Bench(Bench),
     /// Build the workspace's test binaries and run them in a VM of a system.
-    #[command(after_help = "Example:
-  cargo xtask test --system my-service -p my-service-checks -- --ignored")]
+    #[command(after_help = "Examples:
+  cargo xtask test --system my-service -p my-service-checks -- --ignored
+  cargo xtask test --debug my_test -p my-service-checks   # one test under gdbserver; attach as it says")]
     Test(Test),
     /// Cargo's runner: run one test binary in a VM (`target.<triple>.runner`).
     #[command(after_help = r#"Example:

@@ -14,6 +14,7 @@ use crate::store::{self, Item, Recipe, Store};
 use index::Index;
 
 pub mod closure;
+pub mod gdb;
 pub mod image_tools;
 pub mod index;
 pub mod lock;

@@ -14,7 +14,7 @@ use os_configs::{Device, System};
 use crate::lower::system::Lowered;
 use crate::parse::{parse_memory, parse_timeout, Timeout};
 use crate::store::{Item, Store};
-use crate::vm::qemu::{self, Accel, AccelChoice, Disk, DiskFormat, Share, VmSpec};
+use crate::vm::qemu::{self, Accel, AccelChoice, Disk, DiskFormat, GdbStub, Share, VmSpec};
 use crate::vm::{GuestRequest, VmRun};
 use crate::Workspace;
 
@@ -66,6 +66,77 @@ pub struct VmOpts {
     /// Boot cold even when a snapshot of this VM exists.
     #[arg(long)]
     pub cold: bool,
+}
+
+/// `--gdb PORT` and `--gdb-wait` (`run-vm`, `test`): QEMU's gdb stub.
+#[derive(Debug, Clone, clap::Args)]
+pub struct GdbOpts {
+    /// Expose QEMU's gdb stub on 127.0.0.1:PORT, for a debugger of the guest's kernel
+    /// (`target remote 127.0.0.1:PORT`); the VM boots cold (no snapshot is restored).
+    #[arg(long, value_name = "PORT", value_parser = parse_gdb_port, conflicts_with = "warm")]
+    pub gdb: Option<u16>,
+    /// With --gdb: hold the guest's CPU before its first instruction until gdb attaches
+    /// and continues it.
+    #[arg(long, requires = "gdb")]
+    pub gdb_wait: bool,
+}
+
+/// Parses `--gdb PORT`: a TCP port from 1 to 65535.
+fn parse_gdb_port(s: &str) -> std::result::Result<u16, String> {
+    match s.parse::<u16>() {
+        Ok(port) if port > 0 => Ok(port),
+        _ => Err(format!("`{s}` is not a TCP port from 1 to 65535")),
+    }
+}
+
+impl GdbOpts {
+    /// The stub asked for, its port checked free on 127.0.0.1 before anything is built
+    /// (a port in use is a usage error: QEMU would only fail once the VM is made).
+    pub fn stub(&self) -> Result<Option<GdbStub>> {
+        let Some(port) = self.gdb else { return Ok(None) };
+        check_port_free(port, "--gdb")?;
+        Ok(Some(GdbStub { port, wait: self.gdb_wait }))
+    }
+}
+
+/// A usage error unless `port` can be bound on 127.0.0.1 now (`flag` names who wants it).
+pub fn check_port_free(port: u16, flag: &str) -> Result<()> {
+    match std::net::TcpListener::bind(("127.0.0.1", port)) {
+        Ok(_) => Ok(()),
+        Err(e) => {
+            Err(crate::error::usage_error(format!("{flag} {port}: 127.0.0.1:{port} cannot be listened on ({e})")))
+        }
+    }
+}
+
+/// The gdb to tell the user about: Debian's from the store (made on first use; gdb-minimal,
+/// locked in vm.lock), or plain `gdb` when it cannot be made, said why.
+pub fn gdb_program(store: &Store) -> String {
+    match crate::debian::gdb::program(store) {
+        Ok(path) => path.display().to_string(),
+        Err(e) => {
+            eprintln!("note: Debian's gdb from the store could not be made ({e:#}); the host's `gdb` is named");
+            "gdb".to_string()
+        }
+    }
+}
+
+/// Says on stderr how to attach gdb to QEMU's stub of a VM booting `kernel`: the gdb
+/// command line, with the kernel's ELF image when QEMU boots one (symbols from a kernel
+/// built with them; Debian's are stripped, but the image gives gdb the architecture).
+pub fn say_how_to_attach(store: &Store, stub: GdbStub, kernel: &std::path::Path) {
+    let gdb = gdb_program(store);
+    let mut magic = [0u8; 4];
+    let elf = std::fs::File::open(kernel).and_then(|mut f| std::io::Read::read_exact(&mut f, &mut magic)).is_ok()
+        && &magic == b"\x7fELF";
+    let file =
+        if elf { format!(" {}", crate::process::shell_quote(&kernel.display().to_string())) } else { String::new() };
+    let held = if stub.wait { "the guest is held before its first instruction until gdb continues it; " } else { "" };
+    eprintln!(
+        "gdb stub on 127.0.0.1:{port} ({held}booting cold, no snapshot); attach with:\n    \
+         {gdb}{file} -ex 'target remote 127.0.0.1:{port}'",
+        port = stub.port
+    );
 }
 
 /// How long a test binary may run when `--timeout` does not say (`test`, `test-runner`).
@@ -209,6 +280,8 @@ pub struct Machine<'a> {
     pub boot: Lowered,
     /// The shared-store image and its root device, when the system has one.
     pub root_image: Option<(PathBuf, String)>,
+    /// QEMU's gdb stub, when asked for (`--gdb`).
+    pub gdb: Option<GdbStub>,
 }
 
 impl<'a> Machine<'a> {
@@ -227,7 +300,15 @@ impl<'a> Machine<'a> {
         let accel = qemu::choose_accel(opts.accel)?;
         let boot = system::lower_boot(store, ws, &system, opts.verbose)?;
         let root_image = root_image(store, &system, &boot)?;
-        Ok(Machine { ws, opts, store: store.clone(), system, accel, boot, root_image })
+        Ok(Machine { ws, opts, store: store.clone(), system, accel, boot, root_image, gdb: None })
+    }
+
+    /// Exposes QEMU's gdb stub (when `stub` is one), saying on stderr how to attach.
+    pub fn debug_with(&mut self, stub: Option<GdbStub>) {
+        if let Some(stub) = stub {
+            say_how_to_attach(&self.store, stub, &self.boot.boot_image);
+        }
+        self.gdb = stub;
     }
 
     /// The QEMU configuration, with `xchg` shared and the root image attached.
@@ -236,6 +317,7 @@ impl<'a> Machine<'a> {
         if let Some((path, _)) = &self.root_image {
             spec.disks.push(Disk { path: path.clone(), format: DiskFormat::Raw, readonly: true });
         }
+        spec.gdb = self.gdb;
         spec
     }
 

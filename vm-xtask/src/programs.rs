@@ -68,6 +68,7 @@ pub const PROGRAMS: &[Program] = &[
             and firmware)",
     ),
     store("docker-registry", "docker-registry", "a local OCI registry (`store registry-program`; the tests)"),
+    store("gdb", "gdb-minimal", "the debugger to attach to `run-vm --gdb` and `test --debug` (`store gdb-program`)"),
     Program { name: "xtask", source: Source::Built, used_for: "bench: the subcommands measured" },
     Program {
         name: "xtask-registry",

@@ -28,6 +28,7 @@ use crate::vm::qemu::{self, Share};
 use crate::vm::{workspace_view, GuestRequest, Sink, VmRun};
 use crate::{lower::packages, lower::system, Workspace};
 
+pub mod debug;
 pub mod junit;
 pub mod kept;
 pub mod partition;
@@ -52,6 +53,8 @@ pub struct TestBinary {
     pub rerun: String,
     /// The arguments it runs with, when not the run's (`--partition`'s share of it).
     pub args: Option<Vec<String>>,
+    /// The command it runs under in the guest, if any (gdbserver, for `test --debug`).
+    pub under: Vec<String>,
 }
 
 /// Where cargo runs a binary among the others: by package, then the library's unit
@@ -199,8 +202,15 @@ pub fn build_test_binaries(ws: &Workspace, cargo_args: &[String]) -> Result<Vec<
                 _ => format!("-p {package} {option} {target}"),
             };
             let env = cargo_env(&package_dir, &package, &version);
-            let binary =
-                TestBinary { path: executable.into_std_path_buf(), package_dir, label, env, rerun, args: None };
+            let binary = TestBinary {
+                path: executable.into_std_path_buf(),
+                package_dir,
+                label,
+                env,
+                rerun,
+                args: None,
+                under: vec![],
+            };
             binaries.push((CargoOrder { package, version, kind, target }, binary));
         }
     }
@@ -244,6 +254,10 @@ pub struct SuiteRun<'a> {
     pub words: Words,
     /// Where the results go as JUnit XML (written whatever the outcome).
     pub junit: Option<&'a Path>,
+    /// QEMU's gdb stub (`--gdb`).
+    pub gdb: Option<qemu::GdbStub>,
+    /// The one test binary runs under gdbserver, reached through this forward (`--debug`).
+    pub debug: Option<debug::Debug>,
 }
 
 /// Boots `run.system` once and runs the test binaries `binaries` gives in it, one after
@@ -257,9 +271,15 @@ pub fn run_in_vm(
     run: SuiteRun,
     binaries: impl FnOnce() -> Result<Vec<TestBinary>>,
 ) -> Result<i32> {
-    let SuiteRun { shared, system, test_args, words, junit } = run;
+    let SuiteRun { shared, system, test_args, words, junit, gdb, debug } = run;
     let store = opts.open_store(ws)?;
-    let machine = Machine::prepare(ws, opts, &store, system, crate::machine::virtualize(system))?;
+    let mut virtualized = crate::machine::virtualize(system);
+    if debug.is_some() {
+        virtualized.packages.push(os_configs::Package::Debian { package: crate::debian::gdb::SERVER_PACKAGE.into() });
+        virtualized.initrd_modules.push(qemu::NET_MODULE.to_string());
+    }
+    let mut machine = Machine::prepare(ws, opts, &store, system, virtualized)?;
+    machine.debug_with(gdb);
     let store = &machine.store;
     // What the request is made of, for the exit status's message once the VM has ended.
     let names = std::cell::RefCell::new(Vec::new());
@@ -281,11 +301,22 @@ pub fn run_in_vm(
         let argv = vec!["sh".into(), "-c".into(), script];
         let mut req = machine.request(&lowered, &system_item, Mode::Command, argv);
         req.mounts = workspace_mounts(shared);
+        if debug.is_some() {
+            req.nets = vec![guest::NetConfig {
+                interface: qemu::GUEST_INTERFACE.into(),
+                address: qemu::GUEST_ADDRESS.into(),
+                gateway: None,
+                nameserver: None,
+            }];
+        }
         Ok(req)
     };
     let xchg = store.exchange()?;
     let runtime = store.scratch("run")?;
     let mut spec = machine.spec(xchg.path().to_path_buf());
+    if let Some(debug) = debug {
+        spec.forwards.push(qemu::Forward { host: debug.host_port, guest: debug::GUEST_PORT });
+    }
     let _view = share_workspace(ws, store, shared, &mut spec)?;
     let request = GuestRequest::Later(Mode::Command, Box::new(later));
     let vm_run = VmRun {
@@ -420,6 +451,7 @@ fn run_line(binary: &TestBinary, label: &str, guest_path: &str, test_args: &[Str
     let mut words = vec!["run".to_string(), shell_quote(&dir), shell_quote(label), shell_quote(&binary.rerun)];
     words.extend([shell_quote(&shown), "env".to_string()]);
     words.extend(binary.env.iter().map(|(k, v)| shell_quote(&format!("{k}={v}"))));
+    words.extend(binary.under.iter().map(|w| shell_quote(w)));
     words.push(shell_quote(guest_path));
     words.extend(binary.args.as_deref().unwrap_or(test_args).iter().map(|a| shell_quote(a)));
     words.join(" ")

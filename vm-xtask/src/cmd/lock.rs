@@ -65,6 +65,10 @@ fn locked_systems() -> Vec<os_configs::System> {
 fn lock_closures() -> Result<()> {
     let qemu = crate::debian::qemu::PACKAGE.to_string();
     debian::closure::closure(&[qemu]).context("locking QEMU's Debian packages (`--qemu store`)")?;
+    for package in [crate::debian::gdb::PACKAGE, crate::debian::gdb::SERVER_PACKAGE] {
+        debian::closure::closure(&[package.to_string()])
+            .with_context(|| format!("locking the Debian packages of `{package}` (`--gdb`, `--debug`)"))?;
+    }
     for system in locked_systems() {
         let roots = crate::lower::system::debian_packages(&system);
         if !roots.is_empty() {
@@ -77,7 +81,7 @@ fn lock_closures() -> Result<()> {
 
 /// What uses the package locked as `name`: the named systems whose Debian packages,
 /// kernel or busybox have it in their closure, the image tools, QEMU from the store,
-/// docker-registry.
+/// docker-registry, gdb and gdbserver.
 fn users(pins: &lock::Pins, name: &str) -> Vec<String> {
     let package = pins.get(name).map(|p| p.package.clone()).unwrap_or_else(|| name.to_string());
     let uses = |roots: Vec<String>| match debian::closure::walk(pins, &roots) {
@@ -108,6 +112,12 @@ fn users(pins: &lock::Pins, name: &str) -> Vec<String> {
     }
     if uses(vec![crate::debian::registry_server::PACKAGE.to_string()]) {
         users.push("docker-registry".to_string());
+    }
+    if uses(vec![crate::debian::gdb::PACKAGE.to_string()]) {
+        users.push("gdb from the store".to_string());
+    }
+    if uses(vec![crate::debian::gdb::SERVER_PACKAGE.to_string()]) {
+        users.push("`test --debug`".to_string());
     }
     users
 }

@@ -10,7 +10,7 @@ use guest::{Mode, NetConfig, Request};
 
 use super::VmOpts;
 use crate::lower::system::Lowered;
-use crate::machine::{self, exit_code, Machine};
+use crate::machine::{self, exit_code, GdbOpts, Machine};
 use crate::store::Item;
 use crate::vm::qemu::VmSpec;
 use crate::vm::{GuestRequest, LaterRequest};
@@ -20,9 +20,11 @@ use crate::{vm::qemu, vm::script, Workspace};
 pub struct RunVm {
     #[command(flatten)]
     pub vm: VmOpts,
+    #[command(flatten)]
+    pub gdb: GdbOpts,
     /// Print the path of a `run-vm.sh` store item that boots the system the same way
     /// without cargo (`$(cargo xtask run-vm --script) -- COMMAND`), instead of booting.
-    #[arg(long, conflicts_with = "command")]
+    #[arg(long, conflicts_with_all = ["command", "gdb"])]
     pub script: bool,
     /// Forward the host's TCP port HOST (on 127.0.0.1) to the guest's port GUEST; gives
     /// the guest a network interface (QEMU's user network, reaching nothing else).
@@ -52,13 +54,15 @@ impl RunVm {
     /// Returns the exit status for xtask: the command's own.
     pub fn run(self, ws: &Workspace) -> Result<i32> {
         let declared = self.vm.system()?;
+        let stub = self.gdb.stub()?;
         let networked = !self.forwards.is_empty();
         let store = self.vm.open_store(ws)?;
         let mut system = machine::virtualize(&declared);
         if networked {
             system.initrd_modules.push(qemu::NET_MODULE.to_string());
         }
-        let machine = Machine::prepare(ws, &self.vm, &store, &declared, system)?;
+        let mut machine = Machine::prepare(ws, &self.vm, &store, &declared, system)?;
+        machine.debug_with(stub);
         let nets: Vec<NetConfig> = match networked {
             false => Vec::new(),
             true => vec![NetConfig {

@@ -89,6 +89,11 @@ pub enum StoreCmd {
     #[command(after_help = "Example:
   cargo xtask store registry-program")]
     RegistryProgram,
+    /// Print the path of Debian's gdb (`gdb-minimal`) from the store (made on first use):
+    /// the debugger to attach to `run-vm --gdb` and `test --debug` with.
+    #[command(after_help = "Example:
+  cargo xtask store gdb-program      # then: GDB -ex 'target remote 127.0.0.1:PORT'")]
+    GdbProgram,
 }
 
 /// What `store push --json` and `store pull --json` print.
@@ -154,6 +159,11 @@ impl StoreCmd {
                 return push(ws, what, &to, key, json, started);
             }
             StoreCmd::Pull { items, system, from, json } => return pull(ws, &items, system, &from, json, started),
+            StoreCmd::GdbProgram => {
+                let store = crate::cmd::open_store(ws, false)?;
+                println!("{}", crate::debian::gdb::program(&store)?.display());
+                return Ok(0);
+            }
             StoreCmd::RegistryProgram => {
                 let store = crate::cmd::open_store(ws, false)?;
                 let item = crate::debian::registry_server::from_store(&store)?;

@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 
 use super::{usage_error, VmOpts};
+use crate::machine::GdbOpts;
 use crate::suite::{self, junit, Shared, SuiteRun, TestBinary, Words};
 use crate::Workspace;
 
@@ -25,6 +26,13 @@ pub struct Test {
     /// doctests run in share 1.
     #[arg(long, value_name = "KIND:K/N", value_parser = suite::partition::parse)]
     pub partition: Option<suite::partition::Partition>,
+    #[command(flatten)]
+    pub gdb: GdbOpts,
+    /// Run only the test named exactly NAME (`--exact NAME`), under gdbserver in the guest
+    /// on a port forwarded to the host's loopback, waiting for gdb: the gdb command line
+    /// to attach with is said on stderr. No per-binary timeout unless --timeout gives one.
+    #[arg(long, value_name = "NAME", conflicts_with_all = ["junit", "partition"])]
+    pub debug: Option<String>,
     /// Arguments for `cargo test` (`-p CRATE`, `--test NAME`, `--lib`, ...), then `--`
     /// and the arguments every test binary gets (`--nocapture`, a filter, ...).
     #[arg(trailing_var_arg = true, allow_hyphen_values = true, value_name = "CARGO TEST ARGS")]
@@ -61,7 +69,7 @@ impl Test {
             }
             return self.doctests(ws, &cargo_args, &test_args);
         }
-        let with_doctests = !cargo_args.iter().any(|a| selects_targets(a)) && first_share;
+        let with_doctests = !cargo_args.iter().any(|a| selects_targets(a)) && first_share && self.debug.is_none();
         let no_fail_fast = cargo_args.iter().any(|a| a == "--no-fail-fast");
         // The system is checked before anything is built; the test binaries are built
         // while the VM boots.
@@ -71,21 +79,42 @@ impl Test {
         if let Some(file) = &self.junit {
             junit::check_file(file)?;
         }
+        let gdb = self.gdb.stub()?;
+        let run = SuiteRun {
+            shared: &shared,
+            system: &system,
+            test_args: &test_args,
+            words,
+            junit: self.junit.as_deref(),
+            gdb,
+            debug: None,
+        };
+        if let Some(name) = &self.debug {
+            return self.debug(ws, &cargo_args, name, run);
+        }
         let build = || match self.partition {
             None => suite::build_test_binaries(ws, &cargo_args),
             Some(share) => Ok(suite::partition::apply(suite::build_test_binaries(ws, &cargo_args)?, &test_args, share)),
         };
-        let code = suite::run_in_vm(
-            ws,
-            &self.vm,
-            SuiteRun { shared: &shared, system: &system, test_args: &test_args, words, junit: self.junit.as_deref() },
-            build,
-        )?;
+        let code = suite::run_in_vm(ws, &self.vm, run, build)?;
         if with_doctests && (code == 0 || no_fail_fast) {
             let doc = self.doctests(ws, &cargo_args, &test_args)?;
             return Ok(if code != 0 { code } else { doc });
         }
         Ok(code)
+    }
+
+    /// `--debug NAME`: the binaries built first (a name no binary has is a usage error
+    /// before anything boots), then the one with the test, alone under gdbserver.
+    fn debug(&self, ws: &Workspace, cargo_args: &[String], name: &str, run: SuiteRun) -> Result<i32> {
+        let binary = suite::debug::choose(suite::build_test_binaries(ws, cargo_args)?, name, run.test_args)?;
+        let debug = suite::debug::Debug { host_port: suite::debug::free_port()? };
+        let gdb = crate::machine::gdb_program(&self.vm.open_store(ws)?);
+        suite::debug::say_how_to_attach(&gdb, &binary, name, debug);
+        let mut opts = self.vm.clone();
+        // A test waiting for a debugger is not hung: no per-binary timeout unless asked.
+        opts.timeout.get_or_insert(crate::parse::Timeout::Never);
+        suite::run_in_vm(ws, &opts, SuiteRun { debug: Some(debug), ..run }, || Ok(vec![binary]))
     }
 
     /// `cargo test --doc` with `cargo_args`, this program's `test-runner` (with this
@@ -160,14 +189,22 @@ impl TestRunner {
         // Cargo's variables for the binary, as cargo gave them to its runner (not
         // `CARGO`, the host's cargo, which the guest has not).
         let env = std::env::vars().filter(|(k, _)| k.starts_with("CARGO_")).collect();
-        let binary = TestBinary { path, package_dir, label, env, rerun: String::new(), args: None };
+        let binary = TestBinary { path, package_dir, label, env, rerun: String::new(), args: None, under: vec![] };
         // Doctests, one binary each: all of one cargo command's in one VM, kept meanwhile.
         if let Some(cargo) = suite::kept::doctest_cargo() {
             return suite::kept::run(ws, &shared, &self.vm, &binary, test_args, cargo);
         }
         // Cargo says `Running` and how a failure is run again itself.
         let system = self.vm.system()?;
-        let run = SuiteRun { shared: &shared, system: &system, test_args, words: Words::Runner, junit: None };
+        let run = SuiteRun {
+            shared: &shared,
+            system: &system,
+            test_args,
+            words: Words::Runner,
+            junit: None,
+            gdb: None,
+            debug: None,
+        };
         suite::run_in_vm(ws, &self.vm, run, || Ok(vec![binary]))
     }
 }

@@ -344,12 +344,14 @@ fn strings(value: &str) -> Option<Vec<String>> {
 pub const BUSYBOX_PACKAGE: &str = "busybox-static";
 
 /// Every Debian package name `systems` (the workspace's named systems), the engine's own VMs (the
-/// image builder boots `minimal`), the image tools and QEMU from the store ask for (not
+/// image builder boots `minimal`), the image tools, QEMU, gdb and gdbserver from the store ask for (not
 /// their dependencies).
 pub fn wanted(systems: &[os_configs::System]) -> Vec<String> {
     let mut names: Vec<String> = crate::debian::image_tools::PACKAGES.iter().map(|p| p.to_string()).collect();
     names.push(crate::debian::qemu::PACKAGE.to_string());
     names.push(crate::debian::registry_server::PACKAGE.to_string());
+    names.push(crate::debian::gdb::PACKAGE.to_string());
+    names.push(crate::debian::gdb::SERVER_PACKAGE.to_string());
     for system in std::iter::once(os_configs::minimal()).chain(systems.iter().cloned()) {
         if let os_configs::Kernel::Debian { package } = &system.kernel {
             names.push(package.clone());

@@ -161,6 +161,30 @@ pub struct VmSpec {
     /// A unix socket QEMU listens on for the attach channel's serial port
     /// ([`guest::attach`]): shells in the running guest (`cargo xtask attach`).
     pub attach: Option<PathBuf>,
+    /// QEMU's gdb stub, for a debugger on the host's loopback (`run-vm --gdb`).
+    pub gdb: Option<GdbStub>,
+}
+
+/// QEMU's gdb stub: listening on the host's 127.0.0.1 at `port`; with `wait`, the guest's
+/// CPU stopped before its first instruction until gdb continues it (`-S`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GdbStub {
+    pub port: u16,
+    pub wait: bool,
+}
+
+/// The gdb stub's arguments (none without one).
+pub fn gdb_args(gdb: Option<GdbStub>) -> Vec<OsString> {
+    match gdb {
+        None => Vec::new(),
+        Some(GdbStub { port, wait }) => {
+            let mut args = os(&["-gdb", &format!("tcp:127.0.0.1:{port}")]);
+            if wait {
+                args.push("-S".into());
+            }
+            args
+        }
+    }
 }
 
 impl VmSpec {
@@ -187,6 +211,7 @@ impl VmSpec {
             lans: Vec::new(),
             snapshot_port: None,
             attach: None,
+            gdb: None,
         }
     }
 }
@@ -402,6 +427,7 @@ pub fn args(spec: &VmSpec) -> Vec<OsString> {
         port_args(spec),
         net_args(&spec.forwards, spec.outside),
         lan_args(&spec.lans),
+        gdb_args(spec.gdb),
     ]
     .concat()
 }
@@ -511,6 +537,14 @@ mod tests {
                 "virtio-net-device,netdev=net0"
             ]
         );
+    }
+
+    #[test]
+    fn the_gdb_stub_listens_on_the_loopback_and_may_hold_the_cpu() {
+        assert!(gdb_args(None).is_empty());
+        assert_eq!(strings(gdb_args(Some(GdbStub { port: 1234, wait: false }))), ["-gdb", "tcp:127.0.0.1:1234"]);
+        let s = VmSpec { gdb: Some(GdbStub { port: 4321, wait: true }), ..spec() };
+        assert!(strings(args(&s)).ends_with(&["-gdb".into(), "tcp:127.0.0.1:4321".into(), "-S".into()]));
     }
 
     #[test]

@@ -56,9 +56,12 @@ pub enum Warmth {
 /// stored (or, with [`Warmth::Make`], made now): the spec gets the handshake's port
 /// (its socket in `runtime`) and the kernel argument that makes the guest wait. Without
 /// a snapshot the spec stays as it was: a cold boot, exactly as ever. Shapes with a disk
-/// that is not a store item (a fresh build disk) always boot cold.
+/// that is not a store item (a fresh build disk), or with QEMU's gdb stub, always boot cold.
 pub fn prepare(store: &Store, spec: &mut VmSpec, runtime: &Path, warmth: Warmth) -> Result<Option<WarmStart>> {
-    if warmth == Warmth::Cold || spec.disks.iter().any(|d| !d.path.starts_with(store.items_dir())) {
+    // A VM under gdb boots cold: a restore would skip what the debugger is there to see
+    // (with `-S`, the first instruction), and a snapshot is never made with a debugger on.
+    let debugged = spec.gdb.is_some();
+    if warmth == Warmth::Cold || debugged || spec.disks.iter().any(|d| !d.path.starts_with(store.items_dir())) {
         return Ok(None);
     }
     let mut warm = spec.clone();
