@@ -3,7 +3,7 @@
 use std::io::Write;
 use std::process::{Command, Stdio};
 
-use vm_tests::{children_named, output_within, process_gone, send_signal, wait_until, xtask_bin, xtask_env};
+use vm_tests::{children_named, output_within, process_gone, send_signal, wait_until, xtask, xtask_bin, xtask_env};
 
 fn scenario(args: &[&str]) -> vm_tests::Run {
     let mut cmd = Command::new(xtask_bin());
@@ -94,6 +94,27 @@ fn kept_nodes_take_a_shell_and_end_with_ctrl_c() {
     assert!(stdout.starts_with("server\n"), "{stdout}");
     assert!(stdout.contains("10.77.0.1 server\n10.77.0.2 client\n"), "{stdout}");
     assert!(stdout.ends_with("flooded\n"), "{stdout}");
+
+    // The nodes are among the workspace's running VMs, each with a shell on a terminal.
+    let listed = xtask(&["attach"]);
+    for node in ["server", "client"] {
+        let row = format!("hello-pair-broken-{node}-{pid} ");
+        let line = listed.stdout.lines().find(|l| l.starts_with(&row));
+        let line = line.unwrap_or_else(|| panic!("`attach` does not list {row}:\n{}", listed.stdout));
+        assert!(line.ends_with(&format!("scenario hello-pair-broken: node {node}")), "{line}");
+    }
+    let mut attach = Command::new(xtask_bin())
+        .args(["attach", &format!("hello-pair-broken-client-{pid}")])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    attach.stdin.take().unwrap().write_all(b"echo on-$(hostname) $(tty)\nexit 5\n").unwrap();
+    let out = attach.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(5), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("on-client /dev/pts/"), "{stdout}");
 
     send_signal(pid, "INT");
     let out = keeper.wait_with_output().unwrap();

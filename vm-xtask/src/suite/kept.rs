@@ -278,6 +278,7 @@ fn serve(ws: &Workspace, opts: &VmOpts, system: &System, shared: &Shared, dir: &
     let (lowered, system_item) = machine.lower()?;
     let store = &machine.store;
     let mut request = machine.request(&lowered, &system_item, Mode::Serve, vec!["serve".into()]);
+    request.attach = true;
     request.mounts = workspace_mounts(shared);
     // The binaries: a share of their own, read-only and cached in the guest (the
     // exchange directory is not, and a binary paged in from it costs a read per page).
@@ -297,7 +298,8 @@ fn serve(ws: &Workspace, opts: &VmOpts, system: &System, shared: &Shared, dir: &
     // Where the runner calls put their binaries.
     std::fs::write(dir.join("bins"), bins.path().as_os_str().as_encoded_bytes())?;
     let console = ws.log_dir().join(format!("test-doctests-{}.log", std::process::id()));
-    let mut node = Node::serving("doctests", spec, dir, console, xchg)?;
+    let attach = (machine.attachable("test --doc: the doctests' kept VM"), "doctests".to_string());
+    let mut node = Node::serving("doctests", spec, dir, console, xchg, Some(attach))?;
     node.start()?;
     // The links already made in the guest (the system's, at boot): a runner call's
     // others are made first, where they can be made beside the system's.

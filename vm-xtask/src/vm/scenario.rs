@@ -80,6 +80,8 @@ pub struct Node {
     qemu: Option<Child>,
     control: Option<(BufReader<UnixStream>, UnixStream)>,
     _xchg: crate::store::Exchange,
+    /// Its entry among the workspace's running VMs, for `cargo xtask attach`.
+    _registration: Option<vm::attach::Registration>,
 }
 
 /// How a command on a node ended.
@@ -267,6 +269,7 @@ impl NodePlan<'_> {
         let machine = Machine::prepare(ws, opts, store, declared, system)?;
         let (lowered, system_item) = machine.lower()?;
         let mut request = machine.request(&lowered, &system_item, Mode::Serve, vec!["serve".into()]);
+        request.attach = true;
         request.nets = lans
             .iter()
             .enumerate()
@@ -289,7 +292,8 @@ impl NodePlan<'_> {
             })
             .collect();
         let console = ws.log_dir().join(format!("scenario-{scenario}-{node}-{}.log", std::process::id()));
-        Node::serving(node, spec, sockets, console, xchg)
+        let attach = (machine.attachable(&format!("scenario {scenario}: node {node}")), format!("{scenario}-{node}"));
+        Node::serving(node, spec, sockets, console, xchg, Some(attach))
     }
 }
 
@@ -304,6 +308,7 @@ impl Node {
         sockets: &Path,
         console: PathBuf,
         xchg: crate::store::Exchange,
+        attach: Option<(vm::attach::Attachable, String)>,
     ) -> Result<Node> {
         let console_fifo = sockets.join(format!("{name}.console"));
         nix::unistd::mkfifo(&console_fifo, nix::sys::stat::Mode::from_bits_truncate(0o600))
@@ -311,6 +316,14 @@ impl Node {
         spec.console = Console::File(console_fifo.clone());
         let control_path = sockets.join(format!("{name}.control"));
         spec.control = Some(control_path.clone());
+        let registration = match attach {
+            Some((attachable, label)) => {
+                let socket = sockets.join(format!("{name}.attach"));
+                spec.attach = Some(socket.clone());
+                Some(vm::attach::Registration::new(&attachable, &vm::attach::id(&label), &socket)?)
+            }
+            None => None,
+        };
         Ok(Node {
             name: name.to_string(),
             args: qemu::args(&spec),
@@ -322,6 +335,7 @@ impl Node {
             qemu: None,
             control: None,
             _xchg: xchg,
+            _registration: registration,
         })
     }
 
