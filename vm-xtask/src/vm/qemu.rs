@@ -163,6 +163,17 @@ pub struct VmSpec {
     pub attach: Option<PathBuf>,
     /// QEMU's gdb stub, for a debugger on the host's loopback (`run-vm --gdb`).
     pub gdb: Option<GdbStub>,
+    /// The guest's RAM as a file instead of anonymous memory: a warm start's
+    /// ([`crate::vm::snapshot`]).
+    pub memory_file: Option<MemoryFile>,
+}
+
+/// Guest RAM backed by a file: `shared`, the guest's writes reach the file (a snapshot
+/// being made); else the file is mapped copy-on-write and never written (a restore).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemoryFile {
+    pub path: PathBuf,
+    pub shared: bool,
 }
 
 /// QEMU's gdb stub: listening on the host's 127.0.0.1 at `port`; with `wait`, the guest's
@@ -212,6 +223,7 @@ impl VmSpec {
             snapshot_port: None,
             attach: None,
             gdb: None,
+            memory_file: None,
         }
     }
 }
@@ -306,8 +318,17 @@ pub fn sandbox_args(sandbox: bool) -> Vec<OsString> {
     }
 }
 
-pub fn memory_args(mib: u32) -> Vec<OsString> {
-    os(&["-m", &mib.to_string()])
+/// The guest's RAM: `mib` MiB, anonymous or from `file` (a memory backend the machine
+/// takes as its RAM).
+pub fn memory_args(mib: u32, file: Option<&MemoryFile>) -> Vec<OsString> {
+    let mut args = os(&["-m", &mib.to_string()]);
+    if let Some(file) = file {
+        let mut backend = path_arg(&format!("memory-backend-file,id=ram,size={mib}M,mem-path="), &file.path);
+        backend.push(if file.shared { ",share=on" } else { ",share=off" });
+        args.extend(["-object".into(), backend]);
+        args.extend(os(&["-machine", "memory-backend=ram"]));
+    }
+    args
 }
 
 /// The kernel command line, as a list joined by spaces.
@@ -419,7 +440,7 @@ pub fn args(spec: &VmSpec) -> Vec<OsString> {
         machine_args(),
         accel_args(spec.accel),
         sandbox_args(spec.sandbox),
-        memory_args(spec.memory_mib),
+        memory_args(spec.memory_mib, spec.memory_file.as_ref()),
         kernel_args(spec),
         console_args(&spec.console),
         share_args(&spec.shares),
@@ -464,6 +485,25 @@ mod tests {
 
     fn strings(args: Vec<OsString>) -> Vec<String> {
         args.into_iter().map(|a| a.into_string().unwrap()).collect()
+    }
+
+    #[test]
+    fn ram_from_a_file_is_a_memory_backend_shared_or_private() {
+        let shared = MemoryFile { path: "/t/a,b/ram".into(), shared: true };
+        assert_eq!(
+            strings(memory_args(256, Some(&shared))),
+            [
+                "-m",
+                "256",
+                "-object",
+                "memory-backend-file,id=ram,size=256M,mem-path=/t/a,,b/ram,share=on",
+                "-machine",
+                "memory-backend=ram"
+            ]
+        );
+        let private = MemoryFile { path: "/i/ram".into(), shared: false };
+        assert!(strings(memory_args(64, Some(&private)))[3].ends_with("mem-path=/i/ram,share=off"));
+        assert_eq!(strings(memory_args(64, None)), ["-m", "64"]);
     }
 
     #[test]

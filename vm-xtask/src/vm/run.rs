@@ -303,7 +303,7 @@ impl<'a> VmRun<'a> {
         let mut ended = None;
         if let Some(warm) = warm {
             let mut warm_args = args.clone();
-            warm_args.extend(["-incoming".into(), "fd:3".into()]);
+            warm_args.extend(crate::vm::snapshot::restore_args());
             match run_qemu(&warm_args, interactive, self.timeout, self.watch.as_deref(), Some(&warm), &mut started_fn) {
                 Err(e) if e.downcast_ref::<WarmFailed>().is_some() => {
                     crate::vm::snapshot::discard(&warm, &format!("{e:#}"));
@@ -678,29 +678,42 @@ fn run_qemu(
 ) -> Result<QemuEnd> {
     install_signal_handlers()?;
     let mut cmd = qemu_command(args, interactive);
-    // A restore reads the saved state from descriptor 3 (`-incoming fd:3`).
-    let state = match warm {
-        Some(w) => Some(File::open(&w.state).map_err(|e| WarmFailed(format!("opening the saved state: {e}")))?),
+    // A restore reads the saved state from descriptor 3, and is told to through a monitor
+    // on descriptor 4 (one end of a socket pair; [`crate::vm::snapshot::restore_args`]).
+    let restore = match warm {
+        Some(w) => {
+            let state = File::open(&w.state).map_err(|e| WarmFailed(format!("opening the saved state: {e}")))?;
+            let (ours, theirs) = std::os::unix::net::UnixStream::pair().context("a socket pair for QEMU's monitor")?;
+            Some((state, ours, theirs))
+        }
         None => None,
     };
-    if let Some(fd) = state.as_ref().map(|f| f.as_raw_fd()) {
-        // SAFETY: dup2 and fcntl are async-signal-safe.
+    if let Some((state, _, theirs)) = &restore {
+        let fds = [(state.as_raw_fd(), 3), (theirs.as_raw_fd(), crate::vm::snapshot::MONITOR_FD)];
+        // SAFETY: fcntl and dup2 are async-signal-safe. Each descriptor is first copied
+        // above the targets, so that placing one cannot close the other.
         unsafe {
             cmd.pre_exec(move || {
-                let ok =
-                    if fd == 3 { nix::libc::fcntl(3, nix::libc::F_SETFD, 0) == 0 } else { nix::libc::dup2(fd, 3) == 3 };
-                if ok {
-                    Ok(())
-                } else {
-                    Err(std::io::Error::last_os_error())
+                let mut high = [0; 2];
+                for (i, (fd, _)) in fds.iter().enumerate() {
+                    high[i] = nix::libc::fcntl(*fd, nix::libc::F_DUPFD_CLOEXEC, 10);
+                    if high[i] < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
                 }
+                for (i, (_, target)) in fds.iter().enumerate() {
+                    if nix::libc::dup2(high[i], *target) != *target {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                Ok(())
             });
         }
     }
     let mut child = cmd.spawn().with_context(|| {
         format!("starting `{}` (install Debian's `{}`)", host::QEMU_SYSTEM.program, host::QEMU_SYSTEM.package)
     })?;
-    drop(state);
+    let monitor = restore.map(|(_, ours, _)| ours);
     let mut stderr_pipe = child.stderr.take().context("QEMU's stderr")?;
     // QEMU's messages, drained to the end (QEMU never blocks on a full pipe) and kept up
     // to a cap, for an error message.
@@ -721,7 +734,8 @@ fn run_qemu(
     if let Some(warm) = warm {
         let deadline = Instant::now() + Duration::from_secs(60);
         let alive = || kill(guard.pid, None).is_ok();
-        let handshake = crate::vm::snapshot::wait_for_waiting(&warm.socket, deadline, alive)
+        let handshake = crate::vm::snapshot::start_restore(monitor.context("the monitor's socket")?)
+            .and_then(|()| crate::vm::snapshot::wait_for_waiting(&warm.socket, deadline, alive))
             .and_then(|mut stream| crate::vm::snapshot::send_go(&mut stream));
         if let Err(e) = handshake {
             drop(guard);

@@ -7,10 +7,19 @@
 //! handshake's socket) replaced by placeholders and the store's directory by `/store`
 //! (so the kernel, initrd, memory size, machine and devices count, and so do the
 //! store items attached as disks), and QEMU's version. It is made by booting the VM to
-//! the snapshot point and saving it with the monitor's `migrate`; a run restores it
-//! with `-incoming fd:3` and, once the guest says it waits, sends `go` with the host's
-//! clock and fresh random bytes. A snapshot that fails to load is removed, said in one
-//! line, and the run boots cold.
+//! the snapshot point, its RAM a shared file (`ram`), and saving it with the monitor's
+//! `migrate` and the `x-ignore-shared` capability: the saved stream (`state`) holds the
+//! devices' state only, the RAM is the file. A run maps that file as its guest's RAM,
+//! private and copy-on-write (the item is never written), and loads only the devices'
+//! state (`-incoming defer`, then `migrate_incoming fd:3` on a monitor on a socket pair);
+//! once the guest says it waits, it sends `go` with the host's clock and fresh random
+//! bytes. A snapshot that fails to load is removed, said in one line, and the run boots
+//! cold.
+//!
+//! QEMU 7.2 opens a file-backed RAM's file read-write even for a private mapping (8.2
+//! falls back to read-only), and `readonly=on` makes the guest's RAM read-only; a user
+//! who cannot open the read-only item for writing (anyone but root) gets a private copy
+//! of its RAM file for each run instead, its data only (the file is sparse).
 
 use fs_err as fs;
 use std::ffi::OsString;
@@ -22,18 +31,23 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 
 use crate::store::{Item, Recipe, Store};
-use crate::vm::qemu::{self, Console, VmSpec};
+use crate::vm::qemu::{self, Console, MemoryFile, VmSpec};
 use crate::{host, vm};
 
-/// The saved state, inside the snapshot item.
+/// The devices' saved state, inside the snapshot item.
 const STATE_FILE: &str = "state";
+/// The guest's RAM at the snapshot point, inside the snapshot item.
+const RAM_FILE: &str = "ram";
+/// The descriptor a restoring QEMU reads the saved state from, and its monitor's.
+const STATE_FD: i32 = 3;
+pub const MONITOR_FD: i32 = 4;
 /// The snapshot items' name.
 pub const ITEM_NAME: &str = "vm-snapshot";
 
 /// A run restored from a snapshot.
 #[derive(Debug, Clone)]
 pub struct WarmStart {
-    /// The saved state.
+    /// The devices' saved state.
     pub state: PathBuf,
     /// The handshake's socket (the spec's `snapshot_port`).
     pub socket: PathBuf,
@@ -67,6 +81,7 @@ pub fn prepare(store: &Store, spec: &mut VmSpec, runtime: &Path, warmth: Warmth)
     let mut warm = spec.clone();
     warm.kernel_args.push(guest::SNAPSHOT_WAIT_ARG.to_string());
     warm.snapshot_port = Some(runtime.join("snapshot.sock"));
+    warm.memory_file = Some(MemoryFile { path: RAM_FILE.into(), shared: false });
     let recipe = recipe(store, &warm)?;
     let item = store.item_for(&recipe);
     let item = if store.is_present(&item) {
@@ -77,6 +92,7 @@ pub fn prepare(store: &Store, spec: &mut VmSpec, runtime: &Path, warmth: Warmth)
     } else {
         return Ok(None);
     };
+    warm.memory_file = Some(MemoryFile { path: private_ram(&item.path.join(RAM_FILE), runtime)?, shared: false });
     let cold = std::mem::replace(spec, warm);
     Ok(Some(WarmStart {
         state: item.path.join(STATE_FILE),
@@ -87,7 +103,45 @@ pub fn prepare(store: &Store, spec: &mut VmSpec, runtime: &Path, warmth: Warmth)
     }))
 }
 
-/// The snapshot's recipe: `spec`'s arguments with every per-run path replaced.
+/// The RAM file a restore maps: the item's own when this user can open it read-write
+/// (QEMU 7.2 asks for that, though it never writes a private mapping), else a copy of
+/// its data in `runtime`.
+fn private_ram(ram: &Path, runtime: &Path) -> Result<PathBuf> {
+    if nix::unistd::access(ram, nix::unistd::AccessFlags::W_OK).is_ok() {
+        return Ok(ram.to_path_buf());
+    }
+    let copy = runtime.join(RAM_FILE);
+    copy_sparse(ram, &copy).with_context(|| format!("copying the snapshot's RAM to `{}`", copy.display()))?;
+    Ok(copy)
+}
+
+/// Copies `from`'s data (not its holes) to a new private file `to` of the same size.
+fn copy_sparse(from: &Path, to: &Path) -> Result<()> {
+    use nix::unistd::{lseek, Whence};
+    use std::os::fd::AsRawFd;
+    let src = fs::File::open(from)?;
+    let dst = crate::store::create_private_file(to)?;
+    let len = src.metadata()?.len();
+    dst.set_len(len)?;
+    let mut at = 0i64;
+    while (at as u64) < len {
+        let Ok(data) = lseek(src.as_raw_fd(), at, Whence::SeekData) else { break };
+        let hole = lseek(src.as_raw_fd(), data, Whence::SeekHole)?;
+        let (mut off_in, mut off_out) = (data, data);
+        while off_in < hole {
+            let left = (hole - off_in) as usize;
+            let n = nix::fcntl::copy_file_range(&src, Some(&mut off_in), &dst, Some(&mut off_out), left)?;
+            if n == 0 {
+                bail!("`{}` ended early", from.display());
+            }
+        }
+        at = hole;
+    }
+    Ok(())
+}
+
+/// The snapshot's recipe: `spec`'s arguments with every per-run path replaced (the RAM
+/// file is the item's: its arguments, `memory-backend-file`, say what the item holds).
 fn recipe(store: &Store, spec: &VmSpec) -> Result<Recipe> {
     let mut shape = spec.clone();
     shape.sandbox = false;
@@ -107,6 +161,7 @@ fn recipe(store: &Store, spec: &VmSpec) -> Result<Recipe> {
     if shape.attach.is_some() {
         shape.attach = Some("/attach.sock".into());
     }
+    shape.memory_file = Some(MemoryFile { path: format!("/{RAM_FILE}").into(), shared: false });
     let items = store.items_dir();
     let args: Vec<String> = qemu::args(&shape)
         .iter()
@@ -125,7 +180,8 @@ fn qemu_version(store: &Store) -> Result<String> {
     })
 }
 
-/// Boots `spec`'s VM to the snapshot point and saves it as `out/state`.
+/// Boots `spec`'s VM to the snapshot point, its RAM the file `out/ram`, and saves its
+/// devices' state as `out/state`.
 fn make(store: &Store, spec: &VmSpec, out: &Path) -> Result<()> {
     fs::create_dir(out)?;
     let scratch = store.scratch("snapshot")?;
@@ -151,6 +207,8 @@ fn make(store: &Store, spec: &VmSpec, out: &Path) -> Result<()> {
     if spec.attach.is_some() {
         spec.attach = Some(dir.join("attach.sock"));
     }
+    let ram = out.join(RAM_FILE);
+    spec.memory_file = Some(MemoryFile { path: ram.clone(), shared: true });
     let monitor = dir.join("monitor.sock");
     let mut args = qemu::args(&spec);
     let mut mon = OsString::from("unix:");
@@ -169,6 +227,8 @@ fn make(store: &Store, spec: &VmSpec, out: &Path) -> Result<()> {
         if shown.contains(['\'', '"', '\\', '\n']) {
             bail!("the store's path `{shown}` has a quote, backslash or newline: QEMU cannot save there");
         }
+        // The RAM (shared, in `out/ram`) stays out of the stream.
+        expect_ok(&hmp.ask("migrate_set_capability x-ignore-shared on")?)?;
         hmp.ask(&format!("migrate \"exec:cat > '{shown}'\""))?;
         loop {
             let info = hmp.ask("info migrate")?;
@@ -180,9 +240,13 @@ fn make(store: &Store, spec: &VmSpec, out: &Path) -> Result<()> {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        let save_s = booted.elapsed().as_secs_f64();
         let _ = hmp.ask("quit");
-        let bytes = fs::metadata(&state)?.len();
+        while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let ram_bytes = punch_zero_pages(&ram)?;
+        let save_s = booted.elapsed().as_secs_f64();
+        let bytes = fs::metadata(&state)?.len() + ram_bytes;
         Ok(Saved { bytes, boot_s: (booted - started).as_secs_f64(), save_s })
     })();
     let _ = child.kill();
@@ -201,6 +265,69 @@ fn make(store: &Store, spec: &VmSpec, out: &Path) -> Result<()> {
             bail!("{e:#} (QEMU: {status:?}: {})\nconsole:\n{}", stderr.trim(), vm::tail_lines(&console));
         }
     }
+}
+
+/// Makes `path`'s all-zero pages holes (the guest's RAM: most of it never written, or
+/// zeroed), so the item holds its data only. Returns the bytes of data left.
+fn punch_zero_pages(path: &Path) -> Result<u64> {
+    use nix::fcntl::{fallocate, FallocateFlags};
+    use std::os::fd::AsRawFd;
+    let mut file = fs::OpenOptions::new().read(true).write(true).open(path)?;
+    let mut buf = vec![0u8; 1 << 20];
+    let (mut at, mut data) = (0i64, 0u64);
+    loop {
+        let n = read_full(&mut file, &mut buf)?;
+        if n == 0 {
+            break;
+        }
+        for (i, page) in buf[..n].chunks(4096).enumerate() {
+            if page.iter().all(|b| *b == 0) {
+                let flags = FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE;
+                fallocate(file.as_raw_fd(), flags, at + (i * 4096) as i64, page.len() as i64)?;
+            } else {
+                data += page.len() as u64;
+            }
+        }
+        at += n as i64;
+    }
+    Ok(data)
+}
+
+/// Reads until `buf` is full or the end of the file.
+fn read_full(file: &mut impl Read, buf: &mut [u8]) -> Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match file.read(&mut buf[n..])? {
+            0 => break,
+            m => n += m,
+        }
+    }
+    Ok(n)
+}
+
+/// The arguments that make QEMU wait for a restore: a monitor on descriptor
+/// [`MONITOR_FD`] (one end of a socket pair) and no migration until it is told.
+pub fn restore_args() -> Vec<OsString> {
+    let chardev = format!("socket,id=restore,fd={MONITOR_FD}");
+    ["-chardev", &chardev, "-mon", "chardev=restore", "-incoming", "defer"].iter().map(OsString::from).collect()
+}
+
+/// Starts loading the devices' state from descriptor 3, through the monitor at the
+/// other end of the socket pair: the stream was saved with `x-ignore-shared`, and the
+/// loading side must say so too.
+pub fn start_restore(monitor: UnixStream) -> Result<()> {
+    let mut hmp = Monitor::from_stream(monitor)?;
+    expect_ok(&hmp.ask("migrate_set_capability x-ignore-shared on")?)?;
+    expect_ok(&hmp.ask(&format!("migrate_incoming fd:{STATE_FD}"))?)
+}
+
+/// A monitor's answer to a command that says nothing when it works.
+fn expect_ok(answer: &str) -> Result<()> {
+    let said: Vec<&str> = answer.lines().skip(1).filter(|l| !l.trim().is_empty() && !l.starts_with("(qemu)")).collect();
+    if said.iter().any(|l| l.contains("rror")) {
+        bail!("QEMU's monitor: {}", said.join("; ").trim());
+    }
+    Ok(())
 }
 
 /// What making a snapshot took, as said on stderr.
@@ -294,6 +421,10 @@ impl Monitor {
     fn connect(path: &Path) -> Result<Monitor> {
         let stream =
             UnixStream::connect(path).with_context(|| format!("connecting to QEMU's monitor `{}`", path.display()))?;
+        Monitor::from_stream(stream)
+    }
+
+    fn from_stream(stream: UnixStream) -> Result<Monitor> {
         stream.set_read_timeout(Some(Duration::from_secs(30)))?;
         let mut m = Monitor { stream };
         m.read_prompt()?;
@@ -332,5 +463,22 @@ mod tests {
         assert_eq!(parse_saved_line(&saved.line()), Some(saved));
         assert_eq!(parse_saved_line("snapshot saved: lots"), None);
         assert_eq!(parse_saved_line("guest[0.1]: started"), None);
+    }
+
+    #[test]
+    fn zero_pages_become_holes_and_a_copy_keeps_the_data_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let ram = dir.path().join("ram");
+        let mut content = vec![0u8; 64 << 12];
+        content[5 << 12] = 1;
+        content[(40 << 12) + 4095] = 2;
+        fs::write(&ram, &content).unwrap();
+        assert_eq!(punch_zero_pages(&ram).unwrap(), 2 << 12);
+        assert_eq!(fs::read(&ram).unwrap(), content);
+        let copy = dir.path().join("copy");
+        copy_sparse(&ram, &copy).unwrap();
+        assert_eq!(fs::read(&copy).unwrap(), content);
+        let blocks = |p: &Path| std::os::unix::fs::MetadataExt::blocks(&fs::metadata(p).unwrap());
+        assert!(blocks(&ram) < 64 * 8 && blocks(&copy) < 64 * 8, "{} {}", blocks(&ram), blocks(&copy));
     }
 }
