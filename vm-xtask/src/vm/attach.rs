@@ -274,11 +274,12 @@ impl Drop for RawTerminal {
     }
 }
 
-/// Lists `entries` as `attach` does: ID, how long it has run, what it is.
+/// Lists `entries` as `attach` does: ID, when it started (UTC), how long it has run,
+/// what it is.
 pub fn print_list(entries: &[Entry]) {
     let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or_default();
     let width = entries.iter().map(|e| e.id.len()).max().unwrap_or(0).max(2);
-    println!("{:<width$}  {:>9}  WHAT", "ID", "RUNNING");
+    println!("{:<width$}  {:<12}  {:>7}  WHAT", "ID", "SINCE", "RUNNING");
     for e in entries {
         let secs = now.saturating_sub(e.since);
         let running = match secs {
@@ -286,8 +287,10 @@ pub fn print_list(entries: &[Entry]) {
             s if s < 7200 => format!("{}m", s / 60),
             s => format!("{}h", s / 3600),
         };
+        let day = e.since % 86_400;
+        let since = format!("{:02}:{:02}:{:02} UTC", day / 3600, day / 60 % 60, day % 60);
         let what: String = e.what.chars().map(|c| if c.is_control() { ' ' } else { c }).collect();
-        println!("{:<width$}  {running:>9}  {what}", e.id);
+        println!("{:<width$}  {since:<12}  {running:>7}  {what}", e.id);
     }
 }
 
