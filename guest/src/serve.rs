@@ -4,7 +4,6 @@
 //! services.
 
 use std::collections::HashMap;
-use std::fs::OpenOptions;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::process::{Command, Stdio};
 use std::sync::mpsc::{self, Sender};
@@ -17,7 +16,7 @@ use nix::sys::signal::{kill, SigSet, Signal};
 use nix::unistd::Pid;
 
 use crate::services::Supervisor;
-use crate::sys::{log, port_device, reap, Result, SHUTDOWN_SIGNALS};
+use crate::sys::{log, open_port, reap, Result, SHUTDOWN_SIGNALS};
 
 /// Children the control thread waits for, and where their statuses go.
 type Waiting = Arc<Mutex<HashMap<Pid, Sender<Status>>>>;
@@ -25,12 +24,7 @@ type Waiting = Arc<Mutex<HashMap<Pid, Sender<Status>>>>;
 /// Serves until the host asks for a power-off (or init is asked to shut down).
 pub fn serve(request: &Request, supervisor: &mut Supervisor, signals: SigSet) -> Result<Status> {
     let waiting: Waiting = Arc::default();
-    let dev = port_device(CONTROL_PORT)?;
-    let port = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&dev)
-        .map_err(|e| format!("cannot open {}: {e}", dev.display()))?;
+    let port = open_port(CONTROL_PORT)?;
     let thread_waiting = waiting.clone();
     let request = request.clone();
     std::thread::spawn(move || {

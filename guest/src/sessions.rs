@@ -8,7 +8,7 @@
 //! [`claim`], which they ask first.
 
 use std::collections::HashMap;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
@@ -25,7 +25,7 @@ use nix::pty::{openpty, Winsize};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
-use crate::sys::{clean_start, log, port_device, Result};
+use crate::sys::{clean_start, log, open_port, Result};
 
 /// The sessions' shells, and where each one's status goes.
 static SHELLS: Mutex<Option<HashMap<Pid, Sender<Status>>>> = Mutex::new(None);
@@ -56,12 +56,7 @@ pub(crate) fn start(request: &Request) -> Result<()> {
     if !request.attach {
         return Ok(());
     }
-    let dev = port_device(ATTACH_PORT)?;
-    let port = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&dev)
-        .map_err(|e| format!("cannot open {}: {e}", dev.display()))?;
+    let port = open_port(ATTACH_PORT)?;
     let request = request.clone();
     std::thread::spawn(move || {
         if let Err(e) = serve(port, &request) {

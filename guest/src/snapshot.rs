@@ -9,7 +9,7 @@ use std::os::fd::AsRawFd;
 
 use guest::snapshot::{parse_go, WAITING};
 
-use crate::sys::{log, port_device, Result};
+use crate::sys::{log, open_port, Result};
 
 /// `RNDADDENTROPY`: `_IOW('R', 0x03, int[2])`.
 const RNDADDENTROPY: u64 = 0x4008_5203;
@@ -18,12 +18,7 @@ const RNDRESEEDCRNG: u64 = 0x5207;
 
 /// Waits for the host's `go`, saying it waits every few milliseconds.
 pub fn wait_for_go() -> Result<()> {
-    let dev = port_device(guest::SNAPSHOT_PORT)?;
-    let mut port = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&dev)
-        .map_err(|e| format!("cannot open {}: {e}", dev.display()))?;
+    let mut port = open_port(guest::SNAPSHOT_PORT)?;
     log("waiting for the host (snapshot point)");
     let mut line = Vec::new();
     loop {

@@ -42,6 +42,12 @@ pub(crate) fn port_device(name: &str) -> Result<PathBuf> {
     Err(format!("no virtio serial port named `{name}` appeared in {}", class.display()))
 }
 
+/// Opens the virtio serial port called `name` for reading and writing ([`port_device`]).
+pub(crate) fn open_port(name: &str) -> Result<fs::File> {
+    let dev = port_device(name)?;
+    fs::OpenOptions::new().read(true).write(true).open(&dev).map_err(|e| format!("cannot open {}: {e}", dev.display()))
+}
+
 /// Signals that ask PID 1 to shut down (busybox `poweroff` sends SIGUSR2, `reboot`
 /// SIGTERM, `halt` SIGUSR1; Ctrl-Alt-Del is SIGINT).
 pub(crate) const SHUTDOWN_SIGNALS: [Signal; 5] =

@@ -177,6 +177,48 @@ pub fn pin(name: &str) -> Result<Pin> {
     lock::pin(name, resolve)
 }
 
+/// A Debian package's closure, locked and unpacked in the store (a program run on the
+/// host through libc6's loader: the store QEMU, gdb).
+pub struct Unpacked {
+    /// Each package's item, by name.
+    pub items: Vec<(String, Item)>,
+    /// Whose closure it is, for messages.
+    what: String,
+}
+
+impl Unpacked {
+    /// Locks (in `vm.lock`) and unpacks `package` with its closure, for `what` ("QEMU").
+    pub fn closure(store: &Store, package: &str, what: &str) -> Result<Unpacked> {
+        let closure =
+            closure::closure(&[package.to_string()]).with_context(|| format!("locking {what}'s Debian packages"))?;
+        let mut items = Vec::new();
+        for (name, pin) in &closure {
+            items.push((name.clone(), unpacked(store, pin).with_context(|| format!("unpacking `{name}`"))?));
+        }
+        Ok(Unpacked { items, what: what.to_string() })
+    }
+
+    /// The item of `package`.
+    pub fn item(&self, package: &str) -> Result<&Item> {
+        self.items
+            .iter()
+            .find(|(n, _)| n == package)
+            .map(|(_, i)| i)
+            .with_context(|| format!("`{package}` is not in {}'s closure", self.what))
+    }
+
+    /// The packages' library directories ([`LIB_DIRS`] that exist), each as `base(item)/DIR`.
+    pub fn lib_dirs(&self, base: impl Fn(&Item) -> String) -> Vec<String> {
+        let mut dirs = Vec::new();
+        for (_, item) in &self.items {
+            for dir in LIB_DIRS.iter().filter(|d| item.path.join(d).is_dir()) {
+                dirs.push(format!("{}/{dir}", base(item)));
+            }
+        }
+        dirs
+    }
+}
+
 /// libc6's dynamic loader, inside its package: the store's Debian programs run through it.
 pub const LOADER: &str = "lib/x86_64-linux-gnu/ld-linux-x86-64.so.2";
 /// Where Debian's packages put shared libraries.

@@ -5,7 +5,7 @@
 //! nothing installed on the host. `gdbserver`, the other half, runs in the guest
 //! (`test --debug` adds its package to the system for that run).
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 
 use crate::debian;
 use crate::store::{Item, Recipe, Store};
@@ -22,25 +22,11 @@ const DATA_DIR: &str = "share/gdb";
 
 /// The `gdb-store` item: the wrapper over the unpacked closure of [`PACKAGE`].
 pub fn from_store(store: &Store) -> Result<Item> {
-    let closure = debian::closure::closure(&[PACKAGE.to_string()]).context("locking gdb's Debian packages")?;
-    let mut items = Vec::new();
-    for (name, pin) in &closure {
-        items.push((name.clone(), debian::unpacked(store, pin).with_context(|| format!("unpacking `{name}`"))?));
-    }
-    let item_of = |package: &str| {
-        items
-            .iter()
-            .find(|(n, _)| n == package)
-            .map(|(_, i)| i)
-            .with_context(|| format!("`{package}` is not in gdb's closure"))
-    };
+    let packages = debian::Unpacked::closure(store, PACKAGE, "gdb")?;
+    let item_of = |package: &str| packages.item(package);
     let rel = |item: &Item, sub: &str| format!("$s/{}/{sub}", item.file_name());
     let (libc6, gdb) = (item_of("libc6")?, item_of(PACKAGE)?);
-    let lib_dirs: Vec<(&Item, &str)> = items
-        .iter()
-        .flat_map(|(_, i)| debian::LIB_DIRS.iter().filter(|d| i.path.join(d).is_dir()).map(move |d| (i, *d)))
-        .collect();
-    let libs: Vec<String> = lib_dirs.iter().map(|(i, d)| rel(i, d)).collect();
+    let libs = packages.lib_dirs(|i| format!("$s/{}", i.file_name()));
     // No init file (system-wide or the user's) and no host data: what the user types runs.
     let script = format!(
         "#!/bin/sh\n# gdb from Debian's gdb-minimal in the store, through libc6's loader.\n\
@@ -52,12 +38,12 @@ pub fn from_store(store: &Store) -> Result<Item> {
         rel(gdb, BIN),
     );
     let mut recipe = Recipe::new("gdb-store", "gdb-store").param("script", script.clone());
-    for (_, item) in &items {
+    for (_, item) in &packages.items {
         recipe = recipe.reference(item);
     }
     store.realise(&recipe, |out| {
-        let _step = crate::progress::step(&format!("making gdb from {} Debian packages", items.len()));
-        let abs_libs: Vec<String> = lib_dirs.iter().map(|(i, d)| i.path.join(d).display().to_string()).collect();
+        let _step = crate::progress::step(&format!("making gdb from {} Debian packages", packages.items.len()));
+        let abs_libs = packages.lib_dirs(|i| i.path.display().to_string());
         let mut check = crate::process::command(libc6.path.join(debian::LOADER));
         check
             .args(["--inhibit-cache", "--library-path", &abs_libs.join(":")])

@@ -97,26 +97,12 @@ fn choose() -> Result<PathBuf> {
 /// The `qemu-store` item: the wrapper script over the unpacked closure of
 /// [`PACKAGE`].
 pub fn from_store(store: &Store) -> Result<Item> {
-    let closure = debian::closure::closure(&[PACKAGE.to_string()]).context("locking QEMU's Debian packages")?;
-    let mut items = Vec::new();
-    for (name, pin) in &closure {
-        items.push((name.clone(), debian::unpacked(store, pin).with_context(|| format!("unpacking `{name}`"))?));
-    }
-    let item_of = |package: &str| {
-        items
-            .iter()
-            .find(|(n, _)| n == package)
-            .map(|(_, i)| i)
-            .with_context(|| format!("`{package}` is not in QEMU's closure"))
-    };
+    let packages = debian::Unpacked::closure(store, PACKAGE, "QEMU")?;
+    let item_of = |package: &str| packages.item(package);
     // Paths relative to the store's directory of items, found from the script's own path.
     let rel = |item: &Item, sub: &str| format!("$s/{}/{sub}", item.file_name());
     let (libc6, qemu) = (item_of("libc6")?, item_of(PACKAGE)?);
-    let lib_dirs: Vec<(&Item, &str)> = items
-        .iter()
-        .flat_map(|(_, i)| debian::LIB_DIRS.iter().filter(|d| i.path.join(d).is_dir()).map(move |d| (i, *d)))
-        .collect();
-    let libs: Vec<String> = lib_dirs.iter().map(|(i, d)| rel(i, d)).collect();
+    let libs = packages.lib_dirs(|i| format!("$s/{}", i.file_name()));
     let mut data = Vec::new();
     for (package, dir) in DATA_DIRS {
         data.push(format!("-L \"{}\"", rel(item_of(package)?, dir)));
@@ -133,13 +119,13 @@ pub fn from_store(store: &Store) -> Result<Item> {
         data.join(" ")
     );
     let mut recipe = Recipe::new("qemu-store", "qemu-store").param("script", script.clone());
-    for (_, item) in &items {
+    for (_, item) in &packages.items {
         recipe = recipe.reference(item);
     }
     store.realise(&recipe, |out| {
-        let _step = crate::progress::step(&format!("making QEMU from {} Debian packages", items.len()));
+        let _step = crate::progress::step(&format!("making QEMU from {} Debian packages", packages.items.len()));
         // The same command with the items' paths: a QEMU that does not run is never stored.
-        let abs_libs: Vec<String> = lib_dirs.iter().map(|(i, d)| i.path.join(d).display().to_string()).collect();
+        let abs_libs = packages.lib_dirs(|i| i.path.display().to_string());
         let mut check = crate::process::command(libc6.path.join(debian::LOADER));
         check
             .args(["--inhibit-cache", "--library-path", &abs_libs.join(":")])
