@@ -7,6 +7,8 @@
 //! process (its PID and start time). Each runner call, one at a time under that
 //! directory's lock, puts its binary in the keeper's exchange directory (the libraries it
 //! loads are store items), asks the keeper to run it, and prints its output and status.
+//! The guest runs the doctests with their addresses not randomized: under software
+//! emulation, the translated code of the libraries they all load is then reused.
 //! The keeper powers the VM off and removes its directory once that cargo process has
 //! ended.
 
@@ -152,6 +154,7 @@ pub fn run(
             timeout_ms: timeout.as_millis() as u64,
             cwd: binary.package_dir.to_string_lossy().into_owned(),
             env: binary.env.clone(),
+            fixed_addresses: true,
         },
     };
     let answer = ask(&socket, &call, timeout + scenario::ANSWER_GRACE)?;
