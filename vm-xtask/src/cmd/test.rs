@@ -276,8 +276,13 @@ impl TestRunner {
             .map(PathBuf::from)
             .unwrap_or(std::env::current_dir().context("the current directory")?);
         let label = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        // The binary's own workspace is shared, wherever it is: found before anything boots.
-        let shared = Shared::of_binary(&path, &package_dir)?;
+        // The binary's own workspace is shared, wherever it is: found before anything boots
+        // (once per cargo command for its doctests).
+        let doctest_cargo = kept::doctest_cargo();
+        let shared = match doctest_cargo {
+            Some(cargo) => kept::doctest_workspace(ws, &path, &package_dir, cargo)?,
+            None => Shared::of_binary(&path, &package_dir)?,
+        };
         if kept::is_keeper() {
             return kept::keep(ws, &self.vm, &shared);
         }
@@ -286,7 +291,7 @@ impl TestRunner {
         let env = std::env::vars().filter(|(k, _)| k.starts_with("CARGO_")).collect();
         let binary = TestBinary { path, package_dir, label, env, rerun: String::new(), args: None };
         // Doctests, one binary each: all of one cargo command's in one VM, kept meanwhile.
-        if let Some(cargo) = kept::doctest_cargo() {
+        if let Some(cargo) = doctest_cargo {
             return kept::run(ws, &shared, &self.vm, &binary, test_args, cargo);
         }
         // Cargo says `Running` and how a failure is run again itself.
@@ -331,12 +336,18 @@ impl Shared {
                 String::from_utf8_lossy(&out.stderr).trim()
             )));
         };
+        Ok(Shared::in_workspace(root, binary))
+    }
+
+    /// The workspace at `root` shared for `binary`: with the target directory the binary
+    /// was built in (the nearest with a `CACHEDIR.TAG`), else the workspace's.
+    pub fn in_workspace(root: &Path, binary: &Path) -> Shared {
         let target_dir = binary
             .ancestors()
             .find(|d| d.join("CACHEDIR.TAG").is_file())
             .map(Path::to_path_buf)
             .unwrap_or_else(|| root.join("target"));
-        Ok(Shared { root: root.to_path_buf(), target_dir })
+        Shared { root: root.to_path_buf(), target_dir }
     }
 }
 
