@@ -199,8 +199,8 @@ fn reads_its_fixture_in_the_vm() {
 /// `xtask test --doc` runs a crate's doctests in one VM (kept while cargo runs them):
 /// they see the VM and the crate's files, every runner call rustdoc makes lands in the
 /// same VM (each doctest leaves a line in the guest's `/tmp`, and the last one, run one
-/// at a time in name order, finds them all), and a failing one gives cargo's words and
-/// 101.
+/// at a time in name order, finds them all; its addresses are not randomized), and a
+/// failing one gives cargo's words and 101.
 #[test]
 fn doctests_run_in_one_kept_vm() {
     let dir = tempfile::tempdir().unwrap();
@@ -223,7 +223,10 @@ fn doctests_run_in_one_kept_vm() {
     }
     lib.push_str(
         "/// ```\n/// let runs = std::fs::read_to_string(\"/tmp/docs-runs\").unwrap_or_default();\n\
-         /// assert_eq!(runs.lines().count(), 6, \"the doctests ran in other VMs: {runs:?}\");\n/// ```\n\
+         /// assert_eq!(runs.lines().count(), 6, \"the doctests ran in other VMs: {runs:?}\");\n\
+         /// let persona = std::fs::read_to_string(\"/proc/self/personality\").unwrap();\n\
+         /// let persona = u32::from_str_radix(persona.trim(), 16).unwrap();\n\
+         /// assert_ne!(persona & 0x0040000, 0, \"addresses randomized: {persona:x}\");\n/// ```\n\
          pub fn zz_last() {}\n",
     );
     std::fs::write(krate.join("src/lib.rs"), &lib).unwrap();

@@ -161,12 +161,18 @@ impl Shared {
                 String::from_utf8_lossy(&out.stderr).trim()
             )));
         };
+        Ok(Shared::in_workspace(root, binary))
+    }
+
+    /// The workspace at `root` shared for `binary`: with the target directory the binary
+    /// was built in (the nearest with a `CACHEDIR.TAG`), else the workspace's.
+    pub fn in_workspace(root: &Path, binary: &Path) -> Shared {
         let target_dir = binary
             .ancestors()
             .find(|d| d.join("CACHEDIR.TAG").is_file())
             .map(Path::to_path_buf)
             .unwrap_or_else(|| root.join("target"));
-        Ok(Shared { root: root.to_path_buf(), target_dir })
+        Shared { root: root.to_path_buf(), target_dir }
     }
 }
 

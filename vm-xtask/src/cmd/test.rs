@@ -181,8 +181,13 @@ impl TestRunner {
             .map(PathBuf::from)
             .unwrap_or(std::env::current_dir().context("the current directory")?);
         let label = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        // The binary's own workspace is shared, wherever it is: found before anything boots.
-        let shared = Shared::of_binary(&path, &package_dir)?;
+        // The binary's own workspace is shared, wherever it is: found before anything boots
+        // (once per cargo command for its doctests).
+        let doctest_cargo = suite::kept::doctest_cargo();
+        let shared = match doctest_cargo {
+            Some(cargo) => suite::kept::doctest_workspace(ws, &path, &package_dir, cargo)?,
+            None => Shared::of_binary(&path, &package_dir)?,
+        };
         if suite::kept::is_keeper() {
             return suite::kept::keep(ws, &self.vm, &self.vm.system()?, &shared);
         }
@@ -191,7 +196,7 @@ impl TestRunner {
         let env = std::env::vars().filter(|(k, _)| k.starts_with("CARGO_")).collect();
         let binary = TestBinary { path, package_dir, label, env, rerun: String::new(), args: None, under: vec![] };
         // Doctests, one binary each: all of one cargo command's in one VM, kept meanwhile.
-        if let Some(cargo) = suite::kept::doctest_cargo() {
+        if let Some(cargo) = doctest_cargo {
             return suite::kept::run(ws, &shared, &self.vm, &binary, test_args, cargo);
         }
         // Cargo says `Running` and how a failure is run again itself.

@@ -5,7 +5,8 @@
 //! are recorded as `ref` inputs of its recipe, so [`Store::closure`] computes closures.
 
 use fs_err as fs;
-use std::collections::{BTreeMap, BTreeSet};
+use std::cell::RefCell;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -102,12 +103,14 @@ pub struct ElfInfo {
 }
 
 /// Reads an x86-64 ELF file's needed libraries and interpreter.
+/// Only the parts it needs are read (a test binary's debug information is most of it).
 pub fn elf_info(path: &Path) -> Result<ElfInfo> {
-    let data = fs::read(path).with_context(|| format!("reading `{}`", path.display()))?;
+    let file = std::fs::File::open(path).with_context(|| format!("reading `{}`", path.display()))?;
+    let data = object::read::ReadCache::new(file);
     parse_elf(&data).with_context(|| format!("reading the ELF headers of `{}`", path.display()))
 }
 
-fn parse_elf(data: &[u8]) -> Result<ElfInfo> {
+fn parse_elf<'d, R: object::ReadRef<'d>>(data: R) -> Result<ElfInfo> {
     let header = object::elf::FileHeader64::<object::Endianness>::parse(data)?;
     let endian = header.endian()?;
     let mut interpreter = None;
@@ -127,16 +130,50 @@ fn parse_elf(data: &[u8]) -> Result<ElfInfo> {
                 Some(object::elf::DT_RUNPATH) => &mut runpath,
                 _ => continue,
             };
-            list.push(String::from_utf8_lossy(d.string(endian, strings)?).into_owned());
+            let name = u32::try_from(d.d_val(endian)).ok().and_then(|at| strings.get(at).ok());
+            list.push(String::from_utf8_lossy(name.context("a dynamic entry's string is out of bounds")?).into_owned());
         }
     }
     Ok(ElfInfo { needed, interpreter, rpath, runpath })
 }
 
 /// Where `ld.so` finds libraries here: the cache `ldconfig -p` prints (x86-64 entries),
-/// then the standard directories.
+/// then the standard directories. A resolver also remembers what it read of each library
+/// file and the item it made of it, by the file's identity ([`FileId`]): one kept for
+/// many programs (the doctests' keeper) reads, hashes and stores an unchanged library once.
 pub struct LibraryResolver {
     cache: BTreeMap<String, PathBuf>,
+    seen: RefCell<HashMap<(PathBuf, FileId), ElfInfo>>,
+    made: RefCell<HashMap<LibraryKey, Item>>,
+}
+
+/// A library item by what it is made of: the soname, the file and its identity, and the
+/// items of the libraries it needs.
+type LibraryKey = (String, PathBuf, FileId, Vec<String>);
+
+/// A file as it is now: a file replaced or written to (its change time moves whatever
+/// its modification time says) is another.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct FileId {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl FileId {
+    pub fn of(path: &Path) -> Result<FileId> {
+        use std::os::unix::fs::MetadataExt;
+        let m = fs::metadata(path).with_context(|| format!("reading `{}`", path.display()))?;
+        Ok(FileId {
+            dev: m.dev(),
+            ino: m.ino(),
+            size: m.size(),
+            mtime: (m.mtime(), m.mtime_nsec()),
+            ctime: (m.ctime(), m.ctime_nsec()),
+        })
+    }
 }
 
 /// Directories searched after the cache, in `ld.so`'s order for Debian's multiarch glibc.
@@ -149,7 +186,7 @@ impl LibraryResolver {
             .or_else(|_| crate::process::output(crate::process::command("/sbin/ldconfig").arg("-p")))
             .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
             .unwrap_or_default();
-        LibraryResolver { cache: parse_ldconfig(&text) }
+        LibraryResolver { cache: parse_ldconfig(&text), seen: RefCell::default(), made: RefCell::default() }
     }
 
     /// `soname` as `ld.so` finds it for an object whose entries give `search`: its
@@ -218,7 +255,7 @@ pub fn host_libraries(store: &Store, resolver: &LibraryResolver, path: &Path) ->
     if let Some(interp) = &info.interpreter {
         let interp_path = Path::new(interp);
         let soname = interp_path.file_name().and_then(|n| n.to_str()).context("interpreter without a file name")?;
-        let item = library_file(store, soname, interp_path, &[])?;
+        let item = library_file(store, resolver, soname, interp_path, &[])?;
         links.push((interp.clone(), format!("{}/{soname}", item.guest_path())));
         items.push(item);
     }
@@ -270,19 +307,36 @@ fn library(
         format!("shared library `{soname}` is not in `ldconfig -p` nor in {}{own}", LIBRARY_DIRS.join(", "))
     })?;
     stack.push(soname.to_string());
-    let info = elf_info(&path)?;
+    let id = FileId::of(&path)?;
+    let info = match resolver.seen.borrow().get(&(path.clone(), id)) {
+        Some(info) => info.clone(),
+        None => elf_info(&path)?,
+    };
+    resolver.seen.borrow_mut().insert((path.clone(), id), info.clone());
     let inner = SearchPath::of(&info, &path, Some(search));
     let mut refs = Vec::new();
     for needed in &info.needed {
         refs.push(library(store, resolver, needed, &inner, done, stack)?);
     }
     stack.pop();
-    let item = library_file(store, soname, &path, &refs)?;
+    let item = library_file(store, resolver, soname, &path, &refs)?;
     done.insert(soname.to_string(), item.clone());
     Ok(item)
 }
 
-fn library_file(store: &Store, soname: &str, path: &Path, refs: &[Item]) -> Result<Item> {
+/// The item of library `soname` at `path`, needing `refs`: made once per resolver while
+/// the file stays the same.
+fn library_file(store: &Store, resolver: &LibraryResolver, soname: &str, path: &Path, refs: &[Item]) -> Result<Item> {
+    let key = (soname.to_string(), path.to_path_buf(), FileId::of(path)?, refs.iter().map(Item::file_name).collect());
+    if let Some(item) = resolver.made.borrow().get(&key) {
+        return Ok(item.clone());
+    }
+    let item = store_library_file(store, soname, path, refs)?;
+    resolver.made.borrow_mut().insert(key, item.clone());
+    Ok(item)
+}
+
+fn store_library_file(store: &Store, soname: &str, path: &Path, refs: &[Item]) -> Result<Item> {
     let mut recipe = Recipe::new("host-library", &format!("lib-{soname}"))
         .param("soname", soname)
         .input_content("library", &store::sha256_file(path)?);
@@ -394,7 +448,7 @@ mod tests {
         let helper = fs::read("/proc/self/exe").unwrap();
         // The test binary itself is dynamic (the crate binaries are checked for the opposite);
         // a truncated file is an error, not a guess.
-        assert!(parse_elf(&helper).unwrap().interpreter.is_some());
+        assert!(parse_elf(helper.as_slice()).unwrap().interpreter.is_some());
         assert!(parse_elf(&helper[..100]).is_err());
     }
 }
@@ -471,6 +525,44 @@ mod rpath_tests {
             );
             assert!(program.links.iter().any(|(l, _)| l == "/lib/x86_64-linux-gnu/libfixturedep.so.1"));
         }
+    }
+
+    /// A resolver kept for many programs makes each library's item once, and another once
+    /// the file has changed (and then the items of the libraries needing it).
+    #[test]
+    fn a_kept_resolver_stores_each_library_once_and_again_once_changed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("fixture");
+        let prog = fixture(&dir, true);
+        let store = Store::open(&tmp.path().join("store"), false).unwrap();
+        let resolver = LibraryResolver::from_host();
+        // The items of the whole closure, by name.
+        let closure = |libs: &HostLibraries| -> BTreeMap<String, Item> {
+            store.closure(&libs.items).unwrap().into_iter().map(|i| (i.name.clone(), i)).collect()
+        };
+        let first = host_libraries(&store, &resolver, &prog).unwrap();
+        let made = resolver.made.borrow().clone();
+        let again = host_libraries(&store, &resolver, &prog).unwrap();
+        assert_eq!(first.links, again.links);
+        assert_eq!(first.items, again.items);
+        assert_eq!(*resolver.made.borrow(), made, "made again");
+
+        // The same size and modification time, other bytes: another file all the same.
+        let path = dir.join("lib/libfixturedep.so.1");
+        let modified = fs::metadata(&path).unwrap().modified().unwrap();
+        let mut bytes = fs::read(&path).unwrap();
+        // A padding byte of the ELF identification: read by nothing.
+        bytes[10] ^= 1;
+        fs::write(&path, &bytes).unwrap();
+        fs::File::options().write(true).open(&path).unwrap().set_modified(modified).unwrap();
+        let changed = host_libraries(&store, &resolver, &prog).unwrap();
+        let (was, now) = (closure(&first), closure(&changed));
+        let dep = &now["lib-libfixturedep.so.1"];
+        assert_ne!(was["lib-libfixturedep.so.1"], *dep);
+        assert_eq!(fs::read(dep.path.join("libfixturedep.so.1")).unwrap(), bytes);
+        assert_ne!(was["lib-libfixture.so.1"], now["lib-libfixture.so.1"]);
+        assert_eq!(was["lib-libc.so.6"], now["lib-libc.so.6"]);
+        assert_ne!(first.links, changed.links);
     }
 
     #[test]

@@ -5,12 +5,18 @@
 //! workspace as `test` does, and listens on a unix socket in a private directory under
 //! the target directory, keyed by the system, the options, the workspace and the cargo
 //! process (its PID and start time). Each runner call, one at a time under that
-//! directory's lock, puts its binary in the keeper's exchange directory (the libraries it
-//! loads are store items), asks the keeper to run it, and prints its output and status.
+//! directory's lock, puts its binary in the keeper's share of binaries, asks the keeper
+//! to run it, and prints its output and status. The keeper adds the libraries the binary
+//! loads to the store (each file read, hashed and stored once while the keeper lives),
+//! and the runner calls find the workspace once per package and cargo process: what a
+//! call costs on the host is small beside the doctest's run.
+//! The guest runs the doctests with their addresses not randomized: under software
+//! emulation, the translated code of the libraries they all load is then reused.
 //! The keeper powers the VM off and removes its directory once that cargo process has
 //! ended.
 
 use std::io::{BufRead, BufReader, Write};
+use std::os::unix::ffi::OsStringExt;
 use std::os::unix::fs::DirBuilderExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::os::unix::process::CommandExt;
@@ -82,6 +88,39 @@ pub fn doctest_cargo() -> Option<Process> {
     None
 }
 
+/// The private directory of what the runner calls of `cargo` share whatever their
+/// keeper: the workspaces found for their packages.
+fn cargo_dir(ws: &Workspace, cargo: Process) -> PathBuf {
+    let hash = crate::store::sha256_bytes(format!("{}\0{}", cargo.pid, cargo.start).as_bytes());
+    ws.target_dir.join("xtask-runner").join(format!("cargo-{}", &hash[..16]))
+}
+
+/// The workspace a doctest of `cargo`'s shares ([`Shared::of_binary`]), found once per
+/// package directory while that cargo process runs (`cargo locate-project` costs about
+/// as much as running a doctest) and remembered in its private directory.
+pub fn doctest_workspace(ws: &Workspace, binary: &Path, package_dir: &Path, cargo: Process) -> Result<Shared> {
+    let dir = cargo_dir(ws, cargo);
+    let hash = crate::store::sha256_bytes(package_dir.as_os_str().as_encoded_bytes());
+    let file = dir.join(format!("workspace-{}", &hash[..16]));
+    if let Ok(root) = std::fs::read(&file) {
+        let root = PathBuf::from(std::ffi::OsString::from_vec(root));
+        if package_dir.join("Cargo.toml").is_file() && root.join("Cargo.toml").is_file() {
+            return Ok(Shared::in_workspace(&root, binary));
+        }
+    }
+    let shared = Shared::of_binary(binary, package_dir)?;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&dir)
+        .with_context(|| format!("creating `{}`", dir.display()))?;
+    // Whole or not at all: other runner calls read it meanwhile.
+    let mut new = tempfile::NamedTempFile::new_in(&dir).context("remembering the workspace")?;
+    new.write_all(shared.root.as_os_str().as_encoded_bytes())?;
+    new.persist(&file).context("remembering the workspace")?;
+    Ok(shared)
+}
+
 /// Whether this process is a keeper (started by [`run`]).
 pub fn is_keeper() -> bool {
     std::env::var_os(KEEPER_ENV).is_some()
@@ -118,9 +157,6 @@ pub fn run(
     test_args: &[String],
     cargo: Process,
 ) -> Result<i32> {
-    let store = opts.open_store(ws)?;
-    let libraries = packages::host_libraries(&store, &packages::LibraryResolver::from_host(), &binary.path)
-        .with_context(|| format!("adding the libraries of `{}` to the store", binary.path.display()))?;
     let dir = keeper_dir(ws, opts, shared, cargo)?;
     // One runner call at a time: rustdoc runs doctests on several threads.
     let lock = std::fs::File::options()
@@ -136,22 +172,27 @@ pub fn run(
     }
     let bins = PathBuf::from(std::fs::read_to_string(dir.join("bins")).context("the kept VM's binaries")?);
     // The binary goes in the kept VM's own share, not the store: it is thrown away after.
+    // A link to the same file where it can be one (rustdoc's directory and the share on
+    // one file system), else a copy.
     let name = binary.path.file_name().unwrap_or_default().to_string_lossy().into_owned();
     let staged = tempfile::Builder::new().prefix("run.").tempdir_in(&bins).context("staging the binary")?;
-    std::fs::copy(&binary.path, staged.path().join(&name))
-        .with_context(|| format!("copying `{}`", binary.path.display()))?;
+    if std::fs::hard_link(&binary.path, staged.path().join(&name)).is_err() {
+        std::fs::copy(&binary.path, staged.path().join(&name))
+            .with_context(|| format!("copying `{}`", binary.path.display()))?;
+    }
     let run_dir = staged.path().file_name().unwrap_or_default().to_string_lossy().into_owned();
     let guest_binary = format!("{BINS_MOUNT}/{run_dir}/{name}");
     let timeout = opts.test_binary_timeout().unwrap_or(Duration::from_secs(24 * 3600));
     let mut argv = vec![guest_binary];
     argv.extend(test_args.iter().cloned());
     let call = Call {
-        links: libraries.links,
+        binary: binary.path.clone(),
         run: ToGuest::RunIn {
             argv,
             timeout_ms: timeout.as_millis() as u64,
             cwd: binary.package_dir.to_string_lossy().into_owned(),
             env: binary.env.clone(),
+            fixed_addresses: true,
         },
     };
     let answer = ask(&socket, &call, timeout + scenario::ANSWER_GRACE)?;
@@ -179,11 +220,11 @@ pub fn run(
     }
 }
 
-/// A runner call, as the keeper takes it: the links (in the guest) the binary's libraries
-/// need, and how to run it.
+/// A runner call, as the keeper takes it: the binary (on the host: the keeper adds the
+/// libraries it loads to the store), and how to run it.
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
 struct Call {
-    links: Vec<(String, String)>,
+    binary: PathBuf,
     run: ToGuest,
 }
 
@@ -266,6 +307,7 @@ pub fn keep(ws: &Workspace, opts: &VmOpts, system: &System, shared: &Shared) -> 
     // that started it to show.
     if result.is_ok() {
         let _ = std::fs::remove_dir_all(&dir);
+        let _ = std::fs::remove_dir_all(cargo_dir(ws, cargo));
     } else {
         let _ = std::fs::remove_file(dir.join("socket"));
     }
@@ -304,6 +346,8 @@ fn serve(ws: &Workspace, opts: &VmOpts, system: &System, shared: &Shared, dir: &
     // The links already made in the guest (the system's, at boot): a runner call's
     // others are made first, where they can be made beside the system's.
     let mut made: std::collections::BTreeSet<(String, String)> = lowered.links.iter().cloned().collect();
+    // One resolver for every call: each library is read, hashed and stored once.
+    let libraries = Libraries { store, resolver: packages::LibraryResolver::from_host() };
     let ready = dir.join("socket.new");
     let _ = std::fs::remove_file(&ready);
     let listener = UnixListener::bind(&ready).with_context(|| format!("listening at `{}`", ready.display()))?;
@@ -313,7 +357,7 @@ fn serve(ws: &Workspace, opts: &VmOpts, system: &System, shared: &Shared, dir: &
     loop {
         match listener.accept() {
             Ok((stream, _)) => {
-                if let Err(e) = answer(&mut node, &mut made, stream) {
+                if let Err(e) = answer(&mut node, &libraries, &mut made, stream) {
                     eprintln!("a runner call failed: {e:#}");
                 }
             }
@@ -337,9 +381,20 @@ fn wait_for_call(listener: &UnixListener) {
     let _ = nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(200u16));
 }
 
-/// One runner call: the links it needs made (those not made yet), its message handed to
-/// the guest, the guest's answer handed back.
-fn answer(node: &mut Node, made: &mut std::collections::BTreeSet<(String, String)>, stream: UnixStream) -> Result<()> {
+/// Where the keeper puts the libraries of the binaries it runs.
+struct Libraries<'a> {
+    store: &'a crate::store::Store,
+    resolver: packages::LibraryResolver,
+}
+
+/// One runner call: the binary's libraries stored and the links to them made (those not
+/// made yet), its message handed to the guest, the guest's answer handed back.
+fn answer(
+    node: &mut Node,
+    libraries: &Libraries,
+    made: &mut std::collections::BTreeSet<(String, String)>,
+    stream: UnixStream,
+) -> Result<()> {
     stream.set_nonblocking(false)?;
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
     let mut writer = stream.try_clone()?;
@@ -356,7 +411,15 @@ fn answer(node: &mut Node, made: &mut std::collections::BTreeSet<(String, String
         }
         ToGuest::PowerOff => bail!("a runner call may not power the kept VM off"),
     };
-    let new = system::library_links_to_make(&made.iter().cloned().collect::<Vec<_>>(), call.links);
+    let links = match packages::host_libraries(libraries.store, &libraries.resolver, &call.binary) {
+        Ok(found) => found.links,
+        Err(e) => {
+            let error = format!("adding the libraries of `{}` to the store: {e:#}", call.binary.display());
+            writer.write_all(format!("{}\n", serde_json::to_string(&FromGuest::Failed { error })?).as_bytes())?;
+            return Ok(());
+        }
+    };
+    let new = system::library_links_to_make(&made.iter().cloned().collect::<Vec<_>>(), links);
     if !new.is_empty() {
         let links = ToGuest::Run { argv: link_command(&new), timeout_ms: 60_000 };
         match node.ask(&links, Duration::from_secs(60) + scenario::ANSWER_GRACE)? {
