@@ -35,13 +35,6 @@ pub enum ToGuest {
         cwd: String,
         /// Variables added to (or replacing those of) the request's environment.
         env: Vec<(String, String)>,
-        /// Run it with its address space laid out the same way every time (no
-        /// randomization, as `setarch -R` does): a VM under software emulation reuses its
-        /// translation of the code of the shared libraries a program loads (the loader,
-        /// the C library) only where that code was before, so many short programs run
-        /// one after the other cost half as much this way.
-        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-        fixed_addresses: bool,
     },
     /// Stop everything and power off (the status file says `exit 0`).
     PowerOff,
@@ -139,25 +132,6 @@ mod tests {
         let m = ToGuest::Run { argv: vec!["sh".into(), "-c".into(), "echo a\nb".into()], timeout_ms: 5 };
         let line = serde_json::to_string(&m).unwrap();
         assert!(!line.contains('\n'));
-        assert_eq!(serde_json::from_str::<ToGuest>(&line).unwrap(), m);
-    }
-
-    #[test]
-    fn fixed_addresses_is_said_only_when_asked_for() {
-        let mut m = ToGuest::RunIn {
-            argv: vec!["true".into()],
-            timeout_ms: 5,
-            cwd: "/".into(),
-            env: vec![],
-            fixed_addresses: false,
-        };
-        let line = serde_json::to_string(&m).unwrap();
-        assert!(!line.contains("fixed"), "{line}");
-        assert_eq!(serde_json::from_str::<ToGuest>(&line).unwrap(), m);
-        if let ToGuest::RunIn { fixed_addresses, .. } = &mut m {
-            *fixed_addresses = true;
-        }
-        let line = serde_json::to_string(&m).unwrap();
         assert_eq!(serde_json::from_str::<ToGuest>(&line).unwrap(), m);
     }
 }

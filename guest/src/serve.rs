@@ -78,12 +78,12 @@ fn control_loop(port: std::fs::File, request: &Request, waiting: &Waiting) -> Re
         }
         match serde_json::from_str::<ToGuest>(&line) {
             Ok(ToGuest::Run { argv, timeout_ms }) => {
-                let done = run(&argv, timeout_ms, request, &request.cwd, &[], false, waiting);
+                let done = run(&argv, timeout_ms, request, &request.cwd, &[], waiting);
                 // The host may have gone meanwhile; the next one asks again.
                 let _ = send(&done);
             }
-            Ok(ToGuest::RunIn { argv, timeout_ms, cwd, env, fixed_addresses }) => {
-                let done = run(&argv, timeout_ms, request, &cwd, &env, fixed_addresses, waiting);
+            Ok(ToGuest::RunIn { argv, timeout_ms, cwd, env }) => {
+                let done = run(&argv, timeout_ms, request, &cwd, &env, waiting);
                 // The host may have gone meanwhile; the next one asks again.
                 let _ = send(&done);
             }
@@ -95,15 +95,13 @@ fn control_loop(port: std::fs::File, request: &Request, waiting: &Waiting) -> Re
     }
 }
 
-/// Runs one command in `cwd` with the request's environment and `env`, its addresses
-/// not randomized when `fixed_addresses`.
+/// Runs one command in `cwd` with the request's environment and `env`.
 fn run(
     argv: &[String],
     timeout_ms: u64,
     request: &Request,
     cwd: &str,
     env: &[(String, String)],
-    fixed_addresses: bool,
     waiting: &Waiting,
 ) -> FromGuest {
     let Some((program, args)) = argv.split_first() else {
@@ -119,9 +117,6 @@ fn run(
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     crate::sys::clean_start(&mut cmd);
-    if fixed_addresses {
-        crate::sys::fixed_addresses(&mut cmd);
-    }
     let (tx, rx) = mpsc::channel();
     // Registered before the reaper can see it exit: it takes the same lock.
     let mut child = {

@@ -80,24 +80,6 @@ pub(crate) fn clean_start(cmd: &mut Command) {
     }
 }
 
-/// Makes `cmd` run with its address space not randomized (`setarch -R`): the
-/// personality flag `ADDR_NO_RANDOMIZE`, kept through its exec.
-pub(crate) fn fixed_addresses(cmd: &mut Command) {
-    use nix::libc;
-    // SAFETY: `personality` is a plain system call; nothing is allocated.
-    unsafe {
-        cmd.pre_exec(|| {
-            // 0xffffffff reads the current personality without changing it.
-            let current = libc::personality(0xffff_ffff);
-            if current < 0 || libc::personality(current as libc::c_ulong | libc::ADDR_NO_RANDOMIZE as libc::c_ulong) < 0
-            {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-}
-
 /// The work of [`clean_start`], between fork and exec.
 fn reset_process() -> std::io::Result<()> {
     use nix::libc;

@@ -192,7 +192,6 @@ pub fn run(
             timeout_ms: timeout.as_millis() as u64,
             cwd: binary.package_dir.to_string_lossy().into_owned(),
             env: binary.env.clone(),
-            fixed_addresses: true,
         },
     };
     let answer = ask(&socket, &call, timeout + scenario::ANSWER_GRACE)?;

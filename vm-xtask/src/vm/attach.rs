@@ -37,6 +37,34 @@ pub fn id(label: &str) -> String {
     format!("{label}-{}", std::process::id())
 }
 
+/// The longest path a unix socket's address holds (`sun_path` is 108 bytes, NUL included).
+const SOCKET_PATH_MAX: usize = 107;
+
+/// The attach channel's socket, and the private directory made for it when it is not in
+/// the place asked for (removed when this is dropped).
+#[derive(Debug)]
+pub struct Socket {
+    /// Its path.
+    pub path: PathBuf,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl Socket {
+    /// `dir/name` when that path fits a socket's address; else `name` in a private
+    /// directory made under the temporary directory (a deep target directory); none when
+    /// that does not fit either (the VM then serves no shells).
+    pub fn new(dir: &Path, name: &str) -> Result<Option<Socket>> {
+        let fits = |p: &Path| p.as_os_str().len() <= SOCKET_PATH_MAX;
+        let path = dir.join(name);
+        if fits(&path) {
+            return Ok(Some(Socket { path, _dir: None }));
+        }
+        let short = tempfile::Builder::new().prefix("xtask-attach.").tempdir().context("a directory for a socket")?;
+        let path = short.path().join(name);
+        Ok(fits(&path).then_some(Socket { path, _dir: Some(short) }))
+    }
+}
+
 /// A running VM, as the registry has it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Entry {
@@ -71,7 +99,7 @@ pub struct Registration {
 
 impl Registration {
     /// Writes the entry of the VM `id` (this process's) serving its attach channel on
-    /// `socket`.
+    /// `socket` (which must outlive it).
     pub fn new(attachable: &Attachable, id: &str, socket: &Path) -> Result<Registration> {
         crate::store::ensure_private_dir(&attachable.dir)?;
         let pid = std::process::id() as i32;
@@ -297,6 +325,19 @@ pub fn print_list(entries: &[Entry]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_socket_too_deep_for_its_address_goes_to_a_private_directory() {
+        let shallow = Socket::new(Path::new("/run/x"), "attach.sock").unwrap().unwrap();
+        assert_eq!(shallow.path, Path::new("/run/x/attach.sock"));
+        let deep = PathBuf::from(format!("/{}", "d".repeat(120)));
+        let moved = Socket::new(&deep, "attach.sock").unwrap().unwrap();
+        assert!(moved.path.as_os_str().len() <= SOCKET_PATH_MAX && moved.path.ends_with("attach.sock"));
+        let dir = moved.path.parent().unwrap().to_path_buf();
+        assert!(dir.is_dir());
+        drop(moved);
+        assert!(!dir.exists(), "the private directory outlived its socket");
+    }
 
     #[test]
     fn entries_of_ended_processes_are_dropped() {

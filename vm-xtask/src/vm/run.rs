@@ -256,14 +256,17 @@ impl<'a> VmRun<'a> {
             ports = (Some("stdout".to_string()), Some("stderr".to_string()));
         }
 
-        let registration = match &self.attach {
-            Some(attachable) => {
-                let socket = self.runtime.join("attach.sock");
-                self.spec.attach = Some(socket.clone());
-                let id = crate::vm::attach::id(&self.label);
-                Some(crate::vm::attach::Registration::new(attachable, &id, &socket)?)
-            }
+        let socket = match &self.attach {
+            Some(_) => crate::vm::attach::Socket::new(&self.runtime, "attach.sock")?,
             None => None,
+        };
+        let registration = match (&self.attach, &socket) {
+            (Some(attachable), Some(socket)) => {
+                self.spec.attach = Some(socket.path.clone());
+                let id = crate::vm::attach::id(&self.label);
+                Some(crate::vm::attach::Registration::new(attachable, &id, &socket.path)?)
+            }
+            _ => None,
         };
         let attach = registration.is_some();
         let warm = match self.snapshots.take() {
@@ -327,6 +330,7 @@ impl<'a> VmRun<'a> {
             restore_terminal(&t);
         }
         drop(registration);
+        drop(socket);
         for relay in relays {
             relay.finish();
         }

@@ -80,8 +80,9 @@ pub struct Node {
     qemu: Option<Child>,
     control: Option<(BufReader<UnixStream>, UnixStream)>,
     _xchg: crate::store::Exchange,
-    /// Its entry among the workspace's running VMs, for `cargo xtask attach`.
-    _registration: Option<vm::attach::Registration>,
+    /// Its entry among the workspace's running VMs, for `cargo xtask attach`, and the
+    /// attach channel's socket.
+    _registration: Option<(vm::attach::Registration, vm::attach::Socket)>,
 }
 
 /// How a command on a node ended.
@@ -316,14 +317,14 @@ impl Node {
         spec.console = Console::File(console_fifo.clone());
         let control_path = sockets.join(format!("{name}.control"));
         spec.control = Some(control_path.clone());
-        let registration = match attach {
-            Some((attachable, label)) => {
-                let socket = sockets.join(format!("{name}.attach"));
-                spec.attach = Some(socket.clone());
-                Some(vm::attach::Registration::new(&attachable, &vm::attach::id(&label), &socket)?)
+        let mut registration = None;
+        if let Some((attachable, label)) = attach {
+            if let Some(socket) = vm::attach::Socket::new(sockets, &format!("{name}.attach"))? {
+                spec.attach = Some(socket.path.clone());
+                let id = vm::attach::id(&label);
+                registration = Some((vm::attach::Registration::new(&attachable, &id, &socket.path)?, socket));
             }
-            None => None,
-        };
+        }
         Ok(Node {
             name: name.to_string(),
             args: qemu::args(&spec),
