@@ -226,7 +226,7 @@ fn doctests_run_in_one_kept_vm() {
          /// assert_eq!(runs.lines().count(), 6, \"the doctests ran in other VMs: {runs:?}\");\n\
          /// let persona = std::fs::read_to_string(\"/proc/self/personality\").unwrap();\n\
          /// let persona = u32::from_str_radix(persona.trim(), 16).unwrap();\n\
-         /// assert_eq!(persona & 0x0040000, 0, \"addresses not randomized, as they are on a host: {persona:x}\");\n/// ```\n\
+         /// assert_eq!(persona & 0x0040000, 0, \"not randomized as on a host: {persona:x}\");\n/// ```\n\
          pub fn zz_last() {}\n",
     );
     std::fs::write(krate.join("src/lib.rs"), &lib).unwrap();
