@@ -207,6 +207,16 @@ impl Unpacked {
             .with_context(|| format!("`{package}` is not in {}'s closure", self.what))
     }
 
+    /// A command running `program` (a path inside the item of `package`) through libc6's
+    /// loader with the packages' libraries, as the wrapper script does with the items'
+    /// own paths: the check a wrapper is made with.
+    pub fn command(&self, package: &str, program: &str) -> Result<std::process::Command> {
+        let libs = self.lib_dirs(|i| i.path.display().to_string()).join(":");
+        let mut cmd = crate::process::command(self.item("libc6")?.path.join(LOADER));
+        cmd.args(["--inhibit-cache", "--library-path", &libs]).arg(self.item(package)?.path.join(program));
+        Ok(cmd)
+    }
+
     /// The packages' library directories ([`LIB_DIRS`] that exist), each as `base(item)/DIR`.
     pub fn lib_dirs(&self, base: impl Fn(&Item) -> String) -> Vec<String> {
         let mut dirs = Vec::new();

@@ -43,12 +43,8 @@ pub fn from_store(store: &Store) -> Result<Item> {
     }
     store.realise(&recipe, |out| {
         let _step = crate::progress::step(&format!("making gdb from {} Debian packages", packages.items.len()));
-        let abs_libs = packages.lib_dirs(|i| i.path.display().to_string());
-        let mut check = crate::process::command(libc6.path.join(debian::LOADER));
-        check
-            .args(["--inhibit-cache", "--library-path", &abs_libs.join(":")])
-            .arg(gdb.path.join(BIN))
-            .args(["-nx", "--version"]);
+        let mut check = packages.command(PACKAGE, BIN)?;
+        check.args(["-nx", "--version"]);
         debian::write_loader_wrapper(out, libc6, "gdb", &script, &check)?;
         fs_err::create_dir_all(out.join(DATA_DIR))?;
         Ok(())

@@ -125,12 +125,8 @@ pub fn from_store(store: &Store) -> Result<Item> {
     store.realise(&recipe, |out| {
         let _step = crate::progress::step(&format!("making QEMU from {} Debian packages", packages.items.len()));
         // The same command with the items' paths: a QEMU that does not run is never stored.
-        let abs_libs = packages.lib_dirs(|i| i.path.display().to_string());
-        let mut check = crate::process::command(libc6.path.join(debian::LOADER));
-        check
-            .args(["--inhibit-cache", "--library-path", &abs_libs.join(":")])
-            .arg(qemu.path.join(QEMU_BIN))
-            .arg("-version");
+        let mut check = packages.command(PACKAGE, QEMU_BIN)?;
+        check.arg("-version");
         // QEMU shows as `qemu-system-x86` (in `ps`, to `pkill`), not `ld-linux`.
         debian::write_loader_wrapper(out, libc6, host::QEMU_SYSTEM.program, &script, &check)
     })
