@@ -375,6 +375,18 @@ pub fn create_private_file(path: &Path) -> Result<File> {
         .with_context(|| format!("creating `{}`", path.display()))
 }
 
+/// Reads from `file` until `buf` is full or the file ends; returns how much was read.
+pub fn read_full(file: &mut impl std::io::Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match file.read(&mut buf[n..])? {
+            0 => break,
+            k => n += k,
+        }
+    }
+    Ok(n)
+}
+
 /// Writes `bytes` to `path` as a whole or not at all: a temporary beside it, written and
 /// fsynced, renamed over `path`, then the directory fsynced. Used for every record the
 /// store keeps (`.meta`, memos).

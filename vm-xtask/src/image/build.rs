@@ -13,7 +13,7 @@
 use fs_err as fs;
 use std::collections::BTreeSet;
 use std::fs::File;
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::{Seek, SeekFrom, Write};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -910,8 +910,8 @@ pub fn first_difference(a: &Path, b: &Path) -> Result<Option<u64>> {
     let mut bb = vec![0u8; 1 << 20];
     let mut offset = 0u64;
     loop {
-        let na = read_full(&mut fa, &mut ba).with_context(|| format!("reading `{}`", a.display()))?;
-        let nb = read_full(&mut fb, &mut bb).with_context(|| format!("reading `{}`", b.display()))?;
+        let na = crate::store::read_full(&mut fa, &mut ba).with_context(|| format!("reading `{}`", a.display()))?;
+        let nb = crate::store::read_full(&mut fb, &mut bb).with_context(|| format!("reading `{}`", b.display()))?;
         let n = na.min(nb);
         if let Some(i) = ba[..n].iter().zip(&bb[..n]).position(|(x, y)| x != y) {
             return Ok(Some(offset + i as u64));
@@ -924,17 +924,6 @@ pub fn first_difference(a: &Path, b: &Path) -> Result<Option<u64>> {
         }
         offset += n as u64;
     }
-}
-
-fn read_full(file: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
-    let mut n = 0;
-    while n < buf.len() {
-        match file.read(&mut buf[n..])? {
-            0 => break,
-            k => n += k,
-        }
-    }
-    Ok(n)
 }
 
 /// Where a byte offset of a raw image falls, for messages.

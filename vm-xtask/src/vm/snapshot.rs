@@ -276,7 +276,7 @@ fn punch_zero_pages(path: &Path) -> Result<u64> {
     let mut buf = vec![0u8; 1 << 20];
     let (mut at, mut data) = (0i64, 0u64);
     loop {
-        let n = read_full(&mut file, &mut buf)?;
+        let n = crate::store::read_full(&mut file, &mut buf)?;
         if n == 0 {
             break;
         }
@@ -291,18 +291,6 @@ fn punch_zero_pages(path: &Path) -> Result<u64> {
         at += n as i64;
     }
     Ok(data)
-}
-
-/// Reads until `buf` is full or the end of the file.
-fn read_full(file: &mut impl Read, buf: &mut [u8]) -> Result<usize> {
-    let mut n = 0;
-    while n < buf.len() {
-        match file.read(&mut buf[n..])? {
-            0 => break,
-            m => n += m,
-        }
-    }
-    Ok(n)
 }
 
 /// The arguments that make QEMU wait for a restore: a monitor on descriptor
