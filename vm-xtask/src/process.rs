@@ -138,6 +138,18 @@ pub fn shell_quote(s: &str) -> String {
     }
 }
 
+/// `(command name, parent PID, start time in clock ticks after boot)` of process `pid`,
+/// from `/proc/PID/stat`; the start time tells a process from a later one with its PID.
+pub fn stat(pid: i32) -> Option<(String, i32, u64)> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The name is in parentheses and may hold anything, parentheses included.
+    let (head, rest) = text.rsplit_once(')')?;
+    let name = head.split_once('(')?.1.to_string();
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // After the name: state (3), ppid (4), ... starttime (22).
+    Some((name, fields.get(1)?.parse().ok()?, fields.get(19)?.parse().ok()?))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -10,8 +10,6 @@
 //! loads to the store (each file read, hashed and stored once while the keeper lives),
 //! and the runner calls find the workspace once per package and cargo process: what a
 //! call costs on the host is small beside the doctest's run.
-//! The guest runs the doctests with their addresses not randomized: under software
-//! emulation, the translated code of the libraries they all load is then reused.
 //! The keeper powers the VM off and removes its directory once that cargo process has
 //! ended.
 
@@ -30,7 +28,7 @@ use guest::{Mode, MountSpec};
 use super::{workspace_mounts, Shared, TestBinary};
 use crate::lower::{packages, system};
 use crate::machine::{Machine, VmOpts};
-use crate::process::shell_quote;
+use crate::process::{shell_quote, stat};
 use crate::vm::scenario::{self, Node};
 use crate::Workspace;
 use os_configs::System;
@@ -57,17 +55,6 @@ impl Process {
     fn alive(self) -> bool {
         stat(self.pid).is_some_and(|(_, _, start)| start == self.start)
     }
-}
-
-/// `(command name, parent PID, start time)` of process `pid`, from `/proc/PID/stat`.
-fn stat(pid: i32) -> Option<(String, i32, u64)> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The name is in parentheses and may hold anything, parentheses included.
-    let (head, rest) = text.rsplit_once(')')?;
-    let name = head.split_once('(')?.1.to_string();
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    // After the name: state (3), ppid (4), ... starttime (22).
-    Some((name, fields.get(1)?.parse().ok()?, fields.get(19)?.parse().ok()?))
 }
 
 /// The cargo process a runner call belongs to when rustdoc made it (a doctest): the

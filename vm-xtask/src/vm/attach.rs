@@ -83,12 +83,9 @@ pub struct Entry {
     pub socket: PathBuf,
 }
 
-/// The start time of process `pid` (clock ticks after boot), from `/proc/PID/stat`.
+/// The start time of process `pid` (clock ticks after boot).
 fn process_start(pid: i32) -> Option<u64> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // After the name (in parentheses, which may hold anything): starttime is field 22.
-    let (_, rest) = text.rsplit_once(')')?;
-    rest.split_whitespace().nth(19)?.parse().ok()
+    crate::process::stat(pid).map(|(_, _, start)| start)
 }
 
 /// The registration of a running VM: its registry entry, removed when this is dropped.
