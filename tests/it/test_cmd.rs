@@ -196,6 +196,59 @@ fn reads_its_fixture_in_the_vm() {
     assert!(!run.stderr.contains("vm: booting"), "a VM was booted: {run:#?}");
 }
 
+/// `xtask test --manifest-path` runs the tests of the workspace that manifest is in,
+/// sharing that workspace (not xtask's); its doctests (none here) boot no VM that
+/// outlives cargo: nothing runs in the crate's directory once the command has ended.
+#[test]
+fn test_shares_the_workspace_its_manifest_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let krate = dir.path().join("other crate");
+    std::fs::create_dir_all(krate.join("tests")).unwrap();
+    std::fs::create_dir_all(krate.join("src")).unwrap();
+    let manifest = "[package]\nname = \"other\"\nversion = \"0.1.0\"\nedition = \"2021\"\n\n[workspace]\n";
+    std::fs::write(krate.join("Cargo.toml"), manifest).unwrap();
+    std::fs::write(krate.join("src/lib.rs"), "pub fn f() -> u32 { 1 }\n").unwrap();
+    std::fs::write(krate.join("tests/fixture.txt"), "from the other workspace\n").unwrap();
+    let test = r#"
+#[test]
+fn reads_its_fixture_in_the_vm() {
+    assert!(std::path::Path::new("/store").is_dir(), "not in a VM of xtask's");
+    let fixture = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixture.txt");
+    assert_eq!(std::fs::read_to_string(fixture).unwrap(), "from the other workspace\n");
+    assert_eq!(other::f(), 1);
+}
+"#;
+    std::fs::write(krate.join("tests/in_vm.rs"), test).unwrap();
+    let manifest_path = krate.join("Cargo.toml");
+    let args = ["test", "--system", "minimal", "--timeout", TIMEOUT, "--manifest-path"];
+    let run = xtask(&[&args[..], &[manifest_path.to_str().unwrap(), "--offline"]].concat());
+    run.expect_code(0);
+    assert!(run.stdout.contains("test reads_its_fixture_in_the_vm ... ok"), "{run:#?}");
+
+    // The doctests' VM, started with cargo, ends with it.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let left = running_in(&krate);
+        if left.is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "still running in the crate's directory: {left:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The command lines of the processes whose working directory is `dir`.
+fn running_in(dir: &std::path::Path) -> Vec<String> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        if std::fs::read_link(entry.path().join("cwd")).is_ok_and(|cwd| cwd == dir) {
+            let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+            found.push(String::from_utf8_lossy(&cmdline).replace('\0', " "));
+        }
+    }
+    found
+}
+
 /// `xtask test --doc` runs a crate's doctests in one VM (kept while cargo runs them):
 /// they see the VM and the crate's files, every runner call rustdoc makes lands in the
 /// same VM (each doctest leaves a line in the guest's `/tmp`, and the last one, run one

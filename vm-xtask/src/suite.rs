@@ -164,6 +164,29 @@ impl Shared {
         Ok(Shared::in_workspace(root, binary))
     }
 
+    /// The workspace of `cargo test --manifest-path MANIFEST` (relative to `ws`'s root,
+    /// where cargo runs), and the target directory cargo builds it in.
+    pub fn of_manifest(ws: &Workspace, manifest: &Path) -> Result<Shared> {
+        let manifest = ws.root.join(manifest);
+        let mut query = cargo_metadata::MetadataCommand::new();
+        query.manifest_path(&manifest).no_deps();
+        let out = crate::process::output(&query.cargo_command())?;
+        if !out.status.success() {
+            return Err(usage_error(format!(
+                "cargo finds no workspace for `--manifest-path {}`: {}; give the `Cargo.toml` of a package or \
+                 workspace",
+                manifest.display(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+        let metadata = cargo_metadata::MetadataCommand::parse(String::from_utf8_lossy(&out.stdout))
+            .context("parsing `cargo metadata`")?;
+        Ok(Shared {
+            root: metadata.workspace_root.into_std_path_buf(),
+            target_dir: metadata.target_directory.into_std_path_buf(),
+        })
+    }
+
     /// The workspace at `root` shared for `binary`: with the target directory the binary
     /// was built in (the nearest with a `CACHEDIR.TAG`), else the workspace's.
     pub fn in_workspace(root: &Path, binary: &Path) -> Shared {
@@ -174,6 +197,15 @@ impl Shared {
             .unwrap_or_else(|| root.join("target"));
         Shared { root: root.to_path_buf(), target_dir }
     }
+}
+
+/// The manifest `cargo test` arguments name (`--manifest-path FILE`), if they do.
+pub fn manifest_arg(cargo_args: &[String]) -> Option<PathBuf> {
+    cargo_args.iter().enumerate().find_map(|(i, arg)| match arg.strip_prefix("--manifest-path") {
+        Some("") => cargo_args.get(i + 1).map(PathBuf::from),
+        Some(rest) => rest.strip_prefix('=').map(PathBuf::from),
+        None => None,
+    })
 }
 
 /// `cargo test --no-run` with `cargo_args`; the test executables it built, in the order
@@ -242,7 +274,20 @@ pub fn doctests(ws: &Workspace, runner: &[String], cargo_args: &[String], test_a
         .args(["--config", &config, "--"])
         .args(test_args)
         .current_dir(&ws.root);
-    let status = cmd.status().context("running `cargo test --doc`")?;
+    // Each of rustdoc's threads compiles a doctest, then runs it; in the VM the doctests
+    // take turns, so with a thread per core the cores would wait with them. Twice as many
+    // keep compiling meanwhile (unless told how many).
+    let told = test_args.iter().any(|a| a.starts_with("--test-threads"));
+    if !told && std::env::var_os("RUST_TEST_THREADS").is_none() {
+        let cores = std::thread::available_parallelism().map_or(1, usize::from);
+        cmd.arg(format!("--test-threads={}", 2 * cores));
+    }
+    let mut child = cmd.spawn().context("running `cargo test --doc`")?;
+    // The VM boots while cargo builds: the first doctest finds it up, or nearly.
+    if let Err(e) = kept::start_ahead(ws, runner, cargo_args, child.id()) {
+        eprintln!("warning: the doctests' VM starts with the first doctest, not ahead of them: {e:#}");
+    }
+    let status = child.wait().context("waiting for `cargo test --doc`")?;
     Ok(status.code().unwrap_or(EXIT_TEST_FAILED))
 }
 
@@ -672,6 +717,27 @@ fn started(running: &mut Vec<String>, name: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_manifest_is_read_from_either_spelling() {
+        let args = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let found = manifest_arg(&args(&["-p", "x", "--manifest-path", "a b/Cargo.toml"]));
+        assert_eq!(found, Some(PathBuf::from("a b/Cargo.toml")));
+        assert_eq!(manifest_arg(&args(&["--manifest-path=c/Cargo.toml"])), Some(PathBuf::from("c/Cargo.toml")));
+        assert_eq!(manifest_arg(&args(&["--manifest-pathology"])), None);
+        assert_eq!(manifest_arg(&args(&["--manifest-path"])), None);
+        assert_eq!(manifest_arg(&args(&["--lib"])), None);
+    }
+
+    #[test]
+    fn a_process_is_pid_and_start_time() {
+        let p = kept::parse_process("123:456").unwrap();
+        assert_eq!((p.pid, p.start), (123, 456));
+        assert_eq!(kept::parse_process(&p.to_string()), Ok(p));
+        for bad in ["", "123", "0:1", "-1:2", "1:x", "x:1", "1:2:3"] {
+            assert!(kept::parse_process(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn progress_names_the_tests_still_running() {

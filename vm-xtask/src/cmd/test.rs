@@ -43,8 +43,17 @@ pub struct Test {
 pub struct TestRunner {
     #[command(flatten)]
     pub vm: VmOpts,
+    /// Boot the VM that the runner calls of the doctests of cargo process PID:START will
+    /// share, before the first of them comes (`test --doc` starts it with cargo).
+    #[arg(long, hide = true, value_name = "PID:START", value_parser = suite::kept::parse_process)]
+    pub keep_for_cargo: Option<suite::kept::Process>,
     /// The test binary cargo built, then its arguments.
-    #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true, value_name = "BINARY [ARGS]")]
+    #[arg(
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        required_unless_present = "keep_for_cargo",
+        value_name = "BINARY [ARGS]"
+    )]
     pub args: Vec<String>,
 }
 
@@ -74,7 +83,11 @@ impl Test {
         // The system is checked before anything is built; the test binaries are built
         // while the VM boots.
         let words = if no_fail_fast { Words::NoFailFast } else { Words::FailFast };
-        let shared = Shared { root: ws.root.clone(), target_dir: ws.target_dir.clone() };
+        // The workspace cargo acts on: the one `--manifest-path` names, else xtask's.
+        let shared = match suite::manifest_arg(&cargo_args) {
+            Some(manifest) => Shared::of_manifest(ws, &manifest)?,
+            None => Shared { root: ws.root.clone(), target_dir: ws.target_dir.clone() },
+        };
         let system = self.vm.system()?;
         if let Some(file) = &self.junit {
             junit::check_file(file)?;
@@ -171,7 +184,10 @@ fn selects_targets(arg: &str) -> bool {
 
 impl TestRunner {
     pub fn run(self, ws: &Workspace) -> Result<i32> {
-        let (binary, test_args) = self.args.split_first().expect("clap requires the binary");
+        if let Some(cargo) = self.keep_for_cargo {
+            return suite::kept::keep_ahead(ws, &self.vm, cargo);
+        }
+        let (binary, test_args) = self.args.split_first().context("no test binary")?;
         let path = std::path::absolute(binary).with_context(|| format!("finding `{binary}`"))?;
         if !path.is_file() {
             return Err(usage_error(format!("`{binary}` is not a test binary (cargo runs its runner with one)")));

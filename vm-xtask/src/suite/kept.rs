@@ -1,12 +1,15 @@
 //! A test VM kept for one cargo command: rustdoc runs every doctest through cargo's
-//! runner, one binary each, so without it each doctest boots a VM of its own. The first
-//! runner call that rustdoc makes starts a *keeper*: this program again, detached, which
-//! boots the system once in serve mode ([`crate::vm::scenario::Node`]), shares the
-//! workspace as `test` does, and listens on a unix socket in a private directory under
-//! the target directory, keyed by the system, the options, the workspace and the cargo
-//! process (its PID and start time). Each runner call, one at a time under that
-//! directory's lock, puts its binary in the keeper's share of binaries, asks the keeper
-//! to run it, and prints its output and status. The keeper adds the libraries the binary
+//! runner, one binary each, so without it each doctest boots a VM of its own. A *keeper*
+//! (this program again, detached) boots the system once in serve mode
+//! ([`crate::vm::scenario::Node`]), shares the workspace as `test` does, and listens on a
+//! unix socket in a private directory under the target directory, keyed by the system,
+//! the options, the workspace and the cargo process (its PID and start time). `test
+//! --doc` starts it together with cargo ([`start_ahead`]), so that the VM boots while
+//! cargo builds; else the first runner call that rustdoc makes starts it. A keeper names
+//! itself in its directory: a runner call finding it still booting waits for it. Each
+//! runner call, one at a time under that directory's lock, puts its binary in the
+//! keeper's share of binaries, asks the keeper to run it, and prints its output and
+//! status. The keeper adds the libraries the binary
 //! loads to the store (each file read, hashed and stored once while the keeper lives),
 //! and the runner calls find the workspace once per package and cargo process: what a
 //! call costs on the host is small beside the doctest's run.
@@ -55,6 +58,24 @@ impl Process {
     fn alive(self) -> bool {
         stat(self.pid).is_some_and(|(_, _, start)| start == self.start)
     }
+
+    fn of(pid: i32) -> Option<Process> {
+        stat(pid).map(|(_, _, start)| Process { pid, start })
+    }
+}
+
+impl std::fmt::Display for Process {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.pid, self.start)
+    }
+}
+
+/// A process as `PID:START` ([`Process`]'s `Display`).
+pub fn parse_process(text: &str) -> Result<Process, String> {
+    let parsed = text.split_once(':').and_then(|(pid, start)| {
+        Some(Process { pid: pid.parse().ok().filter(|p| *p > 0)?, start: start.parse().ok()? })
+    });
+    parsed.ok_or_else(|| format!("`{text}` is not PID:START"))
 }
 
 /// The cargo process a runner call belongs to when rustdoc made it (a doctest): the
@@ -155,7 +176,11 @@ pub fn run(
     lock.lock().context("waiting for the other doctests")?;
     let socket = dir.join("socket");
     if UnixStream::connect(&socket).is_err() {
-        start_keeper(&dir, cargo)?;
+        match keeper_of(&dir).filter(|keeper| keeper.alive()) {
+            // Started with cargo, still booting.
+            Some(keeper) => await_keeper(&dir, || (!keeper.alive()).then(|| "it ended".to_string()))?,
+            None => start_keeper(&dir, cargo)?,
+        }
     }
     let bins = PathBuf::from(std::fs::read_to_string(dir.join("bins")).context("the kept VM's binaries")?);
     // The binary goes in the kept VM's own share, not the store: it is thrown away after.
@@ -257,24 +282,106 @@ fn start_keeper(dir: &Path, cargo: Process) -> Result<()> {
         cmd.pre_exec(|| nix::unistd::setsid().map(drop).map_err(std::io::Error::from));
     }
     let mut child = cmd.spawn().context("starting the keeper of the doctests' VM")?;
+    let started = await_keeper(dir, || child.try_wait().ok().flatten().map(|status| status.to_string()));
+    if started.is_err() {
+        let _ = child.kill();
+    }
+    // Reaped by init once it ends; this process is gone long before.
+    std::mem::forget(child);
+    started
+}
+
+/// Waits until the keeper of `dir` listens; `ended` says how it ended, if it has.
+fn await_keeper(dir: &Path, mut ended: impl FnMut() -> Option<String>) -> Result<()> {
     let deadline = Instant::now() + START_TIMEOUT;
     loop {
         if UnixStream::connect(dir.join("socket")).is_ok() {
-            // Reaped by init once it ends; this process is gone long before.
-            std::mem::forget(child);
             return Ok(());
         }
-        if let Ok(Some(status)) = child.try_wait() {
-            let said = std::fs::read_to_string(&log_path).unwrap_or_default();
+        if let Some(how) = ended() {
+            let said = std::fs::read_to_string(dir.join("keeper.log")).unwrap_or_default();
             let tail: Vec<&str> = said.lines().rev().take(20).collect::<Vec<_>>().into_iter().rev().collect();
-            bail!("the VM for the doctests did not start ({status}):\n{}", tail.join("\n"));
+            bail!("the VM for the doctests did not start ({how}):\n{}", tail.join("\n"));
         }
         if Instant::now() > deadline {
-            let _ = child.kill();
             bail!("the VM for the doctests did not start within {}s", START_TIMEOUT.as_secs());
         }
-        std::thread::sleep(Duration::from_millis(50));
+        std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// The keeper that named itself in `dir`, if one did.
+fn keeper_of(dir: &Path) -> Option<Process> {
+    parse_process(std::fs::read_to_string(dir.join("keeper")).ok()?.trim()).ok()
+}
+
+/// Names this process as the keeper of `dir`.
+fn claim(dir: &Path) -> Result<()> {
+    let me = Process::of(std::process::id() as i32).context("reading this process's start time")?;
+    let mut new = tempfile::NamedTempFile::new_in(dir).context("naming the keeper")?;
+    new.write_all(me.to_string().as_bytes())?;
+    new.persist(dir.join("keeper")).context("naming the keeper")?;
+    Ok(())
+}
+
+/// `test --doc`, once it has started cargo (`cargo_pid`, running the doctests with
+/// `runner`, a command line of this program's `test-runner`): starts the keeper for
+/// that cargo process now, detached ([`keep_ahead`]), so that the VM boots while cargo
+/// builds the doctests.
+pub fn start_ahead(ws: &Workspace, runner: &[String], cargo_args: &[String], cargo_pid: u32) -> Result<()> {
+    let cargo = Process::of(cargo_pid as i32).context("cargo ended at once")?;
+    // The runner calls look for the nearest `cargo` above rustdoc: this one, unless
+    // `CARGO` names something else.
+    if stat(cargo.pid).is_none_or(|(name, _, _)| name != "cargo") {
+        return Ok(());
+    }
+    // Cargo acts on the workspace of the manifest it is given, else of its directory.
+    let package_dir = match super::manifest_arg(cargo_args) {
+        Some(manifest) => ws.root.join(manifest).parent().map(Path::to_path_buf).unwrap_or_else(|| ws.root.clone()),
+        None => ws.root.clone(),
+    };
+    let (program, args) = runner.split_first().context("no runner")?;
+    let mut cmd = std::process::Command::new(program);
+    cmd.args(args)
+        .args(["--keep-for-cargo", &cargo.to_string()])
+        .current_dir(&package_dir)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    // SAFETY: setsid is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| nix::unistd::setsid().map(drop).map_err(std::io::Error::from));
+    }
+    let child = cmd.spawn().context("starting the keeper of the doctests' VM")?;
+    // Reaped once `test` ends; it ends with cargo.
+    std::mem::forget(child);
+    Ok(())
+}
+
+/// The keeper [`start_ahead`] starts, in the directory of the package cargo acts on:
+/// becomes the keeper for `cargo`'s doctests, unless one is up already.
+pub fn keep_ahead(ws: &Workspace, opts: &VmOpts, cargo: Process) -> Result<i32> {
+    let package_dir = std::env::current_dir().context("the current directory")?;
+    // As a runner call finds it for a doctest, built under the temporary directory.
+    let shared = super::Shared::of_binary(&std::env::temp_dir().join("rustdoctest"), &package_dir)?;
+    let dir = keeper_dir(ws, opts, &shared, cargo)?;
+    let lock = std::fs::File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join("lock"))
+        .with_context(|| format!("opening `{}`", dir.join("lock").display()))?;
+    lock.lock().context("waiting for the doctests")?;
+    if UnixStream::connect(dir.join("socket")).is_ok() || keeper_of(&dir).is_some_and(Process::alive) {
+        return Ok(0);
+    }
+    let log = std::fs::File::create(dir.join("keeper.log")).context("creating the keeper's log")?;
+    for fd in [1, 2] {
+        nix::unistd::dup2(std::os::fd::AsRawFd::as_raw_fd(&log), fd).context("logging the keeper")?;
+    }
+    claim(&dir)?;
+    drop(lock);
+    Ok(keep_in(ws, opts, &opts.system()?, &shared, &dir, cargo))
 }
 
 /// The keeper: boots the system once, serves runner calls until the cargo process ends.
@@ -285,19 +392,25 @@ pub fn keep(ws: &Workspace, opts: &VmOpts, system: &System, shared: &Shared) -> 
         Some(Process { pid: pid.parse().ok()?, start: start.parse().ok()? })
     });
     let cargo = cargo.context("no cargo process to serve")?;
-    let result = serve(ws, opts, system, shared, &dir, cargo);
+    claim(&dir)?;
+    Ok(keep_in(ws, opts, system, shared, &dir, cargo))
+}
+
+/// The keeper of `dir`, serving `cargo`'s doctests; its exit status.
+fn keep_in(ws: &Workspace, opts: &VmOpts, system: &System, shared: &Shared, dir: &Path, cargo: Process) -> i32 {
+    let result = serve(ws, opts, system, shared, dir, cargo);
     if let Err(e) = &result {
         eprintln!("error: {e:#}");
     }
     // Nothing of it is left once cargo has ended; a failure's log is kept for the runner
     // that started it to show.
     if result.is_ok() {
-        let _ = std::fs::remove_dir_all(&dir);
+        let _ = std::fs::remove_dir_all(dir);
         let _ = std::fs::remove_dir_all(cargo_dir(ws, cargo));
     } else {
         let _ = std::fs::remove_file(dir.join("socket"));
     }
-    result.map(|()| 0)
+    i32::from(result.is_err())
 }
 
 fn serve(ws: &Workspace, opts: &VmOpts, system: &System, shared: &Shared, dir: &Path, cargo: Process) -> Result<()> {
@@ -328,7 +441,10 @@ fn serve(ws: &Workspace, opts: &VmOpts, system: &System, shared: &Shared, dir: &
     let console = ws.log_dir().join(format!("test-doctests-{}.log", std::process::id()));
     let attach = (machine.attachable("test --doc: the doctests' kept VM"), "doctests".to_string());
     let mut node = Node::serving("doctests", spec, dir, console, xchg, Some(attach))?;
-    node.start()?;
+    if !boot_while_alive(&mut node, cargo)? {
+        // Cargo ended first (no doctests, or a build failed): nothing to serve.
+        return Ok(());
+    }
     // The links already made in the guest (the system's, at boot): a runner call's
     // others are made first, where they can be made beside the system's.
     let mut made: std::collections::BTreeSet<(String, String)> = lowered.links.iter().cloned().collect();
@@ -357,6 +473,40 @@ fn serve(ws: &Workspace, opts: &VmOpts, system: &System, shared: &Shared, dir: &
         if !node.is_running() {
             bail!("the VM stopped");
         }
+    }
+}
+
+/// Boots `node` unless `cargo` ends first (then its QEMU is stopped at once): whether it
+/// booted.
+fn boot_while_alive(node: &mut Node, cargo: Process) -> Result<bool> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    node.spawn()?;
+    let qemu = node.pid();
+    let (booted, gone) = (AtomicBool::new(false), AtomicBool::new(false));
+    let result = std::thread::scope(|scope| {
+        scope.spawn(|| {
+            while !booted.load(Ordering::Relaxed) {
+                if !cargo.alive() {
+                    gone.store(true, Ordering::Relaxed);
+                    if let Some(pid) = qemu {
+                        let _ = nix::sys::signal::kill(
+                            nix::unistd::Pid::from_raw(pid as i32),
+                            nix::sys::signal::Signal::SIGKILL,
+                        );
+                    }
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        });
+        let result = node.connect();
+        booted.store(true, Ordering::Relaxed);
+        result
+    });
+    match result {
+        Ok(()) => Ok(true),
+        Err(_) if gone.load(Ordering::Relaxed) => Ok(false),
+        Err(e) => Err(e),
     }
 }
 

@@ -351,7 +351,13 @@ impl Node {
         self.running()
     }
 
-    fn spawn(&mut self) -> Result<()> {
+    /// Its QEMU's process ID, once started.
+    pub fn pid(&self) -> Option<u32> {
+        self.qemu.as_ref().map(std::process::Child::id)
+    }
+
+    /// Starts its QEMU ([`Node::start`]'s first half).
+    pub fn spawn(&mut self) -> Result<()> {
         let _ = std::fs::remove_file(&self.console);
         if let Some(dir) = self.console.parent() {
             crate::store::ensure_private_dir(dir)?;
@@ -368,8 +374,9 @@ impl Node {
         Ok(())
     }
 
-    /// Connects to the control channel and waits for the guest to say it is up.
-    fn connect(&mut self) -> Result<()> {
+    /// Connects to the control channel and waits for the guest to say it is up
+    /// ([`Node::start`]'s second half).
+    pub fn connect(&mut self) -> Result<()> {
         let deadline = Instant::now() + BOOT_TIMEOUT;
         let stream = loop {
             match UnixStream::connect(&self.control_path) {
