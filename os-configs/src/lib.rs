@@ -117,10 +117,49 @@ pub enum Kernel {
 /// How the kernel gets loaded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Bootloader {
-    /// GRUB for BIOS (i386-pc) in the MBR of a disk image (`cargo xtask vm-image`).
+    /// GRUB for either firmware, as `cargo xtask vm-image --firmware` chooses: BIOS
+    /// (unless told otherwise) or UEFI (see [`Bootloader::GrubBios`] and
+    /// [`Bootloader::GrubEfi`]).
+    Grub,
+    /// GRUB for BIOS only (i386-pc) in the MBR of a disk image with an MBR partition table.
     GrubBios,
+    /// GRUB for UEFI only (x86_64-efi, as `EFI/BOOT/BOOTX64.EFI` on an EFI system
+    /// partition of a GPT disk).
+    GrubEfi,
     /// No bootloader: QEMU loads the kernel and initrd itself (`cargo xtask run-vm`).
     Direct,
+}
+
+/// The firmware a disk image boots with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Firmware {
+    /// A PC BIOS (SeaBIOS, QEMU's default).
+    Bios,
+    /// UEFI (OVMF).
+    Uefi,
+}
+
+impl Firmware {
+    /// As on the command line: `bios`, `uefi`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Firmware::Bios => "bios",
+            Firmware::Uefi => "uefi",
+        }
+    }
+}
+
+impl Bootloader {
+    /// The firmwares a disk image with this bootloader can boot with, the default first;
+    /// none for [`Bootloader::Direct`].
+    pub fn firmwares(self) -> &'static [Firmware] {
+        match self {
+            Bootloader::Grub => &[Firmware::Bios, Firmware::Uefi],
+            Bootloader::GrubBios => &[Firmware::Bios],
+            Bootloader::GrubEfi => &[Firmware::Uefi],
+            Bootloader::Direct => &[],
+        }
+    }
 }
 
 /// A file system to mount (the reference's `file-system` record).
@@ -377,7 +416,7 @@ impl System {
             kernel: Kernel::debian_default(),
             kernel_args: Vec::new(),
             initrd_modules: Vec::new(),
-            bootloader: Bootloader::GrubBios,
+            bootloader: Bootloader::Grub,
             file_systems: vec![FileSystem::block("/", Device::Label("vmroot".to_string()), "ext4")],
             volatile_root: false,
             packages: Vec::new(),

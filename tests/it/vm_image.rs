@@ -109,9 +109,19 @@ fn qemu(image: &Path, format: &str) -> Command {
 /// Boots the image with the serial console in a file; waits (with a timeout) for QEMU
 /// to end and returns the console text.
 fn boot(image: &Path, format: &str) -> String {
+    boot_with(qemu(image, format), image)
+}
+
+/// [`boot`] with UEFI firmware, `ovmf` ([`with_ovmf`]).
+fn boot_uefi(image: &Path, format: &str, ovmf: &(PathBuf, PathBuf)) -> String {
+    let dir = image.parent().unwrap();
+    boot_with(with_ovmf(qemu(image, format), ovmf, dir), image)
+}
+
+fn boot_with(mut qemu: Command, image: &Path) -> String {
     let log = image.with_extension("console.log");
     let _ = fs::remove_file(&log);
-    let child = qemu(image, format)
+    let child = qemu
         .arg("-serial")
         .arg(format!("file:{}", log.display()))
         .stdin(Stdio::null())
@@ -148,9 +158,13 @@ fn sha256(path: &Path) -> String {
 
 /// `e2fsck -fn` (Debian's, from the store) on the image's root partition.
 fn e2fsck_root(raw: &Path) {
+    e2fsck_root_at(raw, 1 << 20);
+}
+
+fn e2fsck_root_at(raw: &Path, offset: u64) {
     let out = Command::new(vm_tests::image_tools_dir().join("e2fsck"))
         .arg("-fn")
-        .arg(format!("{}?offset=1048576", raw.display()))
+        .arg(format!("{}?offset={offset}", raw.display()))
         .output()
         .unwrap();
     assert!(
@@ -213,6 +227,108 @@ fn qcow2_image_boots(builder: Builder) {
     let line = marker_line(&boot(&copy, "qcow2")).to_string();
     assert!(line.contains("root=persistent boots=2"), "{line}");
     qemu_img_check(&copy);
+}
+
+/// The UEFI firmware `vm-image` names for a UEFI image (Debian's OVMF in the store): its
+/// code, and the template of its variables store.
+fn ovmf_named_by(run: &vm_tests::Run) -> (PathBuf, PathBuf) {
+    let code = run.stderr.split("readonly=on,file=").nth(1).and_then(|rest| rest.split_whitespace().next());
+    let vars = run.stderr.split("(VARS.fd: a writable copy of ").nth(1).and_then(|rest| rest.split(')').next());
+    let (Some(code), Some(vars)) = (code, vars) else { panic!("vm-image named no UEFI firmware: {run:#?}") };
+    let found = (PathBuf::from(code), PathBuf::from(vars));
+    assert!(found.0.is_file() && found.1.is_file(), "{found:?}");
+    found
+}
+
+/// `cmd` with UEFI firmware: OVMF's code read-only, and a fresh copy of its variables
+/// store in `dir` (no boot entry from an earlier boot).
+fn with_ovmf(mut cmd: Command, (code, vars): &(PathBuf, PathBuf), dir: &Path) -> Command {
+    let copy = dir.join("OVMF_VARS.fd");
+    let _ = fs::remove_file(&copy);
+    fs::copy(vars, &copy).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(&copy, fs::Permissions::from_mode(0o644)).unwrap();
+    cmd.arg("-drive").arg(format!("if=pflash,format=raw,unit=0,readonly=on,file={}", code.display()));
+    cmd.arg("-drive").arg(format!("if=pflash,format=raw,unit=1,file={}", copy.display()));
+    cmd
+}
+
+/// `--firmware uefi`: a GPT disk whose EFI system partition has GRUB for UEFI; Debian's
+/// OVMF (from the store, as vm-image says) boots it with a fresh variables store each
+/// time, the root persists between boots, and `--check` rebuilds it bit for bit. The
+/// default system boots to its shell, knowing it was booted by UEFI.
+#[test]
+fn uefi_image_boots_with_ovmf_and_rebuilds_bit_for_bit() {
+    let (image, run) = vm_image(&["--system", "boot-check", "--firmware", "uefi", "--format", "raw", "--check"]);
+    assert!(run.stderr.contains("the rebuilt image is identical to"), "{run:#?}");
+    assert!(image.to_string_lossy().ends_with("-vm-image-boot-check-raw-uefi/disk.raw"), "{}", image.display());
+    let ovmf = ovmf_named_by(&run);
+    let table = Command::new(vm_tests::image_tools_dir().join("sfdisk")).arg("--dump").arg(&image).output().unwrap();
+    let table = String::from_utf8_lossy(&table.stdout);
+    assert!(table.contains("label: gpt"), "{table}");
+    assert!(
+        table.contains("start=        2048, size=       32768, type=C12A7328-F81F-11D2-BA4B-00A0C93EC93B"),
+        "{table}"
+    );
+    assert!(table.contains("start=       34816,"), "{table}");
+    e2fsck_root_at(&image, 17 << 20);
+
+    let dir = tempfile::tempdir().unwrap();
+    let copy = copy_image(&image, dir.path());
+    let line = marker_line(&boot_uefi(&copy, "raw", &ovmf)).to_string();
+    assert!(line.contains("root=persistent boots=1"), "{line}");
+    let line = marker_line(&boot_uefi(&copy, "raw", &ovmf)).to_string();
+    assert!(line.contains("root=persistent boots=2"), "{line}");
+
+    let (image, run) = vm_image(&["--firmware", "uefi", "--format", "qcow2"]);
+    let copy = copy_image(&image, dir.path());
+    let ask =
+        "echo uefi-$(cat /sys/firmware/efi/fw_platform_size)-$((6*7)) $(grep -c '^/dev/sda2 / ext4 rw' /proc/mounts)\n";
+    let steps = [("[minimal:~]# ", ask), ("uefi-64-42 1", "poweroff\n")];
+    let child = with_ovmf(qemu(&copy, "qcow2"), &ovmf_named_by(&run), dir.path())
+        .args(["-serial", "stdio"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut qemu = Qemu(child);
+    assert_powered_off(&vm_tests::converse(&mut qemu.0, &steps, BOOT_TIMEOUT), 2);
+}
+
+/// The VM builder writes the same UEFI image as the host builder.
+#[test]
+fn vm_built_uefi_image_equals_the_host_builders() {
+    let args = ["--system", "boot-check", "--format", "raw", "--firmware", "uefi"];
+    let (image, _) = build_image(Builder::Vm, &args);
+    let mut check = vec!["vm-image", "--builder", "host", "--size", VM_BUILDER_SIZE, "--check"];
+    check.extend(args);
+    let run = xtask(&check);
+    run.expect_code(0);
+    assert!(run.stderr.contains("the rebuilt image is identical to"), "{run:#?}");
+    assert_eq!(run.stdout.lines().last().map(PathBuf::from), Some(image));
+}
+
+/// A system's bootloader says which firmware its images are for: a UEFI-only one's are
+/// UEFI images by default; asking for a firmware its bootloader has not is an error
+/// naming what it supports (exit 2, nothing built); so is a firmware that does not exist.
+#[test]
+fn the_bootloader_decides_the_firmware_and_refuses_others() {
+    let (image, _) = vm_image(&["--system", "uefi-only", "--format", "raw"]);
+    assert!(image.to_string_lossy().ends_with("-vm-image-uefi-only-raw-uefi/disk.raw"), "{}", image.display());
+    let run = xtask(&["vm-image", "--system", "uefi-only", "--firmware", "bios"]);
+    run.expect_code(2);
+    assert!(run
+        .stderr
+        .contains("--firmware bios: system `uefi-only` has bootloader GrubEfi, which boots with uefi only"));
+    let run = xtask(&["vm-image", "--system", "bios-only", "--firmware", "uefi"]);
+    run.expect_code(2);
+    assert!(run.stderr.contains("has bootloader GrubBios, which boots with bios only"), "{run:#?}");
+    assert!(run.stderr.contains("`Bootloader::Grub` (BIOS and UEFI)"), "{run:#?}");
+    assert!(store_entries_named("vm-image-bios-only-qcow2-uefi").is_empty(), "something was stored");
+    let run = xtask(&["vm-image", "--firmware", "coreboot"]);
+    run.expect_code(2);
+    assert!(run.stderr.contains("`coreboot` is not a firmware images are made for: bios or uefi"), "{run:#?}");
 }
 
 #[test]
@@ -451,20 +567,30 @@ fn check_rebuilds_bit_for_bit() {
 /// into an image (the recipe has none, and the builder writes none). The second build
 /// stages the closure as hard links (`XTASK_NO_USERNS=1`) where the first bind-mounted
 /// the items in a user namespace (where the machine allows it): both give the same bytes.
+/// So is a UEFI image (its EFI system partition's FAT included).
 #[test]
 fn a_store_elsewhere_builds_a_byte_identical_raw_image() {
-    let (image, _) = vm_image(&["--system", "boot-check", "--format", "raw", "--size", "600MiB"]);
-    // Another store: hard links to every item but the images, under another directory.
+    let firmwares = ["bios", "uefi"];
+    let images: Vec<PathBuf> = firmwares
+        .iter()
+        .map(|f| vm_image(&["--system", "boot-check", "--format", "raw", "--size", "600MiB", "--firmware", f]).0)
+        .collect();
+    // Another store: hard links to every item but the images (and GRUB's), under another
+    // directory.
     let other = tempfile::tempdir_in(store_dir().parent().unwrap()).unwrap();
     let store = other.path().join("somewhere/else/store");
     fs::create_dir_all(&store).unwrap();
-    vm_tests::copy_items(&store, true, |name| !name.contains("-vm-image-"));
-    let args = ["vm-image", "--explain", "--system", "boot-check", "--format", "raw", "--size", "600MiB"];
-    let run = vm_tests::xtask_env(&args, &[("XTASK_VMSTORE", store.as_os_str()), ("XTASK_NO_USERNS", "1".as_ref())]);
-    run.expect_code(0);
-    assert!(run.stderr.contains("store: building"), "the image must be built anew: {run:#?}");
-    let again = PathBuf::from(run.stdout.lines().last().unwrap());
-    assert_eq!(again.parent().unwrap().file_name(), image.parent().unwrap().file_name(), "same recipe, same item");
-    assert_ne!(again, image);
-    assert!(fs::read(&again).unwrap() == fs::read(&image).unwrap(), "the two raw images differ");
+    vm_tests::copy_items(&store, true, |name| !name.contains("-vm-image-") && !name.contains("-grub-"));
+    for (firmware, image) in firmwares.iter().zip(images) {
+        let args = ["vm-image", "--explain", "--system", "boot-check", "--format", "raw", "--size", "600MiB"];
+        let args = [&args[..], &["--firmware", firmware]].concat();
+        let env = [("XTASK_VMSTORE", store.as_os_str()), ("XTASK_NO_USERNS", "1".as_ref())];
+        let run = vm_tests::xtask_env(&args, &env);
+        run.expect_code(0);
+        assert!(run.stderr.contains("store: building"), "the image must be built anew: {run:#?}");
+        let again = PathBuf::from(run.stdout.lines().last().unwrap());
+        assert_eq!(again.parent().unwrap().file_name(), image.parent().unwrap().file_name(), "same recipe, same item");
+        assert_ne!(again, image);
+        assert!(fs::read(&again).unwrap() == fs::read(&image).unwrap(), "the two {firmware} raw images differ");
+    }
 }

@@ -59,7 +59,10 @@ pub const PROGRAMS: &[Program] = &[
     store("e2fsck", "e2fsprogs", "checking VM-built images"),
     store("debugfs", "e2fsprogs", "owners of the shared-store image's homes"),
     store("sfdisk", "fdisk", "partition tables"),
-    store("grub-mkimage", "grub-common", "GRUB's core.img"),
+    store("grub-mkimage", "grub-common", "GRUB's core.img and UEFI image"),
+    store("mkfs.fat", "dosfstools", "the EFI system partition of UEFI images"),
+    store("mmd", "mtools", "the EFI system partition of UEFI images"),
+    store("mcopy", "mtools", "the EFI system partition of UEFI images"),
     store("ld-linux-x86-64.so.2", "libc6", "the loader the store's tools run through"),
     store(
         "qemu-system-x86_64",

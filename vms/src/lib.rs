@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use anyhow::{ensure, Result};
 use vm_xtask::systems::{
-    debian_base, minimal, with_debian, Device, EtcFile, FileSystem, Group, Package, Ready, Restart, Service, System,
-    User,
+    debian_base, minimal, with_debian, Bootloader, Device, EtcFile, FileSystem, Group, Package, Ready, Restart,
+    Service, System, User,
 };
 use vm_xtask::{Catalog, Driver, Scenario};
 
@@ -35,6 +35,18 @@ pub fn scenarios() -> Vec<Scenario> {
 pub fn test_fixtures() -> Vec<System> {
     vec![
         boot_check(),
+        System {
+            name: "bios-only".to_string(),
+            description: "(for tests) minimal with GRUB for BIOS only: no UEFI image".to_string(),
+            bootloader: Bootloader::GrubBios,
+            ..minimal()
+        },
+        System {
+            name: "uefi-only".to_string(),
+            description: "(for tests) minimal with GRUB for UEFI only: its images are for UEFI".to_string(),
+            bootloader: Bootloader::GrubEfi,
+            ..minimal()
+        },
         host_findmnt(),
         fs_order(),
         data_disk(),

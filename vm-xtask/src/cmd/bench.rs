@@ -62,6 +62,8 @@ pub enum Group {
     ImageBuild,
     /// substitutes: a cold start from a registry, and the bytes moved.
     Substitutes,
+    /// image-build-uefi and uefi-boot: a UEFI image against the BIOS one.
+    Uefi,
 }
 
 /// One measured figure.
@@ -192,6 +194,9 @@ impl Bench {
         }
         if wanted(Group::Substitutes) {
             figures.push(b.substitutes(&system.name)?);
+        }
+        if wanted(Group::Uefi) {
+            figures.extend(b.uefi()?);
         }
 
         let machine = machine_description();
@@ -515,8 +520,12 @@ impl Bencher<'_> {
             // the closure after the VM figures (or the packages' writing) found it
             // partly out of the page cache, and paid for reading it from disk.
             let floor_image = FloorImage::stage(self.store, &big)?;
-            let [(ours, steps), (floor, floor_steps)] =
-                alternating(1, reps, || cold_library_image(self.store, &big), || floor_image.build())?;
+            let [(ours, steps), (floor, floor_steps)] = alternating(
+                1,
+                reps,
+                || cold_library_image(self.store, &big, os_configs::Firmware::Bios),
+                || floor_image.build(),
+            )?;
             drop(floor_image);
             let bytes = image::footprint(&big)?.bytes as f64 / f64::from(1 << 20);
             rates.push((mib, bytes / ours, ours));
@@ -565,6 +574,72 @@ impl Bencher<'_> {
             figures.push(self.figure("image-build-vm", ours, floor, "xtask vm-image --builder vm (cold)", FLOOR_IMAGE));
         }
         Ok(figures)
+    }
+
+    /// image-build-uefi: `vm-image --firmware uefi`, cold, against the BIOS image, cold,
+    /// in turn; uefi-boot: the UEFI image booted stand-alone with Debian's OVMF (a fresh
+    /// variables store each time) until the system's shell starts, against the BIOS
+    /// image with QEMU's BIOS, in turn.
+    fn uefi(&self) -> Result<Vec<Figure>> {
+        let xtask = self.xtask;
+        let image = |args: &[&str]| -> Result<(PathBuf, String)> {
+            let out = crate::process::run(&cmd!(self.sh, "{xtask} vm-image {args...}").into())?;
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            let path = PathBuf::from(stdout.lines().last().unwrap_or_default());
+            let item = path.parent().and_then(Path::file_name).context("vm-image printed no image path")?;
+            Ok((path.clone(), item.to_string_lossy().into_owned()))
+        };
+        let (bios, bios_item) = image(&[])?;
+        let (uefi, uefi_item) = image(&["--firmware", "uefi"])?;
+        let cold_image = |item: &str, args: &[&str]| -> Result<(Duration, Profile)> {
+            self.store.remove_entry(item)?;
+            quiesce();
+            let start = Instant::now();
+            run_quiet(&cmd!(self.sh, "{xtask} vm-image {args...}").into())?;
+            Ok((start.elapsed(), Vec::new()))
+        };
+        let (warmup, runs) = (self.warmup.min(1), self.runs.min(5));
+        let [(build_uefi, _), (build_bios, _)] = alternating(
+            warmup,
+            runs,
+            || cold_image(&uefi_item, &["--firmware", "uefi"]),
+            || cold_image(&bios_item, &[]),
+        )?;
+        let ovmf = crate::debian::image_tools::uefi_tools(self.store)?.ovmf();
+        let scratch = self.store.scratch("bench-uefi")?;
+        let boot = |image: &Path, ovmf: Option<&(PathBuf, PathBuf)>| -> Result<(Duration, Profile)> {
+            let mut qemu = crate::process::command(crate::debian::qemu::program()?);
+            qemu.args(["-machine", "pc", "-m", "512", "-accel", self.accel.name(), "-display", "none", "-no-reboot"]);
+            qemu.args(["-monitor", "none", "-serial", "stdio", "-drive"]);
+            qemu.arg(format!("file={},format=qcow2,snapshot=on", image.display()));
+            if let Some((code, vars)) = ovmf {
+                let copy = scratch.path().join("OVMF_VARS.fd");
+                let _ = fs::remove_file(&copy);
+                fs::copy(vars, &copy)?;
+                fs::set_permissions(&copy, std::os::unix::fs::PermissionsExt::from_mode(0o644))?;
+                qemu.arg("-drive").arg(format!("if=pflash,format=raw,unit=0,readonly=on,file={}", code.display()));
+                qemu.arg("-drive").arg(format!("if=pflash,format=raw,unit=1,file={}", copy.display()));
+            }
+            timed(|| until_shell(qemu))
+        };
+        let [(boot_uefi, _), (boot_bios, _)] =
+            alternating(warmup, runs, || boot(&uefi, Some(&ovmf)), || boot(&bios, None))?;
+        Ok(vec![
+            self.figure(
+                "image-build-uefi",
+                build_uefi,
+                build_bios,
+                "xtask vm-image --firmware uefi (cold)",
+                "xtask vm-image (BIOS, cold)",
+            ),
+            self.figure(
+                "uefi-boot",
+                boot_uefi,
+                boot_bios,
+                "the UEFI image, stand-alone with OVMF, to the system's shell",
+                "the BIOS image, stand-alone with QEMU's BIOS, to the system's shell",
+            ),
+        ])
     }
 
     /// substitutes: a cold start from a registry against the same built here.
@@ -653,6 +728,29 @@ fn run_quiet(cmd: &Command) -> Result<()> {
     crate::process::run(cmd).map(drop)
 }
 
+/// Runs `qemu` (its serial console on stdout) until the guest's helper says it starts
+/// the system's shell (or command), then stops it.
+fn until_shell(mut qemu: Command) -> Result<()> {
+    use std::io::BufRead;
+    use std::process::Stdio;
+    let mut child = qemu.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::null()).spawn()?;
+    let stdout = child.stdout.take().context("QEMU's stdout")?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).split(b'\n').map_while(Result::ok) {
+            if String::from_utf8_lossy(&line).contains("]: running [") {
+                let _ = tx.send(());
+                return;
+            }
+        }
+    });
+    let seen = rx.recv_timeout(Duration::from_secs(600)).is_ok();
+    let _ = child.kill();
+    let _ = child.wait();
+    anyhow::ensure!(seen, "the image did not boot to its shell within 600 s");
+    Ok(())
+}
+
 /// The floor's initramfs: busybox and the same modules as the real initrd (without
 /// their signatures, as there), and a shell script as `/init`.
 fn floor_initrd(store: &Store, kernel: &crate::lower::kernel::KernelTree) -> Result<Item> {
@@ -715,8 +813,8 @@ fn quiesce() {
 const FLOOR_IMAGE: &str = "mke2fs -d of the staged tree + qemu-img convert -t unsafe";
 
 /// What `vm-image` builds by default for `closure`: qcow2, the default size.
-fn default_qcow2(closure: &Closure) -> Result<ImageOptions> {
-    let layout = Layout::default_for(&image::footprint(closure)?);
+fn default_qcow2(closure: &Closure, firmware: os_configs::Firmware) -> Result<ImageOptions> {
+    let layout = Layout::default_for(&image::footprint(closure)?, firmware);
     Ok(ImageOptions { format: DiskFormat::Qcow2, layout, volatile: false, verify_store: false })
 }
 
@@ -725,18 +823,23 @@ type Profile = Vec<(&'static str, f64)>;
 
 /// Builds and stores a qcow2 image of `closure` as `vm-image` does (host builder), then
 /// removes it; returns the time it took to build and store, and each step's.
-fn cold_library_image(store: &Store, closure: &Closure) -> Result<(Duration, Profile)> {
-    let opts = default_qcow2(closure)?;
+fn cold_library_image(store: &Store, closure: &Closure, firmware: os_configs::Firmware) -> Result<(Duration, Profile)> {
+    let opts = default_qcow2(closure, firmware)?;
     let quiet = Progress { steps: false, verbose: false, expected_bytes: 0, profile: true };
     quiesce();
     image::take_profile();
     let start = Instant::now();
     quiet.mark("tools");
     let tools = crate::debian::image_tools::tools(store)?;
-    let recipe = image::recipe(closure, &opts, &tools, &image::tool_versions(store, opts.format)?);
+    let uefi = match firmware {
+        os_configs::Firmware::Uefi => Some(crate::debian::image_tools::uefi_tools(store)?),
+        os_configs::Firmware::Bios => None,
+    };
+    let recipe = image::recipe(closure, &opts, &tools, uefi.as_ref(), &image::tool_versions(store, opts.format)?);
     let uuid = image::uuid_for(&recipe.hash());
     let item = store.realise(&recipe, |out| {
-        let job = image::ImageJob { store, closure, opts: &opts, uuid: &uuid, tools: &tools, progress: quiet };
+        let uefi = uefi.as_ref();
+        let job = image::ImageJob { store, closure, opts: &opts, uuid: &uuid, tools: &tools, uefi, progress: quiet };
         image::build_on_host(&job, out)?;
         // What is left: hashing the item and committing it.
         quiet.mark("store");
@@ -810,7 +913,7 @@ struct FloorImage {
 
 impl FloorImage {
     fn stage(store: &Store, closure: &Closure) -> Result<FloorImage> {
-        let opts = default_qcow2(closure)?;
+        let opts = default_qcow2(closure, os_configs::Firmware::Bios)?;
         let uuid = image::uuid_for(&"0".repeat(32));
         let scratch = store.scratch("bench-floor-image")?;
         image::stage(store, closure, &opts, &uuid, &scratch.path().join("root"), image::Staging::HardLinks)?;

@@ -107,6 +107,9 @@ fn users(pins: &lock::Pins, name: &str) -> Vec<String> {
     if uses(crate::debian::image_tools::PACKAGES.iter().map(|p| p.to_string()).collect()) {
         users.push("the image tools".to_string());
     }
+    if uses(crate::debian::image_tools::UEFI_PACKAGES.iter().map(|p| p.to_string()).collect()) {
+        users.push("UEFI images".to_string());
+    }
     if uses(vec![crate::debian::qemu::PACKAGE.to_string(), debian::closure::LIBC.to_string()]) {
         users.push("QEMU from the store".to_string());
     }

@@ -1,6 +1,7 @@
 //! `cargo xtask vm-image`: a stand-alone bootable disk image of a system, as a store
 //! item (the reference's `system-qemu-image` and, with `--volatile`, `system-disk-image`).
-//! `--check` rebuilds a stored image and compares it bit for bit.
+//! `--check` rebuilds a stored image and compares it bit for bit. `--firmware uefi`
+//! makes a GPT disk with an EFI system partition for UEFI firmware (OVMF).
 
 use anyhow::{Context, Result};
 
@@ -23,6 +24,11 @@ pub struct VmImage {
     /// least 64 MiB) of free space. 1MiB to 16TiB.
     #[arg(long, value_parser = parse_bounded_size)]
     pub size: Option<u64>,
+    /// The firmware the image boots with: `bios` (an MBR disk with GRUB for BIOS) or
+    /// `uefi` (a GPT disk with an EFI system partition holding GRUB for UEFI); default: the
+    /// first the system's bootloader supports (BIOS for `Bootloader::Grub`).
+    #[arg(long, value_parser = parse_firmware, value_name = "bios|uefi")]
+    pub firmware: Option<os_configs::Firmware>,
     /// Mount the root read-only with a tmpfs overlay: writes vanish at power-off and the
     /// image is never written (a USB-stick image).
     #[arg(long)]
@@ -84,11 +90,12 @@ impl VmImage {
         let closure = image::closure(store, ws, &system, self.verbose)
             .with_context(|| format!("lowering system `{}` for a disk image", system.name))?;
         let footprint = image::footprint(&closure)?;
-        let minimum = Layout::minimum(&footprint);
+        let firmware = self.firmware(&system)?;
+        let minimum = Layout::minimum(&footprint, firmware);
         let layout = match self.size {
-            None => Layout::default_for(&footprint),
+            None => Layout::default_for(&footprint, firmware),
             Some(size) => {
-                let layout = Layout::new(size, &footprint);
+                let layout = Layout::new(size, &footprint, firmware);
                 if layout.size < minimum.size {
                     return Err(usage_error(format!(
                         "--size {} is too small for system `{}`: its closure is {} ({} files and directories), \
@@ -100,7 +107,7 @@ impl VmImage {
                         footprint.entries,
                         mib(minimum.size),
                         size_arg(minimum.size),
-                        mib(Layout::default_for(&footprint).size)
+                        mib(Layout::default_for(&footprint, firmware).size)
                     )));
                 }
                 layout
@@ -109,11 +116,23 @@ impl VmImage {
         let opts =
             ImageOptions { format: self.format, layout, volatile: self.volatile, verify_store: self.verify_store };
         let tools = tools::tools(store).context("getting the image tools")?;
+        let uefi = match firmware {
+            os_configs::Firmware::Uefi => Some(tools::uefi_tools(store).context("getting the UEFI tools")?),
+            os_configs::Firmware::Bios => None,
+        };
         let versions = image::tool_versions(store, self.format)?;
-        let recipe = image::recipe(&closure, &opts, &tools, &versions);
+        let recipe = image::recipe(&closure, &opts, &tools, uefi.as_ref(), &versions);
         let uuid = image::uuid_for(&recipe.hash());
         let progress = Progress::for_stderr(self.verbose);
-        let job = image::ImageJob { store, closure: &closure, opts: &opts, uuid: &uuid, tools: &tools, progress };
+        let job = image::ImageJob {
+            store,
+            closure: &closure,
+            opts: &opts,
+            uuid: &uuid,
+            tools: &tools,
+            uefi: uefi.as_ref(),
+            progress,
+        };
         let build = |out: &std::path::Path| match self.builder {
             Builder::Host => image::build_on_host(&job, out),
             Builder::Vm => image_builder::build(&job, ws, out),
@@ -121,9 +140,47 @@ impl VmImage {
         let (item, outcome) = store.realise_with_outcome(&recipe, build)?;
         let path = image::image_path(&item, self.format);
         if self.check {
-            self.check(store, &item, outcome, &path, build)?;
+            self.check(store, &item, outcome, &path, firmware, build)?;
+        }
+        if let (Some(uefi), true) = (&uefi, crate::progress::shown()) {
+            let (code, vars) = uefi.ovmf();
+            eprintln!(
+                "vm-image: a UEFI image; it boots with Debian's OVMF from the store, e.g.\n  \
+                 qemu-system-x86_64 -machine pc -m 512 -drive if=pflash,format=raw,readonly=on,file={} \
+                 -drive if=pflash,format=raw,file=VARS.fd -drive file={},format={}\n  \
+                 (VARS.fd: a writable copy of {})",
+                code.display(),
+                path.display(),
+                self.format.name(),
+                vars.display()
+            );
         }
         Ok((item, outcome, path))
+    }
+
+    /// The firmware the image is for: `--firmware`, if the system's bootloader supports
+    /// it, else the bootloader's first.
+    fn firmware(&self, system: &os_configs::System) -> Result<os_configs::Firmware> {
+        let supported = system.bootloader.firmwares();
+        let names = || supported.iter().map(|f| f.name()).collect::<Vec<_>>().join(", ");
+        match (self.firmware, supported.first()) {
+            (_, None) => Err(usage_error(format!(
+                "system `{}` has no bootloader ({:?}: QEMU loads its kernel), so it has no disk image; declare \
+                 `Bootloader::Grub`, `GrubBios` or `GrubEfi`",
+                system.name, system.bootloader
+            ))),
+            (Some(asked), Some(_)) if !supported.contains(&asked) => Err(usage_error(format!(
+                "--firmware {}: system `{}` has bootloader {:?}, which boots with {} only; give --firmware {} \
+                 or a system whose bootloader is `Bootloader::Grub` (BIOS and UEFI)",
+                asked.name(),
+                system.name,
+                system.bootloader,
+                names(),
+                supported[0].name()
+            ))),
+            (Some(asked), Some(_)) => Ok(asked),
+            (None, Some(first)) => Ok(*first),
+        }
     }
 
     /// Rebuilds the image in scratch space and compares it with the stored one.
@@ -133,6 +190,7 @@ impl VmImage {
         item: &crate::store::Item,
         outcome: Outcome,
         stored: &std::path::Path,
+        firmware: os_configs::Firmware,
         build: impl Fn(&std::path::Path) -> Result<()>,
     ) -> Result<()> {
         if outcome == Outcome::Built {
@@ -156,7 +214,7 @@ impl VmImage {
                     Err(_) => String::new(),
                 };
                 let region = match self.format {
-                    DiskFormat::Raw => format!(" ({})", image::region(offset)),
+                    DiskFormat::Raw => format!(" ({})", image::region(offset, firmware)),
                     DiskFormat::Qcow2 => String::new(),
                 };
                 Err(Failure {
@@ -170,6 +228,15 @@ impl VmImage {
                 .into())
             }
         }
+    }
+}
+
+/// `--firmware`'s value.
+fn parse_firmware(text: &str) -> Result<os_configs::Firmware, String> {
+    match text {
+        "bios" => Ok(os_configs::Firmware::Bios),
+        "uefi" => Ok(os_configs::Firmware::Uefi),
+        _ => Err(format!("`{text}` is not a firmware images are made for: bios or uefi")),
     }
 }
 

@@ -51,6 +51,36 @@ pub const PROGRAMS: &[(&str, &str)] = &[
     ("sfdisk", "fdisk"),
     ("grub-mkimage", "grub-common"),
 ];
+/// The packages of the tools that make UEFI images: the EFI system partition's FAT
+/// (dosfstools' `mkfs.fat`, mtools' `mmd` and `mcopy`), GRUB's x86_64-efi modules, and
+/// OVMF (the firmware, for booting the image), besides libc6.
+pub const UEFI_PACKAGES: &[&str] = &["dosfstools", "grub-efi-amd64-bin", "libc6", "mtools", "ovmf"];
+/// The UEFI tools' programs, and the package that has each.
+pub const UEFI_PROGRAMS: &[(&str, &str)] = &[("mkfs.fat", "dosfstools"), ("mmd", "mtools"), ("mcopy", "mtools")];
+/// GRUB's x86_64-efi modules, inside grub-efi-amd64-bin.
+const GRUB_X86_64_EFI: &str = "usr/lib/grub/x86_64-efi";
+/// OVMF's firmware code and its variables store's template (4 MiB flash), inside ovmf.
+const OVMF_CODE: &str = "usr/share/OVMF/OVMF_CODE_4M.fd";
+const OVMF_VARS: &str = "usr/share/OVMF/OVMF_VARS_4M.fd";
+
+/// A set of tools made of Debian packages: the packages, the programs (each with its
+/// package), the name of the item of their wrappers, and whether they convert character
+/// sets (then they find the C library's conversion modules, `GCONV_PATH`, in libc6's
+/// item, not the host's).
+struct ToolSet {
+    packages: &'static [&'static str],
+    programs: &'static [(&'static str, &'static str)],
+    item: &'static str,
+    gconv: bool,
+}
+
+const IMAGE_SET: ToolSet = ToolSet { packages: PACKAGES, programs: PROGRAMS, item: "vm-image-tools", gconv: false };
+/// mtools converts file names to the FAT's code page with iconv.
+const UEFI_SET: ToolSet =
+    ToolSet { packages: UEFI_PACKAGES, programs: UEFI_PROGRAMS, item: "vm-image-uefi-tools", gconv: true };
+/// The C library's conversion modules, inside libc6.
+const GCONV: &str = "usr/lib/x86_64-linux-gnu/gconv";
+
 /// mke2fs's configuration, inside e2fsprogs.
 const MKE2FS_CONF: &str = "etc/mke2fs.conf";
 /// GRUB's BIOS images and modules, inside grub-pc-bin.
@@ -72,6 +102,17 @@ impl StoreTools {
     /// GRUB's i386-pc directory: `boot.img`, the modules `grub-mkimage` builds in.
     pub fn grub_i386_pc(&self) -> PathBuf {
         self.packages.package("grub-pc-bin").path.join(GRUB_I386_PC)
+    }
+
+    /// GRUB's x86_64-efi directory (the UEFI tools'): the modules `grub-mkimage` builds in.
+    pub fn grub_x86_64_efi(&self) -> PathBuf {
+        self.packages.package("grub-efi-amd64-bin").path.join(GRUB_X86_64_EFI)
+    }
+
+    /// OVMF's code and the template of its variables store (the UEFI tools').
+    pub fn ovmf(&self) -> (PathBuf, PathBuf) {
+        let ovmf = &self.packages.package("ovmf").path;
+        (ovmf.join(OVMF_CODE), ovmf.join(OVMF_VARS))
     }
 
     /// The store's directory of the wrappers, for a `PATH`.
@@ -100,17 +141,17 @@ impl StoreTools {
     }
 }
 
-/// The unpacked [`PACKAGES`], by name.
-struct Packages(Vec<(String, Item)>);
+/// The unpacked packages of a [`ToolSet`], by name, and the set.
+struct Packages(Vec<(String, Item)>, &'static ToolSet);
 
 impl Packages {
     fn package(&self, name: &str) -> &Item {
-        &self.0.iter().find(|(p, _)| p == name).expect("a package of PACKAGES").1
+        &self.0.iter().find(|(p, _)| p == name).expect("a package of the tool set").1
     }
 
     /// The program's path inside its package (`sbin/`, `usr/sbin/`, `bin/`, `usr/bin/`).
     fn program(&self, program: &str) -> Result<(&Item, String)> {
-        let package = PROGRAMS.iter().find(|(p, _)| *p == program).map(|(_, pkg)| *pkg);
+        let package = self.1.programs.iter().find(|(p, _)| *p == program).map(|(_, pkg)| *pkg);
         let package = package.with_context(|| format!("`{program}` is not one of the image tools"))?;
         let item = self.package(package);
         for dir in ["sbin", "usr/sbin", "bin", "usr/bin"] {
@@ -139,30 +180,47 @@ impl Packages {
         let (item, rel) = self.program(program)?;
         let mut cmd = crate::process::command(self.package("libc6").path.join(LOADER));
         let libs = self.lib_dirs(|i| i.path.display().to_string()).join(":");
-        cmd.args(["--inhibit-cache", "--library-path", &libs])
-            .arg(item.path.join(rel))
-            .env("MKE2FS_CONFIG", self.mke2fs_conf());
+        cmd.args(["--inhibit-cache", "--library-path", &libs]).arg(item.path.join(rel));
+        if let Some(e2fsprogs) = self.e2fsprogs() {
+            cmd.env("MKE2FS_CONFIG", e2fsprogs.path.join(MKE2FS_CONF));
+        }
+        if self.1.gconv {
+            cmd.env("GCONV_PATH", self.package("libc6").path.join(GCONV));
+        }
         Ok(cmd)
     }
 
-    fn mke2fs_conf(&self) -> PathBuf {
-        self.package("e2fsprogs").path.join(MKE2FS_CONF)
+    /// e2fsprogs, whose `mke2fs.conf` mke2fs is given, when the set has it.
+    fn e2fsprogs(&self) -> Option<&Item> {
+        self.0.iter().find(|(p, _)| p == "e2fsprogs").map(|(_, item)| item)
     }
 }
 
 /// Fetches and unpacks the tool packages (as `vm.lock` pins them) and makes the wrappers.
 pub fn tools(store: &Store) -> Result<StoreTools> {
+    tools_of(store, &IMAGE_SET)
+}
+
+/// The tools that make UEFI images ([`UEFI_PACKAGES`]), as [`tools`] makes the others.
+pub fn uefi_tools(store: &Store) -> Result<StoreTools> {
+    tools_of(store, &UEFI_SET)
+}
+
+fn tools_of(store: &Store, set: &'static ToolSet) -> Result<StoreTools> {
     let mut packages = Vec::new();
-    for name in PACKAGES {
+    for name in set.packages {
         let pin = debian::pin(name)?;
         let item = debian::unpacked(store, &pin).with_context(|| format!("unpacking Debian package `{name}`"))?;
         packages.push((name.to_string(), item));
     }
-    let tools = Packages(packages);
-    let mut recipe = Recipe::new("image-tools", "vm-image-tools")
+    let tools = Packages(packages, set);
+    let mut recipe = Recipe::new("image-tools", set.item)
         .param("loader", LOADER)
         .param("lib-dirs", LIB_DIRS.join(":"))
         .param("wrapper", "relative-v2");
+    if set.gconv {
+        recipe = recipe.param("gconv", GCONV);
+    }
     for (name, item) in &tools.0 {
         recipe = recipe.input_item(name, item);
     }
@@ -171,18 +229,24 @@ pub fn tools(store: &Store) -> Result<StoreTools> {
     let rel = |item: &Item| format!("$s/{}", item.file_name());
     let loader = format!("{}/{LOADER}", rel(tools.package("libc6")));
     let lib_path = tools.lib_dirs(rel).join(":");
-    let conf = format!("{}/{MKE2FS_CONF}", rel(tools.package("e2fsprogs")));
+    let mut env = match tools.e2fsprogs() {
+        Some(e2fsprogs) => format!("MKE2FS_CONFIG=\"{}/{MKE2FS_CONF}\" ", rel(e2fsprogs)),
+        None => String::new(),
+    };
+    if set.gconv {
+        env.push_str(&format!("GCONV_PATH=\"{}/{GCONV}\" ", rel(tools.package("libc6"))));
+    }
     let wrappers = store.realise(&recipe, |out| {
         let bin = out.join("bin");
         fs::create_dir_all(&bin)?;
-        for (program, _) in PROGRAMS {
+        for (program, _) in set.programs {
             check_libraries(&tools, program)?;
             let (item, path) = tools.program(program)?;
             let prog = format!("{}/{path}", rel(item));
             let script = format!(
                 "#!/bin/sh\n# {program} from Debian's packages in the store, through libc6's loader.\n\
                  s=$(cd \"${{0%/*}}/../..\" && pwd) || exit 127\n\
-                 MKE2FS_CONFIG=\"{conf}\" exec \"{loader}\" --inhibit-cache --library-path \"{lib_path}\" \
+                 {env}exec \"{loader}\" --inhibit-cache --library-path \"{lib_path}\" \
                      \"{prog}\" \"$@\"\n",
             );
             let file = bin.join(program);

@@ -1,7 +1,10 @@
 //! Stand-alone bootable disk images (the reference's `qemu-image`, `system-qemu-image`
 //! and `system-disk-image`): an MBR, GRUB (i386-pc) in the MBR and the gap after it, one
 //! ext4 partition holding the system's closure under `/store`, registered in a store
-//! database, and a `grub.cfg` generated from the system.
+//! database, and a `grub.cfg` generated from the system. For UEFI firmware instead: a
+//! GPT disk whose first partition is an EFI system partition (FAT, made with dosfstools
+//! and mtools from the store, with a fixed volume ID and times) holding GRUB's
+//! x86_64-efi image as `EFI/BOOT/BOOTX64.EFI`, and whose second is the same ext4 root.
 //!
 //! Built on the host without root: the partition table with `sfdisk --no-tell-kernel`,
 //! the file system with `mke2fs -d` straight into the partition's offset of the image
@@ -21,13 +24,30 @@ use std::process::Command;
 use anyhow::{bail, ensure, Context, Result};
 use guest::image::{Registration, StoreDb};
 use guest::Mode;
-use os_configs::System;
+use os_configs::{Firmware, System};
 
 use crate::debian::image_tools::{self, StoreTools};
 use crate::process::{self, Stdin};
 use crate::store::{self, Item, Recipe, Store};
 use crate::vm::qemu::DiskFormat;
 use crate::{host, lower::system, Workspace};
+
+/// Where the root file system starts on a disk for `firmware`: after the gap GRUB's
+/// core.img is in (BIOS), or after the EFI system partition (UEFI).
+pub(crate) fn root_offset(firmware: Firmware) -> u64 {
+    match firmware {
+        Firmware::Bios => PARTITION_OFFSET,
+        Firmware::Uefi => PARTITION_OFFSET + ESP_SIZE,
+    }
+}
+
+/// What a disk for `firmware` keeps free after the root file system.
+fn tail(firmware: Firmware) -> u64 {
+    match firmware {
+        Firmware::Bios => 0,
+        Firmware::Uefi => GPT_TAIL,
+    }
+}
 
 /// Version of the image layout and of the way it is built; part of every image recipe,
 /// so a change to the builder makes new items instead of passing for the old ones.
@@ -41,8 +61,23 @@ pub const IMAGE_MODULES: &[&str] =
 /// GRUB modules built into `core.img`; no others are installed in the image.
 const GRUB_MODULES: &[&str] =
     &["biosdisk", "part_msdos", "ext2", "normal", "linux", "configfile", "search", "serial", "terminal", "echo"];
-/// The partition starts at 1 MiB; GRUB's core.img goes into the gap before it.
+/// GRUB modules built into the UEFI image (`BOOTX64.EFI`).
+const GRUB_EFI_MODULES: &[&str] =
+    &["part_gpt", "ext2", "normal", "linux", "configfile", "search", "serial", "terminal", "echo", "efi_gop"];
+/// The first partition starts at 1 MiB; GRUB's core.img goes into the gap before it.
 pub(crate) const PARTITION_OFFSET: u64 = 1 << 20;
+/// The EFI system partition of a UEFI image, from [`PARTITION_OFFSET`] on.
+pub(crate) const ESP_SIZE: u64 = 16 << 20;
+/// What a GPT disk keeps free at its end: room for the backup table (33 sectors).
+pub(crate) const GPT_TAIL: u64 = 1 << 20;
+/// The directories made on the EFI system partition, and where GRUB's image goes: the
+/// path UEFI firmware boots from removable media.
+pub(crate) const ESP_DIRS: [&str; 2] = ["::/EFI", "::/EFI/BOOT"];
+pub(crate) const ESP_BOOT_FILE: &str = "::/EFI/BOOT/BOOTX64.EFI";
+/// mtools' environment: its "now" from SOURCE_DATE_EPOCH, written as local time (UTC),
+/// and no check of the FAT's geometry against a drive's.
+pub(crate) const MTOOLS_ENV: [(&str, &str); 3] =
+    [("SOURCE_DATE_EPOCH", FIXED_TIME), ("TZ", "UTC"), ("MTOOLS_SKIP_CHECK", "1")];
 pub(crate) const SECTOR: u64 = 512;
 const BLOCK: u64 = 4096;
 const INODE_SIZE: u64 = 256;
@@ -165,7 +200,8 @@ pub fn shared_store_image(store: &Store, system_name: &str, config: &guest::Syst
     }
     // Directories: the top-level ones, and those the files and homes add.
     fp.blocks += fp.entries;
-    let layout = Layout::new(Layout::minimum(&fp).size.max(SHARED_STORE_IMAGE_SIZE), &fp);
+    let layout =
+        Layout::new(Layout::minimum(&fp, Firmware::Bios).size.max(SHARED_STORE_IMAGE_SIZE), &fp, Firmware::Bios);
     let tools = image_tools::tools(store).context("getting the image tools")?;
     let recipe = Recipe::new("shared-store-image", &format!("shared-store-image-{system_name}"))
         .param("layout", SHARED_STORE_LAYOUT_VERSION)
@@ -184,7 +220,7 @@ pub fn shared_store_image(store: &Store, system_name: &str, config: &guest::Syst
         let raw = scratch.path().join("disk.raw");
         let progress = Progress { steps: false, verbose: false, expected_bytes: 0, profile: false };
         let job =
-            RawImage { root: &root, mounts: &[], owners: &owners, layout, uuid: &uuid, tools: &tools, grub: None };
+            RawImage { root: &root, mounts: &[], owners: &owners, layout, uuid: &uuid, tools: &tools, boot: None };
         let built = write_raw(&raw, job, progress);
         store::remove_tree(&root)?;
         built?;
@@ -313,39 +349,49 @@ pub struct Layout {
     pub fs_blocks: u64,
     /// Inodes in the root file system.
     pub inodes: u64,
+    /// The firmware it boots with: an MBR disk for BIOS, a GPT disk with an EFI system
+    /// partition for UEFI.
+    pub firmware: Firmware,
 }
 
 impl Layout {
     /// The layout of a disk of `size` bytes (rounded up to a MiB) for a closure.
-    pub fn new(size: u64, fp: &Footprint) -> Layout {
+    pub fn new(size: u64, fp: &Footprint, firmware: Firmware) -> Layout {
         let size = size.div_ceil(1 << 20) << 20;
         // Room for the system's own files besides the closure's.
         let inodes = (fp.entries + 64) * 5 / 4 + 1024;
-        Layout { size, fs_blocks: size.saturating_sub(PARTITION_OFFSET) / BLOCK, inodes }
+        let fs_blocks = size.saturating_sub(root_offset(firmware) + tail(firmware)) / BLOCK;
+        Layout { size, fs_blocks, inodes, firmware }
     }
 
     /// The smallest disk that holds the closure: its data, the inode tables, the journal
     /// mke2fs makes for that size, the 5% reserved for root, and allocation overhead.
-    pub fn minimum(fp: &Footprint) -> Layout {
-        let mut size = PARTITION_OFFSET + fp.blocks * BLOCK;
+    pub fn minimum(fp: &Footprint, firmware: Firmware) -> Layout {
+        let around = root_offset(firmware) + tail(firmware);
+        let mut size = around + fp.blocks * BLOCK;
         // The journal grows with the file system; two rounds reach the fixed point.
         for _ in 0..3 {
-            let layout = Layout::new(size, fp);
+            let layout = Layout::new(size, fp, firmware);
             let inode_blocks = (layout.inodes * INODE_SIZE).div_ceil(BLOCK);
             let journal = journal_blocks(layout.fs_blocks);
             let used = fp.blocks + inode_blocks + journal + 1024;
             let fs_blocks = used * 100 / 94 + 256;
-            size = PARTITION_OFFSET + fs_blocks * BLOCK;
+            size = around + fs_blocks * BLOCK;
         }
-        Layout::new(size, fp)
+        Layout::new(size, fp, firmware)
     }
 
     /// The default: the minimum plus a quarter of the closure (at least 64 MiB) of free
     /// space, rounded up to 64 MiB.
-    pub fn default_for(fp: &Footprint) -> Layout {
-        let min = Layout::minimum(fp).size;
+    pub fn default_for(fp: &Footprint, firmware: Firmware) -> Layout {
+        let min = Layout::minimum(fp, firmware).size;
         let headroom = (fp.blocks * BLOCK / 4).max(64 << 20);
-        Layout::new((min + headroom).div_ceil(64 << 20) << 26, fp)
+        Layout::new((min + headroom).div_ceil(64 << 20) << 26, fp, firmware)
+    }
+
+    /// Where the root file system starts on the disk.
+    pub fn root_offset(&self) -> u64 {
+        root_offset(self.firmware)
     }
 }
 
@@ -395,11 +441,18 @@ pub fn tool_versions(store: &Store, format: DiskFormat) -> Result<String> {
     })
 }
 
-/// The recipe of an image of `closure`.
+/// The recipe of an image of `closure` (`uefi`: the UEFI tools, for a UEFI image).
 /// Which builder writes it is not in it: both run the same tools and write the same bytes.
-pub fn recipe(closure: &Closure, opts: &ImageOptions, tools: &StoreTools, tool_versions: &str) -> Recipe {
+pub fn recipe(
+    closure: &Closure,
+    opts: &ImageOptions,
+    tools: &StoreTools,
+    uefi: Option<&StoreTools>,
+    tool_versions: &str,
+) -> Recipe {
     let volatile = if opts.volatile { "-volatile" } else { "" };
-    let name = format!("vm-image-{}-{}{volatile}", closure.system_name, opts.format.name());
+    let firmware = if opts.layout.firmware == Firmware::Uefi { "-uefi" } else { "" };
+    let name = format!("vm-image-{}-{}{volatile}{firmware}", closure.system_name, opts.format.name());
     let mut recipe = Recipe::new("vm-image", &name)
         .param("layout", LAYOUT_VERSION)
         .param("format", opts.format.name())
@@ -410,6 +463,14 @@ pub fn recipe(closure: &Closure, opts: &ImageOptions, tools: &StoreTools, tool_v
         .param("grub-modules", GRUB_MODULES.join(","))
         .param("tools", tool_versions)
         .input_item("image-tools", &tools.wrappers);
+    // A BIOS image's recipe is what it was before images could be for UEFI.
+    if opts.layout.firmware == Firmware::Uefi {
+        recipe =
+            recipe.param("firmware", opts.layout.firmware.name()).param("grub-efi-modules", GRUB_EFI_MODULES.join(","));
+    }
+    if let Some(uefi) = uefi {
+        recipe = recipe.input_item("uefi-tools", &uefi.wrappers);
+    }
     for item in &closure.items {
         recipe = recipe.input_item("item", item);
     }
@@ -531,13 +592,15 @@ pub struct ImageJob<'a> {
     pub opts: &'a ImageOptions,
     pub uuid: &'a str,
     pub tools: &'a StoreTools,
+    /// The UEFI tools, for a UEFI image.
+    pub uefi: Option<&'a StoreTools>,
     pub progress: Progress,
 }
 
 /// Builds the image into the directory `out` (created), as `disk.FORMAT`, on the host.
 /// `scratch` holds the staging tree and the raw image meanwhile.
 pub fn build_on_host(job: &ImageJob, out: &Path) -> Result<()> {
-    let ImageJob { store, closure, opts, uuid, tools, progress } = *job;
+    let ImageJob { store, closure, opts, uuid, tools, uefi, progress } = *job;
     let scratch = store.scratch("vm-image")?;
     let root = scratch.path().join("root");
     progress.mark("stage");
@@ -569,9 +632,18 @@ pub fn build_on_host(job: &ImageJob, out: &Path) -> Result<()> {
         eprintln!("  (the raw image is written to `{}`)", raw.display());
     }
     progress.mark("grub");
-    let grub = grub_boot_code(store, tools)?;
+    let boot = match opts.layout.firmware {
+        Firmware::Bios => {
+            let (mbr, core) = grub_boot_code(store, tools)?;
+            Boot::Bios { mbr, core }
+        }
+        Firmware::Uefi => {
+            let uefi = uefi.context("a UEFI image needs the UEFI tools")?;
+            Boot::Uefi { esp: efi_system_partition(store, tools, uefi, uuid, scratch.path())? }
+        }
+    };
     let job =
-        RawImage { root: &root, mounts: &mounts, owners: &[], layout: opts.layout, uuid, tools, grub: Some(grub) };
+        RawImage { root: &root, mounts: &mounts, owners: &[], layout: opts.layout, uuid, tools, boot: Some(boot) };
     let built = write_raw(&raw, job, progress);
     // The staging tree has read-only directories; removed here, before the scratch goes,
     // as a step of its own.
@@ -747,14 +819,22 @@ struct RawImage<'a> {
     layout: Layout,
     uuid: &'a str,
     tools: &'a StoreTools,
-    /// GRUB's boot code (MBR, core.img), if any.
-    grub: Option<(Vec<u8>, Vec<u8>)>,
+    /// How it boots, if it does.
+    boot: Option<Boot>,
+}
+
+/// What makes a disk boot.
+enum Boot {
+    /// GRUB's boot code for BIOS: the MBR's and core.img.
+    Bios { mbr: Vec<u8>, core: Vec<u8> },
+    /// The EFI system partition's FAT file system, a file.
+    Uefi { esp: PathBuf },
 }
 
 /// Writes the raw image `raw`: partition table, file system of the staging tree, fixed
 /// inodes and GRUB's boot code, as `job` says.
 fn write_raw(raw: &Path, job: RawImage, progress: Progress) -> Result<()> {
-    let RawImage { root, mounts, owners, layout, uuid, tools, grub } = job;
+    let RawImage { root, mounts, owners, layout, uuid, tools, boot } = job;
     let file = File::create(raw).with_context(|| format!("creating `{}`", raw.display()))?;
     file.set_len(layout.size).with_context(|| format!("sizing `{}`", raw.display()))?;
     drop(file);
@@ -762,7 +842,7 @@ fn write_raw(raw: &Path, job: RawImage, progress: Progress) -> Result<()> {
     progress.mark("sfdisk");
     let mut sfdisk = tools.command("sfdisk")?;
     sfdisk.args(SFDISK_ARGS).arg(raw);
-    process::run_with(&sfdisk, Stdin::Bytes(partition_table(uuid).as_bytes()))
+    process::run_with(&sfdisk, Stdin::Bytes(partition_table(uuid, &layout).as_bytes()))
         .context("writing the partition table")?;
 
     progress.mark("mke2fs");
@@ -795,12 +875,12 @@ fn write_raw(raw: &Path, job: RawImage, progress: Progress) -> Result<()> {
     let fixed = guest::ext4::Fixed { time: FIXED_TIME.parse()?, uid: 0, gid: 0 };
     let started = std::time::Instant::now();
     let inodes =
-        guest::ext4::normalise_inodes(raw, PARTITION_OFFSET, fixed).context("fixing inode times and owners")?;
+        guest::ext4::normalise_inodes(raw, layout.root_offset(), fixed).context("fixing inode times and owners")?;
     if progress.verbose {
         eprintln!("  ({inodes} inodes given fixed times and owners in {:.2} s)", started.elapsed().as_secs_f64());
     }
     if !owners.is_empty() {
-        let fs_spec = format!("{}?offset={PARTITION_OFFSET}", raw.display());
+        let fs_spec = format!("{}?offset={}", raw.display(), layout.root_offset());
         let script: String = owners
             .iter()
             .map(|(path, uid, gid)| format!("sif \"/{path}\" uid {uid}\nsif \"/{path}\" gid {gid}\n"))
@@ -816,14 +896,23 @@ fn write_raw(raw: &Path, job: RawImage, progress: Progress) -> Result<()> {
         }
     }
 
-    let Some((mbr, core)) = grub else {
+    let Some(boot) = boot else {
         return Ok(());
     };
     progress.mark("boot-code");
     let mut file = File::options().write(true).open(raw).with_context(|| format!("opening `{}`", raw.display()))?;
-    file.write_all(&mbr).context("writing GRUB's boot.img into the MBR")?;
-    file.seek(SeekFrom::Start(SECTOR))?;
-    file.write_all(&core).context("writing GRUB's core.img after the MBR")?;
+    match boot {
+        Boot::Bios { mbr, core } => {
+            file.write_all(&mbr).context("writing GRUB's boot.img into the MBR")?;
+            file.seek(SeekFrom::Start(SECTOR))?;
+            file.write_all(&core).context("writing GRUB's core.img after the MBR")?;
+        }
+        Boot::Uefi { esp } => {
+            let mut fat = File::open(&esp).with_context(|| format!("opening `{}`", esp.display()))?;
+            file.seek(SeekFrom::Start(PARTITION_OFFSET))?;
+            std::io::copy(&mut fat, &mut file).context("writing the EFI system partition")?;
+        }
+    }
     file.sync_all()?;
     drop(file);
 
@@ -835,15 +924,38 @@ fn write_raw(raw: &Path, job: RawImage, progress: Progress) -> Result<()> {
 /// sfdisk's options: it writes into the file or disk it is given and nothing else.
 pub(crate) const SFDISK_ARGS: [&str; 3] = ["--no-tell-kernel", "--no-reread", "--quiet"];
 
-/// The sfdisk script of the partition table: one bootable Linux partition from 1 MiB to
-/// the end. The disk identifier comes from the UUID too: sfdisk would pick a random one.
-pub(crate) fn partition_table(uuid: &str) -> String {
-    format!(
-        "label: dos\nlabel-id: 0x{}\nunit: sectors\n{},,L,*\n",
-        &uuid.replace('-', "")[..8],
-        PARTITION_OFFSET / SECTOR
-    )
+/// The sfdisk script of the partition table. For BIOS: one bootable Linux partition from
+/// 1 MiB to the end. For UEFI, a GPT: the EFI system partition from 1 MiB, then the root
+/// file system's. The disk's and partitions' identifiers come from the UUID too: sfdisk
+/// would pick random ones.
+pub(crate) fn partition_table(uuid: &str, layout: &Layout) -> String {
+    match layout.firmware {
+        Firmware::Bios => format!(
+            "label: dos\nlabel-id: 0x{}\nunit: sectors\n{},,L,*\n",
+            &uuid.replace('-', "")[..8],
+            PARTITION_OFFSET / SECTOR
+        ),
+        Firmware::Uefi => {
+            let id = |what: &str| uuid_for(&crate::store::sha256_bytes(format!("{uuid}\0{what}").as_bytes()));
+            format!(
+                "label: gpt\nlabel-id: {disk}\nunit: sectors\nfirst-lba: {first}\n\
+                 start={first}, size={esp}, type={ESP_TYPE}, uuid={esp_id}, name=\"EFI system partition\"\n\
+                 start={root}, size={root_size}, type={LINUX_TYPE}, uuid={root_id}, name=\"root\"\n",
+                disk = id("disk"),
+                first = PARTITION_OFFSET / SECTOR,
+                esp = ESP_SIZE / SECTOR,
+                esp_id = id("esp"),
+                root = layout.root_offset() / SECTOR,
+                root_size = layout.fs_blocks * BLOCK / SECTOR,
+                root_id = id("root"),
+            )
+        }
+    }
 }
+
+/// GPT's partition types: an EFI system partition, Linux data.
+const ESP_TYPE: &str = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B";
+const LINUX_TYPE: &str = "0FC63DAF-8483-4772-8E79-3D69D8477DE4";
 
 /// mke2fs's options for the root file system, before `-d DIR DEVICE BLOCKS`; it runs
 /// with `E2FSPROGS_FAKE_TIME` set to [`FIXED_TIME`].
@@ -857,7 +969,7 @@ pub(crate) fn mke2fs_options(layout: &Layout, uuid: &str) -> Vec<String> {
     // tables zeroed whatever it writes to: it would for a file (where discarding zeroes)
     // but not for a block device.
     args.push("-E".into());
-    args.push(format!("offset={PARTITION_OFFSET},hash_seed={uuid},root_owner=0:0,assume_storage_prezeroed=1"));
+    args.push(format!("offset={},hash_seed={uuid},root_owner=0:0,assume_storage_prezeroed=1", layout.root_offset()));
     args
 }
 
@@ -900,6 +1012,60 @@ pub(crate) fn grub_boot_code(store: &Store, tools: &StoreTools) -> Result<(Vec<u
 
 /// Where GRUB's core.img looks for its configuration: the first partition.
 const GRUB_PREFIX: &str = "(hd0,msdos1)/boot/grub";
+/// Where GRUB's UEFI image looks for it: the second partition of the GPT.
+const GRUB_EFI_PREFIX: &str = "(hd0,gpt2)/boot/grub";
+
+/// The EFI system partition of a UEFI image, made in `dir`: a FAT file system (volume ID
+/// from `uuid`, times fixed) holding GRUB's x86_64-efi image as the removable-media path
+/// firmware boots, `EFI/BOOT/BOOTX64.EFI`. The GRUB image (grub-mkimage's output) is a
+/// store item: it depends only on GRUB's version and the modules built in.
+fn efi_system_partition(
+    store: &Store,
+    tools: &StoreTools,
+    uefi: &StoreTools,
+    uuid: &str,
+    dir: &Path,
+) -> Result<PathBuf> {
+    let grub = grub_efi_image(store, tools, uefi)?;
+    let esp = dir.join("esp.fat");
+    File::create(&esp).and_then(|f| f.set_len(ESP_SIZE)).with_context(|| format!("creating `{}`", esp.display()))?;
+    let mut mkfs = uefi.command("mkfs.fat")?;
+    mkfs.args(mkfs_fat_options(uuid)).arg(&esp);
+    process::run(&mkfs).context("making the EFI system partition's file system")?;
+    let mtools = |program: &str, args: &[&std::ffi::OsStr]| -> Result<()> {
+        let mut cmd = uefi.command(program)?;
+        cmd.arg("-i").arg(&esp).args(args).envs(MTOOLS_ENV);
+        process::run(&cmd).map(drop).with_context(|| format!("writing the EFI system partition ({program})"))
+    };
+    mtools("mmd", &ESP_DIRS.map(std::ffi::OsStr::new))?;
+    mtools("mcopy", &[grub.as_os_str(), ESP_BOOT_FILE.as_ref()])?;
+    Ok(esp)
+}
+
+/// mkfs.fat's options for the EFI system partition, before the file: no time or random
+/// value in it (`--invariant`), the volume ID from the image's UUID.
+pub(crate) fn mkfs_fat_options(uuid: &str) -> [String; 5] {
+    ["--invariant".into(), "-i".into(), uuid[..8].to_string(), "-n".into(), "EFI".into()]
+}
+
+/// GRUB's x86_64-efi image (`BOOTX64.EFI`, a store item's), with [`GRUB_EFI_MODULES`]
+/// built in, looking for its configuration at [`GRUB_EFI_PREFIX`].
+pub(crate) fn grub_efi_image(store: &Store, tools: &StoreTools, uefi: &StoreTools) -> Result<PathBuf> {
+    let modules = uefi.grub_x86_64_efi();
+    let recipe = Recipe::new("grub-efi", "grub-efi-x86_64")
+        .param("prefix", GRUB_EFI_PREFIX)
+        .param("modules", GRUB_EFI_MODULES.join(","))
+        .input_item("image-tools", &tools.wrappers)
+        .input_item("uefi-tools", &uefi.wrappers);
+    let item = store.realise(&recipe, |out| {
+        fs::create_dir(out)?;
+        let mut mkimage = tools.command("grub-mkimage")?;
+        mkimage.args(["-O", "x86_64-efi", "-p", GRUB_EFI_PREFIX, "-d"]).arg(&modules);
+        mkimage.arg("-o").arg(out.join("BOOTX64.EFI")).args(GRUB_EFI_MODULES);
+        process::run(&mkimage).map(drop).context("making GRUB's UEFI image")
+    })?;
+    Ok(item.path.join("BOOTX64.EFI"))
+}
 
 /// The first byte offset at which two files differ (a shorter file differs where it
 /// ends), or `None` when they are identical.
@@ -926,13 +1092,17 @@ pub fn first_difference(a: &Path, b: &Path) -> Result<Option<u64>> {
     }
 }
 
-/// Where a byte offset of a raw image falls, for messages.
-pub fn region(offset: u64) -> String {
-    match offset {
-        0..440 => "GRUB's boot code in the MBR".to_string(),
-        440..512 => "the MBR's partition table".to_string(),
-        512..PARTITION_OFFSET => "GRUB's core.img".to_string(),
-        _ => format!("the root file system, block {}", (offset - PARTITION_OFFSET) / BLOCK),
+/// Where a byte offset of a raw image for `firmware` falls, for messages.
+pub fn region(offset: u64, firmware: Firmware) -> String {
+    let root = root_offset(firmware);
+    match (firmware, offset) {
+        (Firmware::Bios, 0..440) => "GRUB's boot code in the MBR".to_string(),
+        (Firmware::Bios, 440..512) => "the MBR's partition table".to_string(),
+        (Firmware::Bios, 512..PARTITION_OFFSET) => "GRUB's core.img".to_string(),
+        (Firmware::Uefi, 0..PARTITION_OFFSET) => "the protective MBR and the GPT".to_string(),
+        (Firmware::Uefi, PARTITION_OFFSET..) if offset < root => "the EFI system partition".to_string(),
+        _ if offset >= root => format!("the root file system, block {}", (offset - root) / BLOCK),
+        _ => "the backup GPT".to_string(),
     }
 }
 
@@ -951,14 +1121,14 @@ mod tests {
 
     #[test]
     fn minimum_covers_data_inodes_and_journal() {
-        let min = Layout::minimum(&fp(400));
+        let min = Layout::minimum(&fp(400), Firmware::Bios);
         assert!(min.size > (400 << 20) + (16 << 20) + 5000 * INODE_SIZE, "{min:?}");
         assert!(min.size < 520 << 20, "{min:?}");
         assert_eq!(min.size % (1 << 20), 0);
-        let default = Layout::default_for(&fp(400));
+        let default = Layout::default_for(&fp(400), Firmware::Bios);
         assert!(default.size >= min.size + (64 << 20), "{default:?}");
         assert_eq!(default.size % (64 << 20), 0);
-        assert_eq!(Layout::new(1, &fp(1)).size, 1 << 20);
+        assert_eq!(Layout::new(1, &fp(1), Firmware::Bios).size, 1 << 20);
     }
 
     #[test]
@@ -988,7 +1158,7 @@ mod tests {
             initrd: "/store/i/initrd".into(),
             kernel_args: vec!["vm.boot-check".into()],
         };
-        let layout = Layout::new(1 << 30, &fp(1));
+        let layout = Layout::new(1 << 30, &fp(1), Firmware::Bios);
         let opts = ImageOptions { format: DiskFormat::Raw, layout, volatile: true, verify_store: false };
         let cfg = grub_cfg(&closure, &opts, "u-u");
         let hs = "h".repeat(32);
@@ -1021,9 +1191,30 @@ mod tests {
 
     #[test]
     fn regions_of_the_disk() {
-        assert_eq!(region(0), "GRUB's boot code in the MBR");
-        assert_eq!(region(446), "the MBR's partition table");
-        assert_eq!(region(600), "GRUB's core.img");
-        assert_eq!(region(PARTITION_OFFSET + 2 * BLOCK + 1), "the root file system, block 2");
+        assert_eq!(region(0, Firmware::Bios), "GRUB's boot code in the MBR");
+        assert_eq!(region(446, Firmware::Bios), "the MBR's partition table");
+        assert_eq!(region(600, Firmware::Bios), "GRUB's core.img");
+        assert_eq!(region(PARTITION_OFFSET + 2 * BLOCK + 1, Firmware::Bios), "the root file system, block 2");
+        assert_eq!(region(600, Firmware::Uefi), "the protective MBR and the GPT");
+        assert_eq!(region(PARTITION_OFFSET + 5, Firmware::Uefi), "the EFI system partition");
+        let root = PARTITION_OFFSET + ESP_SIZE;
+        assert_eq!(region(root + 3 * BLOCK, Firmware::Uefi), "the root file system, block 3");
+    }
+
+    #[test]
+    fn a_uefi_disk_has_an_esp_then_the_root_and_room_for_the_backup_gpt() {
+        let bios = Layout::new(1 << 30, &fp(1), Firmware::Bios);
+        let uefi = Layout::new(1 << 30, &fp(1), Firmware::Uefi);
+        assert_eq!(uefi.root_offset(), 17 << 20);
+        assert_eq!(uefi.fs_blocks, bios.fs_blocks - ((ESP_SIZE + GPT_TAIL) / BLOCK));
+        assert!(uefi.root_offset() + uefi.fs_blocks * BLOCK + GPT_TAIL <= uefi.size);
+        let min = Layout::minimum(&fp(400), Firmware::Uefi);
+        assert!(min.size >= Layout::minimum(&fp(400), Firmware::Bios).size + ESP_SIZE + GPT_TAIL, "{min:?}");
+        let table = partition_table("01234567-89ab-4def-8123-456789abcdef", &uefi);
+        assert!(table.starts_with("label: gpt\n"), "{table}");
+        assert!(table.contains(&format!("start=2048, size={}, type={ESP_TYPE}", ESP_SIZE / SECTOR)), "{table}");
+        assert!(table.contains(&format!("start={}, size={}, type={LINUX_TYPE}", 17 << 11, uefi.fs_blocks * 8)));
+        assert_eq!(table, partition_table("01234567-89ab-4def-8123-456789abcdef", &uefi), "fixed identifiers");
+        assert_ne!(table, partition_table("11234567-89ab-4def-8123-456789abcdef", &uefi));
     }
 }

@@ -21,7 +21,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use os_configs::System;
+use os_configs::{Firmware, System};
 
 use crate::debian::image_tools::StoreTools;
 use crate::image::{self, Closure, ImageJob, ImageOptions, Progress};
@@ -41,7 +41,7 @@ const INPUT_DIR: &str = "in";
 
 /// Builds the image into `out` (created) as `disk.FORMAT`, in a VM.
 pub fn build(job: &ImageJob, ws: &Workspace, out: &Path) -> Result<()> {
-    let ImageJob { store, closure, opts, uuid, tools, progress } = *job;
+    let ImageJob { store, closure, opts, uuid, tools, uefi, progress } = *job;
     let xchg = store.exchange()?;
     let input = xchg.path().join(INPUT_DIR);
     fs::create_dir_all(input.join("files"))?;
@@ -64,11 +64,23 @@ pub fn build(job: &ImageJob, ws: &Workspace, out: &Path) -> Result<()> {
     let tree = tree?;
     made?;
 
-    let (mbr, core) = image::grub_boot_code(store, tools)?;
-    fs::write(input.join("mbr"), mbr)?;
-    fs::write(input.join("core.img"), core)?;
-    fs::write(input.join("table"), image::partition_table(uuid))?;
-    let script = guest_script(&tree, opts, uuid, tools.wrappers.guest_path().as_str(), progress.verbose);
+    // GRUB's boot code, made on the host (as a store item) as the host builder does.
+    let uefi_bin = match opts.layout.firmware {
+        Firmware::Bios => {
+            let (mbr, core) = image::grub_boot_code(store, tools)?;
+            fs::write(input.join("mbr"), mbr)?;
+            fs::write(input.join("core.img"), core)?;
+            None
+        }
+        Firmware::Uefi => {
+            let uefi = uefi.context("a UEFI image needs the UEFI tools")?;
+            fs::copy(image::grub_efi_image(store, tools, uefi)?, input.join("BOOTX64.EFI"))?;
+            Some(format!("{}/bin", uefi.wrappers.guest_path()))
+        }
+    };
+    fs::write(input.join("table"), image::partition_table(uuid, &opts.layout))?;
+    let tools_dir = tools.wrappers.guest_path();
+    let script = guest_script(&tree, opts, uuid, tools_dir.as_str(), uefi_bin.as_deref(), progress.verbose);
     fs::write(input.join("build.sh"), script)?;
 
     let disk = runtime.path().join("disk.raw");
@@ -188,8 +200,15 @@ fn tree_commands(root: &Path, entries: &[String], items: &[String], files: &Path
 /// The script the guest runs (busybox sh): the host builder's steps, on `/dev/vda`, with
 /// the tools in `tools/bin` (named by path: busybox sh prefers its own applets, and it
 /// has a small `mke2fs`).
-fn guest_script(tree: &[String], opts: &ImageOptions, uuid: &str, tools: &str, verbose: bool) -> String {
-    let offset = image::PARTITION_OFFSET;
+fn guest_script(
+    tree: &[String],
+    opts: &ImageOptions,
+    uuid: &str,
+    tools: &str,
+    uefi_bin: Option<&str>,
+    verbose: bool,
+) -> String {
+    let offset = opts.layout.root_offset();
     let mke2fs: Vec<String> = image::mke2fs_options(&opts.layout, uuid).iter().map(|a| shell_quote(a)).collect();
     let mut s = String::from("set -eu\n");
     if verbose {
@@ -214,14 +233,45 @@ fn guest_script(tree: &[String], opts: &ImageOptions, uuid: &str, tools: &str, v
     // The partition table goes into a file of the disk's size first: libfdisk takes a
     // block device's geometry from the kernel, and a file's from its defaults, and the
     // MBR's CHS fields would differ from the host builder's.
+    // An MBR is one sector; a GPT is its first MiB and its last (the backup).
+    let table = match uefi_bin {
+        None => "dd if=/tmp/table.img of=\"$disk\" bs=512 count=1 conv=notrunc 2>/dev/null".to_string(),
+        Some(_) => format!(
+            "dd if=/tmp/table.img of=\"$disk\" bs=1M count=1 conv=notrunc 2>/dev/null\n\
+             dd if=/tmp/table.img of=\"$disk\" bs=1M skip={last} seek={last} count=1 conv=notrunc 2>/dev/null",
+            last = (opts.layout.size - image::GPT_TAIL) >> 20
+        ),
+    };
+    let boot = match uefi_bin {
+        None => "dd if=\"$in\"/mbr of=\"$disk\" bs=440 count=1 conv=notrunc 2>/dev/null\n\
+                 dd if=\"$in\"/core.img of=\"$disk\" bs=512 seek=1 conv=notrunc 2>/dev/null"
+            .to_string(),
+        // The EFI system partition as the host builder makes it, with the same tools.
+        Some(bin) => {
+            let env: Vec<String> = image::MTOOLS_ENV.iter().map(|(k, v)| format!("{k}={}", shell_quote(v))).collect();
+            let env = env.join(" ");
+            format!(
+                "u={bin}\ne=/tmp/esp.fat\ntruncate -s {esp_size} \"$e\"\n\
+                 \"$u\"/mkfs.fat {mkfs} \"$e\" >/dev/null\n\
+                 {env} \"$u\"/mmd -i \"$e\" {dirs}\n\
+                 {env} \"$u\"/mcopy -i \"$e\" \"$in\"/BOOTX64.EFI {boot_file}\n\
+                 dd if=\"$e\" of=\"$disk\" bs=1M seek={esp_at} conv=notrunc 2>/dev/null",
+                bin = shell_quote(bin),
+                esp_size = image::ESP_SIZE,
+                mkfs = image::mkfs_fat_options(uuid).iter().map(|a| shell_quote(a)).collect::<Vec<_>>().join(" "),
+                dirs = image::ESP_DIRS.join(" "),
+                boot_file = image::ESP_BOOT_FILE,
+                esp_at = image::PARTITION_OFFSET >> 20,
+            )
+        }
+    };
     s.push_str(&format!(
         "truncate -s {size} /tmp/table.img\n\
          \"$t\"/sfdisk {sfdisk} /tmp/table.img < \"$in\"/table\n\
-         dd if=/tmp/table.img of=\"$disk\" bs=512 count=1 conv=notrunc 2>/dev/null\n\
+         {table}\n\
          \"$t\"/mke2fs {mke2fs} -d \"$r\" \"$disk\" {blocks}\n\
          /init normalise-inodes \"$disk\" {offset} {time}\n\
-         dd if=\"$in\"/mbr of=\"$disk\" bs=440 count=1 conv=notrunc 2>/dev/null\n\
-         dd if=\"$in\"/core.img of=\"$disk\" bs=512 seek=1 conv=notrunc 2>/dev/null\n\
+         {boot}\n\
          sync\n\
          if ! \"$t\"/e2fsck -f -n \"$disk?offset={offset}\" >/tmp/e2fsck.log 2>&1; then\n  \
          cat /tmp/e2fsck.log >&2\n  echo 'the new root file system does not pass e2fsck -fn' >&2\n  exit 1\nfi\n",
