@@ -40,6 +40,8 @@ fn quick_bench_prints_and_writes_a_valid_report() {
         "scaling-64MiB",
         "scaling-256MiB",
         "substitutes",
+        "image-build-uefi",
+        "uefi-boot",
     ] {
         assert!(names.contains(&name), "figure {name} missing: {names:?}");
     }

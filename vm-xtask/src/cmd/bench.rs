@@ -622,6 +622,8 @@ impl Bencher<'_> {
             }
             timed(|| until_shell(qemu))
         };
+        // A boot takes 10-20 s under TCG: once each for --quick.
+        let (warmup, runs) = if self.opts.quick { (0, 1) } else { (warmup, runs) };
         let [(boot_uefi, _), (boot_bios, _)] =
             alternating(warmup, runs, || boot(&uefi, Some(&ovmf)), || boot(&bios, None))?;
         Ok(vec![
