@@ -167,13 +167,7 @@ pub fn run(
 ) -> Result<i32> {
     let dir = keeper_dir(ws, opts, shared, cargo)?;
     // One runner call at a time: rustdoc runs doctests on several threads.
-    let lock = std::fs::File::options()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(dir.join("lock"))
-        .with_context(|| format!("opening `{}`", dir.join("lock").display()))?;
-    lock.lock().context("waiting for the other doctests")?;
+    let lock = lock_dir(&dir)?;
     let socket = dir.join("socket");
     if UnixStream::connect(&socket).is_err() {
         match keeper_of(&dir).filter(|keeper| keeper.alive()) {
@@ -229,6 +223,19 @@ pub fn run(
         FromGuest::Failed { error } => bail!("the kept VM could not run `{}`: {error}", binary.path.display()),
         FromGuest::Ready => bail!("the kept VM answered `ready` to a command"),
     }
+}
+
+/// Takes the lock of the keeper's directory `dir` (held while the returned file is open).
+fn lock_dir(dir: &Path) -> Result<std::fs::File> {
+    let path = dir.join("lock");
+    let lock = std::fs::File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("opening `{}`", path.display()))?;
+    lock.lock().context("waiting for the other doctests")?;
+    Ok(lock)
 }
 
 /// A runner call, as the keeper takes it: the binary (on the host: the keeper adds the
@@ -365,13 +372,7 @@ pub fn keep_ahead(ws: &Workspace, opts: &VmOpts, cargo: Process) -> Result<i32> 
     // As a runner call finds it for a doctest, built under the temporary directory.
     let shared = super::Shared::of_binary(&std::env::temp_dir().join("rustdoctest"), &package_dir)?;
     let dir = keeper_dir(ws, opts, &shared, cargo)?;
-    let lock = std::fs::File::options()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(dir.join("lock"))
-        .with_context(|| format!("opening `{}`", dir.join("lock").display()))?;
-    lock.lock().context("waiting for the doctests")?;
+    let lock = lock_dir(&dir)?;
     if UnixStream::connect(dir.join("socket")).is_ok() || keeper_of(&dir).is_some_and(Process::alive) {
         return Ok(0);
     }
