@@ -62,6 +62,8 @@ pub enum Group {
     ImageBuild,
     /// substitutes: a cold start from a registry, and the bytes moved.
     Substitutes,
+    /// tree-walk: a guest walk of the workspace's sources, virtiofs against 9p.
+    TreeWalk,
 }
 
 /// One measured figure.
@@ -178,6 +180,9 @@ impl Bench {
             if wanted(Group::InnerLoop) {
                 figures.extend(b.inner_loop(floor_boot, our_boot)?);
             }
+        }
+        if wanted(Group::TreeWalk) {
+            figures.push(b.tree_walk()?);
         }
         if wanted(Group::CacheHit) {
             figures.extend(b.cache_hits()?);
@@ -365,6 +370,52 @@ impl Bencher<'_> {
             ),
             self.figure("xtask-test-warm", warm, host_run + floor_boot, "the same, --warm", FLOOR),
         ])
+    }
+
+    /// tree-walk: the guest's walk of this workspace's sources (`find` + `stat`, done by
+    /// `vm-checks`' `tree_walk` test in its own process, the guest's dentries and inodes
+    /// dropped before each of its walks) in `xtask test --cold`, the workspace over
+    /// virtiofs, against the same over 9p (`XTASK_VIRTIOFSD=none`), taken in turn; the
+    /// guest's own times, so the boot is not in it.
+    fn tree_walk(&self) -> Result<Figure> {
+        use crate::vm::virtiofs::VIRTIOFSD_ENV;
+        if let Err(why) = crate::vm::virtiofs::virtiofsd(self.store) {
+            bail!("the tree-walk figure needs a virtiofsd: {why}");
+        }
+        let selection = ["-p", "vm-checks", "--test", "shares"];
+        crate::suite::build_test_binaries(self.ws, &selection.map(String::from))?;
+        let (xtask, accel) = (self.xtask, self.accel.name());
+        let walk = |over: &'static str| {
+            let mut cmd: Command =
+                cmd!(self.sh, "{xtask} test --accel {accel} --cold --system hello --timeout 300 {selection...}")
+                    .args(["--", "--ignored", "--nocapture", "--exact", "tree_walk"])
+                    .into();
+            match over {
+                "9p" => cmd.env(VIRTIOFSD_ENV, "none"),
+                _ => cmd.env_remove(VIRTIOFSD_ENV),
+            };
+            move || -> Result<(Duration, Profile)> {
+                let out = crate::process::run(&cmd)?;
+                let stdout = String::from_utf8_lossy(&out.stdout);
+                let said = stdout.lines().find_map(|l| l.split_once("tree-walk: ")).map(|(_, rest)| rest);
+                let words: Vec<&str> = said.unwrap_or_default().split_whitespace().collect();
+                match words[..] {
+                    [kind, secs, ..] if kind == over => Ok((Duration::from_secs_f64(secs.parse()?), Vec::new())),
+                    _ => bail!(
+                        "the guest's walk did not say its time over {over}: {}",
+                        crate::process::last_lines(&stdout)
+                    ),
+                }
+            }
+        };
+        let [(ours, _), (floor, _)] = alternating(self.warmup, self.runs, walk("virtiofs"), walk("9p"))?;
+        Ok(self.figure(
+            "tree-walk",
+            ours,
+            floor,
+            "the guest's walks of the workspace's sources (readdir + lstat, caches dropped), over virtiofs",
+            "the same over 9p",
+        ))
     }
 
     /// doctests: 100 small doctests of a crate of edition 2021 (rustdoc runs each as a
