@@ -150,10 +150,13 @@ pub fn serve(
             .with_context(|| format!("listening on `{}` for virtiofsd", socket.path.display()))?;
         let mut cmd = confined(virtiofsd, &share.path);
         let fd = listener.as_raw_fd();
-        // SAFETY: dup2 is async-signal-safe; the copy at SOCKET_FD is not close-on-exec.
+        // SAFETY: dup2 and fcntl are async-signal-safe. The copy at SOCKET_FD is not
+        // close-on-exec; a socket already there (dup2 does nothing) is made so by hand.
         unsafe {
             cmd.pre_exec(move || {
-                if nix::libc::dup2(fd, SOCKET_FD) < 0 {
+                use nix::libc::{dup2, fcntl, F_SETFD};
+                let done = if fd == SOCKET_FD { fcntl(fd, F_SETFD, 0) } else { dup2(fd, SOCKET_FD) };
+                if done < 0 {
                     return Err(std::io::Error::last_os_error());
                 }
                 Ok(())
