@@ -40,6 +40,7 @@ fn quick_bench_prints_and_writes_a_valid_report() {
         "scaling-64MiB",
         "scaling-256MiB",
         "substitutes",
+        "tree-walk",
     ] {
         assert!(names.contains(&name), "figure {name} missing: {names:?}");
     }
