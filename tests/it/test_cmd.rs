@@ -530,6 +530,27 @@ fn the_workspace_goes_over_virtiofs_where_the_host_has_it_and_9p_otherwise() {
     assert!(warm.stderr.contains("share workspace: 9p (the VM is restored from a snapshot"), "{warm:#?}");
 }
 
+/// With no virtiofsd on the host (each one hidden under `/dev/null` in a mount namespace of
+/// the test's own) and the store's QEMU, the store's virtiofsd (its `qemu-system-common`)
+/// serves the workspace.
+#[test]
+fn the_store_qemus_virtiofsd_serves_when_the_host_has_none() {
+    const HIDE: &str = "for p in \"$@\"; do [ \"$p\" = -- ] && break; [ -e \"$p\" ] && \
+                        { mount --bind /dev/null \"$p\" || exit 125; }; done; \
+                        while [ \"$1\" != -- ]; do shift; done; shift; exec \"$@\"";
+    let mut cmd = Command::new("unshare");
+    cmd.args(["--mount", "--", "sh", "-c", HIDE, "sh"]).args(VIRTIOFSD).arg("--").arg(xtask_bin());
+    cmd.args(["test", "--system", "hello", "--timeout", TIMEOUT, "--cold", "--verbose", "--qemu", "store"]);
+    cmd.args(["-p", "vm-checks", "--test", "shares", "--", "--ignored", "--nocapture", "--exact"]);
+    cmd.arg("the_workspace_share_is_read_only_even_remounted").env_remove("XTASK_VIRTIOFSD");
+    let run = output_within(cmd, 900);
+    run.expect_code(0);
+    assert!(run.stdout.contains("workspace share: virtiofs ro,"), "{run:#?}");
+    let said = run.stderr.lines().find(|l| l.starts_with("share workspace: virtiofs ("));
+    let said = said.unwrap_or_else(|| panic!("which virtiofsd is not said: {run:#?}"));
+    assert!(said.contains("-qemu-system-common-") && said.ends_with("/usr/lib/qemu/virtiofsd)"), "{said}");
+}
+
 /// virtiofsd dies with xtask, even SIGKILLed, its sandboxed child too.
 #[test]
 fn virtiofsd_dies_with_a_sigkilled_xtask() {

@@ -449,9 +449,10 @@ impl<'a> VmRun<'a> {
         };
         let servers = crate::vm::virtiofs::serve(&virtiofsd, &mut self.spec, &tags, &self.runtime, self.verbose)?;
         if self.verbose {
-            let program: Vec<_> = virtiofsd.argv.iter().map(|a| a.to_string_lossy()).collect();
+            // The program itself (the store's runs through the loader, named first).
+            let program = virtiofsd.argv.last().map(|p| p.to_string_lossy()).unwrap_or_default();
             let left: Vec<&String> = tags.iter().filter(|t| !servers.tags.contains(t)).collect();
-            eprintln!("share {}: virtiofs ({})", servers.tags.join(", "), program.join(" "));
+            eprintln!("share {}: virtiofs ({program})", servers.tags.join(", "));
             if !left.is_empty() {
                 eprintln!("share {left:?}: 9p (not read-only, or no socket path fits)");
             }
