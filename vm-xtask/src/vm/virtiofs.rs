@@ -187,12 +187,24 @@ fn confined(virtiofsd: &Virtiofsd, dir: &Path) -> std::process::Command {
     cmd.args(["--user", "--map-root-user", "--mount", "--", "sh", "-c", SCRIPT, "sh"]).arg(dir);
     cmd.args(&virtiofsd.argv);
     cmd.arg(format!("--fd={SOCKET_FD}"));
-    let mut source = OsString::from("source=");
-    source.push(dir);
-    cmd.arg("-o").arg(source);
+    cmd.arg("-o").arg(source_option(dir));
     // The descriptor limit as it is (raising it takes a privilege the namespace lacks).
     cmd.args(["-o", "sandbox=namespace", "-o", "cache=auto", "--rlimit-nofile=0"]);
     cmd
+}
+
+/// `source=DIR`, with the backslashes and commas of `DIR` escaped as FUSE's option
+/// parser wants them (a comma would end the option).
+fn source_option(dir: &Path) -> OsString {
+    use std::os::unix::ffi::{OsStrExt, OsStringExt};
+    let mut bytes = b"source=".to_vec();
+    for &b in dir.as_os_str().as_bytes() {
+        if b == b',' || b == b'\\' {
+            bytes.push(b'\\');
+        }
+        bytes.push(b);
+    }
+    OsString::from_vec(bytes)
 }
 
 /// The guest's mounts of the shares now on virtiofs (`tags`), made virtiofs mounts:
@@ -223,6 +235,11 @@ mod tests {
         assert_eq!((mounts[0].fs_type.as_str(), mounts[0].options.as_str()), ("virtiofs", "ro"));
         assert_eq!(mounts[1].fs_type, "9p");
         assert_eq!(mounts[2].fs_type, "tmpfs");
+    }
+
+    #[test]
+    fn commas_and_backslashes_in_the_shared_directory_are_escaped() {
+        assert_eq!(source_option(Path::new("/a,b\\c/d")), "source=/a\\,b\\\\c/d");
     }
 
     #[test]
