@@ -42,6 +42,7 @@ fn quick_bench_prints_and_writes_a_valid_report() {
         "substitutes",
         "image-build-uefi",
         "uefi-boot",
+        "tree-walk",
     ] {
         assert!(names.contains(&name), "figure {name} missing: {names:?}");
     }

@@ -530,3 +530,102 @@ fn partitions_share_the_tests_among_ci_jobs() {
         assert_eq!(seen, all, "{kind}: the shares together are not every test once");
     }
 }
+
+/// Where the tests look for a virtiofsd: the ones xtask looks for (`vm::virtiofs`).
+const VIRTIOFSD: &[&str] = &["/usr/libexec/virtiofsd", "/usr/lib/qemu/virtiofsd"];
+
+/// `xtask test --system hello --cold --verbose [WARMTH] -p vm-checks --test shares` of
+/// the read-only test, `XTASK_VIRTIOFSD` set to `virtiofsd` or unset.
+fn shares_test(extra: &[&str], virtiofsd: Option<&str>) -> Run {
+    assert!(
+        VIRTIOFSD.iter().any(|p| std::path::Path::new(p).is_file()),
+        "this test needs a virtiofsd: {} (qemu-system-common) or {} (virtiofsd)",
+        VIRTIOFSD[1],
+        VIRTIOFSD[0]
+    );
+    let mut cmd = Command::new(xtask_bin());
+    cmd.args(["test", "--system", "hello", "--timeout", TIMEOUT, "--verbose"]).args(extra);
+    cmd.args(["-p", "vm-checks", "--test", "shares", "--", "--ignored", "--nocapture", "--exact"]);
+    cmd.arg("the_workspace_share_is_read_only_even_remounted").stdin(Stdio::null());
+    match virtiofsd {
+        Some(v) => cmd.env("XTASK_VIRTIOFSD", v),
+        None => cmd.env_remove("XTASK_VIRTIOFSD"),
+    };
+    output_within(cmd, 600)
+}
+
+/// The workspace share of a VM that boots cold goes over virtiofs where the host has a
+/// virtiofsd, and over 9p with it hidden, or when the VM is restored from a snapshot; said
+/// once with `--verbose`; read-only from the guest (even remounted read-write) either way.
+#[test]
+fn the_workspace_goes_over_virtiofs_where_the_host_has_it_and_9p_otherwise() {
+    let run = shares_test(&["--cold"], None);
+    run.expect_code(0);
+    assert!(run.stdout.contains("workspace share: virtiofs ro,"), "{run:#?}");
+    assert!(run.stdout.contains("test result: ok. 1 passed"), "{run:#?}");
+    assert_eq!(run.stderr.matches("share workspace: ").count(), 1, "{run:#?}");
+    assert!(run.stderr.contains("share workspace: virtiofs ("), "{run:#?}");
+    assert!(run.stderr.contains("-device vhost-user-fs-device,chardev=vfs0,tag=workspace"), "{run:#?}");
+    assert!(!run.stderr.contains("mount_tag=workspace"), "{run:#?}");
+
+    for hidden in ["none", "/nonexistent/virtiofsd"] {
+        let run = shares_test(&["--cold"], Some(hidden));
+        run.expect_code(0);
+        assert!(run.stdout.contains("workspace share: 9p ro,"), "{run:#?}");
+        assert!(run.stderr.contains(&format!("share workspace: 9p (XTASK_VIRTIOFSD={hidden}")), "{run:#?}");
+        assert!(!run.stderr.contains("vhost-user-fs-device"), "{run:#?}");
+    }
+
+    // Made (if it is not there) and restored: a snapshot keeps the VM on 9p.
+    let warm = shares_test(&["--warm"], None);
+    warm.expect_code(0);
+    assert!(warm.stdout.contains("workspace share: 9p ro,"), "{warm:#?}");
+    assert!(warm.stderr.contains("share workspace: 9p (the VM is restored from a snapshot"), "{warm:#?}");
+}
+
+/// With no virtiofsd on the host (each one hidden under `/dev/null` in a mount namespace of
+/// the test's own) and the store's QEMU, the store's virtiofsd (its `qemu-system-common`)
+/// serves the workspace.
+#[test]
+fn the_store_qemus_virtiofsd_serves_when_the_host_has_none() {
+    const HIDE: &str = "for p in \"$@\"; do [ \"$p\" = -- ] && break; [ -e \"$p\" ] && \
+                        { mount --bind /dev/null \"$p\" || exit 125; }; done; \
+                        while [ \"$1\" != -- ]; do shift; done; shift; exec \"$@\"";
+    let mut cmd = Command::new("unshare");
+    cmd.args(["--mount", "--", "sh", "-c", HIDE, "sh"]).args(VIRTIOFSD).arg("--").arg(xtask_bin());
+    cmd.args(["test", "--system", "hello", "--timeout", TIMEOUT, "--cold", "--verbose", "--qemu", "store"]);
+    cmd.args(["-p", "vm-checks", "--test", "shares", "--", "--ignored", "--nocapture", "--exact"]);
+    cmd.arg("the_workspace_share_is_read_only_even_remounted").env_remove("XTASK_VIRTIOFSD");
+    let run = output_within(cmd, 900);
+    run.expect_code(0);
+    assert!(run.stdout.contains("workspace share: virtiofs ro,"), "{run:#?}");
+    let said = run.stderr.lines().find(|l| l.starts_with("share workspace: virtiofs ("));
+    let said = said.unwrap_or_else(|| panic!("which virtiofsd is not said: {run:#?}"));
+    assert!(said.contains("-qemu-system-common-") && said.ends_with("/usr/lib/qemu/virtiofsd)"), "{said}");
+}
+
+/// virtiofsd dies with xtask, even SIGKILLed, its sandboxed child too.
+#[test]
+fn virtiofsd_dies_with_a_sigkilled_xtask() {
+    let mut cmd = Command::new(xtask_bin());
+    cmd.args(["test", "--system", "hello", "--cold", "--timeout", TIMEOUT, "-p", "vm-checks", "--test", "hangs"]);
+    cmd.args(["--", "--ignored"]).env_remove("XTASK_VIRTIOFSD");
+    let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let pid = child.id();
+    let mut servers = Vec::new();
+    let found = vm_tests::wait_until(300, || {
+        servers = vm_tests::children_named(pid, "virtiofsd");
+        let sandboxed: Vec<u32> = servers.iter().flat_map(|&p| vm_tests::children_named(p, "virtiofsd")).collect();
+        servers.extend(&sandboxed);
+        !sandboxed.is_empty() && !vm_tests::children_named(pid, "qemu-system").is_empty()
+    });
+    if !found {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("no virtiofsd (and its sandboxed child) under xtask {pid}: {servers:?}");
+    }
+    vm_tests::send_signal(pid, "KILL");
+    let _ = child.wait();
+    let left = |servers: &[u32]| servers.iter().copied().filter(|&p| !vm_tests::process_gone(p)).collect::<Vec<_>>();
+    assert!(vm_tests::wait_until(10, || left(&servers).is_empty()), "outlived xtask: {:?}", left(&servers));
+}

@@ -50,6 +50,13 @@ pub const PROGRAMS: &[Program] = &[
     host("unshare", "util-linux", true, "mke2fs in a user namespace (else the staging tree is hard links)"),
     host("sh", "dash", true, "the bind mounts in that namespace"),
     host("git", "git", false, "a workspace's sources for test VMs (`git ls-files`; without it, a walk)"),
+    host(
+        "/usr/libexec/virtiofsd",
+        "virtiofsd",
+        false,
+        "the workspace share of `test` over virtiofs (through `unshare`; else QEMU's below, else 9p)",
+    ),
+    host("/usr/lib/qemu/virtiofsd", "qemu-system-common", false, "the same, QEMU 7.2's virtiofsd"),
     host("timeout", "coreutils", true, "bench: the floor's bare QEMU"),
     host("true", "coreutils", true, "bench: the cache-hit floor"),
     Program { name: "cargo", source: Source::Toolchain, used_for: "the guest helper and workspace crates" },
@@ -69,6 +76,11 @@ pub const PROGRAMS: &[Program] = &[
         "qemu-system-x86",
         "every VM when the host has no QEMU and xtask is not root, or with `--qemu store` (with its closure \
             and firmware)",
+    ),
+    store(
+        "virtiofsd",
+        "qemu-system-x86",
+        "the workspace share over virtiofs when the VMs run the store's QEMU (its closure's qemu-system-common)",
     ),
     store("docker-registry", "docker-registry", "a local OCI registry (`store registry-program`; the tests)"),
     store("gdb", "gdb-minimal", "the debugger to attach to `run-vm --gdb` and `test --debug` (`store gdb-program`)"),

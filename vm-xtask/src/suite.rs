@@ -329,6 +329,12 @@ pub fn run_in_vm(
         virtualized.packages.push(os_configs::Package::Debian { package: crate::debian::gdb::SERVER_PACKAGE.into() });
         virtualized.initrd_modules.push(qemu::NET_MODULE.to_string());
     }
+    // The workspace goes over virtiofs where it can ([`VmRun::large_shares`]): its module
+    // in the initrd whenever a virtiofsd is there, so a snapshot's shape does not depend
+    // on whether the run that made it booted cold.
+    if crate::vm::virtiofs::virtiofsd(&store).is_ok() {
+        virtualized.initrd_modules.push(crate::vm::virtiofs::MODULE.to_string());
+    }
     let mut machine = Machine::prepare(ws, opts, &store, system, virtualized)?;
     machine.debug_with(gdb);
     let store = &machine.store;
@@ -375,6 +381,7 @@ pub fn run_in_vm(
         timeout: None,
         watch: Some(watch.clone()),
         stdout: Sink::TestStdout,
+        large_shares: vec![WORKSPACE_TAG.into()],
         ..machine.run(spec, request, &xchg, &runtime, "test")
     };
     let status = vm_run.run();

@@ -1,5 +1,5 @@
-//! What a test VM can reach, tried as a hostile test would: every mount but the 9p shares
-//! is undone, every 9p share it can find is mounted (where it is not yet), and every file
+//! What a test VM can reach, tried as a hostile test would: every mount but the shares (9p
+//! and virtiofs) is undone, every 9p share it can find is mounted (where it is not yet), and every file
 //! there is listed (`FILE TAG PATH`), the store's entries by name (`STORE-ENTRY NAME`), and any
 //! line holding the marker `XTASK-SENTINEL-` (`SENTINEL TAG PATH: LINE`). The host
 //! (`tests/it/guest_boundary.rs`) reads the list. Unmounts what later tests need: run it
@@ -16,17 +16,18 @@ const READ_CAP: u64 = 64 << 20;
 #[test]
 #[ignore = "needs a VM, and unmounts what other tests need: run it alone"]
 fn sees_only_what_it_must() {
-    // Every mount but the kernel's own and the 9p shares themselves (the guest reports
+    // Every mount but the kernel's own and the shares themselves (the guest reports
     // through one) goes: what hid something is gone.
     let keep = ["/", "/proc", "/sys", "/dev"];
+    let shared = |kind: &str| kind == "9p" || kind == "virtiofs";
     let all = mounts();
     // A mount with a share below it (a workspace under /tmp) stays too: undoing it would
     // take the share along, out of reach, and keep its channel busy for a new mount.
     let holds_share = |target: &str| {
-        all.iter().any(|(_, t, k)| k == "9p" && t.len() > target.len() && t.starts_with(&format!("{target}/")))
+        all.iter().any(|(_, t, k)| shared(k) && t.len() > target.len() && t.starts_with(&format!("{target}/")))
     };
     for (_, target, kind) in all.iter().rev() {
-        if kind != "9p" && !keep.contains(&target.as_str()) && !holds_share(target) {
+        if !shared(kind) && !keep.contains(&target.as_str()) && !holds_share(target) {
             // Programs are in the store: system calls only from here on.
             let _ = umount(target);
         }
@@ -34,7 +35,7 @@ fn sees_only_what_it_must() {
     let mut budget = Budget { bytes: READ_CAP, entries: ENTRY_CAP };
     let mut seen = Vec::new();
     for (tag, target, kind) in mounts() {
-        if kind == "9p" && !seen.contains(&tag) {
+        if shared(&kind) && !seen.contains(&tag) {
             println!("TAG {tag} mounted=true at {target}");
             show(&tag, Path::new(&target), &mut budget);
             seen.push(tag);

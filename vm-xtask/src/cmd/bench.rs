@@ -64,6 +64,8 @@ pub enum Group {
     Substitutes,
     /// image-build-uefi and uefi-boot: a UEFI image against the BIOS one.
     Uefi,
+    /// tree-walk: a guest walk of the workspace's sources, virtiofs against 9p.
+    TreeWalk,
 }
 
 /// One measured figure.
@@ -180,6 +182,9 @@ impl Bench {
             if wanted(Group::InnerLoop) {
                 figures.extend(b.inner_loop(floor_boot, our_boot)?);
             }
+        }
+        if wanted(Group::TreeWalk) {
+            figures.push(b.tree_walk()?);
         }
         if wanted(Group::CacheHit) {
             figures.extend(b.cache_hits()?);
@@ -370,6 +375,62 @@ impl Bencher<'_> {
             ),
             self.figure("xtask-test-warm", warm, host_run + floor_boot, "the same, --warm", FLOOR),
         ])
+    }
+
+    /// tree-walk: the guest's walk of this workspace's sources (`find` + `stat`, done by
+    /// `vm-checks`' `tree_walk` test in its own process, the guest's dentries and inodes
+    /// dropped before each of its walks) in `xtask test --cold`, the workspace over
+    /// virtiofs, against the same over 9p (`XTASK_VIRTIOFSD=none`), taken in turn; the
+    /// guest's own times, so the boot is not in it.
+    fn tree_walk(&self) -> Result<Figure> {
+        use crate::vm::virtiofs::VIRTIOFSD_ENV;
+        if let Err(why) = crate::vm::virtiofs::virtiofsd(self.store) {
+            bail!("the tree-walk figure needs a virtiofsd: {why}");
+        }
+        let selection = ["-p", "vm-checks", "--test", "shares"];
+        crate::suite::build_test_binaries(self.ws, &selection.map(String::from))?;
+        let (xtask, accel) = (self.xtask, self.accel.name());
+        let walk = |over: &'static str| {
+            let mut cmd: Command =
+                cmd!(self.sh, "{xtask} test --accel {accel} --cold --system hello --timeout 300 {selection...}")
+                    .args(["--", "--ignored", "--nocapture", "--exact", "tree_walk"])
+                    .into();
+            match over {
+                "9p" => cmd.env(VIRTIOFSD_ENV, "none"),
+                _ => cmd.env_remove(VIRTIOFSD_ENV),
+            };
+            move || -> Result<(Duration, Profile)> {
+                let out = crate::process::run(&cmd)?;
+                let stdout = String::from_utf8_lossy(&out.stdout);
+                // `tree-walk: KIND SECONDS ...` and `tree-walk-programs: KIND SECONDS`.
+                let said = |label: &str| -> Result<f64> {
+                    let line = stdout.lines().find_map(|l| l.split_once(label)).map(|(_, rest)| rest);
+                    let words: Vec<&str> = line.unwrap_or_default().split_whitespace().collect();
+                    match words[..] {
+                        [kind, secs, ..] if kind == over => Ok(secs.parse()?),
+                        _ => bail!(
+                            "the guest did not say `{label}` over {over}: {}",
+                            crate::process::last_lines(&stdout)
+                        ),
+                    }
+                };
+                let walks = said("tree-walk: ")?;
+                Ok((Duration::from_secs_f64(walks), vec![("find + stat programs", said("tree-walk-programs: ")?)]))
+            }
+        };
+        let [(ours, our_steps), (floor, floor_steps)] =
+            alternating(self.warmup, self.runs, walk("virtiofs"), walk("9p"))?;
+        Ok(Figure {
+            steps: median_steps(&our_steps),
+            floor_steps: median_steps(&floor_steps),
+            ..self.figure(
+                "tree-walk",
+                ours,
+                floor,
+                "the guest's walks of the workspace's sources (readdir + lstat, caches dropped), over virtiofs",
+                "the same over 9p",
+            )
+        })
     }
 
     /// doctests: 100 small doctests of a crate of edition 2021 (rustdoc runs each as a

@@ -91,6 +91,14 @@ pub struct Share {
     pub readonly: bool,
 }
 
+/// A share served by virtiofsd over vhost-user ([`crate::vm::virtiofs`]): QEMU connects
+/// to its socket; the guest mounts `tag` as `virtiofs`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VhostUserFs {
+    pub tag: String,
+    pub socket: PathBuf,
+}
+
 /// Disk image formats.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum DiskFormat {
@@ -136,6 +144,8 @@ pub struct VmSpec {
     pub tsc_khz: Option<u64>,
     pub console: Console,
     pub shares: Vec<Share>,
+    /// Shares served by virtiofsd; with any, the guest's RAM is shared memory (a memfd).
+    pub vhost_user_fs: Vec<VhostUserFs>,
     pub disks: Vec<Disk>,
     pub ports: Vec<Port>,
     /// Run QEMU under its seccomp sandbox (when the host's QEMU supports it).
@@ -213,6 +223,7 @@ impl VmSpec {
             tsc_khz: if accel == Accel::Tcg { host_tsc_khz() } else { None },
             console: Console::Stdio,
             shares,
+            vhost_user_fs: Vec::new(),
             disks: Vec::new(),
             ports: Vec::new(),
             sandbox: false,
@@ -319,14 +330,35 @@ pub fn sandbox_args(sandbox: bool) -> Vec<OsString> {
 }
 
 /// The guest's RAM: `mib` MiB, anonymous or from `file` (a memory backend the machine
-/// takes as its RAM).
-pub fn memory_args(mib: u32, file: Option<&MemoryFile>) -> Vec<OsString> {
+/// takes as its RAM), or, for virtiofsd (`shared`), a memfd both processes map.
+pub fn memory_args(mib: u32, file: Option<&MemoryFile>, shared: bool) -> Vec<OsString> {
     let mut args = os(&["-m", &mib.to_string()]);
-    if let Some(file) = file {
-        let mut backend = path_arg(&format!("memory-backend-file,id=ram,size={mib}M,mem-path="), &file.path);
-        backend.push(if file.shared { ",share=on" } else { ",share=off" });
-        args.extend(["-object".into(), backend]);
-        args.extend(os(&["-machine", "memory-backend=ram"]));
+    let backend = match file {
+        Some(file) => {
+            let mut backend = path_arg(&format!("memory-backend-file,id=ram,size={mib}M,mem-path="), &file.path);
+            backend.push(if file.shared { ",share=on" } else { ",share=off" });
+            backend
+        }
+        None if shared => format!("memory-backend-memfd,id=ram,size={mib}M,share=on").into(),
+        None => return args,
+    };
+    args.extend(["-object".into(), backend]);
+    args.extend(os(&["-machine", "memory-backend=ram"]));
+    args
+}
+
+/// The shares served by virtiofsd: a socket chardev and a `vhost-user-fs-device` (virtio
+/// over MMIO, as microvm has it) each. virtiofsd (libvhost-user) takes no legacy virtio
+/// device, which QEMU's virtio-mmio transport is unless told otherwise: with any such
+/// share, every transport is virtio 1.0.
+pub fn vhost_user_fs_args(shares: &[VhostUserFs]) -> Vec<OsString> {
+    if shares.is_empty() {
+        return Vec::new();
+    }
+    let mut args = os(&["-global", "virtio-mmio.force-legacy=false"]);
+    for (i, share) in shares.iter().enumerate() {
+        args.extend(["-chardev".into(), path_arg(&format!("socket,id=vfs{i},path="), &share.socket)]);
+        args.extend(os(&["-device", &format!("vhost-user-fs-device,chardev=vfs{i},tag={}", share.tag)]));
     }
     args
 }
@@ -440,10 +472,11 @@ pub fn args(spec: &VmSpec) -> Vec<OsString> {
         machine_args(),
         accel_args(spec.accel),
         sandbox_args(spec.sandbox),
-        memory_args(spec.memory_mib, spec.memory_file.as_ref()),
+        memory_args(spec.memory_mib, spec.memory_file.as_ref(), !spec.vhost_user_fs.is_empty()),
         kernel_args(spec),
         console_args(&spec.console),
         share_args(&spec.shares),
+        vhost_user_fs_args(&spec.vhost_user_fs),
         disk_args(&spec.disks),
         port_args(spec),
         net_args(&spec.forwards, spec.outside),
@@ -491,7 +524,7 @@ mod tests {
     fn ram_from_a_file_is_a_memory_backend_shared_or_private() {
         let shared = MemoryFile { path: "/t/a,b/ram".into(), shared: true };
         assert_eq!(
-            strings(memory_args(256, Some(&shared))),
+            strings(memory_args(256, Some(&shared), false)),
             [
                 "-m",
                 "256",
@@ -502,8 +535,28 @@ mod tests {
             ]
         );
         let private = MemoryFile { path: "/i/ram".into(), shared: false };
-        assert!(strings(memory_args(64, Some(&private)))[3].ends_with("mem-path=/i/ram,share=off"));
-        assert_eq!(strings(memory_args(64, None)), ["-m", "64"]);
+        assert!(strings(memory_args(64, Some(&private), false))[3].ends_with("mem-path=/i/ram,share=off"));
+        assert_eq!(strings(memory_args(64, None, false)), ["-m", "64"]);
+    }
+
+    #[test]
+    fn a_share_over_virtiofs_is_a_vhost_user_device_on_shared_memory() {
+        let s =
+            VmSpec { vhost_user_fs: vec![VhostUserFs { tag: "ws".into(), socket: "/r,1/v.sock".into() }], ..spec() };
+        let args = strings(args(&s));
+        let at = |word: &str| args.iter().position(|a| a == word).unwrap();
+        assert_eq!(args[at("-object") + 1], "memory-backend-memfd,id=ram,size=256M,share=on");
+        assert!(args.windows(2).any(|w| w == ["-machine", "memory-backend=ram"]), "{args:?}");
+        assert!(args.windows(2).any(|w| w == ["-global", "virtio-mmio.force-legacy=false"]), "{args:?}");
+        assert!(args.windows(4).any(|w| w
+            == [
+                "-chardev",
+                "socket,id=vfs0,path=/r,,1/v.sock",
+                "-device",
+                "vhost-user-fs-device,chardev=vfs0,tag=ws"
+            ]));
+        // The 9p shares stay as they were.
+        assert_eq!(args.iter().filter(|a| a.starts_with("virtio-9p-device")).count(), 2);
     }
 
     #[test]

@@ -163,6 +163,10 @@ pub struct VmRun<'a> {
     /// Serve shells on the attach channel, registered as a running VM
     /// ([`crate::vm::attach`]); the ID is [`crate::vm::attach::id`] of the label.
     pub attach: Option<crate::vm::attach::Attachable>,
+    /// Read-only shares (by tag) served over virtiofs instead of 9p when the VM boots
+    /// cold and this host has a virtiofsd ([`crate::vm::virtiofs`]); the guest's mounts of
+    /// them are changed to match. Said once with `verbose`.
+    pub large_shares: Vec<String>,
 }
 
 /// A snapshot that did not load: the run goes on with a cold boot.
@@ -210,6 +214,7 @@ impl<'a> VmRun<'a> {
             snapshots: None,
             watch: None,
             attach: None,
+            large_shares: Vec::new(),
         }
     }
 
@@ -269,13 +274,20 @@ impl<'a> VmRun<'a> {
             _ => None,
         };
         let attach = registration.is_some();
-        let warm = match self.snapshots.take() {
-            Some((store, warmth)) => crate::vm::snapshot::prepare(&store, &mut self.spec, &self.runtime, warmth)?,
+        let (store, warmth) = match self.snapshots.take() {
+            Some((store, warmth)) => (Some(store), warmth),
+            None => (None, crate::vm::snapshot::Warmth::Cold),
+        };
+        let warm = match &store {
+            Some(store) => crate::vm::snapshot::prepare(store, &mut self.spec, &self.runtime, warmth)?,
             None => None,
         };
+        let servers = self.serve_large_shares(store.as_ref(), warm.is_some())?;
+        let virtiofs_tags = servers.as_ref().map(|s| s.tags.clone()).unwrap_or_default();
         let mut later = match self.request {
             GuestRequest::Now(request) => {
                 let mut request = *request;
+                crate::vm::virtiofs::retarget(&mut request.mounts, &virtiofs_tags);
                 (request.stdout_port, request.stderr_port) = ports.clone();
                 request.attach = attach;
                 write_request(&self.xchg, &request)?;
@@ -298,6 +310,7 @@ impl<'a> VmRun<'a> {
             None => Ok(()),
             Some(make) => {
                 let mut request = make()?;
+                crate::vm::virtiofs::retarget(&mut request.mounts, &virtiofs_tags);
                 (request.stdout_port, request.stderr_port) = ports.clone();
                 request.attach = attach;
                 write_request(&xchg, &request)
@@ -329,6 +342,7 @@ impl<'a> VmRun<'a> {
         if let Some(t) = saved_tty {
             restore_terminal(&t);
         }
+        drop(servers);
         drop(registration);
         drop(socket);
         for relay in relays {
@@ -406,6 +420,44 @@ impl<'a> VmRun<'a> {
                 console_note(interactive, &tail_text, &log_path)
             ),
         }
+    }
+
+    /// Moves [`VmRun::large_shares`] to virtiofs when the VM boots cold (not `restored`)
+    /// and a virtiofsd is found in `store`'s way; says which, once, when verbose.
+    fn serve_large_shares(
+        &mut self,
+        store: Option<&crate::store::Store>,
+        restored: bool,
+    ) -> Result<Option<crate::vm::virtiofs::Servers>> {
+        let tags = std::mem::take(&mut self.large_shares);
+        if tags.is_empty() {
+            return Ok(None);
+        }
+        let found = match (restored, store) {
+            (true, _) => Err("the VM is restored from a snapshot, which virtiofs would block".to_string()),
+            (false, Some(store)) => crate::vm::virtiofs::virtiofsd(store),
+            (false, None) => Err("no store to find the store QEMU's virtiofsd in".to_string()),
+        };
+        let virtiofsd = match found {
+            Ok(virtiofsd) => virtiofsd,
+            Err(why) => {
+                if self.verbose {
+                    eprintln!("share {}: 9p ({why})", tags.join(", "));
+                }
+                return Ok(None);
+            }
+        };
+        let servers = crate::vm::virtiofs::serve(&virtiofsd, &mut self.spec, &tags, &self.runtime, self.verbose)?;
+        if self.verbose {
+            // The program itself (the store's runs through the loader, named first).
+            let program = virtiofsd.argv.last().map(|p| p.to_string_lossy()).unwrap_or_default();
+            let left: Vec<&String> = tags.iter().filter(|t| !servers.tags.contains(t)).collect();
+            eprintln!("share {}: virtiofs ({program})", servers.tags.join(", "));
+            if !left.is_empty() {
+                eprintln!("share {left:?}: 9p (not read-only, or no socket path fits)");
+            }
+        }
+        Ok(Some(servers))
     }
 
     fn fifo(&self, name: &str) -> Result<PathBuf> {
