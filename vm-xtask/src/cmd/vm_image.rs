@@ -87,10 +87,10 @@ impl VmImage {
         // As run-vm does: a system that cannot work (or a field that cannot act) is
         // refused before anything is built.
         crate::lower::validate::check_here(&system, store, ws)?;
+        let firmware = self.firmware(&system)?;
         let closure = image::closure(store, ws, &system, self.verbose)
             .with_context(|| format!("lowering system `{}` for a disk image", system.name))?;
         let footprint = image::footprint(&closure)?;
-        let firmware = self.firmware(&system)?;
         let minimum = Layout::minimum(&footprint, firmware);
         let layout = match self.size {
             None => Layout::default_for(&footprint, firmware),
