@@ -30,7 +30,8 @@ pub fn which(program: &str) -> Option<PathBuf> {
     std::env::split_paths(&path).map(|dir| dir.join(program)).find(|p| is_executable(p))
 }
 
-fn is_executable(path: &std::path::Path) -> bool {
+/// Whether `path` is a file someone may execute.
+pub fn is_executable(path: &std::path::Path) -> bool {
     use std::os::unix::fs::PermissionsExt;
     path.metadata().map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0).unwrap_or(false)
 }

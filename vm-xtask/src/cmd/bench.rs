@@ -610,19 +610,8 @@ impl Bencher<'_> {
     /// beforehand) into a raw file plus qemu-img convert to qcow2; with the full bench,
     /// also the VM builder.
     fn image_build(&self, closure: &Closure) -> Result<Vec<Figure>> {
-        let xtask = self.xtask;
-        let out = crate::process::run(&cmd!(self.sh, "{xtask} vm-image").into())?;
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        let path = Path::new(stdout.lines().last().unwrap_or_default());
-        let image_item = path.parent().and_then(Path::file_name).context("vm-image printed no image path")?;
-        let image_item = image_item.to_string_lossy().into_owned();
-        let cold_image = |args: &[&str]| -> Result<(Duration, Profile)> {
-            self.store.remove_entry(&image_item)?;
-            quiesce();
-            let start = Instant::now();
-            run_quiet(&cmd!(self.sh, "{xtask} vm-image {args...}").into())?;
-            Ok((start.elapsed(), Vec::new()))
-        };
+        let (_, image_item) = self.stored_image(&[])?;
+        let cold_image = |args: &[&str]| self.cold_image(&image_item, args);
         let (warmup, runs) = (self.warmup.min(1), self.runs.min(5));
         let floor_image = FloorImage::stage(self.store, closure)?;
         let [(ours, _), (floor, _)] = alternating(warmup, runs, || cold_image(&[]), || floor_image.build())?;
@@ -642,29 +631,14 @@ impl Bencher<'_> {
     /// variables store each time) until the system's shell starts, against the BIOS
     /// image with QEMU's BIOS, in turn.
     fn uefi(&self) -> Result<Vec<Figure>> {
-        let xtask = self.xtask;
-        let image = |args: &[&str]| -> Result<(PathBuf, String)> {
-            let out = crate::process::run(&cmd!(self.sh, "{xtask} vm-image {args...}").into())?;
-            let stdout = String::from_utf8_lossy(&out.stdout);
-            let path = PathBuf::from(stdout.lines().last().unwrap_or_default());
-            let item = path.parent().and_then(Path::file_name).context("vm-image printed no image path")?;
-            Ok((path.clone(), item.to_string_lossy().into_owned()))
-        };
-        let (bios, bios_item) = image(&[])?;
-        let (uefi, uefi_item) = image(&["--firmware", "uefi"])?;
-        let cold_image = |item: &str, args: &[&str]| -> Result<(Duration, Profile)> {
-            self.store.remove_entry(item)?;
-            quiesce();
-            let start = Instant::now();
-            run_quiet(&cmd!(self.sh, "{xtask} vm-image {args...}").into())?;
-            Ok((start.elapsed(), Vec::new()))
-        };
+        let (bios, bios_item) = self.stored_image(&[])?;
+        let (uefi, uefi_item) = self.stored_image(&["--firmware", "uefi"])?;
         let (warmup, runs) = (self.warmup.min(1), self.runs.min(5));
         let [(build_uefi, _), (build_bios, _)] = alternating(
             warmup,
             runs,
-            || cold_image(&uefi_item, &["--firmware", "uefi"]),
-            || cold_image(&bios_item, &[]),
+            || self.cold_image(&uefi_item, &["--firmware", "uefi"]),
+            || self.cold_image(&bios_item, &[]),
         )?;
         let ovmf = crate::debian::image_tools::uefi_tools(self.store)?.ovmf();
         let scratch = self.store.scratch("bench-uefi")?;
@@ -703,6 +677,28 @@ impl Bencher<'_> {
                 "the BIOS image, stand-alone with QEMU's BIOS, to the system's shell",
             ),
         ])
+    }
+
+    /// `vm-image ARGS`, built or found: the image's path and its item's name.
+    fn stored_image(&self, args: &[&str]) -> Result<(PathBuf, String)> {
+        let xtask = self.xtask;
+        let out = crate::process::run(&cmd!(self.sh, "{xtask} vm-image {args...}").into())?;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let path = PathBuf::from(stdout.lines().last().unwrap_or_default());
+        let item = path.parent().and_then(Path::file_name).context("vm-image printed no image path")?;
+        let item = item.to_string_lossy().into_owned();
+        Ok((path, item))
+    }
+
+    /// `vm-image ARGS` timed cold: its image `item` removed from the store first, the
+    /// disk's dirty pages written back (untimed).
+    fn cold_image(&self, item: &str, args: &[&str]) -> Result<(Duration, Profile)> {
+        self.store.remove_entry(item)?;
+        quiesce();
+        let xtask = self.xtask;
+        let start = Instant::now();
+        run_quiet(&cmd!(self.sh, "{xtask} vm-image {args...}").into())?;
+        Ok((start.elapsed(), Vec::new()))
     }
 
     /// substitutes: a cold start from a registry against the same built here.

@@ -278,7 +278,7 @@ fn start_keeper(dir: &Path, cargo: Process) -> Result<()> {
     let mut cmd = std::process::Command::new(std::env::current_exe().context("finding this program")?);
     cmd.args(std::env::args_os().skip(1))
         .env(KEEPER_ENV, dir)
-        .env(CARGO_ENV, format!("{}:{}", cargo.pid, cargo.start))
+        .env(CARGO_ENV, cargo.to_string())
         .stdin(std::process::Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log);
@@ -388,10 +388,7 @@ pub fn keep_ahead(ws: &Workspace, opts: &VmOpts, cargo: Process) -> Result<i32> 
 /// The keeper: boots the system once, serves runner calls until the cargo process ends.
 pub fn keep(ws: &Workspace, opts: &VmOpts, system: &System, shared: &Shared) -> Result<i32> {
     let dir = PathBuf::from(std::env::var_os(KEEPER_ENV).context("no keeper directory")?);
-    let cargo = std::env::var(CARGO_ENV).ok().and_then(|v| {
-        let (pid, start) = v.split_once(':')?;
-        Some(Process { pid: pid.parse().ok()?, start: start.parse().ok()? })
-    });
+    let cargo = std::env::var(CARGO_ENV).ok().and_then(|v| parse_process(&v).ok());
     let cargo = cargo.context("no cargo process to serve")?;
     claim(&dir)?;
     Ok(keep_in(ws, opts, system, shared, &dir, cargo))

@@ -67,12 +67,12 @@ fn find(store: &Store) -> Availability {
         Some(v) if v == "none" => return Err(format!("{VIRTIOFSD_ENV}=none")),
         Some(v) if !v.is_empty() => {
             let path = PathBuf::from(&v);
-            if !is_executable(&path) {
+            if !crate::host::is_executable(&path) {
                 return Err(format!("{VIRTIOFSD_ENV}={} is not an executable file", path.display()));
             }
             Virtiofsd { argv: vec![v] }
         }
-        _ => match HOST_PROGRAMS.iter().map(Path::new).find(|p| is_executable(p)) {
+        _ => match HOST_PROGRAMS.iter().map(Path::new).find(|p| crate::host::is_executable(p)) {
             Some(path) => Virtiofsd { argv: vec![path.into()] },
             None => from_store(store)
                 .ok_or_else(|| format!("no virtiofsd ({}, nor the store QEMU's)", HOST_PROGRAMS.join(", ")))?,
@@ -99,11 +99,6 @@ fn from_store(store: &Store) -> Option<Virtiofsd> {
     let mut argv = vec![cmd.get_program().to_os_string()];
     argv.extend(cmd.get_args().map(|a| a.to_os_string()));
     Some(Virtiofsd { argv })
-}
-
-fn is_executable(path: &Path) -> bool {
-    use std::os::unix::fs::PermissionsExt;
-    path.metadata().map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0).unwrap_or(false)
 }
 
 /// The virtiofsd processes of one run, killed and reaped when dropped.
