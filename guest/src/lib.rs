@@ -76,6 +76,10 @@ pub const SNAPSHOT_PORT: &str = "snapshot";
 pub mod snapshot {
     /// What the waiting helper writes, a line at a time.
     pub const WAITING: &str = "waiting";
+    /// What the helper writes instead at a failure point ([`crate::Request::save_failure`]):
+    /// a line of its own, so that a host watching for failures never takes a line left
+    /// from the snapshot point for one.
+    pub const WAITING_AT_FAILURE: &str = "waiting at a failure";
 
     /// The `go` line for the host's clock and `entropy`.
     pub fn go_line(secs: u64, nanos: u32, entropy: &[u8]) -> String {
@@ -173,6 +177,27 @@ pub struct Request {
     /// (`poweroff` in it, or the host); the status is the program's.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub keep: bool,
+    /// When the [`Mode::Command`] program fails, stop at the failure point before the
+    /// status is written: every process ended, the shares unmounted (QEMU saves no VM
+    /// with 9p mounted), mounts inside them parked, then wait on [`SNAPSHOT_PORT`] as at
+    /// the snapshot point while the host saves the VM. On `go` the request is read
+    /// again: the same one ends the run with the program's status; one with
+    /// [`Request::replay`] is a replay's (see [`replay`]).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub save_failure: bool,
+    /// A request read by a guest restored at its failure point: its shares are mounted
+    /// again where they were, the parked mounts put back, the system's services started
+    /// anew, and then this request's program runs.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub replay: bool,
+}
+
+/// What a replay finds of the failure: the guest script of `cargo xtask test` writes
+/// the failed binary's command line (its directory, cargo's variables, its arguments)
+/// to [`replay::RERUN`], a shell script, before the VM is saved.
+pub mod replay {
+    /// The failed test binary's command line, as a shell script.
+    pub const RERUN: &str = "/run/xtask/rerun-failed";
 }
 
 /// A network interface of the guest, brought up with its address.

@@ -18,6 +18,7 @@ mod base;
 mod devices;
 mod disk;
 mod execute;
+mod failure;
 mod serve;
 mod services;
 mod sessions;
@@ -73,14 +74,13 @@ fn run() -> Result<Status> {
     load_modules()?;
     let cmdline = fs::read_to_string("/proc/cmdline").unwrap_or_default();
     if cmdline.split_whitespace().any(|w| w == guest::SNAPSHOT_WAIT_ARG) {
-        snapshot::wait_for_go()?;
+        snapshot::wait_for_go(guest::snapshot::WAITING)?;
     }
     // Booted from a disk image (`vm-image`): no shares, no status file; never returns.
     if let Some(args) = fs::read_to_string("/proc/cmdline").ok().and_then(|l| guest::image::BootArgs::parse(&l)) {
         disk::boot(&args);
     }
-    mount_9p(guest::XCHG_TAG, guest::XCHG_MOUNT, MsFlags::empty(), "cache=none")?;
-    mount_9p(guest::STORE_TAG, guest::STORE_MOUNT, MsFlags::MS_RDONLY, "cache=loose")?;
+    mount_shares()?;
     let mut request = read_request()?;
     log("shares mounted");
     if let Some(device) = &request.root_device {
@@ -105,11 +105,39 @@ fn run() -> Result<Status> {
         }
     }
     let status = execute_supervised(&request, &mut supervisor)?;
+    let failed = !matches!(status, Status::Exited(0));
+    if request.save_failure && request.mode == guest::Mode::Command && failed {
+        if let Some(replay) = failure::save_point()? {
+            return replay_request(&replay);
+        }
+    }
     if request.keep && request.mode == guest::Mode::Command {
         log(&format!("the program ended: {}", status.encode().trim_end()));
         execute::keep(&mut supervisor)?;
     }
     Ok(status)
+}
+
+/// A replay's request, in a guest restored at its failure point: the system's services
+/// started anew (their processes were ended before the VM was saved), then its program.
+fn replay_request(request: &Request) -> Result<Status> {
+    let mut supervisor = services::Supervisor::default();
+    if let Some(system) = &request.system {
+        let config = services::read_config(system)?;
+        sys::block_signals()?;
+        supervisor.start_all(&config.services)?;
+    }
+    let status = execute_supervised(request, &mut supervisor)?;
+    if request.keep && request.mode == guest::Mode::Command {
+        execute::keep(&mut supervisor)?;
+    }
+    Ok(status)
+}
+
+/// The exchange directory (read-write) and the store (read-only), over 9p.
+pub(crate) fn mount_shares() -> Result<()> {
+    mount_9p(guest::XCHG_TAG, guest::XCHG_MOUNT, MsFlags::empty(), "cache=none")?;
+    mount_9p(guest::STORE_TAG, guest::STORE_MOUNT, MsFlags::MS_RDONLY, "cache=loose")
 }
 
 fn mount_basics() -> Result<()> {
@@ -170,7 +198,7 @@ fn mount_9p(tag: &str, target: &str, flags: MsFlags, cache: &str) -> Result<()> 
 /// Reads the request, waiting for it: the host may still be building what it names
 /// while the VM boots (it writes the file whole, by renaming it into place). The host
 /// stops the VM if that fails; an hour without a request is an error here too.
-fn read_request() -> Result<Request> {
+pub(crate) fn read_request() -> Result<Request> {
     let path = Path::new(guest::XCHG_MOUNT).join(guest::REQUEST_FILE);
     let started = std::time::Instant::now();
     let mut waited = false;

@@ -53,7 +53,9 @@ pub(crate) fn claim(pid: Pid, status: &Status) -> bool {
 /// Serves sessions on the attach port for the rest of the VM's life, when the request
 /// asks for it.
 pub(crate) fn start(request: &Request) -> Result<()> {
-    if !request.attach {
+    // Once: a guest restored at its failure point still has its server (a replay).
+    static STARTED: AtomicBool = AtomicBool::new(false);
+    if !request.attach || STARTED.swap(true, Ordering::SeqCst) {
         return Ok(());
     }
     let port = open_port(ATTACH_PORT)?;

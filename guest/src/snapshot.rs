@@ -7,7 +7,7 @@ use std::fs::OpenOptions;
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 
-use guest::snapshot::{parse_go, WAITING};
+use guest::snapshot::parse_go;
 
 use crate::sys::{log, open_port, Result};
 
@@ -16,14 +16,14 @@ const RNDADDENTROPY: u64 = 0x4008_5203;
 /// `RNDRESEEDCRNG`: `_IO('R', 0x07)`.
 const RNDRESEEDCRNG: u64 = 0x5207;
 
-/// Waits for the host's `go`, saying it waits every few milliseconds.
-pub fn wait_for_go() -> Result<()> {
+/// Waits for the host's `go`, saying `waiting` (a line) every few milliseconds.
+pub fn wait_for_go(waiting: &str) -> Result<()> {
     let mut port = open_port(guest::SNAPSHOT_PORT)?;
     log("waiting for the host (snapshot point)");
     let mut line = Vec::new();
     loop {
         // With no host connected a write may fail: the host connects later (a restore).
-        let _ = port.write_all(format!("{WAITING}\n").as_bytes());
+        let _ = port.write_all(format!("{waiting}\n").as_bytes());
         let mut fds = [nix::libc::pollfd { fd: port.as_raw_fd(), events: nix::libc::POLLIN, revents: 0 }];
         // SAFETY: poll on one valid descriptor.
         let ready = unsafe { nix::libc::poll(fds.as_mut_ptr(), 1, 20) };

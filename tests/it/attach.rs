@@ -10,14 +10,14 @@ use std::time::{Duration, Instant};
 use vm_tests::{wait_until, xtask, xtask_bin};
 
 /// A program running on a pseudo-terminal of `rows` x `cols`, and what it has shown.
-struct Terminal {
+pub(crate) struct Terminal {
     master: std::fs::File,
     shown: Arc<Mutex<Vec<u8>>>,
-    child: Child,
+    pub(crate) child: Child,
 }
 
 impl Terminal {
-    fn spawn(mut cmd: Command, rows: u16, cols: u16) -> Terminal {
+    pub(crate) fn spawn(mut cmd: Command, rows: u16, cols: u16) -> Terminal {
         let (mut master, mut slave) = (0, 0);
         let size = libc::winsize { ws_row: rows, ws_col: cols, ws_xpixel: 0, ws_ypixel: 0 };
         // SAFETY: openpty writes two descriptors and reads the size.
@@ -42,20 +42,20 @@ impl Terminal {
         Terminal { master, shown, child }
     }
 
-    fn shown(&self) -> String {
+    pub(crate) fn shown(&self) -> String {
         String::from_utf8_lossy(&self.shown.lock().unwrap()).into_owned()
     }
 
     /// Waits until the terminal has shown `text` after the first `from` bytes; returns
     /// where it ends.
-    fn expect(&self, text: &str, from: usize) -> usize {
+    pub(crate) fn expect(&self, text: &str, from: usize) -> usize {
         let found = wait_until(120, || self.shown().get(from..).is_some_and(|s| s.contains(text)));
         let shown = self.shown();
         assert!(found, "the terminal never showed {text:?}; it shows:\n{}", &shown[from.min(shown.len())..]);
         from + shown[from..].find(text).unwrap() + text.len()
     }
 
-    fn type_in(&mut self, keys: &str) {
+    pub(crate) fn type_in(&mut self, keys: &str) {
         self.master.write_all(keys.as_bytes()).unwrap();
     }
 }

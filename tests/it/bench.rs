@@ -43,6 +43,8 @@ fn quick_bench_prints_and_writes_a_valid_report() {
         "image-build-uefi",
         "uefi-boot",
         "tree-walk",
+        "replay-restore",
+        "replay-to-result",
     ] {
         assert!(names.contains(&name), "figure {name} missing: {names:?}");
     }

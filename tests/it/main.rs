@@ -20,6 +20,7 @@ mod lock;
 mod normal;
 mod progress;
 mod registry;
+mod replay;
 mod run_vm;
 mod scenario;
 mod store;

@@ -126,7 +126,10 @@ fn a_failure_stops_the_run_unless_no_fail_fast() {
     let fails = run.stderr.find(end).unwrap_or_else(|| panic!("{run:#?}"));
     let in_vm = run.stderr.find("     Running tests/in_vm.rs").unwrap_or_else(|| panic!("{run:#?}"));
     assert!(fails < in_vm, "not in cargo's order: {run:#?}");
-    assert!(run.stderr.ends_with("error: 1 target failed:\n    `-p vm-checks --test fails`\n"), "{run:#?}");
+    // Then the line that replays the failure (the VM saved after the last binary).
+    let summary = "error: 1 target failed:\n    `-p vm-checks --test fails`\nreplay: cargo xtask replay test-";
+    assert!(run.stderr.contains(summary), "{run:#?}");
+    assert!(run.stderr.trim_end().lines().last().is_some_and(|l| l.starts_with("replay: ")), "{run:#?}");
 }
 
 /// Plain `cargo test` with xtask as cargo's runner: the binary runs in the VM. The
@@ -554,12 +557,14 @@ fn shares_test(extra: &[&str], virtiofsd: Option<&str>) -> Run {
     output_within(cmd, 600)
 }
 
-/// The workspace share of a VM that boots cold goes over virtiofs where the host has a
-/// virtiofsd, and over 9p with it hidden, or when the VM is restored from a snapshot; said
-/// once with `--verbose`; read-only from the guest (even remounted read-write) either way.
+/// The workspace share of a VM that boots cold and saves no failure (`--no-replay`) goes
+/// over virtiofs where the host has a virtiofsd, and over 9p with it hidden, when the VM is
+/// restored from a snapshot, or when a failure would be saved (QEMU saves no VM with a
+/// virtiofs device); said once with `--verbose`; read-only from the guest (even remounted
+/// read-write) either way.
 #[test]
 fn the_workspace_goes_over_virtiofs_where_the_host_has_it_and_9p_otherwise() {
-    let run = shares_test(&["--cold"], None);
+    let run = shares_test(&["--cold", "--no-replay"], None);
     run.expect_code(0);
     assert!(run.stdout.contains("workspace share: virtiofs ro,"), "{run:#?}");
     assert!(run.stdout.contains("test result: ok. 1 passed"), "{run:#?}");
@@ -569,12 +574,17 @@ fn the_workspace_goes_over_virtiofs_where_the_host_has_it_and_9p_otherwise() {
     assert!(!run.stderr.contains("mount_tag=workspace"), "{run:#?}");
 
     for hidden in ["none", "/nonexistent/virtiofsd"] {
-        let run = shares_test(&["--cold"], Some(hidden));
+        let run = shares_test(&["--cold", "--no-replay"], Some(hidden));
         run.expect_code(0);
         assert!(run.stdout.contains("workspace share: 9p ro,"), "{run:#?}");
         assert!(run.stderr.contains(&format!("share workspace: 9p (XTASK_VIRTIOFSD={hidden}")), "{run:#?}");
         assert!(!run.stderr.contains("vhost-user-fs-device"), "{run:#?}");
     }
+
+    let saving = shares_test(&["--cold"], None);
+    saving.expect_code(0);
+    assert!(saving.stdout.contains("workspace share: 9p ro,"), "{saving:#?}");
+    assert!(saving.stderr.contains("share workspace: 9p (a failure is saved for replay"), "{saving:#?}");
 
     // Made (if it is not there) and restored: a snapshot keeps the VM on 9p.
     let warm = shares_test(&["--warm"], None);
@@ -593,7 +603,18 @@ fn the_store_qemus_virtiofsd_serves_when_the_host_has_none() {
                         while [ \"$1\" != -- ]; do shift; done; shift; exec \"$@\"";
     let mut cmd = Command::new("unshare");
     cmd.args(["--mount", "--", "sh", "-c", HIDE, "sh"]).args(VIRTIOFSD).arg("--").arg(xtask_bin());
-    cmd.args(["test", "--system", "hello", "--timeout", TIMEOUT, "--cold", "--verbose", "--qemu", "store"]);
+    cmd.args([
+        "test",
+        "--system",
+        "hello",
+        "--timeout",
+        TIMEOUT,
+        "--cold",
+        "--no-replay",
+        "--verbose",
+        "--qemu",
+        "store",
+    ]);
     cmd.args(["-p", "vm-checks", "--test", "shares", "--", "--ignored", "--nocapture", "--exact"]);
     cmd.arg("the_workspace_share_is_read_only_even_remounted").env_remove("XTASK_VIRTIOFSD");
     let run = output_within(cmd, 900);
@@ -608,7 +629,8 @@ fn the_store_qemus_virtiofsd_serves_when_the_host_has_none() {
 #[test]
 fn virtiofsd_dies_with_a_sigkilled_xtask() {
     let mut cmd = Command::new(xtask_bin());
-    cmd.args(["test", "--system", "hello", "--cold", "--timeout", TIMEOUT, "-p", "vm-checks", "--test", "hangs"]);
+    let hangs = ["-p", "vm-checks", "--test", "hangs"];
+    cmd.args(["test", "--system", "hello", "--cold", "--no-replay", "--timeout", TIMEOUT]).args(hangs);
     cmd.args(["--", "--ignored"]).env_remove("XTASK_VIRTIOFSD");
     let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
     let pid = child.id();

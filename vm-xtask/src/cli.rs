@@ -107,6 +107,13 @@ enum Cmd {
   cargo xtask attach
   cargo xtask attach run-vm-41236")]
     Attach(crate::cmd::attach::Attach),
+    /// Restore the VM of a test binary that failed under `cargo xtask test`, as the
+    /// failure left it, and open a shell there (or run COMMAND); without ID, list them.
+    #[command(after_help = "Examples:
+  cargo xtask replay
+  cargo xtask replay test-3
+  cargo xtask replay test-3 -- sh /run/xtask/rerun-failed")]
+    Replay(crate::cmd::replay::Replay),
     /// Boot a scenario's VMs on their virtual networks and run its script.
     #[command(after_help = "Examples:
   cargo xtask scenario --list
@@ -170,6 +177,7 @@ pub fn main(catalog: Catalog) -> ExitCode {
         Cmd::TestRunner(cmd) => cmd.run(&ws),
         Cmd::Scenario(cmd) => cmd.run(&ws),
         Cmd::Attach(cmd) => cmd.run(&ws),
+        Cmd::Replay(cmd) => cmd.run(&ws),
         Cmd::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), COMPLETED_NAME, &mut std::io::stdout());
             Ok(0)

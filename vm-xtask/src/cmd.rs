@@ -6,6 +6,7 @@ pub mod bench;
 pub mod build_in_vm;
 pub mod image_tools;
 pub mod lock;
+pub mod replay;
 pub mod run_vm;
 pub mod scenario;
 pub mod store;

@@ -25,7 +25,7 @@ use crate::error::usage_error;
 use crate::machine::{Machine, VmOpts};
 use crate::process::shell_quote;
 use crate::vm::qemu::{self, Share};
-use crate::vm::{workspace_view, GuestRequest, Sink, VmRun};
+use crate::vm::{GuestRequest, Sink, VmRun};
 use crate::{lower::packages, lower::system, Workspace};
 
 pub mod debug;
@@ -309,6 +309,8 @@ pub struct SuiteRun<'a> {
     pub gdb: Option<qemu::GdbStub>,
     /// The one test binary runs under gdbserver, reached through this forward (`--debug`).
     pub debug: Option<debug::Debug>,
+    /// Save the VM when a binary fails, for `cargo xtask replay` ([`crate::vm::replay`]).
+    pub replay: bool,
 }
 
 /// Boots `run.system` once and runs the test binaries `binaries` gives in it, one after
@@ -322,7 +324,7 @@ pub fn run_in_vm(
     run: SuiteRun,
     binaries: impl FnOnce() -> Result<Vec<TestBinary>>,
 ) -> Result<i32> {
-    let SuiteRun { shared, system, test_args, words, junit, gdb, debug } = run;
+    let SuiteRun { shared, system, test_args, words, junit, gdb, debug, replay } = run;
     let store = opts.open_store(ws)?;
     let mut virtualized = crate::machine::virtualize(system);
     if debug.is_some() {
@@ -354,7 +356,12 @@ pub fn run_in_vm(
         let commands = add_test_binaries(shared, store, &mut lowered, &binaries, test_args)?;
         *names.borrow_mut() = binaries.iter().map(|b| b.path.display().to_string()).collect();
         let system_item = system::system_item(store, &machine.system, &lowered)?;
-        let script = format!("{}\n{RUN_FUNCTION}\n{}\n{SUMMARY}\n", words.settings(), commands.join("\n"));
+        let script = format!(
+            "{} replay_rerun={}\n{RUN_FUNCTION}\n{}\n{SUMMARY}\n",
+            words.settings(),
+            guest::replay::RERUN,
+            commands.join("\n")
+        );
         let argv = vec!["sh".into(), "-c".into(), script];
         let mut req = machine.request(&lowered, &system_item, Mode::Command, argv);
         req.mounts = workspace_mounts(shared);
@@ -374,7 +381,12 @@ pub fn run_in_vm(
     if let Some(debug) = debug {
         spec.forwards.push(qemu::Forward { host: debug.host_port, guest: debug::GUEST_PORT });
     }
-    let _view = share_workspace(ws, store, shared, &mut spec)?;
+    let (_view, staged) = share_workspace(ws, store, shared, &mut spec)?;
+    // A failure is saved unless the run is under a debugger (gdb has the VM then).
+    let saving = match replay && gdb.is_none() && debug.is_none() && crate::vm::replay::keep()? > 0 {
+        true => Some(FailureSaving::new(ws, &runtime)?),
+        false => None,
+    };
     let request = GuestRequest::Later(Mode::Command, Box::new(later));
     let vm_run = VmRun {
         // The timeout is the watch's, per binary.
@@ -382,6 +394,7 @@ pub fn run_in_vm(
         watch: Some(watch.clone()),
         stdout: Sink::TestStdout,
         large_shares: vec![WORKSPACE_TAG.into()],
+        save_failure: saving.as_ref().map(|s| s.saver.clone()),
         ..machine.run(spec, request, &xchg, &runtime, "test")
     };
     let status = vm_run.run();
@@ -393,8 +406,89 @@ pub fn run_in_vm(
     let names = names.borrow().clone();
     match crate::machine::exit_code(&status, &names) {
         0 => Ok(0),
-        EXIT_TEST_FAILED => Ok(EXIT_TEST_FAILED),
+        EXIT_TEST_FAILED => {
+            if let Some(saving) = saving {
+                let failed = watch.lock().binary.clone();
+                saving.keep(ws, store, &format!("test {}", system.name), failed, staged)?;
+            }
+            Ok(EXIT_TEST_FAILED)
+        }
         other => bail!("the test script in the guest ended with status {other}"),
+    }
+}
+
+/// A test run's failure being saved: the saver, and the private directory its state is
+/// written to until it is kept.
+struct FailureSaving {
+    saver: crate::vm::replay::FailureSaver,
+    scratch: tempfile::TempDir,
+    _monitor: crate::vm::attach::Socket,
+}
+
+impl FailureSaving {
+    fn new(ws: &Workspace, runtime: &crate::store::Scratch) -> Result<FailureSaving> {
+        let dir = crate::vm::replay::dir(&ws.target_dir);
+        crate::store::ensure_private_dir(&dir)?;
+        let scratch = tempfile::Builder::new().prefix(".saving-").tempdir_in(&dir)?;
+        let monitor = crate::vm::attach::Socket::new(runtime.path(), "monitor.sock")?
+            .context("no path for QEMU's monitor socket fits a socket's address")?;
+        let state = scratch.path().join(crate::vm::replay::STATE_FILE);
+        Ok(FailureSaving {
+            saver: crate::vm::replay::FailureSaver::new(state, monitor.path.clone()),
+            scratch,
+            _monitor: monitor,
+        })
+    }
+
+    /// Keeps the saved state, if the guest stopped at its failure point and it was saved,
+    /// and says the line that replays it; says why not otherwise.
+    fn keep(
+        self,
+        ws: &Workspace,
+        store: &crate::store::Store,
+        what: &str,
+        failed: Option<String>,
+        staged: crate::vm::replay::StagedShare,
+    ) -> Result<()> {
+        use crate::vm::replay::{self, Saved};
+        let (bytes, save_s) = match self.saver.outcome() {
+            Some(Saved::Done { bytes, save_s }) => (bytes, save_s),
+            Some(Saved::Failed(why)) => {
+                eprintln!("replay: the failure was not saved ({why})");
+                return Ok(());
+            }
+            None => {
+                eprintln!("replay: the failure was not saved (the guest did not stop at its failure point)");
+                return Ok(());
+            }
+        };
+        let Some((spec, request)) = self.saver.ran() else { return Ok(()) };
+        let record = replay::Record {
+            version: 0,
+            id: String::new(),
+            saved_at: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs(),
+            what: what.to_string(),
+            failed,
+            qemu: crate::vm::snapshot::qemu_version(store)?,
+            spec,
+            request,
+            staged: Some(staged),
+            bytes,
+            save_s,
+        };
+        let dir = replay::dir(&ws.target_dir);
+        let scratch = self.scratch.keep();
+        let id = replay::keep_saved(&dir, "test", &scratch, record, replay::keep()?).inspect_err(|_| {
+            let _ = std::fs::remove_dir_all(&scratch);
+        })?;
+        let mib = bytes as f64 / f64::from(1 << 20);
+        let at = dir.join(&id);
+        eprintln!(
+            "replay: cargo xtask replay {id}   (the VM as the failure left it: {mib:.1} MiB in {}, \
+             saved in {save_s:.1} s)",
+            at.display()
+        );
+        Ok(())
     }
 }
 
@@ -405,12 +499,18 @@ fn share_workspace(
     store: &crate::store::Store,
     shared: &Shared,
     spec: &mut qemu::VmSpec,
-) -> Result<crate::store::Exchange> {
+) -> Result<(crate::store::Exchange, crate::vm::replay::StagedShare)> {
     let mount_points: Vec<PathBuf> =
         shared.target_dir.join("tmp").strip_prefix(&shared.root).map(Path::to_path_buf).into_iter().collect();
-    let view = workspace_view::stage(store, &shared.root, &[&shared.target_dir, &ws.store_dir], &mount_points)?;
+    let staged = crate::vm::replay::StagedShare {
+        tag: WORKSPACE_TAG.into(),
+        root: shared.root.clone(),
+        exclude: vec![shared.target_dir.clone(), ws.store_dir.clone()],
+        mount_points,
+    };
+    let view = staged.stage(store)?;
     spec.shares.push(Share { tag: WORKSPACE_TAG.into(), path: view.path().to_path_buf(), readonly: true });
-    Ok(view)
+    Ok((view, staged))
 }
 
 /// Adds each test binary with its shared-library closure to the store and to `lowered`
@@ -469,11 +569,12 @@ impl Words {
 /// harness's own) and, failing fast, the end of the script with status 101.
 const RUN_FUNCTION: &str = r#"failed=0 failures=
 run() {
-    dir=$1; label=$2; rerun=$3; path=$4; shift 4
+    dir=$1; label=$2; rerun=$3; path=$4; again=$5; shift 5
     [ -n "$announce" ] && echo "     Running $label" >&2
     (cd "$dir" && exec "$@")
     s=$?
     [ "$s" -eq 0 ] && return
+    mkdir -p "${replay_rerun%/*}" && printf '#!/bin/sh\n%s\n' "$again" >"$replay_rerun" && chmod +x "$replay_rerun"
     failed=$((failed + 1))
     failures="$failures
     \`$rerun\`"
@@ -502,16 +603,21 @@ const SUMMARY: &str = r#"if [ "$failed" -gt 0 ]; then
     exit 101
 fi"#;
 
-/// One `run` line of the guest's script for `binary`, at `guest_path` in the store.
+/// One `run` line of the guest's script for `binary`, at `guest_path` in the store: the
+/// command runs in the package's directory, and after a failure the same command line
+/// (`cd DIR && exec ...`) is written to [`guest::replay::RERUN`] for a replay.
 fn run_line(binary: &TestBinary, label: &str, guest_path: &str, test_args: &[String]) -> String {
-    let dir = binary.package_dir.to_string_lossy();
+    let dir = shell_quote(&binary.package_dir.to_string_lossy());
     let shown = binary.path.to_string_lossy();
-    let mut words = vec!["run".to_string(), shell_quote(&dir), shell_quote(label), shell_quote(&binary.rerun)];
-    words.extend([shell_quote(&shown), "env".to_string()]);
-    words.extend(binary.env.iter().map(|(k, v)| shell_quote(&format!("{k}={v}"))));
-    words.extend(binary.under.iter().map(|w| shell_quote(w)));
-    words.push(shell_quote(guest_path));
-    words.extend(binary.args.as_deref().unwrap_or(test_args).iter().map(|a| shell_quote(a)));
+    let mut command = vec!["env".to_string()];
+    command.extend(binary.env.iter().map(|(k, v)| shell_quote(&format!("{k}={v}"))));
+    command.extend(binary.under.iter().map(|w| shell_quote(w)));
+    command.push(shell_quote(guest_path));
+    command.extend(binary.args.as_deref().unwrap_or(test_args).iter().map(|a| shell_quote(a)));
+    let again = format!("cd {dir} && exec {}", command.join(" "));
+    let mut words = vec!["run".to_string(), dir, shell_quote(label), shell_quote(&binary.rerun)];
+    words.extend([shell_quote(&shown), shell_quote(&again)]);
+    words.extend(command);
     words.join(" ")
 }
 

@@ -6,6 +6,7 @@
 
 pub mod attach;
 pub mod qemu;
+pub mod replay;
 pub mod run;
 pub mod scenario;
 pub mod script;

@@ -66,6 +66,8 @@ pub enum Group {
     Uefi,
     /// tree-walk: a guest walk of the workspace's sources, virtiofs against 9p.
     TreeWalk,
+    /// replay-restore and replay-to-result: a saved failure restored (`cargo xtask replay`).
+    Replay,
 }
 
 /// One measured figure.
@@ -160,7 +162,8 @@ impl Bench {
         let mut figures = Vec::new();
         let mut snapshot = None;
         // The bare boot is the floor of the VM figures.
-        let on_boot = [Group::Boot, Group::Warm, Group::Test, Group::Doctests, Group::Scenario, Group::InnerLoop];
+        let on_boot =
+            [Group::Boot, Group::Warm, Group::Test, Group::Doctests, Group::Scenario, Group::InnerLoop, Group::Replay];
         if on_boot.into_iter().any(wanted) {
             let bare = BareBoot::new(&b, &lowered)?;
             let boot = b.boot_to_result(&bare)?;
@@ -181,6 +184,9 @@ impl Bench {
             }
             if wanted(Group::InnerLoop) {
                 figures.extend(b.inner_loop(floor_boot, our_boot)?);
+            }
+            if wanted(Group::Replay) {
+                figures.extend(b.replay(floor_boot)?);
             }
         }
         if wanted(Group::TreeWalk) {
@@ -377,6 +383,53 @@ impl Bencher<'_> {
         ])
     }
 
+    /// replay-restore and replay-to-result: a failure of the example crate's `fails` test
+    /// saved once, then `replay ID -- true`: the restore (QEMU started to the guest taking
+    /// `go`, as the command says it) and the whole command, against the bare cold boot.
+    fn replay(&self, floor_boot: f64) -> Result<Vec<Figure>> {
+        let (xtask, accel) = (self.xtask, self.accel.name());
+        let fails =
+            cmd!(self.sh, "{xtask} test --accel {accel} --system hello --timeout 300 -p vm-checks --test fails")
+                .args(["--", "--ignored"]);
+        let out = fails.ignore_status().output()?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let id = stderr.lines().find_map(|l| l.strip_prefix("replay: cargo xtask replay "));
+        let Some(id) = id.and_then(|rest| rest.split_whitespace().next()).map(str::to_string) else {
+            bail!("the failing test saved no failure for replay: {}", crate::process::last_lines(&stderr));
+        };
+        let replay: Command = cmd!(self.sh, "{xtask} replay {id} -- true").into();
+        let restores = std::cell::RefCell::new(Vec::new());
+        let whole = self.measure(|| {
+            let out = crate::process::run(&replay)?;
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            let said = stderr.lines().find_map(|l| l.strip_prefix("restored in ")?.strip_suffix(" s")?.parse().ok());
+            let Some(said) = said else { bail!("`replay` did not say its restore time: {stderr}") };
+            restores.borrow_mut().push(Duration::from_secs_f64(said));
+            Ok(())
+        })?;
+        let mut restores = restores.into_inner();
+        // The warm-up runs' too: all are alike.
+        restores.sort();
+        let restore = median(&restores).as_secs_f64();
+        let _ = std::fs::remove_dir_all(crate::vm::replay::dir(&self.ws.target_dir).join(&id));
+        Ok(vec![
+            self.figure(
+                "replay-restore",
+                restore,
+                floor_boot,
+                "xtask replay ID -- true: QEMU started to the guest at its failure point again (target: 0.5 s)",
+                "bare qemu + busybox initramfs, cold",
+            ),
+            self.figure(
+                "replay-to-result",
+                whole,
+                floor_boot,
+                "xtask replay ID -- true: the whole command (shares staged and mounted, services started)",
+                "bare qemu + busybox initramfs, cold",
+            ),
+        ])
+    }
+
     /// tree-walk: the guest's walk of this workspace's sources (`find` + `stat`, done by
     /// `vm-checks`' `tree_walk` test in its own process, the guest's dentries and inodes
     /// dropped before each of its walks) in `xtask test --cold`, the workspace over
@@ -391,10 +444,12 @@ impl Bencher<'_> {
         crate::suite::build_test_binaries(self.ws, &selection.map(String::from))?;
         let (xtask, accel) = (self.xtask, self.accel.name());
         let walk = |over: &'static str| {
-            let mut cmd: Command =
-                cmd!(self.sh, "{xtask} test --accel {accel} --cold --system hello --timeout 300 {selection...}")
-                    .args(["--", "--ignored", "--nocapture", "--exact", "tree_walk"])
-                    .into();
+            let mut cmd: Command = cmd!(
+                self.sh,
+                "{xtask} test --accel {accel} --cold --no-replay --system hello --timeout 300 {selection...}"
+            )
+            .args(["--", "--ignored", "--nocapture", "--exact", "tree_walk"])
+            .into();
             match over {
                 "9p" => cmd.env(VIRTIOFSD_ENV, "none"),
                 _ => cmd.env_remove(VIRTIOFSD_ENV),

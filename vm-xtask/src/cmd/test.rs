@@ -33,6 +33,11 @@ pub struct Test {
     /// to attach with is said on stderr. No per-binary timeout unless --timeout gives one.
     #[arg(long, value_name = "NAME", conflicts_with_all = ["junit", "partition"])]
     pub debug: Option<String>,
+    /// Do not save the VM when a test binary fails (saved, `cargo xtask replay ID`
+    /// restores it); the workspace may then be shared over virtiofs. `XTASK_REPLAY_KEEP`
+    /// is how many saved failures are kept (5; 0 saves none).
+    #[arg(long)]
+    pub no_replay: bool,
     /// Arguments for `cargo test` (`-p CRATE`, `--test NAME`, `--lib`, ...), then `--`
     /// and the arguments every test binary gets (`--nocapture`, a filter, ...).
     #[arg(trailing_var_arg = true, allow_hyphen_values = true, value_name = "CARGO TEST ARGS")]
@@ -101,6 +106,7 @@ impl Test {
             junit: self.junit.as_deref(),
             gdb,
             debug: None,
+            replay: !self.no_replay,
         };
         if let Some(name) = &self.debug {
             return self.debug(ws, &cargo_args, name, run);
@@ -157,6 +163,8 @@ fn runner_options(own: &[String]) -> Vec<String> {
         let name = arg.split('=').next().unwrap_or(arg);
         match name {
             "--junit" | "--partition" => skip = !arg.contains('='),
+            // The doctests' kept VM saves no failure.
+            "--no-replay" => {}
             _ => kept.push(arg.clone()),
         }
     }
@@ -225,6 +233,7 @@ impl TestRunner {
             junit: None,
             gdb: None,
             debug: None,
+            replay: true,
         };
         suite::run_in_vm(ws, &self.vm, run, || Ok(vec![binary]))
     }

@@ -380,6 +380,8 @@ pub fn bare_request(mode: Mode, argv: Vec<String>, env: Vec<(String, String)>, c
         nets: Vec::new(),
         attach: false,
         keep: false,
+        save_failure: false,
+        replay: false,
     }
 }
 

@@ -306,17 +306,22 @@ pub fn print_list(entries: &[Entry]) {
     let width = entries.iter().map(|e| e.id.len()).max().unwrap_or(0).max(2);
     println!("{:<width$}  {:<12}  {:>7}  WHAT", "ID", "SINCE", "RUNNING");
     for e in entries {
-        let secs = now.saturating_sub(e.since);
-        let running = match secs {
-            s if s < 120 => format!("{s}s"),
-            s if s < 7200 => format!("{}m", s / 60),
-            s => format!("{}h", s / 3600),
-        };
-        let day = e.since % 86_400;
-        let since = format!("{:02}:{:02}:{:02} UTC", day / 3600, day / 60 % 60, day % 60);
+        let (since, running) = when(e.since, now);
         let what: String = e.what.chars().map(|c| if c.is_control() { ' ' } else { c }).collect();
         println!("{:<width$}  {since:<12}  {running:>7}  {what}", e.id);
     }
+}
+
+/// A moment (seconds since the epoch) as its time of day (UTC) and how long ago it was
+/// at `now` (`42s`, `5m`, `3h`).
+pub fn when(at: u64, now: u64) -> (String, String) {
+    let ago = match now.saturating_sub(at) {
+        s if s < 120 => format!("{s}s"),
+        s if s < 7200 => format!("{}m", s / 60),
+        s => format!("{}h", s / 3600),
+    };
+    let day = at % 86_400;
+    (format!("{:02}:{:02}:{:02} UTC", day / 3600, day / 60 % 60, day % 60), ago)
 }
 
 #[cfg(test)]

@@ -18,7 +18,7 @@ pub enum AccelChoice {
 }
 
 /// The accelerator a VM runs with.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Accel {
     Kvm,
     Tcg,
@@ -75,7 +75,7 @@ pub fn choose_accel(choice: AccelChoice) -> Result<Accel> {
 }
 
 /// Where the serial console goes.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Console {
     /// Written to this file (or FIFO) by QEMU.
     File(PathBuf),
@@ -84,7 +84,7 @@ pub enum Console {
 }
 
 /// A host directory shared over 9p.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Share {
     pub tag: String,
     pub path: PathBuf,
@@ -93,14 +93,14 @@ pub struct Share {
 
 /// A share served by virtiofsd over vhost-user ([`crate::vm::virtiofs`]): QEMU connects
 /// to its socket; the guest mounts `tag` as `virtiofs`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct VhostUserFs {
     pub tag: String,
     pub socket: PathBuf,
 }
 
 /// Disk image formats.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
 pub enum DiskFormat {
     Qcow2,
     Raw,
@@ -116,7 +116,7 @@ impl DiskFormat {
 }
 
 /// A disk on the virtio block bus (the guest's `/dev/vda`, `/dev/vdb`, ...).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Disk {
     pub path: PathBuf,
     pub format: DiskFormat,
@@ -124,14 +124,14 @@ pub struct Disk {
 }
 
 /// A named virtio serial port whose output QEMU writes to `path` (a FIFO the host reads).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Port {
     pub name: String,
     pub path: PathBuf,
 }
 
 /// Everything that determines a QEMU command line.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct VmSpec {
     pub accel: Accel,
     pub memory_mib: u32,
@@ -180,7 +180,7 @@ pub struct VmSpec {
 
 /// Guest RAM backed by a file: `shared`, the guest's writes reach the file (a snapshot
 /// being made); else the file is mapped copy-on-write and never written (a restore).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct MemoryFile {
     pub path: PathBuf,
     pub shared: bool,
@@ -188,7 +188,7 @@ pub struct MemoryFile {
 
 /// QEMU's gdb stub: listening on the host's 127.0.0.1 at `port`; with `wait`, the guest's
 /// CPU stopped before its first instruction until gdb continues it (`-S`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct GdbStub {
     pub port: u16,
     pub wait: bool,
@@ -241,7 +241,7 @@ impl VmSpec {
 
 /// One network interface on a LAN of xtask's hub: QEMU's `dgram` netdev bound at
 /// `local`, sending to the hub's socket `hub`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Lan {
     pub local: PathBuf,
     pub hub: PathBuf,
@@ -261,7 +261,7 @@ pub fn lan_args(lans: &[Lan]) -> Vec<OsString> {
 }
 
 /// A TCP port forwarded from the host's 127.0.0.1 to the guest.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Forward {
     pub host: u16,
     pub guest: u16,
@@ -294,7 +294,7 @@ fn os(args: &[&str]) -> Vec<OsString> {
 }
 
 /// `prefix` followed by `path`, with commas doubled as QEMU's option syntax requires.
-fn path_arg(prefix: &str, path: &Path) -> OsString {
+pub(crate) fn path_arg(prefix: &str, path: &Path) -> OsString {
     use std::os::unix::ffi::{OsStrExt, OsStringExt};
     let mut bytes = prefix.as_bytes().to_vec();
     for &b in path.as_os_str().as_bytes() {

@@ -167,6 +167,12 @@ pub struct VmRun<'a> {
     /// cold and this host has a virtiofsd ([`crate::vm::virtiofs`]); the guest's mounts of
     /// them are changed to match. Said once with `verbose`.
     pub large_shares: Vec<String>,
+    /// Save the VM if its program fails ([`crate::vm::replay`]): the guest stops at its
+    /// failure point and this saver saves it; the shares stay on 9p (virtiofs blocks it).
+    pub save_failure: Option<crate::vm::replay::FailureSaver>,
+    /// A saved VM to restore instead of booting (a replay); one that does not load is
+    /// the run's error.
+    pub restore: Option<crate::vm::snapshot::Restore>,
 }
 
 /// A snapshot that did not load: the run goes on with a cold boot.
@@ -215,6 +221,8 @@ impl<'a> VmRun<'a> {
             watch: None,
             attach: None,
             large_shares: Vec::new(),
+            save_failure: None,
+            restore: None,
         }
     }
 
@@ -274,22 +282,55 @@ impl<'a> VmRun<'a> {
             _ => None,
         };
         let attach = registration.is_some();
+        let saver = self.save_failure.take();
+        let mut extra_args = Vec::new();
+        if let Some(saver) = &saver {
+            // The failure point's handshake is the snapshot point's, on the same port.
+            self.spec.snapshot_port.get_or_insert_with(|| self.runtime.join("snapshot.sock"));
+            extra_args.push("-monitor".into());
+            extra_args.push(qemu::path_arg("unix:", &saver.monitor));
+            extra_args.last_mut().expect("pushed").push(",server=on,wait=off");
+        }
         let (store, warmth) = match self.snapshots.take() {
             Some((store, warmth)) => (Some(store), warmth),
             None => (None, crate::vm::snapshot::Warmth::Cold),
         };
         let warm = match &store {
-            Some(store) => crate::vm::snapshot::prepare(store, &mut self.spec, &self.runtime, warmth)?,
-            None => None,
+            Some(store) if self.restore.is_none() => {
+                crate::vm::snapshot::prepare(store, &mut self.spec, &self.runtime, warmth)?
+            }
+            _ => None,
         };
-        let servers = self.serve_large_shares(store.as_ref(), warm.is_some())?;
+        let no_virtiofs = if warm.is_some() {
+            Some("the VM is restored from a snapshot, which virtiofs would block")
+        } else if self.restore.is_some() {
+            Some("the VM is a saved failure restored, which virtiofs would block")
+        } else if saver.is_some() {
+            Some("a failure is saved for replay, which virtiofs would block (`--no-replay` allows it)")
+        } else {
+            None
+        };
+        let servers = self.serve_large_shares(store.as_ref(), no_virtiofs)?;
         let virtiofs_tags = servers.as_ref().map(|s| s.tags.clone()).unwrap_or_default();
-        let mut later = match self.request {
-            GuestRequest::Now(request) => {
-                let mut request = *request;
+        if let Some(saver) = &saver {
+            saver.set_spec(&self.spec);
+        }
+        let finish_request = {
+            let saver = saver.clone();
+            move |request: &mut Request| {
                 crate::vm::virtiofs::retarget(&mut request.mounts, &virtiofs_tags);
                 (request.stdout_port, request.stderr_port) = ports.clone();
                 request.attach = attach;
+                if let Some(saver) = &saver {
+                    request.save_failure = true;
+                    saver.set_request(request);
+                }
+            }
+        };
+        let mut later = match self.request {
+            GuestRequest::Now(request) => {
+                let mut request = *request;
+                finish_request(&mut request);
                 write_request(&self.xchg, &request)?;
                 None
             }
@@ -298,7 +339,8 @@ impl<'a> VmRun<'a> {
         let status_path = self.xchg.join(guest::STATUS_FILE);
         let _ = fs::remove_file(&status_path);
 
-        let args = qemu::args(&self.spec);
+        let mut args = qemu::args(&self.spec);
+        args.extend(extra_args.iter().cloned());
         if self.verbose {
             let shown: Vec<String> = args.iter().map(|a| crate::process::shell_quote(&a.to_string_lossy())).collect();
             eprintln!("+ {} {}", crate::debian::qemu::known().display(), shown.join(" "));
@@ -306,39 +348,64 @@ impl<'a> VmRun<'a> {
         let saved_tty = interactive.then(save_terminal).flatten();
         let started = Instant::now();
         let xchg = self.xchg.clone();
-        let mut started_fn = move || match later.take() {
-            None => Ok(()),
-            Some(make) => {
-                let mut request = make()?;
-                crate::vm::virtiofs::retarget(&mut request.mounts, &virtiofs_tags);
-                (request.stdout_port, request.stderr_port) = ports.clone();
-                request.attach = attach;
-                write_request(&xchg, &request)
+        let saver_thread = Arc::new(Mutex::new(None));
+        let mut started_fn = {
+            let (saver, saver_thread) = (saver.clone(), saver_thread.clone());
+            let socket = self.spec.snapshot_port.clone();
+            let replay = self.restore.is_some();
+            move || {
+                if replay {
+                    // Called once the guest has taken `go`.
+                    eprintln!("restored in {:.2} s", started.elapsed().as_secs_f64());
+                }
+                if let Some(make) = later.take() {
+                    let mut request = make()?;
+                    finish_request(&mut request);
+                    write_request(&xchg, &request)?;
+                }
+                if let (Some(saver), Some(socket)) = (&saver, &socket) {
+                    *saver_thread.lock().unwrap_or_else(|e| e.into_inner()) = Some(saver.start(socket.clone()));
+                }
+                Ok(())
             }
         };
         let mut ended = None;
-        if let Some(warm) = warm {
+        if let Some(restore) = self.restore.take() {
+            let mut restore_args = args.clone();
+            restore_args.extend(crate::vm::snapshot::restore_args());
+            match run_qemu(&restore_args, interactive, None, None, Some(&restore), &mut started_fn) {
+                Err(e) if e.downcast_ref::<WarmFailed>().is_some() => bail!("the saved VM did not load: {e:#}"),
+                other => ended = Some(other),
+            }
+        } else if let Some(warm) = warm {
             let mut warm_args = args.clone();
             warm_args.extend(crate::vm::snapshot::restore_args());
-            match run_qemu(&warm_args, interactive, self.timeout, self.watch.as_deref(), Some(&warm), &mut started_fn) {
+            let restore = Some(&warm.restore);
+            match run_qemu(&warm_args, interactive, self.timeout, self.watch.as_deref(), restore, &mut started_fn) {
                 Err(e) if e.downcast_ref::<WarmFailed>().is_some() => {
                     crate::vm::snapshot::discard(&warm, &format!("{e:#}"));
                     self.spec = warm.cold.clone();
+                    if let Some(saver) = &saver {
+                        saver.set_spec(&self.spec);
+                    }
                 }
                 other => ended = Some(other),
             }
         }
         let ended = match ended {
             Some(ended) => ended,
-            None => run_qemu(
-                &qemu::args(&self.spec),
-                interactive,
-                self.timeout,
-                self.watch.as_deref(),
-                None,
-                &mut started_fn,
-            ),
+            None => {
+                let mut args = qemu::args(&self.spec);
+                args.extend(extra_args);
+                run_qemu(&args, interactive, self.timeout, self.watch.as_deref(), None, &mut started_fn)
+            }
         };
+        if let Some(saver) = &saver {
+            saver.stop();
+            if let Some(thread) = saver_thread.lock().unwrap_or_else(|e| e.into_inner()).take() {
+                let _ = thread.join();
+            }
+        }
         if let Some(t) = saved_tty {
             restore_terminal(&t);
         }
@@ -422,21 +489,21 @@ impl<'a> VmRun<'a> {
         }
     }
 
-    /// Moves [`VmRun::large_shares`] to virtiofs when the VM boots cold (not `restored`)
-    /// and a virtiofsd is found in `store`'s way; says which, once, when verbose.
+    /// Moves [`VmRun::large_shares`] to virtiofs unless `no_virtiofs` says why not (a VM
+    /// restored or saved) and a virtiofsd is found in `store`'s way; says which, once, when verbose.
     fn serve_large_shares(
         &mut self,
         store: Option<&crate::store::Store>,
-        restored: bool,
+        no_virtiofs: Option<&str>,
     ) -> Result<Option<crate::vm::virtiofs::Servers>> {
         let tags = std::mem::take(&mut self.large_shares);
         if tags.is_empty() {
             return Ok(None);
         }
-        let found = match (restored, store) {
-            (true, _) => Err("the VM is restored from a snapshot, which virtiofs would block".to_string()),
-            (false, Some(store)) => crate::vm::virtiofs::virtiofsd(store),
-            (false, None) => Err("no store to find the store QEMU's virtiofsd in".to_string()),
+        let found = match (no_virtiofs, store) {
+            (Some(why), _) => Err(why.to_string()),
+            (None, Some(store)) => crate::vm::virtiofs::virtiofsd(store),
+            (None, None) => Err("no store to find the store QEMU's virtiofsd in".to_string()),
         };
         let virtiofsd = match found {
             Ok(virtiofsd) => virtiofsd,
@@ -729,7 +796,7 @@ fn run_qemu(
     interactive: bool,
     timeout: Option<Duration>,
     watch: Option<&dyn Watch>,
-    warm: Option<&crate::vm::snapshot::WarmStart>,
+    warm: Option<&crate::vm::snapshot::Restore>,
     started: &mut dyn FnMut() -> Result<()>,
 ) -> Result<QemuEnd> {
     install_signal_handlers()?;
@@ -791,7 +858,7 @@ fn run_qemu(
         let deadline = Instant::now() + Duration::from_secs(60);
         let alive = || kill(guard.pid, None).is_ok();
         let handshake = crate::vm::snapshot::start_restore(monitor.context("the monitor's socket")?)
-            .and_then(|()| crate::vm::snapshot::wait_for_waiting(&warm.socket, deadline, alive))
+            .and_then(|()| crate::vm::snapshot::wait_for_waiting(&warm.socket, warm.waiting, deadline, alive))
             .and_then(|mut stream| crate::vm::snapshot::send_go(&mut stream));
         if let Err(e) = handshake {
             drop(guard);

@@ -44,13 +44,21 @@ pub const MONITOR_FD: i32 = 4;
 /// The snapshot items' name.
 pub const ITEM_NAME: &str = "vm-snapshot";
 
-/// A run restored from a snapshot.
+/// A saved VM to restore instead of booting: a snapshot's, or a failure's (a replay).
 #[derive(Debug, Clone)]
-pub struct WarmStart {
-    /// The devices' saved state.
+pub struct Restore {
+    /// The saved state (the devices', and for a failure the RAM too).
     pub state: PathBuf,
     /// The handshake's socket (the spec's `snapshot_port`).
     pub socket: PathBuf,
+    /// The line the restored guest says it waits with.
+    pub waiting: &'static str,
+}
+
+/// A run restored from a snapshot.
+#[derive(Debug, Clone)]
+pub struct WarmStart {
+    pub restore: Restore,
     pub item: Item,
     /// The spec for a cold boot, should the snapshot not load.
     pub cold: VmSpec,
@@ -95,8 +103,11 @@ pub fn prepare(store: &Store, spec: &mut VmSpec, runtime: &Path, warmth: Warmth)
     warm.memory_file = Some(MemoryFile { path: private_ram(&item.path.join(RAM_FILE), runtime)?, shared: false });
     let cold = std::mem::replace(spec, warm);
     Ok(Some(WarmStart {
-        state: item.path.join(STATE_FILE),
-        socket: spec.snapshot_port.clone().expect("set above"),
+        restore: Restore {
+            state: item.path.join(STATE_FILE),
+            socket: spec.snapshot_port.clone().expect("set above"),
+            waiting: guest::snapshot::WAITING,
+        },
         item,
         cold,
         store: store.clone(),
@@ -171,7 +182,8 @@ fn recipe(store: &Store, spec: &VmSpec) -> Result<Recipe> {
     Ok(Recipe::new("vm-snapshot", ITEM_NAME).param("args", args.join("\n")).param("qemu", qemu))
 }
 
-fn qemu_version(store: &Store) -> Result<String> {
+/// The first line of `qemu-system-x86_64 --version`, remembered while QEMU is unchanged.
+pub(crate) fn qemu_version(store: &Store) -> Result<String> {
     let program = crate::debian::qemu::absolute()?;
     host::remembered(&store.cache_dir(), &program, "version", || {
         // A QEMU that fails even this is reported by the run itself, with its hint.
@@ -219,7 +231,7 @@ fn make(store: &Store, spec: &VmSpec, out: &Path) -> Result<()> {
     let mut child = vm::qemu_command(&args, false).spawn().context("starting QEMU to make a snapshot")?;
     let made = (|| -> Result<Saved> {
         let deadline = Instant::now() + Duration::from_secs(120);
-        wait_for_waiting(&socket, deadline, || matches!(child.try_wait(), Ok(None)))?;
+        wait_for_waiting(&socket, guest::snapshot::WAITING, deadline, || matches!(child.try_wait(), Ok(None)))?;
         let booted = Instant::now();
         let mut hmp = Monitor::connect(&monitor)?;
         let state = out.join(STATE_FILE);
@@ -310,7 +322,7 @@ pub fn start_restore(monitor: UnixStream) -> Result<()> {
 }
 
 /// A monitor's answer to a command that says nothing when it works.
-fn expect_ok(answer: &str) -> Result<()> {
+pub(crate) fn expect_ok(answer: &str) -> Result<()> {
     let said: Vec<&str> = answer.lines().skip(1).filter(|l| !l.trim().is_empty() && !l.starts_with("(qemu)")).collect();
     if said.iter().any(|l| l.contains("rror")) {
         bail!("QEMU's monitor: {}", said.join("; ").trim());
@@ -357,9 +369,14 @@ pub fn parse_saved_line(line: &str) -> Option<Saved> {
     }
 }
 
-/// Connects to the handshake's socket and reads until the guest says it waits, while
-/// `alive` (QEMU runs) and before `deadline`. Returns the connection.
-pub fn wait_for_waiting(socket: &Path, deadline: Instant, mut alive: impl FnMut() -> bool) -> Result<UnixStream> {
+/// Connects to the handshake's socket and reads until the guest says it waits (the line
+/// `waiting`), while `alive` (QEMU runs) and before `deadline`. Returns the connection.
+pub fn wait_for_waiting(
+    socket: &Path,
+    waiting: &str,
+    deadline: Instant,
+    mut alive: impl FnMut() -> bool,
+) -> Result<UnixStream> {
     let stream = loop {
         match UnixStream::connect(socket) {
             Ok(s) => break s,
@@ -373,7 +390,7 @@ pub fn wait_for_waiting(socket: &Path, deadline: Instant, mut alive: impl FnMut(
     loop {
         line.clear();
         match reader.read_line(&mut line) {
-            Ok(_) if line.trim_end() == guest::snapshot::WAITING => return Ok(stream),
+            Ok(_) if line.trim_end() == waiting => return Ok(stream),
             Ok(0) => bail!("QEMU closed the snapshot port"),
             Ok(_) => {}
             Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
@@ -401,12 +418,12 @@ pub fn discard(warm: &WarmStart, why: &str) {
 }
 
 /// QEMU's human monitor on a unix socket.
-struct Monitor {
+pub(crate) struct Monitor {
     stream: UnixStream,
 }
 
 impl Monitor {
-    fn connect(path: &Path) -> Result<Monitor> {
+    pub(crate) fn connect(path: &Path) -> Result<Monitor> {
         let stream =
             UnixStream::connect(path).with_context(|| format!("connecting to QEMU's monitor `{}`", path.display()))?;
         Monitor::from_stream(stream)
@@ -432,7 +449,20 @@ impl Monitor {
         Ok(String::from_utf8_lossy(&text).into_owned())
     }
 
-    fn ask(&mut self, command: &str) -> Result<String> {
+    /// Hands QEMU the descriptor `fd` under `name` (`getfd`: the descriptor rides with
+    /// the command's bytes, as SCM_RIGHTS), for a later `migrate fd:NAME`.
+    pub(crate) fn send_fd(&mut self, name: &str, fd: std::os::fd::RawFd) -> Result<()> {
+        use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+        use std::os::fd::AsRawFd;
+        let command = format!("getfd {name}\n");
+        let iov = [std::io::IoSlice::new(command.as_bytes())];
+        let fds = [fd];
+        sendmsg::<()>(self.stream.as_raw_fd(), &iov, &[ControlMessage::ScmRights(&fds)], MsgFlags::empty(), None)
+            .context("handing QEMU a descriptor")?;
+        expect_ok(&self.read_prompt()?)
+    }
+
+    pub(crate) fn ask(&mut self, command: &str) -> Result<String> {
         self.stream.write_all(format!("{command}\n").as_bytes())?;
         if command == "quit" {
             return Ok(String::new());
