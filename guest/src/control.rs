@@ -38,6 +38,12 @@ pub enum ToGuest {
     },
     /// Stop everything and power off (the status file says `exit 0`).
     PowerOff,
+    /// Stop at a failure point, as a failed test run does ([`crate::Request::save_failure`]):
+    /// every process ended, the shares unmounted, waiting on the snapshot port while the
+    /// host saves the VM; then the request is read again, the shares mounted again, the
+    /// services started anew, and [`FromGuest::Ready`] is the answer (to the host that
+    /// asked, or to a replay's, whose request this then is).
+    SaveFailure,
 }
 
 /// What the guest answers.

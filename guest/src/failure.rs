@@ -24,32 +24,68 @@ use crate::sys::{log, Result};
 const PARK: &str = "/run/xtask/parked";
 
 /// A mount moved out of a share, and where it goes back.
-struct Parked {
+pub struct Parked {
     target: PathBuf,
     parked: PathBuf,
 }
 
 /// Stops at the failure point and waits for the host; returns the replay's request when
-/// this guest was restored by one, or None when the run ends here.
+/// this guest was restored by one (its shares mounted again), or None when the run ends
+/// here.
 pub fn save_point() -> Result<Option<Request>> {
     log("the program failed: stopping at the failure point for the host to save the VM");
-    end_processes();
-    let parked = park_mounts()?;
-    unmount_shares()?;
-    crate::snapshot::wait_for_go(guest::snapshot::WAITING_AT_FAILURE)?;
-    crate::mount_shares()?;
-    let request = crate::read_request()?;
+    let (request, parked) = stop_and_wait()?;
     if !request.replay {
         return Ok(None);
     }
-    log("restored at the failure point (replay)");
+    put_back(&request, &parked)?;
+    Ok(Some(request))
+}
+
+/// Ends every other process, parks the mounts inside the shares, unmounts the shares and
+/// waits for the host's `go`; then mounts the exchange directory and the store again and
+/// reads the request. If the shares cannot be unmounted, they are mounted again and that
+/// is the error: nothing is saved.
+pub fn stop_and_wait() -> Result<(Request, Vec<Parked>)> {
+    end_processes();
+    let parked = park_mounts()?;
+    if let Err(e) = unmount_shares() {
+        remount_missing_shares();
+        for p in parked.iter().rev() {
+            let _ = move_mount(&p.parked, &p.target);
+        }
+        return Err(e);
+    }
+    crate::snapshot::wait_for_go(guest::snapshot::WAITING_AT_FAILURE)?;
+    crate::mount_shares()?;
+    let request = crate::read_request()?;
+    if request.replay {
+        log("restored at the failure point (replay)");
+    }
+    Ok((request, parked))
+}
+
+/// Mounts `request`'s shares again where they were, and puts the parked mounts back.
+pub fn put_back(request: &Request, parked: &[Parked]) -> Result<()> {
     for m in request.mounts.iter().filter(|m| is_share(&m.fs_type)) {
         crate::services::mount_spec(m)?;
     }
     for p in parked.iter().rev() {
         move_mount(&p.parked, &p.target)?;
     }
-    Ok(Some(request))
+    Ok(())
+}
+
+/// After a failed unmount: the exchange directory and the store mounted again where
+/// they are no longer.
+fn remount_missing_shares() {
+    let mounted: Vec<PathBuf> = mounts().unwrap_or_default().into_iter().map(|m| m.target).collect();
+    if !mounted.iter().any(|t| t == Path::new(guest::XCHG_MOUNT)) {
+        let _ = crate::mount_9p(guest::XCHG_TAG, guest::XCHG_MOUNT, MsFlags::empty(), "cache=none");
+    }
+    if !mounted.iter().any(|t| t == Path::new(guest::STORE_MOUNT)) {
+        let _ = crate::mount_9p(guest::STORE_TAG, guest::STORE_MOUNT, MsFlags::MS_RDONLY, "cache=loose");
+    }
 }
 
 /// Ends every process but this one and reaps them: nothing may hold a file of a share.

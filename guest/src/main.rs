@@ -107,8 +107,11 @@ fn run() -> Result<Status> {
     let status = execute_supervised(&request, &mut supervisor)?;
     let failed = !matches!(status, Status::Exited(0));
     if request.save_failure && request.mode == guest::Mode::Command && failed {
-        if let Some(replay) = failure::save_point()? {
-            return replay_request(&replay);
+        match failure::save_point() {
+            Ok(Some(replay)) => return replay_request(&replay),
+            Ok(None) => {}
+            // Not saved (the host says so): the run ends with the program's status.
+            Err(e) => log(&format!("the VM cannot be saved: {e}")),
         }
     }
     if request.keep && request.mode == guest::Mode::Command {
@@ -174,7 +177,7 @@ fn load_modules() -> Result<()> {
     Ok(())
 }
 
-fn mount_9p(tag: &str, target: &str, flags: MsFlags, cache: &str) -> Result<()> {
+pub(crate) fn mount_9p(tag: &str, target: &str, flags: MsFlags, cache: &str) -> Result<()> {
     fs::create_dir_all(target).map_err(|e| format!("cannot create {target}: {e}"))?;
     let options = format!("trans=virtio,version=9p2000.L,msize=512000,{cache}");
     // The virtio transport may still be probing its devices; give it a moment.

@@ -21,14 +21,24 @@ use crate::sys::{log, open_port, reap, Result, SHUTDOWN_SIGNALS};
 /// Children the control thread waits for, and where their statuses go.
 type Waiting = Arc<Mutex<HashMap<Pid, Sender<Status>>>>;
 
+/// What the control thread asks of PID 1's loop, which owns the services (it is woken
+/// with a SIGCHLD of its own).
+enum Order {
+    /// Restart no service: they are about to be ended (a failure point).
+    Freeze(Sender<()>),
+    /// Start the services of this request's system anew.
+    Restart(Box<Request>, Sender<Result<()>>),
+}
+
 /// Serves until the host asks for a power-off (or init is asked to shut down).
 pub fn serve(request: &Request, supervisor: &mut Supervisor, signals: SigSet) -> Result<Status> {
     let waiting: Waiting = Arc::default();
     let port = open_port(CONTROL_PORT)?;
     let thread_waiting = waiting.clone();
     let request = request.clone();
+    let (orders, orders_in) = mpsc::channel();
     std::thread::spawn(move || {
-        if let Err(e) = control_loop(port, &request, &thread_waiting) {
+        if let Err(e) = control_loop(port, request, &thread_waiting, &orders) {
             log(&format!("control channel: {e}"));
         }
         // The host is gone or asked for a power-off: end as a shutdown does.
@@ -37,6 +47,23 @@ pub fn serve(request: &Request, supervisor: &mut Supervisor, signals: SigSet) ->
     log("serving the control channel");
     loop {
         let signal = signals.wait().map_err(|e| format!("sigwait: {e}"))?;
+        while let Ok(order) = orders_in.try_recv() {
+            match order {
+                Order::Freeze(done) => {
+                    supervisor.freeze();
+                    let _ = done.send(());
+                }
+                Order::Restart(request, done) => {
+                    *supervisor = Supervisor::default();
+                    let started = match &request.system {
+                        Some(system) => crate::services::read_config(system)
+                            .and_then(|config| supervisor.start_all(&config.services)),
+                        None => Ok(()),
+                    };
+                    let _ = done.send(started);
+                }
+            }
+        }
         if signal == Signal::SIGCHLD {
             let (_, ended) = reap(Pid::from_raw(0));
             let mut waiting = waiting.lock().unwrap_or_else(|e| e.into_inner());
@@ -54,7 +81,7 @@ pub fn serve(request: &Request, supervisor: &mut Supervisor, signals: SigSet) ->
     }
 }
 
-fn control_loop(port: std::fs::File, request: &Request, waiting: &Waiting) -> Result<()> {
+fn control_loop(port: std::fs::File, mut request: Request, waiting: &Waiting, orders: &Sender<Order>) -> Result<()> {
     let mut out = port.try_clone().map_err(|e| format!("cannot duplicate the control port: {e}"))?;
     let mut send = |m: &FromGuest| -> Result<()> {
         let mut line = serde_json::to_string(m).map_err(|e| e.to_string())?;
@@ -78,21 +105,61 @@ fn control_loop(port: std::fs::File, request: &Request, waiting: &Waiting) -> Re
         }
         match serde_json::from_str::<ToGuest>(&line) {
             Ok(ToGuest::Run { argv, timeout_ms }) => {
-                let done = run(&argv, timeout_ms, request, &request.cwd, &[], waiting);
+                let done = run(&argv, timeout_ms, &request, &request.cwd, &[], waiting);
                 // The host may have gone meanwhile; the next one asks again.
                 let _ = send(&done);
             }
             Ok(ToGuest::RunIn { argv, timeout_ms, cwd, env }) => {
-                let done = run(&argv, timeout_ms, request, &cwd, &env, waiting);
+                let done = run(&argv, timeout_ms, &request, &cwd, &env, waiting);
                 // The host may have gone meanwhile; the next one asks again.
                 let _ = send(&done);
             }
             Ok(ToGuest::PowerOff) => return Ok(()),
+            Ok(ToGuest::SaveFailure) => {
+                let answer = match save_failure(orders, &request) {
+                    Ok(replay) => {
+                        request = replay;
+                        FromGuest::Ready
+                    }
+                    Err(error) => FromGuest::Failed { error },
+                };
+                let _ = send(&answer);
+            }
             Err(e) => {
                 let _ = send(&FromGuest::Failed { error: format!("not a message: {e}") });
             }
         }
     }
+}
+
+/// Asks PID 1's loop for `order` and waits for its answer.
+fn ask<T>(orders: &Sender<Order>, order: impl FnOnce(Sender<T>) -> Order) -> Result<T> {
+    let (tx, rx) = mpsc::channel();
+    orders.send(order(tx)).map_err(|_| "PID 1's loop is gone".to_string())?;
+    let _ = kill(Pid::this(), Signal::SIGCHLD);
+    rx.recv().map_err(|_| "PID 1's loop did not answer".to_string())
+}
+
+/// A failure point on the host's word ([`ToGuest::SaveFailure`]): the services frozen
+/// and every process ended, the shares unmounted, the host's `go` awaited; then the
+/// request read again (a replay's, or the same), its shares mounted again and its
+/// services started. Returns that request.
+fn save_failure(orders: &Sender<Order>, current: &Request) -> Result<Request> {
+    log("stopping at a failure point for the host to save the VM");
+    ask(orders, Order::Freeze)?;
+    let stopped = crate::failure::stop_and_wait();
+    let (request, parked) = match stopped {
+        Ok(stopped) => stopped,
+        Err(e) => {
+            // Nothing saved: the services run again, as they were asked to.
+            let _ = ask(orders, |done| Order::Restart(Box::new(current.clone()), done));
+            return Err(e);
+        }
+    };
+    crate::failure::put_back(&request, &parked)?;
+    ask(orders, |done| Order::Restart(Box::new(request.clone()), done))??;
+    log("services up again after the failure point");
+    Ok(request)
 }
 
 /// Runs one command in `cwd` with the request's environment and `env`.

@@ -264,9 +264,16 @@ struct Running {
 #[derive(Default)]
 pub struct Supervisor {
     running: Vec<Running>,
+    /// No service is restarted (they are being ended for a failure point).
+    frozen: bool,
 }
 
 impl Supervisor {
+    /// Restarts no service from now on (they are about to be ended).
+    pub fn freeze(&mut self) {
+        self.frozen = true;
+    }
+
     /// Starts every service in order, each up before the next starts.
     pub fn start_all(&mut self, specs: &[ServiceSpec]) -> Result<()> {
         for spec in specs {
@@ -322,7 +329,7 @@ impl Supervisor {
     pub fn exited(&mut self, pid: Pid, how: &Status) {
         let Some(r) = self.running.iter_mut().find(|r| r.pid == pid) else { return };
         log(&format!("service {} ended ({})", r.spec.name, how.encode().trim_end()));
-        if !r.spec.restart {
+        if !r.spec.restart || self.frozen {
             return;
         }
         if r.restarts >= guest::MAX_RESTARTS {

@@ -1,6 +1,7 @@
 //! `cargo xtask replay`: a test binary that fails under `cargo xtask test` leaves its VM
 //! saved at the failure, and a replay restores it: the files the test wrote, the failed
-//! binary at hand to run again (and failing the same way), a shell on a real terminal.
+//! binary at hand to run again (and failing the same way), a shell on a real terminal. A
+//! failed scenario leaves its nodes saved, restored on their networks.
 
 use std::process::Command;
 
@@ -32,27 +33,18 @@ fn replay_id(run: &Run) -> String {
 #[test]
 fn a_failed_test_is_replayed_with_its_files_and_its_binary_at_hand() {
     let replays = workspace_root().join("target/vm-replay");
-    let first = failing_test(&[], None);
-    first.expect_code(101);
-    let first_id = replay_id(&first);
-    assert!(replays.join(&first_id).join("state").is_file(), "{first:#?}");
-
-    // Only the newest are kept: with XTASK_REPLAY_KEEP=1 the next one replaces it.
-    let run = failing_test(&[], Some("1"));
+    let run = failing_test(&[], None);
     run.expect_code(101);
     let id = replay_id(&run);
-    assert_ne!(id, first_id);
-    assert!(!replays.join(&first_id).exists(), "{first_id} was not pruned");
+    assert!(id.starts_with("test-") && replays.join(&id).join("state").is_file(), "{run:#?}");
     let listed = xtask(&["replay"]);
     listed.expect_code(0);
     let row = listed.stdout.lines().find(|l| l.starts_with(&format!("{id} ")));
     let row = row.unwrap_or_else(|| panic!("`replay` does not list {id}:\n{}", listed.stdout));
     assert!(row.contains("test hello: tests/fails.rs") && row.contains(" MiB"), "{row}");
-    assert!(!listed.stdout.contains(&format!("{first_id} ")), "{}", listed.stdout);
 
     // The file the test wrote before failing, in the tmpfs over target/tmp; the command
     // runs in the workspace's directory.
-    let note = workspace_root().join("target/tmp/failed-here");
     let shown = xtask(&["replay", &id, "--", "cat", "target/tmp/failed-here"]);
     shown.expect_code(0);
     assert_eq!(shown.stdout, "the service said \"hello-service v1: hello from the VM\"\n", "{shown:#?}");
@@ -69,7 +61,7 @@ fn a_failed_test_is_replayed_with_its_files_and_its_binary_at_hand() {
     let mut term = Terminal::spawn(replay, 30, 90);
     let mut at = term.expect("runs the failed binary again", 0);
     at = term.expect("# ", at);
-    term.type_in(&format!("cat {}; echo $TERM\r", note.display()));
+    term.type_in("cat target/tmp/failed-here; echo $TERM\r");
     at = term.expect("hello from the VM", at);
     at = term.expect("xterm", at);
     term.type_in("sleep 600; echo sleep-was-not-interrupted\r");
@@ -82,11 +74,47 @@ fn a_failed_test_is_replayed_with_its_files_and_its_binary_at_hand() {
     assert!(wait_until(120, || matches!(term.child.try_wait(), Ok(Some(_)))), "poweroff did not end the replay");
     assert_eq!(term.child.wait().unwrap().code(), Some(0), "{}", term.shown());
 
-    // The saved state is not changed by a replay: the file is still as the test left it.
-    let still = xtask(&["replay", &id, "--", "cat", note.to_str().unwrap()]);
+    // A replay changes nothing saved: the file is still as the test left it.
+    let still = xtask(&["replay", &id, "--", "cat", "target/tmp/failed-here"]);
     still.expect_code(0);
     assert_eq!(still.stdout, shown.stdout);
-    let _ = std::fs::remove_dir_all(replays.join(&id));
+
+    // Only the newest are kept: with XTASK_REPLAY_KEEP=1 the next one replaces it.
+    let next = failing_test(&[], Some("1"));
+    next.expect_code(101);
+    let next_id = replay_id(&next);
+    assert_ne!(next_id, id);
+    assert!(!replays.join(&id).exists(), "{id} was not pruned");
+    assert!(replays.join(&next_id).join("state").is_file());
+    let _ = std::fs::remove_dir_all(replays.join(&next_id));
+}
+
+/// A scenario that fails leaves its nodes saved; a replay restores them on their
+/// networks: what a step wrote before the failure, the services up again, the nodes
+/// reaching each other by name.
+#[test]
+fn a_failed_scenario_is_replayed_on_its_networks() {
+    let run = xtask(&["scenario", "hello-pair-broken"]);
+    run.expect_code(1);
+    let id = replay_id(&run);
+    assert!(id.starts_with("scenario-hello-pair-broken-"), "{id}");
+    let client = |command: &[&str]| {
+        let mut args = vec!["replay", id.as_str(), "--node", "client", "--"];
+        args.extend_from_slice(command);
+        xtask(&args)
+    };
+    let file = client(&["cat", "/tmp/before-failing"]);
+    file.expect_code(0);
+    assert_eq!(file.stdout, "about to ask port 7879\n", "{file:#?}");
+    let asked = client(&["sh", "-c", "nc -w 3 server 7878 </dev/null && hostname"]);
+    asked.expect_code(0);
+    assert_eq!(asked.stdout, "hello-service v1: hello from the VM\nclient\n", "{asked:#?}");
+    let failing = client(&["nc", "-w", "3", "server", "7879"]);
+    assert_eq!(failing.code, 1, "{failing:#?}");
+    let nobody = xtask(&["replay", &id, "--node", "nobody", "--", "true"]);
+    nobody.expect_code(2);
+    assert!(nobody.stderr.contains("has no node `nobody` (saved: client, server)"), "{nobody:#?}");
+    let _ = std::fs::remove_dir_all(workspace_root().join("target/vm-replay").join(&id));
 }
 
 #[test]
@@ -97,6 +125,9 @@ fn no_failure_is_saved_when_asked_and_bad_ids_are_refused() {
     let none = failing_test(&[], Some("0"));
     none.expect_code(101);
     assert!(!none.stderr.contains("replay:"), "{none:#?}");
+    let scenario = xtask(&["scenario", "hello-pair-broken", "--no-replay"]);
+    scenario.expect_code(1);
+    assert!(!scenario.stderr.contains("replay:"), "{scenario:#?}");
     let bad = failing_test(&[], Some("many"));
     bad.expect_code(2);
     assert!(bad.stderr.contains("XTASK_REPLAY_KEEP=`many`"), "{bad:#?}");

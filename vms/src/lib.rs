@@ -290,6 +290,8 @@ pub fn hello_pair_broken() -> Scenario {
         script: |d: &mut Driver| -> Result<()> {
             d.start_all()?;
             d.node("server")?.wait_for_port(7878, Duration::from_secs(60))?;
+            // Left for a replay of the failure to find.
+            d.node("client")?.succeed("echo about to ask port 7879 > /tmp/before-failing")?;
             d.node("client")?.succeed("echo asking; nc -w 3 server 7879 </dev/null")?;
             Ok(())
         },

@@ -32,6 +32,10 @@ pub struct ScenarioCmd {
     /// `testcase` for its script, with the failure and the nodes' console tails).
     #[arg(long, value_name = "FILE")]
     pub junit: Option<PathBuf>,
+    /// Do not save the nodes when the script fails (saved, `cargo xtask replay ID`
+    /// restores them; `XTASK_REPLAY_KEEP` is how many failures are kept).
+    #[arg(long)]
+    pub no_replay: bool,
     #[command(flatten)]
     pub vm: VmOpts,
 }
@@ -68,7 +72,11 @@ impl ScenarioCmd {
             crate::suite::junit::check_file(file)?;
         }
         let store = self.vm.open_store(ws)?;
+        let saving = !self.no_replay && crate::vm::replay::keep()? > 0;
         let mut driver = Driver::prepare(ws, &self.vm, &store, scenario)?;
+        if saving {
+            driver.save_failures();
+        }
         eprintln!("scenario `{name}`: {}", scenario.description);
         let started = std::time::Instant::now();
         let result = (scenario.script)(&mut driver);
@@ -77,7 +85,12 @@ impl ScenarioCmd {
         }
         match &result {
             Ok(()) => eprintln!("scenario `{name}`: passed"),
-            Err(e) => eprintln!("error: scenario `{name}` failed: {e:#}"),
+            Err(e) => {
+                eprintln!("error: scenario `{name}` failed: {e:#}");
+                if saving {
+                    save_failure(ws, &store, &mut driver, &name, e)?;
+                }
+            }
         }
         if self.keep {
             let nodes = driver.release();
@@ -103,6 +116,54 @@ impl ScenarioCmd {
         }
         Ok(if result.is_ok() { 0 } else { 1 })
     }
+}
+
+/// Saves the running nodes of a failed scenario for `cargo xtask replay`, and says the
+/// line that replays them (or why they were not saved).
+fn save_failure(
+    ws: &Workspace,
+    store: &crate::store::Store,
+    driver: &mut Driver,
+    name: &str,
+    error: &anyhow::Error,
+) -> Result<()> {
+    use crate::vm::replay;
+    let dir = replay::dir(&ws.target_dir);
+    crate::store::ensure_private_dir(&dir)?;
+    let scratch = tempfile::Builder::new().prefix(".saving-").tempdir_in(&dir)?;
+    let (vms, bytes, save_s) = match driver.save_failure(scratch.path()) {
+        Ok(saved) => saved,
+        Err(e) => {
+            eprintln!("replay: the failure was not saved ({e:#})");
+            return Ok(());
+        }
+    };
+    let first_line = format!("{error:#}").lines().next().unwrap_or_default().chars().take(200).collect();
+    let record = replay::Record {
+        version: 0,
+        id: String::new(),
+        saved_at: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs(),
+        what: format!("scenario {name}"),
+        failed: Some(first_line),
+        qemu: crate::vm::snapshot::qemu_version(store)?,
+        scenario: Some(name.to_string()),
+        vms,
+        staged: None,
+        bytes,
+        save_s,
+    };
+    let scratch = scratch.keep();
+    let id =
+        replay::keep_saved(&dir, &format!("scenario-{name}"), &scratch, record, replay::keep()?).inspect_err(|_| {
+            let _ = std::fs::remove_dir_all(&scratch);
+        })?;
+    let mib = bytes as f64 / f64::from(1 << 20);
+    eprintln!(
+        "replay: cargo xtask replay {id}   (the nodes as the failure left them: {mib:.1} MiB in {}, saved in \
+         {save_s:.1} s)",
+        dir.join(&id).display()
+    );
+    Ok(())
 }
 
 /// Reads commands from stdin, one a line, runs each on `node` of the kept scenario

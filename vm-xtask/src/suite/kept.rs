@@ -543,7 +543,7 @@ fn answer(
         ToGuest::Run { timeout_ms, .. } | ToGuest::RunIn { timeout_ms, .. } => {
             Duration::from_millis(*timeout_ms) + scenario::ANSWER_GRACE
         }
-        ToGuest::PowerOff => bail!("a runner call may not power the kept VM off"),
+        ToGuest::PowerOff | ToGuest::SaveFailure => bail!("a runner call may only run a binary in the kept VM"),
     };
     let links = match packages::host_libraries(libraries.store, &libraries.resolver, &call.binary) {
         Ok(found) => found.links,

@@ -1,14 +1,17 @@
 //! Failures saved for replay: a test VM whose program fails stops at its failure point
 //! ([`guest::Request::save_failure`]: processes ended, shares unmounted, waiting on the
-//! snapshot port), and [`FailureSaver`], on the host, saves it then through QEMU's
-//! monitor (`migrate` to a descriptor it is handed: the RAM and the devices) into a
-//! private directory of the target directory, `vm-replay/ID/`, with a [`Record`] of
-//! what restoring it takes (QEMU's spec and version, the request, the workspace's
-//! view). `cargo xtask replay ID` restores it (`-incoming`, as a warm start) and has the
-//! guest mount its shares again and run a shell or a command there.
+//! snapshot port), as does each node of a failed scenario when asked
+//! ([`guest::control::ToGuest::SaveFailure`]), and [`FailureSaver`], on the host, saves
+//! it then through QEMU's monitor (`migrate` to a descriptor it is handed: the RAM and
+//! the devices) into a private directory of the target directory, `vm-replay/ID/`, with
+//! a [`Record`] of what restoring it takes (each VM's QEMU spec and request, QEMU's
+//! version, the workspace's view). `cargo xtask replay ID` restores it (`-incoming`, as a
+//! warm start) and has the guest mount its shares again, start its services and run a
+//! shell or a command there.
 //!
-//! Saved states are the newest [`keep`] (`XTASK_REPLAY_KEEP`, 5 unless set; 0 saves
-//! none); older ones are removed as a new one is kept.
+//! Saved failures are the newest [`keep`] of each label (`test`, `scenario-NAME`;
+//! `XTASK_REPLAY_KEEP`, 5 unless set; 0 saves none); older ones are removed as a new one
+//! is kept.
 
 use fs_err as fs;
 use std::io::{BufRead, BufReader, Write};
@@ -78,14 +81,27 @@ pub struct Record {
     pub failed: Option<String>,
     /// `qemu-system-x86_64 --version`'s first line: only that QEMU loads the state.
     pub qemu: String,
-    /// QEMU's spec as the failed run had it (its per-run paths are replaced on replay).
-    pub spec: VmSpec,
-    /// The request the failed run's guest had.
-    pub request: guest::Request,
+    /// The scenario whose nodes these are; none for a test run's one VM.
+    pub scenario: Option<String>,
+    /// Each VM saved: a test run's one, or a scenario's nodes.
+    pub vms: Vec<SavedVm>,
     pub staged: Option<StagedShare>,
-    /// The saved state's size, and how long saving took.
+    /// The saved states' size, and how long saving took.
     pub bytes: u64,
     pub save_s: f64,
+}
+
+/// One VM of a saved failure.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SavedVm {
+    /// `test`, or the scenario's node.
+    pub name: String,
+    /// Its state's file, in the failure's directory.
+    pub state: String,
+    /// QEMU's spec as the failed run had it (its per-run paths are replaced on replay).
+    pub spec: VmSpec,
+    /// The request its guest had.
+    pub request: guest::Request,
 }
 
 /// What the saver saw: the state saved (its size and time) or why not.
@@ -265,9 +281,9 @@ pub fn find(dir: &Path, id: &str) -> Result<Record> {
     }
 }
 
-/// Keeps a saved failure: its state (in `scratch`, beside nothing else) and `record`
-/// become `dir/ID/` under a new ID made from `label`; then only the newest `keep` stay.
-/// Returns the ID.
+/// Keeps a saved failure: its states (in `scratch`, beside nothing else) and `record`
+/// become `dir/ID/` under a new ID made from `label` (`test`, `scenario-NAME`); then only
+/// the newest `keep` of that label stay. Returns the ID.
 pub fn keep_saved(dir: &Path, label: &str, scratch: &Path, mut record: Record, keep: usize) -> Result<String> {
     crate::store::ensure_private_dir(dir)?;
     let next = list(dir).iter().map(|r| number(&r.id)).max().unwrap_or(0) + 1;
@@ -285,13 +301,14 @@ pub fn keep_saved(dir: &Path, label: &str, scratch: &Path, mut record: Record, k
     let bytes = serde_json::to_vec_pretty(&record)?;
     crate::store::write_private_atomically(&scratch.join(RECORD_FILE), &bytes)?;
     fs::rename(scratch, &target).with_context(|| format!("keeping the saved failure as `{}`", target.display()))?;
-    prune(dir, keep);
+    prune(dir, &label, keep);
     Ok(id)
 }
 
-/// Removes all but the newest `keep` saved failures.
-fn prune(dir: &Path, keep: usize) {
-    let records = list(dir);
+/// Removes all but the newest `keep` saved failures of `label`.
+fn prune(dir: &Path, label: &str, keep: usize) {
+    let records: Vec<Record> =
+        list(dir).into_iter().filter(|r| r.id.rsplit_once('-').is_some_and(|(l, _)| l == label)).collect();
     for old in records.iter().take(records.len().saturating_sub(keep)) {
         let _ = fs::remove_dir_all(dir.join(&old.id));
     }

@@ -801,42 +801,13 @@ fn run_qemu(
 ) -> Result<QemuEnd> {
     install_signal_handlers()?;
     let mut cmd = qemu_command(args, interactive);
-    // A restore reads the saved state from descriptor 3, and is told to through a monitor
-    // on descriptor 4 (one end of a socket pair; [`crate::vm::snapshot::restore_args`]).
     let restore = match warm {
-        Some(w) => {
-            let state = File::open(&w.state).map_err(|e| WarmFailed(format!("opening the saved state: {e}")))?;
-            let (ours, theirs) = std::os::unix::net::UnixStream::pair().context("a socket pair for QEMU's monitor")?;
-            Some((state, ours, theirs))
-        }
+        Some(w) => Some(RestoreFds::install(&mut cmd, &w.state).map_err(|e| WarmFailed(format!("{e:#}")))?),
         None => None,
     };
-    if let Some((state, _, theirs)) = &restore {
-        let fds = [(state.as_raw_fd(), 3), (theirs.as_raw_fd(), crate::vm::snapshot::MONITOR_FD)];
-        // SAFETY: fcntl and dup2 are async-signal-safe. Each descriptor is first copied
-        // above the targets, so that placing one cannot close the other.
-        unsafe {
-            cmd.pre_exec(move || {
-                let mut high = [0; 2];
-                for (i, (fd, _)) in fds.iter().enumerate() {
-                    high[i] = nix::libc::fcntl(*fd, nix::libc::F_DUPFD_CLOEXEC, 10);
-                    if high[i] < 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                }
-                for (i, (_, target)) in fds.iter().enumerate() {
-                    if nix::libc::dup2(high[i], *target) != *target {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                }
-                Ok(())
-            });
-        }
-    }
     let mut child = cmd.spawn().with_context(|| {
         format!("starting `{}` (install Debian's `{}`)", host::QEMU_SYSTEM.program, host::QEMU_SYSTEM.package)
     })?;
-    let monitor = restore.map(|(_, ours, _)| ours);
     let mut stderr_pipe = child.stderr.take().context("QEMU's stderr")?;
     // QEMU's messages, drained to the end (QEMU never blocks on a full pipe) and kept up
     // to a cap, for an error message.
@@ -854,12 +825,8 @@ fn run_qemu(
     std::thread::spawn(move || {
         let _ = tx.send(child.wait());
     });
-    if let Some(warm) = warm {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let alive = || kill(guard.pid, None).is_ok();
-        let handshake = crate::vm::snapshot::start_restore(monitor.context("the monitor's socket")?)
-            .and_then(|()| crate::vm::snapshot::wait_for_waiting(&warm.socket, warm.waiting, deadline, alive))
-            .and_then(|mut stream| crate::vm::snapshot::send_go(&mut stream));
+    if let (Some(warm), Some(restore)) = (warm, restore) {
+        let handshake = restore.handshake(warm, || kill(guard.pid, None).is_ok());
         if let Err(e) = handshake {
             drop(guard);
             let stderr = stderr_thread.join().unwrap_or_default();
@@ -901,6 +868,53 @@ fn run_qemu(
             drop(guard);
             return Ok(QemuEnd::Expired(message));
         }
+    }
+}
+
+/// The descriptors a restoring QEMU starts with: the saved state on descriptor 3, and a
+/// monitor on descriptor 4 (one end of a socket pair; [`crate::vm::snapshot::restore_args`])
+/// through which it is told to load it; ours is the other end.
+pub struct RestoreFds {
+    _state: File,
+    ours: std::os::unix::net::UnixStream,
+    _theirs: std::os::unix::net::UnixStream,
+}
+
+impl RestoreFds {
+    /// Opens `state` and has `cmd` start with the descriptors in place.
+    pub fn install(cmd: &mut Command, state: &Path) -> Result<RestoreFds> {
+        let file = File::open(state).with_context(|| format!("opening the saved state `{}`", state.display()))?;
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair().context("a socket pair for QEMU's monitor")?;
+        let fds = [(file.as_raw_fd(), 3), (theirs.as_raw_fd(), crate::vm::snapshot::MONITOR_FD)];
+        // SAFETY: fcntl and dup2 are async-signal-safe. Each descriptor is first copied
+        // above the targets, so that placing one cannot close the other.
+        unsafe {
+            cmd.pre_exec(move || {
+                let mut high = [0; 2];
+                for (i, (fd, _)) in fds.iter().enumerate() {
+                    high[i] = nix::libc::fcntl(*fd, nix::libc::F_DUPFD_CLOEXEC, 10);
+                    if high[i] < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                for (i, (_, target)) in fds.iter().enumerate() {
+                    if nix::libc::dup2(high[i], *target) != *target {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                Ok(())
+            });
+        }
+        Ok(RestoreFds { _state: file, ours, _theirs: theirs })
+    }
+
+    /// Once QEMU runs: has it load the state, waits (a minute at most, while `alive`) for
+    /// the guest to say it waits, and tells it to go on.
+    pub fn handshake(self, restore: &crate::vm::snapshot::Restore, alive: impl FnMut() -> bool) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        crate::vm::snapshot::start_restore(self.ours)?;
+        let mut stream = crate::vm::snapshot::wait_for_waiting(&restore.socket, restore.waiting, deadline, alive)?;
+        crate::vm::snapshot::send_go(&mut stream)
     }
 }
 

@@ -68,7 +68,11 @@ pub struct Driver {
 /// One node: its QEMU once started, and its control channel.
 pub struct Node {
     name: String,
-    args: Vec<std::ffi::OsString>,
+    spec: qemu::VmSpec,
+    /// QEMU's monitor socket, when a failure can be saved ([`Node::save_failure`]).
+    monitor: Option<PathBuf>,
+    /// The request its guest reads, for a saved failure's record.
+    request: Option<guest::Request>,
     control_path: PathBuf,
     console: PathBuf,
     /// The FIFO QEMU writes the console into, in the private socket directory.
@@ -126,10 +130,7 @@ impl Driver {
                 bail!("scenario `{}`: network `{net}` names `{m}`, which is not a node", scenario.name);
             }
         }
-        let mut lans = Vec::new();
-        for (i, (net, members)) in scenario.networks.iter().enumerate() {
-            lans.push(hub::Lan::start(sockets.path(), i, net, members)?);
-        }
+        let lans = start_lans(scenario, sockets.path())?;
         // Every node's name, by its address on the first network it is on.
         let mut hosts = String::from("127.0.0.1 localhost\n");
         for node in &names {
@@ -146,12 +147,7 @@ impl Driver {
         crate::store::ensure_private_dir(&log_dir)?;
         let mut nodes = BTreeMap::new();
         for (node, declared) in &scenario.nodes {
-            let mut lans_of = Vec::new();
-            for (l, (_, members)) in scenario.networks.iter().enumerate() {
-                if let Some(i) = members.iter().position(|m| m == node) {
-                    lans_of.push((l, i, lans[l].ports[node].clone()));
-                }
-            }
+            let lans_of = lans_of(scenario, &lans, node);
             let plan = NodePlan {
                 scenario: &scenario.name,
                 node,
@@ -166,6 +162,96 @@ impl Driver {
             nodes.insert(node.clone(), prepared);
         }
         Ok(Driver { name: scenario.name.clone(), nodes, lans, _sockets: sockets, files })
+    }
+
+    /// The scenario's nodes restored from the saved failure `record` (its states in
+    /// `dir`), on new networks, each serving its control channel again.
+    pub fn restore(
+        ws: &Workspace,
+        store: &Store,
+        scenario: &Scenario,
+        record: &vm::replay::Record,
+        dir: &Path,
+    ) -> Result<Driver> {
+        let sockets = tempfile::Builder::new()
+            .prefix("xtask-scn.")
+            .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700))
+            .tempdir()
+            .context("making a socket directory")?;
+        let files = store.scratch("replay")?;
+        let lans = start_lans(scenario, sockets.path())?;
+        crate::store::ensure_private_dir(&ws.log_dir())?;
+        let changed =
+            |why: &str| anyhow!("scenario `{}` changed since `{}` was saved: {why}", scenario.name, record.id);
+        let mut nodes = BTreeMap::new();
+        for saved in &record.vms {
+            let name = &saved.name;
+            if !scenario.nodes.iter().any(|(n, _)| n == name) {
+                return Err(changed(&format!("it has no node `{name}`")));
+            }
+            let mut spec = saved.spec.clone();
+            let now = lans_of(scenario, &lans, name);
+            if now.len() != spec.lans.len() {
+                return Err(changed(&format!("node `{name}` is on other networks")));
+            }
+            for (lan, (_, _, port)) in spec.lans.iter_mut().zip(now) {
+                (lan.local, lan.hub) = (port.qemu, port.hub);
+            }
+            let xchg = store.exchange()?;
+            let mut request = saved.request.clone();
+            request.replay = true;
+            vm::write_request(xchg.path(), &request)?;
+            for share in spec.shares.iter_mut().filter(|s| s.tag == guest::XCHG_TAG) {
+                share.path = xchg.path().to_path_buf();
+            }
+            if spec.memory_file.is_some() {
+                let ram = files.path().join(format!("{name}.ram"));
+                crate::store::create_private_file(&ram)?.set_len(u64::from(spec.memory_mib) << 20)?;
+                spec.memory_file = Some(qemu::MemoryFile { path: ram, shared: false });
+            }
+            let console = ws.log_dir().join(format!("replay-{}-{name}-{}.log", record.id, std::process::id()));
+            let attachable = vm::attach::Attachable {
+                dir: vm::attach::registry_dir(&ws.target_dir),
+                what: format!("replay {}: node {name}", record.id),
+            };
+            let label = format!("replay-{}-{name}", record.id);
+            let mut node = Node::serving(name, spec, sockets.path(), console, xchg, Some((attachable, label)))?;
+            node.save_failures(sockets.path());
+            nodes.insert(name.clone(), node);
+        }
+        for saved in &record.vms {
+            let node = nodes.get_mut(&saved.name).expect("inserted above");
+            node.restore(&dir.join(&saved.state))?;
+        }
+        Ok(Driver { name: scenario.name.clone(), nodes, lans, _sockets: sockets, files })
+    }
+
+    /// Has every node stop at a failure point when the driver asks ([`Driver::save_failure`]):
+    /// each gets a snapshot port and a monitor. Before the nodes start.
+    pub fn save_failures(&mut self) {
+        let sockets = self._sockets.path().to_path_buf();
+        for node in self.nodes.values_mut() {
+            node.save_failures(&sockets);
+        }
+    }
+
+    /// Saves every running node at a failure point, into `scratch`: each node's record
+    /// (its state a file `NODE.state` there), the states' bytes and the seconds taken.
+    pub fn save_failure(&mut self, scratch: &Path) -> Result<(Vec<vm::replay::SavedVm>, u64, f64)> {
+        let mut saved = Vec::new();
+        let (mut bytes, mut seconds) = (0, 0.0);
+        for node in self.nodes.values_mut().filter(|n| n.control.is_some()) {
+            let state = format!("{}.state", node.name);
+            let (b, s) = node.save_failure(&scratch.join(&state))?;
+            bytes += b;
+            seconds += s;
+            let request = node.request.clone().context("the node's request is not known")?;
+            saved.push(vm::replay::SavedVm { name: node.name.clone(), state, spec: node.spec.clone(), request });
+        }
+        if saved.is_empty() {
+            bail!("no node was running");
+        }
+        Ok((saved, bytes, seconds))
     }
 
     /// Boots every node (in parallel) and waits until each one's services are up.
@@ -243,6 +329,26 @@ impl Driver {
     }
 }
 
+/// A hub per network of `scenario`, its sockets in `dir`.
+fn start_lans(scenario: &Scenario, dir: &Path) -> Result<Vec<hub::Lan>> {
+    let mut lans = Vec::new();
+    for (i, (net, members)) in scenario.networks.iter().enumerate() {
+        lans.push(hub::Lan::start(dir, i, net, members)?);
+    }
+    Ok(lans)
+}
+
+/// The networks `node` is on: (network index, its index there, its hub port).
+fn lans_of(scenario: &Scenario, lans: &[hub::Lan], node: &str) -> Vec<(usize, usize, hub::Port)> {
+    let mut on = Vec::new();
+    for (l, (_, members)) in scenario.networks.iter().enumerate() {
+        if let Some(i) = members.iter().position(|m| m == node) {
+            on.push((l, i, lans[l].ports[node].clone()));
+        }
+    }
+    on
+}
+
 /// What makes one node of a scenario.
 struct NodePlan<'a> {
     scenario: &'a str,
@@ -294,7 +400,9 @@ impl NodePlan<'_> {
             .collect();
         let console = ws.log_dir().join(format!("scenario-{scenario}-{node}-{}.log", std::process::id()));
         let attach = (machine.attachable(&format!("scenario {scenario}: node {node}")), format!("{scenario}-{node}"));
-        Node::serving(node, spec, sockets, console, xchg, Some(attach))
+        let mut node = Node::serving(node, spec, sockets, console, xchg, Some(attach))?;
+        node.request = Some(request);
+        Ok(node)
     }
 }
 
@@ -327,7 +435,9 @@ impl Node {
         }
         Ok(Node {
             name: name.to_string(),
-            args: qemu::args(&spec),
+            spec,
+            monitor: None,
+            request: None,
             control_path,
             console,
             console_fifo,
@@ -358,6 +468,12 @@ impl Node {
 
     /// Starts its QEMU ([`Node::start`]'s first half).
     pub fn spawn(&mut self) -> Result<()> {
+        self.spawn_restoring(None).map(drop)
+    }
+
+    /// Starts its QEMU, restoring the saved state `restore` when given: then what the
+    /// handshake takes is returned.
+    fn spawn_restoring(&mut self, restore: Option<&Path>) -> Result<Option<vm::RestoreFds>> {
         let _ = std::fs::remove_file(&self.console);
         if let Some(dir) = self.console.parent() {
             crate::store::ensure_private_dir(dir)?;
@@ -366,26 +482,100 @@ impl Node {
         let log = crate::store::create_private_file(&self.console)?;
         let sinks: Vec<Box<dyn Write + Send>> = vec![Box::new(vm::BoundedLog::new(log))];
         self.console_relay = Some(vm::Relay::start(&self.console_fifo, sinks, Some(self.console_tail.clone()))?);
-        let child = vm::qemu_command(&self.args, false)
+        let mut args = qemu::args(&self.spec);
+        if let Some(monitor) = &self.monitor {
+            args.push("-monitor".into());
+            let mut arg = qemu::path_arg("unix:", monitor);
+            arg.push(",server=on,wait=off");
+            args.push(arg);
+        }
+        if restore.is_some() {
+            args.extend(crate::vm::snapshot::restore_args());
+        }
+        let mut cmd = vm::qemu_command(&args, false);
+        let fds = restore.map(|state| vm::RestoreFds::install(&mut cmd, state)).transpose()?;
+        let child = cmd
             .stderr(std::process::Stdio::null())
             .spawn()
             .with_context(|| format!("starting QEMU for node `{}`", self.name))?;
         self.qemu = Some(child);
-        Ok(())
+        Ok(fds)
+    }
+
+    /// Gives the node a snapshot port and a monitor (sockets in `sockets`), so that it can
+    /// stop at a failure point and be saved ([`Node::save_failure`]), or be restored.
+    pub fn save_failures(&mut self, sockets: &Path) {
+        self.spec.snapshot_port = Some(sockets.join(format!("{}.snapshot", self.name)));
+        self.monitor = Some(sockets.join(format!("{}.monitor", self.name)));
+    }
+
+    /// Has the guest stop at a failure point and saves the VM into `state`; the guest then
+    /// mounts its shares again, starts its services and serves again. Returns the state's
+    /// bytes and the seconds saving took.
+    pub fn save_failure(&mut self, state: &Path) -> Result<(u64, f64)> {
+        use crate::vm::replay::{FailureSaver, Saved};
+        let (Some(socket), Some(monitor)) = (self.spec.snapshot_port.clone(), self.monitor.clone()) else {
+            bail!("node `{}` was not started to be saved", self.name);
+        };
+        let saver = FailureSaver::new(state.to_path_buf(), monitor);
+        let watching = saver.start(socket);
+        let answer = self.ask(&ToGuest::SaveFailure, Duration::from_secs(300));
+        saver.stop();
+        let _ = watching.join();
+        match (answer, saver.outcome()) {
+            (Ok(FromGuest::Ready), Some(Saved::Done { bytes, save_s })) => Ok((bytes, save_s)),
+            (_, Some(Saved::Failed(why))) => Err(self.error(&format!("could not be saved: {why}"))),
+            (Ok(FromGuest::Failed { error }), _) => Err(self.error(&format!("could not stop to be saved: {error}"))),
+            (Ok(other), _) => Err(self.error(&format!("said {other:?} when asked to stop to be saved"))),
+            (Err(e), _) => Err(e),
+        }
+    }
+
+    /// Starts its QEMU restoring the saved state `state` (a failure point's), and waits
+    /// until the guest serves again.
+    pub fn restore(&mut self, state: &Path) -> Result<()> {
+        let Some(socket) = self.spec.snapshot_port.clone() else {
+            bail!("node `{}` has no snapshot port to be restored through", self.name);
+        };
+        let fds = self.spawn_restoring(Some(state))?.expect("restoring");
+        let stream = self.connect_stream()?;
+        let restore = crate::vm::snapshot::Restore {
+            state: state.to_path_buf(),
+            socket,
+            waiting: guest::snapshot::WAITING_AT_FAILURE,
+        };
+        let pid = self.pid().unwrap_or_default() as i32;
+        let alive = || nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok();
+        if let Err(e) = fds.handshake(&restore, alive) {
+            return Err(self.error(&format!("its saved state did not load: {e:#}")));
+        }
+        self.await_ready(stream, BOOT_TIMEOUT)
     }
 
     /// Connects to the control channel and waits for the guest to say it is up
     /// ([`Node::start`]'s second half).
     pub fn connect(&mut self) -> Result<()> {
+        let started = Instant::now();
+        let stream = self.connect_stream()?;
+        self.await_ready(stream, BOOT_TIMEOUT.saturating_sub(started.elapsed()))
+    }
+
+    /// Connects to the control channel's socket (within the boot's time, while QEMU runs).
+    fn connect_stream(&mut self) -> Result<UnixStream> {
         let deadline = Instant::now() + BOOT_TIMEOUT;
-        let stream = loop {
+        loop {
             match UnixStream::connect(&self.control_path) {
-                Ok(s) => break s,
+                Ok(s) => return Ok(s),
                 Err(_) if Instant::now() < deadline && self.running() => std::thread::sleep(Duration::from_millis(20)),
                 Err(e) => return Err(self.error(&format!("cannot reach its control channel ({e})"))),
             }
-        };
-        let remaining = deadline.saturating_duration_since(Instant::now()).max(Duration::from_secs(1));
+        }
+    }
+
+    /// Waits (at most `within`) on the control channel `stream` for the guest to say it
+    /// is up.
+    fn await_ready(&mut self, stream: UnixStream, within: Duration) -> Result<()> {
+        let remaining = within.max(Duration::from_secs(1));
         let writer = stream.try_clone()?;
         let mut reader = BufReader::new(stream);
         match read_message(&mut reader, remaining) {
