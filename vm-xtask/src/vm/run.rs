@@ -282,7 +282,8 @@ impl<'a> VmRun<'a> {
             _ => None,
         };
         let attach = registration.is_some();
-        let saver = self.save_failure.take();
+        // Only the RAM and the devices are saved: a VM that writes a disk is not.
+        let saver = self.save_failure.take().filter(|_| self.spec.disks.iter().all(|d| d.readonly));
         let mut extra_args = Vec::new();
         if let Some(saver) = &saver {
             // The failure point's handshake is the snapshot point's, on the same port.
