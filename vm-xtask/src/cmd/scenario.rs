@@ -74,9 +74,6 @@ impl ScenarioCmd {
         let store = self.vm.open_store(ws)?;
         let saving = !self.no_replay && crate::vm::replay::keep()? > 0;
         let mut driver = Driver::prepare(ws, &self.vm, &store, scenario)?;
-        if saving {
-            driver.save_failures();
-        }
         eprintln!("scenario `{name}`: {}", scenario.description);
         let started = std::time::Instant::now();
         let result = (scenario.script)(&mut driver);

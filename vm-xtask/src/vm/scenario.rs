@@ -73,6 +73,10 @@ pub struct Node {
     monitor: Option<PathBuf>,
     /// The request its guest reads, for a saved failure's record.
     request: Option<guest::Request>,
+    /// The snapshot it is restored from instead of booting ([`Node::prefer_snapshot`]).
+    warm: Option<crate::vm::snapshot::WarmStart>,
+    /// A restore begun by [`Node::spawn`], finished by [`Node::connect`].
+    pending: Option<(vm::RestoreFds, crate::vm::snapshot::Restore)>,
     control_path: PathBuf,
     console: PathBuf,
     /// The FIFO QEMU writes the console into, in the private socket directory.
@@ -224,15 +228,6 @@ impl Driver {
             node.restore(&dir.join(&saved.state))?;
         }
         Ok(Driver { name: scenario.name.clone(), nodes, lans, _sockets: sockets, files })
-    }
-
-    /// Has every node stop at a failure point when the driver asks ([`Driver::save_failure`]):
-    /// each gets a snapshot port and a monitor. Before the nodes start.
-    pub fn save_failures(&mut self) {
-        let sockets = self._sockets.path().to_path_buf();
-        for node in self.nodes.values_mut() {
-            node.save_failures(&sockets);
-        }
     }
 
     /// Saves every running node at a failure point, into `scratch`: each node's record
@@ -400,8 +395,18 @@ impl NodePlan<'_> {
             .collect();
         let console = ws.log_dir().join(format!("scenario-{scenario}-{node}-{}.log", std::process::id()));
         let attach = (machine.attachable(&format!("scenario {scenario}: node {node}")), format!("{scenario}-{node}"));
-        let mut node = Node::serving(node, spec, sockets, console, xchg, Some(attach))?;
+        let name = node;
+        let mut node = Node::serving(name, spec, sockets, console, xchg, Some(attach))?;
         node.request = Some(request);
+        node.save_failures(sockets);
+        // Restored from a snapshot of its own VM, made on the first run (not with --cold).
+        let runtime = sockets.join(format!("{name}.run"));
+        crate::store::create_private_dir(&runtime)?;
+        let warmth = match opts.warmth() {
+            crate::vm::snapshot::Warmth::Cold => crate::vm::snapshot::Warmth::Cold,
+            _ => crate::vm::snapshot::Warmth::Make,
+        };
+        node.prefer_snapshot(store, warmth, &runtime)?;
         Ok(node)
     }
 }
@@ -438,6 +443,8 @@ impl Node {
             spec,
             monitor: None,
             request: None,
+            warm: None,
+            pending: None,
             control_path,
             console,
             console_fifo,
@@ -468,7 +475,27 @@ impl Node {
 
     /// Starts its QEMU ([`Node::start`]'s first half).
     pub fn spawn(&mut self) -> Result<()> {
-        self.spawn_restoring(None).map(drop)
+        match self.warm.as_ref().map(|w| w.restore.clone()) {
+            Some(restore) => {
+                let fds = self.spawn_restoring(Some(&restore.state))?.expect("restoring");
+                self.pending = Some((fds, restore));
+            }
+            None => drop(self.spawn_restoring(None)?),
+        }
+        Ok(())
+    }
+
+    /// Restores the node from a snapshot of its VM's shape (its system, its devices)
+    /// instead of booting it, when one is stored or `warmth` makes it now; the snapshot's
+    /// handshake socket goes in `runtime`, a private directory of its own.
+    pub fn prefer_snapshot(
+        &mut self,
+        store: &Store,
+        warmth: crate::vm::snapshot::Warmth,
+        runtime: &Path,
+    ) -> Result<()> {
+        self.warm = crate::vm::snapshot::prepare(store, &mut self.spec, runtime, warmth)?;
+        Ok(())
     }
 
     /// Starts its QEMU, restoring the saved state `restore` when given: then what the
@@ -555,6 +582,17 @@ impl Node {
     /// Connects to the control channel and waits for the guest to say it is up
     /// ([`Node::start`]'s second half).
     pub fn connect(&mut self) -> Result<()> {
+        if let Some((fds, restore)) = self.pending.take() {
+            let pid = nix::unistd::Pid::from_raw(self.pid().unwrap_or_default() as i32);
+            if let Err(e) = fds.handshake(&restore, || nix::sys::signal::kill(pid, None).is_ok()) {
+                // The snapshot did not load: it is removed and the node boots cold.
+                let warm = self.warm.take().expect("a restore begun from a snapshot");
+                crate::vm::snapshot::discard(&warm, &format!("{e:#}"));
+                self.crash()?;
+                self.spec = warm.cold.clone();
+                self.spawn()?;
+            }
+        }
         let started = Instant::now();
         let stream = self.connect_stream()?;
         self.await_ready(stream, BOOT_TIMEOUT.saturating_sub(started.elapsed()))

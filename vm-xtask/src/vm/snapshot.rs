@@ -172,6 +172,12 @@ fn recipe(store: &Store, spec: &VmSpec) -> Result<Recipe> {
     if shape.attach.is_some() {
         shape.attach = Some("/attach.sock".into());
     }
+    if shape.control.is_some() {
+        shape.control = Some("/control.sock".into());
+    }
+    for (i, lan) in shape.lans.iter_mut().enumerate() {
+        (lan.local, lan.hub) = (format!("/lan{i}").into(), format!("/hub{i}").into());
+    }
     shape.memory_file = Some(MemoryFile { path: format!("/{RAM_FILE}").into(), shared: false });
     let items = store.items_dir();
     let args: Vec<String> = qemu::args(&shape)
@@ -218,6 +224,13 @@ fn make(store: &Store, spec: &VmSpec, out: &Path) -> Result<()> {
     spec.snapshot_port = Some(socket.clone());
     if spec.attach.is_some() {
         spec.attach = Some(dir.join("attach.sock"));
+    }
+    // A scenario node's sockets: its own here (the hub's is none: nothing is sent).
+    if spec.control.is_some() {
+        spec.control = Some(dir.join("control.sock"));
+    }
+    for (i, lan) in spec.lans.iter_mut().enumerate() {
+        (lan.local, lan.hub) = (dir.join(format!("lan{i}")), dir.join(format!("hub{i}")));
     }
     let ram = out.join(RAM_FILE);
     spec.memory_file = Some(MemoryFile { path: ram.clone(), shared: true });
