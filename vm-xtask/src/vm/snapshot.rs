@@ -154,12 +154,23 @@ fn copy_sparse(from: &Path, to: &Path) -> Result<()> {
 /// The snapshot's recipe: `spec`'s arguments with every per-run path replaced (the RAM
 /// file is the item's: its arguments, `memory-backend-file`, say what the item holds).
 fn recipe(store: &Store, spec: &VmSpec) -> Result<Recipe> {
+    let args = shape_args(&store.items_dir(), spec);
+    let qemu = qemu_version(store)?;
+    Ok(Recipe::new("vm-snapshot", ITEM_NAME).param("args", args.join("\n")).param("qemu", qemu))
+}
+
+/// QEMU's arguments for `spec` with every per-run path replaced by a fixed one, and the
+/// store's items directory `items` by the guest's store path.
+fn shape_args(items: &Path, spec: &VmSpec) -> Vec<String> {
     let mut shape = spec.clone();
     shape.sandbox = false;
-    for share in &mut shape.shares {
-        if share.tag == guest::XCHG_TAG {
-            share.path = "/xchg".into();
-        }
+    // Nothing is mounted at the snapshot point: a share's place on the host (the exchange
+    // directory, a test run's staged workspace) is per run; the store's is the store's.
+    for share in shape.shares.iter_mut().filter(|s| s.tag != guest::STORE_TAG) {
+        share.path = match share.tag.as_str() {
+            guest::XCHG_TAG => "/xchg".into(),
+            tag => format!("/share-{tag}").into(),
+        };
     }
     for (i, port) in shape.ports.iter_mut().enumerate() {
         port.path = format!("/port{i}").into();
@@ -179,13 +190,10 @@ fn recipe(store: &Store, spec: &VmSpec) -> Result<Recipe> {
         (lan.local, lan.hub) = (format!("/lan{i}").into(), format!("/hub{i}").into());
     }
     shape.memory_file = Some(MemoryFile { path: format!("/{RAM_FILE}").into(), shared: false });
-    let items = store.items_dir();
-    let args: Vec<String> = qemu::args(&shape)
+    qemu::args(&shape)
         .iter()
         .map(|a| a.to_string_lossy().replace(&*items.to_string_lossy(), guest::STORE_MOUNT))
-        .collect();
-    let qemu = qemu_version(store)?;
-    Ok(Recipe::new("vm-snapshot", ITEM_NAME).param("args", args.join("\n")).param("qemu", qemu))
+        .collect()
 }
 
 /// The first line of `qemu-system-x86_64 --version`, remembered while QEMU is unchanged.
@@ -487,6 +495,34 @@ impl Monitor {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Nothing is mounted at the snapshot point: where a share is on the host (a test run's
+    /// staged workspace, in scratch of its own) is no part of the VM's shape; its tag is.
+    #[test]
+    fn per_run_paths_are_no_part_of_the_shape() {
+        let spec = |view: &str, xchg: &str, control: &str| {
+            let shares = vec![
+                qemu::Share { tag: guest::XCHG_TAG.into(), path: xchg.into(), readonly: false },
+                qemu::Share { tag: "workspace".into(), path: view.into(), readonly: true },
+            ];
+            let boot = ("/s/items/k/vmlinux".into(), "/s/items/i/initrd".into(), vec![]);
+            VmSpec {
+                console: Console::File(format!("{control}.console").into()),
+                control: Some(control.into()),
+                ..VmSpec::direct(qemu::Accel::Tcg, 256, boot, shares)
+            }
+        };
+        let items = Path::new("/s/items");
+        let one = shape_args(items, &spec("/t/.tmp/scratch-1-view.a/view", "/t/xchg-1", "/run/a/n.control"));
+        let two = shape_args(items, &spec("/t/.tmp/scratch-2-view.b/view", "/t/xchg-2", "/run/b/n.control"));
+        assert_eq!(one, two);
+        let other_tag = {
+            let mut s = spec("/v", "/x", "/c");
+            s.shares[1].tag = "sources".into();
+            shape_args(items, &s)
+        };
+        assert_ne!(one, other_tag);
+    }
 
     #[test]
     fn the_saved_line_reads_back() {
