@@ -401,11 +401,11 @@ impl<'a> VmRun<'a> {
                 run_qemu(&args, interactive, self.timeout, self.watch.as_deref(), None, &mut started_fn)
             }
         };
+        // Not waited for: its outcome is set before the guest went on to end the run, and
+        // the thread ends by itself (stopped, or QEMU's socket gone).
         if let Some(saver) = &saver {
             saver.stop();
-            if let Some(thread) = saver_thread.lock().unwrap_or_else(|e| e.into_inner()).take() {
-                let _ = thread.join();
-            }
+            drop(saver_thread.lock().unwrap_or_else(|e| e.into_inner()).take());
         }
         if let Some(t) = saved_tty {
             restore_terminal(&t);
