@@ -546,7 +546,7 @@ impl<'a> Report<'a> {
             }
             Ended::TimedOut(message) => {
                 self.timed_out.push(message);
-                None
+                Some(EXIT_TIMEOUT)
             }
             Ended::Error(e) => {
                 self.fail(e);
@@ -586,9 +586,13 @@ impl<'a> Report<'a> {
                 results.counts.failed += 1;
             }
             if let Some(code) = code.filter(|c| *c != EXIT_TEST_FAILED) {
-                let how = if code > 128 { format!("signal: {}", code - 128) } else { format!("exit status: {code}") };
+                let how = match code {
+                    EXIT_TIMEOUT => "it ran past its timeout, and its VM was killed".to_string(),
+                    c if c > 128 => format!("the test binary was killed by signal {}", c - 128),
+                    c => format!("the test binary exited with status {c}"),
+                };
                 parsed.failure.push(format!("---- {name} ----"));
-                parsed.failure.push(format!("the test binary did not exit successfully ({how})"));
+                parsed.failure.push(how);
             }
             if !parsed.failure.is_empty() {
                 results.failures.push(parsed.failure);
