@@ -96,6 +96,7 @@ pub fn run(
     binaries: impl FnOnce() -> Result<Vec<(TestBinary, Option<Vec<String>>)>>,
 ) -> Result<i32> {
     let SuiteRun { shared, system, test_args, words, junit, .. } = run;
+    let jobs = jobs(opts.memory)?;
     let store = opts.open_store(ws)?;
     let mut virtualized = crate::machine::virtualize(system);
     // As a normal run's VM, so that both restore the same snapshot.
@@ -132,7 +133,7 @@ pub fn run(
     let mut probe = machine.spec(Path::new("/").to_path_buf());
     let (_view, _staged) = super::share_workspace(ws, store, shared, &mut probe)?;
     let workspace = probe.shares.pop().context("the workspace's share")?;
-    let jobs = jobs(opts.memory)?.min(units.len().max(1));
+    let jobs = jobs.min(units.len().max(1));
     let vms = Vms {
         machine: &machine,
         lowered: &lowered,
