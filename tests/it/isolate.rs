@@ -44,6 +44,8 @@ fn a_file_one_test_writes_is_invisible_to_the_others() {
     assert!(run.stderr.contains("error: test failed, to rerun pass `-p vm-checks --test fails`"), "{run:#?}");
     assert!(run.stderr.contains("error: 1 target failed:\n    `-p vm-checks --test fails`"), "{run:#?}");
     assert!(run.stderr.contains("isolated: 4 tests in a VM each"), "{run:#?}");
+    // Every test's VM restored the snapshot the shared run made (or found).
+    assert!(!run.stderr.contains("making a snapshot"), "{run:#?}");
     let xml = std::fs::read_to_string(&junit).unwrap_or_else(|e| panic!("no JUnit report ({e}): {run:#?}"));
     let doc = roxmltree::Document::parse(&xml).unwrap();
     let root = doc.root_element();

@@ -669,7 +669,8 @@ impl<'a> Report<'a> {
             eprintln!("error: {n} target{} failed:{}", if n == 1 { "" } else { "s" }, list.concat());
         }
         eprintln!(
-            "isolated: {tests} test{} in a VM each, restored from one snapshot ({jobs} at a time): {} failed, in {:.1} s",
+            "isolated: {tests} test{} in a VM each, restored from one snapshot ({jobs} at a time): {} failed, \
+             in {:.1} s",
             if tests == 1 { "" } else { "s" },
             self.failed_tests,
             started.elapsed().as_secs_f64()
