@@ -145,6 +145,9 @@ pub fn run(
         gate: Gate::default(),
     };
     let mut report = Report::new(&binaries, &labels, &units, words, junit.is_some());
+    if !units.is_empty() {
+        report.announce(0);
+    }
     let started = Instant::now();
     let next = AtomicUsize::new(0);
     let stop = AtomicBool::new(false);
