@@ -3,10 +3,10 @@
 //! the same VM shape, instead of a cold boot.
 //!
 //! The snapshot is a store item keyed by everything the saved state depends on: QEMU's
-//! arguments with the per-run paths (exchange directory, every other share but the
-//! store's, output ports, console, the handshake's socket) replaced by placeholders and
-//! the store's directory by `/store` (so the kernel, initrd, memory size, machine and
-//! devices count, and so do the store items attached as disks), and QEMU's version. It is made by booting the VM to
+//! arguments with the per-run paths (exchange directory, output ports, console, the
+//! handshake's socket) replaced by placeholders and the store's directory by `/store`
+//! (so the kernel, initrd, memory size, machine and devices count, and so do the
+//! store items attached as disks), and QEMU's version. It is made by booting the VM to
 //! the snapshot point, its RAM a shared file (`ram`), and saving it with the monitor's
 //! `migrate` and the `x-ignore-shared` capability: the saved stream (`state`) holds the
 //! devices' state only, the RAM is the file. A run maps that file as its guest's RAM,
