@@ -45,6 +45,7 @@ fn quick_bench_prints_and_writes_a_valid_report() {
         "tree-walk",
         "replay-restore",
         "replay-to-result",
+        "isolate-32",
     ] {
         assert!(names.contains(&name), "figure {name} missing: {names:?}");
     }
@@ -52,6 +53,10 @@ fn quick_bench_prints_and_writes_a_valid_report() {
         for key in ["ours_s", "floor_s", "ratio"] {
             let v = f[key].as_f64().unwrap_or(-1.0);
             assert!(v > 0.0 && v.is_finite(), "{key} of {} is {v}", f["name"]);
+        }
+        if f["name"] == "isolate-32" {
+            let memory = &f["vm_memory"];
+            assert!(memory["pss_bytes"].as_u64().unwrap_or(0) > 0 && memory["vms"].as_u64().unwrap_or(0) >= 2, "{f}");
         }
         if f["name"] == "substitutes" {
             assert!(f["ours_bytes"].as_u64().unwrap_or(0) > 0 && f["floor_bytes"].as_u64().unwrap_or(0) > 0, "{f}");

@@ -14,6 +14,7 @@ mod faults;
 mod gdb;
 mod guest_boundary;
 mod host;
+mod isolate;
 mod json;
 mod limits;
 mod lock;

@@ -29,6 +29,7 @@ use crate::vm::{GuestRequest, Sink, VmRun};
 use crate::{lower::packages, lower::system, Workspace};
 
 pub mod debug;
+pub mod isolate;
 pub mod junit;
 pub mod kept;
 pub mod partition;
@@ -522,23 +523,35 @@ fn add_test_binaries(
     binaries: &[TestBinary],
     test_args: &[String],
 ) -> Result<Vec<String>> {
+    let added = add_binaries(shared, store, lowered, binaries)?;
+    Ok(binaries.iter().zip(added).map(|(binary, (label, path))| run_line(binary, &label, &path, test_args)).collect())
+}
+
+/// Adds each test binary with its shared-library closure to the store and to `lowered`
+/// (its links and packages); returns each one's label (`tests/x.rs (target/...)`) and
+/// its path in the guest.
+fn add_binaries(
+    shared: &Shared,
+    store: &crate::store::Store,
+    lowered: &mut system::Lowered,
+    binaries: &[TestBinary],
+) -> Result<Vec<(String, String)>> {
     let resolver = packages::LibraryResolver::from_host();
-    let mut commands = Vec::new();
+    let mut added = Vec::new();
     for binary in binaries {
         let program = packages::host_program(store, &resolver, &binary.path)
             .with_context(|| format!("adding the test binary `{}` to the store", binary.path.display()))?;
         lowered.add_library_links(program.links);
         let name = binary.path.file_name().unwrap_or_default().to_string_lossy().into_owned();
         let shown = binary.path.strip_prefix(&shared.root).unwrap_or(&binary.path).display().to_string();
-        let label = format!("{} ({shown})", binary.label);
-        commands.push(run_line(binary, &label, &format!("{}/bin/{name}", program.item.guest_path()), test_args));
+        added.push((format!("{} ({shown})", binary.label), format!("{}/bin/{name}", program.item.guest_path())));
         for item in store.closure(std::slice::from_ref(&program.item))? {
             if !lowered.packages.contains(&item) {
                 lowered.packages.push(item);
             }
         }
     }
-    Ok(commands)
+    Ok(added)
 }
 
 /// What the guest script says around the binaries, as cargo would.

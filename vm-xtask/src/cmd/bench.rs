@@ -68,6 +68,9 @@ pub enum Group {
     TreeWalk,
     /// replay-restore and replay-to-result: a saved failure restored (`cargo xtask replay`).
     Replay,
+    /// isolate-32: 32 tests each in a VM of its own (`test --isolate`) against all in one
+    /// VM, and each VM's host memory.
+    Isolate,
 }
 
 /// One measured figure.
@@ -95,6 +98,27 @@ pub struct Figure {
     pub ours_bytes: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub floor_bytes: Option<u64>,
+    /// For `isolate-32`: the host memory of each VM while several ran.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vm_memory: Option<VmMemory>,
+}
+
+/// The host memory of the QEMU processes of a run, per VM: sampled while they ran, each
+/// sample's sum over the processes divided by their number, the highest such mean kept.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct VmMemory {
+    /// Proportional set size (shared pages divided among the processes that map them:
+    /// the snapshot's RAM, QEMU's libraries), from `/proc/PID/smaps_rollup`; the RSS
+    /// where that file is missing.
+    pub pss_bytes: u64,
+    /// The pages of a process's own (`Private_Clean` + `Private_Dirty`): what one more
+    /// VM costs once the shared pages are there.
+    pub private_bytes: u64,
+    pub rss_bytes: u64,
+    /// The most VMs seen running at once.
+    pub vms: usize,
+    /// How many samples (with two VMs or more) were taken.
+    pub samples: usize,
 }
 
 /// One step of a profiled figure.
@@ -192,6 +216,9 @@ impl Bench {
         if wanted(Group::TreeWalk) {
             figures.push(b.tree_walk()?);
         }
+        if wanted(Group::Isolate) {
+            figures.push(b.isolate()?);
+        }
         if wanted(Group::CacheHit) {
             figures.extend(b.cache_hits()?);
         }
@@ -242,6 +269,19 @@ impl Bench {
                 f.ours_bytes.unwrap_or(0),
                 f.floor_bytes.unwrap_or(0)
             ));
+        }
+        for f in report.figures.iter() {
+            if let Some(m) = f.vm_memory {
+                let mib = |b: u64| b as f64 / f64::from(1 << 20);
+                say(format!(
+                    "{}: host memory per VM ({} at once): PSS {:.1} MiB, private {:.1} MiB, RSS {:.1} MiB",
+                    f.name,
+                    m.vms,
+                    mib(m.pss_bytes),
+                    mib(m.private_bytes),
+                    mib(m.rss_bytes)
+                ));
+            }
         }
         if let Some(s) = &report.snapshot {
             say(format!(
@@ -428,6 +468,39 @@ impl Bencher<'_> {
                 "bare qemu + busybox initramfs, cold",
             ),
         ])
+    }
+
+    /// isolate-32: `test --isolate` of 32 trivial tests (`vm-checks`' `trivial`), each in
+    /// a VM of its own restored from the snapshot, against the same 32 in one VM restored
+    /// from it (`--warm`), taken in turn (target: a ratio of 1.5); then one more isolated
+    /// run with its QEMU processes' memory sampled ([`VmMemory`], target: 16 MiB of PSS per VM).
+    fn isolate(&self) -> Result<Figure> {
+        let selection = ["-p", "vm-checks", "--test", "trivial"];
+        crate::suite::build_test_binaries(self.ws, &selection.map(String::from))?;
+        let (xtask, accel) = (self.xtask, self.accel.name());
+        let test = |how: &str| -> Command {
+            cmd!(self.sh, "{xtask} test --accel {accel} {how} --no-replay --timeout 300 {selection...}")
+                .args(["--", "--ignored"])
+                .into()
+        };
+        let (isolated, shared) = (test("--isolate"), test("--warm"));
+        let [(ours, _), (floor, _)] =
+            alternating(self.warmup, self.runs, || timed(|| run_quiet(&isolated)), || timed(|| run_quiet(&shared)))?;
+        let memory = vm_memory(isolated)?;
+        let jobs = crate::suite::isolate::jobs(self.opts.vm.memory)?;
+        Ok(Figure {
+            vm_memory: Some(memory),
+            ..self.figure(
+                "isolate-32",
+                ours,
+                floor,
+                &format!(
+                    "xtask test --isolate -p vm-checks --test trivial -- --ignored: 32 tests, a VM each restored \
+                     from the snapshot, {jobs} at a time (target: 1.5)"
+                ),
+                "the same 32 tests in one VM restored from the snapshot (--warm)",
+            )
+        })
     }
 
     /// tree-walk: the guest's walk of this workspace's sources (`find` + `stat`, done by
@@ -811,6 +884,84 @@ fn figure(name: &str, ours: f64, floor: f64, accel: Accel, what: &str, floor_wha
         floor_steps: Vec::new(),
         ours_bytes: None,
         floor_bytes: None,
+        vm_memory: None,
+    }
+}
+
+/// Runs `cmd` (an xtask running VMs) to its end, sampling its QEMU processes' memory
+/// every 50 ms ([`VmMemory`]); its failure is the error.
+fn vm_memory(mut cmd: Command) -> Result<VmMemory> {
+    use std::process::Stdio;
+    let mut child = cmd.stdout(Stdio::null()).stderr(Stdio::piped()).spawn().context("starting the run to measure")?;
+    let stderr = child.stderr.take().context("its stderr")?;
+    let said = std::thread::spawn(move || std::io::read_to_string(stderr).unwrap_or_default());
+    let parent = child.id();
+    let mut memory = VmMemory::default();
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        let vms = qemu_children(parent);
+        memory.vms = memory.vms.max(vms.len());
+        if vms.len() >= 2 {
+            let sums = vms.iter().filter_map(|pid| process_memory(*pid)).fold([0u64; 3], |mut a, m| {
+                (0..3).for_each(|i| a[i] += m[i]);
+                a
+            });
+            let n = vms.len() as u64;
+            memory.samples += 1;
+            memory.pss_bytes = memory.pss_bytes.max(sums[0] / n);
+            memory.private_bytes = memory.private_bytes.max(sums[1] / n);
+            memory.rss_bytes = memory.rss_bytes.max(sums[2] / n);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let said = said.join().unwrap_or_default();
+    if !status.success() {
+        bail!("the measured run failed ({status}): {}", crate::process::last_lines(&said));
+    }
+    if memory.samples == 0 {
+        bail!("no two QEMU processes were seen running at once: {}", crate::process::last_lines(&said));
+    }
+    Ok(memory)
+}
+
+/// The QEMU processes whose parent is `parent` (their command line names QEMU: the
+/// host's, or the store's through its loader).
+fn qemu_children(parent: u32) -> Vec<u32> {
+    let Ok(dir) = fs::read_dir("/proc") else { return Vec::new() };
+    dir.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            // After the command's name in parentheses: state, then the parent's PID.
+            let ppid = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse().ok());
+            ppid == Some(parent)
+                && fs::read(format!("/proc/{pid}/cmdline"))
+                    .is_ok_and(|c| String::from_utf8_lossy(&c).contains(crate::host::QEMU_SYSTEM.program))
+        })
+        .collect()
+}
+
+/// A process's PSS, private and resident bytes (`smaps_rollup`; its RSS for all three
+/// where that file is missing).
+fn process_memory(pid: u32) -> Option<[u64; 3]> {
+    let kib = |text: &str, key: &str| -> u64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .unwrap_or(0)
+            * 1024
+    };
+    match fs::read_to_string(format!("/proc/{pid}/smaps_rollup")) {
+        Ok(text) => {
+            let private = kib(&text, "Private_Clean:") + kib(&text, "Private_Dirty:");
+            Some([kib(&text, "Pss:"), private, kib(&text, "Rss:")])
+        }
+        Err(_) => {
+            let rss = kib(&fs::read_to_string(format!("/proc/{pid}/status")).ok()?, "VmRSS:");
+            Some([rss, rss, rss])
+        }
     }
 }
 

@@ -33,6 +33,13 @@ pub struct Test {
     /// to attach with is said on stderr. No per-binary timeout unless --timeout gives one.
     #[arg(long, value_name = "NAME", conflicts_with_all = ["junit", "partition"])]
     pub debug: Option<String>,
+    /// Run every test in a VM of its own (`--exact NAME`, in its package's directory),
+    /// each restored from the same snapshot of the system's VM (made first if missing, as
+    /// with --warm): its memory copy-on-write, its disk changes its own, so nothing one
+    /// test writes is seen by another. Several VMs at once (twice the cores, as memory
+    /// allows; `XTASK_ISOLATE_JOBS=N` says how many); --timeout is each test's.
+    #[arg(long, conflicts_with_all = ["debug", "gdb", "cold"])]
+    pub isolate: bool,
     /// Do not save the VM when a test binary fails (saved, `cargo xtask replay ID`
     /// restores it); the workspace may then be shared over virtiofs. `XTASK_REPLAY_KEEP`
     /// is how many saved failures are kept (5; 0 saves none).
@@ -111,11 +118,21 @@ impl Test {
         if let Some(name) = &self.debug {
             return self.debug(ws, &cargo_args, name, run);
         }
-        let build = || match self.partition {
-            None => suite::build_test_binaries(ws, &cargo_args),
-            Some(share) => Ok(suite::partition::apply(suite::build_test_binaries(ws, &cargo_args)?, &test_args, share)),
+        let code = if self.isolate {
+            let build = || {
+                let binaries = suite::build_test_binaries(ws, &cargo_args)?;
+                Ok(suite::partition::listed(binaries, &test_args, self.partition))
+            };
+            suite::isolate::run(ws, &self.vm, run, build)?
+        } else {
+            let build = || match self.partition {
+                None => suite::build_test_binaries(ws, &cargo_args),
+                Some(share) => {
+                    Ok(suite::partition::apply(suite::build_test_binaries(ws, &cargo_args)?, &test_args, share))
+                }
+            };
+            suite::run_in_vm(ws, &self.vm, run, build)?
         };
-        let code = suite::run_in_vm(ws, &self.vm, run, build)?;
         if with_doctests && (code == 0 || no_fail_fast) {
             let doc = self.doctests(ws, &cargo_args, &test_args)?;
             return Ok(if code != 0 { code } else { doc });
@@ -151,8 +168,8 @@ impl Test {
     }
 }
 
-/// `test`'s own options without `--junit FILE` and `--partition SHARE` (the runner it
-/// passes them to has neither).
+/// `test`'s own options without `--junit FILE`, `--partition SHARE` and `--isolate` (the
+/// runner it passes them to has none of them).
 fn runner_options(own: &[String]) -> Vec<String> {
     let mut kept = Vec::new();
     let mut skip = false;
@@ -163,6 +180,8 @@ fn runner_options(own: &[String]) -> Vec<String> {
         let name = arg.split('=').next().unwrap_or(arg);
         match name {
             "--junit" | "--partition" => skip = !arg.contains('='),
+            // The doctests run in one kept VM, as without it.
+            "--isolate" => {}
             // The doctests' kept VM saves no failure.
             "--no-replay" => {}
             _ => kept.push(arg.clone()),

@@ -60,32 +60,55 @@ impl Partition {
 /// run's flags, then `--exact` and the tests' names).
 pub fn apply(binaries: Vec<TestBinary>, test_args: &[String], partition: Partition) -> Vec<TestBinary> {
     let mut share = Vec::new();
-    for (i, mut binary) in binaries.into_iter().enumerate() {
+    for (mut binary, tests) in listed(binaries, test_args, Some(partition)) {
+        if let Some(chosen) = tests {
+            binary.args = Some(exact_args(test_args, &chosen));
+        }
+        share.push(binary);
+    }
+    share
+}
+
+/// Each binary with the tests it runs with `test_args` (in `partition`'s share, when
+/// there is one), as it lists them: `None` for a binary that is no libtest harness (one
+/// unit); a binary with no test to run is left out.
+pub fn listed(
+    binaries: Vec<TestBinary>,
+    test_args: &[String],
+    partition: Option<Partition>,
+) -> Vec<(TestBinary, Option<Vec<String>>)> {
+    let mut share = Vec::new();
+    for (i, binary) in binaries.into_iter().enumerate() {
         let id = if binary.rerun.is_empty() { binary.label.clone() } else { binary.rerun.clone() };
         match list(&binary.path, &binary.package_dir, &binary.env, test_args) {
             None => {
                 // No libtest harness: one unit, counted among the binaries.
-                if partition.selects("", i as u64, &id) {
-                    share.push(binary);
+                if partition.is_none_or(|p| p.selects("", i as u64, &id)) {
+                    share.push((binary, None));
                 }
             }
             Some(names) => {
                 let chosen: Vec<String> = (0u64..)
                     .zip(&names)
-                    .filter(|(index, name)| partition.selects(&id, *index, name))
+                    .filter(|(index, name)| partition.is_none_or(|p| p.selects(&id, *index, name)))
                     .map(|(_, name)| name.clone())
                     .collect();
                 if !chosen.is_empty() {
-                    let mut args = split_args(test_args).1;
-                    args.push("--exact".into());
-                    args.extend(chosen);
-                    binary.args = Some(args);
-                    share.push(binary);
+                    share.push((binary, Some(chosen)));
                 }
             }
         }
     }
     share
+}
+
+/// The arguments that run exactly the tests `names` with `test_args`' flags (the run's
+/// filters are applied by the listing).
+pub fn exact_args(test_args: &[String], names: &[String]) -> Vec<String> {
+    let mut args = split_args(test_args).1;
+    args.push("--exact".into());
+    args.extend(names.iter().cloned());
+    args
 }
 
 /// The tests `binary` would run with `test_args`, as it lists them; `None` when it cannot

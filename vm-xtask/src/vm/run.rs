@@ -33,6 +33,9 @@ pub enum Sink {
     Stderr,
     /// Stdout, with libtest's failure reports copied to stderr as well ([`FailureEcho`]).
     TestStdout,
+    /// Nowhere but the run's [`Watch`] (which keeps it: `test --isolate` prints each
+    /// test's output whole once its VM has ended).
+    WatchOnly,
 }
 
 /// Copies the failure reports libtest writes on stdout (from `---- NAME stdout ----` to
@@ -259,6 +262,7 @@ impl<'a> VmRun<'a> {
                     Sink::TestStdout => {
                         vec![Box::new(std::io::stdout()), Box::new(FailureEcho::new(std::io::stderr()))]
                     }
+                    Sink::WatchOnly => vec![],
                 };
                 if let Some(watch) = &self.watch {
                     out.push(Box::new(WatchSink { watch: watch.clone(), stderr: name == "stderr" }));
