@@ -1,16 +1,9 @@
 //! `cargo xtask test --isolate`: each test in a VM of its own, restored from one snapshot,
 //! so that what a test writes is invisible to every other test.
 
-use vm_tests::{xtask, xtask_env, TIMEOUT};
+use vm_tests::{xtask, xtask_env};
 
-/// `xtask test --system hello --timeout T [XTASK ARGS] -p vm-checks CARGO ARGS`.
-fn xtask_test(xtask_args: &[&str], args: &[&str]) -> vm_tests::Run {
-    let mut all = vec!["test", "--system", "hello", "--timeout", TIMEOUT];
-    all.extend_from_slice(xtask_args);
-    all.extend(["-p", "vm-checks"]);
-    all.extend_from_slice(args);
-    xtask(&all)
-}
+use crate::test_cmd::xtask_test;
 
 /// `vm-checks`' `isolation` tests each leave a marker in `/tmp` and fail on another's: in
 /// one shared VM the later ones fail; isolated, all pass, beside a failing binary whose

@@ -15,7 +15,7 @@ fn cargo() -> Command {
 }
 
 /// `xtask test --system hello [XTASK ARGS] -p vm-checks CARGO ARGS`.
-fn xtask_test(xtask_args: &[&str], args: &[&str]) -> Run {
+pub(crate) fn xtask_test(xtask_args: &[&str], args: &[&str]) -> Run {
     let mut all = vec!["test", "--system", "hello", "--timeout", TIMEOUT];
     all.extend_from_slice(xtask_args);
     all.extend(["-p", "vm-checks"]);

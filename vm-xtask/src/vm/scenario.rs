@@ -122,11 +122,7 @@ impl Outcome {
 impl Driver {
     /// Lowers every node's system and prepares its VM; starts nothing yet.
     pub fn prepare(ws: &Workspace, opts: &VmOpts, store: &Store, scenario: &Scenario) -> Result<Driver> {
-        let sockets = tempfile::Builder::new()
-            .prefix("xtask-scn.")
-            .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700))
-            .tempdir()
-            .context("making a socket directory")?;
+        let sockets = socket_dir()?;
         let files = store.scratch("scenario")?;
         let names: Vec<String> = scenario.nodes.iter().map(|(n, _)| n.clone()).collect();
         for (net, members) in &scenario.networks {
@@ -177,11 +173,7 @@ impl Driver {
         record: &vm::replay::Record,
         dir: &Path,
     ) -> Result<Driver> {
-        let sockets = tempfile::Builder::new()
-            .prefix("xtask-scn.")
-            .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700))
-            .tempdir()
-            .context("making a socket directory")?;
+        let sockets = socket_dir()?;
         let files = store.scratch("replay")?;
         let lans = start_lans(scenario, sockets.path())?;
         crate::store::ensure_private_dir(&ws.log_dir())?;
@@ -322,6 +314,15 @@ impl Driver {
         }
         stopped
     }
+}
+
+/// A private directory (0700) for a scenario's sockets, short enough for their addresses.
+fn socket_dir() -> Result<tempfile::TempDir> {
+    tempfile::Builder::new()
+        .prefix("xtask-scn.")
+        .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700))
+        .tempdir()
+        .context("making a socket directory")
 }
 
 /// A hub per network of `scenario`, its sockets in `dir`.
