@@ -90,7 +90,8 @@ pub(crate) fn execute_supervised(request: &Request, supervisor: &mut Supervisor)
         }
         Mode::Serve => unreachable!("served above"),
         Mode::Interactive => {
-            let tty = "/dev/ttyS0";
+            // The serial console: the PC's UART, or the PL011 of aarch64's `virt` machine.
+            let tty = if cfg!(target_arch = "aarch64") { "/dev/ttyAMA0" } else { "/dev/ttyS0" };
             let open =
                 || OpenOptions::new().read(true).write(true).open(tty).map_err(|e| format!("cannot open {tty}: {e}"));
             cmd.stdin(open()?).stdout(open()?).stderr(open()?);

@@ -165,12 +165,12 @@ pub fn network_up(net: &guest::NetConfig) -> Result<()> {
         }
         let mut steps = Vec::new();
         ifr.ifr_ifru.ifru_addr = sockaddr(u32::from(addr));
-        steps.push(("set the address of", libc::ioctl(fd, libc::SIOCSIFADDR, &ifr)));
+        steps.push(("set the address of", libc::ioctl(fd, libc::SIOCSIFADDR as _, &ifr)));
         ifr.ifr_ifru.ifru_netmask = sockaddr(mask);
-        steps.push(("set the netmask of", libc::ioctl(fd, libc::SIOCSIFNETMASK, &ifr)));
-        let got = libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut ifr);
+        steps.push(("set the netmask of", libc::ioctl(fd, libc::SIOCSIFNETMASK as _, &ifr)));
+        let got = libc::ioctl(fd, libc::SIOCGIFFLAGS as _, &mut ifr);
         ifr.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
-        steps.push(("bring up", if got == 0 { libc::ioctl(fd, libc::SIOCSIFFLAGS, &ifr) } else { got }));
+        steps.push(("bring up", if got == 0 { libc::ioctl(fd, libc::SIOCSIFFLAGS as _, &ifr) } else { got }));
         let err = std::io::Error::last_os_error();
         libc::close(fd);
         if let Some((what, _)) = steps.iter().find(|(_, r)| *r != 0) {
@@ -217,7 +217,7 @@ fn default_route(gateway: &str) -> Result<()> {
         route.rt_genmask = sockaddr(0);
         route.rt_gateway = sockaddr(u32::from(gw));
         route.rt_flags = libc::RTF_UP | libc::RTF_GATEWAY;
-        let result = libc::ioctl(fd, libc::SIOCADDRT, &route);
+        let result = libc::ioctl(fd, libc::SIOCADDRT as _, &route);
         let err = std::io::Error::last_os_error();
         libc::close(fd);
         if result != 0 {
@@ -240,10 +240,10 @@ pub(crate) fn loopback_up() -> Result<()> {
         for (i, b) in b"lo".iter().enumerate() {
             ifr.ifr_name[i] = *b as libc::c_char;
         }
-        let mut result = libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut ifr);
+        let mut result = libc::ioctl(fd, libc::SIOCGIFFLAGS as _, &mut ifr);
         if result == 0 {
             ifr.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
-            result = libc::ioctl(fd, libc::SIOCSIFFLAGS, &ifr);
+            result = libc::ioctl(fd, libc::SIOCSIFFLAGS as _, &ifr);
         }
         let err = std::io::Error::last_os_error();
         libc::close(fd);

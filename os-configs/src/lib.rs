@@ -68,7 +68,10 @@ pub struct System {
     pub description: String,
     /// The guest's host name.
     pub hostname: String,
-    /// The kernel that boots the system.
+    /// The guest's processor architecture (`cargo xtask ... --arch` overrides it).
+    pub arch: Arch,
+    /// The kernel that boots the system (a Debian kernel package named for amd64, such as
+    /// `linux-image-amd64`, is taken for the system's architecture: `linux-image-arm64`).
     pub kernel: Kernel,
     /// Extra arguments appended to the kernel command line.
     pub kernel_args: Vec<String>,
@@ -112,6 +115,57 @@ pub enum Kernel {
         /// The modules tree of that kernel, e.g. `/lib/modules/RELEASE`.
         modules: PathBuf,
     },
+}
+
+/// A guest processor architecture. Guests of either run on any host: a guest of another
+/// architecture than the host's runs under emulation (QEMU's TCG).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, PartialOrd, Ord)]
+pub enum Arch {
+    /// 64-bit x86 (Debian's `amd64`), booted on QEMU's `microvm` machine.
+    #[default]
+    X86_64,
+    /// 64-bit ARM (Debian's `arm64`), booted on QEMU's `virt` machine.
+    Aarch64,
+}
+
+impl Arch {
+    /// Every supported architecture.
+    pub const ALL: [Arch; 2] = [Arch::X86_64, Arch::Aarch64];
+
+    /// The kernel's name for it (`uname -m`): `x86_64`, `aarch64`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Arch::X86_64 => "x86_64",
+            Arch::Aarch64 => "aarch64",
+        }
+    }
+
+    /// Debian's name for it: `amd64`, `arm64`.
+    pub fn debian(self) -> &'static str {
+        match self {
+            Arch::X86_64 => "amd64",
+            Arch::Aarch64 => "arm64",
+        }
+    }
+
+    /// The architecture named `name`, by the kernel's name or Debian's.
+    ///
+    /// ```
+    /// use vm_xtask_systems::Arch;
+    ///
+    /// assert_eq!(Arch::parse("arm64"), Some(Arch::Aarch64));
+    /// assert_eq!(Arch::parse("x86_64"), Some(Arch::X86_64));
+    /// assert_eq!(Arch::parse("riscv64"), None);
+    /// ```
+    pub fn parse(name: &str) -> Option<Arch> {
+        Arch::ALL.into_iter().find(|a| a.name() == name || a.debian() == name)
+    }
+}
+
+impl std::fmt::Display for Arch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
 }
 
 /// How the kernel gets loaded.
@@ -413,6 +467,7 @@ impl System {
             name: name.to_string(),
             description: description.to_string(),
             hostname: name.to_string(),
+            arch: Arch::X86_64,
             kernel: Kernel::debian_default(),
             kernel_args: Vec::new(),
             initrd_modules: Vec::new(),

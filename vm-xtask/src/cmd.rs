@@ -23,10 +23,13 @@ pub use crate::machine::{open_store, VmOpts};
 pub use crate::parse::*;
 
 impl VmOpts {
-    /// The named system, with the kernel override applied.
+    /// The named system, with the architecture and kernel overrides applied.
     pub fn system(&self) -> Result<System> {
         let name = self.system.clone().unwrap_or_else(|| crate::Catalog::current().default_name());
         let mut system = lookup_system(&name)?;
+        if let Some(arch) = self.arch {
+            system.arch = arch;
+        }
         if let (Some(image), Some(modules)) = (&self.kernel, &self.modules) {
             system.kernel = Kernel::Path { image: image.clone(), modules: modules.clone() };
         }

@@ -12,6 +12,7 @@ use anyhow::{bail, ensure, Context, Result};
 use crate::host;
 use crate::store::{self, Item, Recipe, Store};
 use index::Index;
+use os_configs::Arch;
 
 pub mod closure;
 pub mod gdb;
@@ -115,11 +116,43 @@ fn show(index: &Index, names: &[String]) -> Result<Vec<Stanza>> {
     Ok(stanzas)
 }
 
-/// What `name` resolves to today in xtask's own Debian index: its candidate, or, for a
-/// kernel metapackage (`linux-image-amd64`), the real image package it depends on.
+/// `name` as the lock file knows a package of `arch`: as it is for amd64, with Debian's
+/// architecture qualifier otherwise (`busybox-static:arm64`).
+pub fn qualified(name: &str, arch: Arch) -> String {
+    match arch {
+        Arch::X86_64 => name.to_string(),
+        other => format!("{name}:{}", other.debian()),
+    }
+}
+
+/// The package and architecture of a name [`qualified`] (or not: amd64).
+pub fn unqualified(name: &str) -> (&str, Arch) {
+    match name.rsplit_once(':') {
+        Some((bare, qualifier)) => match Arch::parse(qualifier) {
+            Some(arch) => (bare, arch),
+            None => (name, Arch::X86_64),
+        },
+        None => (name, Arch::X86_64),
+    }
+}
+
+/// A Debian kernel package for `arch`: Debian names kernels after their architecture, so
+/// one named for amd64 (`linux-image-amd64`, `linux-image-6.1.0-57-amd64`) is taken as
+/// the same kernel for `arch` (`linux-image-arm64`); other names are left as they are.
+pub fn kernel_package(package: &str, arch: Arch) -> String {
+    match (arch, package.strip_suffix("-amd64")) {
+        (Arch::X86_64, _) | (_, None) => package.to_string(),
+        (other, Some(stem)) => format!("{stem}-{}", other.debian()),
+    }
+}
+
+/// What `name` ([`qualified`]) resolves to today in xtask's own Debian index of its
+/// architecture: its candidate, or, for a kernel metapackage (`linux-image-amd64`), the
+/// real image package it depends on.
 pub fn resolve(name: &str) -> Result<Stanza> {
-    let index = Index::current()?;
-    resolve_in(&index, name)
+    let (bare, arch) = unqualified(name);
+    let index = Index::for_arch(arch)?;
+    resolve_in(&index, bare)
 }
 
 fn resolve_in(index: &Index, name: &str) -> Result<Stanza> {
@@ -140,6 +173,17 @@ fn resolve_in(index: &Index, name: &str) -> Result<Stanza> {
 /// start); by name.
 pub fn resolve_many(names: &[String]) -> Result<std::collections::BTreeMap<String, Stanza>> {
     let mut resolved = std::collections::BTreeMap::new();
+    if names.is_empty() {
+        return Ok(resolved);
+    }
+    // Other architectures' packages (few), one by one.
+    let (native, others): (Vec<String>, Vec<String>) =
+        names.iter().cloned().partition(|n| unqualified(n).1 == Arch::X86_64);
+    for name in others {
+        let stanza = resolve(&name)?;
+        resolved.insert(name, stanza);
+    }
+    let names = &native;
     if names.is_empty() {
         return Ok(resolved);
     }

@@ -35,6 +35,10 @@ pub struct VmOpts {
     /// systems`).
     #[arg(long)]
     pub system: Option<String>,
+    /// The guest's architecture instead of the system's: x86_64 or aarch64 (arm64). A
+    /// guest of another architecture than the host's runs under emulation.
+    #[arg(long, value_name = "ARCH", value_parser = crate::parse::parse_arch)]
+    pub arch: Option<os_configs::Arch>,
     /// Accelerator: auto uses KVM when it works here, else TCG.
     #[arg(long, value_enum, default_value_t)]
     pub accel: AccelChoice,
@@ -191,9 +195,13 @@ pub fn spec(accel: Accel, memory_mib: u32, store: &Store, lowered: &Lowered, xch
         Share { tag: guest::STORE_TAG.into(), path: store.items_dir(), readonly: true },
         Share { tag: guest::XCHG_TAG.into(), path: xchg, readonly: false },
     ];
+    let direct = VmSpec::direct(accel, memory_mib, crate::lower::system::boot_of(lowered), shares);
     VmSpec {
-        sandbox: crate::debian::qemu::qemu_supports_sandbox(&store.cache_dir()),
-        ..VmSpec::direct(accel, memory_mib, crate::lower::system::boot_of(lowered), shares)
+        arch: lowered.arch,
+        sandbox: crate::debian::qemu::qemu_supports_sandbox(&store.cache_dir(), lowered.arch),
+        // The TSC is x86's.
+        tsc_khz: direct.tsc_khz.filter(|_| lowered.arch == os_configs::Arch::X86_64),
+        ..direct
     }
 }
 
@@ -297,7 +305,7 @@ impl<'a> Machine<'a> {
         system: System,
     ) -> Result<Machine<'a>> {
         crate::lower::validate::check_here(declared, store, ws)?;
-        let accel = qemu::choose_accel(opts.accel)?;
+        let accel = qemu::accel_for(system.arch, opts.accel)?;
         let boot = system::lower_boot(store, ws, &system, opts.verbose)?;
         let root_image = root_image(store, &system, &boot)?;
         Ok(Machine { ws, opts, store: store.clone(), system, accel, boot, root_image, gdb: None })

@@ -1,4 +1,4 @@
-//! Parsers of the command line's values (sizes, durations, timeouts, memory, `KEY=VALUE`)
+//! Parsers of the command line's values (architectures, sizes, durations, timeouts, memory, `KEY=VALUE`)
 //! and their bounds: the bottom of the tree, so that options structs anywhere can use them.
 
 use std::time::Duration;
@@ -19,6 +19,14 @@ pub const TIMEOUT_SECS: (u64, u64) = (1, 7 * 24 * 3600);
 pub const SIZE_BYTES: (u64, u64) = (1 << 20, 16 << 40);
 pub const TIMEOUT_RANGE: &str = "give 1s to 7d (e.g. 90, 90s, 5m, 1h, 2d)";
 pub const SIZE_RANGE: &str = "give 1MiB to 16TiB";
+
+/// `--arch`: an architecture by the kernel's name or Debian's (`aarch64`, `arm64`).
+pub fn parse_arch(s: &str) -> std::result::Result<os_configs::Arch, String> {
+    os_configs::Arch::parse(s).ok_or_else(|| {
+        let names: Vec<&str> = os_configs::Arch::ALL.iter().map(|a| a.name()).collect();
+        format!("`{s}` is not a supported guest architecture; supported: {}", names.join(", "))
+    })
+}
 
 pub fn parse_memory(s: &str) -> std::result::Result<u32, String> {
     let range = format!("give {} to {} (MiB)", MEMORY_MIB.0, MEMORY_MIB.1);

@@ -61,6 +61,16 @@ pub const PROGRAMS: &[Program] = &[
     host("true", "coreutils", true, "bench: the cache-hit floor"),
     Program { name: "cargo", source: Source::Toolchain, used_for: "the guest helper and workspace crates" },
     Program { name: "cc", source: Source::Toolchain, used_for: "tests only: a C fixture with an RPATH" },
+    Program {
+        name: "rustc",
+        source: Source::Toolchain,
+        used_for: "aarch64 guests: whether its standard library is there",
+    },
+    Program {
+        name: "rustup",
+        source: Source::Toolchain,
+        used_for: "aarch64 guests: `rustup target add aarch64-unknown-linux-musl` when it is not there",
+    },
     store("busybox", "busybox-static", "the guest's userland; `busybox --list` for its links"),
     store("mke2fs", "e2fsprogs", "image file systems"),
     store("e2fsck", "e2fsprogs", "checking VM-built images"),
@@ -76,6 +86,11 @@ pub const PROGRAMS: &[Program] = &[
         "qemu-system-x86",
         "every VM when the host has no QEMU and xtask is not root, or with `--qemu store` (with its closure \
             and firmware)",
+    ),
+    store(
+        "qemu-system-aarch64",
+        "qemu-system-arm",
+        "aarch64 guests when the host has no `qemu-system-aarch64` (with its closure)",
     ),
     store(
         "virtiofsd",

@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use guest::{Mode, MountSpec};
+use os_configs::Arch;
 
 use crate::error::usage_error;
 use crate::machine::{Machine, VmOpts};
@@ -134,6 +135,15 @@ pub struct Shared {
 }
 
 impl Shared {
+    /// `CARGO_TARGET_TMPDIR` of test binaries built for `arch`: `target/tmp`, or, built for
+    /// another architecture than the host's (`--target`), `target/TRIPLE/tmp`.
+    pub fn tmp_dir(&self, arch: Arch) -> PathBuf {
+        match arch {
+            Arch::X86_64 => self.target_dir.join("tmp"),
+            other => self.target_dir.join(packages::target(other)).join("tmp"),
+        }
+    }
+
     /// The workspace of a test binary cargo runs the runner with: the one cargo reports
     /// for its package's directory (any workspace, not only xtask's), and the target
     /// directory the binary was built in.
@@ -209,12 +219,20 @@ pub fn manifest_arg(cargo_args: &[String]) -> Option<PathBuf> {
     })
 }
 
-/// `cargo test --no-run` with `cargo_args`; the test executables it built, in the order
+/// `cargo test --no-run` with `cargo_args`, for guests of `arch` (`--target` added for
+/// another architecture than the host's); the test executables it built, in the order
 /// `cargo test` runs them ([`CargoOrder`]).
-pub fn build_test_binaries(ws: &Workspace, cargo_args: &[String]) -> Result<Vec<TestBinary>> {
+pub fn build_test_binaries(ws: &Workspace, cargo_args: &[String], arch: Arch) -> Result<Vec<TestBinary>> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let mut child = crate::process::command(&cargo)
-        .args(["test", "--no-run", "--message-format=json-render-diagnostics"])
+    let mut cargo = crate::process::command(&cargo);
+    if arch != Arch::X86_64 {
+        packages::cross_build(&mut cargo, &ws.root, arch)?;
+    }
+    cargo.args(["test", "--no-run", "--message-format=json-render-diagnostics"]);
+    if arch != Arch::X86_64 {
+        cargo.args(["--target", packages::target(arch)]);
+    }
+    let mut child = cargo
         .args(cargo_args)
         .current_dir(&ws.root)
         .stdout(Stdio::piped())
@@ -365,7 +383,7 @@ pub fn run_in_vm(
         );
         let argv = vec!["sh".into(), "-c".into(), script];
         let mut req = machine.request(&lowered, &system_item, Mode::Command, argv);
-        req.mounts = workspace_mounts(shared);
+        req.mounts = workspace_mounts(shared, machine.system.arch);
         if debug.is_some() {
             req.nets = vec![guest::NetConfig {
                 interface: qemu::GUEST_INTERFACE.into(),
@@ -470,7 +488,7 @@ impl FailureSaving {
             saved_at: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs(),
             what: what.to_string(),
             failed,
-            qemu: crate::vm::snapshot::qemu_version(store)?,
+            qemu: crate::vm::snapshot::qemu_version(store, spec.arch)?,
             scenario: None,
             vms: vec![replay::SavedVm { name: "test".into(), state: replay::STATE_FILE.into(), spec, request }],
             staged: Some(staged),
@@ -502,7 +520,7 @@ fn share_workspace(
     spec: &mut qemu::VmSpec,
 ) -> Result<(crate::store::Exchange, crate::vm::replay::StagedShare)> {
     let mount_points: Vec<PathBuf> =
-        shared.target_dir.join("tmp").strip_prefix(&shared.root).map(Path::to_path_buf).into_iter().collect();
+        shared.tmp_dir(spec.arch).strip_prefix(&shared.root).map(Path::to_path_buf).into_iter().collect();
     let staged = crate::vm::replay::StagedShare {
         tag: WORKSPACE_TAG.into(),
         root: shared.root.clone(),
@@ -635,8 +653,8 @@ fn run_line(binary: &TestBinary, label: &str, guest_path: &str, test_args: &[Str
 }
 
 /// The workspace's sources at its host path, read-only; a tmpfs over `target/tmp`
-/// (writable, for `CARGO_TARGET_TMPDIR`).
-fn workspace_mounts(shared: &Shared) -> Vec<MountSpec> {
+/// (writable, for `CARGO_TARGET_TMPDIR` of test binaries built for `arch`).
+fn workspace_mounts(shared: &Shared, arch: Arch) -> Vec<MountSpec> {
     let root = shared.root.to_string_lossy().into_owned();
     let mut mounts = vec![MountSpec {
         source: WORKSPACE_TAG.into(),
@@ -653,7 +671,7 @@ fn workspace_mounts(shared: &Shared) -> Vec<MountSpec> {
         check: guest::Check::None,
     };
     // Its mount point is made in the staged view when it is inside the workspace.
-    let tmp = shared.target_dir.join("tmp");
+    let tmp = shared.tmp_dir(arch);
     if tmp.starts_with(&shared.root) {
         mounts.push(tmpfs(&tmp));
     }

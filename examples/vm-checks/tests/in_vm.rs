@@ -11,7 +11,8 @@ use vm_checks::{ask_hello_service, require_hello_vm};
 fn the_system_is_the_one_declared() {
     require_hello_vm();
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
-    assert!(release.trim().ends_with("-amd64"), "not Debian's kernel: {release}");
+    let debian_arch = if cfg!(target_arch = "aarch64") { "-arm64" } else { "-amd64" };
+    assert!(release.trim().ends_with(debian_arch), "not Debian's kernel for this architecture: {release}");
     // The shared-store image's root is an ext4 file system under an overlay: both
     // modules are loaded in this kernel.
     let modules = std::fs::read_to_string("/proc/modules").unwrap();

@@ -389,7 +389,8 @@ impl Bencher<'_> {
     /// plus the bare boot.
     fn xtask_test(&self, bare: &BareBoot) -> Result<Vec<Figure>> {
         let selection = ["-p", "vm-checks", "--test", "in_vm"];
-        let binaries = crate::suite::build_test_binaries(self.ws, &selection.map(String::from))?;
+        let binaries =
+            crate::suite::build_test_binaries(self.ws, &selection.map(String::from), os_configs::Arch::X86_64)?;
         let (xtask, accel) = (self.xtask, self.accel.name());
         let test = |warmth: &str| -> Command {
             cmd!(self.sh, "{xtask} test --accel {accel} {warmth} --system hello --timeout 300 {selection...}")
@@ -476,7 +477,7 @@ impl Bencher<'_> {
     /// run with its QEMU processes' memory sampled ([`VmMemory`], target: 16 MiB of PSS per VM).
     fn isolate(&self) -> Result<Figure> {
         let selection = ["-p", "vm-checks", "--test", "trivial"];
-        crate::suite::build_test_binaries(self.ws, &selection.map(String::from))?;
+        crate::suite::build_test_binaries(self.ws, &selection.map(String::from), os_configs::Arch::X86_64)?;
         let (xtask, accel) = (self.xtask, self.accel.name());
         let test = |how: &str| -> Command {
             cmd!(self.sh, "{xtask} test --accel {accel} {how} --no-replay --timeout 300 {selection...}")
@@ -514,7 +515,7 @@ impl Bencher<'_> {
             bail!("the tree-walk figure needs a virtiofsd: {why}");
         }
         let selection = ["-p", "vm-checks", "--test", "shares"];
-        crate::suite::build_test_binaries(self.ws, &selection.map(String::from))?;
+        crate::suite::build_test_binaries(self.ws, &selection.map(String::from), os_configs::Arch::X86_64)?;
         let (xtask, accel) = (self.xtask, self.accel.name());
         let walk = |over: &'static str| {
             let mut cmd: Command = cmd!(
@@ -637,6 +638,7 @@ impl Bencher<'_> {
                 "hello-service",
                 &dir,
                 crate::lower::packages::RUSTFLAGS,
+                os_configs::Arch::X86_64,
                 false,
             )
             .map(drop)
@@ -1019,7 +1021,7 @@ fn until_shell(mut qemu: Command) -> Result<()> {
 /// The floor's initramfs: busybox and the same modules as the real initrd (without
 /// their signatures, as there), and a shell script as `/init`.
 fn floor_initrd(store: &Store, kernel: &crate::lower::kernel::KernelTree) -> Result<Item> {
-    let busybox = system::busybox(store)?;
+    let busybox = system::busybox(store, os_configs::Arch::X86_64)?;
     let recipe = kernel
         .identify(Recipe::new("bench-floor-initrd", "bench-floor-initrd"))?
         .input_item("busybox", &busybox)
@@ -1131,7 +1133,7 @@ impl BareBoot {
         let scratch = b.store.scratch("bench")?;
         let spec = VmSpec {
             console: Console::File(scratch.path().join("console")),
-            sandbox: crate::debian::qemu::qemu_supports_sandbox(&b.store.cache_dir()),
+            sandbox: crate::debian::qemu::qemu_supports_sandbox(&b.store.cache_dir(), os_configs::Arch::X86_64),
             ..VmSpec::direct(
                 b.accel,
                 b.opts.vm.memory,

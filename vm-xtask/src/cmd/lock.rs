@@ -65,6 +65,8 @@ fn locked_systems() -> Vec<os_configs::System> {
 fn lock_closures() -> Result<()> {
     let qemu = crate::debian::qemu::PACKAGE.to_string();
     debian::closure::closure(&[qemu]).context("locking QEMU's Debian packages (`--qemu store`)")?;
+    let qemu = crate::debian::qemu::AARCH64.package.to_string();
+    debian::closure::closure(&[qemu]).context("locking the Debian packages of QEMU for aarch64 guests")?;
     for package in [crate::debian::gdb::PACKAGE, crate::debian::gdb::SERVER_PACKAGE] {
         debian::closure::closure(&[package.to_string()])
             .with_context(|| format!("locking the Debian packages of `{package}` (`--gdb`, `--debug`)"))?;
@@ -90,15 +92,16 @@ fn users(pins: &lock::Pins, name: &str) -> Vec<String> {
     };
     let mut users = Vec::new();
     for system in locked_systems() {
+        let named = |package: &str| debian::qualified(package, system.arch);
         let mut roots = crate::lower::system::debian_packages(&system);
         if !roots.is_empty() {
-            roots.push(debian::closure::LIBC.to_string());
+            roots.push(named(debian::closure::LIBC));
         }
         if let os_configs::Kernel::Debian { package } = &system.kernel {
-            roots.push(package.clone());
+            roots.push(named(&debian::kernel_package(package, system.arch)));
         }
         if system.packages.iter().any(|p| matches!(p, os_configs::Package::Busybox)) {
-            roots.push(crate::debian::lock::BUSYBOX_PACKAGE.to_string());
+            roots.push(named(crate::debian::lock::BUSYBOX_PACKAGE));
         }
         if uses(roots) {
             users.push(format!("system {}", system.name));
@@ -112,6 +115,9 @@ fn users(pins: &lock::Pins, name: &str) -> Vec<String> {
     }
     if uses(vec![crate::debian::qemu::PACKAGE.to_string(), debian::closure::LIBC.to_string()]) {
         users.push("QEMU from the store".to_string());
+    }
+    if uses(vec![crate::debian::qemu::AARCH64.package.to_string(), debian::closure::LIBC.to_string()]) {
+        users.push("QEMU for aarch64 guests from the store".to_string());
     }
     if uses(vec![crate::debian::registry_server::PACKAGE.to_string()]) {
         users.push("docker-registry".to_string());

@@ -48,7 +48,8 @@ impl Replay {
         }
         crate::process::set_verbose(self.verbose);
         let store = crate::machine::open_store(ws, false)?;
-        let qemu = crate::vm::snapshot::qemu_version(&store)?;
+        let arch = record.vms.first().map(|vm| vm.spec.arch).unwrap_or_default();
+        let qemu = crate::vm::snapshot::qemu_version(&store, arch)?;
         if qemu != record.qemu {
             bail!("`{id}` was saved by {} and only that QEMU loads it; this is {qemu}", record.qemu);
         }

@@ -142,7 +142,7 @@ fn save_failure(
         saved_at: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs(),
         what: format!("scenario {name}"),
         failed: Some(first_line),
-        qemu: crate::vm::snapshot::qemu_version(store)?,
+        qemu: crate::vm::snapshot::qemu_version(store, vms.first().map(|vm| vm.spec.arch).unwrap_or_default())?,
         scenario: Some(name.to_string()),
         vms,
         staged: None,

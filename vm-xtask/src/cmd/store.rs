@@ -257,7 +257,8 @@ fn rebuild(store: &Store, meta: &Meta) -> Result<bool> {
             Ok(true)
         }
         "busybox" => {
-            system::busybox(store)?;
+            let arch = param("arch").and_then(|a| os_configs::Arch::parse(&a)).unwrap_or_default();
+            system::busybox(store, arch)?;
             Ok(true)
         }
         _ => Ok(false),

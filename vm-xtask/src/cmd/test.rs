@@ -83,7 +83,14 @@ impl Test {
                 suite::partition::Partition::Count { k: 1, .. } | suite::partition::Partition::Hash { k: 1, .. }
             )
         );
+        let arch = self.vm.system()?.arch;
+        let native = arch == os_configs::Arch::X86_64;
         if cargo_args.iter().any(|a| a == "--doc") {
+            if !native {
+                return Err(crate::error::usage_error(format!(
+                    "--doc with a {arch} guest: cargo builds doctests for the host only; run them without --arch"
+                )));
+            }
             if !first_share {
                 eprintln!("the doctests run in share 1 of a --partition: none in this one");
                 return Ok(0);
@@ -91,6 +98,16 @@ impl Test {
             return self.doctests(ws, &cargo_args, &test_args);
         }
         let with_doctests = !cargo_args.iter().any(|a| selects_targets(a)) && first_share && self.debug.is_none();
+        if with_doctests && !native {
+            // As `cargo test --target` for another architecture: its doctests are not run.
+            eprintln!("note: the doctests are not run for a {arch} guest (cargo builds them for the host only)");
+        }
+        let with_doctests = with_doctests && native;
+        if self.debug.is_some() && !native {
+            return Err(crate::error::usage_error(format!(
+                "--debug with a {arch} guest: the gdbserver it runs is x86_64's; debug without --arch"
+            )));
+        }
         let no_fail_fast = cargo_args.iter().any(|a| a == "--no-fail-fast");
         // The system is checked before anything is built; the test binaries are built
         // while the VM boots.
@@ -120,16 +137,18 @@ impl Test {
         }
         let code = if self.isolate {
             let build = || {
-                let binaries = suite::build_test_binaries(ws, &cargo_args)?;
+                let binaries = suite::build_test_binaries(ws, &cargo_args, system.arch)?;
                 Ok(suite::partition::listed(binaries, &test_args, self.partition))
             };
             suite::isolate::run(ws, &self.vm, run, build)?
         } else {
             let build = || match self.partition {
-                None => suite::build_test_binaries(ws, &cargo_args),
-                Some(share) => {
-                    Ok(suite::partition::apply(suite::build_test_binaries(ws, &cargo_args)?, &test_args, share))
-                }
+                None => suite::build_test_binaries(ws, &cargo_args, system.arch),
+                Some(share) => Ok(suite::partition::apply(
+                    suite::build_test_binaries(ws, &cargo_args, system.arch)?,
+                    &test_args,
+                    share,
+                )),
             };
             suite::run_in_vm(ws, &self.vm, run, build)?
         };
@@ -143,7 +162,8 @@ impl Test {
     /// `--debug NAME`: the binaries built first (a name no binary has is a usage error
     /// before anything boots), then the one with the test, alone under gdbserver.
     fn debug(&self, ws: &Workspace, cargo_args: &[String], name: &str, run: SuiteRun) -> Result<i32> {
-        let binary = suite::debug::choose(suite::build_test_binaries(ws, cargo_args)?, name, run.test_args)?;
+        let binary =
+            suite::debug::choose(suite::build_test_binaries(ws, cargo_args, run.system.arch)?, name, run.test_args)?;
         let debug = suite::debug::Debug { host_port: suite::debug::free_port()? };
         let gdb = crate::machine::gdb_program(&self.vm.open_store(ws)?);
         suite::debug::say_how_to_attach(&gdb, &binary, name, debug);

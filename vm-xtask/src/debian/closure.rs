@@ -17,7 +17,8 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fmt;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
+use os_configs::Arch;
 
 use super::index::Index;
 use super::{parse_stanzas, Pin, Stanza};
@@ -48,14 +49,19 @@ impl std::error::Error for Refusal {}
 /// a stable order: the roots, then their dependencies breadth first. Resolved with apt
 /// and locked when the lock does not have it all yet.
 pub fn closure(roots: &[String]) -> Result<Vec<(String, Pin)>> {
+    let arch = roots.first().map(|r| super::unqualified(r).1).unwrap_or_default();
+    if let Some(other) = roots.iter().find(|r| super::unqualified(r).1 != arch) {
+        bail!("the Debian packages {} are not all of one architecture (`{other}` is not {arch})", roots.join(", "));
+    }
     let mut roots = roots.to_vec();
-    if !roots.is_empty() && !roots.iter().any(|r| r == LIBC) {
-        roots.push(LIBC.to_string());
+    let libc = super::qualified(LIBC, arch);
+    if !roots.is_empty() && !roots.contains(&libc) {
+        roots.push(libc);
     }
     if let Some(found) = walk(&lock::snapshot()?, &roots) {
         return Ok(found);
     }
-    let resolved = resolve(&roots)?;
+    let resolved = resolve(&roots, arch)?;
     lock::record_closure(&roots, resolved)?;
     walk(&lock::snapshot()?, &roots).context("the lock file lacks part of a closure just written to it")
 }
@@ -77,13 +83,15 @@ pub fn walk(pins: &lock::Pins, roots: &[String]) -> Option<Vec<(String, Pin)>> {
     Some(found)
 }
 
-/// Asks apt, over xtask's own Debian index, for the closure of `roots` (and each
-/// package's fields): the pins, each with its dependencies among them. When apt refuses,
-/// the index is fetched again once (it may predate a package) before the refusal is
-/// believed.
-fn resolve(roots: &[String]) -> Result<Vec<Pin>> {
+/// Asks apt, over xtask's own Debian index of `arch`, for the closure of `roots` (and
+/// each package's fields): the pins, each with its dependencies among them, by their
+/// names in the lock ([`super::qualified`]). When apt refuses, the index is fetched again
+/// once (it may predate a package) before the refusal is believed.
+fn resolve(qualified_roots: &[String], arch: Arch) -> Result<Vec<(String, Pin)>> {
     host::ensure(&[host::APT_GET])?;
-    let index = Index::current()?;
+    let roots: Vec<String> = qualified_roots.iter().map(|r| super::unqualified(r).0.to_string()).collect();
+    let roots = &roots[..];
+    let index = Index::for_arch(arch)?;
     index.ready()?;
     let _step = crate::progress::step(&format!("resolving the Debian dependencies of {}", roots.join(", ")));
     let simulate = || {
@@ -110,8 +118,8 @@ fn resolve(roots: &[String]) -> Result<Vec<Pin>> {
             .iter()
             .find(|s| &s.pin.package == package && &s.pin.version == version)
             .with_context(|| format!("apt-cache show says nothing of {package} {version}, which apt would install"))?;
-        let depends = dependencies(stanza, &stanzas);
-        pins.push(Pin { depends: Some(depends), ..stanza.pin.clone() });
+        let depends = dependencies(stanza, &stanzas).iter().map(|d| super::qualified(d, arch)).collect();
+        pins.push((super::qualified(package, arch), Pin { depends: Some(depends), ..stanza.pin.clone() }));
     }
     Ok(pins)
 }

@@ -17,13 +17,14 @@
 //! missing from them (a package, a version) or on `lock --update`, saying so in one line.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
 
 use anyhow::{bail, Context, Result};
 use fs_err as fs;
 use sha2::{Digest, Sha256};
 
 use crate::host;
+use os_configs::Arch;
 
 /// Moves the index (default: `debian-index/` in the store's directory).
 pub const INDEX_ENV: &str = "XTASK_DEBIAN_INDEX";
@@ -51,8 +52,8 @@ const DEBIAN_SUITES: &[&str] = &[
     "unstable",
 ];
 
-/// Refreshed at most once per process, whatever asks.
-static REFRESHED: AtomicBool = AtomicBool::new(false);
+/// The indexes (directories) refreshed in this process: each at most once, whatever asks.
+static REFRESHED: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
 
 /// The index of one set of sources: its directory and the configuration apt runs with.
 #[derive(Debug, Clone)]
@@ -62,11 +63,19 @@ pub struct Index {
     /// Where the sources came from, for messages.
     origin: String,
     mirrors: Vec<String>,
+    /// The architecture whose packages it lists.
+    arch: Arch,
 }
 
 impl Index {
-    /// The index for this workspace's lock file and store (nothing fetched yet).
+    /// The amd64 index for this workspace's lock file and store (nothing fetched yet).
     pub fn current() -> Result<Index> {
+        Index::for_arch(Arch::X86_64)
+    }
+
+    /// The index of `arch`'s packages for this workspace's lock file and store (nothing
+    /// fetched yet).
+    pub fn for_arch(arch: Arch) -> Result<Index> {
         let ws = crate::Workspace::current();
         let base = std::env::var_os(INDEX_ENV)
             .map(PathBuf::from)
@@ -82,17 +91,28 @@ impl Index {
             }
             Err(e) => return Err(e).context("reading the workspace's Debian sources"),
         };
-        Index::new(&base, sources, origin)
+        Index::of_arch(&base, sources, origin, arch)
     }
 
-    /// The index of `sources` (a `sources.list`) under `base`.
+    /// The amd64 index of `sources` (a `sources.list`) under `base`.
+    #[cfg(test)]
     pub fn new(base: &Path, sources: String, origin: String) -> Result<Index> {
+        Index::of_arch(base, sources, origin, Arch::X86_64)
+    }
+
+    /// The index of `arch`'s packages from `sources` under `base`, in a directory keyed
+    /// by both (amd64's by the sources alone, as before there were others).
+    fn of_arch(base: &Path, sources: String, origin: String, arch: Arch) -> Result<Index> {
         let mirrors = super::one_line_uris(&sources);
         if mirrors.is_empty() {
             bail!("{origin} names no Debian mirror (no `deb URI SUITE COMPONENT...` line)");
         }
-        let key = hex(&Sha256::digest(format!("{CONF_VERSION}\n{sources}").as_bytes()))[..16].to_string();
-        Ok(Index { dir: base.join(key), sources, origin, mirrors })
+        let qualifier = match arch {
+            Arch::X86_64 => String::new(),
+            other => format!("{}\n", other.debian()),
+        };
+        let key = hex(&Sha256::digest(format!("{CONF_VERSION}\n{qualifier}{sources}").as_bytes()))[..16].to_string();
+        Ok(Index { dir: base.join(key), sources, origin, mirrors, arch })
     }
 
     /// The index's directory (its lists, caches and sources).
@@ -135,12 +155,16 @@ impl Index {
     /// Fetches the lists again (at most once per process), saying why in one line;
     /// returns whether it did.
     pub fn refresh(&self, why: &str) -> Result<bool> {
-        if REFRESHED.load(Ordering::SeqCst) {
+        if self.refreshed() {
             return Ok(false);
         }
         self.prepare()?;
         self.update(why)?;
         Ok(true)
+    }
+
+    fn refreshed(&self) -> bool {
+        REFRESHED.lock().unwrap_or_else(|e| e.into_inner()).contains(&self.dir)
     }
 
     fn has_lists(&self) -> bool {
@@ -155,6 +179,7 @@ impl Index {
             create_private_dirs(&self.dir.join(sub))?;
         }
         let d = self.dir.display();
+        let arch = self.arch.debian();
         let mut conf = format!(
             "// xtask's own Debian index ({CONF_VERSION}): nothing of the host's apt state is read or written.\n\
              Dir::State \"{d}/\";\nDir::State::Lists \"{d}/lists/\";\nDir::State::status \"{d}/status\";\n\
@@ -162,7 +187,7 @@ impl Index {
              Dir::Etc::SourceParts \"{d}/parts/\";\nDir::Etc::Parts \"{d}/parts/\";\n\
              Dir::Etc::Preferences \"{d}/preferences\";\nDir::Etc::PreferencesParts \"{d}/preferences.d/\";\n\
              Dir::Etc::Trusted \"{d}/trusted.gpg\";\nDir::Etc::TrustedParts \"{d}/trusted.gpg.d/\";\n\
-             APT::Architecture \"amd64\";\nAPT::Architectures {{ \"amd64\"; }};\n\
+             APT::Architecture \"{arch}\";\nAPT::Architectures {{ \"{arch}\"; }};\n\
              Acquire::Languages \"none\";\nAcquire::GzipIndexes \"true\";\n\
              Acquire::CompressionTypes::Order {{ \"xz\"; \"gz\"; }};\nDir::Cache::srcpkgcache \"\";\n\
              APT::Install-Recommends \"false\";\nAPT::Install-Suggests \"false\";\n"
@@ -181,8 +206,12 @@ impl Index {
     fn update(&self, why: &str) -> Result<()> {
         host::ensure(&[host::APT_GET])?;
         let _lock = self.lock()?;
-        if REFRESHED.swap(true, Ordering::SeqCst) {
-            return Ok(());
+        {
+            let mut refreshed = REFRESHED.lock().unwrap_or_else(|e| e.into_inner());
+            if refreshed.contains(&self.dir) {
+                return Ok(());
+            }
+            refreshed.push(self.dir.clone());
         }
         // apt stalls rather than fails when the disk fills under it: make sure first.
         if let Some(full) = crate::store::space::explain_dir(&self.dir, Some(LISTS_BYTES)) {
@@ -190,7 +219,8 @@ impl Index {
         }
         let suites: Vec<String> = self.sources.lines().filter_map(suite_words).collect();
         eprintln!(
-            "xtask's Debian index: {why}; fetching the package lists of {} from {} into `{}`",
+            "xtask's Debian index: {why}; fetching the {} package lists of {} from {} into `{}`",
+            self.arch.debian(),
             suites.join(", "),
             self.origin,
             self.dir.display()

@@ -97,20 +97,20 @@ pub fn snapshot() -> Result<Pins> {
 }
 
 /// Writes a dependency closure apt resolved for `roots`: each package's pin with its
-/// `depends`. A package already locked keeps its locked version (only its `depends` is
-/// set); the others are added. Says on stderr what was added.
-pub fn record_closure(roots: &[String], resolved: Vec<Pin>) -> Result<()> {
+/// `depends`, by its name in the lock. A package already locked keeps its locked version
+/// (only its `depends` is set); the others are added. Says on stderr what was added.
+pub fn record_closure(roots: &[String], resolved: Vec<(String, Pin)>) -> Result<()> {
     let path = path();
     let _guard = lock_dir(&path)?;
     let mut pins = read(&path)?;
     let mut added = Vec::new();
-    for pin in resolved {
-        check_fields(&pin.package, &pin)?;
-        match pins.get_mut(&pin.package) {
+    for (name, pin) in resolved {
+        check_fields(&name, &pin)?;
+        match pins.get_mut(&name) {
             Some(locked) => locked.depends = pin.depends,
             None => {
-                added.push(format!("{} {}", pin.package, pin.version));
-                pins.insert(pin.package.clone(), pin);
+                added.push(format!("{name} {}", pin.version));
+                pins.insert(name, pin);
             }
         }
     }
@@ -350,17 +350,19 @@ pub fn wanted(systems: &[os_configs::System]) -> Vec<String> {
     let mut names: Vec<String> = crate::debian::image_tools::PACKAGES.iter().map(|p| p.to_string()).collect();
     names.extend(crate::debian::image_tools::UEFI_PACKAGES.iter().map(|p| p.to_string()));
     names.push(crate::debian::qemu::PACKAGE.to_string());
+    names.push(crate::debian::qemu::AARCH64.package.to_string());
     names.push(crate::debian::registry_server::PACKAGE.to_string());
     names.push(crate::debian::gdb::PACKAGE.to_string());
     names.push(crate::debian::gdb::SERVER_PACKAGE.to_string());
     for system in std::iter::once(os_configs::minimal()).chain(systems.iter().cloned()) {
+        let named = |package: &str| crate::debian::qualified(package, system.arch);
         if let os_configs::Kernel::Debian { package } = &system.kernel {
-            names.push(package.clone());
+            names.push(named(&crate::debian::kernel_package(package, system.arch)));
         }
         for package in &system.packages {
             match package {
-                os_configs::Package::Busybox => names.push(BUSYBOX_PACKAGE.to_string()),
-                os_configs::Package::Debian { package } => names.push(package.clone()),
+                os_configs::Package::Busybox => names.push(named(BUSYBOX_PACKAGE)),
+                os_configs::Package::Debian { package } => names.push(named(package)),
                 _ => {}
             }
         }

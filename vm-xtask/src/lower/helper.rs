@@ -16,12 +16,16 @@ use sha2::{Digest, Sha256};
 
 use crate::store::{self, Item, Recipe, Store};
 use crate::Workspace;
+use os_configs::Arch;
 
 const RUSTFLAGS: &str = "-C target-feature=+crt-static -C strip=symbols";
 
-pub fn build(store: &Store, ws: &Workspace, verbose: bool) -> Result<Item> {
+pub fn build(store: &Store, ws: &Workspace, arch: Arch, verbose: bool) -> Result<Item> {
     let target_dir = ws.target_dir.join("guest-helper");
-    let memo = target_dir.join("last-build");
+    let memo = match arch {
+        Arch::X86_64 => target_dir.join("last-build"),
+        other => target_dir.join(format!("last-build-{other}")),
+    };
     let source = Path::new(guest::SOURCE_DIR);
     let fingerprint = source_fingerprint(source)?;
     if let Some(item) = fs::read_to_string(&memo)
@@ -39,11 +43,16 @@ pub fn build(store: &Store, ws: &Workspace, verbose: bool) -> Result<Item> {
         "guest",
         &target_dir,
         RUSTFLAGS,
+        arch,
         verbose,
     )
-    .with_context(|| format!("building the guest helper from `{}`", source.display()))?;
+    .with_context(|| format!("building the guest helper for {arch} from `{}`", source.display()))?;
     check_static(&binary)?;
-    let recipe = Recipe::new("file", "guest-helper").input_content("content", &store::sha256_file(&binary)?);
+    let name = match arch {
+        Arch::X86_64 => "guest-helper".to_string(),
+        other => format!("guest-helper-{other}"),
+    };
+    let recipe = Recipe::new("file", &name).input_content("content", &store::sha256_file(&binary)?);
     let item = store.realise(&recipe, |out| {
         fs::copy(&binary, out).with_context(|| format!("copying `{}`", binary.display()))?;
         Ok(())

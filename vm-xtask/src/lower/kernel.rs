@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use object::{Object, ObjectSection};
-use os_configs::Kernel;
+use os_configs::{Arch, Kernel};
 
 use crate::debian;
 use crate::store::{self, Item, Recipe, Store};
@@ -37,12 +37,23 @@ impl KernelTree {
     }
 }
 
-/// Finds (fetching if needed) the kernel a system asks for.
-pub fn resolve(store: &Store, kernel: &Kernel) -> Result<KernelTree> {
+/// Finds (fetching if needed) the kernel a system of `arch` asks for.
+pub fn resolve(store: &Store, kernel: &Kernel, arch: Arch) -> Result<KernelTree> {
     match kernel {
         Kernel::Debian { package } => {
             // A metapackage (linux-image-amd64) is locked as the real image it names.
-            let pin = debian::pin(package)?;
+            let package = debian::kernel_package(package, arch);
+            let pin = debian::pin(&debian::qualified(&package, arch))?;
+            if pin.architecture != arch.debian() {
+                bail!(
+                    "Debian package {} is a kernel for {}, not for the system's architecture {arch} ({}); name a \
+                     kernel package for {}",
+                    pin.package,
+                    pin.architecture,
+                    arch.debian(),
+                    arch.debian()
+                );
+            }
             let item = debian::unpacked(store, &pin)?;
             let modules_root = item.path.join("lib/modules");
             let release = single_dir_name(&modules_root)
@@ -88,7 +99,8 @@ fn single_dir_name(dir: &Path) -> Result<String> {
 
 /// The image QEMU boots: the uncompressed ELF `vmlinux` (booted through PVH, which
 /// skips the in-guest decompression that costs seconds under TCG) when it can be
-/// extracted, else the bzImage itself.
+/// extracted, else the bzImage itself. An arm64 `Image` (Debian's `vmlinuz` for arm64 is
+/// one, uncompressed) is booted as it is.
 pub fn boot_image(store: &Store, tree: &KernelTree) -> Result<PathBuf> {
     let recipe = tree.identify(Recipe::new("vmlinux", &format!("vmlinux-{}", tree.release)))?;
     let item = store.item_for(&recipe);
@@ -96,7 +108,7 @@ pub fn boot_image(store: &Store, tree: &KernelTree) -> Result<PathBuf> {
         return Ok(item.path.join("vmlinux"));
     }
     let image = fs::read(&tree.image).with_context(|| format!("reading `{}`", tree.image.display()))?;
-    if find_xz(&image).is_none() {
+    if is_arm64_image(&image) || find_xz(&image).is_none() {
         return Ok(tree.image.clone());
     }
     let item = store.realise(&recipe, |out| {
@@ -106,6 +118,11 @@ pub fn boot_image(store: &Store, tree: &KernelTree) -> Result<PathBuf> {
         Ok(())
     })?;
     Ok(item.path.join("vmlinux"))
+}
+
+/// Whether `image` is an arm64 kernel `Image`: its header's magic, `ARM\x64` at 0x38.
+pub fn is_arm64_image(image: &[u8]) -> bool {
+    image.get(0x38..0x3c) == Some(b"ARM\x64")
 }
 
 const XZ_MAGIC: &[u8] = b"\xfd7zXZ\x00";

@@ -14,10 +14,66 @@ use object::read::elf::{Dyn, FileHeader, ProgramHeader};
 
 use crate::store::{self, Item, Recipe, Store};
 use crate::Workspace;
+use os_configs::Arch;
 
 /// The target crate packages are built for: explicit, so `+crt-static` applies to it
 /// alone and not to build scripts and proc-macros (as for the guest helper).
 pub const TARGET: &str = "x86_64-unknown-linux-gnu";
+
+/// The Rust target static binaries for `arch` are built for: glibc's for x86_64 (the
+/// host's, linked by the host's `cc`), musl's for aarch64, linked by Rust's own `rust-lld`
+/// (no cross C toolchain is needed; the target's standard library is added with rustup).
+pub fn target(arch: Arch) -> &'static str {
+    match arch {
+        Arch::X86_64 => TARGET,
+        Arch::Aarch64 => "aarch64-unknown-linux-musl",
+    }
+}
+
+/// Makes `cmd` (a cargo build in `dir`) build for `arch`: its Rust target made ready
+/// ([`target`]) and, for another architecture than the host's, linked by `rust-lld`.
+/// The caller passes `--target` (`cargo test --no-run` needs it among its own arguments).
+pub fn cross_build(cmd: &mut std::process::Command, dir: &Path, arch: Arch) -> Result<()> {
+    let triple = target(arch);
+    ensure_rust_target(dir, triple)?;
+    if arch != Arch::X86_64 {
+        let var = format!("CARGO_TARGET_{}_LINKER", triple.to_uppercase().replace('-', "_"));
+        cmd.env(var, "rust-lld");
+    }
+    Ok(())
+}
+
+/// Makes sure the toolchain that builds in `dir` has the standard library of `target`,
+/// adding it with rustup (said on stderr) when it does not.
+fn ensure_rust_target(dir: &Path, target: &str) -> Result<()> {
+    if target == TARGET {
+        return Ok(());
+    }
+    let sysroot =
+        crate::process::output(crate::process::command("rustc").args(["--print", "sysroot"]).current_dir(dir))
+            .context("asking rustc for its sysroot")?;
+    let sysroot = PathBuf::from(String::from_utf8_lossy(&sysroot.stdout).trim());
+    if sysroot.join("lib/rustlib").join(target).join("lib").is_dir() {
+        return Ok(());
+    }
+    let _step =
+        crate::progress::step(&format!("adding Rust's standard library for {target} (rustup target add {target})"));
+    let added =
+        crate::process::output(crate::process::command("rustup").args(["target", "add", target]).current_dir(dir));
+    match added {
+        Ok(out) if out.status.success() => Ok(()),
+        Ok(out) => bail!(
+            "`rustup target add {target}` failed ({}): {}; add it by hand, it builds programs for the guest",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ),
+        Err(e) => Err(e).with_context(|| {
+            format!(
+                "the toolchain lacks Rust's standard library for {target}; add it with `rustup target add {target}`"
+            )
+        }),
+    }
+}
 pub const RUSTFLAGS: &str = "-C target-feature=+crt-static";
 
 /// The workspace's packages and their binary targets, from `cargo metadata`.
@@ -41,9 +97,17 @@ pub fn workspace_bins(ws: &Workspace) -> Result<BTreeMap<String, Vec<String>>> {
 /// Builds `bin` of workspace package `package` as a static binary and adds it to the
 /// store by content, as an item holding `bin/<bin>`. Unchanged sources give the same
 /// binary and so the same item (cargo's own incremental build decides what to compile).
-pub fn crate_binary(store: &Store, ws: &Workspace, package: &str, bin: &str, verbose: bool) -> Result<Item> {
+pub fn crate_binary(
+    store: &Store,
+    ws: &Workspace,
+    package: &str,
+    bin: &str,
+    arch: Arch,
+    verbose: bool,
+) -> Result<Item> {
     let target_dir = ws.target_dir.join("vm-packages");
-    let binary = cargo_build_static(&ws.root.join("Cargo.toml"), package, bin, &target_dir, RUSTFLAGS, verbose)?;
+    let built = cargo_build_static(&ws.root.join("Cargo.toml"), package, bin, &target_dir, RUSTFLAGS, arch, verbose);
+    let binary = built?;
     if elf_info(&binary)?.interpreter.is_some() {
         bail!("`{}` is dynamically linked; packages of this workspace must be static", binary.display());
     }
@@ -58,8 +122,8 @@ pub fn crate_binary(store: &Store, ws: &Workspace, package: &str, bin: &str, ver
 }
 
 /// Builds `bin` of package `package` of the workspace (or package) whose manifest is
-/// `manifest`, wherever it is, for [`TARGET`] in release mode with `rustflags` (which,
-/// with an explicit target, reach neither build scripts nor proc-macros) into
+/// `manifest`, wherever it is, for `arch` ([`target`]) in release mode with `rustflags`
+/// (which, with an explicit target, reach neither build scripts nor proc-macros) into
 /// `target_dir`; returns the binary's path.
 pub fn cargo_build_static(
     manifest: &Path,
@@ -67,12 +131,15 @@ pub fn cargo_build_static(
     bin: &str,
     target_dir: &Path,
     rustflags: &str,
+    arch: Arch,
     verbose: bool,
 ) -> Result<PathBuf> {
+    let triple = target(arch);
     let dir = manifest.parent().context("a manifest's directory")?;
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut cmd = crate::process::command(cargo);
-    cmd.args(["build", "--release", "--package", package, "--bin", bin, "--target", TARGET]);
+    cross_build(&mut cmd, dir, arch)?;
+    cmd.args(["build", "--release", "--package", package, "--bin", bin, "--target", triple]);
     cmd.arg("--manifest-path").arg(manifest);
     cmd.arg("--target-dir").arg(target_dir).current_dir(dir).env("RUSTFLAGS", rustflags);
     if !verbose {
@@ -82,10 +149,10 @@ pub fn cargo_build_static(
     if !status.success() {
         bail!(
             "building `{bin}` of package `{package}` (`cargo build -p {package} --bin {bin} --target \
-            {TARGET}`) failed ({status})"
+            {triple}`) failed ({status})"
         );
     }
-    Ok(target_dir.join(TARGET).join("release").join(bin))
+    Ok(target_dir.join(triple).join("release").join(bin))
 }
 
 /// What the dynamic loader needs to know about an ELF file.

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use guest::{Check, FileSpec, HomeSpec, Mode, MountSpec, Readiness, Request, ServiceSpec, SystemConfig};
-use os_configs::{Device, FileSystem, Package, Ready, Restart, System};
+use os_configs::{Arch, Device, FileSystem, Package, Ready, Restart, System};
 
 use crate::lower::kernel::{self, KernelTree};
 use crate::store::{Item, Recipe, Store};
@@ -17,6 +17,8 @@ use crate::{debian, lower::helper, lower::initrd, lower::packages, Workspace};
 /// Everything needed to boot a system.
 #[derive(Debug, Clone)]
 pub struct Lowered {
+    /// The guest's architecture.
+    pub arch: Arch,
     pub kernel: KernelTree,
     /// What QEMU's `-kernel` gets.
     pub boot_image: PathBuf,
@@ -91,13 +93,14 @@ pub fn lower(store: &Store, ws: &Workspace, system: &System, verbose: bool) -> R
 /// The part of [`lower`] QEMU needs to start: kernel, boot image and initrd (no
 /// packages yet; `PATH` is `/bin`).
 pub fn lower_boot(store: &Store, ws: &Workspace, system: &System, verbose: bool) -> Result<Lowered> {
-    let kernel = kernel::resolve(store, &system.kernel)
+    let kernel = kernel::resolve(store, &system.kernel, system.arch)
         .with_context(|| format!("getting the kernel of system `{}`", system.name))?;
     let boot_image = kernel::boot_image(store, &kernel)?;
-    let helper = helper::build(store, ws, verbose)?;
+    let helper = helper::build(store, ws, system.arch, verbose)?;
     let initrd = initrd::initrd(store, &kernel, &helper, &system.initrd_modules)
         .with_context(|| format!("building the initrd of system `{}`", system.name))?;
     Ok(Lowered {
+        arch: system.arch,
         kernel,
         boot_image,
         initrd,
@@ -124,7 +127,7 @@ pub fn lower_packages(store: &Store, ws: &Workspace, system: &System, verbose: b
     for package in &system.packages {
         match package {
             Package::Crate { package, bin } => {
-                let item = packages::crate_binary(store, ws, package, bin, verbose)
+                let item = packages::crate_binary(store, ws, package, bin, system.arch, verbose)
                     .with_context(|| format!("building package `{package}` of system `{}`", system.name))?;
                 path.push(format!("{}/bin", item.guest_path()));
                 packages.push(item);
@@ -143,7 +146,7 @@ pub fn lower_packages(store: &Store, ws: &Workspace, system: &System, verbose: b
                 packages.extend(store.closure(std::slice::from_ref(&host.item))?);
             }
             Package::Busybox => {
-                let item = busybox(store)?;
+                let item = busybox(store, system.arch)?;
                 if debian_roots.is_empty() {
                     let bin = format!("{}/bin", item.guest_path());
                     for link in ["/bin", "/sbin", "/usr/bin", "/usr/sbin"] {
@@ -178,13 +181,14 @@ pub fn lower_packages(store: &Store, ws: &Workspace, system: &System, verbose: b
     Ok(Lowered { packages, links, path: path.join(":"), ..boot })
 }
 
-/// The Debian packages `system` declares, in order.
+/// The Debian packages `system` declares, in order, by their names in the lock
+/// ([`debian::qualified`] for the system's architecture).
 pub fn debian_packages(system: &System) -> Vec<String> {
     system
         .packages
         .iter()
         .filter_map(|p| match p {
-            Package::Debian { package } => Some(package.clone()),
+            Package::Debian { package } => Some(debian::qualified(package, system.arch)),
             _ => None,
         })
         .collect()
@@ -338,17 +342,26 @@ pub fn check_of(fs: &FileSystem, volatile: bool) -> Check {
 /// The Debian package [`busybox`] comes from.
 pub use crate::debian::lock::BUSYBOX_PACKAGE;
 
-/// Debian's static busybox with a link per applet in `bin/`.
-pub fn busybox(store: &Store) -> Result<Item> {
-    let pin = debian::pin(BUSYBOX_PACKAGE)?;
+/// Debian's static busybox for `arch` with a link per applet in `bin/`.
+pub fn busybox(store: &Store, arch: Arch) -> Result<Item> {
+    let pin = debian::pin(&debian::qualified(BUSYBOX_PACKAGE, arch))?;
     let deb = debian::unpacked(store, &pin)?;
-    let recipe = Recipe::new("busybox", &format!("busybox-{}", pin.version)).input_item("deb", &deb);
+    let mut recipe = Recipe::new("busybox", &format!("busybox-{}", pin.version)).input_item("deb", &deb);
+    // The applets are listed by a busybox that runs here: for another architecture, the
+    // amd64 one of the same Debian release (built with the same configuration).
+    let lister = match arch {
+        Arch::X86_64 => deb.clone(),
+        _ => debian::unpacked(store, &debian::pin(BUSYBOX_PACKAGE)?)?,
+    };
+    if arch != Arch::X86_64 {
+        recipe = recipe.param("arch", arch.name()).input_item("lister", &lister);
+    }
     store.realise(&recipe, |out| {
         let src = deb.path.join("bin/busybox");
         let bin = out.join("bin");
         fs::create_dir_all(&bin)?;
         fs::copy(&src, bin.join("busybox")).with_context(|| format!("copying `{}`", src.display()))?;
-        let list = crate::process::run(crate::process::command(&src).arg("--list"))?;
+        let list = crate::process::run(crate::process::command(lister.path.join("bin/busybox")).arg("--list"))?;
         for applet in String::from_utf8_lossy(&list.stdout).lines() {
             if !applet.is_empty() && applet != "busybox" && !applet.contains('/') {
                 std::os::unix::fs::symlink("busybox", bin.join(applet))?;

@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
 use anyhow::Result;
-use os_configs::{Device, Package, System};
+use os_configs::{Arch, Device, Package, System};
 
 use crate::debian::closure::Refusal;
 use crate::error::{Failure, EXIT_USAGE};
@@ -184,6 +184,14 @@ pub fn problems(system: &System, facts: &mut dyn Facts) -> Result<Vec<Problem>> 
                     Some(_) => None,
                 }
             }
+            Package::Host { path } if system.arch != Arch::X86_64 => Some((
+                format!(
+                    "host program `{}` is a program for this host (x86_64), not for the system's architecture {}",
+                    path.display(),
+                    system.arch
+                ),
+                "declare the Debian package that has the program instead of Package::Host".to_string(),
+            )),
             Package::Host { path } => (!path.is_absolute() || !path.is_file()).then(|| {
                 (
                     format!("host program `{}` does not exist (an absolute path to a file is needed)", path.display()),
@@ -249,7 +257,7 @@ pub fn problems(system: &System, facts: &mut dyn Facts) -> Result<Vec<Problem>> 
 /// [`check`] against the world as it is ([`HostFacts`]): what every command runs on the
 /// system it is given, before it builds anything.
 pub fn check_here(system: &System, store: &Store, ws: &Workspace) -> Result<()> {
-    check(system, &mut HostFacts::new(store, ws))
+    check(system, &mut HostFacts { arch: system.arch, ..HostFacts::new(store, ws) })
 }
 
 /// Fails, with every problem listed, unless `system` can work.
@@ -273,11 +281,14 @@ pub struct HostFacts<'a> {
     /// The workspace's binaries, and whether `cargo metadata` told them in this run.
     bins: Option<(BTreeMap<String, Vec<String>>, bool)>,
     modules: Option<kernel::ModuleIndex>,
+    /// The architecture of the system asked about: its Debian packages are that
+    /// architecture's.
+    pub arch: Arch,
 }
 
 impl<'a> HostFacts<'a> {
     pub fn new(store: &'a Store, ws: &'a Workspace) -> HostFacts<'a> {
-        HostFacts { store, ws, bins: None, modules: None }
+        HostFacts { store, ws, bins: None, modules: None, arch: Arch::X86_64 }
     }
 
     /// Where the last answer of `cargo metadata` for this workspace is kept.
@@ -325,11 +336,11 @@ impl Facts for HostFacts<'_> {
 
     fn programs(&mut self, package: &Package) -> Result<BTreeSet<String>> {
         Ok(match package {
-            Package::Busybox => packages::programs_in(&system::busybox(self.store)?.path),
+            Package::Busybox => packages::programs_in(&system::busybox(self.store, self.arch)?.path),
             // The programs of its whole closure (python3's `python3` is python3-minimal's).
             Package::Debian { package } => {
                 let mut names = BTreeSet::new();
-                for (_, pin) in debian::closure::closure(std::slice::from_ref(package))? {
+                for (_, pin) in debian::closure::closure(&[debian::qualified(package, self.arch)])? {
                     names.extend(packages::programs_in(&debian::unpacked(self.store, &pin)?.path));
                 }
                 names
@@ -341,7 +352,7 @@ impl Facts for HostFacts<'_> {
 
     fn kernel_has_module(&mut self, system: &System, module: &str) -> Result<bool> {
         if self.modules.is_none() {
-            let tree = kernel::resolve(self.store, &system.kernel)?;
+            let tree = kernel::resolve(self.store, &system.kernel, system.arch)?;
             self.modules = Some(kernel::ModuleIndex::read(&tree)?);
         }
         Ok(self.modules.as_ref().is_some_and(|m| m.closure(&[module.to_string()]).is_ok()))

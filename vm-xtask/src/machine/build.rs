@@ -93,7 +93,7 @@ pub fn build(ws: &Workspace, opts: &VmOpts, declared: &System, step: &BuildStep)
     }
 
     let (item, outcome) = store.realise_with_outcome(&recipe, |out| {
-        let accel = qemu::choose_accel(opts.accel)?;
+        let accel = qemu::accel_for(lowered.arch, opts.accel)?;
         let xchg = store.exchange()?;
         let runtime = store.scratch("run")?;
         let out_dir = xchg.path().join("out");

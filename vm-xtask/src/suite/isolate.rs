@@ -235,7 +235,7 @@ impl Vms<'_> {
         );
         let argv = vec!["sh".into(), "-c".into(), script];
         let mut request = machine.request(self.lowered, self.system_item, Mode::Command, argv);
-        request.mounts = super::workspace_mounts(self.shared);
+        request.mounts = super::workspace_mounts(self.shared, self.lowered.arch);
         let xchg = store.exchange()?;
         let runtime = store.scratch("run")?;
         let mut spec = machine.spec(xchg.path().to_path_buf());

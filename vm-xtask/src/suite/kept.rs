@@ -418,7 +418,7 @@ fn serve(ws: &Workspace, opts: &VmOpts, system: &System, shared: &Shared, dir: &
     let store = &machine.store;
     let mut request = machine.request(&lowered, &system_item, Mode::Serve, vec!["serve".into()]);
     request.attach = true;
-    request.mounts = workspace_mounts(shared);
+    request.mounts = workspace_mounts(shared, os_configs::Arch::X86_64);
     // The binaries: a share of their own, read-only and cached in the guest (the
     // exchange directory is not, and a binary paged in from it costs a read per page).
     let bins = store.private_subdir("doctest-bins", "bins")?;

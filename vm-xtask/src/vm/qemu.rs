@@ -6,6 +6,7 @@ use std::fs::OpenOptions;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Result};
+use os_configs::Arch;
 
 /// `--accel`: what the user asked for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Default)]
@@ -133,6 +134,9 @@ pub struct Port {
 /// Everything that determines a QEMU command line.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct VmSpec {
+    /// The guest's architecture: which QEMU runs it, on which machine.
+    #[serde(default, with = "arch_name")]
+    pub arch: Arch,
     pub accel: Accel,
     pub memory_mib: u32,
     pub kernel: PathBuf,
@@ -178,6 +182,20 @@ pub struct VmSpec {
     pub memory_file: Option<MemoryFile>,
 }
 
+/// [`Arch`] in saved specs, by its name (`x86_64`, `aarch64`).
+mod arch_name {
+    use os_configs::Arch;
+
+    pub fn serialize<S: serde::Serializer>(arch: &Arch, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(arch.name())
+    }
+
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Arch, D::Error> {
+        let name: String = serde::Deserialize::deserialize(d)?;
+        Arch::parse(&name).ok_or_else(|| serde::de::Error::custom(format!("unknown architecture `{name}`")))
+    }
+}
+
 /// Guest RAM backed by a file: `shared`, the guest's writes reach the file (a snapshot
 /// being made); else the file is mapped copy-on-write and never written (a restore).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -215,6 +233,7 @@ impl VmSpec {
     pub fn direct(accel: Accel, memory_mib: u32, boot: (PathBuf, PathBuf, Vec<String>), shares: Vec<Share>) -> VmSpec {
         let (kernel, initrd, kernel_args) = boot;
         VmSpec {
+            arch: Arch::X86_64,
             accel,
             memory_mib,
             kernel,
@@ -306,16 +325,38 @@ pub(crate) fn path_arg(prefix: &str, path: &Path) -> OsString {
     OsString::from_vec(bytes)
 }
 
-/// The machine: microvm (no PCI, no firmware tables to scan, virtio over MMIO), with
-/// nothing QEMU would add by default, and a guest reboot ending QEMU.
-pub fn machine_args() -> Vec<OsString> {
-    os(&["-machine", "microvm", "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot", "-smp", "1"])
+/// The machine: for x86_64, microvm (no PCI, no firmware tables to scan, virtio over
+/// MMIO); for aarch64, `virt` (virtio over MMIO too, described by its device tree), with
+/// a Cortex-A57 (`max` adds pointer authentication, which costs much under TCG). Nothing
+/// QEMU would add by default, and a guest reboot ends QEMU.
+pub fn machine_args(arch: Arch) -> Vec<OsString> {
+    let machine: &[&str] = match arch {
+        Arch::X86_64 => &["-machine", "microvm"],
+        Arch::Aarch64 => &["-machine", "virt", "-cpu", "cortex-a57"],
+    };
+    [os(machine), os(&["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot", "-smp", "1"])].concat()
 }
 
 pub fn accel_args(accel: Accel) -> Vec<OsString> {
     match accel {
         Accel::Kvm => os(&["-accel", "kvm", "-cpu", "host"]),
         Accel::Tcg => os(&["-accel", "tcg"]),
+    }
+}
+
+/// The accelerator for a guest of `arch` on this host: as [`choose_accel`] chooses when
+/// it is the host's architecture; TCG otherwise (KVM runs only the host's), and asking
+/// for KVM then is a usage error.
+pub fn accel_for(arch: Arch, choice: AccelChoice) -> Result<Accel> {
+    if cfg!(target_arch = "x86_64") && arch == Arch::X86_64 {
+        return choose_accel(choice);
+    }
+    match choice {
+        AccelChoice::Kvm => Err(crate::error::usage_error(format!(
+            "--accel kvm: KVM runs guests of this host's architecture only, and the guest is {arch}; use --accel tcg \
+             or auto"
+        ))),
+        _ => Ok(Accel::Tcg),
     }
 }
 
@@ -370,11 +411,13 @@ pub fn kernel_cmdline(spec: &VmSpec) -> Vec<String> {
     // pci=off: microvm has no PCI bus, and probing for one only costs time;
     // cryptomgr.notests: the kernel's self-tests of its crypto algorithms took 0.17 s of
     // a 1 s boot under TCG.
+    // On aarch64's virt machine, the console is the PL011 UART, and PSCI reboots.
+    let words: &[&str] = match spec.arch {
+        Arch::X86_64 => &["console=ttyS0", "reboot=t", "panic=-1", "quiet", "pci=off"],
+        Arch::Aarch64 => &["console=ttyAMA0", "panic=-1", "quiet"],
+    };
     let mut cmdline: Vec<String> =
-        ["console=ttyS0", "reboot=t", "panic=-1", "quiet", "pci=off", "cryptomgr.notests", "rdinit=/init"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
+        words.iter().chain(&["cryptomgr.notests", "rdinit=/init"]).map(|s| s.to_string()).collect();
     if let Some(khz) = spec.tsc_khz {
         cmdline.push(format!("tsc_early_khz={khz}"));
     }
@@ -469,7 +512,7 @@ pub fn port_args(spec: &VmSpec) -> Vec<OsString> {
 /// The whole argument list (without the program name).
 pub fn args(spec: &VmSpec) -> Vec<OsString> {
     [
-        machine_args(),
+        machine_args(spec.arch),
         accel_args(spec.accel),
         sandbox_args(spec.sandbox),
         memory_args(spec.memory_mib, spec.memory_file.as_ref(), !spec.vhost_user_fs.is_empty()),

@@ -232,7 +232,7 @@ impl<'a> VmRun<'a> {
     /// Boots the VM, waits for it to end and returns the status the guest reported.
     /// Every way of ending without a status is an error carrying the console's tail.
     pub fn run(mut self) -> Result<Status> {
-        crate::debian::qemu::program()?;
+        crate::debian::qemu::program_for(self.spec.arch)?;
         let interactive = self.request.mode() == Mode::Interactive;
         // Console logs hold guest text: a private directory, files made anew there.
         crate::store::ensure_private_dir(&self.log_dir)?;
@@ -348,7 +348,7 @@ impl<'a> VmRun<'a> {
         args.extend(extra_args.iter().cloned());
         if self.verbose {
             let shown: Vec<String> = args.iter().map(|a| crate::process::shell_quote(&a.to_string_lossy())).collect();
-            eprintln!("+ {} {}", crate::debian::qemu::known().display(), shown.join(" "));
+            eprintln!("+ {} {}", crate::debian::qemu::known_for(self.spec.arch).display(), shown.join(" "));
         }
         let saved_tty = interactive.then(save_terminal).flatten();
         let started = Instant::now();
@@ -378,7 +378,7 @@ impl<'a> VmRun<'a> {
         if let Some(restore) = self.restore.take() {
             let mut restore_args = args.clone();
             restore_args.extend(crate::vm::snapshot::restore_args());
-            match run_qemu(&restore_args, interactive, None, None, Some(&restore), &mut started_fn) {
+            match run_qemu(self.spec.arch, &restore_args, interactive, None, None, Some(&restore), &mut started_fn) {
                 Err(e) if e.downcast_ref::<WarmFailed>().is_some() => bail!("the saved VM did not load: {e:#}"),
                 other => ended = Some(other),
             }
@@ -386,7 +386,15 @@ impl<'a> VmRun<'a> {
             let mut warm_args = args.clone();
             warm_args.extend(crate::vm::snapshot::restore_args());
             let restore = Some(&warm.restore);
-            match run_qemu(&warm_args, interactive, self.timeout, self.watch.as_deref(), restore, &mut started_fn) {
+            match run_qemu(
+                self.spec.arch,
+                &warm_args,
+                interactive,
+                self.timeout,
+                self.watch.as_deref(),
+                restore,
+                &mut started_fn,
+            ) {
                 Err(e) if e.downcast_ref::<WarmFailed>().is_some() => {
                     crate::vm::snapshot::discard(&warm, &format!("{e:#}"));
                     self.spec = warm.cold.clone();
@@ -402,7 +410,7 @@ impl<'a> VmRun<'a> {
             None => {
                 let mut args = qemu::args(&self.spec);
                 args.extend(extra_args);
-                run_qemu(&args, interactive, self.timeout, self.watch.as_deref(), None, &mut started_fn)
+                run_qemu(self.spec.arch, &args, interactive, self.timeout, self.watch.as_deref(), None, &mut started_fn)
             }
         };
         // Not waited for: its outcome is set before the guest went on to end the run, and
@@ -797,6 +805,7 @@ pub fn write_request(xchg: &Path, request: &Request) -> Result<()> {
 /// Runs QEMU under a guard until it ends, calling `started` once it is running (an
 /// error there stops QEMU); the timeout counts from `started`'s return.
 fn run_qemu(
+    arch: os_configs::Arch,
     args: &[std::ffi::OsString],
     interactive: bool,
     timeout: Option<Duration>,
@@ -805,7 +814,7 @@ fn run_qemu(
     started: &mut dyn FnMut() -> Result<()>,
 ) -> Result<QemuEnd> {
     install_signal_handlers()?;
-    let mut cmd = qemu_command(args, interactive);
+    let mut cmd = qemu_command(arch, args, interactive);
     let restore = match warm {
         Some(w) => Some(RestoreFds::install(&mut cmd, &w.state).map_err(|e| WarmFailed(format!("{e:#}")))?),
         None => None,
@@ -928,9 +937,9 @@ impl RestoreFds {
 /// in its own process group with stdin and stdout closed, so Ctrl-C reaches only xtask,
 /// which then stops it (QEMU itself would exit 0 on SIGINT, as if all went well).
 /// stderr is piped.
-pub fn qemu_command(args: &[std::ffi::OsString], interactive: bool) -> Command {
+pub fn qemu_command(arch: os_configs::Arch, args: &[std::ffi::OsString], interactive: bool) -> Command {
     // QEMU dies with xtask, even when xtask is SIGKILLed.
-    let mut cmd = crate::process::command(crate::debian::qemu::known());
+    let mut cmd = crate::process::command(crate::debian::qemu::known_for(arch));
     cmd.args(args).stderr(Stdio::piped());
     if !interactive {
         cmd.stdin(Stdio::null()).stdout(Stdio::null());

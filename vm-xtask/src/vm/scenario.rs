@@ -520,7 +520,7 @@ impl Node {
         if restore.is_some() {
             args.extend(crate::vm::snapshot::restore_args());
         }
-        let mut cmd = vm::qemu_command(&args, false);
+        let mut cmd = vm::qemu_command(self.spec.arch, &args, false);
         let fds = restore.map(|state| vm::RestoreFds::install(&mut cmd, state)).transpose()?;
         let child = cmd
             .stderr(std::process::Stdio::null())

@@ -155,7 +155,7 @@ fn copy_sparse(from: &Path, to: &Path) -> Result<()> {
 /// file is the item's: its arguments, `memory-backend-file`, say what the item holds).
 fn recipe(store: &Store, spec: &VmSpec) -> Result<Recipe> {
     let args = shape_args(&store.items_dir(), spec);
-    let qemu = qemu_version(store)?;
+    let qemu = qemu_version(store, spec.arch)?;
     Ok(Recipe::new("vm-snapshot", ITEM_NAME).param("args", args.join("\n")).param("qemu", qemu))
 }
 
@@ -196,9 +196,10 @@ fn shape_args(items: &Path, spec: &VmSpec) -> Vec<String> {
         .collect()
 }
 
-/// The first line of `qemu-system-x86_64 --version`, remembered while QEMU is unchanged.
-pub(crate) fn qemu_version(store: &Store) -> Result<String> {
-    let program = crate::debian::qemu::absolute()?;
+/// The first line of `--version` of the QEMU for `arch`, remembered while QEMU is
+/// unchanged.
+pub(crate) fn qemu_version(store: &Store, arch: os_configs::Arch) -> Result<String> {
+    let program = crate::debian::qemu::absolute_for(arch)?;
     host::remembered(&store.cache_dir(), &program, "version", || {
         // A QEMU that fails even this is reported by the run itself, with its hint.
         let out = crate::process::output(crate::process::command(&program).arg("--version"))?;
@@ -249,7 +250,7 @@ fn make(store: &Store, spec: &VmSpec, out: &Path) -> Result<()> {
     mon.push(",server=on,wait=off");
     args.extend(["-monitor".into(), mon]);
     let started = Instant::now();
-    let mut child = vm::qemu_command(&args, false).spawn().context("starting QEMU to make a snapshot")?;
+    let mut child = vm::qemu_command(spec.arch, &args, false).spawn().context("starting QEMU to make a snapshot")?;
     let made = (|| -> Result<Saved> {
         let deadline = Instant::now() + Duration::from_secs(120);
         wait_for_waiting(&socket, guest::snapshot::WAITING, deadline, || matches!(child.try_wait(), Ok(None)))?;
