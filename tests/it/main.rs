@@ -2,6 +2,7 @@
 //! guest did. They need QEMU (installed by xtask itself when running as root) and
 //! reach Debian's archive on first use to fetch the kernel and busybox.
 
+mod aarch64;
 mod adopt;
 mod attach;
 mod bench;

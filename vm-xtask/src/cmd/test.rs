@@ -100,7 +100,7 @@ impl Test {
         let with_doctests = !cargo_args.iter().any(|a| selects_targets(a)) && first_share && self.debug.is_none();
         if with_doctests && !native {
             // As `cargo test --target` for another architecture: its doctests are not run.
-            eprintln!("note: the doctests are not run for a {arch} guest (cargo builds them for the host only)");
+            eprintln!("note: the doctests are not run in {arch} guests (cargo builds them for the host only)");
         }
         let with_doctests = with_doctests && native;
         if self.debug.is_some() && !native {

@@ -362,6 +362,8 @@ impl NodePlan<'_> {
     /// Lowers the node's system and prepares its VM (started by [`Node::spawn`]).
     fn prepare(&self, ws: &Workspace, opts: &VmOpts, store: &Store) -> Result<Node> {
         let NodePlan { scenario, node, declared, hosts, lans, sockets } = *self;
+        // `--arch` moves every node to that architecture.
+        let declared = &System { arch: opts.arch.unwrap_or(declared.arch), ..declared.clone() };
         let mut system = declared.virtualized();
         system.name = format!("{scenario}-{node}");
         system.hostname = node.to_string();
