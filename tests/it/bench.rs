@@ -46,6 +46,7 @@ fn quick_bench_prints_and_writes_a_valid_report() {
         "replay-restore",
         "replay-to-result",
         "isolate-32",
+        "boot-to-result-aarch64",
     ] {
         assert!(names.contains(&name), "figure {name} missing: {names:?}");
     }

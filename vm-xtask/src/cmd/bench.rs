@@ -71,6 +71,9 @@ pub enum Group {
     /// isolate-32: 32 tests each in a VM of its own (`test --isolate`) against all in one
     /// VM, and each VM's host memory.
     Isolate,
+    /// boot-to-result-aarch64: an aarch64 guest's cold `run-vm -- true` (emulated) against
+    /// the x86_64 guest's.
+    Aarch64,
 }
 
 /// One measured figure.
@@ -219,6 +222,9 @@ impl Bench {
         if wanted(Group::Isolate) {
             figures.push(b.isolate()?);
         }
+        if wanted(Group::Aarch64) {
+            figures.push(b.boot_to_result_aarch64()?);
+        }
         if wanted(Group::CacheHit) {
             figures.extend(b.cache_hits()?);
         }
@@ -352,6 +358,24 @@ impl Bencher<'_> {
         let [(ours, _), (floor, _)] =
             alternating(self.warmup, self.runs, || timed(|| run_quiet(&run)), || timed(|| bare.boot(&self.sh)))?;
         Ok(self.figure("boot-to-result", ours, floor, "xtask run-vm -- true", "bare qemu + busybox initramfs"))
+    }
+
+    /// boot-to-result-aarch64: `run-vm --arch aarch64 -- true`, cold (the guest emulated
+    /// by TCG, whatever `--accel` says), against the same run of the x86_64 guest, taken
+    /// in turn.
+    fn boot_to_result_aarch64(&self) -> Result<Figure> {
+        let xtask = self.xtask;
+        let arm: Command = cmd!(self.sh, "{xtask} run-vm --arch aarch64 --cold --timeout 300 -- true").into();
+        let x86 = self.run_true("--cold");
+        let [(ours, _), (floor, _)] =
+            alternating(self.warmup, self.runs, || timed(|| run_quiet(&arm)), || timed(|| run_quiet(&x86)))?;
+        Ok(self.figure(
+            "boot-to-result-aarch64",
+            ours,
+            floor,
+            "xtask run-vm --arch aarch64 -- true (TCG)",
+            "xtask run-vm -- true (x86_64)",
+        ))
     }
 
     /// boot-to-result-warm: the same run restored from its snapshot (made in the first
