@@ -61,18 +61,27 @@ pub fn copy_items(to: &Path, hard_links: bool, mut keep: impl FnMut(&str) -> boo
 /// The `qemu-system-x86_64` tests start themselves: the host's when it has one, else
 /// the store's (`xtask --qemu store` makes it), as xtask chooses.
 pub fn qemu_system() -> PathBuf {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    let on_host = std::env::split_paths(&path).map(|d| d.join("qemu-system-x86_64")).find(|p| p.is_file());
-    if let Some(found) = on_host {
+    qemu_for("qemu-system-x86_64", "-qemu-store", &[])
+}
+
+/// The `qemu-system-aarch64` tests start themselves, as xtask chooses it for aarch64
+/// guests: the host's when it has one, else the store's (made by a run of one).
+pub fn qemu_system_aarch64() -> PathBuf {
+    qemu_for("qemu-system-aarch64", "-qemu-store-qemu-system-aarch64", &["--arch", "aarch64"])
+}
+
+fn qemu_for(program: &str, item_suffix: &str, run_args: &[&str]) -> PathBuf {
+    if let Some(found) = which(program) {
         return found;
     }
-    let made = xtask(&["--qemu", "store", "run-vm", "--timeout", TIMEOUT, "--", "true"]);
+    let args = [&["--qemu", "store", "run-vm"], run_args, &["--timeout", TIMEOUT, "--", "true"]].concat();
+    let made = xtask(&args);
     assert_eq!(made.code, 0, "{made:#?}");
     items()
         .into_iter()
-        .find(|i| i.to_string_lossy().ends_with("-qemu-store"))
-        .map(|i| i.join("bin/qemu-system-x86_64"))
-        .expect("no QEMU on this host, and xtask made none in the store")
+        .find(|i| i.to_string_lossy().ends_with(item_suffix))
+        .map(|i| i.join("bin").join(program))
+        .unwrap_or_else(|| panic!("no `{program}` on this host, and xtask made none in the store"))
 }
 
 /// Builds the tests' xtask once per test process and returns its path: this repository's
@@ -152,6 +161,12 @@ impl Run {
 
 /// Every VM in the tests runs under this timeout, so a hang fails instead of blocking.
 pub const TIMEOUT: &str = "300";
+
+/// `program` as found on `PATH`, if it is there.
+pub fn which(program: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path).map(|dir| dir.join(program)).find(|p| p.is_file())
+}
 
 /// Runs `xtask ARGS` with stdin from /dev/null.
 pub fn xtask(args: &[&str]) -> Run {

@@ -119,6 +119,16 @@ fn what_cannot_work_for_another_architecture_is_refused_naming_it() {
     assert!(run.stderr.contains("is a program for this host (x86_64), not for the system's architecture aarch64"));
     assert!(run.stderr.contains("nothing was built"), "{run:#?}");
 
+    // What arm64 does not have, named: a Debian package built for amd64 only, a module
+    // of amd64's kernel only.
+    let run = run_arm("x86-only", &["true"]);
+    run.expect_code(2);
+    assert!(
+        run.stderr.contains("Debian package `grub-pc-bin` does not exist in xtask's Debian index for arm64"),
+        "{run:#?}"
+    );
+    assert!(run.stderr.contains("kernel module `kvm_intel` is neither a module of the system's kernel"), "{run:#?}");
+
     let run = xtask(&["test", "--arch", "aarch64", "-p", "vm-checks", "--doc"]);
     run.expect_code(2);
     assert!(run.stderr.contains("cargo builds doctests for the host only"), "{run:#?}");

@@ -429,8 +429,8 @@ fn a_broken_kernel_image_is_reported_with_qemus_message() {
 #[test]
 fn a_kernel_from_a_host_path_boots() {
     vm_tests::run_vm(&["true"]).expect_code(0);
-    let kernel_item =
-        vm_tests::items().into_iter().find(|p| p.join("lib/modules").is_dir()).expect("no kernel in the store");
+    let amd64 = |p: &std::path::PathBuf| p.to_string_lossy().contains("-amd64-") && p.join("lib/modules").is_dir();
+    let kernel_item = vm_tests::items().into_iter().find(amd64).expect("no amd64 kernel in the store");
     let release = fs::read_dir(kernel_item.join("lib/modules")).unwrap().flatten().next().unwrap().file_name();
     let release = release.to_string_lossy();
     let image = kernel_item.join(format!("boot/vmlinuz-{release}"));

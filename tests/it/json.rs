@@ -100,6 +100,7 @@ fn systems_json_lists_every_system() {
     let systems = doc["systems"].as_array().expect("systems");
     let hello = systems.iter().find(|s| s["name"] == "hello").expect("hello listed");
     assert_eq!(hello["hostname"], "hello-vm");
+    assert_eq!(hello["arch"], "x86_64");
     assert_eq!(hello["services"][0], "hello");
     assert!(hello["packages"].as_array().unwrap().iter().any(|p| p == "crate:hello-service/hello-service"), "{hello}");
     let defaults: Vec<&Value> = systems.iter().filter(|s| s["default"] == true).collect();

@@ -278,6 +278,22 @@ pub const LOADER: &str = "lib/x86_64-linux-gnu/ld-linux-x86-64.so.2";
 /// Where Debian's packages put shared libraries.
 pub const LIB_DIRS: &[&str] = &["lib/x86_64-linux-gnu", "usr/lib/x86_64-linux-gnu"];
 
+/// libc6's dynamic loader inside its package for `arch`.
+pub fn loader(arch: Arch) -> &'static str {
+    match arch {
+        Arch::X86_64 => LOADER,
+        Arch::Aarch64 => "lib/aarch64-linux-gnu/ld-linux-aarch64.so.1",
+    }
+}
+
+/// Where Debian's packages for `arch` put shared libraries.
+pub fn lib_dirs(arch: Arch) -> &'static [&'static str] {
+    match arch {
+        Arch::X86_64 => LIB_DIRS,
+        Arch::Aarch64 => &["lib/aarch64-linux-gnu", "usr/lib/aarch64-linux-gnu"],
+    }
+}
+
 /// Where a [`write_loader_wrapper`] item has the loader under the name `name`; its script
 /// execs `"${0%/*}/../` and this.
 pub fn loader_link(name: &str) -> String {

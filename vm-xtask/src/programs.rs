@@ -41,6 +41,12 @@ const fn store(name: &'static str, package: &'static str, used_for: &'static str
 /// The programs.
 pub const PROGRAMS: &[Program] = &[
     host("qemu-system-x86_64", "qemu-system-x86", false, "every VM (the host's; see the store's below)"),
+    host(
+        "qemu-system-aarch64",
+        "qemu-system-arm",
+        false,
+        "aarch64 guests, when the host has it (else the store's, below; never installed)",
+    ),
     host("qemu-img", "qemu-utils", false, "qcow2 images and disks"),
     host("apt-get", "apt", true, "xtask's own Debian index (`apt-get update`, no root), closures (`--simulate`)"),
     host("apt-cache", "apt", true, "resolving a package not locked yet, `lock --update`, over xtask's index"),

@@ -446,9 +446,7 @@ struct FailureSaving {
 
 impl FailureSaving {
     fn new(ws: &Workspace, runtime: &crate::store::Scratch) -> Result<FailureSaving> {
-        let dir = crate::vm::replay::dir(&ws.target_dir);
-        crate::store::ensure_private_dir(&dir)?;
-        let scratch = tempfile::Builder::new().prefix(".saving-").tempdir_in(&dir)?;
+        let scratch = crate::vm::replay::saving_dir(&ws.target_dir)?;
         let monitor = crate::vm::attach::Socket::new(runtime.path(), "monitor.sock")?
             .context("no path for QEMU's monitor socket fits a socket's address")?;
         let state = scratch.path().join(crate::vm::replay::STATE_FILE);
@@ -482,32 +480,16 @@ impl FailureSaving {
             }
         };
         let Some((spec, request)) = self.saver.ran() else { return Ok(()) };
-        let record = replay::Record {
-            version: 0,
-            id: String::new(),
-            saved_at: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs(),
+        let saved = replay::Failure {
             what: what.to_string(),
             failed,
-            qemu: crate::vm::snapshot::qemu_version(store, spec.arch)?,
             scenario: None,
             vms: vec![replay::SavedVm { name: "test".into(), state: replay::STATE_FILE.into(), spec, request }],
             staged: Some(staged),
             bytes,
             save_s,
         };
-        let dir = replay::dir(&ws.target_dir);
-        let scratch = self.scratch.keep();
-        let id = replay::keep_saved(&dir, "test", &scratch, record, replay::keep()?).inspect_err(|_| {
-            let _ = std::fs::remove_dir_all(&scratch);
-        })?;
-        let mib = bytes as f64 / f64::from(1 << 20);
-        let at = dir.join(&id);
-        eprintln!(
-            "replay: cargo xtask replay {id}   (the VM as the failure left it: {mib:.1} MiB in {}, \
-             saved in {save_s:.1} s)",
-            at.display()
-        );
-        Ok(())
+        replay::keep_failure(store, &ws.target_dir, "test", self.scratch, saved, "the VM")
     }
 }
 

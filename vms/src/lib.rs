@@ -68,6 +68,15 @@ pub fn test_fixtures() -> Vec<System> {
              apt repository): refused before anything is built",
             &["xtask-fixture-app"],
         ),
+        System {
+            initrd_modules: vec!["kvm_intel".to_string()],
+            ..with_debian(
+                "x86-only",
+                "(for tests) a Debian package (grub-pc-bin) and an initrd module (kvm_intel) that amd64 has and arm64 \
+                 has not: refused with --arch aarch64",
+                &["grub-pc-bin"],
+            )
+        },
         with_debian(
             "invalid-debian-unknown",
             "(for tests) a Debian package apt does not know: refused before anything is built",

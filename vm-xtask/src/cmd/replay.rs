@@ -11,7 +11,7 @@ use anyhow::{bail, Context, Result};
 use guest::Mode;
 
 use crate::error::usage_error;
-use crate::vm::qemu::{MemoryFile, Port};
+use crate::vm::qemu::Port;
 use crate::vm::replay::{self, Record, SavedVm};
 use crate::vm::scenario::Driver;
 use crate::vm::{GuestRequest, VmRun};
@@ -173,14 +173,10 @@ fn spec(
     view: Option<&Path>,
     interactive: bool,
 ) -> Result<crate::vm::qemu::VmSpec> {
-    let mut spec = vm.spec.clone();
-    for share in &mut spec.shares {
-        if share.tag == guest::XCHG_TAG {
-            share.path = xchg.to_path_buf();
-        } else if let (Some(staged), Some(view)) = (&record.staged, view) {
-            if share.tag == staged.tag {
-                share.path = view.to_path_buf();
-            }
+    let mut spec = vm.spec_for_restore(xchg, &runtime.join("ram"))?;
+    if let (Some(staged), Some(view)) = (&record.staged, view) {
+        for share in spec.shares.iter_mut().filter(|s| s.tag == staged.tag) {
+            share.path = view.to_path_buf();
         }
     }
     let made_by_the_run = |p: &Port| p.name == "stdout" || p.name == "stderr";
@@ -194,12 +190,6 @@ fn spec(
     spec.snapshot_port = Some(runtime.join("snapshot.sock"));
     spec.attach = None;
     spec.gdb = None;
-    if spec.memory_file.is_some() {
-        let ram = runtime.join("ram");
-        let file = crate::store::create_private_file(&ram)?;
-        file.set_len(u64::from(spec.memory_mib) << 20)?;
-        spec.memory_file = Some(MemoryFile { path: ram, shared: false });
-    }
     if !spec.vhost_user_fs.is_empty() {
         bail!("`{}` had a virtiofs share, which no saved VM can have", record.id);
     }

@@ -125,9 +125,7 @@ fn save_failure(
     error: &anyhow::Error,
 ) -> Result<()> {
     use crate::vm::replay;
-    let dir = replay::dir(&ws.target_dir);
-    crate::store::ensure_private_dir(&dir)?;
-    let scratch = tempfile::Builder::new().prefix(".saving-").tempdir_in(&dir)?;
+    let scratch = replay::saving_dir(&ws.target_dir)?;
     let (vms, bytes, save_s) = match driver.save_failure(scratch.path()) {
         Ok(saved) => saved,
         Err(e) => {
@@ -136,31 +134,16 @@ fn save_failure(
         }
     };
     let first_line = format!("{error:#}").lines().next().unwrap_or_default().chars().take(200).collect();
-    let record = replay::Record {
-        version: 0,
-        id: String::new(),
-        saved_at: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs(),
+    let saved = replay::Failure {
         what: format!("scenario {name}"),
         failed: Some(first_line),
-        qemu: crate::vm::snapshot::qemu_version(store, vms.first().map(|vm| vm.spec.arch).unwrap_or_default())?,
         scenario: Some(name.to_string()),
         vms,
         staged: None,
         bytes,
         save_s,
     };
-    let scratch = scratch.keep();
-    let id =
-        replay::keep_saved(&dir, &format!("scenario-{name}"), &scratch, record, replay::keep()?).inspect_err(|_| {
-            let _ = std::fs::remove_dir_all(&scratch);
-        })?;
-    let mib = bytes as f64 / f64::from(1 << 20);
-    eprintln!(
-        "replay: cargo xtask replay {id}   (the nodes as the failure left them: {mib:.1} MiB in {}, saved in \
-         {save_s:.1} s)",
-        dir.join(&id).display()
-    );
-    Ok(())
+    replay::keep_failure(store, &ws.target_dir, &format!("scenario-{name}"), scratch, saved, "the nodes")
 }
 
 /// Reads commands from stdin, one a line, runs each on `node` of the kept scenario

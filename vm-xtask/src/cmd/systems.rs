@@ -7,7 +7,7 @@ use serde::Serialize;
 #[derive(Debug, Clone, clap::Args)]
 pub struct Systems {
     /// Print one JSON document on stdout: each system's name, description, host name,
-    /// packages, services and file systems.
+    /// architecture, packages, services and file systems.
     #[arg(long)]
     pub json: bool,
 }
@@ -19,6 +19,8 @@ pub struct SystemReport {
     pub description: String,
     pub default: bool,
     pub hostname: String,
+    /// `x86_64` or `aarch64`.
+    pub arch: String,
     /// `busybox`, `debian:NAME`, `crate:PACKAGE/BIN`, `host:PATH`.
     pub packages: Vec<String>,
     pub services: Vec<String>,
@@ -41,6 +43,7 @@ pub fn report() -> SystemsReport {
         .map(|s| SystemReport {
             default: s.name == default,
             hostname: s.hostname.clone(),
+            arch: s.arch.name().to_string(),
             packages: s
                 .packages
                 .iter()
@@ -71,7 +74,12 @@ impl Systems {
         let width = systems.iter().map(|s| s.name.len()).max().unwrap_or(0);
         for s in systems {
             let default = if s.name == catalog.default_name() { " (default)" } else { "" };
-            println!("{:width$}  {}{default}", s.name, s.description);
+            // Another architecture than the default's is said.
+            let arch = match s.arch {
+                os_configs::Arch::X86_64 => String::new(),
+                other => format!("[{other}] "),
+            };
+            println!("{:width$}  {arch}{}{default}", s.name, s.description);
         }
         Ok(0)
     }

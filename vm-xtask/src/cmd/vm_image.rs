@@ -17,6 +17,10 @@ pub struct VmImage {
     /// The system to make an image of (see `cargo xtask systems`).
     #[arg(long, default_value_t = crate::Catalog::current().default_name())]
     pub system: String,
+    /// The guest's architecture instead of the system's: x86_64 or aarch64 (arm64; its
+    /// images are for UEFI).
+    #[arg(long, value_name = "ARCH", value_parser = crate::parse::parse_arch)]
+    pub arch: Option<os_configs::Arch>,
     /// The image's format.
     #[arg(long, value_enum, default_value = "qcow2")]
     pub format: DiskFormat,
@@ -74,7 +78,10 @@ impl VmImage {
     /// Makes (or finds) the image in `store`, checks it with `--check`: the item, how it
     /// came, and the image file's path.
     pub fn realise(&self, ws: &Workspace, store: &Store) -> Result<(crate::store::Item, Outcome, std::path::PathBuf)> {
-        let system = super::lookup_system(&self.system)?;
+        let mut system = super::lookup_system(&self.system)?;
+        if let Some(arch) = self.arch {
+            system.arch = arch;
+        }
         // The image tools come from the store; QEMU from the host or the store.
         if self.builder == Builder::Vm {
             crate::debian::qemu::program()?;
@@ -143,10 +150,15 @@ impl VmImage {
             self.check(store, &item, outcome, &path, firmware, build)?;
         }
         if let (Some(uefi), true) = (&uefi, crate::progress::shown()) {
-            let (code, vars) = uefi.ovmf();
+            let (firmware, (code, vars), qemu) = match system.arch {
+                os_configs::Arch::X86_64 => ("OVMF", uefi.ovmf(), "qemu-system-x86_64 -machine pc"),
+                os_configs::Arch::Aarch64 => {
+                    ("AAVMF", tools::aavmf(store)?, "qemu-system-aarch64 -machine virt -cpu cortex-a57 -nic none")
+                }
+            };
             eprintln!(
-                "vm-image: a UEFI image; it boots with Debian's OVMF from the store, e.g.\n  \
-                 qemu-system-x86_64 -machine pc -m 512 -drive if=pflash,format=raw,readonly=on,file={} \
+                "vm-image: a UEFI image; it boots with Debian's {firmware} from the store, e.g.\n  \
+                 {qemu} -m 512 -drive if=pflash,format=raw,readonly=on,file={} \
                  -drive if=pflash,format=raw,file=VARS.fd -drive file={},format={}\n  \
                  (VARS.fd: a writable copy of {})",
                 code.display(),
@@ -161,7 +173,28 @@ impl VmImage {
     /// The firmware the image is for: `--firmware`, if the system's bootloader supports
     /// it, else the bootloader's first.
     fn firmware(&self, system: &os_configs::System) -> Result<os_configs::Firmware> {
-        let supported = system.bootloader.firmwares();
+        // An aarch64 machine has no BIOS: its images are for UEFI.
+        let supported: Vec<os_configs::Firmware> = system
+            .bootloader
+            .firmwares()
+            .iter()
+            .copied()
+            .filter(|f| system.arch == os_configs::Arch::X86_64 || *f == os_configs::Firmware::Uefi)
+            .collect();
+        let uefi_only = system.arch != os_configs::Arch::X86_64;
+        if uefi_only && self.firmware == Some(os_configs::Firmware::Bios) {
+            return Err(usage_error(format!(
+                "--firmware bios: {} systems boot with UEFI only; give --firmware uefi or leave it out",
+                system.arch
+            )));
+        }
+        if uefi_only && supported.is_empty() && system.bootloader != os_configs::Bootloader::Direct {
+            return Err(usage_error(format!(
+                "system `{}` has bootloader {:?}, for BIOS only, and {} systems boot with UEFI only; declare \
+                 `Bootloader::Grub` or `GrubEfi`",
+                system.name, system.bootloader, system.arch
+            )));
+        }
         let names = || supported.iter().map(|f| f.name()).collect::<Vec<_>>().join(", ");
         match (self.firmware, supported.first()) {
             (_, None) => Err(usage_error(format!(

@@ -106,7 +106,12 @@ fn resolve(qualified_roots: &[String], arch: Arch) -> Result<Vec<(String, Pin)>>
     let stdout = String::from_utf8_lossy(&out.stdout);
     if !out.status.success() {
         let said = format!("{stdout}{}", String::from_utf8_lossy(&out.stderr));
-        return Err(refusal(roots, &said, || dependency_graph(&index, roots)).into());
+        let mut refused = refusal(roots, &said, || dependency_graph(&index, roots));
+        if arch != Arch::X86_64 {
+            // Said of the packages of the system's architecture: the name may be amd64's only.
+            refused.message.push_str(&format!(" for {} (the system's architecture is {arch})", arch.debian()));
+        }
+        return Err(refused.into());
     }
     let chosen = installs(&stdout);
     let wanted: Vec<String> = chosen.iter().map(|(p, v)| format!("{p}={v}")).collect();

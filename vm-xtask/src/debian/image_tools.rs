@@ -19,6 +19,7 @@ use anyhow::{bail, Context, Result};
 use crate::debian;
 use crate::debian::{LIB_DIRS, LOADER};
 use crate::store::{Item, Recipe, Store};
+use os_configs::Arch;
 
 /// Debian packages the image tools come from: the programs' packages and the shared
 /// libraries their programs load (checked when the tools item is made).
@@ -194,6 +195,69 @@ impl Packages {
     fn e2fsprogs(&self) -> Option<&Item> {
         self.0.iter().find(|(p, _)| p == "e2fsprogs").map(|(_, item)| item)
     }
+}
+
+/// GRUB's EFI modules for `arch` (not x86_64's: those are in [`UEFI_PACKAGES`]): the
+/// package's item (`grub-efi-arm64-bin`, Debian's arm64 package, only unpacked) and the
+/// directory `grub-mkimage -d` takes.
+pub fn grub_efi_modules(store: &Store, arch: Arch) -> Result<(Item, PathBuf)> {
+    let (package, dir) = match arch {
+        Arch::Aarch64 => ("grub-efi-arm64-bin", "usr/lib/grub/arm64-efi"),
+        Arch::X86_64 => ("grub-efi-amd64-bin", GRUB_X86_64_EFI),
+    };
+    let pin = debian::pin(&debian::qualified(package, arch))?;
+    let item = debian::unpacked(store, &pin).with_context(|| format!("unpacking Debian package `{package}`"))?;
+    let modules = item.path.join(dir);
+    Ok((item, modules))
+}
+
+/// Debian's UEFI firmware for aarch64 guests (AAVMF, in `qemu-efi-aarch64`): its code
+/// and the template of its variables store (64 MiB flash each).
+pub fn aavmf(store: &Store) -> Result<(PathBuf, PathBuf)> {
+    let item = debian::unpacked(store, &debian::pin(AAVMF_PACKAGE)?)?;
+    Ok((item.path.join("usr/share/AAVMF/AAVMF_CODE.fd"), item.path.join("usr/share/AAVMF/AAVMF_VARS.fd")))
+}
+
+/// The package of [`aavmf`].
+pub const AAVMF_PACKAGE: &str = "qemu-efi-aarch64";
+
+/// How a guest of `arch` runs e2fsck, with no shell (its loader and arguments, the
+/// items' paths as the guest sees them), and the items that takes: the image tools'
+/// for x86_64; for another architecture, that architecture's e2fsprogs with its
+/// dependency closure, through its own libc6's loader.
+pub fn guest_e2fsck(store: &Store, arch: Arch) -> Result<(Vec<String>, Vec<Item>)> {
+    if arch == Arch::X86_64 {
+        let tools = tools(store)?;
+        return Ok((tools.guest_argv("e2fsck")?, tools.items()));
+    }
+    let closure = debian::closure::closure(&[debian::qualified("e2fsprogs", arch)])?;
+    let mut items = Vec::new();
+    for (name, pin) in &closure {
+        items.push((name.clone(), debian::unpacked(store, pin).with_context(|| format!("unpacking `{name}`"))?));
+    }
+    let item = |package: &str| {
+        let name = debian::qualified(package, arch);
+        items.iter().find(|(n, _)| *n == name).map(|(_, i)| i.clone()).context("a package of e2fsprogs' closure")
+    };
+    let (libc6, e2fsprogs) = (item("libc6")?, item("e2fsprogs")?);
+    let program = ["sbin/e2fsck", "usr/sbin/e2fsck"]
+        .into_iter()
+        .find(|p| e2fsprogs.path.join(p).is_file())
+        .context("Debian package e2fsprogs has no e2fsck")?;
+    let mut lib_dirs = Vec::new();
+    for (_, i) in &items {
+        for dir in debian::lib_dirs(arch).iter().filter(|d| i.path.join(d).is_dir()) {
+            lib_dirs.push(format!("{}/{dir}", i.guest_path()));
+        }
+    }
+    let argv = vec![
+        format!("{}/{}", libc6.guest_path(), debian::loader(arch)),
+        "--inhibit-cache".into(),
+        "--library-path".into(),
+        lib_dirs.join(":"),
+        format!("{}/{program}", e2fsprogs.guest_path()),
+    ];
+    Ok((argv, items.into_iter().map(|(_, i)| i).collect()))
 }
 
 /// Fetches and unpacks the tool packages (as `vm.lock` pins them) and makes the wrappers.

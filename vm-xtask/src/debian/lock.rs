@@ -344,13 +344,16 @@ fn strings(value: &str) -> Option<Vec<String>> {
 pub const BUSYBOX_PACKAGE: &str = "busybox-static";
 
 /// Every Debian package name `systems` (the workspace's named systems), the engine's own VMs (the
-/// image builder boots `minimal`), the image tools (UEFI's too), QEMU, gdb and gdbserver from the store
-/// ask for (not their dependencies).
+/// image builder boots `minimal`), the image tools (UEFI's too, aarch64's), QEMU (aarch64's too), gdb
+/// and gdbserver from the store ask for (not their dependencies).
 pub fn wanted(systems: &[os_configs::System]) -> Vec<String> {
     let mut names: Vec<String> = crate::debian::image_tools::PACKAGES.iter().map(|p| p.to_string()).collect();
     names.extend(crate::debian::image_tools::UEFI_PACKAGES.iter().map(|p| p.to_string()));
     names.push(crate::debian::qemu::PACKAGE.to_string());
     names.push(crate::debian::qemu::AARCH64.package.to_string());
+    // aarch64's UEFI images: AAVMF, and GRUB's arm64-efi modules.
+    names.push(crate::debian::image_tools::AAVMF_PACKAGE.to_string());
+    names.push(crate::debian::qualified("grub-efi-arm64-bin", os_configs::Arch::Aarch64));
     names.push(crate::debian::registry_server::PACKAGE.to_string());
     names.push(crate::debian::gdb::PACKAGE.to_string());
     names.push(crate::debian::gdb::SERVER_PACKAGE.to_string());

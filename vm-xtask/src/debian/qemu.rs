@@ -98,13 +98,8 @@ pub fn program() -> Result<PathBuf> {
     PROGRAM.get_or_init(|| choose().map_err(|e| format!("{e:#}"))).clone().map_err(anyhow::Error::msg)
 }
 
-/// [`program`] as an absolute path (the host's found on `PATH`), for what is remembered
-/// about the program's file.
-pub fn absolute() -> Result<PathBuf> {
-    absolute_for(Arch::X86_64)
-}
-
-/// [`program_for`] `arch` as an absolute path.
+/// [`program_for`] `arch` as an absolute path (the host's found on `PATH`), for what is
+/// remembered about the program's file.
 pub fn absolute_for(arch: Arch) -> Result<PathBuf> {
     let program = program_for(arch)?;
     if program.is_absolute() {

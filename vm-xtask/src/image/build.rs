@@ -24,7 +24,7 @@ use std::process::Command;
 use anyhow::{bail, ensure, Context, Result};
 use guest::image::{Registration, StoreDb};
 use guest::Mode;
-use os_configs::{Firmware, System};
+use os_configs::{Arch, Firmware, System};
 
 use crate::debian::image_tools::{self, StoreTools};
 use crate::process::{self, Stdin};
@@ -58,6 +58,16 @@ const LAYOUT_VERSION: &str = "vm-image-v4";
 /// overlayfs for volatile roots.
 pub const IMAGE_MODULES: &[&str] =
     &["ata_piix", "ata_generic", "sd_mod", "virtio_pci", "crc32c_generic", "ext4", "overlay"];
+/// Those of an aarch64 image: its disk is virtio on PCI (`virt` has no IDE).
+pub const IMAGE_MODULES_AARCH64: &[&str] = &["virtio_pci", "crc32c_generic", "ext4", "overlay"];
+
+/// The modules an image's initrd loads for a guest of `arch`.
+pub fn image_modules(arch: Arch) -> &'static [&'static str] {
+    match arch {
+        Arch::X86_64 => IMAGE_MODULES,
+        Arch::Aarch64 => IMAGE_MODULES_AARCH64,
+    }
+}
 /// GRUB modules built into `core.img`; no others are installed in the image.
 const GRUB_MODULES: &[&str] =
     &["biosdisk", "part_msdos", "ext2", "normal", "linux", "configfile", "search", "serial", "terminal", "echo"];
@@ -74,6 +84,15 @@ pub(crate) const GPT_TAIL: u64 = 1 << 20;
 /// path UEFI firmware boots from removable media.
 pub(crate) const ESP_DIRS: [&str; 2] = ["::/EFI", "::/EFI/BOOT"];
 pub(crate) const ESP_BOOT_FILE: &str = "::/EFI/BOOT/BOOTX64.EFI";
+
+/// Where GRUB's image goes on the EFI system partition of an image for `arch`: the
+/// removable-media path its firmware boots (`BOOTX64.EFI`, `BOOTAA64.EFI`).
+pub(crate) fn esp_boot_file(arch: Arch) -> &'static str {
+    match arch {
+        Arch::X86_64 => ESP_BOOT_FILE,
+        Arch::Aarch64 => "::/EFI/BOOT/BOOTAA64.EFI",
+    }
+}
 /// mtools' environment: its "now" from SOURCE_DATE_EPOCH, written as local time (UTC),
 /// and no check of the FAT's geometry against a drive's.
 pub(crate) const MTOOLS_ENV: [(&str, &str); 3] =
@@ -99,6 +118,8 @@ pub struct Closure {
     pub items: Vec<Item>,
     /// Links made in the image's root (`/bin` and friends).
     pub links: Vec<(String, String)>,
+    /// The guest's architecture.
+    pub arch: Arch,
     /// The kernel and initrd as GRUB finds them in the image.
     pub kernel: String,
     pub initrd: String,
@@ -109,14 +130,15 @@ pub struct Closure {
 /// mount the disk, its packages, and a system item.
 pub fn closure(store: &Store, ws: &Workspace, system: &System, verbose: bool) -> Result<Closure> {
     let mut disk_system = system.clone();
-    disk_system.initrd_modules.extend(IMAGE_MODULES.iter().map(|m| m.to_string()));
+    disk_system.initrd_modules.extend(image_modules(system.arch).iter().map(|m| m.to_string()));
     let mut lowered = system::lower(store, ws, &disk_system, verbose)?;
     // File systems checked at boot: Debian's e2fsck (run through libc6's loader) joins
     // the closure.
     if system::checks_file_systems(system) {
-        let tools = crate::debian::image_tools::tools(store).context("getting e2fsck for the file system checks")?;
-        lowered.fsck = tools.guest_argv("e2fsck")?;
-        lowered.packages.extend(tools.items());
+        let (argv, items) =
+            image_tools::guest_e2fsck(store, system.arch).context("getting e2fsck for the file system checks")?;
+        lowered.fsck = argv;
+        lowered.packages.extend(items);
     }
     let kernel_item = lowered.kernel.item.clone().with_context(|| {
         format!("system `{}` boots a kernel from the host; a disk image needs a kernel from the store", system.name)
@@ -164,6 +186,7 @@ pub fn closure(store: &Store, ws: &Workspace, system: &System, verbose: bool) ->
     items.push(system_item.clone());
     Ok(Closure {
         system_name: system.name.clone(),
+        arch: system.arch,
         system: system_item,
         items,
         links: lowered.links,
@@ -452,7 +475,11 @@ pub fn recipe(
 ) -> Recipe {
     let volatile = if opts.volatile { "-volatile" } else { "" };
     let firmware = if opts.layout.firmware == Firmware::Uefi { "-uefi" } else { "" };
-    let name = format!("vm-image-{}-{}{volatile}{firmware}", closure.system_name, opts.format.name());
+    let arch = match closure.arch {
+        Arch::X86_64 => String::new(),
+        other => format!("-{other}"),
+    };
+    let name = format!("vm-image-{}{arch}-{}{volatile}{firmware}", closure.system_name, opts.format.name());
     let mut recipe = Recipe::new("vm-image", &name)
         .param("layout", LAYOUT_VERSION)
         .param("format", opts.format.name())
@@ -470,6 +497,9 @@ pub fn recipe(
     }
     if let Some(uefi) = uefi {
         recipe = recipe.input_item("uefi-tools", &uefi.wrappers);
+    }
+    if closure.arch != Arch::X86_64 {
+        recipe = recipe.param("arch", closure.arch.name());
     }
     for item in &closure.items {
         recipe = recipe.input_item("item", item);
@@ -491,7 +521,13 @@ pub fn uuid_for(recipe_hash: &str) -> String {
 /// `grub.cfg`: boot the system's kernel and initrd at once, on the serial console and
 /// the screen, naming the root file system by UUID and the system item.
 pub fn grub_cfg(closure: &Closure, opts: &ImageOptions, uuid: &str) -> String {
-    let mut args = vec!["console=tty0".to_string(), "console=ttyS0".to_string(), "quiet".to_string()];
+    // aarch64's `virt` has no PC serial port: its UART is a PL011, and its firmware's
+    // console is that UART already (GRUB's own `serial` is for PCs).
+    let (serial, terminals, console) = match closure.arch {
+        Arch::X86_64 => ("serial --unit=0 --speed=115200\n", "serial console", "console=ttyS0"),
+        Arch::Aarch64 => ("", "console", "console=ttyAMA0"),
+    };
+    let mut args = vec!["console=tty0".to_string(), console.to_string(), "quiet".to_string()];
     args.push(format!("{}=UUID={uuid}", guest::image::ROOT_ARG));
     args.push(format!("{}={}", guest::image::SYSTEM_ARG, closure.system.guest_path()));
     if opts.volatile {
@@ -503,9 +539,9 @@ pub fn grub_cfg(closure: &Closure, opts: &ImageOptions, uuid: &str) -> String {
     args.extend(closure.kernel_args.iter().cloned());
     format!(
         "# Generated by `cargo xtask vm-image` for system `{name}`.\n\
-         serial --unit=0 --speed=115200\n\
-         terminal_input serial console\n\
-         terminal_output serial console\n\
+         {serial}\
+         terminal_input {terminals}\n\
+         terminal_output {terminals}\n\
          set timeout=0\n\
          set default=0\n\
          menuentry \"{name}\" {{\n\
@@ -639,7 +675,7 @@ pub fn build_on_host(job: &ImageJob, out: &Path) -> Result<()> {
         }
         Firmware::Uefi => {
             let uefi = uefi.context("a UEFI image needs the UEFI tools")?;
-            Boot::Uefi { esp: efi_system_partition(store, tools, uefi, uuid, scratch.path())? }
+            Boot::Uefi { esp: efi_system_partition(store, tools, uefi, closure.arch, uuid, scratch.path())? }
         }
     };
     let job =
@@ -1023,10 +1059,11 @@ fn efi_system_partition(
     store: &Store,
     tools: &StoreTools,
     uefi: &StoreTools,
+    arch: Arch,
     uuid: &str,
     dir: &Path,
 ) -> Result<PathBuf> {
-    let grub = grub_efi_image(store, tools, uefi)?;
+    let grub = grub_efi_image(store, tools, uefi, arch)?;
     let esp = dir.join("esp.fat");
     File::create(&esp).and_then(|f| f.set_len(ESP_SIZE)).with_context(|| format!("creating `{}`", esp.display()))?;
     let mut mkfs = uefi.command("mkfs.fat")?;
@@ -1038,7 +1075,7 @@ fn efi_system_partition(
         process::run(&cmd).map(drop).with_context(|| format!("writing the EFI system partition ({program})"))
     };
     mtools("mmd", &ESP_DIRS.map(std::ffi::OsStr::new))?;
-    mtools("mcopy", &[grub.as_os_str(), ESP_BOOT_FILE.as_ref()])?;
+    mtools("mcopy", &[grub.as_os_str(), esp_boot_file(arch).as_ref()])?;
     Ok(esp)
 }
 
@@ -1048,23 +1085,35 @@ pub(crate) fn mkfs_fat_options(uuid: &str) -> [String; 5] {
     ["--invariant".into(), "-i".into(), uuid[..8].to_string(), "-n".into(), "EFI".into()]
 }
 
-/// GRUB's x86_64-efi image (`BOOTX64.EFI`, a store item's), with [`GRUB_EFI_MODULES`]
-/// built in, looking for its configuration at [`GRUB_EFI_PREFIX`].
-pub(crate) fn grub_efi_image(store: &Store, tools: &StoreTools, uefi: &StoreTools) -> Result<PathBuf> {
-    let modules = uefi.grub_x86_64_efi();
-    let recipe = Recipe::new("grub-efi", "grub-efi-x86_64")
+/// GRUB's UEFI image for `arch` (x86_64-efi's `BOOTX64.EFI`, arm64-efi's `BOOTAA64.EFI`,
+/// a store item's), with [`GRUB_EFI_MODULES`] built in, looking for its configuration at
+/// [`GRUB_EFI_PREFIX`]. The host's (x86_64) `grub-mkimage` makes either.
+pub(crate) fn grub_efi_image(store: &Store, tools: &StoreTools, uefi: &StoreTools, arch: Arch) -> Result<PathBuf> {
+    let (format, file, name) = match arch {
+        Arch::X86_64 => ("x86_64-efi", "BOOTX64.EFI", "grub-efi-x86_64"),
+        Arch::Aarch64 => ("arm64-efi", "BOOTAA64.EFI", "grub-efi-arm64"),
+    };
+    let mut recipe = Recipe::new("grub-efi", name)
         .param("prefix", GRUB_EFI_PREFIX)
         .param("modules", GRUB_EFI_MODULES.join(","))
         .input_item("image-tools", &tools.wrappers)
         .input_item("uefi-tools", &uefi.wrappers);
+    let modules = match arch {
+        Arch::X86_64 => uefi.grub_x86_64_efi(),
+        other => {
+            let (item, dir) = image_tools::grub_efi_modules(store, other)?;
+            recipe = recipe.input_item("grub-efi-modules", &item);
+            dir
+        }
+    };
     let item = store.realise(&recipe, |out| {
         fs::create_dir(out)?;
         let mut mkimage = tools.command("grub-mkimage")?;
-        mkimage.args(["-O", "x86_64-efi", "-p", GRUB_EFI_PREFIX, "-d"]).arg(&modules);
-        mkimage.arg("-o").arg(out.join("BOOTX64.EFI")).args(GRUB_EFI_MODULES);
+        mkimage.args(["-O", format, "-p", GRUB_EFI_PREFIX, "-d"]).arg(&modules);
+        mkimage.arg("-o").arg(out.join(file)).args(GRUB_EFI_MODULES);
         process::run(&mkimage).map(drop).context("making GRUB's UEFI image")
     })?;
-    Ok(item.path.join("BOOTX64.EFI"))
+    Ok(item.path.join(file))
 }
 
 /// The first byte offset at which two files differ (a shorter file differs where it
@@ -1151,6 +1200,7 @@ mod tests {
         let item = |name: &str| Item { hash: "h".repeat(32), name: name.into(), path: PathBuf::from("/s") };
         let closure = Closure {
             system_name: "minimal".into(),
+            arch: Arch::X86_64,
             system: item("system-minimal"),
             items: vec![],
             links: vec![],
@@ -1172,6 +1222,14 @@ mod tests {
         assert!(cfg.contains("    initrd /store/i/initrd\n"), "{cfg}");
         assert!(cfg.contains("--fs-uuid --set=root u-u"), "{cfg}");
         assert!(!cfg.contains("verify-store"));
+        assert!(cfg.contains("\nserial --unit=0 --speed=115200\nterminal_input serial console\n"), "{cfg}");
+        // aarch64: the PL011 UART, the firmware's console (GRUB's `serial` is for PCs).
+        let cfg = grub_cfg(&Closure { arch: Arch::Aarch64, ..closure }, &opts, "u-u");
+        assert!(cfg.contains(" console=tty0 console=ttyAMA0 quiet "), "{cfg}");
+        assert!(
+            cfg.contains("\nterminal_input console\nterminal_output console\n") && !cfg.contains("serial"),
+            "{cfg}"
+        );
     }
 
     #[test]

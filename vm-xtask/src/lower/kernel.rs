@@ -68,6 +68,13 @@ pub fn resolve(store: &Store, kernel: &Kernel, arch: Arch) -> Result<KernelTree>
             if !image.is_file() {
                 bail!("kernel image `{}` does not exist; give the path of a bzImage (vmlinuz)", image.display());
             }
+            let mut header = [0u8; 0x40];
+            let read = fs::File::open(image).and_then(|mut f| std::io::Read::read(&mut f, &mut header));
+            read.with_context(|| format!("reading `{}`", image.display()))?;
+            if is_arm64_image(&header) != (arch == Arch::Aarch64) {
+                let what = if is_arm64_image(&header) { "an arm64 kernel" } else { "not an arm64 kernel" };
+                bail!("kernel image `{}` is {what}, and the system's architecture is {arch}", image.display());
+            }
             if !modules.join("kernel").is_dir() {
                 bail!(
                     "kernel modules directory `{}` has no `kernel/` subdirectory; give a `/lib/modules/RELEASE` tree",

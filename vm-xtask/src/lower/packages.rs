@@ -52,14 +52,25 @@ fn ensure_rust_target(dir: &Path, target: &str) -> Result<()> {
     let sysroot =
         crate::process::output(crate::process::command("rustc").args(["--print", "sysroot"]).current_dir(dir))
             .context("asking rustc for its sysroot")?;
-    let sysroot = PathBuf::from(String::from_utf8_lossy(&sysroot.stdout).trim());
-    if sysroot.join("lib/rustlib").join(target).join("lib").is_dir() {
+    let rustlib = PathBuf::from(String::from_utf8_lossy(&sysroot.stdout).trim()).join("lib/rustlib");
+    // One rustup at a time adds to a toolchain (runs in parallel would race): under a lock
+    // in the toolchain's own directory, the check and the adding.
+    let lock = rustlib.join(".vm-xtask-target-add.lock");
+    let lock = std::fs::File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock)
+        .and_then(|f| f.lock().map(|()| f))
+        .with_context(|| format!("locking `{}`", lock.display()))?;
+    if rustlib.join(target).join("lib").is_dir() {
         return Ok(());
     }
     let _step =
         crate::progress::step(&format!("adding Rust's standard library for {target} (rustup target add {target})"));
     let added =
         crate::process::output(crate::process::command("rustup").args(["target", "add", target]).current_dir(dir));
+    drop(lock);
     match added {
         Ok(out) if out.status.success() => Ok(()),
         Ok(out) => bail!(

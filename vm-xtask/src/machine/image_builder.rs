@@ -74,13 +74,14 @@ pub fn build(job: &ImageJob, ws: &Workspace, out: &Path) -> Result<()> {
         }
         Firmware::Uefi => {
             let uefi = uefi.context("a UEFI image needs the UEFI tools")?;
-            fs::copy(image::grub_efi_image(store, tools, uefi)?, input.join("BOOTX64.EFI"))?;
+            fs::copy(image::grub_efi_image(store, tools, uefi, closure.arch)?, input.join("BOOTX64.EFI"))?;
             Some(format!("{}/bin", uefi.wrappers.guest_path()))
         }
     };
     fs::write(input.join("table"), image::partition_table(uuid, &opts.layout))?;
     let tools_dir = tools.wrappers.guest_path();
-    let script = guest_script(&tree, opts, uuid, tools_dir.as_str(), uefi_bin.as_deref(), progress.verbose);
+    let uefi_bin = uefi_bin.as_deref().map(|bin| (bin, image::esp_boot_file(closure.arch)));
+    let script = guest_script(&tree, opts, uuid, tools_dir.as_str(), uefi_bin, progress.verbose);
     fs::write(input.join("build.sh"), script)?;
 
     let disk = runtime.path().join("disk.raw");
@@ -205,7 +206,7 @@ fn guest_script(
     opts: &ImageOptions,
     uuid: &str,
     tools: &str,
-    uefi_bin: Option<&str>,
+    uefi_bin: Option<(&str, &str)>,
     verbose: bool,
 ) -> String {
     let offset = opts.layout.root_offset();
@@ -247,7 +248,7 @@ fn guest_script(
                  dd if=\"$in\"/core.img of=\"$disk\" bs=512 seek=1 conv=notrunc 2>/dev/null"
             .to_string(),
         // The EFI system partition as the host builder makes it, with the same tools.
-        Some(bin) => {
+        Some((bin, boot_file)) => {
             let env: Vec<String> = image::MTOOLS_ENV.iter().map(|(k, v)| format!("{k}={}", shell_quote(v))).collect();
             let env = env.join(" ");
             format!(
@@ -260,7 +261,7 @@ fn guest_script(
                 esp_size = image::ESP_SIZE,
                 mkfs = image::mkfs_fat_options(uuid).iter().map(|a| shell_quote(a)).collect::<Vec<_>>().join(" "),
                 dirs = image::ESP_DIRS.join(" "),
-                boot_file = image::ESP_BOOT_FILE,
+                boot_file = boot_file,
                 esp_at = image::PARTITION_OFFSET >> 20,
             )
         }

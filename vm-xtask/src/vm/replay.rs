@@ -281,10 +281,77 @@ pub fn find(dir: &Path, id: &str) -> Result<Record> {
     }
 }
 
-/// Keeps a saved failure: its states (in `scratch`, beside nothing else) and `record`
-/// become `dir/ID/` under a new ID made from `label` (`test`, `scenario-NAME`); then only
-/// the newest `keep` of that label stay. Returns the ID.
-pub fn keep_saved(dir: &Path, label: &str, scratch: &Path, mut record: Record, keep: usize) -> Result<String> {
+impl SavedVm {
+    /// Its spec for a restore in this run: the exchange share at `xchg`, and the RAM, if
+    /// it had a file, a new private one at `ram` (sized, empty: the state holds all of it).
+    /// The rest of its per-run paths are the caller's to make its own.
+    pub fn spec_for_restore(&self, xchg: &Path, ram: &Path) -> Result<VmSpec> {
+        let mut spec = self.spec.clone();
+        for share in spec.shares.iter_mut().filter(|s| s.tag == guest::XCHG_TAG) {
+            share.path = xchg.to_path_buf();
+        }
+        if spec.memory_file.is_some() {
+            crate::store::create_private_file(ram)?.set_len(u64::from(spec.memory_mib) << 20)?;
+            spec.memory_file = Some(crate::vm::qemu::MemoryFile { path: ram.to_path_buf(), shared: false });
+        }
+        Ok(spec)
+    }
+}
+
+/// A private directory in the saved failures' directory of `target_dir`, where a
+/// failure's states are written until [`keep_failure`] keeps them (removed when dropped
+/// otherwise).
+pub fn saving_dir(target_dir: &Path) -> Result<tempfile::TempDir> {
+    let dir = self::dir(target_dir);
+    crate::store::ensure_private_dir(&dir)?;
+    Ok(tempfile::Builder::new().prefix(".saving-").tempdir_in(&dir)?)
+}
+
+/// A failure a run saved, for [`keep_failure`]: the [`Record`]'s own fields.
+pub struct Failure {
+    /// What ran (`test debian-base`, `scenario NAME`) and what failed, as the run said it.
+    pub what: String,
+    pub failed: Option<String>,
+    pub scenario: Option<String>,
+    pub vms: Vec<SavedVm>,
+    pub staged: Option<StagedShare>,
+    pub bytes: u64,
+    pub save_s: f64,
+}
+
+/// Keeps a saved failure: its states (in `scratch`, from [`saving_dir`], beside nothing
+/// else) and its record become `target_dir`'s `vm-replay/ID/` under a new ID made from
+/// `label` (`test`, `scenario-NAME`); then only the newest [`keep`] of that label stay.
+/// Says the line that replays it (`left`: what it holds, "the VM", "the nodes").
+pub fn keep_failure(
+    store: &crate::store::Store,
+    target_dir: &Path,
+    label: &str,
+    scratch: tempfile::TempDir,
+    saved: Failure,
+    left: &str,
+) -> Result<()> {
+    let dir = self::dir(target_dir);
+    let arch = saved.vms.first().map(|vm| vm.spec.arch).unwrap_or_default();
+    let qemu = crate::vm::snapshot::qemu_version(store, arch)?;
+    let keep = keep()?;
+    let (bytes, save_s) = (saved.bytes, saved.save_s);
+    let scratch = scratch.keep();
+    let id = keep_saved(&dir, label, &scratch, saved, qemu, keep).inspect_err(|_| {
+        let _ = fs::remove_dir_all(&scratch);
+    })?;
+    let mib = bytes as f64 / f64::from(1 << 20);
+    eprintln!(
+        "replay: cargo xtask replay {id}   ({left} as the failure left it: {mib:.1} MiB in {}, saved in {save_s:.1} s)",
+        dir.join(&id).display()
+    );
+    Ok(())
+}
+
+/// [`keep_failure`]'s part on disk: the record of `saved` (saved by `qemu`) written in
+/// `scratch`, which becomes `dir/ID/`; older ones of the label pruned to `keep`. Returns
+/// the ID.
+fn keep_saved(dir: &Path, label: &str, scratch: &Path, saved: Failure, qemu: String, keep: usize) -> Result<String> {
     crate::store::ensure_private_dir(dir)?;
     let next = list(dir).iter().map(|r| number(&r.id)).max().unwrap_or(0) + 1;
     let label: String = label.chars().filter(|c| c.is_ascii_alphanumeric() || *c == '-').collect();
@@ -296,8 +363,20 @@ pub fn keep_saved(dir: &Path, label: &str, scratch: &Path, mut record: Record, k
         })
         .find(|(_, target)| !target.exists())
         .expect("an unbounded range");
-    record.id = id.clone();
-    record.version = RECORD_VERSION;
+    let Failure { what, failed, scenario, vms, staged, bytes, save_s } = saved;
+    let record = Record {
+        version: RECORD_VERSION,
+        id: id.clone(),
+        saved_at: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs(),
+        what,
+        failed,
+        qemu,
+        scenario,
+        vms,
+        staged,
+        bytes,
+        save_s,
+    };
     let bytes = serde_json::to_vec_pretty(&record)?;
     crate::store::write_private_atomically(&scratch.join(RECORD_FILE), &bytes)?;
     fs::rename(scratch, &target).with_context(|| format!("keeping the saved failure as `{}`", target.display()))?;

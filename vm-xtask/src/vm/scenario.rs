@@ -185,7 +185,8 @@ impl Driver {
             if !scenario.nodes.iter().any(|(n, _)| n == name) {
                 return Err(changed(&format!("it has no node `{name}`")));
             }
-            let mut spec = saved.spec.clone();
+            let xchg = store.exchange()?;
+            let mut spec = saved.spec_for_restore(xchg.path(), &files.path().join(format!("{name}.ram")))?;
             let now = lans_of(scenario, &lans, name);
             if now.len() != spec.lans.len() {
                 return Err(changed(&format!("node `{name}` is on other networks")));
@@ -193,18 +194,9 @@ impl Driver {
             for (lan, (_, _, port)) in spec.lans.iter_mut().zip(now) {
                 (lan.local, lan.hub) = (port.qemu, port.hub);
             }
-            let xchg = store.exchange()?;
             let mut request = saved.request.clone();
             request.replay = true;
             vm::write_request(xchg.path(), &request)?;
-            for share in spec.shares.iter_mut().filter(|s| s.tag == guest::XCHG_TAG) {
-                share.path = xchg.path().to_path_buf();
-            }
-            if spec.memory_file.is_some() {
-                let ram = files.path().join(format!("{name}.ram"));
-                crate::store::create_private_file(&ram)?.set_len(u64::from(spec.memory_mib) << 20)?;
-                spec.memory_file = Some(qemu::MemoryFile { path: ram, shared: false });
-            }
             let console = ws.log_dir().join(format!("replay-{}-{name}-{}.log", record.id, std::process::id()));
             let attachable = vm::attach::Attachable {
                 dir: vm::attach::registry_dir(&ws.target_dir),

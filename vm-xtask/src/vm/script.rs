@@ -45,7 +45,7 @@ pub fn script_item(
     interactive: &Request,
 ) -> Result<Item> {
     // The script runs later, with another PATH: QEMU by its absolute path.
-    let qemu = crate::debian::qemu::absolute()?;
+    let qemu = crate::debian::qemu::absolute_for(spec.arch)?;
     let text = script_text(system_name, &qemu, spec, command, interactive)?;
     let recipe = Recipe::new("run-vm-script", &format!("run-vm-{system_name}.sh")).param("script", text.clone());
     store.realise(&recipe, |out| {
