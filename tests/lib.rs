@@ -162,6 +162,12 @@ impl Run {
 /// Every VM in the tests runs under this timeout, so a hang fails instead of blocking.
 pub const TIMEOUT: &str = "300";
 
+/// Whether `path` is an x86_64 ELF file (machine 62): this host's, not an aarch64 guest's.
+pub fn is_x86_64_elf(path: &Path) -> bool {
+    let mut header = [0u8; 20];
+    std::fs::File::open(path).and_then(|mut f| f.read_exact(&mut header)).is_ok() && header[18..20] == [62, 0]
+}
+
 /// `program` as found on `PATH`, if it is there.
 pub fn which(program: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;

@@ -121,7 +121,7 @@ fn what_cannot_work_for_another_architecture_is_refused_naming_it() {
 
     // What arm64 does not have, named: a Debian package built for amd64 only, a module
     // of amd64's kernel only.
-    let run = run_arm("x86-only", &["true"]);
+    let run = run_arm("invalid-on-aarch64", &["true"]);
     run.expect_code(2);
     assert!(
         run.stderr.contains("Debian package `grub-pc-bin` does not exist in xtask's Debian index for arm64"),

@@ -557,12 +557,11 @@ fn store_verification_detects_a_flipped_byte() {
     marker_line(&console);
 
     let copy = copy_image(&image, dir.path());
-    // The image's busybox: x86_64's (ELF machine 62), not an aarch64 guest's.
-    let x86_64 = |p: &Path| fs::read(p).is_ok_and(|elf| elf.get(18..20) == Some(&[62, 0][..]));
+    // The image's busybox: x86_64's, not an aarch64 guest's.
     let busybox = vm_tests::items()
         .into_iter()
         .map(|p| p.join("bin/busybox"))
-        .find(|p| p.is_file() && !p.to_string_lossy().contains("busybox-static") && x86_64(p))
+        .find(|p| p.is_file() && !p.to_string_lossy().contains("busybox-static") && vm_tests::is_x86_64_elf(p))
         .expect("no busybox item in the store");
     let mut block = vec![0u8; 4096];
     fs::File::open(&busybox).unwrap().read_exact(&mut block).unwrap();

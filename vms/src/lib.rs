@@ -71,7 +71,7 @@ pub fn test_fixtures() -> Vec<System> {
         System {
             initrd_modules: vec!["kvm_intel".to_string()],
             ..with_debian(
-                "x86-only",
+                "invalid-on-aarch64",
                 "(for tests) a Debian package (grub-pc-bin) and an initrd module (kvm_intel) that amd64 has and arm64 \
                  has not: refused with --arch aarch64",
                 &["grub-pc-bin"],

@@ -7,6 +7,10 @@
 //! store's is used, said once on stderr. The store's is a wrapper script in the
 //! `qemu-store` item (`bin/qemu-system-x86_64`) that finds the store from its own path,
 //! so every caller (VMs, snapshots, the bench, `run-vm.sh`) runs it as a plain program.
+//!
+//! aarch64 guests run on `qemu-system-aarch64` ([`program_for`]): the host's when it has
+//! one (or with `--qemu host`), else Debian's `qemu-system-arm` from the store in the same
+//! way (`qemu-store-qemu-system-aarch64`); it is never installed on the host.
 
 use std::path::PathBuf;
 use std::sync::OnceLock;

@@ -4,7 +4,9 @@
 //! database, and a `grub.cfg` generated from the system. For UEFI firmware instead: a
 //! GPT disk whose first partition is an EFI system partition (FAT, made with dosfstools
 //! and mtools from the store, with a fixed volume ID and times) holding GRUB's
-//! x86_64-efi image as `EFI/BOOT/BOOTX64.EFI`, and whose second is the same ext4 root.
+//! x86_64-efi image as `EFI/BOOT/BOOTX64.EFI` (for an aarch64 system, which has UEFI
+//! images only, its arm64-efi image as `EFI/BOOT/BOOTAA64.EFI`), and whose second is the
+//! same ext4 root.
 //!
 //! Built on the host without root: the partition table with `sfdisk --no-tell-kernel`,
 //! the file system with `mke2fs -d` straight into the partition's offset of the image

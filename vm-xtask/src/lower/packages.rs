@@ -19,6 +19,7 @@ use os_configs::Arch;
 /// The target crate packages are built for: explicit, so `+crt-static` applies to it
 /// alone and not to build scripts and proc-macros (as for the guest helper).
 pub const TARGET: &str = "x86_64-unknown-linux-gnu";
+pub const RUSTFLAGS: &str = "-C target-feature=+crt-static";
 
 /// The Rust target static binaries for `arch` are built for: glibc's for x86_64 (the
 /// host's, linked by the host's `cc`), musl's for aarch64, linked by Rust's own `rust-lld`
@@ -85,7 +86,6 @@ fn ensure_rust_target(dir: &Path, target: &str) -> Result<()> {
         }),
     }
 }
-pub const RUSTFLAGS: &str = "-C target-feature=+crt-static";
 
 /// The workspace's packages and their binary targets, from `cargo metadata`.
 pub fn workspace_bins(ws: &Workspace) -> Result<BTreeMap<String, Vec<String>>> {
@@ -117,8 +117,8 @@ pub fn crate_binary(
     verbose: bool,
 ) -> Result<Item> {
     let target_dir = ws.target_dir.join("vm-packages");
-    let built = cargo_build_static(&ws.root.join("Cargo.toml"), package, bin, &target_dir, RUSTFLAGS, arch, verbose);
-    let binary = built?;
+    let manifest = ws.root.join("Cargo.toml");
+    let binary = cargo_build_static(&manifest, package, bin, &target_dir, RUSTFLAGS, arch, verbose)?;
     if elf_info(&binary)?.interpreter.is_some() {
         bail!("`{}` is dynamically linked; packages of this workspace must be static", binary.display());
     }

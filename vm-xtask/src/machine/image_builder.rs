@@ -200,7 +200,8 @@ fn tree_commands(root: &Path, entries: &[String], items: &[String], files: &Path
 
 /// The script the guest runs (busybox sh): the host builder's steps, on `/dev/vda`, with
 /// the tools in `tools/bin` (named by path: busybox sh prefers its own applets, and it
-/// has a small `mke2fs`).
+/// has a small `mke2fs`); for a UEFI image, `uefi_bin` is the UEFI tools' directory and
+/// where GRUB's image goes on the EFI system partition.
 fn guest_script(
     tree: &[String],
     opts: &ImageOptions,
