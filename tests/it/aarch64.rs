@@ -129,6 +129,10 @@ fn what_cannot_work_for_another_architecture_is_refused_naming_it() {
     );
     assert!(run.stderr.contains("kernel module `kvm_intel` is neither a module of the system's kernel"), "{run:#?}");
 
+    let run = xtask(&["test", "--arch", "aarch64", "--isolate", "-p", "vm-checks", "--test", "trivial"]);
+    run.expect_code(2);
+    assert!(run.stderr.contains("--isolate with an aarch64 guest"), "{run:#?}");
+
     let run = xtask(&["test", "--arch", "aarch64", "-p", "vm-checks", "--doc"]);
     run.expect_code(2);
     assert!(run.stderr.contains("cargo builds doctests for the host only"), "{run:#?}");

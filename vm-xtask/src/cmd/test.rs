@@ -85,10 +85,24 @@ impl Test {
         );
         let arch = self.vm.system()?.arch;
         let native = arch == os_configs::Arch::X86_64;
+        // Tests are listed by running each binary on the host, which cannot run another
+        // architecture's: a VM per test needs the list; a share is then of whole binaries.
+        if self.isolate && !native {
+            return Err(crate::error::usage_error(format!(
+                "--isolate with an {arch} guest: each binary's tests are listed by running it on this host, \
+                 which cannot run {arch} programs; run without --isolate"
+            )));
+        }
+        if self.partition.is_some() && !native {
+            eprintln!(
+                "note: with {arch} guests a --partition share is made of whole test binaries (their tests cannot \
+                 be listed on this host)"
+            );
+        }
         if cargo_args.iter().any(|a| a == "--doc") {
             if !native {
                 return Err(crate::error::usage_error(format!(
-                    "--doc with a {arch} guest: cargo builds doctests for the host only; run them without --arch"
+                    "--doc with an {arch} guest: cargo builds doctests for the host only; run them without --arch"
                 )));
             }
             if !first_share {
@@ -105,7 +119,7 @@ impl Test {
         let with_doctests = with_doctests && native;
         if self.debug.is_some() && !native {
             return Err(crate::error::usage_error(format!(
-                "--debug with a {arch} guest: the gdbserver it runs is x86_64's; debug without --arch"
+                "--debug with an {arch} guest: the gdbserver it runs is x86_64's; debug without --arch"
             )));
         }
         let no_fail_fast = cargo_args.iter().any(|a| a == "--no-fail-fast");
