@@ -74,6 +74,9 @@ fn run() -> Result<Status> {
     load_modules()?;
     let cmdline = fs::read_to_string("/proc/cmdline").unwrap_or_default();
     if cmdline.split_whitespace().any(|w| w == guest::SNAPSHOT_WAIT_ARG) {
+        // What every request's machine has (no share, nothing of the request's) is in
+        // the snapshot, not done again by every run restored from it.
+        base::machine()?;
         snapshot::wait_for_go(guest::snapshot::WAITING)?;
     }
     // Booted from a disk image (`vm-image`): no shares, no status file; never returns.

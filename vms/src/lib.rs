@@ -26,7 +26,7 @@ pub fn systems() -> Vec<System> {
 
 /// The scenarios.
 pub fn scenarios() -> Vec<Scenario> {
-    vec![hello_pair(), hello_pair_broken()]
+    vec![hello_pair(), hello_pair_broken(), sixteen()]
 }
 
 /// The systems the end-to-end tests boot besides [`systems`]: made for one test each, or
@@ -285,6 +285,37 @@ pub fn hello_pair() -> Scenario {
             d.node("client")?.wait_until_succeeds("nc -w 3 server 7878 </dev/null", Duration::from_secs(60))?;
             d.node("client")?.shutdown()?;
             d.node("server")?.crash()?;
+            Ok(())
+        },
+    }
+}
+
+/// The nodes of [`sixteen`].
+const SIXTEEN: usize = 16;
+
+fn sixteen_name(i: usize) -> String {
+    format!("node{:02}", i % SIXTEEN + 1)
+}
+
+/// Sixteen hello servers on one network, each asked by another by name: a larger
+/// scenario's start (`cargo xtask bench --only scenario`).
+pub fn sixteen() -> Scenario {
+    let names: Vec<String> = (0..SIXTEEN).map(sixteen_name).collect();
+    Scenario {
+        name: "sixteen".into(),
+        description: "sixteen hello servers on one network, each asked by the next by name".into(),
+        nodes: names.iter().map(|n| (n.clone(), server())).collect(),
+        networks: vec![("lan".into(), names)],
+        script: |d: &mut Driver| -> Result<()> {
+            d.start_all()?;
+            for i in 0..SIXTEEN {
+                d.node(&sixteen_name(i))?.wait_for_port(7878, Duration::from_secs(60))?;
+            }
+            for i in 0..SIXTEEN {
+                let (node, asked) = (sixteen_name(i), sixteen_name(i + 1));
+                let answer = d.node(&node)?.succeed(&format!("nc {asked} 7878 </dev/null"))?;
+                ensure!(answer.starts_with("hello-service v1: "), "{node} asked {asked} and got {answer:?}");
+            }
             Ok(())
         },
     }

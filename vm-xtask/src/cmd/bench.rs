@@ -207,7 +207,7 @@ impl Bench {
                 figures.push(b.doctests(floor_boot)?);
             }
             if wanted(Group::Scenario) {
-                figures.push(b.scenario(floor_boot)?);
+                figures.extend(b.scenario(floor_boot)?);
             }
             if wanted(Group::InnerLoop) {
                 figures.extend(b.inner_loop(floor_boot, our_boot)?);
@@ -621,11 +621,17 @@ impl Bencher<'_> {
 
     /// scenario: `hello-pair` end to end (two nodes booting at once, a request, the link
     /// cut for a 3 s timeout and restored) against one bare boot.
-    fn scenario(&self, floor_boot: f64) -> Result<Figure> {
+    /// scenario-16: `sixteen` end to end (sixteen nodes started at once, each asked by
+    /// another over their network, then ended).
+    fn scenario(&self, floor_boot: f64) -> Result<Vec<Figure>> {
         let (xtask, accel) = (self.xtask, self.accel.name());
-        let scenario = cmd!(self.sh, "{xtask} scenario --accel {accel} hello-pair").into();
-        let ours = self.measure(|| run_quiet(&scenario))?;
-        Ok(self.figure("scenario", ours, floor_boot, "xtask scenario hello-pair", "bare qemu boot"))
+        let mut figures = Vec::new();
+        for (figure, name) in [("scenario", "hello-pair"), ("scenario-16", "sixteen")] {
+            let scenario = cmd!(self.sh, "{xtask} scenario --accel {accel} {name}").into();
+            let ours = self.measure(|| run_quiet(&scenario))?;
+            figures.push(self.figure(figure, ours, floor_boot, &format!("xtask scenario {name}"), "bare qemu boot"));
+        }
+        Ok(figures)
     }
 
     /// inner-loop: touch the `hello` system's service source, then ask the service in a

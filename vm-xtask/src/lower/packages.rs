@@ -108,7 +108,31 @@ pub fn workspace_bins(ws: &Workspace) -> Result<BTreeMap<String, Vec<String>>> {
 /// Builds `bin` of workspace package `package` as a static binary and adds it to the
 /// store by content, as an item holding `bin/<bin>`. Unchanged sources give the same
 /// binary and so the same item (cargo's own incremental build decides what to compile).
+/// Once per xtask process: the nodes of a scenario that run the same package get the
+/// same build, and cargo is asked once.
 pub fn crate_binary(
+    store: &Store,
+    ws: &Workspace,
+    package: &str,
+    bin: &str,
+    arch: Arch,
+    verbose: bool,
+) -> Result<Item> {
+    type Built = std::sync::Mutex<HashMap<(PathBuf, PathBuf, String, String, Arch), Item>>;
+    static BUILT: std::sync::OnceLock<Built> = std::sync::OnceLock::new();
+    let key = (ws.root.clone(), store.items_dir(), package.to_string(), bin.to_string(), arch);
+    let built = BUILT.get_or_init(Default::default);
+    if let Some(item) = built.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
+        if item.path.exists() {
+            return Ok(item.clone());
+        }
+    }
+    let item = build_crate_binary(store, ws, package, bin, arch, verbose)?;
+    built.lock().unwrap_or_else(|e| e.into_inner()).insert(key, item.clone());
+    Ok(item)
+}
+
+fn build_crate_binary(
     store: &Store,
     ws: &Workspace,
     package: &str,

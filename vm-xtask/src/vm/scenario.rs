@@ -238,10 +238,16 @@ impl Driver {
         for node in self.nodes.values_mut() {
             node.spawn()?;
         }
-        for node in self.nodes.values_mut() {
-            node.connect()?;
-        }
-        Ok(())
+        // All at once: a node restored or connected in turn would wait for every node
+        // before it to be up.
+        std::thread::scope(|scope| {
+            let starts: Vec<_> = self.nodes.values_mut().map(|node| scope.spawn(move || node.connect())).collect();
+            let results: Vec<Result<()>> = starts
+                .into_iter()
+                .map(|start| start.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)))
+                .collect();
+            results.into_iter().collect()
+        })
     }
 
     /// A directory private to the user (mode 0700), removed when the scenario ends: where

@@ -4,6 +4,7 @@
 //! except to or from a node that is blocked.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -67,10 +68,48 @@ fn repeat(sockets: &[(String, Arc<UnixDatagram>, PathBuf)], from: usize, blocked
             continue;
         }
         for (to, (other, out, qemu)) in sockets.iter().enumerate() {
-            // Sent from the receiver's own hub socket, the address its QEMU expects.
+            // Sent from the receiver's own hub socket, the address its QEMU expects. Never
+            // waiting: a node whose QEMU does not read (still being restored, or stopped)
+            // has what is sent to it dropped, as a switch drops frames for a full port,
+            // instead of holding up this node's frames to every other node.
             if to != from && !blocked.contains(other) {
-                let _ = out.send_to(&frame[..n], qemu);
+                let _ = send_now(out, &frame[..n], qemu);
             }
+        }
+    }
+}
+
+/// Sends `frame` to `to` from `socket` unless that would wait.
+fn send_now(socket: &UnixDatagram, frame: &[u8], to: &Path) -> nix::Result<usize> {
+    use nix::sys::socket::{sendto, MsgFlags, UnixAddr};
+    sendto(socket.as_raw_fd(), frame, &UnixAddr::new(to)?, MsgFlags::MSG_DONTWAIT)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    /// A node whose QEMU does not read (not restored yet, or stopped) must not stop the
+    /// LAN: what is sent to it is dropped, as a switch drops frames for a full port.
+    #[test]
+    fn a_node_that_does_not_read_does_not_stop_the_others() {
+        let dir = tempfile::tempdir().unwrap();
+        let nodes: Vec<String> = ["a", "stalled", "c"].iter().map(|s| s.to_string()).collect();
+        let lan = Lan::start(dir.path(), 0, "lan", &nodes).unwrap();
+        let bind = |node: &str| {
+            let port = &lan.ports[node];
+            // As QEMU's `dgram` netdev: bound, not connected, sending to the hub's address.
+            (UnixDatagram::bind(&port.qemu).unwrap(), port.hub.clone())
+        };
+        let (a, _stalled, c) = (bind("a"), bind("stalled"), bind("c"));
+        c.0.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut buf = [0u8; 64];
+        // Far more than a unix datagram socket's queue holds.
+        for i in 0..200u32 {
+            a.0.send_to(&i.to_ne_bytes(), &a.1).unwrap();
+            let n = c.0.recv(&mut buf).unwrap_or_else(|e| panic!("frame {i} did not reach c: {e}"));
+            assert_eq!(&buf[..n], &i.to_ne_bytes());
         }
     }
 }
