@@ -215,6 +215,22 @@ pub struct NetConfig {
     /// `10.0.2.3`); none: the file is left as it is.
     #[serde(default)]
     pub nameserver: Option<String>,
+    /// The interface's hardware address, e.g. `52:54:00:77:00:01`, set before it is
+    /// brought up; none: the device's own. A guest restored from a snapshot its
+    /// interface was probed in has the snapshot's address until it sets its own.
+    #[serde(default)]
+    pub mac: Option<String>,
+}
+
+/// A hardware address `aa:bb:cc:dd:ee:ff` (hexadecimal, six bytes), or None.
+pub fn parse_mac(text: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = text.split(':');
+    for byte in &mut mac {
+        let part = parts.next().filter(|p| p.len() == 2)?;
+        *byte = u8::from_str_radix(part, 16).ok()?;
+    }
+    parts.next().is_none().then_some(mac)
 }
 
 /// What a system item asks the helper to set up (the file [`SYSTEM_CONFIG_FILE`]).
@@ -519,6 +535,16 @@ mod tests {
         assert_eq!(parse_argv_file(b"sh\0-c\0echo a b\0"), ["sh", "-c", "echo a b"]);
         assert_eq!(parse_argv_file(b"sh\0-c\0\0"), ["sh", "-c", ""]);
         assert!(parse_argv_file(b"").is_empty());
+    }
+
+    #[test]
+    fn hardware_addresses_parse_and_junk_is_refused() {
+        assert_eq!(parse_mac("52:54:00:77:0a:FF"), Some([0x52, 0x54, 0, 0x77, 0x0a, 0xff]));
+        for junk in
+            ["", "52:54:00:77:0a", "52:54:00:77:0a:ff:01", "52:54:00:77:0a:f", "52:54:00:77:0a:fg", "5:54:00:77:0a:ff1"]
+        {
+            assert_eq!(parse_mac(junk), None, "{junk:?}");
+        }
     }
 
     #[test]

@@ -144,6 +144,10 @@ pub fn network_up(net: &guest::NetConfig) -> Result<()> {
     let addr: std::net::Ipv4Addr = addr.parse().map_err(|e| format!("bad address {}: {e}", net.address))?;
     let prefix: u32 = prefix.parse().ok().filter(|p| *p <= 32).ok_or(format!("bad prefix in {}", net.address))?;
     let mask = if prefix == 0 { 0 } else { u32::MAX << (32 - prefix) };
+    let mac = match &net.mac {
+        Some(text) => Some(guest::parse_mac(text).ok_or(format!("bad hardware address {text}"))?),
+        None => None,
+    };
     loopback_up()?;
     // The driver names the interface once the device is probed: wait a little for it.
     let sys = Path::new("/sys/class/net").join(&net.interface);
@@ -164,6 +168,13 @@ pub fn network_up(net: &guest::NetConfig) -> Result<()> {
             ifr.ifr_name[i] = b as libc::c_char;
         }
         let mut steps = Vec::new();
+        if let Some(mac) = mac {
+            ifr.ifr_ifru.ifru_hwaddr.sa_family = libc::ARPHRD_ETHER;
+            for (i, b) in mac.iter().enumerate() {
+                ifr.ifr_ifru.ifru_hwaddr.sa_data[i] = *b as libc::c_char;
+            }
+            steps.push(("set the hardware address of", libc::ioctl(fd, libc::SIOCSIFHWADDR as _, &ifr)));
+        }
         ifr.ifr_ifru.ifru_addr = sockaddr(u32::from(addr));
         steps.push(("set the address of", libc::ioctl(fd, libc::SIOCSIFADDR as _, &ifr)));
         ifr.ifr_ifru.ifru_netmask = sockaddr(mask);

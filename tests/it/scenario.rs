@@ -27,6 +27,23 @@ fn hello_pair_passes() {
     assert!(served, "no console log of the server node in target/vmlogs");
 }
 
+/// sixteen: sixteen nodes of one system start at once, restored from one snapshot of that
+/// system (made once, by the first), each with its own host name, addresses and hardware
+/// address (the script checks them), and every one answers the next on their network.
+#[test]
+fn sixteen_nodes_of_one_system_share_one_snapshot_and_all_answer() {
+    let run = scenario(&["sixteen"]);
+    run.expect_code(0);
+    assert!(run.stderr.contains("scenario `sixteen`: passed"), "{run:#?}");
+    let made = run.stderr.matches("making a snapshot").count();
+    assert!(made <= 1, "{made} snapshots made for sixteen nodes of one system: {run:#?}");
+    assert!(!run.stderr.contains("did not load"), "{run:#?}");
+    // A second run makes none, whatever the first found.
+    let again = scenario(&["sixteen"]);
+    again.expect_code(0);
+    assert!(!again.stderr.contains("making a snapshot"), "{again:#?}");
+}
+
 /// A failing step names the node, the command, its status and output, and shows the
 /// node's console tail.
 #[test]

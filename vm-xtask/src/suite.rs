@@ -390,6 +390,7 @@ pub fn run_in_vm(
                 address: qemu::GUEST_ADDRESS.into(),
                 gateway: None,
                 nameserver: None,
+                mac: None,
             }];
         }
         Ok(req)

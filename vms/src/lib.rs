@@ -272,6 +272,9 @@ pub fn hello_pair() -> Scenario {
             d.node("client")?
                 .succeed("grep -qw localhost /etc/hosts && grep -q '^nobody:' /etc/passwd && test -k /var/tmp")?;
             // The nodes reach each other and nothing else: one route, their network's.
+            // Its own hardware address, though restored from a snapshot of its system.
+            let mac = d.node("client")?.succeed("cat /sys/class/net/eth0/address")?;
+            ensure!(mac.trim() == "52:54:00:77:00:02", "the client's hardware address: {mac:?}");
             let routes = d.node("client")?.succeed("ip route")?;
             ensure!(routes.lines().count() == 1 && routes.starts_with("10.77.0.0/24 dev eth0"), "routes: {routes:?}");
             let log = d.private_dir().join("hello.log");
@@ -311,6 +314,12 @@ pub fn sixteen() -> Scenario {
             for i in 0..SIXTEEN {
                 d.node(&sixteen_name(i))?.wait_for_port(7878, Duration::from_secs(60))?;
             }
+            // Restored from one snapshot, each has its own hardware address.
+            let mut macs = std::collections::BTreeSet::new();
+            for i in 0..SIXTEEN {
+                macs.insert(d.node(&sixteen_name(i))?.succeed("cat /sys/class/net/eth0/address")?);
+            }
+            ensure!(macs.len() == SIXTEEN, "the nodes' hardware addresses are not all different: {macs:?}");
             for i in 0..SIXTEEN {
                 let (node, asked) = (sixteen_name(i), sixteen_name(i + 1));
                 let answer = d.node(&node)?.succeed(&format!("nc {asked} 7878 </dev/null"))?;

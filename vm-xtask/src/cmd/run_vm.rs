@@ -70,6 +70,7 @@ impl RunVm {
                 address: qemu::GUEST_ADDRESS.into(),
                 gateway: None,
                 nameserver: None,
+                mac: None,
             }],
         };
         let spec = |xchg: PathBuf| VmSpec { forwards: self.forwards.clone(), ..machine.spec(xchg) };

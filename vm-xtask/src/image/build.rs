@@ -201,7 +201,7 @@ pub fn closure(store: &Store, ws: &Workspace, system: &System, verbose: bool) ->
 /// The shared-store image's smallest size (the reference's `system-qemu-image/shared-store`).
 pub const SHARED_STORE_IMAGE_SIZE: u64 = 16 << 20;
 /// Version of the shared-store image's layout; part of its recipe.
-const SHARED_STORE_LAYOUT_VERSION: &str = "shared-store-image-v2";
+const SHARED_STORE_LAYOUT_VERSION: &str = "shared-store-image-v3";
 /// Top-level directories of the shared-store image's root.
 const SHARED_STORE_DIRS: &[&str] = &["dev", "proc", "sys", "tmp", "run", "root", "etc", "mnt", "var", "store", "xchg"];
 
@@ -234,7 +234,13 @@ pub fn shared_store_image(store: &Store, system_name: &str, config: &guest::Syst
         .param("inodes", layout.inodes.to_string())
         .param("skeleton", skeleton)
         .input_item("image-tools", &tools.wrappers);
-    let uuid = uuid_for(&recipe.hash());
+    // One identity (disk signature, file system UUID) for every such image of one layout:
+    // what a guest reads of its partition table before anything is mounted is then the
+    // same for every system, so systems alike but for their `/etc` files (a scenario's
+    // nodes) share a snapshot ([`crate::vm::snapshot`]).
+    let uuid = uuid_for(&crate::store::sha256_bytes(
+        format!("{SHARED_STORE_LAYOUT_VERSION}\0{}\0{}", layout.size, layout.inodes).as_bytes(),
+    ));
     store.realise(&recipe, |out| {
         let scratch = store.scratch("shared-store-image")?;
         let root = scratch.path().join("root");

@@ -117,6 +117,7 @@ pub fn build(ws: &Workspace, opts: &VmOpts, declared: &System, step: &BuildStep)
                     address: qemu::GUEST_ADDRESS.into(),
                     gateway: Some("10.0.2.2".into()),
                     nameserver: Some("10.0.2.3".into()),
+                    mac: None,
                 }]
             } else {
                 Vec::new()

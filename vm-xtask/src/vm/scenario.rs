@@ -54,6 +54,11 @@ fn address(lan: usize, i: usize) -> String {
     format!("10.77.{lan}.{}", i + 1)
 }
 
+/// Its hardware address there.
+fn mac(lan: usize, i: usize) -> String {
+    format!("52:54:00:77:{lan:02x}:{:02x}", i + 1)
+}
+
 /// What the script drives: the scenario's nodes and networks.
 pub struct Driver {
     name: String,
@@ -381,6 +386,9 @@ impl NodePlan<'_> {
                 address: format!("{}/24", address(*l, *i)),
                 gateway: None,
                 nameserver: None,
+                // Set by the guest: restored from a snapshot of its system, its device
+                // has the snapshot's address.
+                mac: Some(mac(*l, *i)),
             })
             .collect();
         let xchg = store.exchange()?;
@@ -388,11 +396,7 @@ impl NodePlan<'_> {
         let mut spec = machine.spec(xchg.path().to_path_buf());
         spec.lans = lans
             .iter()
-            .map(|(l, i, port)| LanSpec {
-                local: port.qemu.clone(),
-                hub: port.hub.clone(),
-                mac: format!("52:54:00:77:{l:02x}:{:02x}", i + 1),
-            })
+            .map(|(l, i, port)| LanSpec { local: port.qemu.clone(), hub: port.hub.clone(), mac: mac(*l, *i) })
             .collect();
         let console = ws.log_dir().join(format!("scenario-{scenario}-{node}-{}.log", std::process::id()));
         let attach = (machine.attachable(&format!("scenario {scenario}: node {node}")), format!("{scenario}-{node}"));

@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 
 use crate::store::{Item, Recipe, Store};
-use crate::vm::qemu::{self, Console, MemoryFile, VmSpec};
+use crate::vm::qemu::{self, Console, DiskFormat, MemoryFile, VmSpec};
 use crate::{host, vm};
 
 /// The devices' saved state, inside the snapshot item.
@@ -43,6 +43,9 @@ const STATE_FD: i32 = 3;
 pub const MONITOR_FD: i32 = 4;
 /// The snapshot items' name.
 pub const ITEM_NAME: &str = "vm-snapshot";
+/// The hardware address of a network interface in a snapshot's shape: a restored guest
+/// sets its own.
+const PLACEHOLDER_MAC: &str = "52:54:00:77:ff:ff";
 
 /// A saved VM to restore instead of booting: a snapshot's, or a failure's (a replay).
 #[derive(Debug, Clone)]
@@ -156,7 +159,42 @@ fn copy_sparse(from: &Path, to: &Path) -> Result<()> {
 fn recipe(store: &Store, spec: &VmSpec) -> Result<Recipe> {
     let args = shape_args(&store.items_dir(), spec);
     let qemu = qemu_version(store, spec.arch)?;
-    Ok(Recipe::new("vm-snapshot", ITEM_NAME).param("args", args.join("\n")).param("qemu", qemu))
+    let mut recipe = Recipe::new("vm-snapshot", ITEM_NAME).param("args", args.join("\n")).param("qemu", qemu);
+    for (i, disk) in spec.disks.iter().enumerate().filter(|(_, d)| d.format == DiskFormat::Raw) {
+        recipe = recipe.param(&format!("disk{i}"), &partition_tables(&disk.path)?);
+    }
+    Ok(recipe)
+}
+
+/// What a guest knows of a raw disk at the snapshot point, where nothing is mounted: its
+/// size and what the kernel read to find its partitions (the first MiB, before the first
+/// partition, and for GPT the last, the backup table's). Disks alike in these are one
+/// shape, whatever their file systems hold: a scenario's nodes of one system, each with
+/// its own `/etc` files, share a snapshot.
+fn partition_tables(disk: &Path) -> Result<String> {
+    // The MBR, or GPT's protective MBR, header and entries, are in the first sectors and
+    // GPT's backup in the last: a MiB each holds them (and covers more than that where a
+    // partition starts earlier than our images' do: fewer disks alike, never a wrong one).
+    const HEAD: u64 = 1 << 20;
+    const TAIL: u64 = 1 << 20;
+    let read = || -> std::io::Result<String> {
+        let mut file = fs::File::open(disk)?;
+        let size = file.metadata()?.len();
+        let mut head = vec![0u8; HEAD.min(size) as usize];
+        file.read_exact(&mut head)?;
+        use sha2::Digest;
+        let mut hasher = sha2::Sha256::new();
+        hasher.update(&head);
+        // The protective MBR's partition type, 0xee: a GPT disk.
+        if head.get(450) == Some(&0xee) {
+            let mut tail = vec![0u8; TAIL.min(size) as usize];
+            std::io::Seek::seek(&mut file, std::io::SeekFrom::Start(size - tail.len() as u64))?;
+            file.read_exact(&mut tail)?;
+            hasher.update(&tail);
+        }
+        Ok(format!("{size} {:x}", hasher.finalize()))
+    };
+    read().with_context(|| format!("reading the partition tables of `{}`", disk.display()))
 }
 
 /// QEMU's arguments for `spec` with every per-run path replaced by a fixed one, and the
@@ -188,6 +226,12 @@ fn shape_args(items: &Path, spec: &VmSpec) -> Vec<String> {
     }
     for (i, lan) in shape.lans.iter_mut().enumerate() {
         (lan.local, lan.hub) = (format!("/lan{i}").into(), format!("/hub{i}").into());
+        // Set by the guest after the snapshot point (`NetConfig::mac`).
+        lan.mac = PLACEHOLDER_MAC.into();
+    }
+    // A raw disk is known by its partition tables ([`partition_tables`]), not its path.
+    for (i, disk) in shape.disks.iter_mut().enumerate().filter(|(_, d)| d.format == DiskFormat::Raw) {
+        disk.path = format!("/disk{i}").into();
     }
     shape.memory_file = Some(MemoryFile { path: format!("/{RAM_FILE}").into(), shared: false });
     qemu::args(&shape)
@@ -531,6 +575,31 @@ mod tests {
         assert_eq!(parse_saved_line(&saved.line()), Some(saved));
         assert_eq!(parse_saved_line("snapshot saved: lots"), None);
         assert_eq!(parse_saved_line("guest[0.1]: started"), None);
+    }
+
+    #[test]
+    fn raw_disks_are_known_by_size_and_partition_tables_not_file_systems() {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = |name: &str, mbr_type: u8, at: u64, byte: u8| {
+            let mut bytes = vec![0u8; 4 << 20];
+            bytes[450] = mbr_type;
+            bytes[at as usize] = byte;
+            let path = dir.path().join(name);
+            fs::write(&path, bytes).unwrap();
+            partition_tables(&path).unwrap()
+        };
+        let mib = 1 << 20;
+        // MBR: what the partition holds does not count, its table does.
+        assert_eq!(disk("a", 0x83, 2 * mib, 1), disk("b", 0x83, 2 * mib, 2));
+        assert_eq!(disk("c", 0x83, 4 * mib - 1, 1), disk("d", 0x83, 4 * mib - 1, 2));
+        assert_ne!(disk("e", 0x83, 440, 1), disk("f", 0x83, 440, 2));
+        // GPT: the backup table at the end counts too.
+        assert_ne!(disk("g", 0xee, 4 * mib - 1, 1), disk("h", 0xee, 4 * mib - 1, 2));
+        assert_eq!(disk("i", 0xee, 2 * mib, 1), disk("j", 0xee, 2 * mib, 2));
+        // The size counts.
+        fs::write(dir.path().join("k"), vec![0u8; 5 << 20]).unwrap();
+        assert_ne!(partition_tables(&dir.path().join("k")).unwrap(), disk("l", 0, 2 * mib, 0));
+        assert!(partition_tables(&dir.path().join("missing")).is_err());
     }
 
     #[test]
