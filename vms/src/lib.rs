@@ -271,10 +271,10 @@ pub fn hello_pair() -> Scenario {
             // The nodes' own /etc/hosts, with localhost added, and what every system has.
             d.node("client")?
                 .succeed("grep -qw localhost /etc/hosts && grep -q '^nobody:' /etc/passwd && test -k /var/tmp")?;
-            // The nodes reach each other and nothing else: one route, their network's.
             // Its own hardware address, though restored from a snapshot of its system.
             let mac = d.node("client")?.succeed("cat /sys/class/net/eth0/address")?;
             ensure!(mac.trim() == "52:54:00:77:00:02", "the client's hardware address: {mac:?}");
+            // The nodes reach each other and nothing else: one route, their network's.
             let routes = d.node("client")?.succeed("ip route")?;
             ensure!(routes.lines().count() == 1 && routes.starts_with("10.77.0.0/24 dev eth0"), "routes: {routes:?}");
             let log = d.private_dir().join("hello.log");

@@ -127,19 +127,6 @@ pub fn crate_binary(
             return Ok(item.clone());
         }
     }
-    let item = build_crate_binary(store, ws, package, bin, arch, verbose)?;
-    built.lock().unwrap_or_else(|e| e.into_inner()).insert(key, item.clone());
-    Ok(item)
-}
-
-fn build_crate_binary(
-    store: &Store,
-    ws: &Workspace,
-    package: &str,
-    bin: &str,
-    arch: Arch,
-    verbose: bool,
-) -> Result<Item> {
     let target_dir = ws.target_dir.join("vm-packages");
     let manifest = ws.root.join("Cargo.toml");
     let binary = cargo_build_static(&manifest, package, bin, &target_dir, RUSTFLAGS, arch, verbose)?;
@@ -149,11 +136,13 @@ fn build_crate_binary(
     let recipe = Recipe::new("crate-binary", &format!("{package}-{bin}"))
         .param("bin", bin)
         .input_content("binary", &store::sha256_file(&binary)?);
-    store.realise(&recipe, |out| {
+    let item = store.realise(&recipe, |out| {
         fs::create_dir_all(out.join("bin"))?;
         fs::copy(&binary, out.join("bin").join(bin)).with_context(|| format!("copying `{}`", binary.display()))?;
         Ok(())
-    })
+    })?;
+    built.lock().unwrap_or_else(|e| e.into_inner()).insert(key, item.clone());
+    Ok(item)
 }
 
 /// Builds `bin` of package `package` of the workspace (or package) whose manifest is
